@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tasklane up
+
+lint: $(STAMP)
+	$(BIN)/ruff check controlplane tests bench
+
+test: $(STAMP) lint
+	$(BIN)/pytest -n 2 tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/xds_push.py
+
+clean:
+	rm -rf $(VENV) .tasklane
