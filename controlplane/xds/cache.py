@@ -1,0 +1,60 @@
+"""The snapshot cache: the latest snapshot of every role, and who to tell when it changes.
+
+Protocol handling lives in `server`/`stream`; this module only owns state and watches, so
+either protocol variant works against the same narrow interface (go-control-plane's split
+between `pkg/cache` and `pkg/server`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Protocol
+
+from .snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class Watcher(Protocol):
+    def snapshot_changed(self, types: frozenset[str]) -> None:
+        """Called on the event loop with the types whose content changed for this role."""
+
+
+class SnapshotCache:
+    """Snapshots keyed by role ("service|group"). Must be used from the server's event loop."""
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, Snapshot] = {}
+        self._watchers: dict[str, set[Watcher]] = defaultdict(set)
+
+    def set_snapshot(self, role: str, snapshot: Snapshot) -> frozenset[str]:
+        """Publish a consistent snapshot; only the streams of this role hear of it, and only
+        of the types whose content changed. Returns those types."""
+        snapshot.check_consistent()
+        changed = snapshot.changed_types(self._snapshots.get(role))
+        self._snapshots[role] = snapshot
+        if changed:
+            for watcher in tuple(self._watchers.get(role, ())):
+                watcher.snapshot_changed(changed)
+        return changed
+
+    def clear_snapshot(self, role: str) -> None:
+        """Forget a role: its streams keep what they have and wait for a new snapshot."""
+        self._snapshots.pop(role, None)
+
+    def snapshot(self, role: str) -> Snapshot | None:
+        return self._snapshots.get(role)
+
+    def roles(self) -> list[str]:
+        return sorted(self._snapshots)
+
+    def watch(self, role: str, watcher: Watcher) -> None:
+        self._watchers[role].add(watcher)
+
+    def unwatch(self, role: str, watcher: Watcher) -> None:
+        watchers = self._watchers.get(role)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._watchers[role]

@@ -1,0 +1,221 @@
+"""The ADS server: StreamAggregatedResources (SotW) and DeltaAggregatedResources over grpc.aio.
+
+Responses are written as pre-assembled bytes (see `wire`), so each resource is serialised
+once per version no matter how many streams receive it. Each stream is one reader task and
+one writer loop; a slow or stuck client only ever blocks its own writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from . import wire
+from .cache import SnapshotCache
+from .status import NodeStatus, StatusBoard
+from .stream import Push, StreamState
+from .types import MESSAGE_CLASS, SHORT_NAME
+
+log = logging.getLogger(__name__)
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+DEFAULT_GROUP = "default"
+# Node metadata keys a sidecar uses to say which (service, group) it serves.
+META_SERVICE = "tasklane.service"
+META_GROUP = "tasklane.group"
+
+
+def role_of(node: base_pb2.Node) -> str:
+    """The role a node plays: "service|group", from its metadata or from `node.cluster`
+    (written "service" or "service|group")."""
+    fields = node.metadata.fields
+    if META_SERVICE in fields:
+        group = fields[META_GROUP].string_value if META_GROUP in fields else ""
+        return f"{fields[META_SERVICE].string_value}|{group or DEFAULT_GROUP}"
+    service, _, group = node.cluster.partition("|")
+    return f"{service or node.id}|{group or DEFAULT_GROUP}"
+
+
+PushObserver = Callable[[NodeStatus, Push], None]
+
+
+class _Stream:
+    """One ADS stream: applies requests, wakes on snapshot changes, writes pushes."""
+
+    def __init__(self, server: AdsServer, context: grpc.aio.ServicerContext, delta: bool):
+        self.server = server
+        self.context = context
+        self.delta = delta
+        self.state = StreamState(delta)
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.role = ""
+        self.status: NodeStatus | None = None
+
+    def snapshot_changed(self, types: frozenset[str]) -> None:
+        self.state.mark_changed(types)
+        self.wake.set()
+
+    async def run(self, requests: AsyncIterator) -> None:
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return
+        if not first.HasField("node") or not first.node.id:
+            log.warning("stream refused: the first request carries no node id")
+            await self.context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry a node with an id"
+            )
+        self.role = role_of(first.node)
+        cache, board = self.server.cache, self.server.status
+        self.status = board.connect(first.node.id, self.role, "delta" if self.delta else "sotw")
+        cache.watch(self.role, self)
+        reader = asyncio.create_task(self._read(first, requests))
+        try:
+            await self._write_loop()
+        finally:
+            reader.cancel()
+            cache.unwatch(self.role, self)
+            board.disconnect(self.status)
+            log.info("stream closed: node %s (%s)", first.node.id, self.role)
+
+    async def _read(self, first, requests: AsyncIterator) -> None:
+        try:
+            self._apply(first)
+            async for request in requests:
+                self._apply(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken client must not take the server down
+            log.info("stream of %s ended: %s", self.status.node_id if self.status else "?", exc)
+        finally:
+            self.closed = True
+            self.wake.set()
+
+    def _apply(self, request) -> None:
+        type_url = request.type_url
+        if type_url not in MESSAGE_CLASS:
+            log.warning("node %s asked for unknown type %r: ignored", self.status.node_id, type_url)
+            return
+        error = request.HasField("error_detail")
+        if self.delta:
+            verdict = self.state.on_delta_request(
+                type_url,
+                request.resource_names_subscribe,
+                request.resource_names_unsubscribe,
+                request.initial_resource_versions,
+                request.response_nonce,
+                error,
+            )
+        else:
+            verdict = self.state.on_sotw_request(
+                type_url, request.resource_names, request.response_nonce, error
+            )
+        state = self.state.types[type_url]
+        if verdict.stale:
+            log.debug(
+                "node %s: stale nonce %r for %s",
+                self.status.node_id,
+                request.response_nonce,
+                SHORT_NAME[type_url],
+            )
+        elif verdict.nack:
+            message = request.error_detail.message
+            log.warning(
+                "node %s rejected %s version %s: %s",
+                self.status.node_id,
+                SHORT_NAME[type_url],
+                state.version,
+                message,
+            )
+            self.status.nacked(type_url, state.version, message)
+        elif verdict.ack:
+            self.status.acked(type_url, state.version)
+        self.wake.set()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.closed:
+                return
+            snapshot = self.server.cache.snapshot(self.role)
+            while (push := self.state.next_push(snapshot)) is not None:
+                await self.context.write(self._encode(push))
+                self.status.sent(push.type_url, push.version)
+                if self.server.on_push is not None:
+                    self.server.on_push(self.status, push)
+                if self.closed:
+                    return
+
+    def _encode(self, push: Push) -> bytes:
+        nonce = self.state.new_nonce(push.type_url)
+        if self.delta:
+            entries = [r.delta_entry for r in push.resources]
+            return wire.delta_response(push.version, entries, push.type_url, push.removed, nonce)
+        entries = [r.sotw_entry for r in push.resources]
+        return wire.sotw_response(push.version, entries, push.type_url, nonce)
+
+
+class AdsServer:
+    """Serves the cache's snapshots to every connected sidecar over ADS."""
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        status: StatusBoard | None = None,
+        on_push: PushObserver | None = None,
+    ) -> None:
+        self.cache = cache
+        self.status = status or StatusBoard()
+        self.on_push = on_push
+
+    async def _sotw(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
+        await _Stream(self, context, delta=False).run(requests)
+
+    async def _delta(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
+        await _Stream(self, context, delta=True).run(requests)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The gRPC handler; responses are pre-encoded bytes, hence the identity serializer."""
+        identity = bytes
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self._sotw,
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=identity,
+                ),
+                "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self._delta,
+                    request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    response_serializer=identity,
+                ),
+            },
+        )
+
+
+async def serve(
+    ads: AdsServer, address: str, extra_handlers: tuple = ()
+) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for ADS (and any extra handlers) on address ("host:port";
+    port 0 picks a free one). Returns the server and the bound port."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.max_concurrent_streams", 100_000),
+        ]
+    )
+    server.add_generic_rpc_handlers((ads.handler(), *extra_handlers))
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    return server, port

@@ -1,0 +1,232 @@
+"""The per-stream subscription state machine, shared by the SotW and delta servers.
+
+Pure logic, no I/O: requests are applied with `on_request`, and `next_push` says what (if
+anything) to send next. The server only moves bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .snapshot import Resource, Snapshot, state_version
+from .types import CLUSTER, FULL_STATE, LISTENER, PUSH_ORDER, ROUTE
+
+WILDCARD = "*"
+
+
+@dataclass
+class TypeState:
+    """One resource type on one stream."""
+
+    type_url: str
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    sent: dict[str, str | None] = field(default_factory=dict)  # name -> version (None: told absent)
+    unacked: dict[str, Resource | None] = field(default_factory=dict)  # since the last ACK
+    held: dict[str, Resource] = field(default_factory=dict)  # what the client has accepted
+    nonce: str = ""
+    version: str = ""  # version_info / system_version_info of the last response
+    dirty: bool = True
+
+
+@dataclass(frozen=True)
+class Push:
+    type_url: str
+    version: str
+    resources: list[Resource]
+    removed: list[str]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a request meant: an ACK or NACK of a response we sent, or neither."""
+
+    ack: bool = False
+    nack: bool = False
+    stale: bool = False
+
+
+class StreamState:
+    """Subscriptions, sent versions and held resources of one ADS stream."""
+
+    def __init__(self, delta: bool) -> None:
+        self.delta = delta
+        self.types: dict[str, TypeState] = {}
+        self._nonces = 0
+
+    # --- requests -------------------------------------------------------------------------
+
+    def on_sotw_request(
+        self, type_url: str, names: Iterable[str], nonce: str, error: bool
+    ) -> Verdict:
+        """Apply a DiscoveryRequest. A stale nonce means the client has not yet seen our
+        latest response for this type: the request is ignored entirely (xDS protocol, SotW)."""
+        state = self.types.get(type_url)
+        if state is None:
+            state = self.types[type_url] = TypeState(type_url)
+        elif nonce and nonce != state.nonce:
+            return Verdict(stale=True)
+        verdict = self._ack_or_nack(state, nonce, error)
+        requested = set(names)
+        wildcard = type_url in FULL_STATE and (not requested or WILDCARD in requested)
+        requested.discard(WILDCARD)
+        if wildcard != state.wildcard or requested != state.names:
+            for gone in state.names - requested:
+                state.sent.pop(gone, None)
+                state.held.pop(gone, None)
+            state.wildcard, state.names = wildcard, requested
+            state.dirty = True
+        return verdict
+
+    def on_delta_request(
+        self,
+        type_url: str,
+        subscribe: Iterable[str],
+        unsubscribe: Iterable[str],
+        initial_versions: Mapping[str, str],
+        nonce: str,
+        error: bool,
+    ) -> Verdict:
+        """Apply a DeltaDiscoveryRequest. Unlike SotW, subscription changes count even when
+        the nonce is stale (xDS protocol, incremental variant); only the ACK/NACK is dropped."""
+        subscribe, unsubscribe = set(subscribe), set(unsubscribe)
+        state = self.types.get(type_url)
+        if state is None:
+            state = self.types[type_url] = TypeState(type_url)
+            state.wildcard = WILDCARD in subscribe or (type_url in FULL_STATE and not subscribe)
+            state.sent.update(initial_versions)
+            verdict = Verdict()
+        elif nonce and nonce != state.nonce:
+            verdict = Verdict(stale=True)
+        else:
+            verdict = self._ack_or_nack(state, nonce, error)
+        if WILDCARD in subscribe:
+            state.wildcard = True
+        if WILDCARD in unsubscribe:
+            state.wildcard = False
+        subscribe.discard(WILDCARD)
+        unsubscribe.discard(WILDCARD)
+        for name in subscribe - state.names:
+            if name not in initial_versions:
+                state.sent.pop(name, None)  # newly requested: send even if unchanged
+        state.names |= subscribe
+        state.names -= unsubscribe
+        for name in unsubscribe:
+            state.sent.pop(name, None)
+            state.held.pop(name, None)
+        if subscribe or unsubscribe:
+            state.dirty = True
+        return verdict
+
+    def _ack_or_nack(self, state: TypeState, nonce: str, error: bool) -> Verdict:
+        if not nonce or nonce != state.nonce:
+            return Verdict()
+        if error:
+            # The client keeps what it held; `sent` keeps the rejected versions, so the same
+            # content is never sent again (go-control-plane resends in a loop: its #962).
+            state.unacked.clear()
+            return Verdict(nack=True)
+        if state.type_url in FULL_STATE and not self.delta:
+            state.held = {n: r for n, r in state.unacked.items() if r is not None}
+        else:
+            for name, res in state.unacked.items():
+                if res is None:
+                    state.held.pop(name, None)
+                else:
+                    state.held[name] = res
+        state.unacked.clear()
+        if state.type_url in (LISTENER, ROUTE) and CLUSTER in self.types:
+            self.types[CLUSTER].dirty = True  # a cluster kept for old routes may go now
+        return Verdict(ack=True)
+
+    # --- pushes ---------------------------------------------------------------------------
+
+    def mark_changed(self, types: Iterable[str]) -> None:
+        for type_url in types:
+            state = self.types.get(type_url)
+            if state is not None:
+                state.dirty = True
+
+    def pending(self) -> bool:
+        return any(s.dirty for s in self.types.values())
+
+    def next_push(self, snapshot: Snapshot | None) -> Push | None:
+        """The next response to send, in make-before-break order, or None when the client
+        already has everything (no response to an ACK when nothing changed)."""
+        if snapshot is None:
+            return None
+        for type_url in PUSH_ORDER:
+            state = self.types.get(type_url)
+            if state is None or not state.dirty:
+                continue
+            if type_url in (LISTENER, ROUTE) and self._clusters_in_flight():
+                continue  # stays dirty: sent once the client has taken the new clusters
+            state.dirty = False
+            push = self._plan(state, snapshot)
+            if push is not None:
+                return push
+        return None
+
+    def _clusters_in_flight(self) -> bool:
+        """A CDS push is not ACKed yet. Envoy subscribes to the new clusters' endpoints
+        before it ACKs CDS, so waiting for the ACK puts EDS ahead of the routes that need it."""
+        clusters = self.types.get(CLUSTER)
+        return clusters is not None and bool(clusters.unacked)
+
+    def new_nonce(self, type_url: str) -> str:
+        self._nonces += 1
+        self.types[type_url].nonce = nonce = str(self._nonces)
+        return nonce
+
+    def _retained_clusters(self, snapshot: Snapshot) -> dict[str, Resource]:
+        """Clusters gone from the snapshot that routes or listeners the client may still run
+        point at: removed only after those routes are gone (make-before-break)."""
+        in_use: set[str] = set()
+        for type_url in (LISTENER, ROUTE):
+            state = self.types.get(type_url)
+            if state is not None:
+                for res in [*state.held.values(), *state.unacked.values()]:
+                    if res is not None:
+                        in_use |= res.cluster_refs
+        state = self.types[CLUSTER]
+        current = snapshot.resources(CLUSTER)
+        candidates = {**state.held, **{n: r for n, r in state.unacked.items() if r is not None}}
+        return {n: r for n, r in candidates.items() if n not in current and n in in_use}
+
+    def _plan(self, state: TypeState, snapshot: Snapshot) -> Push | None:
+        available = dict(snapshot.resources(state.type_url))
+        if state.type_url == CLUSTER:
+            available.update(self._retained_clusters(snapshot))
+        if state.wildcard:
+            desired = available
+        else:
+            desired = {n: available[n] for n in state.names if n in available}
+        removed: list[str] = []
+        if not self.delta and state.type_url in FULL_STATE:
+            # State of the world: every response carries the whole set; absence = removal.
+            versions = {n: r.version for n, r in desired.items()}
+            if versions == state.sent:
+                return None
+            resources = list(desired.values())
+            state.sent, state.unacked = versions, dict(desired)
+        else:
+            resources = [r for n, r in desired.items() if state.sent.get(n) != r.version]
+            if self.delta:
+                removed = [n for n, v in state.sent.items() if v is not None and n not in desired]
+                removed += [n for n in state.names if n not in desired and n not in state.sent]
+            else:
+                # SotW cannot say "absent" for RDS/EDS: forget it, so a return is sent again.
+                for name in [n for n in state.sent if n not in desired]:
+                    del state.sent[name]
+            if not resources and not removed:
+                return None
+            for res in resources:
+                state.sent[res.name] = res.version
+                state.unacked[res.name] = res
+            for name in removed:
+                state.sent[name] = None
+                state.unacked[name] = None
+        state.version = state_version(desired.values())
+        resources.sort(key=lambda r: r.name)
+        return Push(state.type_url, state.version, resources, sorted(removed))
