@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -41,7 +41,18 @@ def role_of(node: base_pb2.Node) -> str:
     return f"{service or node.id}|{group or DEFAULT_GROUP}"
 
 
-PushObserver = Callable[[NodeStatus, Push], None]
+class Observer:
+    """Synchronous hooks on stream events (go-control-plane's callbacks): metrics, benchmarks
+    and tests subclass it. Called on the event loop; must not block."""
+
+    def pushed(self, node: NodeStatus, push: Push) -> None:
+        """A response was written to the node's stream."""
+
+    def acked(self, node: NodeStatus, type_url: str, version: str) -> None:
+        """The node accepted the last response of this type."""
+
+    def nacked(self, node: NodeStatus, type_url: str, version: str, message: str) -> None:
+        """The node rejected the last response of this type."""
 
 
 class _Stream:
@@ -134,8 +145,10 @@ class _Stream:
                 message,
             )
             self.status.nacked(type_url, state.version, message)
+            self.server.observer.nacked(self.status, type_url, state.version, message)
         elif verdict.ack:
             self.status.acked(type_url, state.version)
+            self.server.observer.acked(self.status, type_url, state.version)
         self.wake.set()
 
     async def _write_loop(self) -> None:
@@ -148,8 +161,7 @@ class _Stream:
             while (push := self.state.next_push(snapshot)) is not None:
                 await self.context.write(self._encode(push))
                 self.status.sent(push.type_url, push.version)
-                if self.server.on_push is not None:
-                    self.server.on_push(self.status, push)
+                self.server.observer.pushed(self.status, push)
                 if self.closed:
                     return
 
@@ -169,11 +181,11 @@ class AdsServer:
         self,
         cache: SnapshotCache,
         status: StatusBoard | None = None,
-        on_push: PushObserver | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.cache = cache
         self.status = status or StatusBoard()
-        self.on_push = on_push
+        self.observer = observer or Observer()
 
     async def _sotw(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
         await _Stream(self, context, delta=False).run(requests)
