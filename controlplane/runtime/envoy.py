@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 
 from controlplane.errors import RuntimeFailure
-from controlplane.runtime.process import child_dies_with_parent, stop_process
+from controlplane.runtime.process import dying_with_parent, stop_process
 
 BOOTSTRAP_TEMPLATE = Path(__file__).resolve().parents[2] / "envoy" / "bootstrap.yaml"
 
@@ -258,11 +258,10 @@ class EnvoyProcess:
         self.bootstrap_path.write_text(self.render())
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                self.command(),
+                dying_with_parent(self.command()),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=child_dies_with_parent,
             )
         return self
 

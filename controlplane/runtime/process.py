@@ -4,52 +4,33 @@ The local runtime starts real servers as children. If tasklane is killed hard (S
 a crashed test worker) nothing runs our cleanup code, and orphaned etcd/Envoy processes would
 keep their ports and break the next start. So each child asks the kernel to kill it when its
 parent goes away, and every child is stopped the same polite-then-firm way.
+
+The kernel request (PR_SET_PDEATHSIG) is made by util-linux `setpriv` in front of the command,
+not by a Python `preexec_fn`: preexec_fn forces a plain fork() whose at-fork handlers restart
+grpcio's pollers in the child, which then abort on the fds subprocess closes (seen here: 24 of
+200 children of a process with live gRPC channels died with SIGABRT before exec). Without
+preexec_fn, subprocess uses vfork and no Python or gRPC code runs in the child.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
-import signal
+import shutil
 import subprocess
-import sys
 
-_PR_SET_PDEATHSIG = 1
-
-# Resolved in the parent at import time: dlopen() in a freshly forked child of a threaded
-# process can deadlock, and preexec_fn runs in exactly that child.
-_prctl = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError, AttributeError):
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-# The pid of the process that is about to fork, recorded by an at-fork hook, so the child can
-# tell whether its parent already died before prctl() took effect.
-_forking_pid = os.getpid()
+_SETPRIV = shutil.which("setpriv")
 
 
-def _remember_forking_pid() -> None:
-    global _forking_pid
-    _forking_pid = os.getpid()
+def dying_with_parent(command: list[str]) -> list[str]:
+    """The command, prefixed so the kernel SIGKILLs it when its parent dies (Linux).
 
-
-os.register_at_fork(before=_remember_forking_pid)
-
-
-def child_dies_with_parent() -> None:
-    """preexec_fn: have the kernel SIGKILL this child when its parent dies (Linux only).
-
-    Without it a hard-killed tasklane leaves etcd and Envoy running and holding their ports.
     Caveat of PR_SET_PDEATHSIG: "parent" is the *thread* that forked, so start long-lived
-    children from a thread that lives as long as they should (e.g. the main thread).
-    No-op where prctl is unavailable.
+    children from a thread that lives as long as they should (e.g. the main thread). Where
+    setpriv is missing the command runs unchanged, and stop_process() is the only cleanup.
     """
-    if _prctl is None:
-        return
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != _forking_pid:  # the parent died before prctl() was in place
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _SETPRIV is None:
+        return list(command)
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *command]
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.server import AdsServer, serve
+from controlplane.xds.server import AdsServer, Observer, serve
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.status import StatusBoard
 
@@ -26,9 +26,9 @@ class RunningAds:
 
 
 @contextlib.asynccontextmanager
-async def running_ads(port: int = 0) -> AsyncIterator[RunningAds]:
+async def running_ads(port: int = 0, observer: Observer | None = None) -> AsyncIterator[RunningAds]:
     cache = SnapshotCache()
-    ads = AdsServer(cache, StatusBoard())
+    ads = AdsServer(cache, StatusBoard(), observer)
     server, bound = await serve(ads, f"127.0.0.1:{port}")
     try:
         yield RunningAds(cache, ads, bound)
@@ -40,7 +40,8 @@ class AdsThread:
     """The ADS server on its own event loop in a thread, for tests that block (HTTP calls
     through a real Envoy). Every call into the cache goes through the loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, observer: Observer | None = None) -> None:
+        self.observer = observer
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._stack: contextlib.AsyncExitStack | None = None
@@ -59,7 +60,7 @@ class AdsThread:
 
     async def _start(self) -> RunningAds:
         self._stack = contextlib.AsyncExitStack()
-        return await self._stack.enter_async_context(running_ads())
+        return await self._stack.enter_async_context(running_ads(observer=self.observer))
 
     def call(self, fn: Callable, *args):
         """Run fn(*args) on the server's loop (awaiting it if it is a coroutine function)."""
