@@ -8,14 +8,17 @@ import json
 import string
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
+
+import yaml
 
 from controlplane.errors import RuntimeFailure
 from controlplane.runtime.process import dying_with_parent, stop_process
 
-BOOTSTRAP_TEMPLATE = Path(__file__).resolve().parents[2] / "envoy" / "bootstrap.yaml"
+TEMPLATES = Path(__file__).resolve().parents[2] / "envoy"
+BOOTSTRAP_TEMPLATE = TEMPLATES / "bootstrap.yaml"
 
 # config_dump "@type" suffix -> the short name tests and the server use for a resource type.
 _DUMP_TYPES = {
@@ -58,14 +61,17 @@ def render_bootstrap(
     delta: bool,
     initial_fetch_timeout_s: float = 0,
     max_downstream_connections: int = 50_000,
+    part: str | None = None,
+    part_vars: Mapping[str, str | int] | None = None,
 ) -> str:
-    """The bootstrap YAML for one sidecar (strings are JSON-quoted so any name stays valid YAML).
+    """The bootstrap YAML for one Envoy (strings are JSON-quoted so any name stays valid YAML).
 
     initial_fetch_timeout_s=0 keeps Envoy not ready until the control plane has sent CDS and
-    LDS, so readiness means "has its config", not "gave up waiting".
+    LDS, so readiness means "has its config", not "gave up waiting". `part` names a template
+    in envoy/ (e.g. sidecar.yaml) whose listeners and clusters join the static resources.
     """
     template = string.Template(BOOTSTRAP_TEMPLATE.read_text())
-    return template.substitute(
+    text = template.substitute(
         node_id=json.dumps(node_id),
         node_cluster=json.dumps(service),
         service=json.dumps(service),
@@ -78,6 +84,17 @@ def render_bootstrap(
         xds_port=int(xds_port),
         max_downstream_connections=int(max_downstream_connections),
     )
+    if part is None:
+        return text
+    quoted = {
+        k: json.dumps(v) if isinstance(v, str) else int(v) for k, v in (part_vars or {}).items()
+    }
+    extra = yaml.safe_load(string.Template((TEMPLATES / part).read_text()).substitute(quoted))
+    doc = yaml.safe_load(text)
+    static = doc.setdefault("static_resources", {})
+    for key, items in extra.items():
+        static.setdefault(key, []).extend(items)
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def _latest_version(entry: dict) -> str:
@@ -198,6 +215,8 @@ class EnvoyProcess:
         delta: bool,
         work_dir: Path,
         log_level: str = "warning",
+        part: str | None = None,
+        part_vars: Mapping[str, str | int] | None = None,
     ) -> None:
         self.node_id = node_id
         self.service = service
@@ -207,6 +226,7 @@ class EnvoyProcess:
         self.delta = delta
         self.work_dir = Path(work_dir)
         self.log_level = log_level
+        self.part, self.part_vars = part, part_vars
         self._admin_port = admin_port
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -236,6 +256,8 @@ class EnvoyProcess:
             xds_port=self.xds_port,
             admin_port=self._admin_port,
             delta=self.delta,
+            part=self.part,
+            part_vars=self.part_vars,
         )
 
     def command(self) -> list[str]:

@@ -24,14 +24,15 @@ class Watcher(Protocol):
 class SnapshotCache:
     """Snapshots keyed by role ("service|group"). Must be used from the server's event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, static_clusters: frozenset[str] = frozenset()) -> None:
+        self.static_clusters = static_clusters  # the sidecars' own clusters, not in snapshots
         self._snapshots: dict[str, Snapshot] = {}
         self._watchers: dict[str, set[Watcher]] = defaultdict(set)
 
     def set_snapshot(self, role: str, snapshot: Snapshot) -> frozenset[str]:
         """Publish a consistent snapshot; only the streams of this role hear of it, and only
         of the types whose content changed. Returns those types."""
-        snapshot.check_consistent()
+        snapshot.check_consistent(self.static_clusters)
         changed = snapshot.changed_types(self._snapshots.get(role))
         self._snapshots[role] = snapshot
         if changed:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from google.protobuf import any_pb2, message_factory
 from google.protobuf.message import Message
@@ -68,6 +67,14 @@ def _walk_refs(message: Message, clusters: set[str], routes: set[str]) -> None:
     routes.discard("")
 
 
+def references(message: Message) -> tuple[frozenset[str], frozenset[str]]:
+    """(cluster names, route config names) that a message refers to, however deeply."""
+    clusters: set[str] = set()
+    routes: set[str] = set()
+    _walk_refs(message, clusters, routes)
+    return frozenset(clusters), frozenset(routes)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Resource:
     """One named Envoy resource at one version, with its wire encodings precomputed."""
@@ -84,13 +91,25 @@ class Resource:
     @classmethod
     def of(cls, message: Message) -> Resource:
         type_url = type_url_of(message)
-        payload = message.SerializeToString(deterministic=True)
+        name = message.name if type_url != ENDPOINT else message.cluster_name
+        clusters, routes = references(message)
+        return cls.encoded(
+            type_url, name, message.SerializeToString(deterministic=True), clusters, routes
+        )
+
+    @classmethod
+    def encoded(
+        cls,
+        type_url: str,
+        name: str,
+        payload: bytes,
+        cluster_refs: Iterable[str] = (),
+        route_refs: Iterable[str] = (),
+    ) -> Resource:
+        """A resource from its serialised message, for callers that assemble the bytes
+        themselves (the translator concatenates cached virtual hosts) and know its references."""
         version = _version(payload)
         any_bytes = wire.any_message(type_url, payload)
-        name = message.name if type_url != ENDPOINT else message.cluster_name
-        clusters: set[str] = set()
-        routes: set[str] = set()
-        _walk_refs(message, clusters, routes)
         return cls(
             type_url=type_url,
             name=name,
@@ -100,9 +119,60 @@ class Resource:
             delta_entry=wire.field(
                 2, wire.text(1, version) + wire.field(2, any_bytes) + wire.text(3, name)
             ),
-            cluster_refs=frozenset(clusters),
-            route_refs=frozenset(routes),
+            cluster_refs=frozenset(cluster_refs),
+            route_refs=frozenset(route_refs),
         )
+
+
+class ResourceMap(Mapping[str, Resource]):
+    """An immutable name -> Resource map that many snapshots can share.
+
+    Thousands of roles share the same clusters, endpoints and egress routes; sharing one map
+    (and the unions of what it references, computed once) keeps publishing a snapshot per role
+    proportional to what is particular to that role.
+    """
+
+    __slots__ = ("_items", "_names", "_cluster_refs", "_route_refs", "_versions")
+
+    def __init__(self, resources: Iterable[Resource] = ()) -> None:
+        self._items = {r.name: r for r in resources}
+        self._names: frozenset[str] | None = None
+        self._cluster_refs: frozenset[str] | None = None
+        self._route_refs: frozenset[str] | None = None
+        self._versions: dict[str, str] | None = None
+
+    def __getitem__(self, name: str) -> Resource:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def names(self) -> frozenset[str]:
+        if self._names is None:
+            self._names = frozenset(self._items)
+        return self._names
+
+    @property
+    def cluster_refs(self) -> frozenset[str]:
+        if self._cluster_refs is None:
+            self._cluster_refs = frozenset().union(*(r.cluster_refs for r in self.values()))
+        return self._cluster_refs
+
+    @property
+    def route_refs(self) -> frozenset[str]:
+        if self._route_refs is None:
+            self._route_refs = frozenset().union(*(r.route_refs for r in self.values()))
+        return self._route_refs
+
+    @property
+    def versions(self) -> dict[str, str]:
+        if self._versions is None:
+            self._versions = {name: r.version for name, r in self._items.items()}
+        return self._versions
 
 
 class InconsistentSnapshot(ValueError):
@@ -114,10 +184,12 @@ class Snapshot:
 
     __slots__ = ("_by_type",)
 
-    def __init__(self, by_type: Mapping[str, Mapping[str, Resource]]):
-        self._by_type = MappingProxyType(
-            {t: MappingProxyType(dict(by_type.get(t, {}))) for t in PUSH_ORDER}
-        )
+    def __init__(self, by_type: Mapping[str, ResourceMap | Mapping[str, Resource]]):
+        self._by_type = {
+            t: m if isinstance(m, ResourceMap) else ResourceMap(m.values())
+            for t in PUSH_ORDER
+            for m in (by_type.get(t, _EMPTY),)
+        }
 
     @classmethod
     def of(cls, messages: Iterable[Message | Resource]) -> Snapshot:
@@ -127,7 +199,7 @@ class Snapshot:
             by_type[resource.type_url][resource.name] = resource
         return cls(by_type)
 
-    def resources(self, type_url: str) -> Mapping[str, Resource]:
+    def resources(self, type_url: str) -> ResourceMap:
         return self._by_type[type_url]
 
     def changed_types(self, other: Snapshot | None) -> frozenset[str]:
@@ -135,27 +207,38 @@ class Snapshot:
         if other is None:
             return frozenset(PUSH_ORDER)
         return frozenset(
-            t for t in PUSH_ORDER if _versions(self._by_type[t]) != _versions(other._by_type[t])
+            t
+            for t in PUSH_ORDER
+            if self._by_type[t] is not other._by_type[t]
+            and self._by_type[t].versions != other._by_type[t].versions
         )
 
-    def check_consistent(self) -> None:
-        """Raise InconsistentSnapshot if a listener, route or cluster names a missing resource.
+    def check_consistent(self, static_clusters: frozenset[str] = frozenset()) -> None:
+        """Raise InconsistentSnapshot if a listener, route or cluster names a missing resource
+        (other than the sidecar's own static clusters).
 
         Checked before publishing, as go-control-plane's Snapshot.Consistent() does: Envoy
         would otherwise warm forever or 503 on the dangling name.
         """
-        clusters, routes = self._by_type[CLUSTER].keys(), self._by_type[ROUTE].keys()
-        problems = []
-        for type_url in (LISTENER, ROUTE, CLUSTER):
-            for res in self._by_type[type_url].values():
-                problems += [f"{res.name} -> cluster {c}" for c in res.cluster_refs - clusters]
-                problems += [f"{res.name} -> route {r}" for r in res.route_refs - routes]
-        if problems:
-            raise InconsistentSnapshot("dangling references: " + ", ".join(sorted(problems)))
+        clusters, routes = self._by_type[CLUSTER], self._by_type[ROUTE]
+        known = clusters.names | static_clusters if static_clusters else clusters.names
+        referring = [self._by_type[t] for t in (LISTENER, ROUTE, CLUSTER)]
+        if all(m.cluster_refs <= known and m.route_refs <= routes.names for m in referring):
+            return
+        problems = [
+            f"{res.name} -> {kind} {name}"
+            for resources in referring
+            for res in resources.values()
+            for kind, missing in (
+                ("cluster", res.cluster_refs - known),
+                ("route", res.route_refs - routes.names),
+            )
+            for name in missing
+        ]
+        raise InconsistentSnapshot("dangling references: " + ", ".join(sorted(problems)))
 
 
-def _versions(resources: Mapping[str, Resource]) -> dict[str, str]:
-    return {name: r.version for name, r in resources.items()}
+_EMPTY = ResourceMap()
 
 
 def state_version(resources: Iterable[Resource]) -> str:

@@ -206,8 +206,8 @@ class StreamState:
         if not self.delta and state.type_url in FULL_STATE:
             # State of the world: every response carries the whole set; absence = removal.
             versions = {n: r.version for n, r in desired.items()}
-            if versions == state.sent:
-                return None
+            if versions == state.sent and state.version:
+                return None  # (the first answer goes out even when empty: Envoy waits for it)
             resources = list(desired.values())
             state.sent, state.unacked = versions, dict(desired)
         else:
@@ -219,7 +219,7 @@ class StreamState:
                 # SotW cannot say "absent" for RDS/EDS: forget it, so a return is sent again.
                 for name in [n for n in state.sent if n not in desired]:
                     del state.sent[name]
-            if not resources and not removed:
+            if not resources and not removed and (state.version or not state.wildcard):
                 return None
             for res in resources:
                 state.sent[res.name] = res.version

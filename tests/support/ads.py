@@ -26,8 +26,10 @@ class RunningAds:
 
 
 @contextlib.asynccontextmanager
-async def running_ads(port: int = 0, observer: Observer | None = None) -> AsyncIterator[RunningAds]:
-    cache = SnapshotCache()
+async def running_ads(
+    port: int = 0, observer: Observer | None = None, static_clusters: frozenset[str] = frozenset()
+) -> AsyncIterator[RunningAds]:
+    cache = SnapshotCache(static_clusters)
     ads = AdsServer(cache, StatusBoard(), observer)
     server, bound = await serve(ads, f"127.0.0.1:{port}")
     try:
@@ -40,8 +42,11 @@ class AdsThread:
     """The ADS server on its own event loop in a thread, for tests that block (HTTP calls
     through a real Envoy). Every call into the cache goes through the loop."""
 
-    def __init__(self, observer: Observer | None = None) -> None:
+    def __init__(
+        self, observer: Observer | None = None, static_clusters: frozenset[str] = frozenset()
+    ) -> None:
         self.observer = observer
+        self.static_clusters = static_clusters
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._stack: contextlib.AsyncExitStack | None = None
@@ -60,7 +65,9 @@ class AdsThread:
 
     async def _start(self) -> RunningAds:
         self._stack = contextlib.AsyncExitStack()
-        return await self._stack.enter_async_context(running_ads(observer=self.observer))
+        return await self._stack.enter_async_context(
+            running_ads(observer=self.observer, static_clusters=self.static_clusters)
+        )
 
     def call(self, fn: Callable, *args):
         """Run fn(*args) on the server's loop (awaiting it if it is a coroutine function)."""

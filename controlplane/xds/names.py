@@ -1,0 +1,28 @@
+"""Names shared by the translator, the Envoy bootstrap templates and the sidecar runtime.
+
+The sidecar's listeners are static (their ports differ per instance, while one snapshot
+serves every instance of a role); the control plane fills in the routes they name.
+"""
+
+EGRESS_ROUTE = "egress"  # route config of the egress listener (and of the gateway)
+INBOUND_ROUTE = "inbound"  # route config of the inbound listener, in front of the app
+LOCAL_APP_CLUSTER = "local-app"  # static cluster of the sidecar: its own app
+STATIC_CLUSTERS = frozenset({LOCAL_APP_CLUSTER})
+HEALTH_PATH = "/.tasklane/health"  # answered by the inbound listener from the app's health
+GATEWAY_ROLE = "@gateway|default"  # never a service name: names are DNS labels
+LOCAL_RATE_LIMIT = "envoy.filters.http.local_ratelimit"
+
+
+def cluster_name(service: str, group: str) -> str:
+    """The EDS cluster of one group of a service, e.g. `account-svc|task`."""
+    return f"{service}|{group}"
+
+
+def loose_cluster_name(service: str, group: str) -> str:
+    """The aggregate cluster that fails over from a task group to `default`."""
+    return f"{service}|{group}|loose"
+
+
+def role_name(service: str, group: str) -> str:
+    """The snapshot key of every sidecar of (service, group); see server.role_of."""
+    return f"{service}|{group}"

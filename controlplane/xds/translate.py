@@ -1,0 +1,493 @@
+"""Rules and registered instances -> the Envoy resources of every sidecar role.
+
+What each sidecar of (service S, group G) gets:
+
+- clusters `D|g` (EDS) for every group g of every service D, and an aggregate `D|G|loose`
+  for every `loose` hop (it fails over to `D|default` when the group has no *healthy* host;
+  Envoy's subset fallback does not look at health, envoy#25654);
+- route config `egress`: one virtual host per destination service D. Chains with a hop on D
+  match their dyes in a `VirtualHost.matcher` tree (exact and prefix maps on the dye header:
+  lookup cost does not grow with the number of chains, see DESIGN.md), then per chain a
+  regex on the `baggage` member; everything else goes to `D|default`;
+- route config `inbound`: on a task group, only dyes of chains that use (S, G) reach the app,
+  each with the hop's rate limit; anything else gets 403 and a reason. `default` accepts all.
+
+Only `inbound` differs between roles, so clusters, endpoints and `egress` are built once and
+shared by every snapshot (serialised once). Each piece is memoised on its inputs, so after a
+change only the touched virtual hosts, clusters and inbound routes are rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.route.v3 import route_components_pb2 as route_pb2
+from envoy.config.route.v3 import route_pb2 as route_config_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from xds.core.v3 import extension_pb2
+from xds.type.matcher.v3 import matcher_pb2, regex_pb2, string_pb2
+
+from controlplane.model.rules import DEFAULT_GROUP, Hop, RuleSet, Service, TaskChain
+
+from . import wire
+from .names import (
+    EGRESS_ROUTE,
+    GATEWAY_ROLE,
+    HEALTH_PATH,
+    INBOUND_ROUTE,
+    LOCAL_APP_CLUSTER,
+    LOCAL_RATE_LIMIT,
+    cluster_name,
+    loose_cluster_name,
+    role_name,
+)
+from .snapshot import Resource, ResourceMap, Snapshot, references
+from .types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+Address = tuple[str, int]
+# (service, group) -> addresses of the registered instances (their inbound listeners).
+Endpoints = Mapping[tuple[str, str], Sequence[Address]]
+
+_HEALTH_INTERVAL_S = 1
+_EMPTY = ResourceMap()
+
+
+@dataclass(frozen=True)
+class ChainHop:
+    """A chain's hop on one service, with what routing it needs from the chain."""
+
+    chain: TaskChain
+    hop: Hop
+
+
+def _any(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromNanoseconds(round(seconds * 1e9))
+    return out
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+# ---------------------------------------------------------------------------- clusters
+
+
+def _protocol_options() -> dict[str, any_pb2.Any]:
+    # HTTP/1.1 in, HTTP/1.1 out; h2 (gRPC) in, h2 out: one cluster kind for both protocols.
+    options = upstream_pb2.HttpProtocolOptions(
+        use_downstream_protocol_config=upstream_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
+            http_protocol_options={}, http2_protocol_options={}
+        )
+    )
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(options)}
+
+
+def group_cluster(service: str, group: str) -> cluster_pb2.Cluster:
+    """The EDS cluster of (service, group), health-checked through each instance's sidecar."""
+    return cluster_pb2.Cluster(
+        name=cluster_name(service, group),
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        connect_timeout=_duration(1),
+        # No panic routing: with every host unhealthy, `strict` must answer 503, not try them.
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+            healthy_panic_threshold=percent_pb2.Percent(value=0)
+        ),
+        health_checks=[
+            health_check_pb2.HealthCheck(
+                timeout=_duration(1),
+                interval=_duration(_HEALTH_INTERVAL_S),
+                no_traffic_interval=_duration(_HEALTH_INTERVAL_S),
+                unhealthy_threshold=wrappers_pb2.UInt32Value(value=2),
+                healthy_threshold=wrappers_pb2.UInt32Value(value=1),
+                # The default Host is the cluster name, whose '|' a sidecar refuses (400).
+                http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(
+                    host=service, path=HEALTH_PATH
+                ),
+            )
+        ],
+        typed_extension_protocol_options=_protocol_options(),
+    )
+
+
+def loose_cluster(service: str, group: str) -> cluster_pb2.Cluster:
+    """Aggregate: the group first, `default` when the group has no healthy host."""
+    config = aggregate_pb2.ClusterConfig(
+        clusters=[cluster_name(service, group), cluster_name(service, DEFAULT_GROUP)]
+    )
+    return cluster_pb2.Cluster(
+        name=loose_cluster_name(service, group),
+        connect_timeout=_duration(1),
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        cluster_type=cluster_pb2.Cluster.CustomClusterType(
+            name="envoy.clusters.aggregate", typed_config=_any(config)
+        ),
+    )
+
+
+def load_assignment(service: str, group: str, addresses: Sequence[Address]):
+    """The endpoints of (service, group): the inbound listeners of its instances."""
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(service, group))
+    if addresses:
+        locality = cla.endpoints.add()
+        for host, port in addresses:
+            locality.lb_endpoints.append(
+                endpoint_components_pb2.LbEndpoint(
+                    endpoint=endpoint_components_pb2.Endpoint(
+                        address=address_pb2.Address(
+                            socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+                        )
+                    )
+                )
+            )
+    return cla
+
+
+# ---------------------------------------------------------------------------- dye matching
+
+
+def _header_input(header: str) -> extension_pb2.TypedExtensionConfig:
+    match_input = http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=header)
+    return extension_pb2.TypedExtensionConfig(name=header, typed_config=_any(match_input))
+
+
+def _on_route(route: route_pb2.Route) -> matcher_pb2.Matcher.OnMatch:
+    return matcher_pb2.Matcher.OnMatch(
+        action=extension_pb2.TypedExtensionConfig(name=route.name, typed_config=_any(route))
+    )
+
+
+def baggage_regex(chain: TaskChain) -> str:
+    """RE2 matching a `baggage` header whose member `<key>` has one of the chain's dyes."""
+    values = [re.escape(v) for v in chain.dye.exact]
+    values += [re.escape(p) + r"[^,;\s]*" for p in chain.dye.prefixes]
+    key = re.escape(chain.dye.baggage_key)
+    return rf"(?:^|.*,)\s*{key}\s*=\s*(?:{'|'.join(values)})\s*(?:[;,].*)?"
+
+
+def dye_matcher(
+    entries: Sequence[tuple[TaskChain, route_pb2.Route]], otherwise: route_pb2.Route
+) -> matcher_pb2.Matcher:
+    """Route a request by its dye: header trees first (exact, then prefix maps, per header
+    name), then one baggage regex per chain, then `otherwise`."""
+    matcher = matcher_pb2.Matcher(on_no_match=_on_route(otherwise))
+    if entries:
+        baggage = matcher_pb2.Matcher.MatcherList()
+        for chain, route in entries:
+            predicate = matcher_pb2.Matcher.MatcherList.Predicate(
+                single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
+                    input=_header_input("baggage"),
+                    value_match=string_pb2.StringMatcher(
+                        safe_regex=regex_pb2.RegexMatcher(regex=baggage_regex(chain), google_re2={})
+                    ),
+                )
+            )
+            baggage.matchers.add(predicate=predicate, on_match=_on_route(route))
+        matcher = matcher_pb2.Matcher(matcher_list=baggage, on_no_match=matcher.on_no_match)
+    by_header: dict[str, list[tuple[TaskChain, route_pb2.Route]]] = {}
+    for chain, route in entries:
+        by_header.setdefault(chain.dye.header, []).append((chain, route))
+    for header in sorted(by_header, reverse=True):
+        prefix_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
+        exact_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
+        for chain, route in by_header[header]:
+            for value in chain.dye.prefixes:
+                prefix_map[value] = _on_route(route)
+            for value in chain.dye.exact:
+                exact_map[value] = _on_route(route)
+        for kind, table in (("prefix_match_map", prefix_map), ("exact_match_map", exact_map)):
+            if not table:
+                continue
+            tree = matcher_pb2.Matcher.MatcherTree(input=_header_input(header))
+            for value, on_match in table.items():
+                getattr(tree, kind).map[value].CopyFrom(on_match)
+            on_no_match = matcher_pb2.Matcher.OnMatch(matcher=matcher)
+            matcher = matcher_pb2.Matcher(matcher_tree=tree, on_no_match=on_no_match)
+    return matcher
+
+
+# ---------------------------------------------------------------------------- egress
+
+
+def _route(name: str, action: route_pb2.RouteAction | None = None, **fields) -> route_pb2.Route:
+    route = route_pb2.Route(name=name, match=route_pb2.RouteMatch(prefix="/"), **fields)
+    if action is not None:
+        route.route.CopyFrom(action)
+    return route
+
+
+def _hop_action(service: Service, entry: ChainHop) -> route_pb2.RouteAction:
+    hop, default = entry.hop, cluster_name(service.name, DEFAULT_GROUP)
+    target = (
+        loose_cluster_name(service.name, hop.group)
+        if entry.chain.fallback == "loose" and hop.group != DEFAULT_GROUP
+        else cluster_name(service.name, hop.group)
+    )
+    action = _action(service)
+    if hop.weight >= 100 or target == default:
+        action.cluster = target
+    elif hop.weight <= 0:
+        action.cluster = default
+    else:
+        action.weighted_clusters.clusters.add(
+            name=target, weight=wrappers_pb2.UInt32Value(value=hop.weight)
+        )
+        action.weighted_clusters.clusters.add(
+            name=default, weight=wrappers_pb2.UInt32Value(value=100 - hop.weight)
+        )
+    return action
+
+
+def _action(service: Service) -> route_pb2.RouteAction:
+    # gRPC streams may outlive Envoy's 15 s default route timeout.
+    return route_pb2.RouteAction(timeout=_duration(0) if service.protocol == "grpc" else None)
+
+
+def egress_virtual_host(service: Service, hops: Sequence[ChainHop]) -> route_pb2.VirtualHost:
+    """How every sidecar reaches `service`: by `Host: <service>` or as an HTTP proxy."""
+    online = _route("online", _action(service))
+    online.route.cluster = cluster_name(service.name, DEFAULT_GROUP)
+    host = route_pb2.VirtualHost(name=service.name, domains=[service.name, f"{service.name}:*"])
+    if not hops:
+        host.routes.append(online)
+        return host
+    entries = [(e.chain, _route(e.chain.name, _hop_action(service, e))) for e in hops]
+    host.matcher.CopyFrom(dye_matcher(entries, online))
+    return host
+
+
+# ---------------------------------------------------------------------------- inbound
+
+
+def local_rate_limit(hop: Hop, instances: int) -> local_rate_limit_pb2.LocalRateLimit:
+    """This instance's share of the hop's limit: token buckets are per Envoy, so the hop's
+    requests per second and burst are split over the group's instances."""
+    share = hop.rate_limit.requests_per_second / max(instances, 1)
+    interval_ms = max(50, math.ceil(1000 / share))  # Envoy refuses fills under 50 ms
+    tokens = max(1, round(share * interval_ms / 1000))
+    burst = max(tokens, math.ceil(hop.rate_limit.burst / max(instances, 1)))
+    always = base_pb2.RuntimeFractionalPercent(
+        default_value=percent_pb2.FractionalPercent(numerator=100)
+    )
+    return local_rate_limit_pb2.LocalRateLimit(
+        stat_prefix="hop_rate_limit",
+        token_bucket=token_bucket_pb2.TokenBucket(
+            max_tokens=burst,
+            tokens_per_fill=wrappers_pb2.UInt32Value(value=tokens),
+            fill_interval=_duration(interval_ms / 1000),
+        ),
+        filter_enabled=always,
+        filter_enforced=always,
+    )
+
+
+def inbound_route(
+    service: Service, group: str, hops: Sequence[ChainHop], instances: int
+) -> route_config_pb2.RouteConfiguration:
+    """What the app of (service, group) accepts. The rate limit of a hop applies here, at
+    the instances of the hop's group, to that chain's dyed requests only."""
+    to_app = _action(service)
+    to_app.cluster = LOCAL_APP_CLUSTER
+    entries = []
+    for entry in hops:
+        route = _route(entry.chain.name, to_app)
+        if entry.hop.rate_limit is not None:
+            route.typed_per_filter_config[LOCAL_RATE_LIMIT].CopyFrom(
+                _any(local_rate_limit(entry.hop, instances))
+            )
+        entries.append((entry.chain, route))
+    if group == DEFAULT_GROUP:
+        otherwise = _route("online", to_app)
+    else:
+        chains = ", ".join(e.chain.name for e in hops) or "none"
+        otherwise = _route(
+            "refused",
+            direct_response=route_pb2.DirectResponseAction(
+                status=403,
+                body=base_pb2.DataSource(
+                    inline_string=(
+                        f"tasklane: {service.name} group {group} serves only task traffic "
+                        f"(chains: {chains}); this request carries none of their dyes\n"
+                    )
+                ),
+            ),
+        )
+    host = route_pb2.VirtualHost(name=INBOUND_ROUTE, domains=["*"])
+    if entries:
+        host.matcher.CopyFrom(dye_matcher(entries, otherwise))
+    else:
+        host.routes.append(otherwise)
+    return route_config_pb2.RouteConfiguration(name=INBOUND_ROUTE, virtual_hosts=[host])
+
+
+# ---------------------------------------------------------------------------- assembly
+
+
+def hops_by_service(rules: RuleSet) -> dict[str, tuple[ChainHop, ...]]:
+    """service -> the chains with a hop on it, in chain-name order."""
+    out: dict[str, list[ChainHop]] = {}
+    for name in sorted(rules.chains):
+        chain = rules.chains[name]
+        for hop in chain.hops:
+            out.setdefault(hop.service, []).append(ChainHop(chain, hop))
+    return {service: tuple(entries) for service, entries in out.items()}
+
+
+class _Memo:
+    """Last (key, value) per name: a piece is rebuilt only when its inputs changed."""
+
+    def __init__(self) -> None:
+        self._entries: dict[object, tuple[object, object]] = {}
+
+    def get(self, name: object, key: object, build):
+        entry = self._entries.get(name)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        value = build()
+        self._entries[name] = (key, value)
+        return value
+
+    def keep_only(self, names: set) -> None:
+        for name in set(self._entries) - names:
+            del self._entries[name]
+
+
+@dataclass(frozen=True)
+class _EncodedHost:
+    field: bytes  # RouteConfiguration.virtual_hosts entry, already framed
+    cluster_refs: frozenset[str]
+
+
+class Translator:
+    """Builds every role's snapshot; keeps the pieces of the last build to reuse them."""
+
+    def __init__(self) -> None:
+        self._hosts = _Memo()
+        self._clusters = _Memo()
+        self._endpoints = _Memo()
+        self._inbound = _Memo()
+        self._maps = _Memo()
+
+    def build(self, rules: RuleSet, endpoints: Endpoints) -> dict[str, Snapshot]:
+        """{role: snapshot} for every (service, group) of the rules, plus the gateway."""
+        hops = hops_by_service(rules)
+        services = [rules.services[name] for name in sorted(rules.services)]
+
+        clusters = self._build_clusters(services, hops)
+        assignments = self._build_endpoints(services, endpoints)
+        egress = self._build_egress(services, hops)
+        # Keys are object ids: a piece that was not rebuilt is the very same object.
+        cds = self._maps.get(CLUSTER, tuple(map(id, clusters)), lambda: ResourceMap(clusters))
+        eds = self._maps.get(
+            ENDPOINT, tuple(map(id, assignments)), lambda: ResourceMap(assignments)
+        )
+        shared = {CLUSTER: cds, ENDPOINT: eds, LISTENER: _EMPTY}
+
+        snapshots: dict[str, Snapshot] = {}
+        roles: set[str] = set()
+        for service in services:
+            for group in service.groups:
+                role = role_name(service.name, group.name)
+                roles.add(role)
+                mine = tuple(e for e in hops.get(service.name, ()) if e.hop.group == group.name)
+                count = len(endpoints.get((service.name, group.name), ()))
+                inbound = self._inbound.get(
+                    role,
+                    (service, mine, count),
+                    lambda s=service, g=group.name, h=mine, n=count: Resource.of(
+                        inbound_route(s, g, h, n)
+                    ),
+                )
+                routes = self._maps.get(
+                    role, (id(egress), id(inbound)), lambda i=inbound: ResourceMap((egress, i))
+                )
+                snapshots[role] = Snapshot({**shared, ROUTE: routes})
+        gateway_routes = self._maps.get(GATEWAY_ROLE, id(egress), lambda: ResourceMap((egress,)))
+        snapshots[GATEWAY_ROLE] = Snapshot({**shared, ROUTE: gateway_routes})
+        self._inbound.keep_only(roles)
+        self._maps.keep_only(roles | {GATEWAY_ROLE, CLUSTER, ENDPOINT, EGRESS_ROUTE})
+        return snapshots
+
+    def _build_clusters(
+        self, services: list[Service], hops: dict[str, tuple[ChainHop, ...]]
+    ) -> list[Resource]:
+        wanted: dict[str, tuple] = {}
+        for service in services:
+            for group in service.groups:
+                name = cluster_name(service.name, group.name)
+                wanted[name] = (group_cluster, service.name, group.name)
+            for entry in hops.get(service.name, ()):
+                if entry.chain.fallback == "loose" and entry.hop.group != DEFAULT_GROUP:
+                    name = loose_cluster_name(service.name, entry.hop.group)
+                    wanted[name] = (loose_cluster, service.name, entry.hop.group)
+        self._clusters.keep_only(set(wanted))
+        return [
+            self._clusters.get(name, key, lambda k=key: Resource.of(k[0](*k[1:])))
+            for name, key in wanted.items()
+        ]
+
+    def _build_endpoints(self, services: list[Service], endpoints: Endpoints) -> list[Resource]:
+        out, names = [], set()
+        for service in services:
+            for group in service.groups:
+                addresses = tuple(sorted(endpoints.get((service.name, group.name), ())))
+                name = cluster_name(service.name, group.name)
+                names.add(name)
+                out.append(
+                    self._endpoints.get(
+                        name,
+                        addresses,
+                        lambda s=service.name, g=group.name, a=addresses: Resource.of(
+                            load_assignment(s, g, a)
+                        ),
+                    )
+                )
+        self._endpoints.keep_only(names)
+        return out
+
+    def _build_egress(
+        self, services: list[Service], hops: dict[str, tuple[ChainHop, ...]]
+    ) -> Resource:
+        hosts = []
+        for service in services:
+            mine = hops.get(service.name, ())
+            hosts.append(
+                self._hosts.get(
+                    service.name, (service, mine), lambda s=service, h=mine: _encode_host(s, h)
+                )
+            )
+        self._hosts.keep_only({s.name for s in services})
+
+        def assemble() -> Resource:
+            payload = wire.text(1, EGRESS_ROUTE) + b"".join(h.field for h in hosts)
+            refs = frozenset().union(*(h.cluster_refs for h in hosts))
+            return Resource.encoded(ROUTE, EGRESS_ROUTE, payload, refs)
+
+        return self._maps.get(EGRESS_ROUTE, tuple(map(id, hosts)), assemble)
+
+
+def _encode_host(service: Service, hops: Sequence[ChainHop]) -> _EncodedHost:
+    host = egress_virtual_host(service, hops)
+    clusters, _ = references(host)
+    return _EncodedHost(wire.field(2, host.SerializeToString(deterministic=True)), clusters)

@@ -1,0 +1,149 @@
+"""A small real mesh for routing tests: demo chain apps behind real Envoy sidecars, fed by the
+real ADS server from rules through the real translator.
+
+It skips etcd and `tasklane run` (their own tests cover them) so that routing tests start in a
+second and measure only routing: what each request returned, hop by hop.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controlplane.model.load import load_text
+from controlplane.model.rules import RuleSet
+from controlplane.model.validate import apply
+from controlplane.runtime.envoy import EnvoyProcess
+from controlplane.runtime.ports import free_port
+from controlplane.xds.names import HEALTH_PATH, STATIC_CLUSTERS
+from controlplane.xds.translate import Translator
+from demo.chain_app import ChainApp, start_in_thread
+from tests.support.ads import AdsThread
+
+
+@dataclass
+class Instance:
+    service: str
+    group: str
+    name: str
+    app_port: int
+    inbound_port: int
+    egress_port: int
+    envoy: EnvoyProcess
+    stop_app: object = field(repr=False)
+    app_running: bool = True
+
+    def kill_app(self) -> None:
+        """The app dies; its sidecar stays (the worst case for health checking)."""
+        if self.app_running:
+            self.stop_app()
+            self.app_running = False
+
+
+class Mesh:
+    """Context manager: an ADS server, and instances added with add()."""
+
+    def __init__(self, tmp_path: Path, rules_yaml: str, delta: bool = False) -> None:
+        self.tmp_path, self.delta = tmp_path, delta
+        self.rules = apply(RuleSet.empty(), load_text(rules_yaml, "rules.yaml"))
+        self.translator = Translator()
+        self.ads = AdsThread(static_clusters=STATIC_CLUSTERS)
+        self.instances: list[Instance] = []
+
+    def __enter__(self) -> Mesh:
+        self.ads.__enter__()
+        self.publish()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for instance in self.instances:
+            instance.envoy.stop()
+            instance.kill_app()
+        self.ads.__exit__(*exc)
+
+    def set_rules(self, rules_yaml: str) -> None:
+        self.rules = apply(RuleSet.empty(), load_text(rules_yaml, "rules.yaml"))
+        self.publish()
+
+    def endpoints(self) -> dict[tuple[str, str], list[tuple[str, int]]]:
+        out: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        for i in self.instances:
+            out.setdefault((i.service, i.group), []).append(("127.0.0.1", i.inbound_port))
+        return out
+
+    def publish(self) -> None:
+        snapshots = self.translator.build(self.rules, self.endpoints())
+        cache = self.ads.running.cache
+        for role, snapshot in snapshots.items():
+            self.ads.call(cache.set_snapshot, role, snapshot)
+
+    def add(self, service: str, group: str, next_services: list[str] = ()) -> Instance:
+        """Start a chain app and its sidecar, register it and wait until the sidecar is ready."""
+        name = f"{service}/{group}/{sum(1 for i in self.instances if i.service == service) + 1}"
+        egress, inbound = free_port(), free_port()
+        app = ChainApp(service, group, name, list(next_services), ("127.0.0.1", egress))
+        app_port, stop_app = start_in_thread(app)
+        envoy = EnvoyProcess(
+            node_id=name,
+            service=service,
+            group=group,
+            xds_host="127.0.0.1",
+            xds_port=self.ads.port,
+            admin_port=free_port(),
+            delta=self.delta,
+            work_dir=self.tmp_path / name.replace("/", "-"),
+            part="sidecar.yaml",
+            part_vars={
+                "egress_port": egress,
+                "inbound_host": "127.0.0.1",
+                "inbound_port": inbound,
+                "app_port": app_port,
+                "health_path": HEALTH_PATH,
+            },
+        )
+        instance = Instance(service, group, name, app_port, inbound, egress, envoy, stop_app)
+        self.instances.append(instance)
+        envoy.start()
+        self.publish()
+        envoy.wait_ready()
+        return instance
+
+    def remove(self, instance: Instance) -> None:
+        """Deregister and stop an instance (what `tasklane run` does when its app exits)."""
+        self.instances.remove(instance)
+        self.publish()
+        instance.envoy.stop()
+        instance.kill_app()
+
+    def nacks(self) -> dict[str, str]:
+        """node -> last NACK message, for every connected sidecar that rejected anything."""
+        out = {}
+        for node in self.ads.call(self.ads.running.ads.status.nodes):
+            for type_url, status in node.types.items():
+                if status.last_nack is not None:
+                    out[f"{node.node_id} {type_url}"] = status.last_nack.message
+        return out
+
+
+def request(
+    port: int, service: str, path: str = "/", headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
+    """GET through a sidecar's egress listener with `Host: service`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": service, **(headers or {})})
+        resp = conn.getresponse()
+        body = resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(body)
+    except ValueError:
+        return resp.status, {"error": body}
+
+
+def served_by(answer: dict) -> list[tuple[str, str]]:
+    """[(service, group)] of every hop that served a request."""
+    return [(hop["service"], hop["group"]) for hop in answer.get("hops", [])]
