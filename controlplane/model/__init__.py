@@ -1,0 +1,53 @@
+"""Rule kinds, YAML loading, validation and cron: pure (no etcd, no Envoy, no network).
+
+The names below are the model's public API; the modules hold the details:
+`rules` (kinds, RuleSet, documents), `load` (files), `validate` (cross-references),
+`cron` (schedules and durations).
+"""
+
+from controlplane.model.cron import fires_between, next_fire, parse_cron, parse_duration
+from controlplane.model.load import Parsed, load_files, load_text
+from controlplane.model.rules import (
+    API_VERSION,
+    DEFAULT_GROUP,
+    KINDS,
+    Dye,
+    Group,
+    Hop,
+    RateLimit,
+    Rule,
+    RuleSet,
+    ScheduledTask,
+    Service,
+    TaskChain,
+    from_document,
+    to_document,
+)
+from controlplane.model.validate import apply, check, check_delete
+
+__all__ = [
+    "API_VERSION",
+    "DEFAULT_GROUP",
+    "KINDS",
+    "Dye",
+    "Group",
+    "Hop",
+    "Parsed",
+    "RateLimit",
+    "Rule",
+    "RuleSet",
+    "ScheduledTask",
+    "Service",
+    "TaskChain",
+    "apply",
+    "check",
+    "check_delete",
+    "fires_between",
+    "from_document",
+    "load_files",
+    "load_text",
+    "next_fire",
+    "parse_cron",
+    "parse_duration",
+    "to_document",
+]

@@ -1,0 +1,529 @@
+"""The rule kinds of tasklane, the immutable set of them, and their Kubernetes-style documents.
+
+`from_document` is the one door from user-written or stored documents into the dataclasses,
+so every per-document check lives here and every failure is a one-line `RuleError` naming
+the field as the user wrote it (`spec.hops[1].rateLimit.requestsPerSecond`). Checks that need
+other rules (references, dye conflicts) live in `validate`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar, NoReturn, TypeAlias
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from controlplane.errors import RuleError
+from controlplane.model.cron import format_duration, parse_cron, parse_duration
+from controlplane.model.text import describe, quote
+
+API_VERSION = "tasklane.io/v1"
+KINDS = ("Service", "TaskChain", "ScheduledTask")
+DEFAULT_GROUP = "default"
+DEFAULT_DYE_HEADER = "x-task-dye"
+DEFAULT_BAGGAGE_KEY = "task-dye"
+PROTOCOLS = ("http", "grpc")
+FALLBACKS = ("strict", "loose")
+DEFAULT_TIMEZONE = "UTC"
+# Limits that keep values inside what Envoy's token bucket (uint32 tokens) can express.
+MAX_REQUESTS_PER_SECOND = 1_000_000_000
+MAX_BURST = 2**32 - 1
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_NAME_RULE = (
+    "lower-case letters, digits and '-', starting and ending with a letter or digit, "
+    "at most 63 characters"
+)
+_HEADER_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+# W3C baggage-octet: printable ASCII except space, '"', ',', ';' and '\'. A dye value must
+# read the same in the header and in the baggage member.
+_DYE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]+")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A named subset of a service's instances and the replica range the scaler may use."""
+
+    name: str
+    min_replicas: int
+    max_replicas: int
+
+
+@dataclass(frozen=True)
+class Service:
+    """An application; its `default` group serves online traffic, the others task traffic."""
+
+    kind: ClassVar[str] = "Service"
+    name: str
+    protocol: str
+    groups: tuple[Group, ...]
+
+    def group(self, name: str) -> Group | None:
+        """The group called `name`, or None: hops name groups that may not exist."""
+        return next((group for group in self.groups if group.name == name), None)
+
+
+@dataclass(frozen=True)
+class Dye:
+    """Which requests belong to a chain: header or baggage value, exact or by prefix."""
+
+    header: str
+    baggage_key: str
+    exact: tuple[str, ...]
+    prefixes: tuple[str, ...]  # written with a trailing '*', stored without it
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket for the dyed requests entering one hop."""
+
+    requests_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Where a chain's dyed requests to `service` go: `weight`% to `group`, the rest default."""
+
+    service: str
+    group: str
+    weight: int
+    rate_limit: RateLimit | None
+
+
+@dataclass(frozen=True)
+class TaskChain:
+    """The hops that requests carrying one of `dye`'s values must stay inside."""
+
+    kind: ClassVar[str] = "TaskChain"
+    name: str
+    dye: Dye
+    fallback: str
+    hops: tuple[Hop, ...]
+
+    def hop_for(self, service: str) -> Hop | None:
+        """The chain's hop on `service` (at most one exists), or None."""
+        return next((hop for hop in self.hops if hop.service == service), None)
+
+
+@dataclass(frozen=True)
+class ScheduledTask:
+    """A cron-driven job on one chain; the scaler sizes the chain's groups for its runs."""
+
+    kind: ClassVar[str] = "ScheduledTask"
+    name: str
+    chain: str
+    schedule: str
+    timezone: str
+    expected_duration_s: int
+    replicas: tuple[tuple[str, int], ...]  # (hop service, replicas), sorted by service
+
+
+Rule: TypeAlias = Service | TaskChain | ScheduledTask
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """All rules at one moment; every change returns a new set so readers never see a half."""
+
+    services: Mapping[str, Service]
+    chains: Mapping[str, TaskChain]
+    tasks: Mapping[str, ScheduledTask]
+
+    def __post_init__(self) -> None:
+        for field in ("services", "chains", "tasks"):
+            object.__setattr__(self, field, MappingProxyType(dict(getattr(self, field))))
+
+    @classmethod
+    def empty(cls) -> RuleSet:
+        """The set before any rule is applied."""
+        return cls({}, {}, {})
+
+    def with_rules(self, rules: Iterable[Rule]) -> RuleSet:
+        """A copy with `rules` added, replacing any rule of the same kind and name."""
+        maps = {kind: dict(rules_of_kind) for kind, rules_of_kind in self._maps().items()}
+        for rule in rules:
+            maps[rule.kind][rule.name] = rule
+        return RuleSet(*(maps[kind] for kind in KINDS))
+
+    def without(self, kind: str, name: str) -> RuleSet:
+        """A copy without the rule `kind`/`name` (the same content if there is none)."""
+        _check_kind(kind)
+        maps = {each: dict(rules_of_kind) for each, rules_of_kind in self._maps().items()}
+        maps[kind].pop(name, None)
+        return RuleSet(*(maps[each] for each in KINDS))
+
+    def get(self, kind: str, name: str) -> Rule | None:
+        """The rule `kind`/`name`, or None; RuleError for a kind that does not exist."""
+        _check_kind(kind)
+        return self._maps()[kind].get(name)
+
+    def all(self) -> tuple[Rule, ...]:
+        """Every rule, in KINDS order then by name, so listings and checks are stable."""
+        return tuple(
+            rules_of_kind[name]
+            for rules_of_kind in self._maps().values()
+            for name in sorted(rules_of_kind)
+        )
+
+    def _maps(self) -> dict[str, Mapping[str, Rule]]:
+        return {"Service": self.services, "TaskChain": self.chains, "ScheduledTask": self.tasks}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise RuleError(f"unknown kind {quote(str(kind))} (expected one of: {', '.join(KINDS)})")
+
+
+# --- documents --------------------------------------------------------------------------
+
+
+def to_document(rule: Rule) -> dict[str, Any]:
+    """The canonical document of a rule, every default written out (stored in etcd, shown
+    by `tasklane get -o yaml`); `from_document` reads it back to an equal rule."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": rule.kind,
+        "metadata": {"name": rule.name},
+        "spec": _spec_document(rule),
+    }
+
+
+def _spec_document(rule: Rule) -> dict[str, Any]:
+    if isinstance(rule, Service):
+        return {
+            "protocol": rule.protocol,
+            "groups": [
+                {"name": g.name, "minReplicas": g.min_replicas, "maxReplicas": g.max_replicas}
+                for g in rule.groups
+            ],
+        }
+    if isinstance(rule, TaskChain):
+        return {
+            "dye": {
+                "header": rule.dye.header,
+                "baggageKey": rule.dye.baggage_key,
+                "values": [*rule.dye.exact, *(prefix + "*" for prefix in rule.dye.prefixes)],
+            },
+            "fallback": rule.fallback,
+            "hops": [_hop_document(hop) for hop in rule.hops],
+        }
+    return {
+        "chain": rule.chain,
+        "schedule": rule.schedule,
+        "timezone": rule.timezone,
+        "expectedDuration": format_duration(rule.expected_duration_s),
+        "replicas": dict(rule.replicas),
+    }
+
+
+def _hop_document(hop: Hop) -> dict[str, Any]:
+    document: dict[str, Any] = {"service": hop.service, "group": hop.group, "weight": hop.weight}
+    if hop.rate_limit is not None:
+        rate = hop.rate_limit.requests_per_second
+        document["rateLimit"] = {
+            "requestsPerSecond": int(rate) if rate.is_integer() else rate,
+            "burst": hop.rate_limit.burst,
+        }
+    return document
+
+
+def from_document(doc: object, where: str) -> Rule:
+    """Check one document and build its rule.
+
+    `where` names the document's origin ("rules.yaml: document 3"); messages add the kind and
+    name: "rules.yaml: document 3 (TaskChain fund-yield): spec.hops: ...".
+    """
+    reader = _Reader(f"{where} ({_label(doc)})")
+    if not isinstance(doc, dict):
+        reader.fail(
+            "", f"expected a mapping with apiVersion, kind, metadata and spec, got {describe(doc)}"
+        )
+    top = reader.fields(doc, "", ("apiVersion", "kind", "metadata", "spec"))
+    api_version = reader.required(top, "", "apiVersion")
+    if api_version != API_VERSION:
+        reader.fail("apiVersion", f"expected {API_VERSION!r}, got {describe(api_version)}")
+    kind = reader.string(top, "", "kind")
+    if kind not in KINDS:
+        reader.fail("kind", f"unknown kind {quote(kind)} (expected one of: {', '.join(KINDS)})")
+    metadata = reader.fields(reader.required(top, "", "metadata"), "metadata", ("name",))
+    name = reader.name(metadata, "metadata", "name", "name")
+    spec = reader.required(top, "", "spec")
+    if kind == "Service":
+        return _service(reader, name, spec)
+    if kind == "TaskChain":
+        return _chain(reader, name, spec)
+    return _task(reader, name, spec)
+
+
+def _label(doc: object) -> str:
+    """'TaskChain fund-yield', or as much of it as the document tells."""
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    metadata = doc.get("metadata") if isinstance(doc, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    shown_name = None
+    if isinstance(name, str) and name:
+        shown_name = name if _DNS_LABEL.fullmatch(name) else quote(name)
+    if isinstance(kind, str) and kind in KINDS:
+        return f"{kind} {shown_name}" if shown_name else f"{kind}, name missing"
+    kind_text = "kind missing" if kind is None else "unknown kind"
+    return f"{kind_text}, name {shown_name}" if shown_name else kind_text
+
+
+def _service(reader: _Reader, name: str, spec: object) -> Service:
+    fields = reader.fields(spec, "spec", ("protocol", "groups"))
+    protocol = reader.choice(fields, "spec", "protocol", PROTOCOLS, "http")
+    groups: list[Group] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(reader.items(fields, "spec", "groups", [])):
+        path = f"spec.groups[{index}]"
+        group = reader.fields(item, path, ("name", "minReplicas", "maxReplicas"))
+        group_name = reader.name(group, path, "name", "group name")
+        if group_name in seen:
+            reader.fail(
+                f"{path}.name",
+                f"duplicate group '{group_name}' (also spec.groups[{seen[group_name]}])",
+            )
+        seen[group_name] = index
+        low = reader.integer(group, path, "minReplicas", 1 if group_name == DEFAULT_GROUP else 0)
+        high = reader.integer(group, path, "maxReplicas", max(low, 1))
+        if low > high:
+            reader.fail(path, f"minReplicas {low} is greater than maxReplicas {high}")
+        groups.append(Group(group_name, low, high))
+    default = [g for g in groups if g.name == DEFAULT_GROUP] or [Group(DEFAULT_GROUP, 1, 1)]
+    rest = [g for g in groups if g.name != DEFAULT_GROUP]
+    return Service(name=name, protocol=protocol, groups=(*default, *rest))
+
+
+def _chain(reader: _Reader, name: str, spec: object) -> TaskChain:
+    fields = reader.fields(spec, "spec", ("dye", "fallback", "hops"))
+    dye = _dye(reader, reader.required(fields, "spec", "dye"))
+    fallback = reader.choice(fields, "spec", "fallback", FALLBACKS, "strict")
+    hop_items = reader.items(fields, "spec", "hops")
+    if not hop_items:
+        reader.fail("spec.hops", "at least one hop is required")
+    hops: list[Hop] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(hop_items):
+        path = f"spec.hops[{index}]"
+        hop = reader.fields(item, path, ("service", "group", "weight", "rateLimit"))
+        service = reader.name(hop, path, "service", "service name")
+        if service in seen:
+            reader.fail(
+                f"{path}.service",
+                f"service {service} is already a hop of this chain (spec.hops[{seen[service]}])",
+            )
+        seen[service] = index
+        group = reader.name(hop, path, "group", "group name")
+        weight = reader.integer(hop, path, "weight", 100, high=100)
+        rate_limit = None
+        if "rateLimit" in hop:
+            rate_limit = _rate_limit(reader, hop["rateLimit"], f"{path}.rateLimit")
+        hops.append(Hop(service=service, group=group, weight=weight, rate_limit=rate_limit))
+    return TaskChain(name=name, dye=dye, fallback=fallback, hops=tuple(hops))
+
+
+def _dye(reader: _Reader, value: object) -> Dye:
+    fields = reader.fields(value, "spec.dye", ("header", "baggageKey", "values"))
+    header = reader.string(fields, "spec.dye", "header", DEFAULT_DYE_HEADER)
+    if not _HEADER_TOKEN.fullmatch(header):
+        reader.fail("spec.dye.header", f"{quote(header)} is not a lower-case HTTP header name")
+    baggage_key = reader.string(fields, "spec.dye", "baggageKey", DEFAULT_BAGGAGE_KEY)
+    if not _TOKEN.fullmatch(baggage_key):
+        reader.fail(
+            "spec.dye.baggageKey",
+            f"{quote(baggage_key)} is not a valid baggage key (an HTTP token)",
+        )
+    items = reader.items(fields, "spec.dye", "values")
+    if not items:
+        reader.fail("spec.dye.values", "at least one value is required")
+    exact: list[str] = []
+    prefixes: list[str] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        path = f"spec.dye.values[{index}]"
+        if not isinstance(item, str):
+            reader.fail(path, f"expected a string, got {describe(item)}")
+        if not item:
+            reader.fail(path, "must not be empty")
+        if item in seen:
+            reader.fail(path, f"duplicate value {quote(item)} (also spec.dye.values[{seen[item]}])")
+        seen[item] = index
+        bad = next((c for c in item if not _DYE_VALUE.fullmatch(c)), None)
+        if bad is not None:
+            reader.fail(
+                path,
+                f"{quote(item)} contains {bad!r}, which a header or baggage value cannot carry",
+            )
+        body = item.removesuffix("*")
+        if "*" in body:
+            reader.fail(path, f"{quote(item)}: '*' is only allowed at the end (a prefix match)")
+        if item == "*":
+            reader.fail(path, "'*' alone would claim every request; put a prefix before the '*'")
+        (prefixes if item.endswith("*") else exact).append(body)
+    return Dye(header=header, baggage_key=baggage_key, exact=tuple(exact), prefixes=tuple(prefixes))
+
+
+def _rate_limit(reader: _Reader, value: object, path: str) -> RateLimit:
+    fields = reader.fields(value, path, ("requestsPerSecond", "burst"))
+    rate = reader.required(fields, path, "requestsPerSecond")
+    rate_path = f"{path}.requestsPerSecond"
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+        reader.fail(rate_path, f"expected a number, got {describe(rate)}")
+    if rate != rate or rate <= 0:  # NaN compares unequal to itself
+        reader.fail(rate_path, f"must be greater than 0, got {_shown(rate)}")
+    if rate > MAX_REQUESTS_PER_SECOND:
+        reader.fail(rate_path, f"must be at most {MAX_REQUESTS_PER_SECOND}, got {_shown(rate)}")
+    burst = reader.integer(fields, path, "burst", math.ceil(rate), low=1)
+    if burst > MAX_BURST:
+        reader.fail(f"{path}.burst", f"must be at most {MAX_BURST}, got {_shown(burst)}")
+    return RateLimit(requests_per_second=float(rate), burst=burst)
+
+
+def _task(reader: _Reader, name: str, spec: object) -> ScheduledTask:
+    fields = reader.fields(
+        spec, "spec", ("chain", "schedule", "timezone", "expectedDuration", "replicas")
+    )
+    chain = reader.name(fields, "spec", "chain", "chain name")
+    schedule = reader.string(fields, "spec", "schedule")
+    try:
+        parse_cron(schedule)
+    except RuleError as error:
+        reader.fail("spec.schedule", str(error))
+    timezone = reader.string(fields, "spec", "timezone", DEFAULT_TIMEZONE)
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        reader.fail("spec.timezone", f"unknown time zone {quote(timezone)}")
+    duration_text = reader.string(fields, "spec", "expectedDuration")
+    try:
+        duration = parse_duration(duration_text)
+    except RuleError as error:
+        reader.fail("spec.expectedDuration", str(error))
+    if duration <= 0:
+        reader.fail("spec.expectedDuration", f"must be longer than 0, got {quote(duration_text)}")
+    replicas = fields.get("replicas", {})
+    if not isinstance(replicas, dict):
+        reader.fail("spec.replicas", f"expected a mapping, got {describe(replicas)}")
+    counts: list[tuple[str, int]] = []
+    for service in replicas:
+        if not isinstance(service, str) or not _DNS_LABEL.fullmatch(service):
+            shown = quote(service) if isinstance(service, str) else describe(service)
+            reader.fail("spec.replicas", f"{shown} is not a valid service name ({_NAME_RULE})")
+        counts.append((service, reader.integer(replicas, "spec.replicas", service)))
+    return ScheduledTask(
+        name=name,
+        chain=chain,
+        schedule=schedule,
+        timezone=timezone,
+        expected_duration_s=duration,
+        replicas=tuple(sorted(counts)),
+    )
+
+
+_REQUIRED: Any = object()
+
+
+def _shown(number: float) -> str:
+    """A number for a message; str() of a huge int is slow or refused."""
+    return str(number) if abs(number) < 10**18 else "a very large number"
+
+
+def _join(path: str, key: object) -> str:
+    shown = (
+        key
+        if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,63}", key)
+        else (quote(key) if isinstance(key, str) else describe(key))
+    )
+    return f"{path}.{shown}" if path else str(shown)
+
+
+class _Reader:
+    """Reads one document's fields, failing with '<prefix>: <path>: <problem>'."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def fail(self, path: str, problem: str) -> NoReturn:
+        raise RuleError(
+            f"{self.prefix}: {path}: {problem}" if path else f"{self.prefix}: {problem}"
+        )
+
+    def fields(self, value: object, path: str, allowed: tuple[str, ...]) -> dict[Any, Any]:
+        """`value` as a mapping whose keys are all in `allowed` (typos must not pass)."""
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {describe(value)}")
+        for key in value:
+            if key not in allowed:
+                self.fail(
+                    _join(path, key), f"unknown field (expected one of: {', '.join(allowed)})"
+                )
+        return value
+
+    def required(self, fields: dict[Any, Any], path: str, key: str) -> object:
+        if key not in fields:
+            self.fail(_join(path, key), "missing required field")
+        return fields[key]
+
+    def string(self, fields: dict[Any, Any], path: str, key: str, default: str = _REQUIRED) -> str:
+        value = (
+            self.required(fields, path, key) if default is _REQUIRED else (fields.get(key, default))
+        )
+        if not isinstance(value, str):
+            self.fail(_join(path, key), f"expected a string, got {describe(value)}")
+        return value
+
+    def name(self, fields: dict[Any, Any], path: str, key: str, noun: str) -> str:
+        """A DNS-1123 label: names end up in Envoy resource names and etcd keys."""
+        value = self.string(fields, path, key)
+        if not _DNS_LABEL.fullmatch(value):
+            self.fail(_join(path, key), f"{quote(value)} is not a valid {noun} ({_NAME_RULE})")
+        return value
+
+    def choice(
+        self, fields: dict[Any, Any], path: str, key: str, options: tuple[str, ...], default: str
+    ) -> str:
+        value = self.string(fields, path, key, default)
+        if value not in options:
+            self.fail(_join(path, key), f"{quote(value)} is not one of: {', '.join(options)}")
+        return value
+
+    def integer(
+        self,
+        fields: dict[Any, Any],
+        path: str,
+        key: str,
+        default: int = _REQUIRED,
+        low: int = 0,
+        high: int | None = None,
+    ) -> int:
+        value = (
+            self.required(fields, path, key) if default is _REQUIRED else (fields.get(key, default))
+        )
+        where = _join(path, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(where, f"expected an integer, got {describe(value)}")
+        if high is not None and not low <= value <= high:
+            self.fail(where, f"must be between {low} and {high}, got {_shown(value)}")
+        if value < low:
+            self.fail(
+                where,
+                f"must not be negative, got {_shown(value)}"
+                if low == 0
+                else f"must be at least {low}, got {_shown(value)}",
+            )
+        return value
+
+    def items(
+        self, fields: dict[Any, Any], path: str, key: str, default: list[Any] = _REQUIRED
+    ) -> list[Any]:
+        value = (
+            self.required(fields, path, key) if default is _REQUIRED else (fields.get(key, default))
+        )
+        if not isinstance(value, list):
+            self.fail(_join(path, key), f"expected a list, got {describe(value)}")
+        return value

@@ -1,0 +1,34 @@
+"""Quoting user input inside one-line error messages.
+
+Every RuleError must stay on one line and readable whatever a rule file contains, so any
+user-written value goes through these helpers before it reaches a message.
+"""
+
+from __future__ import annotations
+
+_MAX_SHOWN = 60
+
+
+def quote(text: str) -> str:
+    """A user string quoted and escaped (no newline survives), cut when long."""
+    shown = text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+    return repr(shown)
+
+
+def describe(value: object) -> str:
+    """What a YAML value is, for "expected X, got Y" messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}" if abs(value) < 10**18 else "a very large integer"
+    if isinstance(value, float):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {quote(value)}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"{type(value).__name__} {quote(str(value))}"

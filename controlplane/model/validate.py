@@ -1,0 +1,231 @@
+"""Checks that need more than one rule: references between kinds and dye conflicts.
+
+An apply is merged into the stored set and the whole result is checked, so a change that
+breaks a rule stored earlier (a Service losing a group a chain uses) is refused as well as
+a new rule that is wrong. Messages name the document of the rule that refers; a stored rule
+is named "stored TaskChain x", with the applied document that broke it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator, Mapping
+from typing import NoReturn
+
+from controlplane.errors import RuleError
+from controlplane.model.load import Parsed
+from controlplane.model.rules import Rule, RuleSet, ScheduledTask, TaskChain
+from controlplane.model.text import quote
+
+Key = tuple[str, str]  # (kind, name)
+
+
+def apply(current: RuleSet, parsed: list[Parsed]) -> RuleSet:
+    """`current` with the parsed rules added or replaced, refused whole if any check fails."""
+    origins: dict[Key, Parsed] = {}
+    for item in parsed:
+        key = (item.kind, item.name)
+        if key in origins:
+            first = origins[key]
+            raise RuleError(
+                f"{item.where}: metadata.name: {item.kind} {item.name} is also defined in "
+                f"{first.file}: document {first.document}"
+            )
+        origins[key] = item
+    merged = current.with_rules(item.rule for item in parsed)
+    check(merged, origins)
+    return merged
+
+
+def check(ruleset: RuleSet, origins: Mapping[Key, Parsed] | None = None) -> None:
+    """Raise RuleError for the first broken reference or dye conflict in `ruleset`.
+
+    Rules in `origins` (the ones being applied) are checked first and named by their
+    document; the others are named as stored rules.
+    """
+    report = _Report(origins or {})
+    claims = _DyeClaims(ruleset.chains.values())
+    for rule in _check_order(ruleset, report.origins):
+        if isinstance(rule, TaskChain):
+            _check_chain(rule, ruleset, claims, report)
+        elif isinstance(rule, ScheduledTask):
+            _check_task(rule, ruleset, report)
+
+
+def check_delete(current: RuleSet, kind: str, name: str) -> None:
+    """Refuse deleting a Service or TaskChain that another rule still refers to."""
+    current.get(kind, name)  # RuleError for an unknown kind
+    referrers: list[str] = []
+    if kind == "Service":
+        for chain in sorted(current.chains.values(), key=lambda chain: chain.name):
+            referrers.extend(
+                f"TaskChain {chain.name} (spec.hops[{index}].service)"
+                for index, hop in enumerate(chain.hops)
+                if hop.service == name
+            )
+    elif kind == "TaskChain":
+        referrers.extend(
+            f"ScheduledTask {task.name} (spec.chain)"
+            for task in sorted(current.tasks.values(), key=lambda task: task.name)
+            if task.chain == name
+        )
+    if referrers:
+        raise RuleError(f"cannot delete {kind} {name}: still referred to by {', '.join(referrers)}")
+
+
+def _check_order(ruleset: RuleSet, origins: Mapping[Key, Parsed]) -> Iterator[Rule]:
+    """Applied rules in document order, then the stored ones."""
+    for kind, name in origins:
+        rule = ruleset.get(kind, name)
+        if rule is not None:
+            yield rule
+    for rule in ruleset.all():
+        if (rule.kind, rule.name) not in origins:
+            yield rule
+
+
+class _Report:
+    """Turns a problem into the message naming the referring rule's document."""
+
+    def __init__(self, origins: Mapping[Key, Parsed]) -> None:
+        self.origins = origins
+
+    def fail(self, rule: Rule, path: str, problem: str, causes: tuple[Key, ...] = ()) -> NoReturn:
+        origin = self.origins.get((rule.kind, rule.name))
+        if origin is not None:
+            raise RuleError(f"{origin.where}: {path}: {problem}")
+        cause = next((self.origins[key] for key in causes if key in self.origins), None)
+        suffix = f" (changed by {cause.where})" if cause is not None else ""
+        raise RuleError(f"stored {rule.kind} {rule.name}: {path}: {problem}{suffix}")
+
+    def describe(self, kind: str, name: str) -> str:
+        """'TaskChain x (rules.yaml: document 2)' or 'TaskChain x (stored)'."""
+        origin = self.origins.get((kind, name))
+        place = f"{origin.file}: document {origin.document}" if origin else "stored"
+        return f"{kind} {name} ({place})"
+
+
+def _check_chain(chain: TaskChain, ruleset: RuleSet, claims: _DyeClaims, report: _Report) -> None:
+    for index, hop in enumerate(chain.hops):
+        path = f"spec.hops[{index}]"
+        service = ruleset.services.get(hop.service)
+        if service is None:
+            report.fail(
+                chain,
+                f"{path}.service",
+                f"unknown service {quote(hop.service)}",
+                (("Service", hop.service),),
+            )
+        if service.group(hop.group) is None:
+            report.fail(
+                chain,
+                f"{path}.group",
+                f"service {hop.service} has no group {quote(hop.group)}",
+                (("Service", hop.service),),
+            )
+    for value in _dye_values(chain):
+        conflict = claims.conflict(chain.name, value)
+        if conflict is not None:
+            other, theirs = conflict
+            where = report.describe("TaskChain", other)
+            if theirs == value:
+                problem = f"dye {quote(value)} is already claimed by {where}"
+            else:
+                exact = [each for each in (value, theirs) if not each.endswith("*")]
+                sample = exact[0] if exact else max(value, theirs, key=len)[:-1]
+                problem = (
+                    f"{quote(value)} overlaps {quote(theirs)} of {where}: "
+                    f"both would claim dye {quote(sample)}"
+                )
+            report.fail(chain, "spec.dye.values", problem, (("TaskChain", other),))
+
+
+def _check_task(task: ScheduledTask, ruleset: RuleSet, report: _Report) -> None:
+    chain = ruleset.chains.get(task.chain)
+    if chain is None:
+        report.fail(
+            task, "spec.chain", f"unknown chain {quote(task.chain)}", (("TaskChain", task.chain),)
+        )
+    for service_name, count in task.replicas:
+        path = f"spec.replicas.{service_name}"
+        hop = chain.hop_for(service_name)
+        if hop is None:
+            report.fail(
+                task,
+                path,
+                f"service {service_name} is not a hop of TaskChain {chain.name}",
+                (("TaskChain", chain.name),),
+            )
+        service = ruleset.services.get(service_name)
+        group = service.group(hop.group) if service is not None else None
+        if group is None:
+            continue  # the chain's own check reports the missing service or group
+        if not group.min_replicas <= count <= group.max_replicas:
+            report.fail(
+                task,
+                path,
+                f"{count} is outside the replicas of group {group.name} of service "
+                f"{service_name} ({group.min_replicas}-{group.max_replicas})",
+                (("Service", service_name), ("TaskChain", chain.name)),
+            )
+
+
+def _dye_values(chain: TaskChain) -> list[str]:
+    """The values as written: exact ones, then prefixes with their '*'."""
+    return [*chain.dye.exact, *(prefix + "*" for prefix in chain.dye.prefixes)]
+
+
+class _DyeClaims:
+    """Every chain's dye values, indexed so each overlap check costs about the value's length
+    rather than the number of chains (a mesh may hold thousands of chains)."""
+
+    def __init__(self, chains: Iterable[TaskChain]) -> None:
+        self.exact: dict[str, list[str]] = {}
+        self.prefixes: dict[str, list[str]] = {}
+        sorted_exact: list[tuple[str, str]] = []
+        sorted_prefixes: list[tuple[str, str]] = []
+        for chain in chains:
+            for value in chain.dye.exact:
+                self.exact.setdefault(value, []).append(chain.name)
+                sorted_exact.append((value, chain.name))
+            for prefix in chain.dye.prefixes:
+                self.prefixes.setdefault(prefix, []).append(chain.name)
+                sorted_prefixes.append((prefix, chain.name))
+        self.sorted_exact = sorted(sorted_exact)
+        self.sorted_prefixes = sorted(sorted_prefixes)
+
+    def conflict(self, chain: str, value: str) -> tuple[str, str] | None:
+        """(other chain, its value as written) claiming a dye that `value` also claims."""
+        if value.endswith("*"):
+            prefix = value[:-1]
+            # an exact value or a longer-or-equal prefix of another chain starting with ours
+            for other, theirs in self._starting_with(self.sorted_exact, prefix, chain):
+                return other, theirs
+            for other, theirs in self._starting_with(self.sorted_prefixes, prefix, chain):
+                return other, theirs + "*"
+            # a shorter prefix of another chain that ours starts with
+            return self._prefix_of(prefix, chain, include_full=False)
+        for other in self.exact.get(value, []):
+            if other != chain:
+                return other, value
+        return self._prefix_of(value, chain, include_full=True)
+
+    def _prefix_of(self, text: str, chain: str, include_full: bool) -> tuple[str, str] | None:
+        """Another chain's prefix that `text` starts with."""
+        for length in range(len(text) + (1 if include_full else 0)):
+            for other in self.prefixes.get(text[:length], []):
+                if other != chain:
+                    return other, text[:length] + "*"
+        return None
+
+    @staticmethod
+    def _starting_with(
+        entries: list[tuple[str, str]], prefix: str, chain: str
+    ) -> Iterator[tuple[str, str]]:
+        """(other chain, value) for entries whose value starts with `prefix`."""
+        index = bisect.bisect_left(entries, (prefix, ""))
+        while index < len(entries) and entries[index][0].startswith(prefix):
+            value, other = entries[index]
+            if other != chain:
+                yield other, value
+            index += 1

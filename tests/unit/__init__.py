@@ -1,0 +1,1 @@
+"""Pure, fast tests: no etcd, no Envoy, no network."""
