@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 
 from . import wire
 from .cache import SnapshotCache
@@ -28,6 +29,9 @@ DEFAULT_GROUP = "default"
 # Node metadata keys a sidecar uses to say which (service, group) it serves.
 META_SERVICE = "tasklane.service"
 META_GROUP = "tasklane.group"
+# A response the client has not taken off the wire after this long is logged: the stream's
+# writer waits for it, and later versions are coalesced (never queued) meanwhile.
+SLOW_WRITE_SECONDS = 10.0
 
 
 def role_of(node: base_pb2.Node) -> str:
@@ -67,6 +71,7 @@ class _Stream:
         self.closed = False
         self.role = ""
         self.status: NodeStatus | None = None
+        self.unreadable = ""  # why a request could not be decoded, if one could not
 
     def snapshot_changed(self, types: frozenset[str]) -> None:
         self.state.mark_changed(types)
@@ -77,6 +82,11 @@ class _Stream:
             first = await anext(requests)
         except StopAsyncIteration:
             return
+        except DecodeError as exc:
+            log.warning("stream refused: undecodable first request: %s", exc)
+            await self.context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {exc}"
+            )
         if not first.HasField("node") or not first.node.id:
             log.warning("stream refused: the first request carries no node id")
             await self.context.abort(
@@ -94,6 +104,10 @@ class _Stream:
             cache.unwatch(self.role, self)
             board.disconnect(self.status)
             log.info("stream closed: node %s (%s)", first.node.id, self.role)
+        if self.unreadable:
+            await self.context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {self.unreadable}"
+            )
 
     async def _read(self, first, requests: AsyncIterator) -> None:
         try:
@@ -102,6 +116,9 @@ class _Stream:
                 self._apply(request)
         except asyncio.CancelledError:
             raise
+        except DecodeError as exc:
+            self.unreadable = str(exc)
+            log.warning("stream of %s closed: undecodable request: %s", self.status.node_id, exc)
         except Exception as exc:  # a broken client must not take the server down
             log.info("stream of %s ended: %s", self.status.node_id if self.status else "?", exc)
         finally:
@@ -114,6 +131,8 @@ class _Stream:
             log.warning("node %s asked for unknown type %r: ignored", self.status.node_id, type_url)
             return
         error = request.HasField("error_detail")
+        known = self.state.types.get(type_url)
+        before = set(known.names) if known is not None else set()
         if self.delta:
             verdict = self.state.on_delta_request(
                 type_url,
@@ -128,6 +147,7 @@ class _Stream:
                 type_url, request.resource_names, request.response_nonce, error
             )
         state = self.state.types[type_url]
+        self._log_absent(type_url, state.names - before)
         if verdict.stale:
             log.debug(
                 "node %s: stale nonce %r for %s",
@@ -151,15 +171,49 @@ class _Stream:
             self.server.observer.acked(self.status, type_url, state.version)
         self.wake.set()
 
+    def _log_absent(self, type_url: str, new_names: set[str]) -> None:
+        """Newly requested names the role's snapshot lacks: sent when they appear (delta
+        also lists them in removed_resources)."""
+        snapshot = self.server.cache.snapshot(self.role)
+        present = snapshot.resources(type_url) if snapshot is not None else {}
+        absent = sorted(n for n in new_names if n not in present)
+        if absent:
+            log.info(
+                "node %s asked for %s %s, absent from its snapshot: sent when they appear",
+                self.status.node_id,
+                SHORT_NAME[type_url],
+                ", ".join(absent),
+            )
+
+    async def _write(self, data: bytes, push: Push) -> None:
+        """Write one response; log (once) a client that leaves it unread."""
+        write = asyncio.ensure_future(self.context.write(data))
+        try:
+            done, _ = await asyncio.wait((write,), timeout=SLOW_WRITE_SECONDS)
+            if not done:
+                log.warning(
+                    "node %s is not reading: a %s response of %d bytes is unread after %.1fs;"
+                    " newer versions are coalesced until it is",
+                    self.status.node_id,
+                    SHORT_NAME[push.type_url],
+                    len(data),
+                    SLOW_WRITE_SECONDS,
+                )
+            await write
+        finally:
+            write.cancel()  # only if this task was cancelled while waiting
+
     async def _write_loop(self) -> None:
         while True:
             await self.wake.wait()
             self.wake.clear()
             if self.closed:
                 return
-            snapshot = self.server.cache.snapshot(self.role)
-            while (push := self.state.next_push(snapshot)) is not None:
-                await self.context.write(self._encode(push))
+            # The snapshot is read afresh for every push: one that changed while a write was
+            # blocked has marked its types dirty, and planning them against the snapshot of
+            # before the write would clear the flag and never send the new version.
+            while (push := self.state.next_push(self.server.cache.snapshot(self.role))) is not None:
+                await self._write(self._encode(push), push)
                 self.status.sent(push.type_url, push.version)
                 self.server.observer.pushed(self.status, push)
                 if self.closed:
@@ -223,6 +277,9 @@ async def serve(
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.max_concurrent_streams", 100_000),
+            # grpcio binds with SO_REUSEPORT by default: a second control plane on the same
+            # port would silently share connections with the first instead of failing.
+            ("grpc.so_reuseport", 0),
         ]
     )
     server.add_generic_rpc_handlers((ads.handler(), *extra_handlers))

@@ -271,8 +271,12 @@ async def test_per_node_status(delta):
             c.subscribe(ROUTE, ["egress"])
             await c.wait_for(lambda: c.resources(CLUSTER) and c.resources(ROUTE))
             node = srv.ads.status.get("sidecar-7")
+            # The server records a push once its write returns, so wait for both entries.
             await eventually(
-                lambda: node.types[ROUTE].acked_version == node.types[ROUTE].sent_version
+                lambda: all(
+                    t in node.types and node.types[t].acked_version == node.types[t].sent_version
+                    for t in (CLUSTER, ROUTE)
+                )
             )
             assert node.role == ROLE
             assert node.protocol == ("delta" if delta else "sotw")
