@@ -58,10 +58,16 @@ class Mesh:
         return self
 
     def __exit__(self, *exc) -> None:
-        for instance in self.instances:
-            instance.envoy.stop()
-            instance.kill_app()
-        self.ads.__exit__(*exc)
+        """Stops everything; a NACK from any sidecar fails the test (every generated config
+        must be accepted by real Envoys)."""
+        try:
+            nacks = self.nacks() if exc[0] is None else {}
+        finally:
+            for instance in self.instances:
+                instance.envoy.stop()
+                instance.kill_app()
+            self.ads.__exit__(*exc)
+        assert not nacks, f"Envoy rejected generated config: {nacks}"
 
     def set_rules(self, rules_yaml: str) -> None:
         self.rules = apply(RuleSet.empty(), load_text(rules_yaml, "rules.yaml"))

@@ -1,0 +1,220 @@
+"""Dye routing through real Envoy sidecars: isolation at every hop, weights, fallback, rate
+limits and the inbound guard of task groups, counted from what the apps actually answered."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.support.mesh import Mesh, request, served_by
+
+SERVICES = """
+apiVersion: tasklane.io/v1
+kind: Service
+metadata: {name: fund-facade}
+spec: {groups: [{name: default}, {name: task}]}
+---
+apiVersion: tasklane.io/v1
+kind: Service
+metadata: {name: account-svc}
+spec: {groups: [{name: default}, {name: task}, {name: debit}]}
+---
+apiVersion: tasklane.io/v1
+kind: Service
+metadata: {name: nav-pricing}
+spec: {groups: [{name: default}, {name: task}]}
+"""
+
+
+def chain(name: str, hops: str, fallback: str = "strict", values: str = "") -> str:
+    values = values or f'[{name}, "{name}@*"]'
+    return f"""
+---
+apiVersion: tasklane.io/v1
+kind: TaskChain
+metadata: {{name: {name}}}
+spec:
+  dye: {{values: {values}}}
+  fallback: {fallback}
+  hops: {hops}
+"""
+
+
+FUND_YIELD = chain(
+    "fund-yield",
+    "[{service: fund-facade, group: task}, {service: account-svc, group: task},"
+    " {service: nav-pricing, group: task}]",
+)
+BATCH_DEBIT = chain("batch-debit", "[{service: account-svc, group: debit}]")
+ALL_DEFAULT = [("fund-facade", "default"), ("account-svc", "default"), ("nav-pricing", "default")]
+ALL_TASK = [("fund-facade", "task"), ("account-svc", "task"), ("nav-pricing", "task")]
+DYED = {"x-task-dye": "fund-yield"}
+
+
+def wait_until(check, timeout: float = 15.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"not reached in {timeout}s: {what} (last: {last!r})")
+
+
+def start_chain(mesh: Mesh, debit: bool = True) -> int:
+    """One instance per (service, group) of the fund-yield chain; returns a client egress port."""
+    for group in ("default", "task"):
+        mesh.add("nav-pricing", group)
+        mesh.add("account-svc", group, ["nav-pricing"])
+    if debit:
+        mesh.add("account-svc", "debit", ["nav-pricing"])
+    client = mesh.add("fund-facade", "default", ["account-svc"])
+    mesh.add("fund-facade", "task", ["account-svc"])
+    # New hosts start unhealthy until their first health check passes (interval 1 s).
+    wait_until(
+        lambda: all(
+            served_by(request(client.egress_port, "fund-facade", headers=h)[1]) == want
+            for h, want in ((DYED, ALL_TASK), ({}, ALL_DEFAULT))
+        ),
+        what="every instance healthy",
+    )
+    return client.egress_port
+
+
+def many(port: int, headers: dict[str, str], count: int, service: str = "fund-facade") -> list:
+    """`count` requests, 8 at a time; returns (status, [(service, group)...]) per request."""
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: request(port, service, headers=headers), range(count)))
+    return [(status, served_by(answer)) for status, answer in answers]
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_every_hop_stays_in_its_chain_group(tmp_path: Path, delta: bool) -> None:
+    with Mesh(tmp_path, SERVICES + FUND_YIELD + BATCH_DEBIT, delta=delta) as mesh:
+        port = start_chain(mesh)
+        cases = [
+            ({}, ALL_DEFAULT),
+            ({"x-task-dye": "fund-yield"}, ALL_TASK),
+            ({"baggage": "userId=7, task-dye=fund-yield;p=1"}, ALL_TASK),
+            ({"x-task-dye": "fund-yield@v2"}, ALL_TASK),  # a per-iteration dye
+            ({"baggage": "task-dye=fund-yield@2026-11-27"}, ALL_TASK),
+            # The second chain shares account-svc (its own group) and nav-pricing (default).
+            (
+                {"x-task-dye": "batch-debit"},
+                [("fund-facade", "default"), ("account-svc", "debit"), ("nav-pricing", "default")],
+            ),
+            # Dyes of no chain are online traffic.
+            ({"x-task-dye": "fund-yieldx"}, ALL_DEFAULT),
+            ({"baggage": "task-dye=other"}, ALL_DEFAULT),
+        ]
+        for headers, expected in cases:
+            results = Counter(
+                (status, tuple(hops))
+                for status, hops in many(port, headers, 200 if not delta else 50)
+            )
+            assert results == {(200, tuple(expected)): sum(results.values())}, headers
+
+
+def test_weight_steers_that_share_into_the_group(tmp_path: Path) -> None:
+    rules = SERVICES + chain("fund-yield", "[{service: nav-pricing, group: task, weight: 30}]")
+    with Mesh(tmp_path, rules) as mesh:
+        mesh.add("nav-pricing", "default")
+        mesh.add("nav-pricing", "task")
+        port = mesh.add("fund-facade", "default").egress_port
+        wait_until(
+            lambda: (
+                {tuple(h) for _, h in many(port, DYED, 40, "nav-pricing")}
+                == {(("nav-pricing", "task"),), (("nav-pricing", "default"),)}
+            ),
+            what="both groups serve",
+        )
+        results = many(port, DYED, 1000, "nav-pricing")
+        groups = Counter(hops[0][1] for status, hops in results if status == 200)
+        assert sum(groups.values()) == 1000
+        assert 230 <= groups["task"] <= 370, groups
+        online = Counter(hops[0][1] for _, hops in many(port, {}, 200, "nav-pricing"))
+        assert online == {"default": 200}
+
+
+@pytest.mark.parametrize("fallback", ["strict", "loose"])
+def test_fallback_when_the_group_is_empty_or_unhealthy(tmp_path: Path, fallback: str) -> None:
+    rules = SERVICES + chain(
+        "fund-yield", "[{service: nav-pricing, group: task}]", fallback=fallback
+    )
+    with Mesh(tmp_path, rules) as mesh:
+        mesh.add("nav-pricing", "default")
+        port = mesh.add("fund-facade", "default").egress_port
+
+        def outcome() -> tuple:
+            status, answer = request(port, "nav-pricing", headers=DYED)
+            return status, tuple(served_by(answer))
+
+        degraded = (503, ()) if fallback == "strict" else (200, (("nav-pricing", "default"),))
+        isolated = (200, (("nav-pricing", "task"),))
+        # No instance in the group at all.
+        wait_until(lambda: outcome() == degraded, what="no instance")
+        assert Counter(outcome() for _ in range(20)) == {degraded: 20}
+
+        # Instances exist and serve; then all of them die (their sidecars stay up).
+        tasks = [mesh.add("nav-pricing", "task") for _ in range(2)]
+        wait_until(lambda: outcome() == isolated, what="group serves")
+        for instance in tasks:
+            instance.kill_app()
+        wait_until(lambda: all(outcome() == degraded for _ in range(5)), what="all unhealthy")
+        assert Counter(outcome() for _ in range(20)) == {degraded: 20}
+
+        # Isolation returns with the instances.
+        for instance in tasks:
+            mesh.remove(instance)
+        mesh.add("nav-pricing", "task")
+        wait_until(lambda: all(outcome() == isolated for _ in range(5)), what="isolation back")
+        online = request(port, "nav-pricing")
+        assert online[0] == 200 and served_by(online[1]) == [("nav-pricing", "default")]
+
+
+def test_rate_limited_hop_limits_only_the_chain(tmp_path: Path) -> None:
+    rules = SERVICES + chain(
+        "fund-yield",
+        "[{service: nav-pricing, group: task, rateLimit: {requestsPerSecond: 2, burst: 5}}]",
+    )
+    with Mesh(tmp_path, rules) as mesh:
+        mesh.add("nav-pricing", "default")
+        mesh.add("nav-pricing", "task")
+        port = mesh.add("fund-facade", "default").egress_port
+        wait_until(lambda: request(port, "nav-pricing", headers=DYED)[0] == 200, what="ready")
+        time.sleep(3)  # refill the bucket
+        dyed = Counter(status for status, _ in many(port, DYED, 40, "nav-pricing"))
+        # 5 of burst plus at most ~2/s of refill while the 40 requests run.
+        assert dyed[429] >= 25 and 5 <= dyed[200] <= 12, dyed
+        online = Counter(status for status, _ in many(port, {}, 40, "nav-pricing"))
+        assert online == {200: 40}
+
+
+def test_task_group_refuses_undyed_requests(tmp_path: Path) -> None:
+    with Mesh(tmp_path, SERVICES + FUND_YIELD + BATCH_DEBIT) as mesh:
+        task = mesh.add("nav-pricing", "task")
+        default = mesh.add("nav-pricing", "default")
+
+        def direct(port: int, headers: dict[str, str]) -> tuple[int, str]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/", headers=headers)
+                resp = conn.getresponse()
+                return resp.status, resp.read().decode()
+            finally:
+                conn.close()
+
+        status, body = direct(task.inbound_port, {})
+        assert status == 403 and "serves only task traffic" in body and "fund-yield" in body
+        assert direct(task.inbound_port, {"x-task-dye": "batch-debit"})[0] == 403
+        assert direct(task.inbound_port, {"baggage": "task-dye=other"})[0] == 403
+        assert direct(task.inbound_port, DYED)[0] == 200
+        assert direct(task.inbound_port, {"baggage": "task-dye=fund-yield@3"})[0] == 200
+        assert direct(default.inbound_port, {})[0] == 200
+        assert direct(default.inbound_port, DYED)[0] == 200
