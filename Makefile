@@ -15,10 +15,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tasklane up
+	$(BIN)/tasklane demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check controlplane tests bench
+	$(BIN)/ruff check controlplane tests bench demo
 
 test: $(STAMP) lint
 	$(BIN)/pytest -n 2 tests

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--service", required=True)
     parser.add_argument("--group", default=os.environ.get("TASKLANE_GROUP", "default"))
     parser.add_argument("--instance", default=str(os.getpid()))
-    parser.add_argument("--port", type=int, required=True)
+    port = os.environ.get("PORT")  # set by `tasklane run`
+    parser.add_argument("--port", type=int, default=port, required=port is None)
     parser.add_argument("--next", action="append", default=[], help="service to call next")
     parser.add_argument("--egress", default=os.environ.get("TASKLANE_EGRESS"))
     args = parser.parse_args(argv)
