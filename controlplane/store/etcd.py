@@ -117,6 +117,12 @@ class Store:
             value, _ = self._client.get(PREFIX + key)
         return value
 
+    def mod_revision(self, key: str) -> int:
+        """The revision of the key's last write (0 when absent): what a txn guard compares."""
+        with self._errors(f"get {key}"):
+            value, meta = self._client.get(PREFIX + key)
+        return meta.mod_revision if value is not None else 0
+
     def get_prefix(self, prefix: str) -> tuple[dict[str, bytes], int]:
         """All keys under prefix, plus the revision they were read at (watch from rev + 1)."""
         with self._errors(f"get {prefix}*"):

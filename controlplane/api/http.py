@@ -1,0 +1,78 @@
+"""The HTTP API (aiohttp): health and status now; rules, runs and the dashboard add routes here.
+
+Every error leaves as JSON `{"error": "..."}` so the CLI and the dashboard parse one shape.
+A later API module adds itself with one line in `build_app`, e.g.
+`app.add_routes(rules.routes(control_plane))`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from controlplane.errors import StoreError
+
+if TYPE_CHECKING:
+    from controlplane.app import ControlPlane
+
+log = logging.getLogger(__name__)
+
+# A key nobody writes: reading it is the cheapest round trip that proves etcd answers.
+HEALTH_KEY = "healthz"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str) -> web.Response:
+    """The one error shape of the API."""
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn aiohttp's HTML/plain-text errors and unexpected exceptions into JSON errors."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal error; see the control plane log")
+
+
+def build_app(control_plane: ControlPlane) -> web.Application:
+    """The aiohttp application of one control plane; add routes before it starts."""
+    app = web.Application(middlewares=[json_errors])
+
+    async def healthz(request: web.Request) -> web.Response:
+        """200 only when etcd answers: without it no rule change or registration works."""
+        try:
+            await asyncio.to_thread(control_plane.store.get, HEALTH_KEY)
+        except StoreError as exc:
+            return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def status(request: web.Request) -> web.Response:
+        """What the control plane serves and to whom: `tasklane status` and the dashboard."""
+        return web.json_response(
+            {
+                "etcd": {
+                    "endpoint": control_plane.etcd_endpoint,
+                    "embedded": control_plane.etcd is not None,
+                },
+                "xds": {"address": f"{control_plane.host}:{control_plane.xds_port}"},
+                "roles": control_plane.cache.roles(),
+                "nodes": [node.to_json() for node in control_plane.status.nodes()],
+                "sync": control_plane.sync.status(),
+            }
+        )
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/v1/status", status)
+    return app

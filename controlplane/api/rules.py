@@ -1,0 +1,238 @@
+"""The rules API: apply (with dry run and diff), list, get and delete.
+
+Every write is one etcd transaction guarded by the rules revision (store/rules.py), so a
+request either changes all it asked for or nothing. Writes are serialised in-process by one
+asyncio.Lock; parsing, validation and etcd calls run in a worker thread because the event loop
+also serves xDS and must never block on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import yaml
+from aiohttp import web
+
+from controlplane.api.http import error_response
+from controlplane.errors import RuleError, StoreError
+from controlplane.model.load import load_text
+from controlplane.model.rules import KINDS, Rule, RuleSet, to_document
+from controlplane.model.text import quote
+from controlplane.model.validate import apply as validate_apply
+from controlplane.model.validate import check_delete
+from controlplane.store.etcd import Store
+from controlplane.store.rules import ConcurrentChange, apply_rules, changes, load_rules
+
+if TYPE_CHECKING:
+    from controlplane.app import ControlPlane
+
+log = logging.getLogger(__name__)
+
+# What a user may type for a kind, lower-cased (like `kubectl get svc`).
+KIND_ALIASES = {
+    "service": "Service",
+    "services": "Service",
+    "svc": "Service",
+    "taskchain": "TaskChain",
+    "taskchains": "TaskChain",
+    "chain": "TaskChain",
+    "chains": "TaskChain",
+    "scheduledtask": "ScheduledTask",
+    "scheduledtasks": "ScheduledTask",
+    "task": "ScheduledTask",
+    "tasks": "ScheduledTask",
+}
+# Another writer (a second control plane) changing the rules between our read and write is
+# rare; one retry re-validates against their rules, a second conflict goes to the user.
+RETRIES = 1
+
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status; the message is the `error` of the response."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def resolve_kind(text: str) -> str:
+    """The canonical kind for a name, alias or plural in any case; 404 for anything else."""
+    kind = KIND_ALIASES.get(text.lower())
+    if kind is None:
+        raise ApiError(
+            404,
+            f"unknown kind {quote(text)} (expected one of: {', '.join(KINDS)}, "
+            "or svc, chain, task and their plurals)",
+        )
+    return kind
+
+
+def document_yaml(rule: Rule) -> str:
+    """A rule's canonical document as YAML: what diffs compare, line by line."""
+    return yaml.safe_dump(to_document(rule), sort_keys=False, allow_unicode=True)
+
+
+def document_diff(before: Rule | None, after: Rule) -> str:
+    """A unified diff of the YAML documents; a new rule is diffed against nothing."""
+    label = f"{after.kind}/{after.name}"
+    old = document_yaml(before).splitlines(keepends=True) if before is not None else []
+    new = document_yaml(after).splitlines(keepends=True)
+    fromfile = f"live/{label}" if before is not None else "/dev/null"
+    return "".join(difflib.unified_diff(old, new, fromfile=fromfile, tofile=f"new/{label}"))
+
+
+def apply_files(store: Store, files: list[tuple[str, str]], dry_run: bool) -> dict[str, Any]:
+    """Parse, validate against the stored rules and (unless dry_run) write, all or nothing.
+
+    files are (name, text) pairs; name is how messages refer to the file.
+    """
+    parsed = [item for name, text in files for item in load_text(text, name)]
+    if not parsed:
+        raise RuleError(f"no rules in {', '.join(name for name, _ in files)}")
+
+    def plan(current: RuleSet) -> tuple[RuleSet, dict[str, Any]]:
+        new = validate_apply(current, parsed)
+        changes(new, current)  # a dry run refuses what the apply would refuse
+        results, diffs = [], []
+        for item in parsed:
+            before = current.get(item.kind, item.name)
+            if before is None:
+                action = "created"
+            elif before == item.rule:
+                action = "unchanged"
+            else:
+                action = "configured"
+            results.append({"kind": item.kind, "name": item.name, "action": action})
+            if action != "unchanged":
+                diffs.append(document_diff(before, item.rule))
+        return new, {"results": results, "diff": "".join(diffs)}
+
+    return _commit(store, plan, write=not dry_run)
+
+
+def delete_rule(store: Store, kind_text: str, name: str) -> dict[str, Any]:
+    """Delete one rule unless another rule still refers to it (409 naming the referrer)."""
+    kind = resolve_kind(kind_text)
+
+    def plan(current: RuleSet) -> tuple[RuleSet, dict[str, Any]]:
+        if current.get(kind, name) is None:
+            raise ApiError(404, f"{kind} {quote(name)} not found")
+        try:
+            check_delete(current, kind, name)
+        except RuleError as exc:
+            raise ApiError(409, str(exc)) from None
+        return current.without(kind, name), {"kind": kind, "name": name, "action": "deleted"}
+
+    return _commit(store, plan, write=True)
+
+
+def _commit(store: Store, plan: Callable[[RuleSet], tuple[RuleSet, T]], *, write: bool) -> T:
+    """Read the rules, plan the change on them and write it; on a concurrent change read
+    and plan again, so the change is validated against what the other writer stored."""
+    for _ in range(RETRIES):
+        try:
+            return _plan_and_write(store, plan, write)
+        except ConcurrentChange:
+            log.info("rules changed while applying; validating and applying again")
+    return _plan_and_write(store, plan, write)
+
+
+def _plan_and_write(store: Store, plan: Callable[[RuleSet], tuple[RuleSet, T]], write: bool) -> T:
+    current, revision = load_rules(store)
+    new, result = plan(current)
+    if write:
+        apply_rules(store, new, current, revision)
+    return result
+
+
+def list_rules(store: Store, kind_text: str) -> dict[str, Any]:
+    """Every stored rule of one kind, by name."""
+    kind = resolve_kind(kind_text)
+    rules, _ = load_rules(store)
+    items = [to_document(rule) for rule in rules.all() if rule.kind == kind]
+    return {"kind": kind, "items": items}
+
+
+def get_rule(store: Store, kind_text: str, name: str) -> dict[str, Any]:
+    kind = resolve_kind(kind_text)
+    rules, _ = load_rules(store)
+    rule = rules.get(kind, name)
+    if rule is None:
+        raise ApiError(404, f"{kind} {quote(name)} not found")
+    return to_document(rule)
+
+
+def _apply_request(body: object) -> tuple[list[tuple[str, str]], bool]:
+    """The (name, text) files and dryRun flag of an apply request; 400 for any other shape."""
+    shape = 'expected {"files": [{"name": "...", "text": "..."}, ...], "dryRun": false}'
+    if not isinstance(body, dict) or set(body) - {"files", "dryRun"}:
+        raise ApiError(400, f"bad apply request: {shape}")
+    files, dry_run = body.get("files"), body.get("dryRun", False)
+    if not isinstance(files, list) or not files or not isinstance(dry_run, bool):
+        raise ApiError(400, f"bad apply request: {shape}")
+    pairs = []
+    for file in files:
+        if not (
+            isinstance(file, dict)
+            and set(file) == {"name", "text"}
+            and isinstance(file["name"], str)
+            and isinstance(file["text"], str)
+        ):
+            raise ApiError(400, f"bad apply request: {shape}")
+        pairs.append((file["name"], file["text"]))
+    return pairs, dry_run
+
+
+def routes(control_plane: ControlPlane) -> list[web.RouteDef]:
+    """The rules routes of one control plane, sharing one write lock."""
+    writing = asyncio.Lock()
+
+    async def run(call: Callable[..., dict[str, Any]], *args: Any) -> web.Response:
+        """Run a blocking call in a thread; map our errors to the API's one error shape."""
+        try:
+            return web.json_response(await asyncio.to_thread(call, control_plane.store, *args))
+        except ApiError as exc:
+            return error_response(exc.status, str(exc))
+        except RuleError as exc:
+            return error_response(400, str(exc))
+        except ConcurrentChange as exc:
+            return error_response(409, str(exc))
+        except StoreError as exc:
+            return error_response(503, str(exc))
+
+    async def apply(request: web.Request) -> web.Response:
+        try:
+            files, dry_run = _apply_request(await request.json())
+        except ValueError as exc:  # JSONDecodeError, or a body that is not UTF-8
+            return error_response(400, f"request body is not JSON: {exc}")
+        except ApiError as exc:
+            return error_response(exc.status, str(exc))
+        except web.HTTPRequestEntityTooLarge as exc:
+            return error_response(413, f"rule files too large for one apply: {exc.text}")
+        if dry_run:
+            return await run(apply_files, files, True)
+        async with writing:
+            return await run(apply_files, files, False)
+
+    async def list_kind(request: web.Request) -> web.Response:
+        return await run(list_rules, request.match_info["kind"])
+
+    async def get_one(request: web.Request) -> web.Response:
+        return await run(get_rule, request.match_info["kind"], request.match_info["name"])
+
+    async def delete(request: web.Request) -> web.Response:
+        async with writing:
+            return await run(delete_rule, request.match_info["kind"], request.match_info["name"])
+
+    return [
+        web.post("/api/v1/apply", apply),
+        web.get("/api/v1/rules/{kind}", list_kind),
+        web.get("/api/v1/rules/{kind}/{name}", get_one),
+        web.delete("/api/v1/rules/{kind}/{name}", delete),
+    ]

@@ -1,0 +1,435 @@
+"""The rules API and the rules store against a real etcd: applies are all-or-nothing, write only
+what changed, refuse conflicts and stale reads; deletes respect references; watches recover."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.api import rules as rules_api
+from controlplane.app import ControlPlane
+from controlplane.errors import RuleError, StoreError
+from controlplane.model.load import load_files, load_text
+from controlplane.model.rules import RuleSet, to_document
+from controlplane.model.validate import apply as validate_apply
+from controlplane.runtime.etcd import EmbeddedEtcd
+from controlplane.store.etcd import PREFIX, Store
+from controlplane.store.rules import (
+    MAX_CHANGES,
+    REVISION_KEY,
+    ConcurrentChange,
+    apply_rules,
+    encode,
+    load_rules,
+    rule_key,
+    watch_rules,
+)
+from tests.fixtures_etcd import etcd_server  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(90)
+
+GOOD = REPO / "tests" / "rules" / "good" / "fund-yield.yaml"
+START_TIMEOUT = 30.0
+
+# Straight to the API even when http_proxy is set in the environment.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class Plane:
+    """A ControlPlane on free ports, its event loop in a thread, and a direct etcd Store."""
+
+    def __init__(self, etcd_endpoint: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.control_plane = self._run(self._start(etcd_endpoint))
+        self.store = Store.connect(etcd_endpoint)
+
+    async def _start(self, etcd_endpoint: str) -> ControlPlane:
+        control_plane = ControlPlane(etcd_endpoint=etcd_endpoint, xds_port=0, http_port=0)
+        await control_plane.start()
+        return control_plane
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(START_TIMEOUT)
+
+    def stop(self) -> None:
+        self.store.close()
+        if hasattr(self, "control_plane"):
+            self._run(self.control_plane.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+    def call(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{self.control_plane.http_port}{path}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method)
+        try:
+            with _opener.open(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def apply(self, files: dict[str, str], dry_run: bool = False) -> tuple[int, Any]:
+        body = {"files": [{"name": n, "text": t} for n, t in files.items()], "dryRun": dry_run}
+        return self.call("POST", "/api/v1/apply", body)
+
+    def snapshot(self) -> tuple[dict[str, bytes], int]:
+        """Everything tasklane keeps in etcd, and etcd's revision."""
+        return self.store.get_prefix("")
+
+    def mod_revisions(self) -> dict[str, int]:
+        """key -> mod revision under the tasklane prefix (not part of the Store API)."""
+        response = self.store._client.get_prefix_response(PREFIX)
+        return {kv.key.decode()[len(PREFIX) :]: kv.mod_revision for kv in response.kvs}
+
+
+@pytest.fixture
+def plane(etcd_server: EmbeddedEtcd) -> Iterator[Plane]:  # noqa: F811
+    running = Plane(etcd_server.endpoint)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def good_keys() -> set[str]:
+    return {rule_key(p.kind, p.name) for p in load_files([GOOD])}
+
+
+def service_doc(name: str, task_max: int = 4) -> str:
+    return (
+        f"apiVersion: tasklane.io/v1\nkind: Service\nmetadata: {{name: {name}}}\n"
+        f"spec:\n  groups:\n    - {{name: task, minReplicas: 0, maxReplicas: {task_max}}}\n"
+    )
+
+
+def test_apply_writes_exactly_the_rules_and_only_changes(plane: Plane) -> None:
+    status, body = plane.apply({"rules.yaml": GOOD.read_text()})
+    assert status == 200, body
+    parsed = load_files([GOOD])
+    assert body["results"] == [
+        {"kind": p.kind, "name": p.name, "action": "created"} for p in parsed
+    ]
+    assert "--- /dev/null\n+++ new/TaskChain/fund-yield\n" in body["diff"]
+
+    items, revision = plane.snapshot()
+    assert set(items) == good_keys() | {REVISION_KEY}
+    for p in parsed:
+        assert json.loads(items[rule_key(p.kind, p.name)]) == to_document(p.rule)
+    status, chains = plane.call("GET", "/api/v1/rules/chains")
+    assert status == 200
+    assert chains["kind"] == "TaskChain"
+    assert [doc["metadata"]["name"] for doc in chains["items"]] == ["batch-debit", "fund-yield"]
+
+    # The same file again: nothing to write, so etcd's revision does not move.
+    status, body = plane.apply({"rules.yaml": GOOD.read_text()})
+    assert status == 200
+    assert {r["action"] for r in body["results"]} == {"unchanged"}
+    assert body["diff"] == ""
+    assert plane.snapshot() == (items, revision)
+
+    # One chain changed: one transaction writing that key (and the revision marker) only.
+    changed = GOOD.read_text().replace("weight: 80", "weight: 60")
+    status, body = plane.apply({"rules.yaml": changed})
+    assert status == 200
+    actions = {(r["kind"], r["name"]): r["action"] for r in body["results"]}
+    assert actions.pop(("TaskChain", "batch-debit")) == "configured"
+    assert set(actions.values()) == {"unchanged"}
+    assert body["diff"].startswith("--- live/TaskChain/batch-debit\n+++ new/TaskChain/batch-debit")
+    assert "-    weight: 80\n+    weight: 60\n" in body["diff"]
+    after, new_revision = plane.snapshot()
+    assert new_revision == revision + 1
+    written = {key for key, rev in plane.mod_revisions().items() if rev == new_revision}
+    assert written == {rule_key("TaskChain", "batch-debit"), REVISION_KEY}
+    assert load_rules(plane.store)[1] == new_revision
+
+
+def test_dry_run_shows_the_diff_and_writes_nothing(plane: Plane) -> None:
+    assert plane.apply({"rules.yaml": GOOD.read_text()})[0] == 200
+    before = plane.snapshot()
+    changed = (
+        GOOD.read_text().replace('"0 2 * * *"', '"0 3 * * *"') + "---\n" + service_doc("ledger-svc")
+    )
+    status, body = plane.apply({"rules.yaml": changed}, dry_run=True)
+    assert status == 200
+    actions = {r["name"]: r["action"] for r in body["results"]}
+    assert actions["nightly-fund-yield"] == "configured"
+    assert actions["ledger-svc"] == "created"
+    assert "-  schedule: 0 2 * * *\n+  schedule: 0 3 * * *\n" in body["diff"]
+    assert "--- /dev/null\n+++ new/Service/ledger-svc\n" in body["diff"]
+    assert plane.snapshot() == before
+
+
+def test_refused_apply_writes_nothing_of_any_file(plane: Plane) -> None:
+    assert plane.apply({"rules.yaml": GOOD.read_text()})[0] == 200
+    before = plane.snapshot()
+    chain = (
+        "apiVersion: tasklane.io/v1\nkind: TaskChain\nmetadata: {name: ledger}\n"
+        "spec:\n  dye: {values: [ledger]}\n  hops:\n    - {service: ledger-svc, group: batch}\n"
+    )
+    status, body = plane.apply({"a.yaml": service_doc("ledger-svc"), "b.yaml": chain})
+    assert status == 400
+    assert body == {
+        "error": "b.yaml: document 1 (TaskChain ledger): spec.hops[0].group: "
+        "service ledger-svc has no group 'batch'"
+    }
+    assert plane.snapshot() == before
+
+    broken_yaml = service_doc("one") + "---\n" + service_doc("two") + "---\nkind: [\n"
+    status, body = plane.apply({"three.yaml": broken_yaml})
+    assert status == 400
+    assert body["error"].startswith("three.yaml: document 3: YAML syntax error at line")
+    assert plane.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "request body is not JSON"),
+        (b"[]", "bad apply request"),
+        (b'{"files": []}', "bad apply request"),
+        (b'{"files": [{"name": "a.yaml"}]}', "bad apply request"),
+        (b'{"files": [{"name": "a.yaml", "text": ""}], "dryRun": "yes"}', "bad apply request"),
+        (b'{"files": [{"name": "a.yaml", "text": "# nothing\\n"}]}', "no rules in a.yaml"),
+    ],
+)
+def test_malformed_apply_requests_are_refused(plane: Plane, body: bytes, message: str) -> None:
+    url = f"http://127.0.0.1:{plane.control_plane.http_port}/api/v1/apply"
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        _opener.open(urllib.request.Request(url, data=body, method="POST"), timeout=10)
+    assert caught.value.code == 400
+    assert json.loads(caught.value.read())["error"].startswith(message)
+    assert plane.snapshot()[0] == {}
+
+
+def test_oversized_apply_is_refused_with_the_limit(plane: Plane) -> None:
+    status, body = plane.apply({"huge.yaml": "# " + "x" * (1024 * 1024) + "\n"})
+    assert status == 413
+    assert body == {
+        "error": "rule files too large for one apply: Maximum request body size 1048576 exceeded."
+    }
+
+
+def test_get_accepts_kind_aliases_and_reports_unknown(plane: Plane) -> None:
+    assert plane.apply({"rules.yaml": GOOD.read_text()})[0] == 200
+    for alias, kind in [
+        ("Service", "Service"),
+        ("SVC", "Service"),
+        ("services", "Service"),
+        ("taskchain", "TaskChain"),
+        ("Chains", "TaskChain"),
+        ("scheduledtasks", "ScheduledTask"),
+        ("task", "ScheduledTask"),
+    ]:
+        status, body = plane.call("GET", f"/api/v1/rules/{alias}")
+        assert (status, body["kind"]) == (200, kind), alias
+    status, body = plane.call("GET", "/api/v1/rules/chain/fund-yield")
+    assert status == 200
+    assert body == to_document(load_rules(plane.store)[0].chains["fund-yield"])
+    assert plane.call("GET", "/api/v1/rules/chain/nope") == (
+        404,
+        {"error": "TaskChain 'nope' not found"},
+    )
+    status, body = plane.call("GET", "/api/v1/rules/pods")
+    assert status == 404
+    assert body["error"].startswith("unknown kind 'pods' (expected one of: Service, TaskChain")
+
+
+def test_delete_respects_references(plane: Plane) -> None:
+    assert plane.apply({"rules.yaml": GOOD.read_text()})[0] == 200
+    before = plane.snapshot()
+    status, body = plane.call("DELETE", "/api/v1/rules/svc/nav-pricing")
+    assert status == 409
+    assert body["error"] == (
+        "cannot delete Service nav-pricing: still referred to by "
+        "TaskChain batch-debit (spec.hops[1].service), TaskChain fund-yield (spec.hops[2].service)"
+    )
+    status, body = plane.call("DELETE", "/api/v1/rules/chain/fund-yield")
+    assert status == 409
+    assert "ScheduledTask nightly-fund-yield (spec.chain)" in body["error"]
+    assert plane.snapshot() == before
+
+    assert plane.call("DELETE", "/api/v1/rules/task/nightly-fund-yield") == (
+        200,
+        {"kind": "ScheduledTask", "name": "nightly-fund-yield", "action": "deleted"},
+    )
+    assert plane.call("DELETE", "/api/v1/rules/chain/fund-yield")[0] == 200
+    items, _ = plane.snapshot()
+    assert set(items) == good_keys() - {
+        rule_key("ScheduledTask", "nightly-fund-yield"),
+        rule_key("TaskChain", "fund-yield"),
+    } | {REVISION_KEY}
+    assert plane.call("DELETE", "/api/v1/rules/chain/fund-yield") == (
+        404,
+        {"error": "TaskChain 'fund-yield' not found"},
+    )
+
+
+def test_too_many_changes_are_refused_whole(plane: Plane) -> None:
+    def services(count: int, prefix: str) -> str:
+        return "---\n".join(service_doc(f"{prefix}-{i}") for i in range(count))
+
+    status, body = plane.apply({"many.yaml": services(MAX_CHANGES + 1, "a")})
+    assert status == 400
+    assert body["error"].startswith(
+        f"too many changes in one apply ({MAX_CHANGES + 1} > {MAX_CHANGES}): "
+    )
+    assert plane.apply({"many.yaml": services(MAX_CHANGES + 1, "a")}, dry_run=True)[0] == 400
+    assert plane.snapshot()[0] == {}
+    status, body = plane.apply({"most.yaml": services(MAX_CHANGES, "b")})
+    assert status == 200, body
+    assert len(plane.snapshot()[0]) == MAX_CHANGES + 1  # the rules and the revision marker
+
+
+def test_stale_writer_is_refused(plane: Plane) -> None:
+    """A writer that read before another one wrote must not overwrite, even when the other
+    created a rule the stale writer never saw (a chain using the service it deletes)."""
+    store = plane.store
+    base = validate_apply(RuleSet.empty(), load_text(service_doc("ledger-svc"), "s.yaml"))
+    apply_rules(store, base, RuleSet.empty(), 0)
+    stale, stale_revision = load_rules(store)
+
+    chain = load_text(
+        "apiVersion: tasklane.io/v1\nkind: TaskChain\nmetadata: {name: ledger}\n"
+        "spec:\n  dye: {values: [ledger]}\n  hops:\n    - {service: ledger-svc, group: task}\n",
+        "c.yaml",
+    )
+    current, revision = load_rules(store)
+    apply_rules(store, validate_apply(current, chain), current, revision)
+    before = plane.snapshot()
+
+    with pytest.raises(ConcurrentChange, match="rules changed concurrently"):
+        apply_rules(store, stale.without("Service", "ledger-svc"), stale, stale_revision)
+    assert plane.snapshot() == before
+
+
+def test_api_retries_once_after_a_concurrent_change(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another control plane writes between our read and our write: the apply is validated
+    again against its rules; when it keeps happening the user gets a clear 409."""
+    other = Store.connect(plane.store.endpoint)
+    reads = []
+
+    def racing_load(store: Store) -> tuple[RuleSet, int]:
+        loaded = load_rules(store)
+        reads.append(loaded)
+        current, revision = load_rules(other)
+        name = f"racer-{len(reads)}"
+        new = validate_apply(current, load_text(service_doc(name), "racer.yaml"))
+        apply_rules(other, new, current, revision)
+        return loaded
+
+    monkeypatch.setattr(rules_api, "load_rules", racing_load)
+    try:
+        status, body = plane.apply({"rules.yaml": service_doc("ledger-svc")})
+        assert status == 409
+        assert body["error"].startswith("rules changed concurrently")
+        assert len(reads) == 2
+        assert set(plane.snapshot()[0]) == {
+            rule_key("Service", "racer-1"),
+            rule_key("Service", "racer-2"),
+            REVISION_KEY,
+        }
+
+        # Racing only once: the second attempt writes; it sees the racer's own rule.
+        def race_once(store: Store) -> tuple[RuleSet, int]:
+            return racing_load(store) if len(reads) == 2 else load_rules(store)
+
+        monkeypatch.setattr(rules_api, "load_rules", race_once)
+        status, body = plane.apply({"rules.yaml": service_doc("racer-3")})
+        assert status == 200, body
+        assert body["results"] == [{"kind": "Service", "name": "racer-3", "action": "unchanged"}]
+        status, body = plane.apply({"rules.yaml": service_doc("racer-3", task_max=5)})
+        assert status == 200, body
+        assert body["results"] == [{"kind": "Service", "name": "racer-3", "action": "configured"}]
+        assert json.loads(plane.store.get(rule_key("Service", "racer-3")))["spec"]["groups"][1] == {
+            "name": "task",
+            "minReplicas": 0,
+            "maxReplicas": 5,
+        }
+    finally:
+        other.close()
+
+
+def test_load_names_a_key_that_holds_no_rule(plane: Plane) -> None:
+    plane.store.put(rule_key("Service", "junk"), b"{not json")
+    with pytest.raises(StoreError, match=f"etcd key {PREFIX}rules/Service/junk does not hold"):
+        load_rules(plane.store)
+    rules = validate_apply(RuleSet.empty(), load_text(service_doc("real"), "s.yaml"))
+    plane.store.put(rule_key("Service", "other"), encode(rules.services["real"]))
+    plane.store.delete(rule_key("Service", "junk"))
+    with pytest.raises(StoreError, match="holds Service real, not the rule its key names"):
+        load_rules(plane.store)
+
+
+def test_apply_rules_refuses_too_many_changes_itself(plane: Plane) -> None:
+    docs = "---\n".join(service_doc(f"s-{i}") for i in range(MAX_CHANGES + 1))
+    new = validate_apply(RuleSet.empty(), load_text(docs, "many.yaml"))
+    with pytest.raises(RuleError, match=r"too many changes in one apply \(128 > 127\)"):
+        apply_rules(plane.store, new, RuleSet.empty(), 0)
+    assert plane.snapshot()[0] == {}
+
+
+# --- watch_rules ---------------------------------------------------------------------------
+
+
+class Seen:
+    """Collects the RuleSets a rules watch delivers, for the test thread."""
+
+    def __init__(self) -> None:
+        self.sets: queue.Queue[RuleSet] = queue.Queue()
+
+    def __call__(self, rules: RuleSet) -> None:
+        self.sets.put(rules)
+
+    def until(self, check: Callable[[RuleSet], bool], timeout: float = 10.0) -> RuleSet:
+        """The first delivered set that passes check (earlier ones are skipped)."""
+        while True:
+            rules = self.sets.get(timeout=timeout)
+            if check(rules):
+                return rules
+
+
+def test_watch_delivers_each_change_and_survives_an_etcd_restart(
+    etcd_server: EmbeddedEtcd,  # noqa: F811
+) -> None:
+    store = Store.connect(etcd_server.endpoint)
+    writer = Store.connect(etcd_server.endpoint)
+    seen = Seen()
+    cancel = watch_rules(store, seen)
+    try:
+        assert seen.sets.get(timeout=5).all() == ()
+
+        good = validate_apply(RuleSet.empty(), load_files([GOOD]))
+        apply_rules(writer, good, RuleSet.empty(), 0)
+        assert seen.until(lambda r: len(r.all()) == 7) == good
+
+        current, revision = load_rules(writer)
+        fewer = current.without("ScheduledTask", "weekday-batch-debit")
+        apply_rules(writer, fewer, current, revision)
+        assert seen.until(lambda r: "weekday-batch-debit" not in r.tasks) == fewer
+
+        etcd_server.stop()
+        etcd_server.start()
+        current, revision = load_rules(writer)
+        more = validate_apply(current, load_text(service_doc("after-restart"), "s.yaml"))
+        apply_rules(writer, more, current, revision)
+        assert seen.until(lambda r: "after-restart" in r.services, timeout=20) == more
+    finally:
+        cancel()
+        store.close()
+        writer.close()
