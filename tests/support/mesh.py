@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from controlplane.xds.names import HEALTH_PATH, STATIC_CLUSTERS
 from controlplane.xds.translate import Translator
 from demo.chain_app import ChainApp, start_in_thread
 from tests.support.ads import AdsThread
+
+# (instance name, egress address) -> (app port, stop): how to start an app behind a sidecar.
+AppStarter = Callable[[str, tuple[str, int]], tuple[int, Callable[[], None]]]
 
 
 @dataclass
@@ -85,12 +89,22 @@ class Mesh:
         for role, snapshot in snapshots.items():
             self.ads.call(cache.set_snapshot, role, snapshot)
 
-    def add(self, service: str, group: str, next_services: list[str] = ()) -> Instance:
-        """Start a chain app and its sidecar, register it and wait until the sidecar is ready."""
+    def add(
+        self,
+        service: str,
+        group: str,
+        next_services: Sequence[str] = (),
+        start_app: AppStarter | None = None,
+    ) -> Instance:
+        """Start an app (a demo ChainApp calling `next_services`, unless `start_app` says how
+        to start another one) and its sidecar, register it, wait until the sidecar is ready."""
         name = f"{service}/{group}/{sum(1 for i in self.instances if i.service == service) + 1}"
         egress, inbound = free_port(), free_port()
-        app = ChainApp(service, group, name, list(next_services), ("127.0.0.1", egress))
-        app_port, stop_app = start_in_thread(app)
+        if start_app is None:
+            app = ChainApp(service, group, name, list(next_services), ("127.0.0.1", egress))
+            app_port, stop_app = start_in_thread(app)
+        else:
+            app_port, stop_app = start_app(name, ("127.0.0.1", egress))
         envoy = EnvoyProcess(
             node_id=name,
             service=service,
