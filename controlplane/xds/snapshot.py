@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass
 
 from google.protobuf import any_pb2, message_factory
@@ -149,6 +149,23 @@ class ResourceMap(Mapping[str, Resource]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    # The Mapping mixins go through __getitem__ per key; these are the dict's own views.
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def keys(self) -> KeysView[str]:
+        return self._items.keys()
+
+    def items(self) -> ItemsView[str, Resource]:
+        return self._items.items()
+
+    def values(self) -> ValuesView[Resource]:
+        return self._items.values()
+
+    def copy(self) -> dict[str, Resource]:
+        """A plain dict of the resources (C-speed, unlike dict(self) through Mapping)."""
+        return dict(self._items)
 
     @property
     def names(self) -> frozenset[str]:

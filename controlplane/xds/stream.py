@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .snapshot import Resource, Snapshot, state_version
+from .snapshot import Resource, ResourceMap, Snapshot, state_version
 from .types import CLUSTER, FULL_STATE, LISTENER, PUSH_ORDER, ROUTE
 
 WILDCARD = "*"
@@ -54,6 +54,7 @@ class StreamState:
         self.delta = delta
         self.types: dict[str, TypeState] = {}
         self._nonces = 0
+        self._retaining = False  # the last CDS push kept clusters that old routes still use
 
     # --- requests -------------------------------------------------------------------------
 
@@ -136,7 +137,7 @@ class StreamState:
                 else:
                     state.held[name] = res
         state.unacked.clear()
-        if state.type_url in (LISTENER, ROUTE) and CLUSTER in self.types:
+        if state.type_url in (LISTENER, ROUTE) and self._retaining:
             self.types[CLUSTER].dirty = True  # a cluster kept for old routes may go now
         return Verdict(ack=True)
 
@@ -182,22 +183,28 @@ class StreamState:
     def _retained_clusters(self, snapshot: Snapshot) -> dict[str, Resource]:
         """Clusters gone from the snapshot that routes or listeners the client may still run
         point at: removed only after those routes are gone (make-before-break)."""
-        in_use: set[str] = set()
-        for type_url in (LISTENER, ROUTE):
-            state = self.types.get(type_url)
-            if state is not None:
-                for res in [*state.held.values(), *state.unacked.values()]:
-                    if res is not None:
-                        in_use |= res.cluster_refs
         state = self.types[CLUSTER]
         current = snapshot.resources(CLUSTER)
-        candidates = {**state.held, **{n: r for n, r in state.unacked.items() if r is not None}}
-        return {n: r for n, r in candidates.items() if n not in current and n in in_use}
+        gone = {n: r for n, r in state.held.items() if n not in current}
+        gone.update((n, r) for n, r in state.unacked.items() if r is not None and n not in current)
+        if not gone:
+            return gone
+        in_use: set[str] = set()
+        for type_url in (LISTENER, ROUTE):
+            routes = self.types.get(type_url)
+            if routes is not None:
+                for res in [*routes.held.values(), *routes.unacked.values()]:
+                    if res is not None:
+                        in_use |= res.cluster_refs
+        return {n: r for n, r in gone.items() if n in in_use}
 
     def _plan(self, state: TypeState, snapshot: Snapshot) -> Push | None:
-        available = dict(snapshot.resources(state.type_url))
+        available: Mapping[str, Resource] = snapshot.resources(state.type_url)
         if state.type_url == CLUSTER:
-            available.update(self._retained_clusters(snapshot))
+            retained = self._retained_clusters(snapshot)
+            self._retaining = bool(retained)
+            if retained:
+                available = {**available.copy(), **retained}
         if state.wildcard:
             desired = available
         else:
@@ -205,11 +212,16 @@ class StreamState:
         removed: list[str] = []
         if not self.delta and state.type_url in FULL_STATE:
             # State of the world: every response carries the whole set; absence = removal.
-            versions = {n: r.version for n, r in desired.items()}
+            versions = (
+                desired.versions
+                if isinstance(desired, ResourceMap)
+                else {n: r.version for n, r in desired.items()}
+            )
             if versions == state.sent and state.version:
                 return None  # (the first answer goes out even when empty: Envoy waits for it)
             resources = list(desired.values())
-            state.sent, state.unacked = versions, dict(desired)
+            state.sent = dict(versions)
+            state.unacked = desired.copy() if isinstance(desired, ResourceMap) else dict(desired)
         else:
             resources = [r for n, r in desired.items() if state.sent.get(n) != r.version]
             if self.delta:
