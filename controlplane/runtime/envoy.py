@@ -284,6 +284,7 @@ class EnvoyProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                process_group=0,  # a terminal's Ctrl-C is ours to handle, not the child's
             )
         return self
 

@@ -100,6 +100,7 @@ class EmbeddedEtcd:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
+                    process_group=0,  # a terminal's Ctrl-C is ours to handle
                 )
             except OSError as exc:
                 raise RuntimeFailure(f"cannot start etcd ({binary}): {exc}") from exc

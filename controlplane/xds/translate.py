@@ -110,6 +110,9 @@ def group_cluster(service: str, group: str) -> cluster_pb2.Cluster:
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
         connect_timeout=_duration(1),
+        # A deregistered instance leaves at once, even while it still passes health checks
+        # (Envoy otherwise keeps routing to it: measured 8 s and counting).
+        ignore_health_on_host_removal=True,
         # No panic routing: with every host unhealthy, `strict` must answer 503, not try them.
         common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
             healthy_panic_threshold=percent_pb2.Percent(value=0)

@@ -187,15 +187,13 @@ def test_up_serves_health_and_status(running_up: Up) -> None:
         f"(embedded, data in {running_up.state_dir / 'etcd'})\n"
     )
     assert get_json(running_up.url("/healthz")) == (200, {"status": "ok"})
-    assert get_json(running_up.url("/api/v1/status")) == (
-        200,
-        {
-            "etcd": {"endpoint": f"127.0.0.1:{ports['etcd_client']}", "embedded": True},
-            "xds": {"address": f"127.0.0.1:{ports['xds']}"},
-            "roles": [],
-            "nodes": [],
-        },
-    )
+    code, status = get_json(running_up.url("/api/v1/status"))
+    assert code == 200
+    assert status["etcd"] == {"endpoint": f"127.0.0.1:{ports['etcd_client']}", "embedded": True}
+    assert status["xds"] == {"address": f"127.0.0.1:{ports['xds']}"}
+    # No rules yet: only the gateway role is published, and no sidecar is connected.
+    assert status["roles"] == ["@gateway|default"] and status["nodes"] == []
+    assert status["sync"]["builds"] >= 1 and not status["sync"]["refused"]
     assert get_json(running_up.url("/api/v1/nope")) == (404, {"error": "Not Found"})
     assert len(etcd_children(running_up.proc.pid)) == 1
     assert (running_up.state_dir / "etcd" / "etcd.log").exists()

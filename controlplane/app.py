@@ -1,0 +1,163 @@
+"""The control plane as one object: etcd, the store, the xDS server and the HTTP API.
+
+`tasklane up` (and later the demo and in-process tests) need the same pieces started in the
+same order and stopped in the reverse one, with nothing left running when a step fails.
+The sync (rules and instances in etcd -> snapshots) publishes its first build before xDS
+serves. Components added later (scaler) get `store`, `cache` and `status` from here and
+register their HTTP routes on `http_app` before `start()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from aiohttp import web
+from grpc import aio as grpc_aio
+
+from controlplane.api import instances as instances_api
+from controlplane.api import rules as rules_api
+from controlplane.api.http import build_app
+from controlplane.errors import RuntimeFailure, StoreError
+from controlplane.runtime.etcd import EmbeddedEtcd
+from controlplane.runtime.ports import port_in_use
+from controlplane.store.etcd import Store
+from controlplane.sync import Sync
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.names import STATIC_CLUSTERS
+from controlplane.xds.server import AdsServer, serve
+from controlplane.xds.status import StatusBoard
+
+log = logging.getLogger(__name__)
+
+# Embedded etcd listens on loopback only: it has no auth, and only the control plane uses it.
+ETCD_HOST = "127.0.0.1"
+# Sidecars hold ADS streams open forever; give them this long to see the server go away.
+GRPC_STOP_GRACE = 1.0
+# Requests still running when the HTTP server stops get this long to finish.
+HTTP_STOP_GRACE = 2.0
+
+
+class ControlPlane:
+    """Starts and stops everything `tasklane up` runs.
+
+    etcd_endpoint None runs an embedded etcd with its data under `state_dir/etcd`.
+    Port 0 for xDS or HTTP binds a free port; `xds_port`/`http_port` hold the bound ones.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path = Path(".tasklane"),
+        *,
+        etcd_endpoint: str | None = None,
+        host: str = "127.0.0.1",
+        xds_port: int = 18000,
+        http_port: int = 8080,
+        etcd_client_port: int = 2379,
+        etcd_peer_port: int = 2380,
+    ) -> None:
+        self.host = host
+        self.xds_port = xds_port
+        self.http_port = http_port
+        self.etcd: EmbeddedEtcd | None = None
+        if etcd_endpoint is None:
+            self.etcd = EmbeddedEtcd(
+                Path(state_dir) / "etcd", etcd_client_port, etcd_peer_port, ETCD_HOST
+            )
+            etcd_endpoint = self.etcd.endpoint
+        self.etcd_endpoint = etcd_endpoint
+        self.cache = SnapshotCache(STATIC_CLUSTERS)
+        self.sync = Sync(self.cache)
+        self.status = StatusBoard()
+        self.ads = AdsServer(self.cache, self.status)
+        self.http_app: web.Application = build_app(self)
+        self.http_app.add_routes(rules_api.routes(self))
+        self.http_app.add_routes(instances_api.routes(self))
+        self._store: Store | None = None
+        self._grpc: grpc_aio.Server | None = None
+        self._http: web.AppRunner | None = None
+
+    @property
+    def store(self) -> Store:
+        """The etcd store; only between start() and stop()."""
+        if self._store is None:
+            raise StoreError("the control plane is not running: no etcd connection")
+        return self._store
+
+    async def start(self) -> None:
+        """Start etcd (if embedded), connect the store, then serve xDS and HTTP.
+
+        Call it from the main thread: the kernel kills the embedded etcd when the *thread*
+        that started it exits (PR_SET_PDEATHSIG, see runtime/process.py). On any failure
+        everything already started is stopped.
+        """
+        self._check_ports()
+        try:
+            if self.etcd is not None:
+                self.etcd.start()  # blocks the loop briefly; nothing else is serving yet
+            self._store = Store.connect(self.etcd_endpoint)
+            await self.sync.start(self._store)  # the first snapshots exist before xDS serves
+            await self._start_xds()
+            await self._start_http()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("control plane running (etcd at %s)", self.etcd_endpoint)
+
+    def _check_ports(self) -> None:
+        """Fail before starting anything when a port is taken, e.g. by another `tasklane up`.
+
+        Needed for xDS in particular: gRPC binds with SO_REUSEPORT, so a second server on the
+        same port would start without error and share the connections.
+        """
+        wanted = [(self.xds_port, "xDS", self.host), (self.http_port, "HTTP", self.host)]
+        if self.etcd is not None:
+            wanted += [
+                (self.etcd.client_port, "etcd client", ETCD_HOST),
+                (self.etcd.peer_port, "etcd peer", ETCD_HOST),
+            ]
+        seen: dict[int, str] = {}
+        for port, label, host in wanted:
+            if port and port in seen:
+                raise RuntimeFailure(f"port {port} is given for both {seen[port]} and {label}")
+            seen[port] = label
+            if port and port_in_use(port, host):
+                raise RuntimeFailure(
+                    f"port {port} ({label}) is already in use: is another `tasklane up` running?"
+                )
+
+    async def _start_xds(self) -> None:
+        address = f"{self.host}:{self.xds_port}"
+        try:
+            self._grpc, self.xds_port = await serve(self.ads, address)
+        except (OSError, RuntimeError) as exc:
+            raise RuntimeFailure(f"cannot serve xDS on {address}: {exc}") from exc
+
+    async def _start_http(self) -> None:
+        self._http = web.AppRunner(self.http_app, access_log=None, shutdown_timeout=HTTP_STOP_GRACE)
+        await self._http.setup()
+        try:
+            await web.TCPSite(self._http, self.host, self.http_port).start()
+        except OSError as exc:
+            raise RuntimeFailure(
+                f"cannot serve HTTP on {self.host}:{self.http_port}: {exc.strerror or exc}"
+            ) from exc
+        self.http_port = self._http.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Stop HTTP, gRPC, the sync, then close the store, then stop etcd. Safe to call twice."""
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        if self._grpc is not None:
+            await self._grpc.stop(GRPC_STOP_GRACE)
+            self._grpc = None
+        await self.sync.stop()
+        if self._store is not None:
+            try:
+                self._store.close()
+            except StoreError as exc:  # etcd already gone: nothing left to release
+                log.warning("%s", exc)
+            self._store = None
+        if self.etcd is not None:
+            self.etcd.stop()

@@ -1,0 +1,562 @@
+"""The `tasklane` command line.
+
+Each subcommand is one `add_<name>` function (its parser, with `handler=` set to the function
+that runs it) listed in COMMANDS. Handlers return the exit code; any TasklaneError they raise
+becomes one `tasklane: error: <message>` line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import http.client
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controlplane.app import ControlPlane
+from controlplane.errors import RuleError, TasklaneError
+from controlplane.model.load import RULE_SUFFIXES
+from controlplane.runtime.gateway import GatewayOptions, run_gateway
+from controlplane.runtime.sidecar import RunOptions, run_instance
+
+log = logging.getLogger("tasklane")
+
+EXIT_ERROR = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+# --- tasklane up ---------------------------------------------------------------------------
+
+
+def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane up`: run the control plane in the foreground until SIGINT/SIGTERM."""
+    p = commands.add_parser(
+        "up",
+        parents=[common],
+        help="run the control plane (etcd, xDS, HTTP API) until interrupted",
+        description="Run the control plane in the foreground; Ctrl-C or SIGTERM stops it.",
+    )
+    p.add_argument(
+        "--etcd",
+        metavar="HOST:PORT",
+        help="use this etcd instead of starting an embedded one",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".tasklane"),
+        help="where the embedded etcd keeps its data (default: .tasklane)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address xDS and HTTP listen on")
+    p.add_argument("--xds-port", type=int, default=18000, help="xDS gRPC port (default: 18000)")
+    p.add_argument("--http-port", type=int, default=8080, help="HTTP API port (default: 8080)")
+    p.add_argument(
+        "--etcd-client-port",
+        type=int,
+        default=2379,
+        help="client port of the embedded etcd (default: 2379; ignored with --etcd)",
+    )
+    p.add_argument(
+        "--etcd-peer-port",
+        type=int,
+        default=2380,
+        help="peer port of the embedded etcd (default: 2380; ignored with --etcd)",
+    )
+    p.set_defaults(handler=up)
+
+
+def up(args: argparse.Namespace) -> int:
+    """Run the control plane until a signal; exit 0 after a clean stop."""
+    control_plane = ControlPlane(
+        args.state_dir,
+        etcd_endpoint=args.etcd,
+        host=args.host,
+        xds_port=args.xds_port,
+        http_port=args.http_port,
+        etcd_client_port=args.etcd_client_port,
+        etcd_peer_port=args.etcd_peer_port,
+    )
+    asyncio.run(_run_until_signalled(control_plane))
+    return 0
+
+
+async def _run_until_signalled(control_plane: ControlPlane) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    # Installed before start(): a signal during startup is handled once startup returns.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await control_plane.start()
+        print(ready_line(control_plane), flush=True)
+        await stopping.wait()
+        log.info("stopping")
+    finally:
+        await control_plane.stop()
+
+
+def ready_line(control_plane: ControlPlane) -> str:
+    """The one line that tells the user (and scripts waiting on stdout) where everything is."""
+    host = control_plane.host
+    etcd = control_plane.etcd
+    where = f"embedded, data in {etcd.data_dir}" if etcd is not None else "external"
+    return (
+        f"tasklane up: xDS on {host}:{control_plane.xds_port}, "
+        f"HTTP on http://{host}:{control_plane.http_port}, "
+        f"etcd at {control_plane.etcd_endpoint} ({where})"
+    )
+
+
+# --- tasklane apply / diff / get / delete: clients of the rules API -----------------------
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+SERVER_ENV = "TASKLANE_SERVER"
+# Bounds a hung server only: an apply is one validation and one etcd transaction.
+REQUEST_TIMEOUT = 60.0
+OUTPUTS = ("table", "yaml", "json")
+STDIN = "-"
+
+# Straight to the control plane: apps (and tests) set http_proxy for the mesh's egress.
+_api_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _server_option() -> argparse.ArgumentParser:
+    """--server, for every command that talks to a running control plane."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
+        help=f"HTTP address of the control plane (default: ${SERVER_ENV} or {DEFAULT_SERVER})",
+    )
+    return parser
+
+
+def _add_filename(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        metavar="FILE|DIR",
+        help="a rule file, a directory of *.yaml/*.yml files (not recursive), or - for stdin; "
+        "repeat for more",
+    )
+
+
+def add_apply(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane apply -f FILE|DIR [--dry-run]`: create or update rules, all or nothing."""
+    p = commands.add_parser(
+        "apply",
+        parents=[common, _server_option()],
+        help="create or update rules from YAML files",
+        description="Send rule files to the control plane, which checks them against the "
+        "stored rules and writes every change in one transaction, or nothing at all. Rules "
+        "not in the files are kept.",
+    )
+    _add_filename(p)
+    p.add_argument("--dry-run", action="store_true", help="check and show the diff without writing")
+    p.set_defaults(handler=apply)
+
+
+def apply(args: argparse.Namespace) -> int:
+    """One line per document, as kubectl prints them; a dry run adds the diff."""
+    body = _apply_files(args.server, _rule_files(args.filename), dry_run=args.dry_run)
+    suffix = " (dry run)" if args.dry_run else ""
+    lines = [f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}\n" for r in body["results"]]
+    _output("".join(lines) + (body["diff"] if args.dry_run else ""))
+    return 0
+
+
+def add_diff(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane diff -f FILE|DIR`: what an apply would change; exit 1 if anything."""
+    p = commands.add_parser(
+        "diff",
+        parents=[common, _server_option()],
+        help="show what applying rule files would change",
+        description="Print a unified diff between the stored rules and the rule files. Exit "
+        "status: 0 no changes, 1 changes, 2 error (like kubectl diff).",
+    )
+    _add_filename(p)
+    p.set_defaults(handler=diff)
+
+
+def diff(args: argparse.Namespace) -> int:
+    body = _apply_files(args.server, _rule_files(args.filename), dry_run=True)
+    _output(body["diff"])
+    return 1 if any(result["action"] != "unchanged" for result in body["results"]) else 0
+
+
+def add_get(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane get KIND [NAME] [-o table|yaml|json]`."""
+    p = commands.add_parser(
+        "get",
+        parents=[common, _server_option()],
+        help="show stored rules",
+        description="Show the stored rules of one kind, or one rule. `-o yaml` prints "
+        "documents that `tasklane apply -f -` takes back unchanged.",
+    )
+    p.add_argument(
+        "kind",
+        metavar="KIND",
+        help="service (svc), taskchain (chain) or scheduledtask (task), or a plural",
+    )
+    p.add_argument("name", metavar="NAME", nargs="?", help="one rule (default: all of KIND)")
+    p.add_argument(
+        "-o", "--output", choices=OUTPUTS, default="table", help="output format (default: table)"
+    )
+    p.set_defaults(handler=get)
+
+
+def get(args: argparse.Namespace) -> int:
+    path = f"/api/v1/rules/{_quote(args.kind)}"
+    if args.name is not None:
+        path += f"/{_quote(args.name)}"
+    body = _call(args.server, "GET", path)
+    documents = body["items"] if args.name is None else [body]
+    if args.output == "json":
+        _output(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
+    elif args.output == "yaml":
+        # Every document starts with ---, so outputs of several gets can be concatenated.
+        _output(
+            yaml.safe_dump_all(documents, explicit_start=True, sort_keys=False, allow_unicode=True)
+        )
+    elif documents:
+        _output(_table([_row(document) for document in documents]) + "\n")
+    else:
+        print(f"No {body['kind']} rules found.", file=sys.stderr)
+    return 0
+
+
+def add_delete(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane delete KIND NAME`: refused while another rule refers to it."""
+    p = commands.add_parser(
+        "delete",
+        parents=[common, _server_option()],
+        help="delete one rule",
+        description="Delete one rule. A service a chain uses, or a chain a task drives, is "
+        "refused with the name of the rule that still refers to it.",
+    )
+    p.add_argument(
+        "kind",
+        metavar="KIND",
+        help="service (svc), taskchain (chain) or scheduledtask (task), or a plural",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=delete)
+
+
+def delete(args: argparse.Namespace) -> int:
+    body = _call(args.server, "DELETE", f"/api/v1/rules/{_quote(args.kind)}/{_quote(args.name)}")
+    _output(f"{body['kind'].lower()}/{body['name']} {body['action']}\n")
+    return 0
+
+
+def _output(text: str) -> None:
+    """Write to stdout; a reader that has gone away (`tasklane get svc | head -1`) is not an
+    error, so no traceback, and nothing more is written to the closed pipe."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _rule_files(given: list[str]) -> list[dict[str, str]]:
+    """Read the files here, not on the server, so messages name paths as the user typed them."""
+    files: list[dict[str, str]] = []
+    for name in given:
+        if name == STDIN:
+            files.append({"name": "<stdin>", "text": _decode("<stdin>", sys.stdin.buffer.read())})
+            continue
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(
+                p.name for p in path.iterdir() if p.suffix in RULE_SUFFIXES and p.is_file()
+            )
+            if not found:
+                raise RuleError(f"{name}: no *.yaml or *.yml files in this directory")
+            paths = [os.path.join(name, each) for each in found]
+        elif path.exists():
+            paths = [name]
+        else:
+            raise RuleError(f"{name}: no such file or directory")
+        for each in paths:
+            try:
+                data = Path(each).read_bytes()
+            except OSError as exc:
+                raise RuleError(f"{each}: cannot read: {exc.strerror or exc}") from None
+            files.append({"name": each, "text": _decode(each, data)})
+    return files
+
+
+def _decode(name: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RuleError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _apply_files(server: str, files: list[dict[str, str]], *, dry_run: bool) -> dict[str, Any]:
+    return _call(server, "POST", "/api/v1/apply", {"files": files, "dryRun": dry_run})
+
+
+def _call(server: str, method: str, path: str, body: object = None) -> Any:
+    """One API request; its JSON answer, or TasklaneError with a one-line reason."""
+    base = (server if "://" in server else f"http://{server}").rstrip("/")
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    try:
+        request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+        with _api_opener.open(request, timeout=REQUEST_TIMEOUT) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as exc:
+        raise TasklaneError(_api_error(base, exc)) from None
+    except urllib.error.URLError as exc:
+        raise _unreachable(base, exc.reason) from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise _unreachable(base, exc) from None
+    try:
+        return json.loads(payload)
+    except ValueError:
+        raise TasklaneError(
+            f"{base} did not answer with JSON: is it a tasklane control plane?"
+        ) from None
+
+
+def _unreachable(base: str, reason: object) -> TasklaneError:
+    shown = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+    return TasklaneError(
+        f"cannot reach the control plane at {base}: {shown} (is `tasklane up` running?)"
+    )
+
+
+def _api_error(base: str, exc: urllib.error.HTTPError) -> str:
+    """The API's own one-line message, or the HTTP status when the answer has none."""
+    try:
+        message = json.loads(exc.read())["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        message = None
+    if isinstance(message, str) and message:
+        return message
+    return f"{base} answered HTTP {exc.code} {exc.reason}: is it a tasklane control plane?"
+
+
+def _quote(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
+
+
+def _row(document: dict[str, Any]) -> dict[str, str]:
+    """The table columns of one rule: what one needs to recognise it at a glance."""
+    spec = document["spec"]
+    row = {"NAME": document["metadata"]["name"]}
+    if document["kind"] == "Service":
+        row["PROTOCOL"] = spec["protocol"]
+        row["GROUPS"] = ",".join(
+            f"{g['name']}:{g['minReplicas']}-{g['maxReplicas']}" for g in spec["groups"]
+        )
+    elif document["kind"] == "TaskChain":
+        row["DYES"] = ",".join(spec["dye"]["values"])
+        row["FALLBACK"] = spec["fallback"]
+        row["HOPS"] = ",".join(_hop(hop) for hop in spec["hops"])
+    elif document["kind"] == "ScheduledTask":
+        row["CHAIN"] = spec["chain"]
+        row["SCHEDULE"] = spec["schedule"]
+        row["TIMEZONE"] = spec["timezone"]
+        row["DURATION"] = spec["expectedDuration"]
+    return row
+
+
+def _hop(hop: dict[str, Any]) -> str:
+    """'account-svc/debit', with '(80%)' when only part of the dyed traffic goes there."""
+    share = f"({hop['weight']}%)" if hop["weight"] != 100 else ""
+    return f"{hop['service']}/{hop['group']}{share}"
+
+
+def _table(rows: list[dict[str, str]]) -> str:
+    """Left-aligned columns three spaces apart, like kubectl."""
+    headers = list(rows[0])
+    lines = [headers, *([row[header] for header in headers] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    return "\n".join(
+        "   ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+# --- tasklane run: an app as an instance, behind an Envoy sidecar -------------------------
+
+
+def add_run(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane run --service S [--group G] [--port P] -- CMD ...`."""
+    p = commands.add_parser(
+        "run",
+        parents=[common, _server_option()],
+        help="run an app as an instance of a service group, behind an Envoy sidecar",
+        description="Start an Envoy sidecar fed by the control plane, then CMD (with $PORT, "
+        "$TASKLANE_EGRESS and http_proxy set), and register the instance while CMD runs. "
+        "SIGTERM or Ctrl-C deregisters it, then stops CMD and Envoy. The exit code is CMD's.",
+    )
+    p.add_argument("--service", required=True, help="the service this instance belongs to")
+    p.add_argument("--group", default="default", help="its service group (default: default)")
+    p.add_argument(
+        "--port", type=int, help="the port CMD listens on (default: a free one, given as $PORT)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the sidecar's inbound listener binds and other sidecars reach this "
+        "instance at (default: 127.0.0.1)",
+    )
+    p.add_argument("--delta", action="store_true", help="use incremental (delta) xDS")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise TasklaneError("no command to run: tasklane run --service S -- CMD [ARG ...]")
+    options = RunOptions(
+        service=args.service,
+        group=args.group,
+        command=command,
+        server=args.server,
+        host=args.host,
+        port=args.port,
+        delta=args.delta,
+    )
+    return run_instance(options, functools.partial(_call, args.server))
+
+
+# --- tasklane gateway: the ingress for external traffic -----------------------------------
+
+
+def add_gateway(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane gateway --port P [--trusted-cidr CIDR ...] [--trust-header NAME
+    --trust-secret-file FILE]`."""
+    p = commands.add_parser(
+        "gateway",
+        parents=[common, _server_option()],
+        help="run the ingress gateway for external traffic until interrupted",
+        description="Run an Envoy ingress in the foreground. It routes `Host: <service>` "
+        "requests into the mesh like a sidecar's egress listener, and removes task dyes (every "
+        "chain's dye header, the dye members of `baggage`) from callers it does not trust, so "
+        "online traffic cannot reach a task group. Ctrl-C or SIGTERM stops it.",
+    )
+    p.add_argument("--port", type=int, required=True, help="port external callers connect to")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    p.add_argument(
+        "--trusted-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="callers connecting from this address range keep their dyes; repeat for more",
+    )
+    p.add_argument(
+        "--trust-header",
+        metavar="NAME",
+        help="requests whose NAME header holds the secret keep their dyes; NAME itself is "
+        "removed from every request",
+    )
+    p.add_argument(
+        "--trust-secret-file", type=Path, metavar="FILE", help="the secret of --trust-header"
+    )
+    p.add_argument("--delta", action="store_true", help="use incremental (delta) xDS")
+    p.add_argument(
+        "--admin-port", type=int, help="Envoy admin port on 127.0.0.1 (default: a free one)"
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".tasklane"),
+        help="where the gateway's Envoy keeps its bootstrap and log (default: .tasklane)",
+    )
+    p.set_defaults(handler=gateway)
+
+
+def gateway(args: argparse.Namespace) -> int:
+    options = GatewayOptions(
+        port=args.port,
+        host=args.host,
+        server=args.server,
+        trusted_cidrs=tuple(args.trusted_cidr),
+        trust_header=args.trust_header,
+        trust_secret_file=args.trust_secret_file,
+        delta=args.delta,
+        admin_port=args.admin_port,
+        state_dir=args.state_dir,
+    )
+    return run_gateway(options, functools.partial(_call, args.server))
+
+
+# --- the command line as a whole -----------------------------------------------------------
+
+# --- tasklane demo -------------------------------------------------------------------------
+
+
+def add_demo(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane demo [--duration N]`: the fund-yield chain end to end (demo/scenario.py)."""
+    p = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="run the fund-yield demo: control plane, 12 instances, gateway, task and users",
+        description="Start everything the fund-yield demo needs, fire the task on its cron, "
+        "send online traffic, and print isolation per hop and group. Ctrl-C stops it.",
+    )
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--work-dir", type=Path, help="logs and state (default: a new temp dir)")
+    p.set_defaults(handler=demo)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Exit 0 when no leak was counted, 1 otherwise."""
+    from demo import scenario  # the demo apps are not needed by any other command
+
+    return scenario.run(args.duration, args.work_dir)
+
+
+COMMANDS = (add_up, add_apply, add_diff, add_get, add_delete, add_run, add_gateway, add_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: one subparser per entry of COMMANDS, each with the common options."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (default: info)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="tasklane",
+        description="Service-mesh traffic steering for scheduled batch tasks.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(commands, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tasklane` script and of `python -m controlplane`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.handler(args)
+    except TasklaneError as exc:
+        print(f"tasklane: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR

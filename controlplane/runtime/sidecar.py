@@ -1,0 +1,343 @@
+"""`tasklane run`: one instance of a service group, i.e. an app behind a real Envoy sidecar,
+registered with the control plane for exactly as long as it can serve.
+
+Order matters at both ends. Starting: Envoy (ready with its config), then the app, and only
+once the sidecar sees the app healthy is the instance registered, so callers never learn of
+an instance that cannot answer. Stopping: deregister first (the control plane answers once
+callers' snapshots no longer have it), then stop the app, then Envoy.
+
+Everything goes through the control plane's HTTP API (see api/instances.py), never to etcd.
+Children are started from the calling (main) thread: their parent-death signal follows the
+thread that started them, and `tasklane run` killed hard must take its app and Envoy along.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controlplane.errors import RuntimeFailure, TasklaneError
+from controlplane.runtime.envoy import EnvoyProcess
+from controlplane.runtime.ports import free_port
+from controlplane.runtime.process import dying_with_parent, stop_process
+from controlplane.store.registry import KEEPALIVE_INTERVAL, Instance
+from controlplane.xds.names import HEALTH_PATH
+
+log = logging.getLogger("tasklane.run")
+
+# (method, path, JSON body or None) -> the JSON answer; TasklaneError with a one-line reason.
+Api = Callable[[str, str, Any], Any]
+
+# Envoy with its config, then the app accepting connections: each gets this long.
+READY_TIMEOUT = 30.0
+# The app gets this long to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 10.0
+POLL_INTERVAL = 0.05
+_WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `tasklane run` was asked to run."""
+
+    service: str
+    group: str
+    command: list[str]
+    server: str  # the control plane's HTTP URL, for its host when xDS listens on a wildcard
+    host: str = "127.0.0.1"  # where other sidecars reach this instance
+    port: int | None = None  # the app's port; None picks a free one
+    delta: bool = False
+
+
+class _Stopped(Exception):
+    """A signal asked `tasklane run` to stop while it was still starting."""
+
+
+def exit_code(returncode: int) -> int:
+    """A child's exit status as a shell reports it: 128 + N when killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_instance(options: RunOptions, api: Api) -> int:
+    """Run the instance until the app exits or SIGTERM/SIGINT; returns the app's exit code.
+
+    Call it from the main thread (signal handlers, and the children's parent-death signal).
+    TasklaneError (after stopping whatever had started) when the service or group is unknown,
+    the command is not found, Envoy or the app do not become ready in time, or Envoy dies.
+    The app gets SIGTERM alone, as PID 1 of a container would: a shell wrapper should `exec`
+    it. Whatever else is left in its process group afterwards is killed.
+    """
+    if shutil.which(options.command[0]) is None:
+        raise TasklaneError(f"command not found: {options.command[0]}")
+    stopping: list[int] = []  # the signal received, if any
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.append(signum)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _Run(options, api, stopping).run()
+    except _Stopped:
+        return 128 + stopping[0]
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+@dataclass(frozen=True)
+class _Ports:
+    egress: int
+    inbound: int
+    admin: int
+    app: int
+
+
+class _Run:
+    def __init__(self, options: RunOptions, api: Api, stopping: list[int]) -> None:
+        self.options, self.api, self.stopping = options, api, stopping
+
+    def run(self) -> int:
+        xds = xds_address(self.options.server, self.api("GET", "/api/v1/status", None))
+        self._check_group()
+        egress, inbound, admin = _distinct_ports(3, (self.options.port,))
+        app_port = self.options.port or _distinct_ports(1, (egress, inbound, admin))[0]
+        ports = _Ports(egress, inbound, admin, app_port)
+        instance_id = f"{self.options.host}-{inbound}"
+        with contextlib.ExitStack() as stack:
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tasklane-")))
+            envoy = self._start_envoy(stack, xds, ports, instance_id, work_dir)
+            app = self._start_app(stack, ports, instance_id)
+            if not self._app_ready(app, ports):
+                log.error("the app exited with code %d before it was ready", app.returncode)
+                return exit_code(app.returncode)
+            with self._registered(self._instance(instance_id, ports, app.pid)):
+                while app.poll() is None and not self.stopping and envoy.running():
+                    time.sleep(POLL_INTERVAL)
+            if app.poll() is None and not self.stopping:
+                raise RuntimeFailure(
+                    f"Envoy (admin :{admin}) exited; the app is stopped too. Its log:\n"
+                    + envoy.log_tail()
+                )
+            stop_process(app, STOP_TIMEOUT)
+            return exit_code(app.returncode)
+
+    def _start_envoy(
+        self,
+        stack: contextlib.ExitStack,
+        xds: tuple[str, int],
+        ports: _Ports,
+        instance_id: str,
+        work_dir: Path,
+    ) -> EnvoyProcess:
+        """A sidecar with its config from the control plane (stopped when the stack closes)."""
+        envoy = EnvoyProcess(
+            node_id=f"{self.options.service}|{self.options.group}|{instance_id}",
+            service=self.options.service,
+            group=self.options.group,
+            xds_host=xds[0],
+            xds_port=xds[1],
+            admin_port=ports.admin,
+            delta=self.options.delta,
+            work_dir=work_dir,
+            part="sidecar.yaml",
+            part_vars={
+                "egress_port": ports.egress,
+                "inbound_host": self.options.host,
+                "inbound_port": ports.inbound,
+                "app_port": ports.app,
+                "health_path": HEALTH_PATH,
+            },
+        )
+        stack.callback(envoy.stop)
+        envoy.start()
+        self._wait(
+            lambda: envoy.ready_state() == "LIVE",
+            lambda: None if envoy.running() else "Envoy exited",
+            f"Envoy (admin :{ports.admin}) got no config from the control plane at "
+            f"{xds[0]}:{xds[1]}",
+            envoy.log_tail,
+        )
+        return envoy
+
+    def _start_app(
+        self, stack: contextlib.ExitStack, ports: _Ports, instance_id: str
+    ) -> subprocess.Popen[bytes]:
+        """CMD, told its port and its way out (stopped when the stack closes)."""
+        proxy = f"http://127.0.0.1:{ports.egress}"
+        env = {
+            **os.environ,
+            "PORT": str(ports.app),
+            "TASKLANE_SERVICE": self.options.service,
+            "TASKLANE_GROUP": self.options.group,
+            "TASKLANE_INSTANCE": instance_id,
+            "TASKLANE_EGRESS": f"127.0.0.1:{ports.egress}",
+            "http_proxy": proxy,
+            "HTTP_PROXY": proxy,
+            "no_proxy": "localhost,127.0.0.1",
+            "NO_PROXY": "localhost,127.0.0.1",
+        }
+        # Its own process group: a terminal's Ctrl-C reaches `tasklane run` only, which
+        # deregisters before it stops the app.
+        app = subprocess.Popen(dying_with_parent(self.options.command), env=env, process_group=0)
+        stack.callback(_kill_group, app.pid)  # what CMD left behind, once CMD is stopped
+        stack.callback(stop_process, app, STOP_TIMEOUT)
+        return app
+
+    def _app_ready(self, app: subprocess.Popen[bytes], ports: _Ports) -> bool:
+        """True once the sidecar sees the app healthy, i.e. callers' health checks will pass;
+        False if the app exited first."""
+        try:
+            self._wait(
+                lambda: _healthy(self.options.host, ports.inbound),
+                lambda: None if app.poll() is None else "it exited",
+                f"the app did not accept connections on port {ports.app}",
+            )
+        except RuntimeFailure:
+            if app.poll() is None:
+                raise
+            return False
+        return True
+
+    def _instance(self, instance_id: str, ports: _Ports, pid: int) -> Instance:
+        return Instance(
+            id=instance_id,
+            service=self.options.service,
+            group=self.options.group,
+            host=self.options.host,
+            inbound_port=ports.inbound,
+            app_port=ports.app,
+            admin_port=ports.admin,
+            egress_port=ports.egress,
+            pid=pid,
+            started_at=time.time(),
+        )
+
+    def _check_group(self) -> None:
+        name = urllib.parse.quote(self.options.service, safe="")
+        service = self.api("GET", f"/api/v1/rules/service/{name}", None)
+        groups = [group["name"] for group in service["spec"]["groups"]]
+        if self.options.group not in groups:
+            raise TasklaneError(
+                f"service {self.options.service} has no group '{self.options.group}' "
+                f"(groups: {', '.join(groups)})"
+            )
+
+    def _wait(
+        self,
+        ready: Callable[[], bool],
+        died: Callable[[], str | None],
+        what: str,
+        details: Callable[[], str] = str,
+    ) -> None:
+        """Poll until ready; RuntimeFailure when `died` names a reason or on timeout, _Stopped
+        on a signal."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ready():
+            reason = died()
+            if reason is None and time.monotonic() > deadline:
+                reason = f"not ready after {READY_TIMEOUT:g}s"
+            if reason is not None:
+                lines = details()
+                raise RuntimeFailure(f"{what}: {reason}" + (f"; log:\n{lines}" if lines else ""))
+            if self.stopping:
+                raise _Stopped
+            time.sleep(POLL_INTERVAL)
+
+    @contextlib.contextmanager
+    def _registered(self, instance: Instance) -> Iterator[None]:
+        """Registered (and kept alive by a thread) inside the block; deregistered after."""
+        self.api("POST", "/api/v1/instances", instance.to_json())
+        log.info(
+            "%s|%s instance %s registered: app :%d, inbound %s:%d, egress 127.0.0.1:%d, admin :%d",
+            instance.service,
+            instance.group,
+            instance.id,
+            instance.app_port,
+            instance.host,
+            instance.inbound_port,
+            instance.egress_port,
+            instance.admin_port,
+        )
+        done = threading.Event()
+        keepalive = threading.Thread(
+            target=self._keepalive, args=(instance, done), name="keepalive", daemon=True
+        )
+        keepalive.start()
+        try:
+            yield
+        finally:
+            log.info("deregistering %s, then stopping the app and Envoy", instance.id)
+            done.set()
+            keepalive.join()
+            try:
+                self.api("DELETE", f"/api/v1/instances/{instance.id}", None)
+            except TasklaneError as exc:
+                log.warning("cannot deregister (it expires by itself): %s", exc)
+
+    def _keepalive(self, instance: Instance, done: threading.Event) -> None:
+        """Renew every KEEPALIVE_INTERVAL; when that fails (the control plane restarted and
+        forgot us, or etcd is down) register again at once, which is idempotent."""
+        path = f"/api/v1/instances/{instance.id}/keepalive"
+        while not done.wait(KEEPALIVE_INTERVAL):
+            try:
+                self.api("POST", path, None)
+                continue
+            except TasklaneError as exc:
+                log.warning("keep-alive failed, registering again: %s", exc)
+            try:
+                self.api("POST", "/api/v1/instances", instance.to_json())
+                log.info("registered again")
+            except TasklaneError as exc:
+                log.warning("cannot register again (retrying): %s", exc)
+
+
+def xds_address(server: str, status: Any) -> tuple[str, int]:
+    """Where Envoy reaches the control plane's ADS, from its /api/v1/status answer; a
+    wildcard listen address is replaced by the host `server` (the HTTP URL) names."""
+    try:
+        host, _, port = status["xds"]["address"].rpartition(":")
+        number = int(port)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise TasklaneError(f"{server} did not report its xDS address") from None
+    if host in _WILDCARDS:
+        host = urllib.parse.urlsplit(server if "://" in server else f"http://{server}").hostname
+    return (host or "127.0.0.1").strip("[]"), number
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _distinct_ports(count: int, taken: tuple[int | None, ...]) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports and port not in taken:
+            ports.append(port)
+    return ports
+
+
+def _healthy(host: str, port: int) -> bool:
+    """True when the sidecar's inbound listener reports the app healthy, as callers see it."""
+    conn = http.client.HTTPConnection(host, port, timeout=1.0)
+    try:
+        conn.request("GET", HEALTH_PATH)
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()

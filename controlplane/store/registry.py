@@ -1,0 +1,278 @@
+"""The instance registry: one JSON document per running instance, kept alive by a lease.
+
+An instance is at `instances/<service>/<group>/<id>` only while its lease is renewed, so a
+process that dies without deregistering (SIGKILL, a lost host) disappears after the TTL
+instead of receiving traffic forever. Callers learn the instances from `watch_instances`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+from controlplane.errors import StoreError
+from controlplane.store.etcd import PREFIX, Change, Lease, Store
+
+INSTANCES = "instances/"
+DEFAULT_TTL = 5
+# Renewing three times per TTL survives one lost keep-alive (and a slow one) without expiry.
+KEEPALIVE_INTERVAL = 1.5
+# A broken instances watch is re-established after this long, doubling up to the maximum:
+# endpoint changes missed meanwhile are only seen once it is back, so the maximum is short.
+RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 2.0
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One running copy of a service in one group, as callers need to know it."""
+
+    id: str
+    service: str
+    group: str
+    host: str
+    inbound_port: int  # the registered address: the sidecar's inbound listener
+    app_port: int
+    admin_port: int
+    egress_port: int
+    pid: int
+    started_at: float
+
+    @property
+    def key(self) -> str:
+        return instance_key(self.service, self.group, self.id)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.inbound_port
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: object) -> Instance:
+        """An Instance from its JSON document; ValueError naming what is wrong otherwise."""
+        if not isinstance(data, dict):
+            raise ValueError("an instance must be a JSON object")
+        wanted = {f.name: f.type for f in fields(cls)}
+        missing, unknown = set(wanted) - set(data), set(data) - set(wanted)
+        if missing or unknown:
+            raise ValueError(
+                f"instance fields: missing {sorted(missing) or 'none'}, "
+                f"unknown {sorted(unknown) or 'none'}"
+            )
+        kinds = {"str": str, "int": int, "float": (int, float)}
+        for name, kind in wanted.items():
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, kinds[kind]):
+                raise ValueError(f"instance field {name!r} must be a {kind}, not {value!r}")
+        for name in ("id", "service", "group", "host"):
+            if not data[name] or "/" in data[name]:
+                raise ValueError(f"instance field {name!r} must be non-empty and without '/'")
+        return cls(**data)
+
+
+def instance_key(service: str, group: str, instance_id: str) -> str:
+    """The store key of one instance."""
+    return f"{INSTANCES}{service}/{group}/{instance_id}"
+
+
+def encode(instance: Instance) -> bytes:
+    return json.dumps(instance.to_json(), separators=(",", ":")).encode()
+
+
+class Registration:
+    """An instance kept in the registry by a lease; `close()` removes it at once.
+
+    With keepalive, a daemon thread renews the lease every KEEPALIVE_INTERVAL; without,
+    the owner calls `renew()` (the HTTP API does, on each keep-alive of `tasklane run`) and the
+    instance expires one TTL after the last renewal. Thread-safe: a renewal racing `close()`
+    never brings the instance back.
+    """
+
+    def __init__(self, store: Store, instance: Instance, ttl: int) -> None:
+        self.store, self.instance, self.ttl = store, instance, ttl
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.renewed_at = time.monotonic()
+        self.lease = self._put()
+
+    @property
+    def lease_id(self) -> int:
+        return self.lease.id
+
+    def _put(self) -> Lease:
+        lease = self.store.lease(self.ttl)
+        self.store.put(self.instance.key, encode(self.instance), lease=lease)
+        return lease
+
+    def renew(self) -> bool:
+        """Renew the lease; when it expired meanwhile (etcd unreachable for longer than the
+        TTL), register again under a new one. False once closed. StoreError if etcd fails."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self.lease.refresh() <= 0:
+                _log.warning("lease of %s expired; registering it again", self.instance.key)
+                self.lease = self._put()
+            self.renewed_at = time.monotonic()
+            return True
+
+    def _start_keepalive(self) -> None:
+        self._thread = threading.Thread(
+            target=self._keepalive, name=f"keepalive {self.instance.key}", daemon=True
+        )
+        self._thread.start()
+
+    def _keepalive(self) -> None:
+        failing = False
+        while not self._stop.wait(KEEPALIVE_INTERVAL):
+            try:
+                self.renew()
+            except StoreError as exc:
+                if not failing:
+                    _log.warning("cannot renew %s (retrying): %s", self.instance.key, exc)
+                failing = True
+                continue
+            if failing:
+                _log.info("renewing %s again", self.instance.key)
+            failing = False
+
+    def close(self) -> None:
+        """Stop renewing and revoke the lease, which deletes the instance. Safe to call twice;
+        StoreError if etcd does not answer (the instance then expires after the TTL)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.lease.revoke()
+            except StoreError:
+                if self.lease.refresh() > 0:  # not merely expired already: report it
+                    raise
+
+
+def register(
+    store: Store, instance: Instance, ttl: int = DEFAULT_TTL, keepalive: bool = True
+) -> Registration:
+    """Put `instance` in the registry under a new lease of `ttl` seconds."""
+    registration = Registration(store, instance, ttl)
+    if keepalive:
+        registration._start_keepalive()
+    return registration
+
+
+def list_instances(store: Store) -> tuple[list[Instance], int]:
+    """Every registered instance (by key), and the etcd revision they were read at."""
+    items, revision = store.get_prefix(INSTANCES)
+    decoded = (_decode(key, value) for key, value in sorted(items.items()))
+    return [instance for instance in decoded if instance is not None], revision
+
+
+InstancesCallback = Callable[[dict[str, Instance], int], None]
+
+
+def watch_instances(store: Store, callback: InstancesCallback) -> Callable[[], None]:
+    """Call `callback(instances by key, etcd revision)` now and after each change.
+
+    Returns a cancel function. If the watch breaks (etcd restarted, history compacted) the
+    instances are read again, passed to `callback`, and watched from there, retrying until
+    etcd answers or the watch is cancelled. Callbacks come from one thread at a time and get
+    a dict of their own. StoreError if etcd does not answer the first read.
+    """
+    watch = _InstancesWatch(store, callback)
+    watch.start()
+    return watch.cancel
+
+
+class _InstancesWatch:
+    """One instances watch that survives etcd outages by reading again and watching again."""
+
+    def __init__(self, store: Store, callback: InstancesCallback) -> None:
+        self._store = store
+        self._callback = callback
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._instances: dict[str, Instance] = {}
+        self._cancel_watch: Callable[[], None] | None = None
+
+    def start(self) -> None:
+        """The first read and watch: their errors, and the callback's, reach the caller."""
+        revision = self._read()
+        self._callback(dict(self._instances), revision)
+        self._watch(revision)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._stopped.set()
+            cancel, self._cancel_watch = self._cancel_watch, None
+        if cancel is not None:
+            cancel()
+
+    def _read(self) -> int:
+        instances, revision = list_instances(self._store)
+        self._instances = {instance.key: instance for instance in instances}
+        return revision
+
+    def _watch(self, read_at: int) -> None:
+        cancel = self._store.watch_prefix(INSTANCES, read_at + 1, self._changed, self._broken)
+        with self._lock:
+            if not self._stopped.is_set():
+                self._cancel_watch = cancel
+                return
+        cancel()  # cancelled meanwhile
+
+    def _changed(self, batch: list[Change]) -> None:
+        for change in batch:
+            instance = None if change.value is None else _decode(change.key, change.value)
+            if instance is None:
+                self._instances.pop(change.key, None)
+            else:
+                self._instances[change.key] = instance
+        self._callback(dict(self._instances), batch[-1].revision)
+
+    def _broken(self, error: StoreError) -> None:
+        """Runs on the store's watch thread, which cannot start a watch: restart elsewhere."""
+        _log.warning("instances watch broke, reading the instances again: %s", error)
+        threading.Thread(target=self._restart, name="instances-watch-restart", daemon=True).start()
+
+    def _restart(self) -> None:
+        delay = RETRY_DELAY
+        while not self._stopped.wait(delay):
+            try:
+                revision = self._read()
+                try:
+                    self._callback(dict(self._instances), revision)
+                except Exception:
+                    _log.exception("instances watch callback failed; the watch continues")
+                self._watch(revision)
+            except StoreError as exc:
+                _log.warning("instances watch: %s; retrying in %.1fs", exc, delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                continue
+            return
+
+
+def _decode(key: str, value: bytes) -> Instance | None:
+    """The instance stored at `key`, or None (logged) when it holds something else: one bad
+    key must not hide every other instance."""
+    try:
+        instance = Instance.from_json(json.loads(value))
+    except ValueError as exc:
+        _log.warning("ignoring etcd key %s%s: not an instance: %s", PREFIX, key, exc)
+        return None
+    if instance.key != key:
+        _log.warning("ignoring etcd key %s%s: it holds %s", PREFIX, key, instance.key)
+        return None
+    return instance

@@ -1,0 +1,200 @@
+"""The loop that makes the snapshot cache follow etcd: rules + instances -> snapshots.
+
+Watch threads only record the latest rules and instances and wake the loop; a burst of
+changes (an apply, a scale-up of many instances) is coalesced into one build after DEBOUNCE.
+The build is CPU work and runs in a worker thread; publishing touches the cache and the ADS
+streams, so it runs on the event loop. A snapshot the cache refuses as inconsistent is logged
+with its role and never reaches Envoy: that role's sidecars keep the previous one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from controlplane.errors import StoreError
+from controlplane.model.rules import RuleSet
+from controlplane.store.etcd import Store
+from controlplane.store.registry import Instance, watch_instances
+from controlplane.store.rules import watch_rules
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
+from controlplane.xds.translate import Endpoints, Translator
+
+log = logging.getLogger(__name__)
+
+# Long enough to gather one apply's or one registration's events, short against a push.
+DEBOUNCE = 0.03
+
+
+def endpoints_of(instances: Iterable[Instance]) -> Endpoints:
+    """The translator's endpoints: (service, group) -> addresses of the instances' sidecars."""
+    out: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for instance in instances:
+        out.setdefault((instance.service, instance.group), []).append(instance.address)
+    return out
+
+
+class Sync:
+    """Follows rules and instances in etcd and publishes every role's snapshot.
+
+    Lives on the control plane's event loop: `start` and `stop` are called there, and
+    `instance_keys` / `status()` describe the last build that was published.
+    """
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        translator: Translator | None = None,
+        debounce: float = DEBOUNCE,
+    ) -> None:
+        self.cache = cache
+        self.translator = translator or Translator()
+        self.debounce = debounce
+        self.instance_keys: frozenset[str] = frozenset()  # in the last published build
+        self._rules: RuleSet | None = None
+        self._instances: dict[str, Instance] | None = None
+        self._instances_revision = 0
+        self._roles: frozenset[str] = frozenset()
+        self._dirty = asyncio.Event()
+        self._published = asyncio.Condition()
+        self._cancels: list[Callable[[], None]] = []
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._status: dict[str, Any] = {
+            "builds": 0,
+            "last_build_at": None,
+            "last_build_ms": None,
+            "roles": 0,
+            "rules": 0,
+            "instances": 0,
+            "instances_revision": 0,
+            "refused": {},
+            "error": None,
+        }
+
+    async def start(self, store: Store) -> None:
+        """Read the rules and instances, publish the first build, then follow changes.
+
+        The first build is published before this returns, so a sidecar connecting as soon as
+        the control plane serves gets its snapshot at once. StoreError if etcd does not answer.
+        """
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._cancels.append(await asyncio.to_thread(watch_rules, store, self._rules_changed))
+            self._cancels.append(
+                await asyncio.to_thread(watch_instances, store, self._instances_changed)
+            )
+        except BaseException:
+            await self.stop()
+            raise
+        # The watches deliver their first read before returning; it was queued on this loop
+        # ahead of the thread's completion, so both inputs are set now.
+        await self._build_and_publish()
+        self._task = asyncio.create_task(self._follow(), name="sync")
+
+    async def stop(self) -> None:
+        """Stop following etcd; the cache keeps the last published snapshots."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        cancels, self._cancels = self._cancels, []
+        for cancel in cancels:
+            try:
+                await asyncio.to_thread(cancel)
+            except StoreError as exc:  # etcd already gone: the watch is over anyway
+                log.warning("%s", exc)
+
+    def status(self) -> dict[str, Any]:
+        """The last build, for /api/v1/status."""
+        return dict(self._status)
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Wait (bounded) until `condition` holds after a publish, e.g. until an instance is
+        in or out of `instance_keys`; False on timeout."""
+        async with self._published:
+            try:
+                await asyncio.wait_for(self._published.wait_for(condition), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    # --- called on watch threads -------------------------------------------------------------
+
+    def _rules_changed(self, rules: RuleSet) -> None:
+        self._from_thread(self._set_rules, rules)
+
+    def _instances_changed(self, instances: dict[str, Instance], revision: int) -> None:
+        self._from_thread(self._set_instances, instances, revision)
+
+    def _from_thread(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop closed while a watch was delivering
+            log.debug("change arrived after the control plane stopped; ignored")
+
+    # --- on the event loop -------------------------------------------------------------------
+
+    def _set_rules(self, rules: RuleSet) -> None:
+        self._rules = rules
+        self._dirty.set()
+
+    def _set_instances(self, instances: dict[str, Instance], revision: int) -> None:
+        self._instances, self._instances_revision = instances, revision
+        self._dirty.set()
+
+    async def _follow(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.debounce)
+            await self._build_and_publish()
+
+    async def _build_and_publish(self) -> None:
+        self._dirty.clear()
+        rules, instances = self._rules, self._instances
+        revision = self._instances_revision
+        assert rules is not None and instances is not None, "both watches deliver a first read"
+        started = time.monotonic()
+        try:
+            snapshots = await asyncio.to_thread(
+                self.translator.build, rules, endpoints_of(instances.values())
+            )
+        except Exception as exc:  # a translator bug must not stop the sync
+            log.exception("building the snapshots failed; the published ones stay")
+            self._status["error"] = f"build failed: {exc}"
+            return
+        refused = self._publish(snapshots)
+        self.instance_keys = frozenset(instances)
+        self._status.update(
+            builds=self._status["builds"] + 1,
+            last_build_at=time.time(),
+            last_build_ms=round((time.monotonic() - started) * 1000, 3),
+            roles=len(snapshots),
+            rules=len(rules.all()),
+            instances=len(instances),
+            instances_revision=revision,
+            refused=refused,
+            error=None,
+        )
+        async with self._published:
+            self._published.notify_all()
+
+    def _publish(self, snapshots: dict[str, Snapshot]) -> dict[str, str]:
+        """Set every role's snapshot, forget roles that are gone; {role: why} of refusals."""
+        refused: dict[str, str] = {}
+        for role, snapshot in snapshots.items():
+            try:
+                self.cache.set_snapshot(role, snapshot)
+            except InconsistentSnapshot as exc:
+                log.error("snapshot of %s refused, its sidecars keep their last one: %s", role, exc)
+                refused[role] = str(exc)
+        for role in self._roles - snapshots.keys():
+            self.cache.clear_snapshot(role)
+        self._roles = frozenset(snapshots)
+        return refused

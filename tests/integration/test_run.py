@@ -1,0 +1,400 @@
+"""`tasklane run` as a user runs it: a real `tasklane up`, the fund-yield rules applied with
+`tasklane apply`, and demo apps behind real Envoy sidecars started by `tasklane run`. Dyed
+requests stay in the task groups at every hop; a run that stops (signal, the app exiting, or
+killed hard) leaves etcd and its callers' endpoints, and leaves no process behind."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from controlplane.runtime.process import dying_with_parent
+from controlplane.store.etcd import PREFIX, Store
+from controlplane.store.registry import DEFAULT_TTL, Instance, list_instances
+from tests.integration.test_cli_up import (
+    TASKLANE,
+    Up,
+    assert_one_line_error,
+    get_json,
+    start_up,
+    wait_gone,
+    wait_ready,
+)
+from tests.integration.test_sync import cluster_hosts, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = REPO / "tests" / "rules" / "good" / "fund-yield.yaml"
+NEXT = {"fund-facade": "account-svc", "account-svc": "nav-pricing", "nav-pricing": None}
+STOP_TIMEOUT = 15.0
+
+# A minimal app for the stop tests: records the environment `tasklane run` gave it, accepts
+# connections on $PORT, exits 7 on SIGTERM and 3 by itself once the file argv[1] exists.
+PROBE_APP = """
+import json, os, signal, socket, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+with open(sys.argv[1] + ".env", "w") as out:
+    json.dump(dict(os.environ), out)
+server = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))
+server.settimeout(0.05)
+while not os.path.exists(sys.argv[1]):
+    try:
+        server.accept()[0].close()
+    except TimeoutError:
+        pass
+sys.exit(3)
+"""
+
+
+@dataclass
+class Run:
+    """One `tasklane run` process and, once registered, its instance."""
+
+    proc: subprocess.Popen[bytes]
+    service: str
+    group: str
+    err: Path
+    instance: Instance | None = None
+
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+
+@dataclass
+class Plane:
+    up: Up
+    store: Store  # straight to the embedded etcd, to see what really is registered
+    logs: Path
+
+    @property
+    def server(self) -> str:
+        return f"http://127.0.0.1:{self.up.ports['http']}"
+
+    def tasklane(self, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*TASKLANE, command, "--server", self.server, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def launch(self, service: str, group: str, command: list[str]) -> Run:
+        """Start `tasklane run` (not waiting for it); its stdout and stderr go to a file."""
+        err = self.logs / f"run-{service}-{group}-{time.monotonic_ns()}.log"
+        with err.open("wb") as log:
+            proc = subprocess.Popen(
+                # Killed with the test process even if the test dies without cleaning up.
+                dying_with_parent(
+                    [*TASKLANE, "run", "--server", self.server]
+                    + ["--service", service, "--group", group, "--", *command]
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        return Run(proc, service, group, err)
+
+    def registered(self, run: Run) -> Run:
+        """Wait until the run's instance is in etcd (its app is a child of the run)."""
+
+        def find() -> Instance | None:
+            if run.proc.poll() is not None:
+                raise AssertionError(f"tasklane run exited {run.proc.returncode}:\n{run.stderr()}")
+            instances, _ = list_instances(self.store)
+            mine = [i for i in instances if i.pid and parent_of(i.pid) == run.proc.pid]
+            return mine[0] if mine else None
+
+        run.instance = wait_until(find, timeout=30, what=f"{run.service}|{run.group} registered")
+        return run
+
+    def instance_keys(self) -> set[str]:
+        return {instance.key for instance in list_instances(self.store)[0]}
+
+    def lease_of(self, key: str) -> int:
+        """The etcd lease a key is attached to (0: none or no key); not part of the Store API."""
+        value, meta = self.store._client.get(PREFIX + key)
+        return meta.lease_id if value is not None else 0
+
+    def restart_up(self) -> None:
+        """Stop `tasklane up` cleanly and start it again on the same ports and state."""
+        self.up.proc.send_signal(signal.SIGTERM)
+        assert self.up.proc.wait(timeout=STOP_TIMEOUT) == 0
+        out, err = self.logs / "up-again.out", self.logs / "up-again.err"
+        ports = self.up.ports
+        with out.open("wb") as out_file, err.open("wb") as err_file:
+            proc = subprocess.Popen(
+                [*TASKLANE, "up", "--state-dir", str(self.up.state_dir)]
+                + ["--xds-port", str(ports["xds"]), "--http-port", str(ports["http"])]
+                + ["--etcd-client-port", str(ports["etcd_client"])]
+                + ["--etcd-peer-port", str(ports["etcd_peer"])],
+                stdin=subprocess.DEVNULL,
+                stdout=out_file,
+                stderr=err_file,
+            )
+        self.up = Up(proc, ports, self.up.state_dir, out, err)
+        assert wait_ready(self.up), self.up.stderr()
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [child for child in pids if parent_of(child) == pid]
+
+
+def chain_app(service: str, group: str) -> list[str]:
+    command = (
+        f'exec "$0" -m demo.chain_app --service {service} --group {group} '
+        f'--instance "$TASKLANE_INSTANCE" --port "$PORT"'
+    )
+    if NEXT[service]:
+        command += f" --next {NEXT[service]}"
+    return ["sh", "-c", command, sys.executable]
+
+
+def stop_run(run: Run) -> None:
+    if run.proc.poll() is None:
+        run.proc.send_signal(signal.SIGTERM)
+        try:
+            run.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            run.proc.kill()
+            run.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    """`tasklane up` with the fund-yield rules applied by `tasklane apply`."""
+    up = start_up(tmp_path_factory.mktemp("up"))
+    try:
+        store = Store.connect(f"127.0.0.1:{up.ports['etcd_client']}")
+    except BaseException:
+        up.kill()
+        raise
+    running = Plane(up, store, tmp_path_factory.mktemp("runs"))
+    try:
+        applied = running.tasklane("apply", "-f", str(GOOD))
+        assert applied.returncode == 0, applied.stderr
+        yield running
+    finally:
+        store.close()
+        running.up.proc.send_signal(signal.SIGTERM)  # restart_up() may have replaced it
+        try:
+            assert running.up.proc.wait(timeout=STOP_TIMEOUT) == 0
+        finally:
+            running.up.kill()
+
+
+@dataclass
+class Probe:
+    """A run of PROBE_APP in account-svc|debit (no request of the tests goes there), and the
+    file that makes its app exit by itself."""
+
+    run: Run
+    trigger: Path
+
+
+@dataclass
+class Mesh:
+    chain: dict[tuple[str, str], Run]  # one instance of every group of the fund-yield chain
+    probes: dict[str, Probe]  # one per stop test
+
+
+@pytest.fixture(scope="module")
+def mesh(plane: Plane) -> Iterator[Mesh]:
+    """Every instance the tests need, started in parallel."""
+    chain = {
+        (service, group): plane.launch(service, group, chain_app(service, group))
+        for service in NEXT
+        for group in ("default", "task")
+    }
+    probes = {}
+    for name in ("sigterm", "exit", "kill", "envoy"):
+        trigger = plane.logs / f"exit-{name}"
+        command = [sys.executable, "-c", PROBE_APP, str(trigger)]
+        probes[name] = Probe(plane.launch("account-svc", "debit", command), trigger)
+    runs = [*chain.values(), *(probe.run for probe in probes.values())]
+    try:
+        with ThreadPoolExecutor(len(runs)) as pool:
+            list(pool.map(plane.registered, runs))
+        yield Mesh(chain, probes)
+    finally:
+        with ThreadPoolExecutor(len(runs)) as pool:
+            list(pool.map(stop_run, runs))
+
+
+def get(port: int, service: str, headers: dict[str, str]) -> tuple[int, dict]:
+    """GET / on `service` through a sidecar's egress listener."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"Host": service, **headers})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(body)
+    except ValueError:
+        return response.status, {"error": body.decode(errors="replace")}
+
+
+def hops(answer: dict) -> list[tuple[str, str]]:
+    return [(hop["service"], hop["group"]) for hop in answer.get("hops", [])]
+
+
+def test_dyed_requests_stay_in_the_task_groups_at_every_hop(mesh: Mesh) -> None:
+    egress = mesh.chain["nav-pricing", "default"].instance.egress_port  # any sidecar will do
+    task = [("fund-facade", "task"), ("account-svc", "task"), ("nav-pricing", "task")]
+    online = [("fund-facade", "default"), ("account-svc", "default"), ("nav-pricing", "default")]
+
+    # Callers route to an instance once their first health check of it passed.
+    wait_until(
+        lambda: get(egress, "fund-facade", {"x-task-dye": "fund-yield"})[0] == 200
+        and get(egress, "fund-facade", {})[0] == 200,
+        what="both chains answer",
+    )
+    for _ in range(5):
+        status, answer = get(egress, "fund-facade", {"x-task-dye": "fund-yield"})
+        assert (status, hops(answer)) == (200, task), answer
+        status, answer = get(egress, "fund-facade", {})
+        assert (status, hops(answer)) == (200, online), answer
+    instances = {(run.service, run.group): run.instance.id for run in mesh.chain.values()}
+    assert [hop["instance"] for hop in answer["hops"]] == [instances[hop] for hop in online]
+
+
+def test_unknown_service_or_group_fails_with_one_line(plane: Plane) -> None:
+    command = ["--", "sleep", "30"]
+    nope = plane.tasklane("run", "--service", "nope", *command)
+    assert nope.returncode == 2
+    assert_one_line_error(nope.stderr, "Service 'nope' not found")
+    group = plane.tasklane("run", "--service", "fund-facade", "--group", "batch", *command)
+    assert group.returncode == 2
+    assert_one_line_error(
+        group.stderr, "service fund-facade has no group 'batch' (groups: default, task)"
+    )
+    missing = plane.tasklane("run", "--service", "fund-facade", "--", "no-such-command-here")
+    assert missing.returncode == 2
+    assert_one_line_error(missing.stderr, "command not found: no-such-command-here")
+
+
+def test_sigterm_deregisters_then_stops_app_and_envoy(plane: Plane, mesh: Mesh) -> None:
+    run, trigger = mesh.probes["sigterm"].run, mesh.probes["sigterm"].trigger
+    instance = run.instance
+    address = "{}:{}".format(*instance.address)
+    caller = mesh.chain["fund-facade", "default"].instance.admin_port
+    wait_until(
+        lambda: address in cluster_hosts(caller, "account-svc|debit"),
+        what="the caller's sidecar has the new instance",
+    )
+    env = json.loads(Path(f"{trigger}.env").read_text())
+    egress = f"127.0.0.1:{instance.egress_port}"
+    expected = {
+        "PORT": str(instance.app_port),
+        "TASKLANE_SERVICE": "account-svc",
+        "TASKLANE_GROUP": "debit",
+        "TASKLANE_INSTANCE": instance.id,
+        "TASKLANE_EGRESS": egress,
+        "http_proxy": f"http://{egress}",
+        "HTTP_PROXY": f"http://{egress}",
+        "no_proxy": "localhost,127.0.0.1",
+        "NO_PROXY": "localhost,127.0.0.1",
+    }
+    assert {name: env.get(name) for name in expected} == expected
+    children = children_of(run.proc.pid)
+    assert instance.pid in children and len(children) == 2  # the app and Envoy
+
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=STOP_TIMEOUT) == 7, run.stderr()
+    assert instance.key not in plane.instance_keys()
+    for pid in children:
+        assert wait_gone(pid, timeout=1), f"pid {pid} still running"
+    # Gone from the caller's endpoints (see the report: health checks may keep it a moment).
+    wait_until(
+        lambda: address not in cluster_hosts(caller, "account-svc|debit"),
+        what="the caller's sidecar forgot the instance",
+    )
+    log = run.stderr()
+    assert "Traceback" not in log
+    assert "deregistering" in log
+
+
+def test_app_exit_ends_the_run_with_its_code(plane: Plane, mesh: Mesh) -> None:
+    run = mesh.probes["exit"].run
+    children = children_of(run.proc.pid)
+    mesh.probes["exit"].trigger.touch()
+    assert run.proc.wait(timeout=STOP_TIMEOUT) == 3, run.stderr()
+    assert run.instance.key not in plane.instance_keys()
+    for pid in children:
+        assert wait_gone(pid, timeout=1), f"pid {pid} still running"
+    assert "Traceback" not in run.stderr()
+
+
+def test_run_killed_hard_expires_with_its_lease(plane: Plane, mesh: Mesh) -> None:
+    run = mesh.probes["kill"].run
+    children = children_of(run.proc.pid)
+    [envoy] = [pid for pid in children if pid != run.instance.pid]
+    args = Path(f"/proc/{envoy}/cmdline").read_bytes().split(b"\0")
+    bootstrap = Path(args[args.index(b"-c") + 1].decode())
+    run.proc.kill()
+    run.proc.wait()
+    for pid in children:  # the kernel kills them with their parent
+        assert wait_gone(pid, timeout=2), f"pid {pid} still running"
+    killed = time.monotonic()
+    wait_until(
+        lambda: run.instance.key not in plane.instance_keys(),
+        timeout=DEFAULT_TTL + 3,
+        what="the instance expired",
+    )
+    assert time.monotonic() - killed <= DEFAULT_TTL + 1
+    status, body = get_json(f"{plane.server}/api/v1/instances")
+    assert status == 200
+    assert run.instance.id not in {item["id"] for item in body["items"]}
+    shutil.rmtree(bootstrap.parent)  # the one thing a run killed hard cannot clean up
+
+
+def test_envoy_dying_ends_the_run_deregistered(plane: Plane, mesh: Mesh) -> None:
+    run = mesh.probes["envoy"].run
+    app = run.instance.pid
+    [envoy] = [pid for pid in children_of(run.proc.pid) if pid != app]
+    os.kill(envoy, signal.SIGKILL)
+    assert run.proc.wait(timeout=STOP_TIMEOUT) == 2
+    assert run.instance.key not in plane.instance_keys()
+    assert wait_gone(app, timeout=1)
+    log = run.stderr()
+    assert "tasklane: error: Envoy (admin " in log
+    assert "Traceback" not in log
+
+
+def test_runs_register_again_with_a_restarted_control_plane(plane: Plane, mesh: Mesh) -> None:
+    """The new control plane knows none of the registrations: each run's next keep-alive
+    gets 404 and registers again, before the lease the old one held has expired."""
+    keys = {run.instance.key for run in mesh.chain.values()}
+    leases = {key: plane.lease_of(key) for key in keys}
+    plane.restart_up()
+    wait_until(
+        lambda: all(0 != plane.lease_of(key) != leases[key] for key in keys),
+        what="every instance under a lease of the new control plane",
+    )
+    egress = mesh.chain["nav-pricing", "default"].instance.egress_port
+    status, answer = get(egress, "fund-facade", {"x-task-dye": "fund-yield"})
+    assert (status, hops(answer)[-1]) == (200, ("nav-pricing", "task")), answer
+    assert all("registered again" in run.stderr() for run in mesh.chain.values())
