@@ -1,0 +1,318 @@
+"""Translator benchmark: how long rules -> every role's snapshot takes at mesh scale.
+
+Synthetic, seeded rules: 1000 services x 3 groups (`default` + 2 task groups), 200 chains of
+3-6 hops over random services (exact dyes plus one prefix each; some `loose`, some weights
+under 100, some rate limits), 2 instances per group. A fresh `Translator` builds every role
+and a real `SnapshotCache(STATIC_CLUSTERS)` takes each snapshot ("publish": the consistency
+check and the change diff run there). Then the incremental cases, each timed from the new
+rules to the last `set_snapshot`: one hop's weight changes; one instance is added.
+
+    .venv/bin/python bench/translate.py [--services 1000] [--chains 200] [--reps 10]
+
+A missed target is profiled (cProfile) and the top functions are printed under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import os
+import platform
+import pstats
+import random
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from controlplane.model.rules import (
+    DEFAULT_BAGGAGE_KEY,
+    DEFAULT_DYE_HEADER,
+    DEFAULT_GROUP,
+    Dye,
+    Group,
+    Hop,
+    RateLimit,
+    RuleSet,
+    Service,
+    TaskChain,
+)
+from controlplane.model.validate import check
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.names import EGRESS_ROUTE, GATEWAY_ROLE, STATIC_CLUSTERS
+from controlplane.xds.snapshot import Snapshot
+from controlplane.xds.translate import Endpoints, Translator
+from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK_GROUPS = ("task-a", "task-b")
+TARGET_FULL_S = 2.0
+TARGET_REBUILD_S = 0.050
+_SHORT = {CLUSTER: "CDS", ENDPOINT: "EDS", ROUTE: "RDS", LISTENER: "LDS"}
+
+
+def make_rules(services: int, chains: int, seed: int) -> RuleSet:
+    """Seeded synthetic rules; every dye is unique so `check` accepts them."""
+    rng = random.Random(seed)
+    names = [f"svc-{i:04d}" for i in range(services)]
+    groups = (Group(DEFAULT_GROUP, 1, 4), *(Group(g, 0, 4) for g in TASK_GROUPS))
+    service_rules = [Service(name=n, protocol="http", groups=groups) for n in names]
+    chain_rules = []
+    for c in range(chains):
+        hops = []
+        for service in rng.sample(names, rng.randint(3, 6)):
+            weight = 100 if rng.random() < 0.7 else rng.choice((10, 25, 50, 90))
+            limit = None
+            if rng.random() < 0.3:
+                rate = rng.choice((5.0, 50.0, 200.0))
+                limit = RateLimit(requests_per_second=rate, burst=int(rate) * 2)
+            hops.append(Hop(service, rng.choice(TASK_GROUPS), weight, limit))
+        dye = Dye(
+            header=DEFAULT_DYE_HEADER,
+            baggage_key=DEFAULT_BAGGAGE_KEY,
+            exact=tuple(f"task-{c:04d}-{k}" for k in range(rng.randint(1, 3))),
+            prefixes=(f"run-{c:04d}-",),
+        )
+        fallback = "loose" if rng.random() < 0.3 else "strict"
+        chain_rules.append(TaskChain(f"chain-{c:04d}", dye, fallback, tuple(hops)))
+    rules = RuleSet.empty().with_rules([*service_rules, *chain_rules])
+    check(rules)
+    return rules
+
+
+def make_endpoints(rules: RuleSet, per_group: int) -> dict[tuple[str, str], list[tuple[str, int]]]:
+    """`per_group` instances of every group, each with a distinct fake inbound address."""
+    out: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for s, service in enumerate(sorted(rules.services.values(), key=lambda x: x.name)):
+        for g, group in enumerate(service.groups):
+            out[(service.name, group.name)] = [
+                (f"10.{s // 250}.{s % 250}.{g * 10 + i}", 15006) for i in range(per_group)
+            ]
+    return out
+
+
+def publish(cache: SnapshotCache, snapshots: dict[str, Snapshot]) -> None:
+    """What the server does with a build: every role's snapshot into the cache."""
+    for role, snapshot in snapshots.items():
+        cache.set_snapshot(role, snapshot)
+
+
+@dataclass
+class Timing:
+    """Wall seconds of one build + publish, and the CPU seconds of both (this process's
+    own, so a busy machine shows as wall > CPU rather than as a slower translator)."""
+
+    build: float
+    publish: float
+    cpu: float
+
+    @property
+    def total(self) -> float:
+        return self.build + self.publish
+
+
+def timed(translator: Translator, cache: SnapshotCache, rules: RuleSet, eps: Endpoints) -> Timing:
+    """One build then publish. The collector stays on, as in the server, but starts each
+    sample empty so that garbage of the previous one is not charged to it."""
+    gc.collect()
+    cpu = time.process_time()
+    start = time.perf_counter()
+    snapshots = translator.build(rules, eps)
+    built = time.perf_counter()
+    publish(cache, snapshots)
+    done = time.perf_counter()
+    return Timing(built - start, done - built, time.process_time() - cpu)
+
+
+def change_weight(rules: RuleSet, chain_name: str, rep: int) -> RuleSet:
+    """The chain with its first hop's weight set to a value that differs from every rep's."""
+    chain = rules.chains[chain_name]
+    first = replace(chain.hops[0], weight=1 + rep % 98)
+    return rules.with_rules([replace(chain, hops=(first, *chain.hops[1:]))])
+
+
+def add_instance(eps: Endpoints, key: tuple[str, str], rep: int) -> Endpoints:
+    """The endpoints with one more instance in group `key`."""
+    out = dict(eps)
+    out[key] = [*eps[key], ("10.255.255.1", 20000 + rep)]
+    return out
+
+
+def median_timing(samples: Sequence[Timing]) -> Timing:
+    return Timing(
+        statistics.median(t.build for t in samples),
+        statistics.median(t.publish for t in samples),
+        statistics.median(t.cpu for t in samples),
+    )
+
+
+_SPLIT = (  # (label, file suffix, function): the parts a rebuild is made of
+    ("Translator.build", "xds/translate.py", "build"),
+    ("SnapshotCache.set_snapshot", "xds/cache.py", "set_snapshot"),
+    ("  Snapshot.check_consistent", "xds/snapshot.py", "check_consistent"),
+    ("  Snapshot.changed_types", "xds/snapshot.py", "changed_types"),
+)
+
+
+def profile(run: Callable[[], object], top: int = 15) -> str:
+    """cProfile of one run: the split into build and publish, then the functions with the
+    most own time and the most cumulative time (paths shown relative to the repo)."""
+    gc.collect()  # as in timed(): no garbage of earlier runs charged to this one
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    cumulative = {
+        label: sum(
+            row[3]
+            for (path, _, func), row in stats.stats.items()  # type: ignore[attr-defined]
+            if path.endswith(suffix) and func == name
+        )
+        for label, suffix, name in _SPLIT
+    }
+    out.write(f"total under the profiler: {stats.total_tt * 1000:.0f} ms\n")  # type: ignore[attr-defined]
+    for label, seconds in cumulative.items():
+        out.write(f"  {label:<30}{seconds * 1000:>8.0f} ms cumulative\n")
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue().replace(str(ROOT) + "/", "")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def verdict(value: float, limit: float) -> str:
+    return "pass" if value <= limit else "MISS"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--chains", type=int, default=200)
+    parser.add_argument("--instances", type=int, default=2, help="per group")
+    parser.add_argument("--reps", type=int, default=10, help="repetitions of each rebuild")
+    parser.add_argument("--full-reps", type=int, default=3, help="fresh full builds")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--no-profile", action="store_true", help="skip profiling misses")
+    args = parser.parse_args(argv)
+
+    import google.protobuf
+    from google.protobuf.internal import api_implementation
+
+    rules = make_rules(args.services, args.chains, args.seed)
+    eps = make_endpoints(rules, args.instances)
+    hop_count = sum(len(c.hops) for c in rules.chains.values())
+    print(
+        f"machine: {platform.machine()} {_cpu_model()}, {os.cpu_count()} CPUs, load average "
+        f"{_load()}; Python "
+        f"{platform.python_version()}, protobuf {google.protobuf.__version__} "
+        f"({api_implementation.Type()})"
+    )
+    print(
+        f"rules: {len(rules.services)} services x {1 + len(TASK_GROUPS)} groups, "
+        f"{len(rules.chains)} chains ({hop_count} hops, "
+        f"{sum(c.fallback == 'loose' for c in rules.chains.values())} loose), "
+        f"{args.instances} instances per group ({sum(map(len, eps.values()))} endpoints); "
+        f"seed {args.seed}"
+    )
+
+    full: list[Timing] = []
+    for _ in range(args.full_reps):
+        translator, cache = Translator(), SnapshotCache(STATIC_CLUSTERS)
+        full.append(timed(translator, cache, rules, eps))
+    snapshots = translator.build(rules, eps)  # memoised: the same objects as published
+
+    # One hop's weight, each rep a new value, then back to the base rules (untimed).
+    chain_name = sorted(rules.chains)[len(rules.chains) // 2]
+    weight: list[Timing] = []
+    for rep in range(args.reps):
+        weight.append(timed(translator, cache, change_weight(rules, chain_name, rep), eps))
+        timed(translator, cache, rules, eps)  # back to the base rules, untimed
+    key = (rules.chains[chain_name].hops[0].service, rules.chains[chain_name].hops[0].group)
+    instance: list[Timing] = []
+    for rep in range(args.reps):
+        instance.append(timed(translator, cache, rules, add_instance(eps, key, rep)))
+        timed(translator, cache, rules, eps)
+
+    rows = [
+        ("full build (fresh Translator)", median_timing(full), TARGET_FULL_S, len(full)),
+        ("rebuild: one hop weight", median_timing(weight), TARGET_REBUILD_S, len(weight)),
+        ("rebuild: one instance added", median_timing(instance), TARGET_REBUILD_S, len(instance)),
+    ]
+    header = (
+        f"{'case':<30}{'n':>3}{'build ms':>10}{'publish ms':>12}{'total ms':>10}"
+        f"{'CPU ms':>8}{'target ms':>11}  result"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+    for name, t, limit, n in rows:
+        print(
+            f"{name:<30}{n:>3}{ms(t.build):>10}{ms(t.publish):>12}{ms(t.total):>10}"
+            f"{ms(t.cpu):>8}{'<= ' + ms(limit):>11}  {verdict(t.total, limit)}"
+        )
+    print()
+    some = next(iter(snapshots.values()))
+    per_role = ", ".join(f"{len(some.resources(t))} {_SHORT[t]}" for t in PUSH_ORDER)
+    egress = some.resources(ROUTE)[EGRESS_ROUTE]
+    print(f"roles: {len(snapshots)} ({len(snapshots) - 1} service groups + {GATEWAY_ROLE})")
+    print(f"resources per role: {per_role} (LDS is static in the sidecar bootstrap)")
+    print(f"egress route config: {len(egress.payload) / 1024:.0f} KiB serialised")
+    print(f"peak RSS: {peak_rss_mb():.0f} MiB; load average after: {_load()}")
+    print(
+        "full builds (s): "
+        + ", ".join(f"{t.build:.2f}+{t.publish:.2f}" for t in full)
+        + "; weight rebuilds (ms): "
+        + ", ".join(ms(t.total) for t in weight)
+        + "; instance rebuilds (ms): "
+        + ", ".join(ms(t.total) for t in instance)
+    )
+
+    if args.no_profile:
+        return 0
+    for name, t, limit, _ in rows:
+        if t.total <= limit:
+            continue
+        print(f"\n=== profile of a miss: {name} ===")
+        if name.startswith("full"):
+            fresh_cache = SnapshotCache(STATIC_CLUSTERS)
+            print(profile(lambda c=fresh_cache: publish(c, Translator().build(rules, eps))))
+        elif "weight" in name:
+            changed = change_weight(rules, chain_name, args.reps)
+            print(profile(lambda r=changed: publish(cache, translator.build(r, eps))))
+            timed(translator, cache, rules, eps)
+        else:
+            more = add_instance(eps, key, args.reps)
+            print(profile(lambda e=more: publish(cache, translator.build(rules, e))))
+            timed(translator, cache, rules, eps)
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
