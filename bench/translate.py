@@ -5,7 +5,7 @@ Synthetic, seeded rules: 1000 services x 3 groups (`default` + 2 task groups), 2
 under 100, some rate limits), 2 instances per group. A fresh `Translator` builds every role
 and a real `SnapshotCache(STATIC_CLUSTERS)` takes each snapshot ("publish": the consistency
 check and the change diff run there). Then the incremental cases, each timed from the new
-rules to the last `set_snapshot`: one hop's weight changes; one instance is added.
+rules to the last `set_snapshots`: one hop's weight changes; one instance is added.
 
     .venv/bin/python bench/translate.py [--services 1000] [--chains 200] [--reps 10]
 
@@ -98,8 +98,7 @@ def make_endpoints(rules: RuleSet, per_group: int) -> dict[tuple[str, str], list
 
 def publish(cache: SnapshotCache, snapshots: dict[str, Snapshot]) -> None:
     """What the server does with a build: every role's snapshot into the cache."""
-    for role, snapshot in snapshots.items():
-        cache.set_snapshot(role, snapshot)
+    cache.set_snapshots(snapshots)
 
 
 @dataclass
@@ -153,7 +152,7 @@ def median_timing(samples: Sequence[Timing]) -> Timing:
 
 _SPLIT = (  # (label, file suffix, function): the parts a rebuild is made of
     ("Translator.build", "xds/translate.py", "build"),
-    ("SnapshotCache.set_snapshot", "xds/cache.py", "set_snapshot"),
+    ("SnapshotCache.set_snapshots", "xds/cache.py", "set_snapshots"),
     ("  Snapshot.check_consistent", "xds/snapshot.py", "check_consistent"),
     ("  Snapshot.changed_types", "xds/snapshot.py", "changed_types"),
 )

@@ -188,12 +188,10 @@ class Sync:
     def _publish(self, snapshots: dict[str, Snapshot]) -> dict[str, str]:
         """Set every role's snapshot, forget roles that are gone; {role: why} of refusals."""
         refused: dict[str, str] = {}
-        for role, snapshot in snapshots.items():
-            try:
-                self.cache.set_snapshot(role, snapshot)
-            except InconsistentSnapshot as exc:
-                log.error("snapshot of %s refused, its sidecars keep their last one: %s", role, exc)
-                refused[role] = str(exc)
+        for role, outcome in self.cache.set_snapshots(snapshots).items():
+            if isinstance(outcome, InconsistentSnapshot):
+                log.error("snapshot of %s refused, its sidecars keep theirs: %s", role, outcome)
+                refused[role] = str(outcome)
         for role in self._roles - snapshots.keys():
             self.cache.clear_snapshot(role)
         self._roles = frozenset(snapshots)

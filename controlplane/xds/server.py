@@ -252,24 +252,30 @@ class AdsServer:
         self.status = status or StatusBoard()
         self.observer = observer or Observer()
         self._streams: set[_Stream] = set()
-        self._watchdog: asyncio.Task | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def _serve(self, stream: _Stream, requests: AsyncIterator) -> None:
         self._streams.add(stream)
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = asyncio.create_task(self._watch_slow_writes())
+        if self._watchdog is None:
+            self._schedule_watchdog()
         try:
             await stream.run(requests)
         finally:
             self._streams.discard(stream)
 
-    async def _watch_slow_writes(self) -> None:
-        """One task for all streams (not a timer per write); ends with the last stream."""
-        while self._streams:
-            await asyncio.sleep(SLOW_WRITE_SECONDS / 4)
-            now = time.monotonic()
-            for stream in tuple(self._streams):
-                stream.report_if_slow(now)
+    def _schedule_watchdog(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(SLOW_WRITE_SECONDS / 4, self._report_slow_writes)
+
+    def _report_slow_writes(self) -> None:
+        """One timer for all streams (not one per write); it stops with the last stream."""
+        now = time.monotonic()
+        for stream in tuple(self._streams):
+            stream.report_if_slow(now)
+        if self._streams:
+            self._schedule_watchdog()
+        else:
+            self._watchdog = None
 
     async def _sotw(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
         await self._serve(_Stream(self, context, delta=False), requests)

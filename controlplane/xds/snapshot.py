@@ -132,11 +132,12 @@ class ResourceMap(Mapping[str, Resource]):
     proportional to what is particular to that role.
     """
 
-    __slots__ = ("_items", "_names", "_cluster_refs", "_route_refs", "_versions")
+    __slots__ = ("_items", "_names", "_known", "_cluster_refs", "_route_refs", "_versions")
 
     def __init__(self, resources: Iterable[Resource] = ()) -> None:
         self._items = {r.name: r for r in resources}
         self._names: frozenset[str] | None = None
+        self._known: tuple[frozenset[str], frozenset[str]] | None = None
         self._cluster_refs: frozenset[str] | None = None
         self._route_refs: frozenset[str] | None = None
         self._versions: dict[str, str] | None = None
@@ -172,6 +173,12 @@ class ResourceMap(Mapping[str, Resource]):
         if self._names is None:
             self._names = frozenset(self._items)
         return self._names
+
+    def known(self, static: frozenset[str]) -> frozenset[str]:
+        """The names plus `static` (the sidecars' own clusters), computed once per map."""
+        if self._known is None or self._known[0] is not static:
+            self._known = (static, self.names | static)
+        return self._known[1]
 
     @property
     def cluster_refs(self) -> frozenset[str]:
@@ -219,40 +226,60 @@ class Snapshot:
     def resources(self, type_url: str) -> ResourceMap:
         return self._by_type[type_url]
 
-    def changed_types(self, other: Snapshot | None) -> frozenset[str]:
-        """Types whose (name, version) sets differ: compared by content, not by who changed what."""
+    def changed_types(
+        self, other: Snapshot | None, memo: dict[tuple[int, int], tuple] | None = None
+    ) -> frozenset[str]:
+        """Types whose (name, version) sets differ: compared by content, not by who changed what.
+
+        `memo` (e.g. for one publish of many roles) remembers comparisons of maps that many
+        roles share.
+        """
         if other is None:
             return frozenset(PUSH_ORDER)
-        return frozenset(
-            t
-            for t in PUSH_ORDER
-            if self._by_type[t] is not other._by_type[t]
-            and self._by_type[t].versions != other._by_type[t].versions
-        )
+        changed = []
+        for t in PUSH_ORDER:
+            new, old = self._by_type[t], other._by_type[t]
+            if new is old:
+                continue
+            key = (id(new), id(old))
+            hit = memo.get(key) if memo is not None else None
+            if hit is None:
+                hit = (new, old, new.versions != old.versions)  # holds both: ids stay unique
+                if memo is not None:
+                    memo[key] = hit
+            if hit[2]:
+                changed.append(t)
+        return frozenset(changed)
 
-    def check_consistent(self, static_clusters: frozenset[str] = frozenset()) -> None:
+    def check_consistent(
+        self, static_clusters: frozenset[str] = frozenset(), verified: set[int] | None = None
+    ) -> None:
         """Raise InconsistentSnapshot if a listener, route or cluster names a missing resource
         (other than the sidecar's own static clusters).
 
         Checked before publishing, as go-control-plane's Snapshot.Consistent() does: Envoy
-        would otherwise warm forever or 503 on the dangling name.
+        would otherwise warm forever or 503 on the dangling name. `verified` (valid while this
+        snapshot's clusters and routes maps are alive, e.g. for one publish of many roles that
+        share them) holds ids of maps and resources already found consistent with them.
         """
         clusters, routes = self._by_type[CLUSTER], self._by_type[ROUTE]
-        known = clusters.names | static_clusters if static_clusters else clusters.names
-        referring = [self._by_type[t] for t in (LISTENER, ROUTE, CLUSTER)]
-        if all(m.cluster_refs <= known and m.route_refs <= routes.names for m in referring):
-            return
-        problems = [
-            f"{res.name} -> {kind} {name}"
-            for resources in referring
-            for res in resources.values()
-            for kind, missing in (
-                ("cluster", res.cluster_refs - known),
-                ("route", res.route_refs - routes.names),
-            )
-            for name in missing
-        ]
-        raise InconsistentSnapshot("dangling references: " + ", ".join(sorted(problems)))
+        known = clusters.known(static_clusters)
+        problems = []
+        for resources in (self._by_type[t] for t in (LISTENER, ROUTE, CLUSTER)):
+            if verified is not None and id(resources) in verified:
+                continue
+            for res in resources.values():
+                if verified is not None and id(res) in verified:
+                    continue
+                missing = [("cluster", c) for c in res.cluster_refs - known]
+                missing += [("route", r) for r in res.route_refs - routes.names]
+                problems += [f"{res.name} -> {kind} {name}" for kind, name in missing]
+                if verified is not None and not missing and not res.route_refs:
+                    verified.add(id(res))  # route refs are checked per snapshot
+            if verified is not None and not problems and not resources.route_refs:
+                verified.add(id(resources))
+        if problems:
+            raise InconsistentSnapshot("dangling references: " + ", ".join(sorted(problems)))
 
 
 _EMPTY = ResourceMap()

@@ -85,9 +85,9 @@ class Mesh:
 
     def publish(self) -> None:
         snapshots = self.translator.build(self.rules, self.endpoints())
-        cache = self.ads.running.cache
-        for role, snapshot in snapshots.items():
-            self.ads.call(cache.set_snapshot, role, snapshot)
+        outcomes = self.ads.call(self.ads.running.cache.set_snapshots, snapshots)
+        refused = {role: o for role, o in outcomes.items() if isinstance(o, Exception)}
+        assert not refused, f"inconsistent snapshots: {refused}"
 
     def add(
         self,
