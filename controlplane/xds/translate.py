@@ -189,25 +189,46 @@ def baggage_regex(chain: TaskChain) -> str:
     return rf"(?:^|.*,)\s*{key}\s*=\s*(?:{'|'.join(values)})\s*(?:[;,].*)?"
 
 
+def _baggage_predicate(
+    value: string_pb2.StringMatcher,
+) -> matcher_pb2.Matcher.MatcherList.Predicate:
+    single = matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
+        input=_header_input("baggage"), value_match=value
+    )
+    return matcher_pb2.Matcher.MatcherList.Predicate(single_predicate=single)
+
+
 def dye_matcher(
     entries: Sequence[tuple[TaskChain, route_pb2.Route]], otherwise: route_pb2.Route
 ) -> matcher_pb2.Matcher:
     """Route a request by its dye: header trees first (exact, then prefix maps, per header
-    name), then one baggage regex per chain, then `otherwise`."""
-    matcher = matcher_pb2.Matcher(on_no_match=_on_route(otherwise))
-    if entries:
-        baggage = matcher_pb2.Matcher.MatcherList()
-        for chain, route in entries:
-            predicate = matcher_pb2.Matcher.MatcherList.Predicate(
-                single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-                    input=_header_input("baggage"),
-                    value_match=string_pb2.StringMatcher(
-                        safe_regex=regex_pb2.RegexMatcher(regex=baggage_regex(chain), google_re2={})
-                    ),
+    name), then the baggage carrier, then `otherwise`.
+
+    A baggage member cannot be looked up in a map, so each chain has a regex; they sit behind
+    a cheap `contains <key>` guard per baggage key, so online requests that carry unrelated
+    baggage (OpenTelemetry) do not pay for every chain's regex (bench/dataplane.py).
+    """
+    otherwise_match = _on_route(otherwise)
+    matcher = matcher_pb2.Matcher(on_no_match=otherwise_match)
+    by_key: dict[str, list[tuple[TaskChain, route_pb2.Route]]] = {}
+    for chain, route in entries:
+        by_key.setdefault(chain.dye.baggage_key, []).append((chain, route))
+    if by_key:
+        guards = matcher_pb2.Matcher.MatcherList()
+        for key in sorted(by_key):
+            regexes = matcher_pb2.Matcher.MatcherList()
+            for chain, route in by_key[key]:
+                regex = regex_pb2.RegexMatcher(regex=baggage_regex(chain), google_re2={})
+                regexes.matchers.add(
+                    predicate=_baggage_predicate(string_pb2.StringMatcher(safe_regex=regex)),
+                    on_match=_on_route(route),
                 )
+            nested = matcher_pb2.Matcher(matcher_list=regexes, on_no_match=otherwise_match)
+            guards.matchers.add(
+                predicate=_baggage_predicate(string_pb2.StringMatcher(contains=key)),
+                on_match=matcher_pb2.Matcher.OnMatch(matcher=nested),
             )
-            baggage.matchers.add(predicate=predicate, on_match=_on_route(route))
-        matcher = matcher_pb2.Matcher(matcher_list=baggage, on_no_match=matcher.on_no_match)
+        matcher = matcher_pb2.Matcher(matcher_list=guards, on_no_match=otherwise_match)
     by_header: dict[str, list[tuple[TaskChain, route_pb2.Route]]] = {}
     for chain, route in entries:
         by_header.setdefault(chain.dye.header, []).append((chain, route))

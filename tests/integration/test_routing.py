@@ -112,6 +112,7 @@ def test_every_hop_stays_in_its_chain_group(tmp_path: Path, delta: bool) -> None
             # Dyes of no chain are online traffic.
             ({"x-task-dye": "fund-yieldx"}, ALL_DEFAULT),
             ({"baggage": "task-dye=other"}, ALL_DEFAULT),
+            ({"baggage": "userId=7,sampled=1"}, ALL_DEFAULT),  # unrelated (OpenTelemetry) baggage
         ]
         for headers, expected in cases:
             results = Counter(
