@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 from controlplane.errors import StoreError
 from controlplane.store.etcd import PREFIX, Change, Lease, Store
+from controlplane.store.follow import Follower
 
 INSTANCES = "instances/"
 DEFAULT_TTL = 5
@@ -23,8 +24,6 @@ DEFAULT_TTL = 5
 KEEPALIVE_INTERVAL = 1.5
 # A broken instances watch is re-established after this long, doubling up to the maximum:
 # endpoint changes missed meanwhile are only seen once it is back, so the maximum is short.
-RETRY_DELAY = 0.5
-MAX_RETRY_DELAY = 2.0
 
 _log = logging.getLogger(__name__)
 
@@ -191,77 +190,25 @@ def watch_instances(store: Store, callback: InstancesCallback) -> Callable[[], N
     etcd answers or the watch is cancelled. Callbacks come from one thread at a time and get
     a dict of their own. StoreError if etcd does not answer the first read.
     """
-    watch = _InstancesWatch(store, callback)
-    watch.start()
-    return watch.cancel
+    return Follower(
+        store, INSTANCES, _read_by_key, _fold, lambda state, rev: callback(dict(state), rev)
+    ).start()
 
 
-class _InstancesWatch:
-    """One instances watch that survives etcd outages by reading again and watching again."""
+def _fold(instances: dict[str, Instance], batch: list[Change]) -> dict[str, Instance]:
+    instances = dict(instances)
+    for change in batch:
+        instance = None if change.value is None else _decode(change.key, change.value)
+        if instance is None:
+            instances.pop(change.key, None)
+        else:
+            instances[change.key] = instance
+    return instances
 
-    def __init__(self, store: Store, callback: InstancesCallback) -> None:
-        self._store = store
-        self._callback = callback
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._instances: dict[str, Instance] = {}
-        self._cancel_watch: Callable[[], None] | None = None
 
-    def start(self) -> None:
-        """The first read and watch: their errors, and the callback's, reach the caller."""
-        revision = self._read()
-        self._callback(dict(self._instances), revision)
-        self._watch(revision)
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._stopped.set()
-            cancel, self._cancel_watch = self._cancel_watch, None
-        if cancel is not None:
-            cancel()
-
-    def _read(self) -> int:
-        instances, revision = list_instances(self._store)
-        self._instances = {instance.key: instance for instance in instances}
-        return revision
-
-    def _watch(self, read_at: int) -> None:
-        cancel = self._store.watch_prefix(INSTANCES, read_at + 1, self._changed, self._broken)
-        with self._lock:
-            if not self._stopped.is_set():
-                self._cancel_watch = cancel
-                return
-        cancel()  # cancelled meanwhile
-
-    def _changed(self, batch: list[Change]) -> None:
-        for change in batch:
-            instance = None if change.value is None else _decode(change.key, change.value)
-            if instance is None:
-                self._instances.pop(change.key, None)
-            else:
-                self._instances[change.key] = instance
-        self._callback(dict(self._instances), batch[-1].revision)
-
-    def _broken(self, error: StoreError) -> None:
-        """Runs on the store's watch thread, which cannot start a watch: restart elsewhere."""
-        _log.warning("instances watch broke, reading the instances again: %s", error)
-        threading.Thread(target=self._restart, name="instances-watch-restart", daemon=True).start()
-
-    def _restart(self) -> None:
-        delay = RETRY_DELAY
-        while not self._stopped.wait(delay):
-            try:
-                revision = self._read()
-                try:
-                    self._callback(dict(self._instances), revision)
-                except Exception:
-                    _log.exception("instances watch callback failed; the watch continues")
-                self._watch(revision)
-            except StoreError as exc:
-                _log.warning("instances watch: %s; retrying in %.1fs", exc, delay)
-                delay = min(delay * 2, MAX_RETRY_DELAY)
-                continue
-            return
+def _read_by_key(store: Store) -> tuple[dict[str, Instance], int]:
+    instances, revision = list_instances(store)
+    return {instance.key: instance for instance in instances}, revision
 
 
 def _decode(key: str, value: bytes) -> Instance | None:

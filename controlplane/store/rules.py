@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable
 
 from controlplane.errors import RuleError, StoreError
 from controlplane.model.rules import KINDS, Rule, RuleSet, from_document, to_document
 from controlplane.store.etcd import PREFIX, Change, Store
+from controlplane.store.follow import Follower
 
 RULES = "rules/"
 REVISION_KEY = "meta/rules-revision"
@@ -25,8 +25,6 @@ REVISION_KEY = "meta/rules-revision"
 MAX_TXN_OPS = 128
 MAX_CHANGES = MAX_TXN_OPS - 1
 # A broken rules watch is re-established after this long, doubling up to the maximum.
-RETRY_DELAY = 0.5
-MAX_RETRY_DELAY = 5.0
 
 _log = logging.getLogger(__name__)
 
@@ -105,75 +103,18 @@ def watch_rules(store: Store, callback: RulesCallback) -> Callable[[], None]:
     answers or the watch is cancelled. Callbacks come from one thread at a time; keep them
     short. StoreError if etcd does not answer the first read.
     """
-    watch = _RulesWatch(store, callback)
-    watch.start()
-    return watch.cancel
 
-
-class _RulesWatch:
-    """One rules watch that survives etcd outages by re-reading and watching again."""
-
-    def __init__(self, store: Store, callback: RulesCallback) -> None:
-        self._store = store
-        self._callback = callback
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._rules = RuleSet.empty()
-        self._cancel_watch: Callable[[], None] | None = None
-
-    def start(self) -> None:
-        """The first read and watch: their errors, and the callback's, reach the caller."""
-        rules, read_at = self._read()
-        self._callback(rules)
-        self._watch(read_at)
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._stopped.set()
-            cancel, self._cancel_watch = self._cancel_watch, None
-        if cancel is not None:
-            cancel()
-
-    def _read(self) -> tuple[RuleSet, int]:
-        rules, _, read_at = _read(self._store)
-        self._rules = rules
+    def read(store: Store) -> tuple[RuleSet, int]:
+        rules, _, read_at = _read(store)
         return rules, read_at
 
-    def _watch(self, read_at: int) -> None:
-        cancel = self._store.watch_prefix(RULES, read_at + 1, self._changed, self._broken)
-        with self._lock:
-            if not self._stopped.is_set():
-                self._cancel_watch = cancel
-                return
-        cancel()  # cancelled meanwhile
+    return Follower(store, RULES, read, _fold, lambda rules, _: callback(rules)).start()
 
-    def _changed(self, batch: list[Change]) -> None:
-        rules = self._rules
-        for change in batch:
-            rules = _updated(rules, change)
-        self._rules = rules
-        self._callback(rules)
 
-    def _broken(self, error: StoreError) -> None:
-        """Runs on the store's watch thread, which cannot start a watch: restart elsewhere."""
-        _log.warning("rules watch broke, reading the rules again: %s", error)
-        threading.Thread(target=self._restart, name="rules-watch-restart", daemon=True).start()
-
-    def _restart(self) -> None:
-        delay = RETRY_DELAY
-        while not self._stopped.wait(delay):
-            try:
-                rules, read_at = self._read()
-                try:
-                    self._callback(rules)
-                except Exception:
-                    _log.exception("rules watch callback failed; the watch continues")
-                self._watch(read_at)
-            except StoreError as exc:
-                _log.warning("rules watch: %s; retrying in %.1fs", exc, delay)
-                delay = min(delay * 2, MAX_RETRY_DELAY)
-                continue
-            return
+def _fold(rules: RuleSet, batch: list[Change]) -> RuleSet:
+    for change in batch:
+        rules = _updated(rules, change)
+    return rules
 
 
 def _read(store: Store) -> tuple[RuleSet, int, int]:
@@ -187,8 +128,6 @@ def _read(store: Store) -> tuple[RuleSet, int, int]:
     items, read_at = store.get_prefix(RULES)
     rules = [_decode(key, value) for key, value in sorted(items.items())]
     return RuleSet.empty().with_rules(rules), revision, read_at
-
-
 
 
 def _decode(key: str, value: bytes) -> Rule:
