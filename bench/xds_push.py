@@ -42,7 +42,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.server import AdsServer, Observer, serve
+from controlplane.xds.server import AdsServer, Observer, serve, tune_gc
 from controlplane.xds.snapshot import Resource, Snapshot, state_version
 from controlplane.xds.status import NodeStatus, StatusBoard
 from controlplane.xds.stream import Push
@@ -153,6 +153,7 @@ class BenchServer:
         self.cache = SnapshotCache()
         self.board = StatusBoard()
         self.recorder = AckRecorder()
+        tune_gc()  # as ControlPlane.start does
         self.ads = AdsServer(self.cache, self.board, self.recorder)
         self.profile_path = profile
         self.gc_clock = GcClock()

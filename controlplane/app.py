@@ -25,7 +25,7 @@ from controlplane.store.etcd import Store
 from controlplane.sync import Sync
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import STATIC_CLUSTERS
-from controlplane.xds.server import AdsServer, serve
+from controlplane.xds.server import AdsServer, serve, tune_gc
 from controlplane.xds.status import StatusBoard
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class ControlPlane:
         everything already started is stopped.
         """
         self._check_ports()
+        tune_gc()
         try:
             if self.etcd is not None:
                 self.etcd.start()  # blocks the loop briefly; nothing else is serving yet

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
@@ -60,6 +61,7 @@ Address = tuple[str, int]
 Endpoints = Mapping[tuple[str, str], Sequence[Address]]
 
 _HEALTH_INTERVAL_S = 1
+T = TypeVar("T")
 _EMPTY = ResourceMap()
 
 
@@ -384,11 +386,12 @@ class _Memo:
     def __init__(self) -> None:
         self._entries: dict[object, tuple[object, object]] = {}
 
-    def get(self, name: object, key: object, build):
+    def get(self, name: object, key: object, build: Callable[..., T], *args: object) -> T:
+        """The value built last time for `name` if `key` is unchanged, else build(*args)."""
         entry = self._entries.get(name)
         if entry is not None and entry[0] == key:
             return entry[1]
-        value = build()
+        value = build(*args)
         self._entries[name] = (key, value)
         return value
 
@@ -422,32 +425,31 @@ class Translator:
         assignments = self._build_endpoints(services, endpoints)
         egress = self._build_egress(services, hops)
         # Keys are object ids: a piece that was not rebuilt is the very same object.
-        cds = self._maps.get(CLUSTER, tuple(map(id, clusters)), lambda: ResourceMap(clusters))
-        eds = self._maps.get(
-            ENDPOINT, tuple(map(id, assignments)), lambda: ResourceMap(assignments)
-        )
+        cds = self._maps.get(CLUSTER, tuple(map(id, clusters)), ResourceMap, clusters)
+        eds = self._maps.get(ENDPOINT, tuple(map(id, assignments)), ResourceMap, assignments)
         shared = {CLUSTER: cds, ENDPOINT: eds, LISTENER: _EMPTY}
 
+        by_group: dict[tuple[str, str], list[ChainHop]] = {}
+        for service_hops in hops.values():
+            for entry in service_hops:
+                by_group.setdefault((entry.hop.service, entry.hop.group), []).append(entry)
         snapshots: dict[str, Snapshot] = {}
         roles: set[str] = set()
         for service in services:
             for group in service.groups:
                 role = role_name(service.name, group.name)
                 roles.add(role)
-                mine = tuple(e for e in hops.get(service.name, ()) if e.hop.group == group.name)
+                mine = tuple(by_group.get((service.name, group.name), ()))
                 count = len(endpoints.get((service.name, group.name), ()))
+                key = (service, mine, count)
                 inbound = self._inbound.get(
-                    role,
-                    (service, mine, count),
-                    lambda s=service, g=group.name, h=mine, n=count: Resource.of(
-                        inbound_route(s, g, h, n)
-                    ),
+                    role, key, _inbound_resource, service, group.name, mine, count
                 )
                 routes = self._maps.get(
-                    role, (id(egress), id(inbound)), lambda i=inbound: ResourceMap((egress, i))
+                    role, (id(egress), id(inbound)), ResourceMap, (egress, inbound)
                 )
                 snapshots[role] = Snapshot({**shared, ROUTE: routes})
-        gateway_routes = self._maps.get(GATEWAY_ROLE, id(egress), lambda: ResourceMap((egress,)))
+        gateway_routes = self._maps.get(GATEWAY_ROLE, id(egress), ResourceMap, (egress,))
         snapshots[GATEWAY_ROLE] = Snapshot({**shared, ROUTE: gateway_routes})
         self._inbound.keep_only(roles)
         self._maps.keep_only(roles | {GATEWAY_ROLE, CLUSTER, ENDPOINT, EGRESS_ROUTE})
@@ -467,7 +469,7 @@ class Translator:
                     wanted[name] = (loose_cluster, service.name, entry.hop.group)
         self._clusters.keep_only(set(wanted))
         return [
-            self._clusters.get(name, key, lambda k=key: Resource.of(k[0](*k[1:])))
+            self._clusters.get(name, key, lambda k: Resource.of(k[0](*k[1:])), key)
             for name, key in wanted.items()
         ]
 
@@ -480,11 +482,7 @@ class Translator:
                 names.add(name)
                 out.append(
                     self._endpoints.get(
-                        name,
-                        addresses,
-                        lambda s=service.name, g=group.name, a=addresses: Resource.of(
-                            load_assignment(s, g, a)
-                        ),
+                        name, addresses, _assignment_resource, service.name, group.name, addresses
                     )
                 )
         self._endpoints.keep_only(names)
@@ -497,9 +495,7 @@ class Translator:
         for service in services:
             mine = hops.get(service.name, ())
             hosts.append(
-                self._hosts.get(
-                    service.name, (service, mine), lambda s=service, h=mine: _encode_host(s, h)
-                )
+                self._hosts.get(service.name, (service, mine), _encode_host, service, mine)
             )
         self._hosts.keep_only({s.name for s in services})
 
@@ -509,6 +505,14 @@ class Translator:
             return Resource.encoded(ROUTE, EGRESS_ROUTE, payload, refs)
 
         return self._maps.get(EGRESS_ROUTE, tuple(map(id, hosts)), assemble)
+
+
+def _assignment_resource(service: str, group: str, addresses: Sequence[Address]) -> Resource:
+    return Resource.of(load_assignment(service, group, addresses))
+
+
+def _inbound_resource(service: Service, group: str, hops: Sequence[ChainHop], n: int) -> Resource:
+    return Resource.of(inbound_route(service, group, hops, n))
 
 
 def _encode_host(service: Service, hops: Sequence[ChainHop]) -> _EncodedHost:
