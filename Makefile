@@ -23,8 +23,12 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest -n 2 tests
 
+# Benchmarks print tables (not tests). The data-plane one needs wrk (apt-get install wrk) and
+# falls back to a slower Python client, labelled as such, without it.
 bench: $(STAMP)
 	$(BIN)/python bench/xds_push.py
+	$(BIN)/python bench/translate.py
+	$(BIN)/python bench/dataplane.py
 
 clean:
 	rm -rf $(VENV) .tasklane
