@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -112,13 +112,19 @@ class AdsClient:
 
     # --- what a test does -----------------------------------------------------------------
 
-    def subscribe(self, type_url: str, names: Iterable[str] = ()) -> None:
-        """Ask for names of a type (none = wildcard for LDS/CDS)."""
+    def subscribe(
+        self, type_url: str, names: Iterable[str] = (), held: Mapping[str, str] | None = None
+    ) -> None:
+        """Ask for names of a type (none = wildcard for LDS/CDS). `held` (delta): versions
+        kept from an earlier stream, sent as initial_resource_versions like a reconnecting
+        Envoy does."""
         view = self._views.setdefault(type_url, _TypeView())
         new = set(names) - view.names
         view.names |= new
         if self.delta:
-            self._send(type_url, subscribe=sorted(new))
+            for name, version in (held or {}).items():
+                view.resources[name] = (version, b"")
+            self._send(type_url, subscribe=sorted(new), initial=held or {})
         else:
             self._send(type_url, version=view.version)
 
@@ -168,6 +174,7 @@ class AdsClient:
         error: str = "",
         subscribe=(),
         unsubscribe=(),
+        initial: Mapping[str, str] | None = None,
     ) -> None:
         if self.delta:
             request = discovery_pb2.DeltaDiscoveryRequest(
@@ -175,6 +182,7 @@ class AdsClient:
                 response_nonce=nonce,
                 resource_names_subscribe=subscribe,
                 resource_names_unsubscribe=unsubscribe,
+                initial_resource_versions=initial or {},
             )
         else:
             names = self._views[type_url].names

@@ -28,6 +28,9 @@ class TypeState:
     nonce: str = ""
     version: str = ""  # version_info / system_version_info of the last response
     dirty: bool = True
+    # Delta reconnects: names the client says it holds whose content we have not identified
+    # (its version is not in our snapshot), so we cannot know which clusters they use.
+    unknown: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class StreamState:
         self.types: dict[str, TypeState] = {}
         self._nonces = 0
         self._retaining = False  # the last CDS push kept clusters that old routes still use
+        self._resumed = False  # a delta client that came back holding clusters
 
     # --- requests -------------------------------------------------------------------------
 
@@ -97,6 +101,9 @@ class StreamState:
             state = self.types[type_url] = TypeState(type_url)
             state.wildcard = WILDCARD in subscribe or (type_url in FULL_STATE and not subscribe)
             state.sent.update(initial_versions)
+            state.unknown = set(initial_versions)
+            if type_url == CLUSTER and initial_versions:
+                self._resumed = True
             verdict = Verdict()
         elif nonce and nonce != state.nonce:
             verdict = Verdict(stale=True)
@@ -157,6 +164,7 @@ class StreamState:
         already has everything (no response to an ACK when nothing changed)."""
         if snapshot is None:
             return None
+        self._adopt_initial(snapshot)
         for type_url in PUSH_ORDER:
             state = self.types.get(type_url)
             if state is None or not state.dirty:
@@ -168,6 +176,34 @@ class StreamState:
             if push is not None:
                 return push
         return None
+
+    def _adopt_initial(self, snapshot: Snapshot) -> None:
+        """After a delta reconnect, what the client holds at a version our snapshot has is
+        known content: hold it, so make-before-break knows which clusters its routes use."""
+        for state in self.types.values():
+            if not state.unknown:
+                continue
+            resources = snapshot.resources(state.type_url)
+            for name in list(state.unknown):
+                res = resources.get(name)
+                if res is not None and res.version == state.sent.get(name):
+                    state.held[name] = res
+                    state.unknown.discard(name)
+
+    def _removals_wait(self) -> bool:
+        """A resumed delta client holds listeners and routes this stream never sent. Until
+        it has told us which (its LDS and RDS requests) and we know their content, any
+        cluster it holds may still be in use, so cluster removals wait."""
+        if not self._resumed:
+            return False
+        listeners = self.types.get(LISTENER)
+        if listeners is None or listeners.unknown:
+            return True
+        held = [*listeners.held.values(), *listeners.unacked.values()]
+        if not any(res is not None and res.route_refs for res in held):
+            return False
+        routes = self.types.get(ROUTE)
+        return routes is None or bool(routes.unknown)
 
     def _clusters_in_flight(self) -> bool:
         """A CDS push is not ACKed yet. Envoy subscribes to the new clusters' endpoints
@@ -227,6 +263,8 @@ class StreamState:
             if self.delta:
                 removed = [n for n, v in state.sent.items() if v is not None and n not in desired]
                 removed += [n for n in state.names if n not in desired and n not in state.sent]
+                if state.type_url == CLUSTER and removed and self._removals_wait():
+                    removed, self._retaining = [], True  # re-planned after LDS/RDS ACKs
             else:
                 # SotW cannot say "absent" for RDS/EDS: forget it, so a return is sent again.
                 for name in [n for n in state.sent if n not in desired]:
@@ -239,6 +277,8 @@ class StreamState:
             for name in removed:
                 state.sent[name] = None
                 state.unacked[name] = None
+            state.unknown.difference_update(r.name for r in resources)
+            state.unknown.difference_update(removed)
         state.version = state_version(desired.values())
         resources.sort(key=lambda r: r.name)
         return Push(state.type_url, state.version, resources, sorted(removed))

@@ -239,6 +239,45 @@ async def test_make_before_break_order_and_cluster_kept_until_routes_are_gone(de
             assert pushes.index(last_cds) > kinds.index(ROUTE)
 
 
+@pytest.mark.parametrize("changed_while_away", [False, True], ids=["same", "changed"])
+@async_test
+async def test_delta_reconnect_keeps_clusters_until_the_held_routes_are_replaced(
+    changed_while_away,
+):
+    """A reconnecting Envoy holds routes the new stream never sent. Whether their version is
+    in the snapshot (content known) or not (changed while away), no cluster they may use is
+    removed before they are replaced."""
+    new = [
+        rs.cluster("b"),
+        rs.endpoints("b", 9100),
+        rs.listener("egress", 15002, "egress"),
+        rs.route("egress", {"/": "b"}),
+    ]
+    async with running_ads() as srv:
+        srv.cache.set_snapshot(ROLE, snap(*base(clusters=("a",))))
+        async with AdsClient(srv.target, "n1", ROLE, delta=True, follow_clusters=True) as c:
+            c.subscribe(CLUSTER)
+            c.subscribe(LISTENER)
+            c.subscribe(ROUTE, ["egress"])
+            await c.wait_for(lambda: c.resources(ROUTE) and c.resources(ENDPOINT))
+            await asyncio.sleep(0.2)
+            held = {t: c.resources(t) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
+        if changed_while_away:
+            srv.cache.set_snapshot(ROLE, snap(*new))
+        async with AdsClient(srv.target, "n1", ROLE, delta=True, follow_clusters=True) as c:
+            c.subscribe(CLUSTER, held=held[CLUSTER])
+            c.subscribe(LISTENER, held=held[LISTENER])
+            c.subscribe(ROUTE, ["egress"], held=held[ROUTE])
+            await asyncio.sleep(0.3)
+            if not changed_while_away:
+                srv.cache.set_snapshot(ROLE, snap(*new))
+            await c.wait_for(lambda: set(c.resources(CLUSTER)) == {"b"}, timeout=5)
+            kinds = [(r.type_url, r) for r in c.received]
+            removal = next(i for i, (t, r) in enumerate(kinds) if t == CLUSTER and "a" in r.removed)
+            route = next(i for i, (t, r) in enumerate(kinds) if t == ROUTE and "egress" in r.names)
+            assert route < removal, [(t.rsplit(".", 1)[-1], r.names, r.removed) for t, r in kinds]
+
+
 @MODES
 @async_test
 async def test_resource_that_appears_later_is_sent_and_partial_sets_do_not_deadlock(delta):
