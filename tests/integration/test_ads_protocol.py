@@ -6,39 +6,19 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.xds.client import AdsClient
-from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.support import resources as rs
-from tests.support.ads import async_test, eventually, running_ads
-
-ROLE = "fund-facade|default"
-MODES = pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-
-
-def snap(*messages) -> Snapshot:
-    return Snapshot.of(messages)
-
-
-def base(routes: dict[str, str] | None = None, clusters=("a", "b")):
-    """A consistent snapshot: clusters with endpoints, one listener, one route config."""
-    routes = routes or {"/": clusters[0]}
-    return [
-        *(rs.cluster(c) for c in clusters),
-        *(rs.endpoints(c, 9000 + i) for i, c in enumerate(clusters)),
-        rs.listener("egress", 15001, "egress"),
-        rs.route("egress", routes),
-    ]
-
-
-def client(target: str, delta: bool, node: str = "n1", role: str = ROLE) -> AdsClient:
-    return AdsClient(target, node, cluster=role, delta=delta)
-
-
-async def quiet(c: AdsClient, seconds: float = 0.3) -> int:
-    """How many responses arrive in the next `seconds` (expected: none)."""
-    before = c.count()
-    await asyncio.sleep(seconds)
-    return c.count() - before
+from tests.support.ads import (
+    MODES,
+    ROLE,
+    async_test,
+    base,
+    client,
+    eventually,
+    quiet,
+    running_ads,
+    snap,
+)
 
 
 @MODES

@@ -28,65 +28,30 @@ import pytest
 from controlplane.model.rules import to_document
 from controlplane.runtime.gateway import DyeNames, GatewayEnvoy, Trust
 from controlplane.runtime.ports import free_port
+from tests.support import rules
 from tests.support.echo_app import start_echo
 from tests.support.grpc_app import call, dial, grpc_chain_app
 from tests.support.mesh import Mesh, request, served_by
 
 pytestmark = pytest.mark.timeout(180)
 
-RULES = """
-apiVersion: tasklane.io/v1
-kind: Service
-metadata: {name: front}
-spec:
-  groups:
-    - {name: default, minReplicas: 1, maxReplicas: 2}
-    - {name: task, minReplicas: 0, maxReplicas: 2}
----
-apiVersion: tasklane.io/v1
-kind: Service
-metadata: {name: back}
-spec:
-  groups:
-    - {name: default, minReplicas: 1, maxReplicas: 2}
-    - {name: task, minReplicas: 0, maxReplicas: 2}
----
-apiVersion: tasklane.io/v1
-kind: Service
-metadata: {name: echo}
-spec:
-  groups:
-    - {name: default, minReplicas: 1, maxReplicas: 2}
-    - {name: task, minReplicas: 0, maxReplicas: 2}
----
-apiVersion: tasklane.io/v1
-kind: Service
-metadata: {name: pricing-grpc}
-spec:
-  protocol: grpc
-  groups:
-    - {name: default, minReplicas: 1, maxReplicas: 2}
-    - {name: task, minReplicas: 0, maxReplicas: 2}
----
-apiVersion: tasklane.io/v1
-kind: TaskChain
-metadata: {name: fund-yield}
-spec:
-  dye: {values: [fund-yield]}
-  hops:
-    - {service: front, group: task}
-    - {service: back, group: task}
-    - {service: echo, group: task}
-    - {service: pricing-grpc, group: task}
----
-apiVersion: tasklane.io/v1
-kind: TaskChain
-metadata: {name: nightly}
-spec:
-  dye: {header: x-batch-dye, baggageKey: batch-dye, values: [nightly]}
-  hops:
-    - {service: echo, group: task}
-"""
+RULES = (
+    rules.service("front")
+    + rules.service("back")
+    + rules.service("echo")
+    + rules.service("pricing-grpc", protocol="grpc")
+    + rules.chain(
+        "fund-yield",
+        "[{service: front, group: task}, {service: back, group: task},"
+        " {service: echo, group: task}, {service: pricing-grpc, group: task}]",
+        dye="{values: [fund-yield]}",
+    )
+    + rules.chain(
+        "nightly",
+        "[{service: echo, group: task}]",
+        dye="{header: x-batch-dye, baggageKey: batch-dye, values: [nightly]}",
+    )
+)
 
 SECRET_HEADER = "x-tasklane-trust"
 SECRET = "s3cret-Token_42"

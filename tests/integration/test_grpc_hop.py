@@ -16,38 +16,19 @@ import pytest
 
 from tests.support.grpc_app import call, dial, grpc_chain_app
 from tests.support.mesh import Instance, Mesh, served_by
+from tests.support.rules import chain, service
 
 pytestmark = pytest.mark.timeout(120)
 
-RULES = """
-apiVersion: tasklane.io/v1
-kind: Service
-metadata: {name: pricing-grpc}
-spec:
-  protocol: grpc
-  groups:
-    - {name: default, minReplicas: 1, maxReplicas: 2}
-    - {name: task, minReplicas: 0, maxReplicas: 2}
----
-apiVersion: tasklane.io/v1
-kind: Service
-metadata: {name: quote-grpc}
-spec:
-  protocol: grpc
-  groups:
-    - {name: default, minReplicas: 1, maxReplicas: 2}
-    - {name: task, minReplicas: 0, maxReplicas: 2}
----
-apiVersion: tasklane.io/v1
-kind: TaskChain
-metadata: {name: pricing}
-spec:
-  dye: {values: [pricing-run, "pricing-run@*"]}
-  fallback: strict
-  hops:
-    - {service: pricing-grpc, group: task}
-    - {service: quote-grpc, group: task}
-"""
+RULES = (
+    service("pricing-grpc", protocol="grpc")
+    + service("quote-grpc", protocol="grpc")
+    + chain(
+        "pricing",
+        "[{service: pricing-grpc, group: task}, {service: quote-grpc, group: task}]",
+        dye='{values: [pricing-run, "pricing-run@*"]}',
+    )
+)
 
 BOTH_TASK = [("pricing-grpc", "task"), ("quote-grpc", "task")]
 BOTH_DEFAULT = [("pricing-grpc", "default"), ("quote-grpc", "default")]

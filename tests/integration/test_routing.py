@@ -12,37 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.mesh import Mesh, request, served_by
+from tests.support.rules import chain, service
 
-SERVICES = """
-apiVersion: tasklane.io/v1
-kind: Service
-metadata: {name: fund-facade}
-spec: {groups: [{name: default}, {name: task}]}
----
-apiVersion: tasklane.io/v1
-kind: Service
-metadata: {name: account-svc}
-spec: {groups: [{name: default}, {name: task}, {name: debit}]}
----
-apiVersion: tasklane.io/v1
-kind: Service
-metadata: {name: nav-pricing}
-spec: {groups: [{name: default}, {name: task}]}
-"""
-
-
-def chain(name: str, hops: str, fallback: str = "strict", values: str = "") -> str:
-    values = values or f'[{name}, "{name}@*"]'
-    return f"""
----
-apiVersion: tasklane.io/v1
-kind: TaskChain
-metadata: {{name: {name}}}
-spec:
-  dye: {{values: {values}}}
-  fallback: {fallback}
-  hops: {hops}
-"""
+SERVICES = (
+    service("fund-facade")
+    + service("account-svc", groups=("default", "task", "debit"))
+    + service("nav-pricing")
+)
 
 
 FUND_YIELD = chain(

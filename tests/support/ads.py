@@ -8,10 +8,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import pytest
+
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.client import AdsClient
 from controlplane.xds.server import AdsServer, Observer, serve
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.status import StatusBoard
+from tests.support import resources as rs
 
 
 @dataclass
@@ -108,3 +112,35 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.02)
+
+
+# --- shared by the protocol tests -------------------------------------------------------------
+
+ROLE = "fund-facade|default"
+MODES = pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+
+
+def snap(*messages) -> Snapshot:
+    return Snapshot.of(messages)
+
+
+def base(routes: dict[str, str] | None = None, clusters=("a", "b")) -> list:
+    """A consistent snapshot: clusters with endpoints, one listener, one route config."""
+    routes = routes or {"/": clusters[0]}
+    return [
+        *(rs.cluster(c) for c in clusters),
+        *(rs.endpoints(c, 9000 + i) for i, c in enumerate(clusters)),
+        rs.listener("egress", 15001, "egress"),
+        rs.route("egress", routes),
+    ]
+
+
+def client(target: str, delta: bool, node: str = "n1", role: str = ROLE) -> AdsClient:
+    return AdsClient(target, node, cluster=role, delta=delta)
+
+
+async def quiet(c: AdsClient, seconds: float = 0.3) -> int:
+    """How many responses arrive in the next `seconds` (expected: none)."""
+    before = c.count()
+    await asyncio.sleep(seconds)
+    return c.count() - before

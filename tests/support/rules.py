@@ -1,0 +1,31 @@
+"""Rule documents for tests, written as the YAML a user would apply."""
+
+from __future__ import annotations
+
+
+def service(
+    name: str, protocol: str = "http", groups: tuple[str, ...] = ("default", "task")
+) -> str:
+    """A Service document whose groups allow a couple of replicas each."""
+    listed = ", ".join(f"{{name: {g}, maxReplicas: 2}}" for g in groups)
+    return f"""---
+apiVersion: tasklane.io/v1
+kind: Service
+metadata: {{name: {name}}}
+spec: {{protocol: {protocol}, groups: [{listed}]}}
+"""
+
+
+def chain(name: str, hops: str, fallback: str = "strict", dye: str = "") -> str:
+    """A TaskChain document; `hops` and `dye` are YAML flow text, the dye defaulting to the
+    chain's name and its per-iteration prefix (`name@*`)."""
+    dye = dye or f'{{values: [{name}, "{name}@*"]}}'
+    return f"""---
+apiVersion: tasklane.io/v1
+kind: TaskChain
+metadata: {{name: {name}}}
+spec:
+  dye: {dye}
+  fallback: {fallback}
+  hops: {hops}
+"""
