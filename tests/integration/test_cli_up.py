@@ -19,7 +19,7 @@ import pytest
 
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import free_port, port_in_use
-from tests.fixtures_etcd import etcd_server  # noqa: F401
+from tests.support.procs import wait_gone
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -144,20 +144,6 @@ def etcd_children(pid: int) -> list[int]:
     return found
 
 
-def wait_gone(pid: int, timeout: float = EXIT_TIMEOUT) -> bool:
-    """True once pid no longer runs (a zombie counts as gone)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def assert_one_line_error(err: str, starts_with: str) -> None:
     assert "Traceback" not in err
     assert err.splitlines() == [err.strip()], err
@@ -222,7 +208,7 @@ def test_signal_stops_everything(running_up: Up, sig: signal.Signals) -> None:
     [etcd_pid] = etcd_children(running_up.proc.pid)
     running_up.proc.send_signal(sig)
     assert running_up.proc.wait(timeout=EXIT_TIMEOUT) == 0
-    assert wait_gone(etcd_pid)
+    assert wait_gone(etcd_pid, EXIT_TIMEOUT)
     for name, port in running_up.ports.items():
         assert not port_in_use(port), f"{name} port {port} still in use"
     assert "Traceback" not in running_up.stderr()

@@ -28,34 +28,12 @@ from controlplane.runtime.envoy import (
 )
 from controlplane.runtime.ports import free_port
 from controlplane.runtime.process import stop_process
+from tests.support.echo_app import start_echo
+from tests.support.procs import gone, wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
 
-try:
-    from tests.support.echo_app import start_echo
-except ModuleNotFoundError:  # pytest put only tests/integration on sys.path
-    sys.path.insert(0, str(REPO))
-    from tests.support.echo_app import start_echo
-
 pytestmark = pytest.mark.timeout(60)
-
-
-def _gone(pid: int) -> bool:
-    """True when pid no longer runs (a zombie waiting for a reaper counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not _gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _sidecar(tmp_path: Path, **overrides: object) -> EnvoyProcess:
@@ -139,7 +117,7 @@ def test_envoy_without_control_plane_is_live_but_not_ready(tmp_path: Path) -> No
         assert envoy.text_readouts()["listener_manager.lds.version_text"] == ""
         assert envoy.versions()["clusters"] == {}
         assert envoy.admin_get("/server_info")
-    assert _wait_gone(pid, timeout=1)
+    assert wait_gone(pid, timeout=1)
     assert envoy.running() is False
 
 
@@ -186,13 +164,13 @@ def test_envoy_dies_with_its_parent(tmp_path: Path) -> None:
     envoy_pid = None
     try:
         envoy_pid = int(parent.stdout.readline())
-        assert not _gone(envoy_pid)
+        assert not gone(envoy_pid)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=5)
-        assert _wait_gone(envoy_pid, timeout=5), "envoy outlived its killed parent"
+        assert wait_gone(envoy_pid, timeout=5), "envoy outlived its killed parent"
     finally:
         stop_process(parent, timeout=1)
-        if envoy_pid is not None and not _gone(envoy_pid):
+        if envoy_pid is not None and not gone(envoy_pid):
             os.kill(envoy_pid, signal.SIGKILL)
 
 

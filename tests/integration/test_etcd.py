@@ -20,34 +20,11 @@ from controlplane.runtime import etcd as etcd_runtime
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import free_port, port_in_use
 from controlplane.store.etcd import Change, RevisionCompacted, Store
+from tests.support.procs import gone, wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
 
-try:
-    from tests.fixtures_etcd import etcd_endpoint_module, etcd_server  # noqa: F401
-except ModuleNotFoundError:  # pytest put only tests/integration on sys.path
-    sys.path.insert(0, str(REPO))
-    from tests.fixtures_etcd import etcd_endpoint_module, etcd_server  # noqa: F401
-
 pytestmark = pytest.mark.timeout(60)
-
-
-def _gone(pid: int) -> bool:
-    """True when pid no longer runs (a zombie waiting for a reaper counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _gone(pid):
-            return True
-        time.sleep(0.05)
-    return _gone(pid)
 
 
 @pytest.fixture
@@ -233,12 +210,12 @@ def test_embedded_etcd_starts_and_stops_cleanly(tmp_path: Path) -> None:
     etcd = EmbeddedEtcd(tmp_path / "etcd", client_port, peer_port)
     with etcd:
         pid = etcd.pid
-        assert pid is not None and not _gone(pid)
+        assert pid is not None and not gone(pid)
         assert etcd.endpoint == f"127.0.0.1:{client_port}"
         s = Store.connect(etcd.endpoint)
         assert s.put("k", b"v") > 0
         s.close()
-    assert _wait_gone(pid)
+    assert wait_gone(pid)
     assert not etcd.running
     assert not port_in_use(client_port)
     assert not port_in_use(peer_port)
@@ -308,13 +285,13 @@ def test_etcd_dies_with_its_parent(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         etcd_pid = int(parent.stdout.readline())
-        assert not _gone(etcd_pid)
+        assert not gone(etcd_pid)
         parent.kill()
         parent.wait()
-        assert _wait_gone(etcd_pid)
+        assert wait_gone(etcd_pid)
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
-        if etcd_pid is not None and not _gone(etcd_pid):
+        if etcd_pid is not None and not gone(etcd_pid):
             os.kill(etcd_pid, signal.SIGKILL)

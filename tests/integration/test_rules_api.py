@@ -33,7 +33,6 @@ from controlplane.store.rules import (
     rule_key,
     watch_rules,
 )
-from tests.fixtures_etcd import etcd_server  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 

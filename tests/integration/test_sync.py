@@ -31,7 +31,6 @@ from controlplane.store.rules import apply_rules, load_rules
 from controlplane.xds.names import GATEWAY_ROLE, HEALTH_PATH
 from controlplane.xds.snapshot import ResourceMap, Snapshot
 from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from tests.fixtures_etcd import etcd_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -190,9 +189,7 @@ def registered(store: Store, record: Instance) -> Registration | None:
         return None
 
 
-def test_instances_come_and_go_with_their_registration(
-    plane: Plane, sidecar: EnvoyProcess
-) -> None:
+def test_instances_come_and_go_with_their_registration(plane: Plane, sidecar: EnvoyProcess) -> None:
     kept = register(plane.store, instance("account-svc"), ttl=2)
     closed = register(plane.store, instance("account-svc"), ttl=2)
     # No keep-alive at all: what remains of a `tasklane run` killed with SIGKILL.
@@ -200,9 +197,11 @@ def test_instances_come_and_go_with_their_registration(
     try:
         addresses = {r: "{}:{}".format(*r.instance.address) for r in (kept, closed, abandoned)}
         wait_until(
-            lambda: cluster_hosts(sidecar.admin_port, "account-svc|default")
-            == {addresses[kept], addresses[closed]}
-            and cluster_hosts(sidecar.admin_port, "account-svc|task") == {addresses[abandoned]},
+            lambda: (
+                cluster_hosts(sidecar.admin_port, "account-svc|default")
+                == {addresses[kept], addresses[closed]}
+                and cluster_hosts(sidecar.admin_port, "account-svc|task") == {addresses[abandoned]}
+            ),
             what="all three instances in the sidecar's /clusters",
         )
         status = plane.status()["sync"]
@@ -354,8 +353,10 @@ def test_registration_outlives_lost_leases_and_etcd_restarts(
             # The control plane's watches came back: a registration made after the restart
             # reaches the sidecar, and the one from before is still there and renewed.
             wait_until(
-                lambda: cluster_hosts(sidecar.admin_port, "account-svc|task")
-                == {"{}:{}".format(*later.instance.address)},
+                lambda: (
+                    cluster_hosts(sidecar.admin_port, "account-svc|task")
+                    == {"{}:{}".format(*later.instance.address)}
+                ),
                 what="the sync follows etcd again after its restart",
             )
             wait_until(lambda: registration.renewed_at > restarted, what="renewed after restart")
