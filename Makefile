@@ -9,9 +9,12 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# Importing controlplane.api.proto_gen generates the gRPC code from proto/ (proto/README.md);
+# doing it here makes a broken generator fail the install, not the first command that needs it.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -c 'import controlplane.api.proto_gen'
 	touch $(STAMP)
 
 demo: $(STAMP)

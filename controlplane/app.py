@@ -4,11 +4,13 @@
 same order and stopped in the reverse one, with nothing left running when a step fails.
 The sync (rules and instances in etcd -> snapshots) publishes its first build before xDS
 serves. Components added later (scaler) get `store`, `cache` and `status` from here and
-register their HTTP routes on `http_app` before `start()`.
+register their HTTP routes on `http_app` before `start()`. Every replica serves xDS and the
+APIs; `leadership` says which one runs the scaler.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -17,11 +19,14 @@ from grpc import aio as grpc_aio
 
 from controlplane.api import instances as instances_api
 from controlplane.api import rules as rules_api
+from controlplane.api import tasks as tasks_api
 from controlplane.api.http import build_app
+from controlplane.api.task_service import TaskService
 from controlplane.errors import RuntimeFailure, StoreError
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import port_in_use
 from controlplane.store.etcd import Store
+from controlplane.store.leader import Leadership
 from controlplane.sync import Sync
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import STATIC_CLUSTERS
@@ -36,6 +41,8 @@ ETCD_HOST = "127.0.0.1"
 GRPC_STOP_GRACE = 1.0
 # Requests still running when the HTTP server stops get this long to finish.
 HTTP_STOP_GRACE = 2.0
+# The leadership replicas compete for: only its holder runs the scaler.
+SCALER = "scaler"
 
 
 class ControlPlane:
@@ -73,7 +80,10 @@ class ControlPlane:
         self.http_app: web.Application = build_app(self)
         self.http_app.add_routes(rules_api.routes(self))
         self.http_app.add_routes(instances_api.routes(self))
+        self.http_app.add_routes(tasks_api.routes(self))
+        self.task_service = TaskService(self)
         self._store: Store | None = None
+        self._leadership: Leadership | None = None
         self._grpc: grpc_aio.Server | None = None
         self._http: web.AppRunner | None = None
 
@@ -83,6 +93,13 @@ class ControlPlane:
         if self._store is None:
             raise StoreError("the control plane is not running: no etcd connection")
         return self._store
+
+    @property
+    def leadership(self) -> Leadership:
+        """This replica's candidacy to run the scaler; only between start() and stop()."""
+        if self._leadership is None:
+            raise StoreError("the control plane is not running: no leader election")
+        return self._leadership
 
     async def start(self) -> None:
         """Start etcd (if embedded), connect the store, then serve xDS and HTTP.
@@ -98,6 +115,9 @@ class ControlPlane:
                 self.etcd.start()  # blocks the loop briefly; nothing else is serving yet
             self._store = Store.connect(self.etcd_endpoint)
             await self.sync.start(self._store)  # the first snapshots exist before xDS serves
+            leadership = Leadership(self._store, SCALER)
+            await asyncio.to_thread(leadership.start)
+            self._leadership = leadership
             await self._start_xds()
             await self._start_http()
         except BaseException:
@@ -130,7 +150,9 @@ class ControlPlane:
     async def _start_xds(self) -> None:
         address = f"{self.host}:{self.xds_port}"
         try:
-            self._grpc, self.xds_port = await serve(self.ads, address)
+            self._grpc, self.xds_port = await serve(
+                self.ads, address, extra_handlers=(self.task_service.handler(),)
+            )
         except (OSError, RuntimeError) as exc:
             raise RuntimeFailure(f"cannot serve xDS on {address}: {exc}") from exc
 
@@ -146,7 +168,8 @@ class ControlPlane:
         self.http_port = self._http.addresses[0][1]
 
     async def stop(self) -> None:
-        """Stop HTTP, gRPC, the sync, then close the store, then stop etcd. Safe to call twice."""
+        """Stop HTTP, gRPC, the sync, leave the leader election (the next replica leads at
+        once), close the store, then stop etcd. Safe to call twice."""
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
@@ -154,6 +177,12 @@ class ControlPlane:
             await self._grpc.stop(GRPC_STOP_GRACE)
             self._grpc = None
         await self.sync.stop()
+        if self._leadership is not None:
+            try:
+                await asyncio.to_thread(self._leadership.stop)
+            except StoreError as exc:  # our key then leaves with its lease, one TTL later
+                log.warning("%s", exc)
+            self._leadership = None
         if self._store is not None:
             try:
                 self._store.close()

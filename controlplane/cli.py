@@ -30,6 +30,7 @@ from controlplane.errors import RuleError, TasklaneError
 from controlplane.model.load import RULE_SUFFIXES
 from controlplane.runtime.gateway import GatewayOptions, run_gateway
 from controlplane.runtime.sidecar import RunOptions, run_instance
+from controlplane.store.runs import format_time
 
 log = logging.getLogger("tasklane")
 
@@ -502,6 +503,107 @@ def gateway(args: argparse.Namespace) -> int:
     return run_gateway(options, functools.partial(_call, args.server))
 
 
+# --- tasklane task: report and list runs of scheduled tasks -------------------------------
+
+
+def add_task(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane task start|finish|runs TASK`: the run lifecycle, through the HTTP API."""
+    p = commands.add_parser(
+        "task",
+        help="report that a run of a scheduled task started or finished; list its runs",
+        description="Record runs of a ScheduledTask. The scaler keeps the task's chain up while "
+        "a run is open and learns run durations from the finished ones, so a scheduler reports "
+        "each run's start and finish (here, over HTTP, or with the gRPC TaskService).",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    parents = [common, _server_option()]
+    start = actions.add_parser(
+        "start",
+        parents=parents,
+        help="record that a run starts now",
+        description="Record that a run of TASK starts now; its chain stays up until it finishes.",
+    )
+    start.add_argument("task", metavar="TASK", help="a ScheduledTask's name")
+    start.add_argument(
+        "--id", help="the run's id (default: its UTC start time and a random suffix)"
+    )
+    start.set_defaults(handler=task_start)
+    finish = actions.add_parser(
+        "finish",
+        parents=parents,
+        help="record that a run finished now",
+        description="Record that a run finished now: by default the task's latest open run.",
+    )
+    finish.add_argument("task", metavar="TASK", help="a ScheduledTask's name")
+    finish.add_argument("--id", help="the run to finish (default: the latest open run)")
+    finish.add_argument(
+        "--outcome",
+        default="succeeded",
+        help="how it ended, e.g. succeeded or failed (default: succeeded)",
+    )
+    finish.set_defaults(handler=task_finish)
+    runs = actions.add_parser(
+        "runs",
+        parents=parents,
+        help="list a task's recorded runs",
+        description="List a task's recorded runs, oldest first: open ones and the last "
+        "finished ones (older finished runs are pruned).",
+    )
+    runs.add_argument("task", metavar="TASK", help="a ScheduledTask's name")
+    runs.set_defaults(handler=task_runs)
+
+
+def task_start(args: argparse.Namespace) -> int:
+    body = {} if args.id is None else {"id": args.id}
+    run = _call(args.server, "POST", f"/api/v1/tasks/{_quote(args.task)}/runs", body)
+    _output(f"run {run['task']}/{run['id']} started at {format_time(run['started_at'])}\n")
+    return 0
+
+
+def task_finish(args: argparse.Namespace) -> int:
+    body = {"outcome": args.outcome}
+    if args.id is not None:
+        body["id"] = args.id
+    run = _call(args.server, "POST", f"/api/v1/tasks/{_quote(args.task)}/runs/finish", body)
+    duration = _duration(run["finished_at"] - run["started_at"])
+    _output(
+        f"run {run['task']}/{run['id']} finished ({run['outcome']}) at "
+        f"{format_time(run['finished_at'])} after {duration}\n"
+    )
+    return 0
+
+
+def task_runs(args: argparse.Namespace) -> int:
+    body = _call(args.server, "GET", f"/api/v1/tasks/{_quote(args.task)}/runs")
+    if not body["items"]:
+        print(f"No runs of task {body['task']} recorded.", file=sys.stderr)
+        return 0
+    rows = []
+    for run in body["items"]:
+        finished = run["finished_at"]
+        rows.append(
+            {
+                "ID": run["id"],
+                "STARTED": format_time(run["started_at"]),
+                "FINISHED": "-" if finished is None else format_time(finished),
+                "DURATION": "-" if finished is None else _duration(finished - run["started_at"]),
+                "OUTCOME": run["outcome"] or "open",
+            }
+        )
+    _output(_table(rows) + "\n")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    """'2h05m03s', '7m00s', '42s': compact and exact to the second."""
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 # --- the command line as a whole -----------------------------------------------------------
 
 # --- tasklane demo -------------------------------------------------------------------------
@@ -528,7 +630,17 @@ def demo(args: argparse.Namespace) -> int:
     return scenario.run(args.duration, args.work_dir)
 
 
-COMMANDS = (add_up, add_apply, add_diff, add_get, add_delete, add_run, add_gateway, add_demo)
+COMMANDS = (
+    add_up,
+    add_apply,
+    add_diff,
+    add_get,
+    add_delete,
+    add_run,
+    add_gateway,
+    add_demo,
+    add_task,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,7 @@ def build_app(control_plane: ControlPlane) -> web.Application:
                 "roles": control_plane.cache.roles(),
                 "nodes": [node.to_json() for node in control_plane.status.nodes()],
                 "sync": control_plane.sync.status(),
+                "leadership": control_plane.leadership.to_json(),
             }
         )
 

@@ -69,8 +69,10 @@ class Cli:
         )
 
     def snapshot(self) -> tuple[dict[str, bytes], int]:
-        """Everything tasklane keeps in etcd, and etcd's revision."""
-        return self.store.get_prefix("")
+        """Everything tasklane keeps in etcd but the leader-election keys (live state of the
+        running control planes), and etcd's revision."""
+        items, revision = self.store.get_prefix("")
+        return {k: v for k, v in items.items() if not k.startswith("leader/")}, revision
 
 
 @pytest.fixture

@@ -86,8 +86,10 @@ class Plane:
         return self.call("POST", "/api/v1/apply", body)
 
     def snapshot(self) -> tuple[dict[str, bytes], int]:
-        """Everything tasklane keeps in etcd, and etcd's revision."""
-        return self.store.get_prefix("")
+        """Everything tasklane keeps in etcd but the leader-election keys (live state of the
+        running control planes), and etcd's revision."""
+        items, revision = self.store.get_prefix("")
+        return {k: v for k, v in items.items() if not k.startswith("leader/")}, revision
 
     def mod_revisions(self) -> dict[str, int]:
         """key -> mod revision under the tasklane prefix (not part of the Store API)."""
