@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -25,6 +26,9 @@ from controlplane.api.task_service import TaskService
 from controlplane.errors import RuntimeFailure, StoreError
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import port_in_use
+from controlplane.scaler.actuators import Actuator
+from controlplane.scaler.policy import PolicyConfig
+from controlplane.scaler.reconcile import Scaler
 from controlplane.store.etcd import Store
 from controlplane.store.leader import Leadership
 from controlplane.sync import Sync
@@ -62,7 +66,11 @@ class ControlPlane:
         http_port: int = 8080,
         etcd_client_port: int = 2379,
         etcd_peer_port: int = 2380,
+        actuator: Callable[[ControlPlane], Actuator] | None = None,
+        scaler_config: PolicyConfig | None = None,
     ) -> None:
+        """`actuator` makes the one the scaler drives once the API is up (a local one needs
+        its address); None runs no scaler. Only the elected leader among replicas scales."""
         self.host = host
         self.xds_port = xds_port
         self.http_port = http_port
@@ -86,6 +94,9 @@ class ControlPlane:
         self._leadership: Leadership | None = None
         self._grpc: grpc_aio.Server | None = None
         self._http: web.AppRunner | None = None
+        self._make_actuator = actuator
+        self._scaler_config = scaler_config
+        self.scaler: Scaler | None = None
 
     @property
     def store(self) -> Store:
@@ -120,6 +131,14 @@ class ControlPlane:
             self._leadership = leadership
             await self._start_xds()
             await self._start_http()
+            if self._make_actuator is not None:
+                self.scaler = Scaler(
+                    self._make_actuator(self),
+                    lambda: self.sync.rules,
+                    lambda: leadership.is_leader,
+                    self._scaler_config,
+                )
+                self.scaler.start(self._store)
         except BaseException:
             await self.stop()
             raise
@@ -177,6 +196,9 @@ class ControlPlane:
             await self._grpc.stop(GRPC_STOP_GRACE)
             self._grpc = None
         await self.sync.stop()
+        if self.scaler is not None:
+            await self.scaler.stop()  # stops what its actuator started
+            self.scaler = None
         if self._leadership is not None:
             try:
                 await asyncio.to_thread(self._leadership.stop)

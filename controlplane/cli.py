@@ -604,6 +604,43 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+# --- tasklane simulate: replay a workload under each scaling policy -----------------------
+
+
+def add_simulate(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane simulate --workload FILE [--days 7] [--policy all|NAME] [--seed N]`."""
+    from controlplane.scaler.simulate import POLICIES  # pure; only this command needs it
+
+    p = commands.add_parser(
+        "simulate",
+        parents=[common],
+        help="replay a workload of scheduled tasks under scaling policies and compare them",
+        description="A discrete-event replay, on a virtual clock, of the runs of a workload "
+        "file (rules plus run and start-up behaviour; see bench/workloads/week.yaml) under "
+        "static peak, HPA, KEDA cron, tasklane's own policy and the oracle. Prints replica-"
+        "hours, under-capacity at task start, scale events and flaps per policy.",
+    )
+    p.add_argument("--workload", type=Path, required=True, metavar="FILE", help="workload YAML")
+    p.add_argument("--days", type=float, default=7, help="days to measure (default: 7)")
+    p.add_argument(
+        "--policy",
+        choices=("all", *POLICIES),
+        default="all",
+        help="one policy, or all (default)",
+    )
+    p.add_argument("--seed", type=int, help="random seed (default: the workload's)")
+    p.set_defaults(handler=simulate_workload)
+
+
+def simulate_workload(args: argparse.Namespace) -> int:
+    from controlplane.scaler.simulate import simulate
+    from controlplane.scaler.workload import load_workload
+
+    report = simulate(load_workload(args.workload), args.days, args.policy, args.seed)
+    _output(report.table() + "\n")
+    return 0
+
+
 # --- the command line as a whole -----------------------------------------------------------
 
 # --- tasklane demo -------------------------------------------------------------------------
@@ -640,6 +677,7 @@ COMMANDS = (
     add_gateway,
     add_demo,
     add_task,
+    add_simulate,
 )
 
 

@@ -111,6 +111,11 @@ class Sync:
             except StoreError as exc:  # etcd already gone: the watch is over anyway
                 log.warning("%s", exc)
 
+    @property
+    def rules(self) -> RuleSet:
+        """The rules as last read from etcd (what the last build used, or is about to)."""
+        return self._rules if self._rules is not None else RuleSet.empty()
+
     def status(self) -> dict[str, Any]:
         """The last build, for /api/v1/status."""
         return dict(self._status)

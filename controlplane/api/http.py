@@ -71,6 +71,7 @@ def build_app(control_plane: ControlPlane) -> web.Application:
                 "nodes": [node.to_json() for node in control_plane.status.nodes()],
                 "sync": control_plane.sync.status(),
                 "leadership": control_plane.leadership.to_json(),
+                "scaler": control_plane.scaler.status() if control_plane.scaler else None,
             }
         )
 

@@ -42,6 +42,10 @@ _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 # W3C baggage-octet: printable ASCII except space, '"', ',', ';' and '\'. A dye value must
 # read the same in the header and in the baggage member.
 _DYE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Set by `tasklane run` for every instance; a Service's own value would be silently replaced.
+_RUN_ENV_RESERVED = frozenset({"PORT", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"})
+_RUN_ENV_RESERVED_PREFIX = "TASKLANE_"
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,16 @@ class Group:
 
 
 @dataclass(frozen=True)
+class RunSpec:
+    """How the local runtime starts an instance (`tasklane run ... -- command`), so a scaler
+    can add instances of a group without a human typing the command. The app learns its group
+    from $TASKLANE_GROUP and its port from $PORT."""
+
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()  # (name, value), sorted by name
+
+
+@dataclass(frozen=True)
 class Service:
     """An application; its `default` group serves online traffic, the others task traffic."""
 
@@ -61,6 +75,7 @@ class Service:
     name: str
     protocol: str
     groups: tuple[Group, ...]
+    run: RunSpec | None = None  # None: instances are started by hand or by Kubernetes
 
     def group(self, name: str) -> Group | None:
         """The group called `name`, or None: hops name groups that may not exist."""
@@ -195,13 +210,16 @@ def to_document(rule: Rule) -> dict[str, Any]:
 
 def _spec_document(rule: Rule) -> dict[str, Any]:
     if isinstance(rule, Service):
-        return {
+        document: dict[str, Any] = {
             "protocol": rule.protocol,
             "groups": [
                 {"name": g.name, "minReplicas": g.min_replicas, "maxReplicas": g.max_replicas}
                 for g in rule.groups
             ],
         }
+        if rule.run is not None:
+            document["run"] = {"command": list(rule.run.command), "env": dict(rule.run.env)}
+        return document
     if isinstance(rule, TaskChain):
         return {
             "dye": {
@@ -275,7 +293,7 @@ def _label(doc: object) -> str:
 
 
 def _service(reader: _Reader, name: str, spec: object) -> Service:
-    fields = reader.fields(spec, "spec", ("protocol", "groups"))
+    fields = reader.fields(spec, "spec", ("protocol", "groups", "run"))
     protocol = reader.choice(fields, "spec", "protocol", PROTOCOLS, "http")
     groups: list[Group] = []
     seen: dict[str, int] = {}
@@ -296,7 +314,44 @@ def _service(reader: _Reader, name: str, spec: object) -> Service:
         groups.append(Group(group_name, low, high))
     default = [g for g in groups if g.name == DEFAULT_GROUP] or [Group(DEFAULT_GROUP, 1, 1)]
     rest = [g for g in groups if g.name != DEFAULT_GROUP]
-    return Service(name=name, protocol=protocol, groups=(*default, *rest))
+    run = _run(reader, fields["run"]) if "run" in fields else None
+    return Service(name=name, protocol=protocol, groups=(*default, *rest), run=run)
+
+
+def _run(reader: _Reader, value: object) -> RunSpec:
+    fields = reader.fields(value, "spec.run", ("command", "env"))
+    command = reader.items(fields, "spec.run", "command")
+    if not command:
+        reader.fail("spec.run.command", "at least the program to run is required")
+    for index, item in enumerate(command):
+        path = f"spec.run.command[{index}]"
+        if not isinstance(item, str):
+            reader.fail(path, f"expected a string, got {describe(item)}")
+        if "\0" in item:
+            reader.fail(path, "contains a NUL character, which a command line cannot carry")
+    if not command[0]:
+        reader.fail("spec.run.command[0]", "the program must not be empty")
+    env = fields.get("env", {})
+    if not isinstance(env, dict):
+        reader.fail("spec.run.env", f"expected a mapping, got {describe(env)}")
+    pairs: list[tuple[str, str]] = []
+    for key, item in env.items():
+        path = _join("spec.run.env", key)
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            shown = quote(key) if isinstance(key, str) else describe(key)
+            reader.fail(
+                "spec.run.env",
+                f"{shown} is not a valid variable name (letters, digits and '_', "
+                "not starting with a digit)",
+            )
+        if key in _RUN_ENV_RESERVED or key.startswith(_RUN_ENV_RESERVED_PREFIX):
+            reader.fail(path, f"{key} is set by `tasklane run` for each instance, not here")
+        if not isinstance(item, str):
+            reader.fail(path, f"expected a string, got {describe(item)}")
+        if "\0" in item:
+            reader.fail(path, "contains a NUL character, which the environment cannot carry")
+        pairs.append((key, item))
+    return RunSpec(command=tuple(command), env=tuple(sorted(pairs)))
 
 
 def _chain(reader: _Reader, name: str, spec: object) -> TaskChain:

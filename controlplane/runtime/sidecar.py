@@ -6,6 +6,13 @@ once the sidecar sees the app healthy is the instance registered, so callers nev
 an instance that cannot answer. Stopping: deregister first (the control plane answers once
 callers' snapshots no longer have it), then stop the app, then Envoy.
 
+Keep-alive: SIGUSR1 parks the instance, SIGUSR2 resumes it. Parking deregisters (callers
+drop the endpoint), waits PARK_DRAIN for requests already sent to finish, then SIGSTOPs Envoy
+and the app's process group: they keep their memory, warm caches and sockets but use no CPU,
+and `tasklane run` itself stays alive to resume them. Resuming sends SIGCONT, waits until the
+sidecar reports the app healthy and registers again. A scaler resumes a parked instance much
+faster than it starts a new one (no interpreter, Envoy or app start-up, no config fetch).
+
 Everything goes through the control plane's HTTP API (see api/instances.py), never to etcd.
 Children are started from the calling (main) thread: their parent-death signal follows the
 thread that started them, and `tasklane run` killed hard must take its app and Envoy along.
@@ -24,7 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +52,9 @@ Api = Callable[[str, str, Any], Any]
 READY_TIMEOUT = 30.0
 # The app gets this long to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 10.0
+# Parking: the time between deregistering and SIGSTOP, for callers to apply the endpoint
+# change (a few ms here) and for requests already sent to the instance to be answered.
+PARK_DRAIN = 1.0
 POLL_INTERVAL = 0.05
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
 
@@ -66,6 +76,15 @@ class _Stopped(Exception):
     """A signal asked `tasklane run` to stop while it was still starting."""
 
 
+@dataclass
+class _Signals:
+    """What signals asked for: handlers only record it, the main loop acts on it (a handler
+    may interrupt the loop anywhere, e.g. half-way through a registration)."""
+
+    stop: int = 0  # the signal that asked to stop; 0 while none did
+    park: bool = False  # set by SIGUSR1, cleared by SIGUSR2: the last one wins
+
+
 def exit_code(returncode: int) -> int:
     """A child's exit status as a shell reports it: 128 + N when killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
@@ -75,6 +94,7 @@ def run_instance(options: RunOptions, api: Api) -> int:
     """Run the instance until the app exits or SIGTERM/SIGINT; returns the app's exit code.
 
     Call it from the main thread (signal handlers, and the children's parent-death signal).
+    SIGUSR1 parks the instance and SIGUSR2 resumes it (see the module's docstring).
     TasklaneError (after stopping whatever had started) when the service or group is unknown,
     the command is not found, Envoy or the app do not become ready in time, or Envoy dies.
     The app gets SIGTERM alone, as PID 1 of a container would: a shell wrapper should `exec`
@@ -82,16 +102,20 @@ def run_instance(options: RunOptions, api: Api) -> int:
     """
     if shutil.which(options.command[0]) is None:
         raise TasklaneError(f"command not found: {options.command[0]}")
-    stopping: list[int] = []  # the signal received, if any
+    signals = _Signals()
 
-    def on_signal(signum: int, frame: object) -> None:
-        stopping.append(signum)
+    def on_stop(signum: int, frame: object) -> None:
+        signals.stop = signals.stop or signum
 
-    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def on_park(signum: int, frame: object) -> None:
+        signals.park = signum == signal.SIGUSR1
+
+    handlers = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers |= {sig: signal.signal(sig, on_park) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
     try:
-        return _Run(options, api, stopping).run()
+        return _Run(options, api, signals).run()
     except _Stopped:
-        return 128 + stopping[0]
+        return 128 + signals.stop
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -106,8 +130,8 @@ class _Ports:
 
 
 class _Run:
-    def __init__(self, options: RunOptions, api: Api, stopping: list[int]) -> None:
-        self.options, self.api, self.stopping = options, api, stopping
+    def __init__(self, options: RunOptions, api: Api, signals: _Signals) -> None:
+        self.options, self.api, self.signals = options, api, signals
 
     def run(self) -> int:
         xds = xds_address(self.options.server, self.api("GET", "/api/v1/status", None))
@@ -123,10 +147,24 @@ class _Run:
             if not self._app_ready(app, ports):
                 log.error("the app exited with code %d before it was ready", app.returncode)
                 return exit_code(app.returncode)
-            with self._registered(self._instance(instance_id, ports, app.pid)):
-                while app.poll() is None and not self.stopping and envoy.running():
+            registration = _Registration(self.api, self._instance(instance_id, ports, app.pid))
+            registration.register()
+            frozen = False  # parked: app and Envoy SIGSTOPped
+            try:
+                while app.poll() is None and not self.signals.stop and envoy.running():
+                    if self.signals.park and not frozen:
+                        frozen = self._park(registration, app, envoy)
+                    elif not self.signals.park and (frozen or not registration.registered):
+                        self._resume(registration, app, envoy, ports, frozen)
+                        frozen = False
                     time.sleep(POLL_INTERVAL)
-            if app.poll() is None and not self.stopping:
+            finally:
+                if frozen:  # stopped processes would not act on SIGTERM
+                    _signal_groups(signal.SIGCONT, app.pid, envoy.pid)
+                if registration.registered:
+                    log.info("deregistering %s, then stopping the app and Envoy", instance_id)
+                registration.deregister()
+            if app.poll() is None and not self.signals.stop:
                 raise RuntimeFailure(
                     f"Envoy (admin :{admin}) exited; the app is stopped too. Its log:\n"
                     + envoy.log_tail()
@@ -211,6 +249,43 @@ class _Run:
             return False
         return True
 
+    def _park(
+        self, registration: _Registration, app: subprocess.Popen[bytes], envoy: EnvoyProcess
+    ) -> bool:
+        """Deregister, drain, then SIGSTOP Envoy and the app's process group. False (nothing
+        stopped, still deregistered) when a resume or stop arrives during the drain."""
+        log.info("parking: deregistering, then stopping the app and Envoy (SIGSTOP)")
+        registration.deregister()
+        deadline = time.monotonic() + PARK_DRAIN
+        while time.monotonic() < deadline:
+            if self.signals.stop or not self.signals.park:
+                return False
+            time.sleep(POLL_INTERVAL)
+        _signal_groups(signal.SIGSTOP, envoy.pid, app.pid)
+        log.info("parked: app (pid %d) and Envoy (pid %s) stopped", app.pid, envoy.pid)
+        return True
+
+    def _resume(
+        self,
+        registration: _Registration,
+        app: subprocess.Popen[bytes],
+        envoy: EnvoyProcess,
+        ports: _Ports,
+        frozen: bool,
+    ) -> None:
+        """SIGCONT the app and Envoy (if parked), wait until the sidecar reports the app
+        healthy, as callers' health checks will, and register again."""
+        started = time.monotonic()
+        if frozen:
+            _signal_groups(signal.SIGCONT, app.pid, envoy.pid)
+        self._wait(
+            lambda: _healthy(self.options.host, ports.inbound),
+            lambda: None if app.poll() is None and envoy.running() else "it exited",
+            f"the app (port {ports.app}) or Envoy (admin :{ports.admin}) after resuming",
+        )
+        registration.register()
+        log.info("resumed in %.0f ms", (time.monotonic() - started) * 1000)
+
     def _instance(self, instance_id: str, ports: _Ports, pid: int) -> Instance:
         return Instance(
             id=instance_id,
@@ -252,13 +327,26 @@ class _Run:
             if reason is not None:
                 lines = details()
                 raise RuntimeFailure(f"{what}: {reason}" + (f"; log:\n{lines}" if lines else ""))
-            if self.stopping:
+            if self.signals.stop:
                 raise _Stopped
             time.sleep(POLL_INTERVAL)
 
-    @contextlib.contextmanager
-    def _registered(self, instance: Instance) -> Iterator[None]:
-        """Registered (and kept alive by a thread) inside the block; deregistered after."""
+
+class _Registration:
+    """The instance in the control plane's registry, kept alive by a thread, between
+    register() and deregister(); both may be called again (a park, then a resume)."""
+
+    def __init__(self, api: Api, instance: Instance) -> None:
+        self.api, self.instance = api, instance
+        self._done = threading.Event()
+        self._keepalive: threading.Thread | None = None
+
+    @property
+    def registered(self) -> bool:
+        return self._keepalive is not None
+
+    def register(self) -> None:
+        instance = self.instance
         self.api("POST", "/api/v1/instances", instance.to_json())
         log.info(
             "%s|%s instance %s registered: app :%d, inbound %s:%d, egress 127.0.0.1:%d, admin :%d",
@@ -271,25 +359,29 @@ class _Run:
             instance.egress_port,
             instance.admin_port,
         )
-        done = threading.Event()
-        keepalive = threading.Thread(
-            target=self._keepalive, args=(instance, done), name="keepalive", daemon=True
+        self._done = threading.Event()
+        self._keepalive = threading.Thread(
+            target=self._renew, args=(self._done,), name="keepalive", daemon=True
         )
-        keepalive.start()
-        try:
-            yield
-        finally:
-            log.info("deregistering %s, then stopping the app and Envoy", instance.id)
-            done.set()
-            keepalive.join()
-            try:
-                self.api("DELETE", f"/api/v1/instances/{instance.id}", None)
-            except TasklaneError as exc:
-                log.warning("cannot deregister (it expires by itself): %s", exc)
+        self._keepalive.start()
 
-    def _keepalive(self, instance: Instance, done: threading.Event) -> None:
+    def deregister(self) -> None:
+        """Stop the keep-alives (which would register it again), then deregister: the
+        control plane answers once callers' snapshots no longer have the instance."""
+        if self._keepalive is None:
+            return
+        self._done.set()
+        self._keepalive.join()
+        self._keepalive = None
+        try:
+            self.api("DELETE", f"/api/v1/instances/{self.instance.id}", None)
+        except TasklaneError as exc:
+            log.warning("cannot deregister (it expires by itself): %s", exc)
+
+    def _renew(self, done: threading.Event) -> None:
         """Renew every KEEPALIVE_INTERVAL; when that fails (the control plane restarted and
         forgot us, or etcd is down) register again at once, which is idempotent."""
+        instance = self.instance
         path = f"/api/v1/instances/{instance.id}/keepalive"
         while not done.wait(KEEPALIVE_INTERVAL):
             try:
@@ -320,6 +412,15 @@ def xds_address(server: str, status: Any) -> tuple[str, int]:
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _signal_groups(signum: int, *pgids: int | None) -> None:
+    """Send `signum` to each process group (the app's and Envoy's lead their own); groups
+    already gone are skipped."""
+    for pgid in pgids:
+        if pgid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signum)
 
 
 def _distinct_ports(count: int, taken: tuple[int | None, ...]) -> list[int]:

@@ -117,7 +117,10 @@ def group_cluster(service: str, group: str) -> cluster_pb2.Cluster:
         ignore_health_on_host_removal=True,
         # No panic routing: with every host unhealthy, `strict` must answer 503, not try them.
         common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
-            healthy_panic_threshold=percent_pb2.Percent(value=0)
+            healthy_panic_threshold=percent_pb2.Percent(value=0),
+            # Health changes take effect at once, not after Envoy's default 1 s merge window:
+            # a resumed (keep-alive) instance serves ~85 ms after SIGCONT instead of ~1.1 s.
+            update_merge_window=_duration(0),
         ),
         health_checks=[
             health_check_pb2.HealthCheck(

@@ -30,6 +30,7 @@ from controlplane.model import (
     load_text,
     to_document,
 )
+from controlplane.model.rules import RunSpec
 
 GOOD = Path(__file__).resolve().parents[1] / "rules" / "good" / "fund-yield.yaml"
 
@@ -172,6 +173,72 @@ def test_from_document_names_the_origin() -> None:
     assert str(caught.value) == (
         "etcd rules/x (Service a): spec.protocol: expected a string, got integer 1"
     )
+
+
+def service_with_run(run: str) -> str:
+    """Two documents, so messages name the second: where a Service's spec.run is."""
+    return (
+        f"apiVersion: {API_VERSION}\nkind: Service\nmetadata: {{name: a}}\nspec: {{}}\n---\n"
+        f"apiVersion: {API_VERSION}\nkind: Service\nmetadata: {{name: x}}\nspec:\n"
+        f"  run: {run}\n"
+    )
+
+
+def test_service_run_round_trips_and_is_optional() -> None:
+    run = "{command: [python, -m, demo.chain_app, --next, ''], env: {Z_LAST: z, A_FIRST: '1'}}"
+    service = load_text(service_with_run(run), "rules.yaml")[1].rule
+    assert service.run == RunSpec(
+        ("python", "-m", "demo.chain_app", "--next", ""), (("A_FIRST", "1"), ("Z_LAST", "z"))
+    )
+    assert to_document(service)["spec"]["run"] == {
+        "command": ["python", "-m", "demo.chain_app", "--next", ""],
+        "env": {"A_FIRST": "1", "Z_LAST": "z"},
+    }
+    for document in (
+        to_document(service),
+        json.loads(json.dumps(to_document(service))),
+        yaml.safe_load(yaml.safe_dump(to_document(service))),
+    ):
+        assert from_document(document, "x") == service
+    bare = load_text(service_with_run("{command: [app]}"), "rules.yaml")[1].rule
+    assert bare.run == RunSpec(("app",), ())
+    assert to_document(bare)["spec"]["run"] == {"command": ["app"], "env": {}}
+    without = one(f"apiVersion: {API_VERSION}\nkind: Service\nmetadata: {{name: a}}\nspec: {{}}\n")
+    assert without.run is None and "run" not in to_document(without)["spec"]
+
+
+@pytest.mark.parametrize(
+    ("run", "problem"),
+    [
+        ("[app]", "spec.run: expected a mapping, got a list"),
+        ("{}", "spec.run.command: missing required field"),
+        ("{command: app}", "spec.run.command: expected a list, got string 'app'"),
+        ("{command: []}", "spec.run.command: at least the program to run is required"),
+        ("{command: [app, 8080]}", "spec.run.command[1]: expected a string, got integer 8080"),
+        ("{command: ['', x]}", "spec.run.command[0]: the program must not be empty"),
+        ('{command: ["a\\0b"]}', "spec.run.command[0]: contains a NUL character"),
+        (
+            "{command: [app], cmd: [b]}",
+            "spec.run.cmd: unknown field (expected one of: command, env)",
+        ),
+        ("{command: [app], env: [A]}", "spec.run.env: expected a mapping, got a list"),
+        (
+            "{command: [app], env: {DEBUG: 1}}",
+            "spec.run.env.DEBUG: expected a string, got integer 1",
+        ),
+        ("{command: [app], env: {1X: a}}", "spec.run.env: '1X' is not a valid variable name"),
+        ("{command: [app], env: {PORT: '1'}}", "spec.run.env.PORT: PORT is set by `tasklane run`"),
+        (
+            "{command: [app], env: {TASKLANE_GROUP: g}}",
+            "spec.run.env.TASKLANE_GROUP: TASKLANE_GROUP is set by `tasklane run`",
+        ),
+    ],
+)
+def test_service_run_problems(run: str, problem: str) -> None:
+    with pytest.raises(RuleError) as caught:
+        load_text(service_with_run(run), "rules.yaml")
+    assert str(caught.value).startswith(f"rules.yaml: document 2 (Service x): {problem}")
+    assert "\n" not in str(caught.value)
 
 
 # --- RuleSet ----------------------------------------------------------------------------

@@ -1,0 +1,279 @@
+"""The profile: how many replicas of which task group the runs of scheduled tasks need, when.
+
+Pure functions of the rules, the run history and a time range, so the policy, the API
+(`desired replicas per (service, group) per minute for the next 24 h`) and the simulator
+compute the same thing.
+
+A run is predicted at each cron fire (in the task's time zone, DST rules as in
+`controlplane.model.cron`) and lasts the task's expected duration. The history corrects the
+prediction: a reported run *claims* the fire it belongs to (the latest fire at most
+`CLAIM_EARLY_S` after its start, if the run started before that fire's expected end), and
+then its real start and finish replace the guess. An open run never ends in the profile: its
+window reaches at least `now + OPEN_MARGIN_S`, whatever the predicted end. A fire no run
+claims keeps its predicted window, so a skipped run holds its capacity for the expected
+duration and no longer. A run that claims no fire (a manual or extra run) gets a window of
+its own.
+
+Only task groups are profiled: a hop in a `default` group is online capacity, sized by
+whoever runs the online service, not by this scaler. Windows of different tasks on one group
+add up. The profile is the capacity the runs need while they run: the policy adds the
+start-up lead before a window and the drain after it, and clamps to the group's
+[minReplicas, maxReplicas] (a profile that exceeds the maximum shows the conflict instead of
+hiding it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+from controlplane.model.cron import fires_between
+from controlplane.model.rules import DEFAULT_GROUP, Group, RuleSet, ScheduledTask
+from controlplane.model.run import Run
+
+GroupKey = tuple[str, str]  # (service, group)
+
+HISTORY_RUNS = 20  # finished runs a task's expected duration is learned from
+DURATION_PERCENTILE = 90
+CLAIM_EARLY_S = 60.0  # a run reported this much before its fire still belongs to it
+OPEN_MARGIN_S = 60.0  # an open run's window reaches at least this far past `now`
+UNLISTED_HOP_REPLICAS = 1  # a task group hop missing from spec.replicas still needs one
+_DAY_S = 86400
+
+
+@dataclass(frozen=True)
+class Window:
+    """Capacity one task run needs on one hop group, from `start` to `end` (UTC epoch s).
+
+    `fire` is the cron fire the run stands for (None for a run no fire claims), `run` the
+    reported run's id (None for a predicted run), `open` whether that run is still open.
+    """
+
+    task: str
+    service: str
+    group: str
+    replicas: int
+    start: float
+    end: float
+    fire: float | None = None
+    run: str | None = None
+    open: bool = False
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """Nearest-rank percentile: always a value that was observed, never an interpolation,
+    so "p90 of 20 runs" is the 18th shortest and one outlier cannot move it. Empty: nan."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def expected_duration(task: ScheduledTask, history: Sequence[Run]) -> float:
+    """Seconds a run of `task` is expected to take: the p90 of its last `HISTORY_RUNS`
+    finished runs, or the declared `expectedDuration` before any run has finished.
+
+    Why p90: scale-down waits for the run's own finish report, so this number only decides
+    how long a fire without a reported run (skipped, or not reported yet) keeps its capacity
+    and what the profile shows. The p90 covers all but the slowest runs while one overrun,
+    which the max would keep for 20 runs, hardly moves it; the mean would drop a slow but
+    ordinary run's capacity half of the time.
+    """
+    return _expected(task, [run for run in history if run.task == task.name])
+
+
+def _expected(task: ScheduledTask, runs: Sequence[Run]) -> float:
+    """`expected_duration` from runs of `task` only."""
+    finished = [run for run in runs if run.finished_at is not None]
+    if not finished:
+        return float(task.expected_duration_s)
+    if len(finished) > HISTORY_RUNS:
+        finished = sorted(finished, key=lambda run: run.started_at)[-HISTORY_RUNS:]
+    return percentile((max(0.0, run.finished_at - run.started_at) for run in finished), 90)
+
+
+def managed_groups(rules: RuleSet) -> dict[GroupKey, Group]:
+    """The groups the scaler sizes: every non-default hop group of a chain some
+    ScheduledTask drives, with its replica bounds, ordered by (service, group)."""
+    return dict(_plan(rules).groups)
+
+
+def task_hops(rules: RuleSet, task: ScheduledTask) -> list[tuple[str, str, int]]:
+    """(service, group, replicas) of each task-group hop of the task's chain, in hop order.
+
+    A hop whose service `spec.replicas` does not list needs `UNLISTED_HOP_REPLICAS`: with no
+    instance its dyed requests would fail (strict) or leak to `default` (loose). Hops whose
+    service or group does not exist (rules under edit) are left out."""
+    chain = rules.chains.get(task.chain)
+    if chain is None:
+        return []
+    counts = dict(task.replicas)
+    return [
+        (hop.service, hop.group, counts.get(hop.service, UNLISTED_HOP_REPLICAS))
+        for hop in chain.hops
+        if hop.group != DEFAULT_GROUP
+        and hop.service in rules.services
+        and rules.services[hop.service].group(hop.group) is not None
+    ]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the rules say about scaling, derived once per RuleSet."""
+
+    hops: Mapping[str, tuple[tuple[str, str, int], ...]]
+    groups: Mapping[GroupKey, Group]
+
+
+_plans: dict[int, tuple[RuleSet, _Plan]] = {}
+
+
+def _plan(rules: RuleSet) -> _Plan:
+    """Cached by identity: a RuleSet never changes (every change makes a new one), and the
+    policy asks every sync period."""
+    cached = _plans.get(id(rules))
+    if cached is not None and cached[0] is rules:
+        return cached[1]
+    hops = {name: tuple(task_hops(rules, task)) for name, task in sorted(rules.tasks.items())}
+    groups = {
+        (service, group): rules.services[service].group(group)
+        for task_hops_ in hops.values()
+        for service, group, _ in task_hops_
+    }
+    plan = _Plan(hops, dict(sorted(groups.items())))
+    if len(_plans) >= 8:
+        _plans.clear()
+    _plans[id(rules)] = (rules, plan)
+    return plan
+
+
+def fire_times(task: ScheduledTask, start: float, end: float) -> list[float]:
+    """The task's cron fires in [start, end), epoch seconds, ascending."""
+    fires: list[float] = []
+    for day in range(math.floor(start / _DAY_S), math.ceil(end / _DAY_S)):
+        fires.extend(
+            t for t in _fires_on_day(task.schedule, task.timezone, day) if start <= t < end
+        )
+    return fires
+
+
+@lru_cache(maxsize=16384)
+def _fires_on_day(schedule: str, timezone: str, day: int) -> tuple[float, ...]:
+    """Fires within one UTC day: the policy asks for a few minutes around `now` every sync
+    period, and walking the cron for each ask would cost more than everything else."""
+    low = datetime.fromtimestamp(day * _DAY_S, UTC)
+    fires = fires_between(schedule, low, low + timedelta(days=1), ZoneInfo(timezone))
+    return tuple(t.timestamp() for t in fires)
+
+
+def windows(
+    rules: RuleSet,
+    history: Sequence[Run],
+    start: float,
+    end: float,
+    now: float | None = None,
+) -> list[Window]:
+    """Windows of predicted and reported runs that overlap [start, end), per task-group hop,
+    ordered by start, task and hop. `now` (default: `start`) is how far open runs reach at
+    least. `history` must hold each task's open runs and recent finished ones (the last
+    `HISTORY_RUNS` at least); older runs change nothing."""
+    now = start if now is None else now
+    runs_of: dict[str, list[Run]] = {}
+    for run in history:
+        runs_of.setdefault(run.task, []).append(run)
+    result: list[Window] = []
+    for name, hops in _plan(rules).hops.items():
+        if not hops:
+            continue
+        task = rules.tasks[name]
+        for low, high, fire, run in _task_windows(task, runs_of.get(name, []), start, end, now):
+            result.extend(
+                Window(
+                    task=name,
+                    service=service,
+                    group=group,
+                    replicas=replicas,
+                    start=low,
+                    end=high,
+                    fire=fire,
+                    run=None if run is None else run.id,
+                    open=run is not None and run.open,
+                )
+                for service, group, replicas in hops
+            )
+    result.sort(key=lambda w: (w.start, w.task))
+    return result
+
+
+def _task_windows(
+    task: ScheduledTask, runs: list[Run], start: float, end: float, now: float
+) -> list[tuple[float, float, float | None, Run | None]]:
+    """(start, end, fire, run) of one task's runs overlapping [start, end)."""
+    duration = _expected(task, runs)
+    # a run that finished before this cannot overlap the range nor claim a fire that does
+    horizon = start - duration - 2 * CLAIM_EARLY_S
+    relevant = sorted(
+        (run for run in runs if run.finished_at is None or run.finished_at > horizon),
+        key=lambda run: run.started_at,
+    )
+    low = start - duration - CLAIM_EARLY_S
+    if relevant:
+        low = min(low, relevant[0].started_at - duration)
+    fires = fire_times(task, low, end + CLAIM_EARLY_S)
+    claimed: dict[int, Run] = {}
+    spans: list[tuple[float, float, float | None, Run | None]] = []
+    for run in relevant:
+        index = bisect.bisect_right(fires, run.started_at + CLAIM_EARLY_S) - 1
+        fire: float | None = None
+        if index >= 0 and index not in claimed and run.started_at < fires[index] + duration:
+            claimed[index] = run
+            fire = fires[index]
+        if run.finished_at is not None:
+            finish = run.finished_at
+        else:
+            finish = max(run.started_at + duration, now + OPEN_MARGIN_S)
+        begin = run.started_at if fire is None else min(fire, run.started_at)
+        spans.append((begin, finish, fire, run))
+    spans.extend(
+        (fire, fire + duration, fire, None)
+        for index, fire in enumerate(fires)
+        if index not in claimed
+    )
+    return [span for span in spans if span[0] < end and span[1] > start]
+
+
+def profile(
+    rules: RuleSet,
+    history: Sequence[Run],
+    start: float,
+    minutes: int = 1440,
+    now: float | None = None,
+) -> dict[GroupKey, list[int]]:
+    """Replicas each managed group needs in each minute from `start`: the most that
+    overlapping windows need at once at any moment of that minute (windows of different
+    tasks add up). Every managed group has an entry, zeros when idle. Not clamped to the
+    group's bounds and without lead or drain: those belong to the policy."""
+    end = start + 60 * minutes
+    result = {key: [0] * minutes for key in managed_groups(rules)}
+    changes: dict[GroupKey, dict[float, int]] = {}
+    for window in windows(rules, history, start, end, now):
+        steps = changes.setdefault((window.service, window.group), {})
+        steps[window.start] = steps.get(window.start, 0) + window.replicas
+        steps[window.end] = steps.get(window.end, 0) - window.replicas
+    for key, steps in changes.items():
+        slots = result.setdefault(key, [0] * minutes)
+        level = 0
+        times = sorted(steps)
+        for moment, following in zip(times, [*times[1:], math.inf], strict=True):
+            level += steps[moment]
+            low, high = max(moment, start), min(following, end)
+            if level <= 0 or low >= high:
+                continue
+            for slot in range(int((low - start) // 60), math.ceil((high - start) / 60)):
+                slots[slot] = max(slots[slot], level)
+    return result

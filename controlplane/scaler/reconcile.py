@@ -1,0 +1,107 @@
+"""The live scaler: each sync period, on the leader only, observe the groups, let the policy
+decide, make the actuator converge, and record every decision with its reason in etcd.
+
+It runs the same `Policy` as the simulator. Actuators are idempotent, so every period the
+latest desired count of every managed group is re-asserted (an instance that crashed is
+replaced), while only changes are recorded as decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from controlplane.model.rules import RuleSet
+from controlplane.scaler.actuators import Actuator
+from controlplane.scaler.policy import Decision, Observation, Policy, PolicyConfig
+from controlplane.store.decisions import record_decision
+from controlplane.store.etcd import Store
+from controlplane.store.runs import list_runs
+
+log = logging.getLogger(__name__)
+
+
+class Scaler:
+    """Drives one actuator from the policy while `is_leader()` holds."""
+
+    def __init__(
+        self,
+        actuator: Actuator,
+        rules: Callable[[], RuleSet],
+        is_leader: Callable[[], bool],
+        config: PolicyConfig | None = None,
+    ) -> None:
+        self.actuator = actuator
+        self.config = config or PolicyConfig()
+        self._rules = rules
+        self._is_leader = is_leader
+        self._policy: Policy | None = None
+        self._task: asyncio.Task | None = None
+        self._status: dict[str, Any] = {"actuator": actuator.name, "ticks": 0, "error": None}
+
+    def start(self, store: Store) -> None:
+        self._task = asyncio.create_task(self._run(store))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await asyncio.to_thread(self.actuator.close)
+
+    def status(self) -> dict[str, Any]:
+        """For /api/v1/status and the dashboard: desired replicas per group and the last tick."""
+        desired = self._policy.desired if self._policy is not None else {}
+        return {
+            **self._status,
+            "desired": {f"{s}|{g}": d.replicas for (s, g), d in sorted(desired.items())},
+        }
+
+    async def _run(self, store: Store) -> None:
+        while True:
+            try:
+                if self._is_leader():
+                    await asyncio.to_thread(self.tick, store, time.time())
+                else:
+                    self._policy = None  # a new leadership starts from a fresh policy
+            except Exception as exc:  # a failed tick must not stop scaling for good
+                log.exception("scaler tick failed")
+                self._status["error"] = str(exc)
+            await asyncio.sleep(self.config.sync_period_s)
+
+    def tick(self, store: Store, now: float) -> list[Decision]:
+        """One period: decide, record what changed, converge every group. Blocking."""
+        if self._policy is None:
+            self._policy = Policy(self.config)
+        observed = {
+            key: Observation(key[0], key[1], seen.ready, seen.starting, seen.parked)
+            for key, seen in self.actuator.observe().items()
+        }
+        decisions = self._policy.decide(
+            now, self._rules(), list_runs(store), observed, self.actuator.start_durations()
+        )
+        for decision in decisions:
+            log.info(
+                "scale %s|%s to %d: %s",
+                decision.service,
+                decision.group,
+                decision.replicas,
+                decision.reason,
+            )
+            record_decision(
+                store,
+                decision.service,
+                decision.group,
+                decision.replicas,
+                decision.reason,
+                decision.at,
+            )
+        # Re-assert every managed group (and the last word on groups no longer managed).
+        targets = {**self._policy.desired, **{(d.service, d.group): d for d in decisions}}
+        for (service, group), decision in targets.items():
+            self.actuator.scale(service, group, decision.replicas, decision.reason)
+        self._status.update(ticks=self._status["ticks"] + 1, last_tick=now, error=None)
+        return decisions

@@ -1,0 +1,703 @@
+"""A discrete-event replay of a workload under each scaling policy, on a virtual clock.
+
+The runs are planned once from the workload and its seed (cron fires in each task's time
+zone, skipped fires, start delays, log-normal durations with overruns, extra runs at random
+times) and replayed identically under every policy, so the policies differ only in what they
+decide. Each managed group's i-th instance start takes the i-th draw of that group's seeded
+start-up distribution under every policy.
+
+Controllers run every `SYNC_PERIOD_S` and set a desired count per group; the replay starts
+and stops instances accordingly (a start is ready after its start-up time; a stop removes
+starting instances before ready ones). The policies:
+
+- `static-peak`: each group always holds the most replicas its runs ever need at once;
+- `hpa`: the Kubernetes HPA on in-flight requests per ready instance (tolerance 0.1,
+  300 s scale-down stabilisation), which cannot go below one instance;
+- `keda-cron`: a KEDA cron trigger per task, from `KEDA_LEAD_S` before each fire to the
+  task's p95 duration after it, plus the 300 s cooldown; triggers on one group combine by
+  max, as the HPA behind KEDA combines metrics;
+- `tasklane`: the real `controlplane.scaler.policy.Policy`, fed run reports as a scheduler
+  would send them and the start-to-ready durations measured in this replay;
+- `oracle`: the lower bound. It knows the future: every instance starts exactly its own
+  start-up time before it is needed and stops the moment it is not, and is kept through a
+  gap shorter than a restart would take. It is not clamped to the groups' maximum.
+
+A run needs its task's replicas on each task-group hop while it is open; its traffic is
+`load` x the in-flight target per needed replica (load 0.9-1.0: the declared replicas fit).
+Only the measured days count; the warm-up before them builds history (durations, start-ups).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from controlplane.errors import TasklaneError
+from controlplane.model.run import Run
+from controlplane.scaler.policy import (
+    Observation,
+    Policy,
+    PolicyConfig,
+    hpa_recommendation,
+)
+from controlplane.scaler.profile import (
+    HISTORY_RUNS,
+    GroupKey,
+    fire_times,
+    managed_groups,
+    percentile,
+    task_hops,
+)
+from controlplane.scaler.workload import Workload
+
+POLICIES = ("static-peak", "hpa", "keda-cron", "tasklane", "oracle")
+SYNC_PERIOD_S = 15.0
+HPA_TOLERANCE = 0.1
+HPA_WINDOW_S = 300.0
+KEDA_LEAD_S = 120.0  # whole minutes: a KEDA cron trigger's start is itself a cron field
+KEDA_COOLDOWN_S = 300.0
+FLAP_WINDOW_S = 300.0
+START_SAMPLES = 100  # recent start-to-ready durations per group handed to the policy
+LOAD_RANGE = (0.9, 1.0)
+TARGET_IN_FLIGHT = PolicyConfig().target_in_flight
+_DAY_S = 86400.0
+# Order of events at one instant: capacity that becomes ready counts for a run starting then.
+_READY, _FINISH, _START, _TICK = range(4)
+
+
+@dataclass(frozen=True)
+class SimRun:
+    """One planned run: when it starts and ends and what it needs on which group."""
+
+    task: str
+    id: str
+    fire: float | None  # None for an extra run
+    start: float
+    end: float
+    load: float
+    needs: tuple[tuple[GroupKey, int], ...]
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """What one policy cost and how often it let a run start on too little capacity."""
+
+    policy: str
+    replica_hours: float
+    shortfalls: tuple[float, ...]  # per fired run started in the measured days: seconds short
+    extra_shortfalls: tuple[float, ...]  # the same for extra runs, which no cron predicts
+    missing_replica_hours: float  # needed but not ready while runs were open
+    scale_events: int
+    run_groups: int  # (run, task group) pairs the scale events are divided by
+    flaps: int
+    forced_flaps: int  # of which the reversal was a scale-up for an extra run
+
+    @property
+    def shortfall_p50(self) -> float:
+        return percentile(self.shortfalls, 50) if self.shortfalls else 0.0
+
+    @property
+    def shortfall_p99(self) -> float:
+        return percentile(self.shortfalls, 99) if self.shortfalls else 0.0
+
+    @property
+    def share_without_shortfall(self) -> float:
+        if not self.shortfalls:
+            return 1.0
+        return sum(1 for s in self.shortfalls if s <= 0) / len(self.shortfalls)
+
+    @property
+    def events_per_run_group(self) -> float:
+        return self.scale_events / self.run_groups if self.run_groups else 0.0
+
+
+@dataclass(frozen=True)
+class Report:
+    """Every simulated policy on one workload, with the two references."""
+
+    workload: str
+    days: float
+    seed: int
+    fires: int
+    runs: int
+    skipped: int
+    extra: int
+    static_peak_hours: float
+    oracle_hours: float
+    results: tuple[PolicyResult, ...]
+
+    def result(self, policy: str) -> PolicyResult:
+        return next(result for result in self.results if result.policy == policy)
+
+    def table(self) -> str:
+        """One line per policy, the columns the issue asks for."""
+        header = (
+            "policy",
+            "replica-h",
+            "% static",
+            "x oracle",
+            "short p50",
+            "short p99",
+            "fires not short",
+            "extra short p50",
+            "missing rep-h",
+            "events/run/group",
+            "flaps",
+            "by extra runs",
+        )
+        rows = [header]
+        for r in self.results:
+            rows.append(
+                (
+                    r.policy,
+                    f"{r.replica_hours:.1f}",
+                    f"{100 * r.replica_hours / self.static_peak_hours:.1f}%",
+                    f"{r.replica_hours / self.oracle_hours:.2f}x",
+                    f"{r.shortfall_p50:.0f}s",
+                    f"{r.shortfall_p99:.0f}s",
+                    f"{100 * r.share_without_shortfall:.1f}%",
+                    f"{percentile(r.extra_shortfalls, 50) if r.extra_shortfalls else 0:.0f}s",
+                    f"{r.missing_replica_hours:.1f}",
+                    f"{r.events_per_run_group:.2f}",
+                    str(r.flaps),
+                    str(r.forced_flaps),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
+            for row in rows
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        summary = (
+            f"workload {self.workload}: {self.days:g} days, seed {self.seed}, {self.fires} fires "
+            f"({self.skipped} skipped), {self.runs} runs ({self.extra} extra)"
+        )
+        return "\n".join([summary, *lines])
+
+
+def simulate(
+    workload: Workload,
+    days: float,
+    policy: str = "all",
+    seed: int | None = None,
+    config: PolicyConfig | None = None,
+) -> Report:
+    """Replay `days` of `workload` from its start (after its warm-up) under `policy`
+    ("all" or one of POLICIES). The same seed gives the same report. `config` is the
+    tasklane policy's (default: PolicyConfig() at the simulator's sync period)."""
+    if policy != "all" and policy not in POLICIES:
+        raise TasklaneError(
+            f"unknown policy {policy!r} (expected all or one of: {', '.join(POLICIES)})"
+        )
+    if not days > 0:
+        raise TasklaneError(f"days must be more than 0, got {days:g}")
+    seed = workload.seed if seed is None else seed
+    clock = _Clock(
+        workload.start - workload.warmup_s, workload.start, workload.start + days * _DAY_S
+    )
+    runs = plan_runs(workload, clock.begin, clock.end, seed)
+    groups = managed_groups(workload.rules)
+    peak = _peaks(runs, groups, clock)
+    oracle = _oracle(workload, runs, clock, seed)
+    static = _replay(workload, runs, clock, seed, "static-peak", _Static(peak))
+    chosen = POLICIES if policy == "all" else (policy,)
+    results: list[PolicyResult] = []
+    for name in chosen:
+        if name == "static-peak":
+            results.append(static)
+        elif name == "oracle":
+            results.append(oracle)
+        else:
+            results.append(
+                _replay(
+                    workload, runs, clock, seed, name, _controller(name, workload, clock, config)
+                )
+            )
+    measured = [run for run in runs if clock.measured(run.start)]
+    fires = sum(
+        len(fire_times(task, clock.start, clock.end)) for task in workload.rules.tasks.values()
+    )
+    extra = sum(1 for run in measured if run.fire is None)
+    return Report(
+        workload=workload.name,
+        days=days,
+        seed=seed,
+        fires=fires,
+        runs=len(measured),
+        skipped=fires - (len(measured) - extra),
+        extra=extra,
+        static_peak_hours=static.replica_hours,
+        oracle_hours=oracle.replica_hours,
+        results=tuple(results),
+    )
+
+
+@dataclass(frozen=True)
+class _Clock:
+    begin: float  # warm-up starts
+    start: float  # measured days start
+    end: float
+
+    def measured(self, moment: float) -> bool:
+        return self.start <= moment < self.end
+
+    def overlap(self, low: float, high: float) -> float:
+        """Seconds of [low, high) inside the measured days."""
+        return max(0.0, min(high, self.end) - max(low, self.start))
+
+
+def plan_runs(workload: Workload, begin: float, end: float, seed: int) -> list[SimRun]:
+    """Every run that starts in [begin, end), by start time. Each task draws from its own
+    seeded stream, so adding a task does not change the others' runs."""
+    runs: list[SimRun] = []
+    for name in sorted(workload.rules.tasks):
+        task = workload.rules.tasks[name]
+        behaviour = workload.tasks[name]
+        needs = tuple(((s, g), n) for s, g, n in task_hops(workload.rules, task))
+        rng = random.Random(f"{seed}/runs/{name}")
+        starts: list[tuple[float, float | None]] = []
+        for fire in fire_times(task, begin, end):
+            skip, delay = rng.random(), rng.random()
+            if skip >= behaviour.skip:
+                starts.append((fire + delay * behaviour.start_delay_s, fire))
+        moment = begin
+        rate = behaviour.extra_runs_per_day / _DAY_S
+        while rate > 0:
+            moment += rng.expovariate(rate)
+            if moment >= end:
+                break
+            starts.append((moment, None))
+        for number, (start, fire) in enumerate(sorted(starts, key=lambda item: item[0])):
+            duration = behaviour.duration.sample(rng)
+            if rng.random() < behaviour.overrun_probability:
+                duration *= behaviour.overrun_factor
+            load = rng.uniform(*LOAD_RANGE)
+            if start < end:
+                runs.append(SimRun(name, f"r{number}", fire, start, start + duration, load, needs))
+    runs.sort(key=lambda run: (run.start, run.task))
+    return runs
+
+
+def _need_steps(runs: Sequence[SimRun]) -> dict[GroupKey, list[tuple[float, int]]]:
+    """(time, need from then on) per group: the replicas the open runs need."""
+    deltas: dict[GroupKey, dict[float, int]] = {}
+    for run in runs:
+        for key, count in run.needs:
+            steps = deltas.setdefault(key, {})
+            steps[run.start] = steps.get(run.start, 0) + count
+            steps[run.end] = steps.get(run.end, 0) - count
+    result: dict[GroupKey, list[tuple[float, int]]] = {}
+    for key, steps in deltas.items():
+        level = 0
+        result[key] = []
+        for moment in sorted(steps):
+            level += steps[moment]
+            result[key].append((moment, level))
+    return result
+
+
+def _peaks(
+    runs: Sequence[SimRun], groups: Mapping[GroupKey, object], clock: _Clock
+) -> dict[GroupKey, int]:
+    """The most replicas each group's runs need at once during the measured days."""
+    peaks = dict.fromkeys(groups, 0)
+    for key, steps in _need_steps(runs).items():
+        following = [moment for moment, _ in steps[1:]] + [math.inf]
+        peaks[key] = max(
+            (
+                level
+                for (moment, level), until in zip(steps, following, strict=True)
+                if moment < clock.end and until > clock.start
+            ),
+            default=0,
+        )
+    return peaks
+
+
+def _oracle(workload: Workload, runs: Sequence[SimRun], clock: _Clock, seed: int) -> PolicyResult:
+    """The lower bound: per unit of need (level k of the need), an instance starts its own
+    start-up time before the level is reached and stops when it is left, unless the level
+    returns sooner than the next start-up would take."""
+    seconds = 0.0
+    events: dict[GroupKey, list[tuple[float, int, bool]]] = {}
+    extra_starts = {(key, run.start) for run in runs if run.fire is None for key, _ in run.needs}
+    for key, steps in _need_steps(runs).items():
+        rng = random.Random(f"{seed}/startup/{key[0]}/{key[1]}")
+        levels: dict[int, list[list[float]]] = {}
+        previous = 0
+        for moment, level in steps:
+            for k in range(previous + 1, level + 1):
+                levels.setdefault(k, []).append([moment, math.inf])
+            for k in range(level + 1, previous + 1):
+                levels[k][-1][1] = moment
+            if level != previous and clock.measured(moment):
+                up = level > previous
+                forced = up and (key, moment) in extra_starts
+                events.setdefault(key, []).append((moment, 1 if up else -1, forced))
+            previous = level
+        for k in sorted(levels):
+            alive_from = alive_to = None
+            for low, high in levels[k]:
+                startup = workload.startup[key].sample(rng)
+                if alive_to is not None and low - alive_to <= startup:
+                    alive_to = high
+                    continue
+                if alive_from is not None:
+                    seconds += clock.overlap(alive_from, alive_to)
+                alive_from, alive_to = low - startup, high
+            if alive_from is not None:
+                seconds += clock.overlap(alive_from, alive_to)
+    measured = [run for run in runs if clock.measured(run.start)]
+    return PolicyResult(
+        policy="oracle",
+        replica_hours=seconds / 3600,
+        shortfalls=tuple(0.0 for run in measured if run.fire is not None),
+        extra_shortfalls=tuple(0.0 for run in measured if run.fire is None),
+        missing_replica_hours=0.0,
+        scale_events=sum(len(changes) for changes in events.values()),
+        run_groups=sum(len(run.needs) for run in measured),
+        flaps=sum(len(_flaps(changes)) for changes in events.values()),
+        forced_flaps=sum(sum(_flaps(changes)) for changes in events.values()),
+    )
+
+
+def _flaps(changes: Sequence[tuple[float, int, bool]]) -> list[bool]:
+    """Per scale event that reverses the previous one's direction within FLAP_WINDOW_S:
+    whether it was a scale-up for an extra run, which no schedule announces."""
+    return [
+        forced
+        for (t1, d1, _), (t2, d2, forced) in itertools.pairwise(changes)
+        if d1 != d2 and t2 - t1 < FLAP_WINDOW_S
+    ]
+
+
+# --- the replay -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Instance:
+    requested: float
+    ready: bool = False
+    stopped: bool = False
+
+
+@dataclass
+class _Group:
+    """One managed group during a replay."""
+
+    key: GroupKey
+    low: int
+    high: int
+    startup: Callable[[], float]
+    instances: list[_Instance] = field(default_factory=list)
+    desired: int = 0
+    ready: int = 0
+    need: int = 0
+    demand: float = 0.0  # in-flight requests the open runs send
+    changes: list[tuple[float, int, bool]] = field(default_factory=list)  # time, +-1, forced
+    extra_started: float = -math.inf  # when an extra run last started on the group
+    starts: deque[float] = field(default_factory=lambda: deque(maxlen=START_SAMPLES))
+
+
+class _View:
+    """What a controller may see: groups, run reports, measured start-ups."""
+
+    def __init__(self, groups: dict[GroupKey, _Group]) -> None:
+        self.groups = groups
+        self.finished: dict[str, deque[Run]] = {}
+        self.open: dict[str, Run] = {}
+        self._history: tuple[Run, ...] | None = ()
+        self._starts: dict[GroupKey, tuple[float, ...]] | None = {}
+
+    def report_start(self, run: SimRun) -> None:
+        self.open[run.task + "/" + run.id] = Run(run.task, run.id, run.start)
+        self._history = None
+
+    def report_finish(self, run: SimRun) -> None:
+        del self.open[run.task + "/" + run.id]
+        kept = self.finished.setdefault(run.task, deque(maxlen=HISTORY_RUNS))
+        kept.append(Run(run.task, run.id, run.start, run.end, "succeeded"))
+        self._history = None
+
+    def measured_start(self) -> None:
+        self._starts = None
+
+    def history(self) -> tuple[Run, ...]:
+        if self._history is None:
+            finished = (run for runs in self.finished.values() for run in runs)
+            self._history = (*finished, *self.open.values())
+        return self._history
+
+    def start_durations(self) -> dict[GroupKey, tuple[float, ...]]:
+        if self._starts is None:
+            self._starts = {key: tuple(group.starts) for key, group in self.groups.items()}
+        return self._starts
+
+    def observations(self) -> dict[GroupKey, Observation]:
+        return {
+            key: Observation(
+                key[0],
+                key[1],
+                ready=group.ready,
+                starting=len(group.instances) - group.ready,
+                in_flight=group.demand / group.ready if group.ready else None,
+            )
+            for key, group in self.groups.items()
+        }
+
+
+class _Controller(Protocol):
+    def initial(self, group: _Group) -> int: ...
+
+    def tick(self, now: float, view: _View) -> Mapping[GroupKey, int]: ...
+
+
+def _replay(
+    workload: Workload,
+    runs: Sequence[SimRun],
+    clock: _Clock,
+    seed: int,
+    name: str,
+    controller: _Controller,
+) -> PolicyResult:
+    """Run one controller over the planned runs; measure cost, shortfall and events."""
+    groups: dict[GroupKey, _Group] = {}
+    for key, bounds in managed_groups(workload.rules).items():
+        rng = random.Random(f"{seed}/startup/{key[0]}/{key[1]}")
+        spread = workload.startup[key]
+        groups[key] = _Group(
+            key, bounds.min_replicas, bounds.max_replicas, lambda s=spread, r=rng: s.sample(r)
+        )
+    view = _View(groups)
+    queue: list[tuple[float, int, int, object]] = []
+    order = itertools.count()
+
+    def push(moment: float, kind: int, item: object) -> None:
+        heapq.heappush(queue, (moment, kind, next(order), item))
+
+    seconds = 0.0
+    missing = 0.0
+
+    def stop(group: _Group, instance: _Instance, now: float) -> None:
+        nonlocal seconds
+        instance.stopped = True
+        seconds += clock.overlap(instance.requested, now)
+        if instance.ready:
+            group.ready -= 1
+
+    def scale(group: _Group, count: int, now: float) -> None:
+        while len(group.instances) < count:
+            instance = _Instance(now)
+            group.instances.append(instance)
+            push(now + group.startup(), _READY, (group, instance))
+        if len(group.instances) > count:
+            # stop starting instances first, newest first: they serve nothing yet
+            ranked = sorted(group.instances, key=lambda i: (i.ready, -i.requested))
+            for instance in ranked[: len(group.instances) - count]:
+                stop(group, instance, now)
+            group.instances = [i for i in group.instances if not i.stopped]
+
+    for group in groups.values():
+        group.desired = controller.initial(group)
+        group.instances = [_Instance(clock.begin, ready=True) for _ in range(group.desired)]
+        group.ready = group.desired
+    for run in runs:
+        push(run.start, _START, run)
+        push(run.end, _FINISH, run)
+    push(clock.begin, _TICK, None)
+    pending: dict[SimRun, None] = {}
+    shortfalls: dict[SimRun, float] = {}
+    last = clock.begin
+    while queue and queue[0][0] < clock.end:
+        now = queue[0][0]
+        span = clock.overlap(last, now)
+        if span:
+            missing += span * sum(max(0, g.need - g.ready) for g in groups.values())
+        while queue and queue[0][0] == now:
+            _, kind, _, item = heapq.heappop(queue)
+            if kind == _READY:
+                group, instance = item  # type: ignore[misc]
+                if not instance.stopped:
+                    instance.ready = True
+                    group.ready += 1
+                    group.starts.append(now - instance.requested)
+                    view.measured_start()
+            elif kind == _FINISH:
+                run = item  # type: ignore[assignment]
+                for key, count in run.needs:
+                    groups[key].need -= count
+                    groups[key].demand -= count * run.load * TARGET_IN_FLIGHT
+                view.report_finish(run)
+                if run in pending:
+                    del pending[run]
+                    shortfalls[run] = run.end - run.start
+            elif kind == _START:
+                run = item  # type: ignore[assignment]
+                for key, count in run.needs:
+                    groups[key].need += count
+                    groups[key].demand += count * run.load * TARGET_IN_FLIGHT
+                    if run.fire is None:
+                        groups[key].extra_started = now
+                view.report_start(run)
+                if clock.measured(run.start):
+                    pending[run] = None
+            else:
+                for key, count in controller.tick(now, view).items():
+                    group = groups[key]
+                    if count != group.desired:
+                        if clock.measured(now):
+                            up = count > group.desired
+                            forced = up and now - group.extra_started <= SYNC_PERIOD_S
+                            group.changes.append((now, 1 if up else -1, forced))
+                        group.desired = count
+                    scale(group, count, now)
+                push(now + SYNC_PERIOD_S, _TICK, None)
+        for run in [
+            run for run in pending if all(groups[k].ready >= groups[k].need for k, _ in run.needs)
+        ]:
+            del pending[run]
+            shortfalls[run] = now - run.start
+        last = now
+    missing += clock.overlap(last, clock.end) * sum(
+        max(0, g.need - g.ready) for g in groups.values()
+    )
+    shortfalls.update((run, clock.end - run.start) for run in pending)
+    for group in groups.values():
+        for instance in group.instances:
+            stop(group, instance, clock.end)
+    measured = [run for run in runs if clock.measured(run.start)]
+    return PolicyResult(
+        policy=name,
+        replica_hours=seconds / 3600,
+        shortfalls=tuple(s for run, s in shortfalls.items() if run.fire is not None),
+        extra_shortfalls=tuple(s for run, s in shortfalls.items() if run.fire is None),
+        missing_replica_hours=missing / 3600,
+        scale_events=sum(len(group.changes) for group in groups.values()),
+        run_groups=sum(len(run.needs) for run in measured),
+        flaps=sum(len(_flaps(group.changes)) for group in groups.values()),
+        forced_flaps=sum(sum(_flaps(group.changes)) for group in groups.values()),
+    )
+
+
+class _Static:
+    """static-peak: the peak from the start, never changed."""
+
+    def __init__(self, peak: Mapping[GroupKey, int]) -> None:
+        self.peak = peak
+
+    def initial(self, group: _Group) -> int:
+        return min(max(self.peak[group.key], group.low), group.high)
+
+    def tick(self, now: float, view: _View) -> Mapping[GroupKey, int]:
+        return {}
+
+
+class _Hpa:
+    """The Kubernetes HPA on in-flight requests per ready instance; at least one instance."""
+
+    def __init__(self) -> None:
+        self.windows: dict[GroupKey, deque[tuple[float, int]]] = {}
+
+    def initial(self, group: _Group) -> int:
+        return max(1, group.low)
+
+    def tick(self, now: float, view: _View) -> Mapping[GroupKey, int]:
+        desired: dict[GroupKey, int] = {}
+        for key, group in view.groups.items():
+            current = group.desired
+            count = current
+            if group.ready:
+                usage = group.demand / group.ready
+                count = hpa_recommendation(
+                    group.ready, current, usage, TARGET_IN_FLIGHT, HPA_TOLERANCE
+                )
+            count = min(max(count, max(1, group.low)), group.high)
+            window = self.windows.setdefault(key, deque())
+            window.append((now, count))
+            while window[0][0] < now - HPA_WINDOW_S:
+                window.popleft()
+            desired[key] = max(value for _, value in window)
+        return desired
+
+
+class _KedaCron:
+    """One KEDA cron trigger per task: fire - lead to fire + p95 duration, then cooldown."""
+
+    def __init__(self, workload: Workload, clock: _Clock) -> None:
+        triggers: dict[GroupKey, list[tuple[float, float, int]]] = {}
+        for name, task in workload.rules.tasks.items():
+            length = workload.tasks[name].duration.p95 + KEDA_COOLDOWN_S
+            fires = fire_times(task, clock.begin - length, clock.end + KEDA_LEAD_S)
+            for service, group, count in task_hops(workload.rules, task):
+                triggers.setdefault((service, group), []).extend(
+                    (fire - KEDA_LEAD_S, fire + length, count) for fire in fires
+                )
+        self.steps = {key: _max_steps(spans) for key, spans in triggers.items()}
+        self.next = dict.fromkeys(self.steps, 0)
+
+    def initial(self, group: _Group) -> int:
+        return group.low
+
+    def tick(self, now: float, view: _View) -> Mapping[GroupKey, int]:
+        desired: dict[GroupKey, int] = {}
+        for key, group in view.groups.items():
+            steps = self.steps.get(key, [])
+            index = self.next.get(key, 0)
+            while index < len(steps) and steps[index][0] <= now:
+                index += 1
+            self.next[key] = index
+            count = steps[index - 1][1] if index else 0
+            desired[key] = min(max(count, group.low), group.high)
+        return desired
+
+
+def _max_steps(spans: Sequence[tuple[float, float, int]]) -> list[tuple[float, int]]:
+    """(time, max count of the spans active from then on), from (start, end, count)."""
+    changes: dict[float, list[tuple[int, int]]] = {}
+    for low, high, count in spans:
+        changes.setdefault(low, []).append((count, 1))
+        changes.setdefault(high, []).append((count, -1))
+    active: dict[int, int] = {}
+    steps: list[tuple[float, int]] = []
+    for moment in sorted(changes):
+        for count, sign in changes[moment]:
+            active[count] = active.get(count, 0) + sign
+        steps.append((moment, max((c for c, n in active.items() if n > 0), default=0)))
+    return steps
+
+
+class _Tasklane:
+    """The live scaler's Policy, unchanged, at the simulator's sync period."""
+
+    def __init__(self, workload: Workload, config: PolicyConfig) -> None:
+        self.rules = workload.rules
+        self.policy = Policy(config)
+
+    def initial(self, group: _Group) -> int:
+        return group.low
+
+    def tick(self, now: float, view: _View) -> Mapping[GroupKey, int]:
+        decisions = self.policy.decide(
+            now, self.rules, view.history(), view.observations(), view.start_durations()
+        )
+        return {(d.service, d.group): d.replicas for d in decisions}
+
+
+def _controller(
+    name: str, workload: Workload, clock: _Clock, config: PolicyConfig | None
+) -> _Controller:
+    if name == "hpa":
+        return _Hpa()
+    if name == "keda-cron":
+        return _KedaCron(workload, clock)
+    return _Tasklane(workload, config or PolicyConfig(sync_period_s=SYNC_PERIOD_S))

@@ -1,0 +1,304 @@
+"""The policy on a virtual clock: the lead from measured starts, the whole chain up before the
+fire and down together after the run, no scale-down while a run is open, drain, skipped runs,
+bounds, the HPA-style reactive part with its tolerance and stabilisation, and no flaps."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+
+import pytest
+
+from controlplane.model.run import Run
+from controlplane.scaler.policy import (
+    Decision,
+    Observation,
+    Policy,
+    PolicyConfig,
+    chain_lead,
+    hpa_recommendation,
+)
+from controlplane.scaler.profile import GroupKey
+from tests.unit.test_profile import at, rules, task
+
+FACADE = ("fund-facade", "task")
+ACCOUNT = ("account-svc", "task")
+# fund-facade starts in 20 s, account-svc in 50 s: the chain's lead is 50 + one sync period
+STARTS: dict[GroupKey, list[float]] = {FACADE: [20.0] * 20, ACCOUNT: [50.0] * 20}
+FIRE = at(2026, 6, 1, 18)  # nightly: 02:00 Asia/Shanghai
+LEAD = 50 + 15
+Observe = Callable[[float], Mapping[GroupKey, Observation]]
+
+
+def known(runs: Sequence[Run], now: float) -> list[Run]:
+    """The runs as a scheduler has reported them by `now`."""
+    return [
+        run if run.finished_at is None or run.finished_at <= now else replace(run, finished_at=None)
+        for run in runs
+        if run.started_at <= now
+    ]
+
+
+def replay(
+    policy: Policy,
+    ruleset: object,
+    start: float,
+    end: float,
+    runs: Sequence[Run] = (),
+    observe: Observe | None = None,
+    starts: Mapping[GroupKey, Sequence[float]] = STARTS,
+) -> list[Decision]:
+    """Every decision of a policy ticking each 15 s from `start` to `end`."""
+    decisions: list[Decision] = []
+    now = start
+    while now < end:
+        seen = observe(now) if observe else {}
+        decisions += policy.decide(now, ruleset, known(runs, now), seen, starts)  # type: ignore[arg-type]
+        now += 15
+    return decisions
+
+
+def changes(decisions: list[Decision], key: GroupKey) -> list[tuple[float, int]]:
+    return [(d.at, d.replicas) for d in decisions if (d.service, d.group) == key]
+
+
+# --- the lead -------------------------------------------------------------------------------
+
+
+def test_lead_is_measured_start_time_plus_a_sync_period() -> None:
+    config = PolicyConfig()
+    assert chain_lead({ACCOUNT: [50.0] * 20}, {ACCOUNT: 3}, config) == 65
+    assert chain_lead({}, {ACCOUNT: 3}, config) == config.default_lead_s
+    assert chain_lead({ACCOUNT: []}, {ACCOUNT: 3}, config) == config.default_lead_s
+    assert chain_lead({}, {ACCOUNT: 0}, config) == 0
+
+
+def test_lead_grows_with_the_instances_that_must_all_be_ready() -> None:
+    draws = random.Random(1)
+    spread = [draws.lognormvariate(math.log(40), 0.34) for _ in range(200)]  # p95 about 70 s
+    config = PolicyConfig()
+    one = chain_lead({ACCOUNT: spread}, {ACCOUNT: 1}, config)
+    nine = chain_lead({ACCOUNT: spread}, {ACCOUNT: 9}, config)
+    strict = chain_lead({ACCOUNT: spread}, {ACCOUNT: 1}, PolicyConfig(lead_percentile=99))
+    assert 62 <= one - 15 <= 78
+    assert nine - 15 > 85 and strict - 15 > 85
+    # a chain waits for its slowest hop, and an unmeasured hop for the default
+    both = chain_lead({ACCOUNT: spread, FACADE: [5.0] * 10}, {ACCOUNT: 1, FACADE: 4}, config)
+    assert both == pytest.approx(one, abs=1)
+    assert chain_lead({FACADE: [5.0] * 10}, {ACCOUNT: 1, FACADE: 1}, config) == 30
+
+
+def test_few_measurements_do_not_promise_that_nothing_is_slower() -> None:
+    few = [40.0, 50.0, 60.0]
+    lead = chain_lead({ACCOUNT: few}, {ACCOUNT: 3}, PolicyConfig())
+    assert lead - 15 > 60  # the fitted tail goes beyond the slowest start seen
+
+
+# --- up before the fire, down after the run -------------------------------------------------
+
+
+def test_whole_chain_is_prewarmed_by_the_slowest_hops_lead_and_goes_down_together() -> None:
+    run = Run("nightly", "abc", FIRE + 3, FIRE + 20 * 60)
+    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 3600, [run])
+    up = FIRE - 60  # the first tick at or after FIRE - LEAD
+    assert changes(decisions, FACADE) == [(FIRE - 300, 0), (up, 4), (FIRE + 20 * 60 + 30, 0)]
+    assert changes(decisions, ACCOUNT) == [(FIRE - 300, 0), (up, 3), (FIRE + 20 * 60 + 30, 0)]
+    reasons = {d.reason for d in decisions if d.at == up}
+    assert reasons == {"pre-warm for task nightly (fires 02:00 Asia/Shanghai)"}
+    assert {d.reason for d in decisions if d.replicas == 0 and d.at > FIRE} == {
+        "run nightly/abc finished + drain 30s"
+    }
+
+
+def test_no_scale_down_while_the_run_is_open_whatever_the_predicted_end() -> None:
+    run = Run("nightly", "abc", FIRE + 3, FIRE + 5 * 3600)  # 1 h expected, 5 h real
+    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 6 * 3600, [run])
+    assert changes(decisions, ACCOUNT) == [
+        (FIRE - 300, 0),
+        (FIRE - 60, 3),
+        (FIRE + 5 * 3600 + 30, 0),
+    ]
+    fresh = Policy().decide(
+        FIRE + 2 * 3600, rules(task("nightly")), known([run], FIRE + 7200), {}, STARTS
+    )
+    assert {d.reason for d in fresh} == {"run nightly/abc open"}
+
+
+def test_drain_keeps_the_group_for_drain_seconds_after_the_finish() -> None:
+    run = Run("nightly", "abc", FIRE + 3, FIRE + 20 * 60 + 5)
+    config = PolicyConfig(drain_s=120)
+    decisions = replay(Policy(config), rules(task("nightly")), FIRE - 300, FIRE + 3600, [run])
+    assert changes(decisions, ACCOUNT)[-1] == (FIRE + 22 * 60 + 15, 0)  # first tick >= +125 s
+
+
+def test_a_skipped_run_holds_capacity_for_the_expected_duration_plus_drain() -> None:
+    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 7200)
+    assert changes(decisions, ACCOUNT) == [(FIRE - 300, 0), (FIRE - 60, 3), (FIRE + 3630, 0)]
+    assert decisions[-1].reason == (
+        "task nightly: no run reported by its expected end; down after drain 30s"
+    )
+
+
+def test_a_fire_not_yet_reported_is_explained_as_such() -> None:
+    fresh = Policy().decide(FIRE + 60, rules(task("nightly")), [], {}, STARTS)
+    assert {d.reason for d in fresh} == {
+        "task nightly fired 02:00 Asia/Shanghai, no run reported yet"
+    }
+
+
+def test_capacity_needed_again_within_the_window_is_kept_not_restarted() -> None:
+    ruleset = rules(
+        task("nightly"),
+        task("debit", "10 2 * * *", chain="debit", replicas=(("account-svc", 2),)),
+    )
+    run = Run("nightly", "abc", FIRE, FIRE + 150)
+    decisions = replay(Policy(), ruleset, FIRE - 300, FIRE + 1200, [run])
+    # nightly ends at +150 s, down at +240 s (a flap guard: 300 s after going up); debit's
+    # pre-warm is due at +535 s, so account-svc keeps 2 of its 3 instead of 0, then 2 again
+    assert changes(decisions, FACADE) == [(FIRE - 300, 0), (FIRE - 60, 4), (FIRE + 240, 0)]
+    account = [d for d in decisions if (d.service, d.group) == ACCOUNT]
+    assert [(d.at, d.replicas) for d in account] == [
+        (FIRE - 300, 0),
+        (FIRE - 60, 3),
+        (FIRE + 240, 2),
+    ]
+    assert account[-1].reason == "keep for task debit: due within 315s"
+
+
+def test_no_decrease_within_the_scale_down_window_of_an_increase() -> None:
+    run = Run("nightly", "abc", FIRE, FIRE + 60)  # a one-minute run
+    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 900, [run])
+    assert changes(decisions, ACCOUNT) == [(FIRE - 300, 0), (FIRE - 60, 3), (FIRE + 240, 0)]
+
+
+# --- bounds ---------------------------------------------------------------------------------
+
+
+def test_bounds_clamp_and_say_so() -> None:
+    ruleset = rules(
+        task("nightly", replicas=(("account-svc", 5), ("fund-facade", 1))),
+        task("debit", chain="debit", replicas=(("account-svc", 4),)),
+    )
+    up = Policy().decide(FIRE + 60, ruleset, [], {}, STARTS)
+    account = next(d for d in up if (d.service, d.group) == ACCOUNT)
+    assert account.replicas == 6
+    assert account.reason.startswith("bound: max 6 (")
+
+    services = dict(ruleset.services)
+    facade = services["fund-facade"]
+    services["fund-facade"] = replace(
+        facade, groups=(facade.groups[0], replace(facade.groups[1], min_replicas=1))
+    )
+    idle = Policy().decide(FIRE - 3600, replace(ruleset, services=services), [], {}, STARTS)
+    facade_decision = next(d for d in idle if (d.service, d.group) == FACADE)
+    assert (facade_decision.replicas, facade_decision.reason) == (1, "bound: min 1")
+
+
+def test_a_lowered_maximum_applies_at_once() -> None:
+    policy = Policy()
+    ruleset = rules(task("nightly"))
+    policy.decide(FIRE - 300, ruleset, [], {}, STARTS)
+    policy.decide(FIRE - 60, ruleset, [], {}, STARTS)
+    services = dict(ruleset.services)
+    account = services["account-svc"]
+    services["account-svc"] = replace(
+        account, groups=(account.groups[0], replace(account.groups[1], max_replicas=2))
+    )
+    lowered = policy.decide(FIRE, replace(ruleset, services=services), [], {}, STARTS)
+    assert [(d.service, d.replicas, d.reason[:12]) for d in lowered] == [
+        ("account-svc", 2, "bound: max 2")
+    ]
+
+
+# --- reactive -------------------------------------------------------------------------------
+
+
+def test_hpa_recommendation() -> None:
+    assert hpa_recommendation(4, 4, 12.0, 8.0, 0.1) == 6
+    assert hpa_recommendation(4, 5, 8.6, 8.0, 0.1) == 5  # within tolerance: keep current
+    assert hpa_recommendation(4, 4, 4.0, 8.0, 0.1) == 2
+    assert hpa_recommendation(3, 3, 8.0 * 4 / 3, 8.0, 0.1) == 4  # exact, no float creep
+
+
+def busy(in_flight: Callable[[float], float | None], ready: int = 3) -> Observe:
+    return lambda now: {
+        ACCOUNT: Observation(*ACCOUNT, ready=ready, starting=0, in_flight=in_flight(now))
+    }
+
+
+def test_in_flight_above_target_scales_beyond_the_prediction() -> None:
+    run = Run("nightly", "abc", FIRE, FIRE + 3600)
+    decisions = replay(
+        Policy(),
+        rules(task("nightly")),
+        FIRE + 60,
+        FIRE + 120,
+        [run],
+        busy(lambda now: 16.0),
+    )
+    account = [d for d in decisions if (d.service, d.group) == ACCOUNT]
+    assert [(d.replicas, d.reason) for d in account] == [(6, "metric: in-flight 16.0 > target 8")]
+
+
+def test_within_tolerance_the_metric_changes_nothing() -> None:
+    run = Run("nightly", "abc", FIRE, FIRE + 3600)
+    decisions = replay(
+        Policy(), rules(task("nightly")), FIRE + 60, FIRE + 600, [run], busy(lambda now: 8.7)
+    )
+    assert changes(decisions, ACCOUNT) == [(FIRE + 60, 3)]
+
+
+def test_scale_down_is_stabilised_over_the_window() -> None:
+    # an idle task group that metrics alone drive: 16 in flight per instance, then nothing
+    decisions = replay(
+        Policy(),
+        rules(task("nightly")),
+        FIRE - 7200,
+        FIRE - 6000,
+        observe=busy(lambda now: 16.0 if now < FIRE - 7200 + 60 else 0.0, ready=2),
+    )
+    # the last high recommendation (+45 s) holds for the 300 s window
+    assert changes(decisions, ACCOUNT) == [(FIRE - 7200, 4), (FIRE - 7200 + 360, 0)]
+
+
+def test_metric_history_of_a_finished_run_does_not_hold_its_capacity() -> None:
+    run = Run("nightly", "abc", FIRE, FIRE + 1800)
+    decisions = replay(
+        Policy(),
+        rules(task("nightly")),
+        FIRE + 60,
+        FIRE + 2400,
+        [run],
+        busy(lambda now: 12.0 if now < FIRE + 1800 else 0.0),
+    )
+    # 12 in flight on 3 ready: 5 until the run ends, then down after the drain, not 300 s
+    assert changes(decisions, ACCOUNT) == [(FIRE + 60, 5), (FIRE + 1830, 0)]
+
+
+# --- decisions ------------------------------------------------------------------------------
+
+
+def test_first_call_decides_every_group_then_only_changes() -> None:
+    policy = Policy()
+    ruleset = rules(task("nightly"))
+    first = policy.decide(FIRE - 3600, ruleset, [], {}, STARTS)
+    assert [(d.service, d.group, d.replicas) for d in first] == [
+        ("account-svc", "task", 0),
+        ("fund-facade", "task", 0),
+    ]
+    assert first[0].reason == "idle: no run open or due"
+    assert policy.decide(FIRE - 3585, ruleset, [], {}, STARTS) == []
+    assert {key: d.replicas for key, d in policy.desired.items()} == {ACCOUNT: 0, FACADE: 0}
+
+
+def test_a_group_no_task_uses_gets_a_last_decision() -> None:
+    policy = Policy()
+    policy.decide(FIRE + 60, rules(task("nightly")), [], {}, STARTS)
+    last = policy.decide(FIRE + 75, rules(), [], {}, STARTS)
+    assert {(d.service, d.replicas, d.reason) for d in last} == {
+        ("account-svc", 0, "no scheduled task uses this group any more"),
+        ("fund-facade", 0, "no scheduled task uses this group any more"),
+    }
+    assert policy.desired == {}

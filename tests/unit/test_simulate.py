@@ -1,0 +1,209 @@
+"""The simulator: deterministic for a seed, the oracle is a lower bound, tasklane (the real
+Policy) beats static peak, and bad workload files are refused with one clear line."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bench.scaler import WEEK, make_workload, render
+from controlplane.errors import RuleError, TasklaneError
+from controlplane.scaler import policy as policy_module
+from controlplane.scaler.simulate import POLICIES, Report, plan_runs, simulate
+from controlplane.scaler.workload import load_workload, parse_workload
+
+RULES = Path(__file__).resolve().parents[1] / "rules" / "good" / "fund-yield.yaml"
+
+
+def document() -> dict[str, Any]:
+    """The fund-yield rules, with nightly runs of about 50 minutes and some noise."""
+    return {
+        "apiVersion": "tasklane.io/v1",
+        "kind": "Workload",
+        "metadata": {"name": "small"},
+        "spec": {
+            "start": "2026-03-29T00:00:00Z",
+            "warmup": "24h",
+            "seed": 3,
+            "defaults": {
+                "startup": {"median": "40s", "p95": "70s"},
+                "skip": 0.05,
+                "extraRunsPerDay": 0.2,
+                "overrun": {"probability": 0.05, "factor": 2},
+                "startDelay": "5s",
+            },
+            "groups": {"nav-pricing/task": {"startup": {"median": "20s", "p95": "30s"}}},
+            "tasks": {"nightly-fund-yield": {"duration": {"median": "50m", "p95": "70m"}}},
+            "rules": list(yaml.safe_load_all(RULES.read_text(encoding="utf-8"))),
+        },
+    }
+
+
+def parse(doc: dict[str, Any]) -> Any:
+    return parse_workload(yaml.safe_dump(doc, sort_keys=False), "small.yaml")
+
+
+@pytest.fixture(scope="module")
+def report() -> Report:
+    return simulate(parse(document()), days=3)
+
+
+def test_every_policy_is_reported(report: Report) -> None:
+    assert [result.policy for result in report.results] == list(POLICIES)
+    assert report.runs > 0 and report.fires >= report.runs - report.extra
+    table = report.table()
+    assert "static-peak" in table and "oracle" in table and "1.00x" in table
+
+
+def test_same_seed_same_report_other_seed_other_runs(report: Report) -> None:
+    assert simulate(parse(document()), days=3) == report
+    workload = parse(document())
+    start, end = workload.start - workload.warmup_s, workload.start + 3 * 86400
+    assert plan_runs(workload, start, end, 3) == plan_runs(workload, start, end, 3)
+    assert plan_runs(workload, start, end, 3) != plan_runs(workload, start, end, 4)
+
+
+def test_oracle_is_a_lower_bound_and_tasklane_beats_static_peak(report: Report) -> None:
+    oracle = report.result("oracle")
+    for result in report.results:
+        assert oracle.replica_hours <= result.replica_hours, result.policy
+    tasklane = report.result("tasklane")
+    assert tasklane.replica_hours < 0.4 * report.result("static-peak").replica_hours
+    assert tasklane.replica_hours <= 1.3 * oracle.replica_hours
+    assert tasklane.share_without_shortfall > report.result("hpa").share_without_shortfall
+    assert report.result("static-peak").scale_events == 0
+    assert report.result("static-peak").shortfalls == (0.0,) * len(tasklane.shortfalls)
+
+
+def test_tasklane_runs_the_real_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = policy_module.Policy.decide
+
+    def counted(self: policy_module.Policy, *args: Any) -> Any:
+        calls.append(args[0])
+        return real(self, *args)
+
+    monkeypatch.setattr(policy_module.Policy, "decide", counted)
+    simulate(parse(document()), days=0.5, policy="tasklane")
+    assert len(calls) == (24 + 12) * 3600 / 15  # every sync period of warm-up and days
+
+
+def test_bad_arguments() -> None:
+    workload = parse(document())
+    with pytest.raises(TasklaneError, match="unknown policy 'vpa'"):
+        simulate(workload, 1, policy="vpa")
+    with pytest.raises(TasklaneError, match="days must be more than 0"):
+        simulate(workload, 0)
+
+
+# --- the example week -------------------------------------------------------------------------
+
+
+def test_the_example_week_is_the_benchmarks_and_big_enough() -> None:
+    assert WEEK.read_text(encoding="utf-8") == render(make_workload(1))
+    workload = load_workload(WEEK)
+    assert len(workload.rules.tasks) >= 50
+    assert len(workload.rules.chains) >= 5
+    zones = {task.timezone for task in workload.rules.tasks.values()}
+    assert {"Europe/Berlin", "Australia/Sydney"} <= zones  # both change clocks that week
+
+
+# --- bad workload files ---------------------------------------------------------------------
+
+
+def rule(doc: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
+    return next(
+        r for r in doc["spec"]["rules"] if r["kind"] == kind and r["metadata"]["name"] == name
+    )
+
+
+def nightly(doc: dict[str, Any]) -> dict[str, Any]:
+    return rule(doc, "ScheduledTask", "nightly-fund-yield")["spec"]
+
+
+BAD = [
+    (
+        lambda d: nightly(d).update(schedule="0 2 30 2 *"),
+        "small.yaml: spec.rules[5] (ScheduledTask nightly-fund-yield): spec.schedule: "
+        "'0 2 30 2 *' never fires",
+    ),
+    (
+        lambda d: nightly(d)["replicas"].update({"fund-facade": -1}),
+        "spec.replicas.fund-facade: must not be negative, got -1",
+    ),
+    (
+        lambda d: nightly(d).update(timezone="Mars/Olympus"),
+        "spec.timezone: unknown time zone 'Mars/Olympus'",
+    ),
+    (
+        lambda d: nightly(d).update(chain="no-such-chain"),
+        "small.yaml: spec.rules[5] (ScheduledTask nightly-fund-yield): spec.chain: unknown chain",
+    ),
+    (
+        lambda d: d["spec"]["tasks"].update({"nightly": {}}),
+        "small.yaml: spec.tasks.nightly: not a ScheduledTask of spec.rules",
+    ),
+    (
+        lambda d: d["spec"]["groups"].update({"fund-facade/default": {}}),
+        "small.yaml: spec.groups.fund-facade/default: not a task group",
+    ),
+    (
+        lambda d: d["spec"]["defaults"].update(skip=1.5),
+        "small.yaml: spec.defaults.skip: must be between 0 and 1, got 1.5",
+    ),
+    (
+        lambda d: d["spec"]["tasks"]["nightly-fund-yield"]["duration"].update(p95="10m"),
+        "small.yaml: spec.tasks.nightly-fund-yield.duration.p95: 10m is shorter than the median",
+    ),
+    (
+        lambda d: d["spec"]["defaults"]["startup"].update(median="fast"),
+        "small.yaml: spec.defaults.startup.median: 'fast' is not a duration",
+    ),
+    (
+        lambda d: d["spec"]["defaults"]["startup"].update(median="0s"),
+        "small.yaml: spec.defaults.startup.median: must be longer than 0",
+    ),
+    (
+        lambda d: d["spec"].update(start="2026-03-29T00:00:00"),
+        "small.yaml: spec.start: needs a UTC offset",
+    ),
+    (lambda d: d["spec"].pop("start"), "small.yaml: spec.start: missing required field"),
+    (
+        lambda d: d["spec"].update(warmpu="1h"),
+        "small.yaml: spec.warmpu: unknown field (expected one of: start, warmup",
+    ),
+    (lambda d: d.update(kind="Workloads"), "small.yaml: kind: expected 'Workload'"),
+    (
+        lambda d: d["spec"].update(
+            rules=[r for r in d["spec"]["rules"] if r["kind"] != "ScheduledTask"]
+        ),
+        "small.yaml: spec.rules: no ScheduledTask: nothing to simulate",
+    ),
+    (
+        lambda d: d["spec"].pop("defaults"),
+        "small.yaml: spec.groups.account-svc/debit.startup: missing",
+    ),
+]
+
+
+@pytest.mark.parametrize(("mangle", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_workload_is_refused_with_one_line(mangle: Any, message: str) -> None:
+    doc = copy.deepcopy(document())
+    mangle(doc)
+    with pytest.raises(RuleError) as caught:
+        parse(doc)
+    assert "\n" not in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RuleError, match=r"w.yaml: YAML syntax error at line 3, column 1: expected"):
+        parse_workload("kind: Workload\nspec: [unclosed\n", "w.yaml")
+    with pytest.raises(RuleError, match="expected one Workload document, got 2"):
+        parse_workload("a: 1\n---\nb: 2\n", "w.yaml")
+    with pytest.raises(RuleError, match="no such file or directory"):
+        load_workload(tmp_path / "missing.yaml")
