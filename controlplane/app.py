@@ -19,6 +19,7 @@ from aiohttp import web
 from grpc import aio as grpc_aio
 
 from controlplane.api import instances as instances_api
+from controlplane.api import profile as profile_api
 from controlplane.api import rules as rules_api
 from controlplane.api import tasks as tasks_api
 from controlplane.api.http import build_app
@@ -89,6 +90,7 @@ class ControlPlane:
         self.http_app.add_routes(rules_api.routes(self))
         self.http_app.add_routes(instances_api.routes(self))
         self.http_app.add_routes(tasks_api.routes(self))
+        self.http_app.add_routes(profile_api.routes(self))
         self.task_service = TaskService(self)
         self._store: Store | None = None
         self._leadership: Leadership | None = None

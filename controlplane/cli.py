@@ -19,7 +19,8 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from controlplane.errors import RuleError, TasklaneError
 from controlplane.model.load import RULE_SUFFIXES
 from controlplane.runtime.gateway import GatewayOptions, run_gateway
 from controlplane.runtime.sidecar import RunOptions, run_instance
+from controlplane.scaler.actuators import Actuator, DryRunActuator
+from controlplane.scaler.policy import PolicyConfig
 from controlplane.store.runs import format_time
 
 log = logging.getLogger("tasklane")
@@ -75,7 +78,48 @@ def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser
         default=2380,
         help="peer port of the embedded etcd (default: 2380; ignored with --etcd)",
     )
+    p.add_argument(
+        "--actuator",
+        choices=("none", "dry-run", "local", "kubernetes"),
+        default="none",
+        help="what the scaler drives: local `tasklane run` processes (Service spec.run), "
+        "Deployments' scale, or nothing but recorded decisions (default: no scaler)",
+    )
+    p.add_argument(
+        "--scale-period", type=float, default=15.0, help="scaler sync period, s (default: 15)"
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=int,
+        default=1,
+        help="local actuator: instances per group parked for fast resume (default: 1)",
+    )
+    p.add_argument(
+        "--namespace", default="default", help="kubernetes actuator: Deployments' namespace"
+    )
     p.set_defaults(handler=up)
+
+
+def _actuator(args: argparse.Namespace) -> Callable[[ControlPlane], Actuator] | None:
+    """How to make the scaler's actuator once the control plane's API is up."""
+    from controlplane.scaler.actuators.kubernetes import KubernetesActuator  # loads `kubernetes`
+    from controlplane.scaler.actuators.local import LocalActuator
+    from controlplane.scaler.profile import managed_groups
+
+    if args.actuator == "dry-run":
+        return lambda cp: DryRunActuator()
+    if args.actuator == "local":
+        return lambda cp: LocalActuator(
+            f"http://127.0.0.1:{cp.http_port}",
+            lambda: cp.sync.rules,
+            Path(args.state_dir) / "instances",
+            keep_alive=args.keep_alive,
+        )
+    if args.actuator == "kubernetes":
+        return lambda cp: KubernetesActuator(
+            args.namespace, groups=lambda: managed_groups(cp.sync.rules)
+        )
+    return None
 
 
 def up(args: argparse.Namespace) -> int:
@@ -88,6 +132,8 @@ def up(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         etcd_client_port=args.etcd_client_port,
         etcd_peer_port=args.etcd_peer_port,
+        actuator=_actuator(args),
+        scaler_config=PolicyConfig(sync_period_s=args.scale_period),
     )
     asyncio.run(_run_until_signalled(control_plane))
     return 0
@@ -222,6 +268,8 @@ def add_get(commands: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 
 def get(args: argparse.Namespace) -> int:
+    if args.kind in ("profile", "profiles"):
+        return _get_profile(args)
     path = f"/api/v1/rules/{_quote(args.kind)}"
     if args.name is not None:
         path += f"/{_quote(args.name)}"
@@ -239,6 +287,55 @@ def get(args: argparse.Namespace) -> int:
     else:
         print(f"No {body['kind']} rules found.", file=sys.stderr)
     return 0
+
+
+def _get_profile(args: argparse.Namespace) -> int:
+    """`tasklane get profile SERVICE`: when each task group of the service is wanted up (the
+    next 24 h, minute by minute, as spans) and the scaler's recent decisions and reasons."""
+    if args.name is None:
+        raise TasklaneError("tasklane get profile needs a SERVICE name")
+    body = _call(args.server, "GET", f"/api/v1/profile/{_quote(args.name)}")
+    if args.output != "table":
+        text = json.dumps(body, indent=2) if args.output == "json" else yaml.safe_dump(body)
+        _output(text + "\n")
+        return 0
+    rows = []
+    for group, counts in sorted(body["groups"].items()):
+        for first, last, replicas in _spans(counts):
+            rows.append(
+                {
+                    "GROUP": group,
+                    "FROM": _clock(body["start"] + first * 60),
+                    "UNTIL": _clock(body["start"] + (last + 1) * 60),
+                    "REPLICAS": str(replicas),
+                }
+            )
+    hours = body["minutes"] / 60
+    print(f"profile of {body['service']}, next {hours:g} h (UTC):")
+    print(_table(rows) if rows else "no task group of this service is wanted up")
+    decisions = [
+        {"AT": _clock(d["at"]), "GROUP": d["group"], "REPLICAS": str(d["replicas"]),
+         "REASON": d["reason"]}
+        for d in body["decisions"][-10:]
+    ]  # fmt: skip
+    print("\nrecent decisions:")
+    print(_table(decisions) if decisions else "none yet")
+    return 0
+
+
+def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(first minute, last minute, replicas) of each run of equal non-zero counts."""
+    spans: list[tuple[int, int, int]] = []
+    for minute, replicas in enumerate(counts):
+        if spans and spans[-1][1] == minute - 1 and spans[-1][2] == replicas:
+            spans[-1] = (spans[-1][0], minute, replicas)
+        elif replicas:
+            spans.append((minute, minute, replicas))
+    return spans
+
+
+def _clock(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%m-%d %H:%M")
 
 
 def add_delete(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

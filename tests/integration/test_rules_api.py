@@ -3,10 +3,8 @@ what changed, refuse conflicts and stale reads; deletes respect references; watc
 
 from __future__ import annotations
 
-import asyncio
 import json
 import queue
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -16,7 +14,6 @@ from typing import Any
 import pytest
 
 from controlplane.api import rules as rules_api
-from controlplane.app import ControlPlane
 from controlplane.errors import RuleError, StoreError
 from controlplane.model.load import load_files, load_text
 from controlplane.model.rules import RuleSet, to_document
@@ -33,57 +30,24 @@ from controlplane.store.rules import (
     rule_key,
     watch_rules,
 )
+from tests.support.plane import Plane as BasePlane
+from tests.support.plane import api_opener
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(90)
 
 GOOD = REPO / "tests" / "rules" / "good" / "fund-yield.yaml"
-START_TIMEOUT = 30.0
-
-# Straight to the API even when http_proxy is set in the environment.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class Plane:
-    """A ControlPlane on free ports, its event loop in a thread, and a direct etcd Store."""
-
-    def __init__(self, etcd_endpoint: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.control_plane = self._run(self._start(etcd_endpoint))
-        self.store = Store.connect(etcd_endpoint)
-
-    async def _start(self, etcd_endpoint: str) -> ControlPlane:
-        control_plane = ControlPlane(etcd_endpoint=etcd_endpoint, xds_port=0, http_port=0)
-        await control_plane.start()
-        return control_plane
-
-    def _run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(START_TIMEOUT)
-
-    def stop(self) -> None:
-        self.store.close()
-        if hasattr(self, "control_plane"):
-            self._run(self.control_plane.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
+class Plane(BasePlane):
+    """The control plane, and what etcd holds of the rules."""
 
     def call(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
-        url = f"http://127.0.0.1:{self.control_plane.http_port}{path}"
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method=method)
-        try:
-            with _opener.open(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return self.request(method, path, body)
 
     def apply(self, files: dict[str, str], dry_run: bool = False) -> tuple[int, Any]:
-        body = {"files": [{"name": n, "text": t} for n, t in files.items()], "dryRun": dry_run}
-        return self.call("POST", "/api/v1/apply", body)
+        return self.apply_files(files, dry_run)
 
     def snapshot(self) -> tuple[dict[str, bytes], int]:
         """Everything tasklane keeps in etcd but the leader-election keys (live state of the
@@ -210,7 +174,7 @@ def test_refused_apply_writes_nothing_of_any_file(plane: Plane) -> None:
 def test_malformed_apply_requests_are_refused(plane: Plane, body: bytes, message: str) -> None:
     url = f"http://127.0.0.1:{plane.control_plane.http_port}/api/v1/apply"
     with pytest.raises(urllib.error.HTTPError) as caught:
-        _opener.open(urllib.request.Request(url, data=body, method="POST"), timeout=10)
+        api_opener.open(urllib.request.Request(url, data=body, method="POST"), timeout=10)
     assert caught.value.code == 400
     assert json.loads(caught.value.read())["error"].startswith(message)
     assert plane.snapshot()[0] == {}

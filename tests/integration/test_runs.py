@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import subprocess
@@ -20,11 +19,9 @@ from typing import Any
 
 import pytest
 
-from controlplane.app import ControlPlane
 from controlplane.model.run import Run
 from controlplane.store import decisions as decisions_store
 from controlplane.store import runs as runs_store
-from controlplane.store.etcd import Store
 from controlplane.store.runs import (
     DuplicateRun,
     RunConflict,
@@ -37,53 +34,26 @@ from controlplane.store.runs import (
     start_run,
     watch_runs,
 )
+from tests.support.plane import Plane as BasePlane
+from tests.support.plane import api_opener
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "tests" / "rules" / "good" / "fund-yield.yaml"
 TASKLANE = [sys.executable, "-m", "controlplane"]
-START_TIMEOUT = 30.0
 
 pytestmark = pytest.mark.timeout(120)
 
-# Straight to the API even when http_proxy is set in the environment.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _names = itertools.count(1)
 
 
-class Plane:
-    """A ControlPlane on free ports with its event loop in a thread, and a Store of the test's
-    own; tasks are added to the rules through the API."""
-
-    def __init__(self, etcd_endpoint: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.control_plane = ControlPlane(etcd_endpoint=etcd_endpoint, xds_port=0, http_port=0)
-        self._run(self.control_plane.start())
-        self.store = Store.connect(etcd_endpoint)
-        self.url = f"http://127.0.0.1:{self.control_plane.http_port}"
-
-    def _run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(START_TIMEOUT)
-
-    def stop(self) -> None:
-        self.store.close()
-        self._run(self.control_plane.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
+class Plane(BasePlane):
+    """The control plane; tasks are added to the rules through the API."""
 
     def call(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        try:
-            with _opener.open(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return self.request(method, path, body)
 
     def apply(self, text: str) -> None:
-        status, body = self.call("POST", "/api/v1/apply", {"files": [{"name": "t", "text": text}]})
+        status, body = self.apply_files({"t": text})
         assert status == 200, body
 
     def new_task(self, chain: str = "fund-yield", replicas: str = "{fund-facade: 1}") -> str:
@@ -289,7 +259,7 @@ def test_http_body_that_is_not_json(plane: Plane) -> None:
         f"{plane.url}/api/v1/tasks/{task}/runs", data=b"{nope", method="POST"
     )
     with pytest.raises(urllib.error.HTTPError) as caught:
-        _opener.open(request, timeout=10)
+        api_opener.open(request, timeout=10)
     assert caught.value.code == 400
     assert json.loads(caught.value.read()) == {"error": "the request body is not JSON"}
 

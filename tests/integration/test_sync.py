@@ -4,10 +4,7 @@ registration outlives etcd outages, and an inconsistent build never reaches Envo
 
 from __future__ import annotations
 
-import asyncio
 import http.client
-import json
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -17,7 +14,6 @@ from typing import Any
 import pytest
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 
-from controlplane.app import ControlPlane
 from controlplane.errors import StoreError
 from controlplane.model.load import load_files, load_text
 from controlplane.model.rules import RuleSet
@@ -31,12 +27,12 @@ from controlplane.store.rules import apply_rules, load_rules
 from controlplane.xds.names import GATEWAY_ROLE, HEALTH_PATH
 from controlplane.xds.snapshot import ResourceMap, Snapshot
 from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.support.plane import Plane as BasePlane
 
 pytestmark = pytest.mark.timeout(90)
 
 GOOD = Path(__file__).resolve().parents[1] / "rules" / "good" / "fund-yield.yaml"
 ROLE = "fund-facade|default"  # the sidecar under test: a caller of account-svc
-START_TIMEOUT = 30.0
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -72,37 +68,8 @@ def cluster_hosts(admin_port: int, cluster: str) -> set[str]:
     }
 
 
-class Plane:
-    """A ControlPlane on free ports with its event loop in a thread; a Store of the test's."""
-
-    def __init__(self, etcd_endpoint: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.control_plane = ControlPlane(etcd_endpoint=etcd_endpoint, xds_port=0, http_port=0)
-        self.call(self.control_plane.start)
-        self.store = Store.connect(etcd_endpoint)
-
-    def call(self, fn: Callable, *args: Any) -> Any:
-        """Run fn(*args) on the control plane's loop (awaited if it is a coroutine)."""
-
-        async def run() -> Any:
-            result = fn(*args)
-            return await result if asyncio.iscoroutine(result) else result
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(START_TIMEOUT)
-
-    def stop(self) -> None:
-        self.store.close()
-        self.call(self.control_plane.stop)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-    def status(self) -> dict:
-        url = f"http://127.0.0.1:{self.control_plane.http_port}/api/v1/status"
-        with _opener.open(url, timeout=10) as response:
-            return json.loads(response.read())
+class Plane(BasePlane):
+    """The control plane, with rules written straight to etcd and bare sidecars."""
 
     def apply(self, text: str | None = None) -> None:
         """Apply the fund-yield rules, or more rule documents on top of the stored ones."""
@@ -138,7 +105,7 @@ class Plane:
     def nacks(self) -> list[str]:
         return [
             f"{node.node_id} {status.last_nack.message}"
-            for node in self.call(self.control_plane.status.nodes)
+            for node in self.on_loop(self.control_plane.status.nodes)
             for status in node.types.values()
             if status.last_nack is not None
         ]
@@ -291,7 +258,7 @@ def test_inconsistent_build_never_reaches_envoy(
         assert list(status["refused"]) == [ROLE]
         assert "account-svc|task" in status["refused"][ROLE]
         # Other roles' snapshots of the same build were published, with the new endpoint.
-        gateway = plane.call(plane.control_plane.cache.snapshot, GATEWAY_ROLE)
+        gateway = plane.on_loop(plane.control_plane.cache.snapshot, GATEWAY_ROLE)
         assignment = ClusterLoadAssignment.FromString(
             gateway.resources(ENDPOINT)["account-svc|default"].payload
         )

@@ -1,0 +1,81 @@
+"""A real control plane inside a test: a ControlPlane on free ports with its event loop in a
+thread, a Store of the test's own on the same etcd, and JSON calls to its HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from controlplane.app import ControlPlane
+from controlplane.store.etcd import Store
+
+START_TIMEOUT = 30.0
+
+# Straight to the API even when http_proxy is set in the environment.
+api_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class Plane:
+    """Start it with an etcd endpoint (and any ControlPlane options); stop() ends it."""
+
+    def __init__(self, etcd_endpoint: str, **options: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.control_plane = ControlPlane(
+            etcd_endpoint=etcd_endpoint, xds_port=0, http_port=0, **options
+        )
+        try:
+            self.on_loop(self.control_plane.start)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.store = Store.connect(etcd_endpoint)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.control_plane.http_port}"
+
+    def on_loop(self, fn: Callable, *args: Any) -> Any:
+        """Run fn(*args) on the control plane's loop (awaited if it is a coroutine)."""
+
+        async def run() -> Any:
+            result = fn(*args)
+            return await result if asyncio.iscoroutine(result) else result
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(START_TIMEOUT)
+
+    def stop(self) -> None:
+        self.store.close()
+        self.on_loop(self.control_plane.stop)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+    def request(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
+        """(status, JSON body) of an API call; error statuses are returned, not raised."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        try:
+            with api_opener.open(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def status(self) -> dict:
+        code, body = self.request("GET", "/api/v1/status")
+        assert code == 200, body
+        return body
+
+    def apply_files(self, files: dict[str, str], dry_run: bool = False) -> tuple[int, Any]:
+        """POST /api/v1/apply with {file name: text}."""
+        body = {"files": [{"name": n, "text": t} for n, t in files.items()], "dryRun": dry_run}
+        return self.request("POST", "/api/v1/apply", body)
