@@ -1,0 +1,134 @@
+"""The live scaler end to end: the leader's policy drives the local actuator, which starts real
+`tasklane run` instances (app + Envoy sidecar). A task group is pre-warmed and serves dyed
+requests before its cron fires, goes down once the run is reported finished, and every
+decision is in etcd with its reason."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from controlplane.scaler.actuators.local import LocalActuator
+from controlplane.scaler.policy import PolicyConfig
+from controlplane.store.decisions import list_decisions
+from tests.support.plane import Plane
+from tests.support.procs import gone
+
+pytestmark = pytest.mark.timeout(180)
+
+REPO = Path(__file__).resolve().parents[2]
+APP = "[python, -m, demo.chain_app, --service, nav-pricing]"
+
+
+def rules(fire: datetime) -> str:
+    return f"""
+apiVersion: tasklane.io/v1
+kind: Service
+metadata: {{name: nav-pricing}}
+spec:
+  groups: [{{name: default}}, {{name: task, minReplicas: 0, maxReplicas: 2}}]
+  run: {{command: {APP}}}
+---
+apiVersion: tasklane.io/v1
+kind: TaskChain
+metadata: {{name: fund-yield}}
+spec:
+  dye: {{values: [fund-yield, "fund-yield@*"]}}
+  hops: [{{service: nav-pricing, group: task}}]
+---
+apiVersion: tasklane.io/v1
+kind: ScheduledTask
+metadata: {{name: nightly}}
+spec:
+  chain: fund-yield
+  schedule: "{fire.minute} {fire.hour} * * *"
+  expectedDuration: 1m
+  replicas: {{nav-pricing: 2}}
+"""
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"not reached in {timeout:g}s: {what} (last: {last!r})")
+
+
+def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
+    etcd_server, tmp_path: Path
+) -> None:
+    # The next fire is 2-3 minutes away; a 4-minute lead (no start measured yet) pre-warms
+    # at once, so the test need not wait for the clock.
+    fire = (datetime.now(UTC) + timedelta(minutes=3)).replace(second=0, microsecond=0)
+    config = PolicyConfig(sync_period_s=1, drain_s=1, scale_down_window_s=2, default_lead_s=240)
+    plane = Plane(
+        etcd_server.endpoint,
+        actuator=lambda cp: LocalActuator(
+            cp_url(cp), lambda: cp.sync.rules, tmp_path / "instances", keep_alive=0
+        ),
+        scaler_config=config,
+    )
+    started: list[int] = []
+    try:
+        code, body = plane.apply_files({"rules.yaml": rules(fire)})
+        assert code == 200, body
+
+        def task_instances() -> list[dict]:
+            _, listed = plane.request("GET", "/api/v1/instances")
+            return [i for i in listed["items"] if i["group"] == "task"]
+
+        ready = wait_until(lambda: len(task_instances()) == 2 and task_instances(), 60, "2 up")
+        started = [i["pid"] for i in ready]
+        served = dyed_request(ready[0]["egress_port"])
+        assert datetime.now(UTC) < fire, "pre-warm came too late to prove anything"
+        assert served == [("nav-pricing", "task")]
+
+        # The scheduler reports the run; once it is finished the group goes down together.
+        assert plane.request("POST", "/api/v1/tasks/nightly/runs", {})[0] == 201
+        assert plane.request("POST", "/api/v1/tasks/nightly/runs/finish", {})[0] == 200
+        wait_until(lambda: task_instances() == [], 30, "task group down after the run")
+        wait_until(lambda: all(gone(pid) for pid in started), 15, "instances stopped")
+
+        reasons = [d["reason"] for d in list_decisions(plane.store, "nav-pricing", "task")]
+        assert any("pre-warm" in r for r in reasons), reasons
+        assert any("finished" in r for r in reasons), reasons
+        profile = subprocess.run(
+            [sys.executable, "-m", "controlplane", "get", "profile", "nav-pricing"],
+            env={"TASKLANE_SERVER": plane.url, "PATH": "/usr/bin:/bin"},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert profile.returncode == 0, profile.stderr
+        assert "recent decisions:" in profile.stdout and "pre-warm" in profile.stdout
+    finally:
+        plane.stop()
+    assert all(gone(pid) for pid in started)
+
+
+def cp_url(control_plane) -> str:
+    return f"http://127.0.0.1:{control_plane.http_port}"
+
+
+def dyed_request(egress_port: int) -> list[tuple[str, str]]:
+    """A dyed request through an instance's own egress; the hops that served it."""
+    conn = http.client.HTTPConnection("127.0.0.1", egress_port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"Host": "nav-pricing", "x-task-dye": "fund-yield"})
+        response = conn.getresponse()
+        body = json.loads(response.read())
+    finally:
+        conn.close()
+    return [(hop["service"], hop["group"]) for hop in body.get("hops", [])]
