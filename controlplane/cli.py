@@ -89,6 +89,12 @@ def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser
         "--scale-period", type=float, default=15.0, help="scaler sync period, s (default: 15)"
     )
     p.add_argument(
+        "--scale-down-window",
+        type=float,
+        default=300.0,
+        help="scaler: a group goes down only this long after it went up, s (default: 300)",
+    )
+    p.add_argument(
         "--keep-alive",
         type=int,
         default=1,
@@ -133,7 +139,9 @@ def up(args: argparse.Namespace) -> int:
         etcd_client_port=args.etcd_client_port,
         etcd_peer_port=args.etcd_peer_port,
         actuator=_actuator(args),
-        scaler_config=PolicyConfig(sync_period_s=args.scale_period),
+        scaler_config=PolicyConfig(
+            sync_period_s=args.scale_period, scale_down_window_s=args.scale_down_window
+        ),
     )
     asyncio.run(_run_until_signalled(control_plane))
     return 0

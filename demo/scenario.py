@@ -1,14 +1,17 @@
 """`tasklane demo`: the fund-yield chain end to end, every piece a real process.
 
-An embedded etcd and the control plane (`tasklane up`), the demo rules (`tasklane apply`),
-2 instances of each group of fund-facade -> account-svc -> nav-pricing (each `tasklane run`:
-the app plus its Envoy sidecar), an ingress (`tasklane gateway`), then a scheduler that fires
-the task on its cron and online users, with a live isolation table per hop x group.
+An embedded etcd and the control plane with its scaler (`tasklane up --actuator local`), the
+demo rules (`tasklane apply`), 2 online instances of each of fund-facade -> account-svc ->
+nav-pricing (each `tasklane run`: the app plus its Envoy sidecar), an ingress
+(`tasklane gateway`), then a scheduler that reports each run of the task (`tasklane task
+start|finish`) and online users, with a live table per hop x group. The task groups are the
+scaler's: started before each cron fire, stopped when the run is over.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import secrets
 import signal
@@ -35,6 +38,9 @@ INSTANCES_PER_GROUP = 2
 USERS_PER_RUN = 300
 ONLINE_RATE = 20.0
 TRUST_HEADER = "x-tasklane-trust"
+SCALE_PERIOD_S = 2.0
+SCALE_DOWN_WINDOW_S = 60.0  # short, so the demo shows the groups at 0 between runs
+TASK_CAPACITY_WAIT_S = 90.0
 
 
 class Demo:
@@ -56,7 +62,7 @@ class Demo:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "TASKLANE_SERVER": self.server},
+                env=self.env(),
             )
         self.procs.append(proc)
         return proc
@@ -70,21 +76,14 @@ class Demo:
             "--http-port", str(self.http_port),
             "--etcd-client-port", str(free_port()),
             "--etcd-peer-port", str(free_port()),
+            "--actuator", "local", "--scale-period", str(SCALE_PERIOD_S),
+            "--scale-down-window", str(SCALE_DOWN_WINDOW_S),
             log="control-plane.log",
         )  # fmt: skip
         wait_for(self._healthy, 30, "control plane")
-        applied = subprocess.run(
-            [sys.executable, "-m", "controlplane", "apply", "-f", str(RULES)],
-            env={**os.environ, "TASKLANE_SERVER": self.server},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if applied.returncode != 0:
-            raise RuntimeFailure(f"demo: apply failed: {applied.stderr.strip()}")
-        print("demo: " + applied.stdout.strip().replace("\n", ", "))
+        print("demo: " + self.cli("apply", "-f", str(RULES)).replace("\n", ", "))
         for service in CHAIN:
-            for group in ("default", "task"):
+            for group in ("default",):  # the task groups are the scaler's
                 for n in range(1, INSTANCES_PER_GROUP + 1):
                     app = ["-m", "demo.chain_app", "--service", service, "--group", group]
                     app += ["--instance", f"{service}/{group}/{n}"]
@@ -104,6 +103,41 @@ class Demo:
         )  # fmt: skip
         wait_for(self._chain_serves, 60, "instances and gateway")
         print(f"demo: gateway on 127.0.0.1:{self.gateway_port}, API on {self.server}")
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "TASKLANE_SERVER": self.server}
+
+    def cli(self, *args: str) -> str:
+        """Run one `tasklane ...` client command; its output, or RuntimeFailure."""
+        done = subprocess.run(
+            [sys.executable, "-m", "controlplane", *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if done.returncode != 0:
+            raise RuntimeFailure(f"demo: tasklane {args[0]} failed: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def replicas(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(ready, desired) per (service, group): registered instances, the scaler's target."""
+        status = json.loads(self._get("/api/v1/status"))
+        desired = (status.get("scaler") or {}).get("desired", {})
+        ready: dict[tuple[str, str], int] = {}
+        for instance in json.loads(self._get("/api/v1/instances"))["items"]:
+            key = (instance["service"], instance["group"])
+            ready[key] = ready.get(key, 0) + 1
+        keys = set(ready) | {tuple(k.split("|")) for k in desired}
+        return {k: (ready.get(k, 0), desired.get("|".join(k), ready.get(k, 0))) for k in keys}
+
+    def _get(self, path: str) -> bytes:
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=5)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().read()
+        finally:
+            conn.close()
 
     def _healthy(self) -> bool:
         self._check_alive()
@@ -144,6 +178,7 @@ def run(duration: float | None = None, work_dir: Path | None = None) -> int:
     """Run the demo for `duration` seconds (forever when None, until Ctrl-C); prints the live
     table and a final summary. Exit code 1 if any leak was counted."""
     work_dir = work_dir or Path(tempfile.mkdtemp(prefix="tasklane-demo-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
     demo = Demo(work_dir)
     tally = Tally()
     stop = threading.Event()
@@ -161,7 +196,8 @@ def run(duration: float | None = None, work_dir: Path | None = None) -> int:
             thread.start()
         ends = time.monotonic() + duration if duration else None
         while not stop.wait(2):
-            print(f"\n{datetime.now(UTC):%H:%M:%S} isolation per hop x group\n{tally.render()}")
+            table = tally.render(_replicas_or_none(demo))
+            print(f"\n{datetime.now(UTC):%H:%M:%S} isolation per hop x group\n{table}")
             if ends is not None and time.monotonic() >= ends:
                 break
     except KeyboardInterrupt:
@@ -176,15 +212,37 @@ def run(duration: float | None = None, work_dir: Path | None = None) -> int:
     return 1 if leaks else 0
 
 
+def _replicas_or_none(demo: Demo) -> dict[tuple[str, str], tuple[int, int]] | None:
+    try:
+        return demo.replicas()
+    except (OSError, ValueError):
+        return None
+
+
 def _scheduler(demo: Demo, tally: Tally, stop: threading.Event) -> None:
-    """Fire the task now (so a short demo shows a run), then on every tick of its cron."""
+    """Run the task now (an extra run, so a short demo shows one: its capacity is started
+    on demand), then on every tick of its cron (pre-warmed by the scaler). Each run is
+    reported to the control plane: the scaler keeps the chain up while a run is open."""
     task = next(p.rule for p in load_files([RULES]) if isinstance(p.rule, ScheduledTask))
     trust = {TRUST_HEADER: demo.secret}
     fire = datetime.now(UTC)
     while not stop.is_set():
         if datetime.now(UTC) >= fire:
             run_id = f"{fire:%Y%m%dT%H%M}"
-            print(f"\nscheduler: fund-yield run {run_id} ({USERS_PER_RUN} users)")
-            run_task(demo.gateway_port, run_id, USERS_PER_RUN, tally, trust)
+            demo.cli("task", "start", task.name, "--id", run_id)
+            print(f"\nscheduler: {task.name} run {run_id} started ({USERS_PER_RUN} users)")
+            try:
+                wait_for(lambda: _task_groups_ready(demo, task), TASK_CAPACITY_WAIT_S,
+                         "task capacity")  # fmt: skip
+                run_task(demo.gateway_port, run_id, USERS_PER_RUN, tally, trust)
+            finally:
+                demo.cli("task", "finish", task.name, "--id", run_id)
+                print(f"scheduler: {task.name} run {run_id} finished")
             fire = next_fire(task.schedule, datetime.now(UTC), ZoneInfo(task.timezone))
         stop.wait(1)
+
+
+def _task_groups_ready(demo: Demo, task: ScheduledTask) -> bool:
+    """Every hop group the task needs has its replicas ready."""
+    replicas = demo.replicas()
+    return all(replicas.get((service, "task"), (0, 0))[0] >= n for service, n in task.replicas)

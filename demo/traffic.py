@@ -43,14 +43,23 @@ class Tally:
         with self.lock:
             return sum(cell["leaks"] for cell in self.cells.values())
 
-    def render(self) -> str:
-        """The live table: one row per (service, group) that served anything."""
+    def render(self, replicas: dict[tuple[str, str], tuple[int, int]] | None = None) -> str:
+        """The live table: one row per (service, group) of the chain, with its instances
+        ready/desired when `replicas` is given."""
+        replicas = replicas or {}
         with self.lock:
-            rows = sorted(self.cells.items(), key=lambda kv: (list(CHAIN).index(kv[0][0]), kv[0]))
-            lines = [f"{'hop':<14}{'group':<9}" + "".join(f"{c:>10}" for c in COLUMNS)]
-            for (service, group), cell in rows:
+            keys = set(self.cells) | {k for k in replicas if k[0] in CHAIN}
+            rows = sorted(keys, key=lambda k: (list(CHAIN).index(k[0]), k))
+            lines = [
+                f"{'hop':<14}{'group':<9}{'ready/desired':>15}"
+                + "".join(f"{c:>10}" for c in COLUMNS)
+            ]
+            for service, group in rows:
+                cell = self.cells.get((service, group), Counter())
+                ready, desired = replicas.get((service, group), (0, 0))
+                shown = f"{ready}/{desired}" if replicas else "-"
                 counts = "".join(f"{cell[c]:>10}" for c in COLUMNS)
-                lines.append(f"{service:<14}{group:<9}{counts}")
+                lines.append(f"{service:<14}{group:<9}{shown:>15}{counts}")
             outcome = ", ".join(f"{k}: {v}" for k, v in sorted(self.outcomes.items()))
             lines.append(f"requests: {outcome or 'none yet'}")
             return "\n".join(lines)

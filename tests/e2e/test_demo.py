@@ -31,11 +31,11 @@ def test_demo_runs_the_chain_without_leaks(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     work.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "controlplane", "demo", "--duration", "15", "--work-dir", str(work)],
+        [sys.executable, "-m", "controlplane", "demo", "--duration", "40", "--work-dir", str(work)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=300,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -44,7 +44,7 @@ def test_demo_runs_the_chain_without_leaks(tmp_path: Path) -> None:
     rows = {
         (m["service"], m["group"]): (int(m["requests"]), int(m["dyed"]), int(m["online"]))
         for m in re.finditer(
-            r"^(?P<service>[a-z-]+)\s+(?P<group>default|task)\s+(?P<requests>\d+)\s+"
+            r"^(?P<service>[a-z-]+)\s+(?P<group>default|task)\s+\S+\s+(?P<requests>\d+)\s+"
             r"(?P<dyed>\d+)\s+(?P<online>\d+)\s+\d+$",
             summary,
             re.M,
