@@ -22,11 +22,9 @@ import re
 import signal
 import socket
 import threading
-import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -39,12 +37,11 @@ from controlplane.model.rules import (
 )
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
+from controlplane.runtime.sidecar import Api, xds_address
 from controlplane.xds.names import GATEWAY_ROLE
 
 log = logging.getLogger(__name__)
 
-# (method, path, JSON body or None) -> the control plane's JSON answer; raises TasklaneError.
-Api = Callable[[str, str, Any], Any]
 
 READY_TIMEOUT = 30.0
 POLL_INTERVAL = 0.5
@@ -52,7 +49,6 @@ GATEWAY_TEMPLATE = "gateway.yaml"
 GATEWAY_LISTENER = "gateway"
 TRUSTED_CHAIN = "trusted-source"
 
-_WILDCARDS = ("", "0.0.0.0", "::")
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP token, lower case as in h2
 _SECRET = re.compile(r"[\x21-\x7e]+")  # what a client can put in a header value as it is
 _RESERVED_HEADERS = frozenset(
@@ -336,7 +332,7 @@ def run_gateway(options: GatewayOptions, api: Api) -> int:
     parent-death signal that stops an orphaned Envoy is tied to the thread that started it.
     """
     trust = Trust.build(options.trusted_cidrs, options.trust_header, options.trust_secret_file)
-    xds_host, xds_port = _xds_address(options.server, api("GET", "/api/v1/status", None))
+    xds_host, xds_port = xds_address(options.server, api("GET", "/api/v1/status", None))
     names = DyeNames.of(_chains(options.server, api))
     _check_can_listen(options.host, options.port)
     envoy = GatewayEnvoy(
@@ -384,19 +380,6 @@ def _check_can_listen(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             raise TasklaneError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-
-
-def _xds_address(server: str, status: Any) -> tuple[str, int]:
-    """The ADS endpoint from /api/v1/status, with a wildcard listen address replaced by the
-    host `--server` names."""
-    try:
-        host, _, port = status["xds"]["address"].rpartition(":")
-        number = int(port)
-    except (KeyError, TypeError, AttributeError, ValueError):
-        raise TasklaneError(f"{server} did not report its xDS address") from None
-    if host in _WILDCARDS:
-        host = urllib.parse.urlsplit(server if "://" in server else f"http://{server}").hostname
-    return (host or "127.0.0.1").strip("[]"), number
 
 
 def _chains(server: str, api: Api) -> list[TaskChain]:
