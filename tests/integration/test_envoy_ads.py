@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from controlplane.xds.types import CLUSTER, ENDPOINT, FULL_STATE, LISTENER, ROUT
 from tests.support.ads import AdsThread
 from tests.support.echo_app import start_echo
 from tests.support.resources import cluster, endpoints, listener, regex_route, route
+from tests.support.wait import wait_until
 from tests.support.xds_fixture_server import write_spec
 
 ROLE = "web|default"
@@ -87,21 +88,6 @@ def get(port: int, path: str = "/") -> tuple[int, str]:
     if resp.status == 200:
         return 200, json.loads(body)["name"]
     return resp.status, body
-
-
-def wait_until(check: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
-    """Poll check() until it returns something truthy; fail the test with `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except OSError as exc:
-            last = exc
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"not reached in {timeout}s: {what} (last: {last!r})")
 
 
 def answers(port: int, expected: tuple[int, str], path: str = "/") -> None:

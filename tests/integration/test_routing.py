@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.mesh import Mesh, request, served_by
 from tests.support.rules import chain, service
+from tests.support.wait import wait_until
 
 SERVICES = (
     service("fund-facade")
@@ -30,17 +31,6 @@ BATCH_DEBIT = chain("batch-debit", "[{service: account-svc, group: debit}]")
 ALL_DEFAULT = [("fund-facade", "default"), ("account-svc", "default"), ("nav-pricing", "default")]
 ALL_TASK = [("fund-facade", "task"), ("account-svc", "task"), ("nav-pricing", "task")]
 DYED = {"x-task-dye": "fund-yield"}
-
-
-def wait_until(check, timeout: float = 15.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"not reached in {timeout}s: {what} (last: {last!r})")
 
 
 def start_chain(mesh: Mesh, debit: bool = True) -> int:

@@ -9,7 +9,6 @@ import http.client
 import json
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from controlplane.scaler.policy import PolicyConfig
 from controlplane.store.decisions import list_decisions
 from tests.support.plane import Plane
 from tests.support.procs import gone
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -54,17 +54,6 @@ spec:
 """
 
 
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"not reached in {timeout:g}s: {what} (last: {last!r})")
-
-
 def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
     etcd_server, tmp_path: Path
 ) -> None:
@@ -75,7 +64,11 @@ def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
     plane = Plane(
         etcd_server.endpoint,
         actuator=lambda cp: LocalActuator(
-            cp_url(cp), lambda: cp.sync.rules, tmp_path / "instances", keep_alive=0
+            cp_url(cp),
+            lambda: cp.sync.rules,
+            tmp_path / "instances",
+            keep_alive=0,
+            api_token=cp.api_token.value,
         ),
         scaler_config=config,
     )

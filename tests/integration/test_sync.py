@@ -7,7 +7,7 @@ from __future__ import annotations
 import http.client
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from controlplane.xds.names import GATEWAY_ROLE, HEALTH_PATH
 from controlplane.xds.snapshot import ResourceMap, Snapshot
 from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.support.plane import Plane as BasePlane
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,21 +36,6 @@ GOOD = Path(__file__).resolve().parents[1] / "rules" / "good" / "fund-yield.yaml
 ROLE = "fund-facade|default"  # the sidecar under test: a caller of account-svc
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll check() until it returns something truthy; fail with `what` after timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except OSError as exc:
-            last = exc
-        if last and not isinstance(last, OSError):
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"not reached in {timeout:g}s: {what} (last: {last!r})")
 
 
 def cluster_hosts(admin_port: int, cluster: str) -> set[str]:
