@@ -81,6 +81,8 @@ class Demo:
             log="control-plane.log",
         )  # fmt: skip
         wait_for(self._healthy, 30, "control plane")
+        # Open it now: it shows the chain come up (instances, sidecars), then its traffic.
+        print(f"demo: dashboard on {self.server}/", flush=True)
         print("demo: " + self.cli("apply", "-f", str(RULES)).replace("\n", ", "))
         for service in CHAIN:
             for group in ("default",):  # the task groups are the scaler's
@@ -105,7 +107,13 @@ class Demo:
         print(f"demo: gateway on 127.0.0.1:{self.gateway_port}, API on {self.server}")
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "TASKLANE_SERVER": self.server}
+        """The environment of `tasklane` children: where the API is and, once `tasklane up`
+        has made it, the API token that writes (apply, run, task) need."""
+        env = {**os.environ, "TASKLANE_SERVER": self.server}
+        token = self.work_dir / "state" / "api-token"
+        if token.exists():
+            env["TASKLANE_TOKEN"] = token.read_text().strip()
+        return env
 
     def cli(self, *args: str) -> str:
         """Run one `tasklane ...` client command; its output, or RuntimeFailure."""
@@ -228,18 +236,25 @@ def _scheduler(demo: Demo, tally: Tally, stop: threading.Event) -> None:
     fire = datetime.now(UTC)
     while not stop.is_set():
         if datetime.now(UTC) >= fire:
-            run_id = f"{fire:%Y%m%dT%H%M}"
-            demo.cli("task", "start", task.name, "--id", run_id)
-            print(f"\nscheduler: {task.name} run {run_id} started ({USERS_PER_RUN} users)")
             try:
-                wait_for(lambda: _task_groups_ready(demo, task), TASK_CAPACITY_WAIT_S,
-                         "task capacity")  # fmt: skip
-                run_task(demo.gateway_port, run_id, USERS_PER_RUN, tally, trust)
-            finally:
-                demo.cli("task", "finish", task.name, "--id", run_id)
-                print(f"scheduler: {task.name} run {run_id} finished")
+                _one_run(demo, task, f"{fire:%Y%m%dT%H%M}", tally, trust)
+            except RuntimeFailure as exc:  # the demo goes on; the next fire is another try
+                print(f"scheduler: {exc}")
             fire = next_fire(task.schedule, datetime.now(UTC), ZoneInfo(task.timezone))
         stop.wait(1)
+
+
+def _one_run(
+    demo: Demo, task: ScheduledTask, run_id: str, tally: Tally, trust: dict[str, str]
+) -> None:
+    demo.cli("task", "start", task.name, "--id", run_id)
+    print(f"\nscheduler: {task.name} run {run_id} started ({USERS_PER_RUN} users)")
+    try:
+        wait_for(lambda: _task_groups_ready(demo, task), TASK_CAPACITY_WAIT_S, "task capacity")
+        run_task(demo.gateway_port, run_id, USERS_PER_RUN, tally, trust)
+    finally:
+        demo.cli("task", "finish", task.name, "--id", run_id)
+        print(f"scheduler: {task.name} run {run_id} finished")
 
 
 def _task_groups_ready(demo: Demo, task: ScheduledTask) -> bool:
