@@ -1,7 +1,8 @@
 """The live scaler: each sync period, on the leader only, observe the groups, let the policy
 decide, make the actuator converge, and record every decision with its reason in etcd.
 
-It runs the same `Policy` as the simulator. Actuators are idempotent, so every period the
+It runs the same `Policy` as the simulator, fed with the groups' requests in flight read from
+their sidecars (`inflight`). Actuators are idempotent, so every period the
 latest desired count of every managed group is re-asserted (an instance that crashed is
 replaced), while only changes are recorded as decisions.
 """
@@ -16,9 +17,12 @@ from typing import Any
 
 from controlplane.model.rules import RuleSet
 from controlplane.scaler.actuators import Actuator
+from controlplane.scaler.inflight import in_flight
 from controlplane.scaler.policy import Decision, Observation, Policy, PolicyConfig
+from controlplane.scaler.profile import managed_groups
 from controlplane.store.decisions import record_decision
 from controlplane.store.etcd import Store
+from controlplane.store.registry import list_instances
 from controlplane.store.runs import list_runs
 
 log = logging.getLogger(__name__)
@@ -76,12 +80,16 @@ class Scaler:
         """One period: decide, record what changed, converge every group. Blocking."""
         if self._policy is None:
             self._policy = Policy(self.config)
+        seen = self.actuator.observe()
+        rules = self._rules()
+        instances, _ = list_instances(store)
+        metrics = in_flight(instances, set(managed_groups(rules)))
         observed = {
-            key: Observation(key[0], key[1], seen.ready, seen.starting, seen.parked)
-            for key, seen in self.actuator.observe().items()
+            key: Observation(key[0], key[1], got.ready, got.starting, got.parked, metrics.get(key))
+            for key, got in seen.items()
         }
         decisions = self._policy.decide(
-            now, self._rules(), list_runs(store), observed, self.actuator.start_durations()
+            now, rules, list_runs(store), observed, self.actuator.start_durations()
         )
         for decision in decisions:
             log.info(
