@@ -2,13 +2,17 @@
 real ADS server from rules through the real translator.
 
 It skips etcd and `tasklane run` (their own tests cover them) so that routing tests start in a
-second and measure only routing: what each request returned, hop by hop.
+second and measure only routing: what each request returned, hop by hop. Like the control
+plane, the ADS port also serves the AccessLogService: `mesh.isolation()` is the accounting of
+what the sidecars logged, `mesh.metrics_text()` its Prometheus page.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +22,14 @@ from controlplane.model.rules import RuleSet
 from controlplane.model.validate import apply
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
+from controlplane.telemetry import Telemetry
+from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import HEALTH_PATH, STATIC_CLUSTERS
+from controlplane.xds.server import AdsServer, serve
+from controlplane.xds.status import StatusBoard
 from controlplane.xds.translate import Translator
 from demo.chain_app import ChainApp, start_in_thread
-from tests.support.ads import AdsThread
+from tests.support.ads import AdsThread, RunningAds
 
 # (instance name, egress address) -> (app port, stop): how to start an app behind a sidecar.
 AppStarter = Callable[[str, tuple[str, int]], tuple[int, Callable[[], None]]]
@@ -46,14 +54,33 @@ class Instance:
             self.app_running = False
 
 
+class _AdsWithLogs(AdsThread):
+    """The ADS server with the AccessLogService on the same port, as `tasklane up` serves it
+    (the sidecar bootstrap sends access logs to its `xds` cluster)."""
+
+    def __init__(self, telemetry: Telemetry, status: StatusBoard) -> None:
+        super().__init__(observer=telemetry.metrics.xds, static_clusters=STATIC_CLUSTERS)
+        self.telemetry, self.board = telemetry, status
+
+    async def _start(self) -> RunningAds:
+        self._stack = contextlib.AsyncExitStack()
+        cache = SnapshotCache(self.static_clusters)
+        ads = AdsServer(cache, self.board, self.observer)
+        server, port = await serve(ads, "127.0.0.1:0", (self.telemetry.access_logs.handler(),))
+        self._stack.push_async_callback(server.stop, 0)
+        return RunningAds(cache, ads, port)
+
+
 class Mesh:
-    """Context manager: an ADS server, and instances added with add()."""
+    """Context manager: an ADS server (with access logs), and instances added with add()."""
 
     def __init__(self, tmp_path: Path, rules_yaml: str, delta: bool = False) -> None:
         self.tmp_path, self.delta = tmp_path, delta
         self.rules = apply(RuleSet.empty(), load_text(rules_yaml, "rules.yaml"))
         self.translator = Translator()
-        self.ads = AdsThread(static_clusters=STATIC_CLUSTERS)
+        status = StatusBoard()
+        self.telemetry = Telemetry(lambda: self.rules, self.registered, status)
+        self.ads = _AdsWithLogs(self.telemetry, status)
         self.instances: list[Instance] = []
 
     def __enter__(self) -> Mesh:
@@ -76,6 +103,18 @@ class Mesh:
     def set_rules(self, rules_yaml: str) -> None:
         self.rules = apply(RuleSet.empty(), load_text(rules_yaml, "rules.yaml"))
         self.publish()
+
+    def registered(self) -> dict[tuple[str, str], int]:
+        """Instances per (service, group) as registered (read from the ADS thread)."""
+        return Counter((i.service, i.group) for i in list(self.instances))
+
+    def isolation(self) -> dict:
+        """The accounting's snapshot (GET /api/v1/isolation of a control plane)."""
+        return self.ads.call(self.telemetry.accounting.snapshot)
+
+    def metrics_text(self) -> str:
+        """The Prometheus page (GET /metrics of a control plane)."""
+        return self.ads.call(self.telemetry.metrics.render)[0].decode()
 
     def endpoints(self) -> dict[tuple[str, str], list[tuple[str, int]]]:
         out: dict[tuple[str, str], list[tuple[str, int]]] = {}
