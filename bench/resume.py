@@ -80,9 +80,14 @@ class Bench:
 
     def run(self, group: str, log: str) -> subprocess.Popen[bytes]:
         return self.tasklane(
-            "run", "--server", self.server, "--service", "fund-facade", "--group", group,
-            "--", *APP, log=log,
+            "run", "--server", self.server, "--token-file", str(self.token_file),
+            "--service", "fund-facade", "--group", group, "--", *APP, log=log,
         )  # fmt: skip
+
+    @property
+    def token_file(self) -> Path:
+        """The API token `tasklane up` writes into its state dir; writes need it."""
+        return self.work / "state" / "api-token"
 
     def start(self) -> int:
         """Start the control plane and the caller; returns the caller's egress port."""
@@ -97,7 +102,7 @@ class Bench:
         rules.write_text(RULES)
         applied = subprocess.run(
             [sys.executable, "-m", "controlplane", "apply", "--server", self.server]
-            + ["-f", str(rules)],
+            + ["--token-file", str(self.token_file), "-f", str(rules)],
             capture_output=True,
             text=True,
             timeout=30,

@@ -18,7 +18,10 @@ from pathlib import Path
 from aiohttp import web
 from grpc import aio as grpc_aio
 
+from controlplane.api import auth
+from controlplane.api import dashboard as dashboard_api
 from controlplane.api import instances as instances_api
+from controlplane.api import isolation as isolation_api
 from controlplane.api import profile as profile_api
 from controlplane.api import rules as rules_api
 from controlplane.api import tasks as tasks_api
@@ -33,6 +36,7 @@ from controlplane.scaler.reconcile import Scaler
 from controlplane.store.etcd import Store
 from controlplane.store.leader import Leadership
 from controlplane.sync import Sync
+from controlplane.telemetry import Telemetry
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import STATIC_CLUSTERS
 from controlplane.xds.server import AdsServer, serve, tune_gc
@@ -53,7 +57,8 @@ SCALER = "scaler"
 class ControlPlane:
     """Starts and stops everything `tasklane up` runs.
 
-    etcd_endpoint None runs an embedded etcd with its data under `state_dir/etcd`.
+    etcd_endpoint None runs an embedded etcd with its data under `state_dir/etcd`;
+    `state_dir/api-token` holds the token every write must carry (api/auth.py).
     Port 0 for xDS or HTTP binds a free port; `xds_port`/`http_port` hold the bound ones.
     """
 
@@ -85,12 +90,22 @@ class ControlPlane:
         self.cache = SnapshotCache(STATIC_CLUSTERS)
         self.sync = Sync(self.cache)
         self.status = StatusBoard()
-        self.ads = AdsServer(self.cache, self.status)
+        # Access logs, isolation accounting and Prometheus metrics (xDS events come through
+        # the ADS server's observer; ALS shares the xDS gRPC port).
+        self.telemetry = Telemetry(
+            lambda: self.sync.rules, self._registered, self.status, self._scaler_status
+        )
+        self._registered_memo: tuple[frozenset[str], dict[tuple[str, str], int]] | None = None
+        self.ads = AdsServer(self.cache, self.status, self.telemetry.metrics.xds)
+        self.api_token = auth.ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
+        self.http_app.middlewares.append(auth.middleware(self.api_token))
         self.http_app.add_routes(rules_api.routes(self))
         self.http_app.add_routes(instances_api.routes(self))
         self.http_app.add_routes(tasks_api.routes(self))
         self.http_app.add_routes(profile_api.routes(self))
+        self.http_app.add_routes(isolation_api.routes(self))
+        self.http_app.add_routes(dashboard_api.routes())
         self.task_service = TaskService(self)
         self._store: Store | None = None
         self._leadership: Leadership | None = None
@@ -124,6 +139,7 @@ class ControlPlane:
         self._check_ports()
         tune_gc()
         try:
+            self.api_token.load()
             if self.etcd is not None:
                 self.etcd.start()  # blocks the loop briefly; nothing else is serving yet
             self._store = Store.connect(self.etcd_endpoint)
@@ -172,10 +188,31 @@ class ControlPlane:
         address = f"{self.host}:{self.xds_port}"
         try:
             self._grpc, self.xds_port = await serve(
-                self.ads, address, extra_handlers=(self.task_service.handler(),)
+                self.ads,
+                address,
+                extra_handlers=(
+                    auth.guard(self.task_service.handler(), self.api_token),
+                    # Envoy streams access logs with no token, as it connects for xDS.
+                    self.telemetry.access_logs.handler(),
+                ),
             )
         except (OSError, RuntimeError) as exc:
             raise RuntimeFailure(f"cannot serve xDS on {address}: {exc}") from exc
+
+    def _registered(self) -> dict[tuple[str, str], int]:
+        """Instances per (service, group) in the last published build, from their registry
+        keys (`.../<service>/<group>/<id>`); recounted only when the build changed them."""
+        keys = self.sync.instance_keys
+        if self._registered_memo is None or self._registered_memo[0] is not keys:
+            counts: dict[tuple[str, str], int] = {}
+            for key in keys:
+                _, service, group, _ = key.rsplit("/", 3)
+                counts[service, group] = counts.get((service, group), 0) + 1
+            self._registered_memo = (keys, counts)
+        return self._registered_memo[1]
+
+    def _scaler_status(self) -> dict | None:
+        return self.scaler.status() if self.scaler is not None else None
 
     async def _start_http(self) -> None:
         self._http = web.AppRunner(self.http_app, access_log=None, shutdown_timeout=HTTP_STOP_GRACE)

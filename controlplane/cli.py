@@ -26,7 +26,10 @@ from typing import Any
 
 import yaml
 
+from controlplane.api import auth
 from controlplane.app import ControlPlane
+from controlplane.cli_views import render_status, render_top, watch
+from controlplane.cli_views import table as _table
 from controlplane.errors import RuleError, TasklaneError
 from controlplane.model.load import RULE_SUFFIXES
 from controlplane.runtime.gateway import GatewayOptions, run_gateway
@@ -61,7 +64,8 @@ def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser
         "--state-dir",
         type=Path,
         default=Path(".tasklane"),
-        help="where the embedded etcd keeps its data (default: .tasklane)",
+        help="where the API token (api-token) and the embedded etcd's data are kept "
+        "(default: .tasklane)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address xDS and HTTP listen on")
     p.add_argument("--xds-port", type=int, default=18000, help="xDS gRPC port (default: 18000)")
@@ -120,6 +124,7 @@ def _actuator(args: argparse.Namespace) -> Callable[[ControlPlane], Actuator] | 
             lambda: cp.sync.rules,
             Path(args.state_dir) / "instances",
             keep_alive=args.keep_alive,
+            api_token=cp.api_token.value,
         )
     if args.actuator == "kubernetes":
         return lambda cp: KubernetesActuator(
@@ -155,7 +160,7 @@ async def _run_until_signalled(control_plane: ControlPlane) -> None:
         loop.add_signal_handler(sig, stopping.set)
     try:
         await control_plane.start()
-        print(ready_line(control_plane), flush=True)
+        print(ready_line(control_plane) + token_notice(control_plane), flush=True)
         await stopping.wait()
         log.info("stopping")
     finally:
@@ -172,6 +177,18 @@ def ready_line(control_plane: ControlPlane) -> str:
         f"HTTP on http://{host}:{control_plane.http_port}, "
         f"etcd at {control_plane.etcd_endpoint} ({where})"
     )
+
+
+def token_notice(control_plane: ControlPlane) -> str:
+    """On the start that made the API token: where it is, and on a terminal the token itself,
+    once. Never when stdout is a file or a pipe: that is a log, and logs must not hold it."""
+    token = control_plane.api_token
+    if not token.created:
+        return ""
+    notice = f"\nAPI token written to {token.path}"
+    if sys.stdout.isatty():
+        notice += f"\nAPI token (shown once; writes send it as a Bearer token): {token.value}"
+    return notice
 
 
 # --- tasklane apply / diff / get / delete: clients of the rules API -----------------------
@@ -195,6 +212,13 @@ def _server_option() -> argparse.ArgumentParser:
         metavar="URL",
         default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
         help=f"HTTP address of the control plane (default: ${SERVER_ENV} or {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="the API token, which writes need (default: $TASKLANE_TOKEN, else "
+        f"{auth.DEFAULT_TOKEN_PATH}, written by `tasklane up` into its state dir)",
     )
     return parser
 
@@ -228,7 +252,7 @@ def add_apply(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
 
 def apply(args: argparse.Namespace) -> int:
     """One line per document, as kubectl prints them; a dry run adds the diff."""
-    body = _apply_files(args.server, _rule_files(args.filename), dry_run=args.dry_run)
+    body = _apply_files(args, _rule_files(args.filename), dry_run=args.dry_run)
     suffix = " (dry run)" if args.dry_run else ""
     lines = [f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}\n" for r in body["results"]]
     _output("".join(lines) + (body["diff"] if args.dry_run else ""))
@@ -249,7 +273,7 @@ def add_diff(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def diff(args: argparse.Namespace) -> int:
-    body = _apply_files(args.server, _rule_files(args.filename), dry_run=True)
+    body = _apply_files(args, _rule_files(args.filename), dry_run=True)
     _output(body["diff"])
     return 1 if any(result["action"] != "unchanged" for result in body["results"]) else 0
 
@@ -365,7 +389,8 @@ def add_delete(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def delete(args: argparse.Namespace) -> int:
-    body = _call(args.server, "DELETE", f"/api/v1/rules/{_quote(args.kind)}/{_quote(args.name)}")
+    path = f"/api/v1/rules/{_quote(args.kind)}/{_quote(args.name)}"
+    body = _call(args.server, "DELETE", path, None, _token(args))
     _output(f"{body['kind'].lower()}/{body['name']} {body['action']}\n")
     return 0
 
@@ -415,21 +440,42 @@ def _decode(name: str, data: bytes) -> str:
         raise RuleError(f"{name}: not UTF-8 text (byte {exc.start})") from None
 
 
-def _apply_files(server: str, files: list[dict[str, str]], *, dry_run: bool) -> dict[str, Any]:
-    return _call(server, "POST", "/api/v1/apply", {"files": files, "dryRun": dry_run})
+def _apply_files(
+    args: argparse.Namespace, files: list[dict[str, str]], *, dry_run: bool
+) -> dict[str, Any]:
+    body = {"files": files, "dryRun": dry_run}
+    return _call(args.server, "POST", "/api/v1/apply", body, _token(args))
 
 
-def _call(server: str, method: str, path: str, body: object = None) -> Any:
-    """One API request; its JSON answer, or TasklaneError with a one-line reason."""
+def _token(args: argparse.Namespace) -> str:
+    """The API token a write sends (see --token-file)."""
+    return auth.client_token(args.token_file)
+
+
+class ApiError(TasklaneError):
+    """The control plane answered with an error status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _call(
+    server: str, method: str, path: str, body: object = None, token: str | None = None
+) -> Any:
+    """One API request, with `token` for writes; its JSON answer, or TasklaneError (ApiError
+    for an error status) with a one-line reason."""
     base = (server if "://" in server else f"http://{server}").rstrip("/")
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if data is not None else {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     try:
         request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
         with _api_opener.open(request, timeout=REQUEST_TIMEOUT) as response:
             payload = response.read()
     except urllib.error.HTTPError as exc:
-        raise TasklaneError(_api_error(base, exc)) from None
+        raise ApiError(_api_error(base, exc), exc.code) from None
     except urllib.error.URLError as exc:
         raise _unreachable(base, exc.reason) from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -491,17 +537,6 @@ def _hop(hop: dict[str, Any]) -> str:
     return f"{hop['service']}/{hop['group']}{share}"
 
 
-def _table(rows: list[dict[str, str]]) -> str:
-    """Left-aligned columns three spaces apart, like kubectl."""
-    headers = list(rows[0])
-    lines = [headers, *([row[header] for header in headers] for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
-    return "\n".join(
-        "   ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
-
-
 # --- tasklane run: an app as an instance, behind an Envoy sidecar -------------------------
 
 
@@ -544,7 +579,8 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         delta=args.delta,
     )
-    return run_instance(options, functools.partial(_call, args.server))
+    # Read before anything starts: registering is a write.
+    return run_instance(options, functools.partial(_call, args.server, token=_token(args)))
 
 
 # --- tasklane gateway: the ingress for external traffic -----------------------------------
@@ -660,7 +696,7 @@ def add_task(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 def task_start(args: argparse.Namespace) -> int:
     body = {} if args.id is None else {"id": args.id}
-    run = _call(args.server, "POST", f"/api/v1/tasks/{_quote(args.task)}/runs", body)
+    run = _call(args.server, "POST", f"/api/v1/tasks/{_quote(args.task)}/runs", body, _token(args))
     _output(f"run {run['task']}/{run['id']} started at {format_time(run['started_at'])}\n")
     return 0
 
@@ -669,7 +705,8 @@ def task_finish(args: argparse.Namespace) -> int:
     body = {"outcome": args.outcome}
     if args.id is not None:
         body["id"] = args.id
-    run = _call(args.server, "POST", f"/api/v1/tasks/{_quote(args.task)}/runs/finish", body)
+    path = f"/api/v1/tasks/{_quote(args.task)}/runs/finish"
+    run = _call(args.server, "POST", path, body, _token(args))
     duration = _duration(run["finished_at"] - run["started_at"])
     _output(
         f"run {run['task']}/{run['id']} finished ({run['outcome']}) at "
@@ -746,6 +783,73 @@ def simulate_workload(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tasklane status / top: views of a running control plane (cli_views.py) ---------------
+
+TOP_INTERVAL = 2.0
+
+
+def add_status(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane status`: the sidecars and their xDS sync, like `istioctl proxy-status`."""
+    p = commands.add_parser(
+        "status",
+        parents=[common, _server_option()],
+        help="show the connected sidecars and whether each runs the config it was sent",
+        description="A line on etcd, xDS, the leader and the last config build, then one row "
+        "per connected sidecar (node, service, group, xDS protocol) with each xDS type's state: "
+        "SYNCED (ACKed what it was sent), STALE (sent, not ACKed yet) or NACK (rejected; the "
+        "message is shown below the table).",
+    )
+    p.set_defaults(handler=status)
+
+
+def status(args: argparse.Namespace) -> int:
+    body = _call(args.server, "GET", "/api/v1/status")
+    _output(render_status(body, datetime.now(UTC).timestamp()) + "\n")
+    return 0
+
+
+def add_top(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane top [--watch]`: isolation per chain, hop and group."""
+    p = commands.add_parser(
+        "top",
+        parents=[common, _server_option()],
+        help="show per chain and hop: request rates, leaks, fallbacks, rate-limited requests",
+        description="Isolation accounting from the sidecars' access logs, per chain, hop and "
+        "group: dyed and online request rates, requests, 5xx, p50/p99 latency, leaks, "
+        "fallbacks by reason and rate-limited requests; then uncovered hops and propagation "
+        "breaks.",
+    )
+    p.add_argument(
+        "-w",
+        "--watch",
+        action="store_true",
+        help=f"refresh every {TOP_INTERVAL:g} s until Ctrl-C",
+    )
+    p.set_defaults(handler=top)
+
+
+def top(args: argparse.Namespace) -> int:
+    def frame() -> str:
+        try:
+            return render_top(_call(args.server, "GET", "/api/v1/isolation"))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            raise TasklaneError(
+                f"{args.server} has no isolation accounting (GET /api/v1/isolation: 404): "
+                "is it an older control plane?"
+            ) from None
+
+    def timed_frame() -> str:
+        now = f"{datetime.now(UTC):%H:%M:%S} UTC"
+        return f"tasklane top at {now}, every {TOP_INTERVAL:g}s (Ctrl-C to stop)\n\n{frame()}"
+
+    if not args.watch:
+        _output(frame() + "\n")
+        return 0
+    return watch(timed_frame, TOP_INTERVAL)
+
+
 # --- the command line as a whole -----------------------------------------------------------
 
 # --- tasklane demo -------------------------------------------------------------------------
@@ -783,6 +887,8 @@ COMMANDS = (
     add_demo,
     add_task,
     add_simulate,
+    add_status,
+    add_top,
 )
 
 

@@ -57,6 +57,9 @@ STOP_TIMEOUT = 10.0
 PARK_DRAIN = 1.0
 POLL_INTERVAL = 0.05
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
+# The API token `tasklane run` may be given in its environment (api/auth.py): the app has no
+# business writing to the control plane, so it does not inherit it.
+_TOKEN_ENV = "TASKLANE_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,7 @@ class _Run:
         """CMD, told its port and its way out (stopped when the stack closes)."""
         proxy = f"http://127.0.0.1:{ports.egress}"
         env = {
-            **os.environ,
+            **{name: value for name, value in os.environ.items() if name != _TOKEN_ENV},
             "PORT": str(ports.app),
             "TASKLANE_SERVICE": self.options.service,
             "TASKLANE_GROUP": self.options.group,

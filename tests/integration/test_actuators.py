@@ -75,7 +75,11 @@ class Plane:
 
     def actuator(self, keep_alive: int) -> LocalActuator:
         return LocalActuator(
-            self.server, lambda: self.rules, self.work / f"keep-{keep_alive}", keep_alive
+            self.server,
+            lambda: self.rules,
+            self.work / f"keep-{keep_alive}",
+            keep_alive,
+            api_token=self.up.token,
         )
 
 
@@ -89,6 +93,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
         applied = subprocess.run(
             [*TASKLANE, "apply", "--server", f"http://127.0.0.1:{up.ports['http']}"]
             + ["-f", str(rules_file)],
+            env={**os.environ, "TASKLANE_TOKEN": up.token},
             capture_output=True,
             text=True,
             timeout=30,
@@ -296,7 +301,7 @@ def test_scale_refuses_what_it_cannot_start(plane: Plane, tmp_path: Path) -> Non
         plane.rules,
         load_files([_write(tmp_path / "bare.yaml", "kind: Service\nmetadata: {name: bare}\n")]),
     )
-    actuator = LocalActuator(plane.server, lambda: rules, tmp_path / "logs")
+    actuator = LocalActuator(plane.server, lambda: rules, tmp_path / "logs", api_token="unused")
     try:
         with pytest.raises(Exception, match="service bare has no spec.run.command"):
             actuator.scale("bare", "default", 1, "test")

@@ -51,6 +51,7 @@ class Cli:
         self.env = {
             **os.environ,
             "TASKLANE_SERVER": f"http://127.0.0.1:{up.ports['http']}",
+            "TASKLANE_TOKEN": up.token,
             "http_proxy": f"http://127.0.0.1:{free_port()}",
             "HTTP_PROXY": f"http://127.0.0.1:{free_port()}",
         }
@@ -248,7 +249,7 @@ def test_get_table_and_yaml_round_trip(cli: Cli) -> None:
 
 def test_unreachable_control_plane_is_one_line(tmp_path: Path) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "TASKLANE_SERVER": closed}
+    env = {**os.environ, "TASKLANE_SERVER": closed, "TASKLANE_TOKEN": "t"}
     for args in (["get", "svc"], ["delete", "svc", "x"], ["diff", "-f", str(GOOD)]):
         result = subprocess.run(
             [*TASKLANE, *args], capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT

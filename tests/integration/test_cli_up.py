@@ -52,6 +52,11 @@ class Up:
     def stderr(self) -> str:
         return self.err.read_text()
 
+    @property
+    def token(self) -> str:
+        """The API token it made in its state dir, which writes need."""
+        return (self.state_dir / "api-token").read_text().strip()
+
     def kill(self) -> None:
         """SIGKILL (if still running) and reap; the kernel then kills its etcd child too."""
         if self.proc.poll() is None:
@@ -171,6 +176,7 @@ def test_up_serves_health_and_status(running_up: Up) -> None:
         f"HTTP on http://127.0.0.1:{ports['http']}, "
         f"etcd at 127.0.0.1:{ports['etcd_client']} "
         f"(embedded, data in {running_up.state_dir / 'etcd'})\n"
+        f"API token written to {running_up.state_dir / 'api-token'}\n"
     )
     assert get_json(running_up.url("/healthz")) == (200, {"status": "ok"})
     code, status = get_json(running_up.url("/api/v1/status"))
@@ -220,9 +226,9 @@ def test_external_etcd_is_used_and_its_loss_reported(
 ) -> None:
     up = start_up(tmp_path, etcd=etcd_server.endpoint)
     try:
-        assert up.stdout().rstrip().endswith(f"etcd at {etcd_server.endpoint} (external)")
+        assert up.stdout().splitlines()[0].endswith(f"etcd at {etcd_server.endpoint} (external)")
         assert etcd_children(up.proc.pid) == []
-        assert not up.state_dir.exists()
+        assert not (up.state_dir / "etcd").exists()
         status, body = get_json(up.url("/api/v1/status"))
         assert status == 200
         assert body["etcd"] == {"endpoint": etcd_server.endpoint, "embedded": False}

@@ -174,7 +174,8 @@ def test_refused_apply_writes_nothing_of_any_file(plane: Plane) -> None:
 def test_malformed_apply_requests_are_refused(plane: Plane, body: bytes, message: str) -> None:
     url = f"http://127.0.0.1:{plane.control_plane.http_port}/api/v1/apply"
     with pytest.raises(urllib.error.HTTPError) as caught:
-        api_opener.open(urllib.request.Request(url, data=body, method="POST"), timeout=10)
+        request = urllib.request.Request(url, body, plane.auth_headers(), method="POST")
+        api_opener.open(request, timeout=10)
     assert caught.value.code == 400
     assert json.loads(caught.value.read())["error"].startswith(message)
     assert plane.snapshot()[0] == {}

@@ -83,9 +83,14 @@ class Plane:
     def server(self) -> str:
         return f"http://127.0.0.1:{self.up.ports['http']}"
 
+    def env(self) -> dict[str, str]:
+        """The CLI's environment: writes need the control plane's API token."""
+        return {**os.environ, "TASKLANE_TOKEN": self.up.token}
+
     def tasklane(self, command: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*TASKLANE, command, "--server", self.server, *args],
+            env=self.env(),
             capture_output=True,
             text=True,
             timeout=30,
@@ -105,6 +110,7 @@ class Plane:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
+                env=self.env(),
             )
         return Run(proc, service, group, err)
 
@@ -317,6 +323,7 @@ def test_sigterm_deregisters_then_stops_app_and_envoy(plane: Plane, mesh: Mesh) 
         "HTTP_PROXY": f"http://{egress}",
         "no_proxy": "localhost,127.0.0.1",
         "NO_PROXY": "localhost,127.0.0.1",
+        "TASKLANE_TOKEN": None,  # given to `tasklane run`, kept from the app
     }
     assert {name: env.get(name) for name in expected} == expected
     children = children_of(run.proc.pid)

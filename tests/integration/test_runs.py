@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -256,7 +257,7 @@ def test_http_errors(
 def test_http_body_that_is_not_json(plane: Plane) -> None:
     task = plane.new_task()
     request = urllib.request.Request(
-        f"{plane.url}/api/v1/tasks/{task}/runs", data=b"{nope", method="POST"
+        f"{plane.url}/api/v1/tasks/{task}/runs", b"{nope", plane.auth_headers(), method="POST"
     )
     with pytest.raises(urllib.error.HTTPError) as caught:
         api_opener.open(request, timeout=10)
@@ -270,6 +271,7 @@ def test_http_body_that_is_not_json(plane: Plane) -> None:
 def tasklane(plane: Plane, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*TASKLANE, "task", *args, "--server", plane.url],
+        env={**os.environ, "TASKLANE_TOKEN": plane.token},
         capture_output=True,
         text=True,
         timeout=60,

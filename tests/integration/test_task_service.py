@@ -39,9 +39,7 @@ def plane(etcd_endpoint_module: str) -> Iterator[Plane]:
 
 @pytest.fixture(scope="module")
 def stub(plane: Plane) -> Iterator[task_pb2_grpc.TaskServiceStub]:
-    channel = grpc.insecure_channel(
-        f"127.0.0.1:{plane.control_plane.xds_port}", options=[("grpc.enable_http_proxy", 0)]
-    )
+    channel = plane.grpc_channel()
     try:
         yield task_pb2_grpc.TaskServiceStub(channel)
     finally:

@@ -1,15 +1,20 @@
 """A real control plane inside a test: a ControlPlane on free ports with its event loop in a
-thread, a Store of the test's own on the same etcd, and JSON calls to its HTTP API."""
+thread, a Store of the test's own on the same etcd, and JSON calls to its HTTP API (writes
+carry its API token, kept in a state dir of its own)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import grpc
 
 from controlplane.app import ControlPlane
 from controlplane.store.etcd import Store
@@ -24,6 +29,8 @@ class Plane:
     """Start it with an etcd endpoint (and any ControlPlane options); stop() ends it."""
 
     def __init__(self, etcd_endpoint: str, **options: Any) -> None:
+        self._state_dir = tempfile.TemporaryDirectory(prefix="tasklane-plane-")
+        options.setdefault("state_dir", Path(self._state_dir.name))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -40,6 +47,21 @@ class Plane:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.control_plane.http_port}"
+
+    @property
+    def token(self) -> str:
+        return self.control_plane.api_token.value
+
+    def auth_headers(self) -> dict[str, str]:
+        """What a write must carry."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def grpc_channel(self) -> grpc.Channel:
+        """A channel to the TaskService (on the xDS port) whose calls carry the token."""
+        channel = grpc.insecure_channel(
+            f"127.0.0.1:{self.control_plane.xds_port}", options=[("grpc.enable_http_proxy", 0)]
+        )
+        return grpc.intercept_channel(channel, _Bearer(self.token))
 
     def on_loop(self, fn: Callable, *args: Any) -> Any:
         """Run fn(*args) on the control plane's loop (awaited if it is a coroutine)."""
@@ -59,11 +81,17 @@ class Plane:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
+        self._state_dir.cleanup()
 
-    def request(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
-        """(status, JSON body) of an API call; error statuses are returned, not raised."""
+    def request(
+        self, method: str, path: str, body: object = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """(status, JSON body) of an API call; error statuses are returned, not raised.
+        `headers` default to the token's on writes."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if headers is None:
+            headers = {} if method == "GET" else self.auth_headers()
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with api_opener.open(request, timeout=30) as response:
                 return response.status, json.loads(response.read())
@@ -79,3 +107,14 @@ class Plane:
         """POST /api/v1/apply with {file name: text}."""
         body = {"files": [{"name": n, "text": t} for n, t in files.items()], "dryRun": dry_run}
         return self.request("POST", "/api/v1/apply", body)
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every unary call."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._metadata]
+        return continuation(details._replace(metadata=metadata), request)

@@ -2,9 +2,10 @@
 
 Each instance is `python -m controlplane run --server URL --service S --group G -- CMD`, CMD
 being the Service's `spec.run.command` (with `spec.run.env`), so it gets a real Envoy sidecar
-and registers through the control plane's API like any instance started by hand. An instance
-is ready once it is registered (GET /api/v1/instances): `tasklane run` registers only after
-the sidecar sees the app healthy, and the API answers only once callers were told.
+and registers through the control plane's API like any instance started by hand (with the
+API token in $TASKLANE_TOKEN; `tasklane run` keeps it from CMD). An instance is ready once it
+is registered (GET /api/v1/instances): `tasklane run` registers only after the sidecar sees
+the app healthy, and the API answers only once callers were told.
 
 Scaling down takes the newest instances first (the oldest have proven themselves and hold
 warm caches). Up to `keep_alive` of them per group are parked instead of stopped (SIGUSR1:
@@ -59,6 +60,8 @@ STOP_GRACE = 20.0
 # start, doubling up to the maximum: a broken command must not fork in a tight loop.
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 API_TIMEOUT = 5.0
+# How each `tasklane run` child gets the API token it registers with (see api/auth.py).
+TOKEN_ENV = "TASKLANE_TOKEN"
 
 _direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -103,7 +106,8 @@ class LocalActuator:
     """Runs each group's instances as `tasklane run` children of this process.
 
     `rules_provider` gives the current rules (for each Service's `spec.run`); `work_dir`
-    receives one log file per instance. Construct it from any thread; close() stops every
+    receives one log file per instance; `api_token` is the control plane's, for the writes
+    (register, keep-alive) of the instances. Construct it from any thread; close() stops every
     instance it started, politely (SIGTERM, parked ones are resumed to exit cleanly).
     """
 
@@ -115,6 +119,8 @@ class LocalActuator:
         rules_provider: Callable[[], RuleSet],
         work_dir: Path,
         keep_alive: int = 1,
+        *,
+        api_token: str,
     ) -> None:
         if keep_alive < 0:
             raise ActuatorError(f"keep_alive must not be negative, got {keep_alive}")
@@ -122,6 +128,7 @@ class LocalActuator:
         self.rules_provider = rules_provider
         self.work_dir = Path(work_dir)
         self.keep_alive = keep_alive
+        self._api_token = api_token
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -352,7 +359,7 @@ class LocalActuator:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **dict(spec.env), "PATH": path},
+                env={**os.environ, **dict(spec.env), "PATH": path, TOKEN_ENV: self._api_token},
                 process_group=0,  # a terminal's Ctrl-C is ours to handle, not the instance's
             )
         instance = _Instance(seq, key, proc, log_path, started=time.monotonic())
