@@ -157,14 +157,11 @@ class Demo:
             return False
 
     def _chain_serves(self) -> bool:
+        """Online requests through the gateway reach `default` at every hop (the task groups
+        are the scaler's: they exist only around runs)."""
         self._check_alive()
-        trusted = {"x-task-dye": "fund-yield", TRUST_HEADER: self.secret}
-        want = {"task": list(CHAIN.values()), "online": ["default"] * len(CHAIN)}
-        for kind, headers in (("task", trusted), ("online", {})):
-            status, hops = send(self.gateway_port, "/", headers)
-            if status != 200 or [h["group"] for h in hops] != want[kind]:
-                return False
-        return True
+        status, hops = send(self.gateway_port, "/", {})
+        return status == 200 and [h["group"] for h in hops] == ["default"] * len(CHAIN)
 
     def _check_alive(self) -> None:
         for proc in self.procs:
