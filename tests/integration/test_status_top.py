@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.cli_views import render_status, render_top, sync_state
+from controlplane.cli.views import render_status, render_top, sync_state
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import free_port

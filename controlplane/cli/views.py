@@ -7,12 +7,16 @@ layout.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+from controlplane.cli.client import ApiError, call, output, server_option
+from controlplane.errors import TasklaneError
 
 # The xDS types of the status table, as /api/v1/status names them, in push order.
 XDS_TYPES = ("cds", "eds", "lds", "rds")
@@ -194,3 +198,70 @@ def _ago(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+# --- the commands ---------------------------------------------------------------------------
+
+TOP_INTERVAL = 2.0
+
+
+def add_status(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane status`: the sidecars and their xDS sync, like `istioctl proxy-status`."""
+    p = commands.add_parser(
+        "status",
+        parents=[common, server_option()],
+        help="show the connected sidecars and whether each runs the config it was sent",
+        description="A line on etcd, xDS, the leader and the last config build, then one row "
+        "per connected sidecar (node, service, group, xDS protocol) with each xDS type's state: "
+        "SYNCED (ACKed what it was sent), STALE (sent, not ACKed yet) or NACK (rejected; the "
+        "message is shown below the table).",
+    )
+    p.set_defaults(handler=status)
+
+
+def status(args: argparse.Namespace) -> int:
+    body = call(args.server, "GET", "/api/v1/status")
+    output(render_status(body, datetime.now(UTC).timestamp()) + "\n")
+    return 0
+
+
+def add_top(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane top [--watch]`: isolation per chain, hop and group."""
+    p = commands.add_parser(
+        "top",
+        parents=[common, server_option()],
+        help="show per chain and hop: request rates, leaks, fallbacks, rate-limited requests",
+        description="Isolation accounting from the sidecars' access logs, per chain, hop and "
+        "group: dyed and online request rates, requests, 5xx, p50/p99 latency, leaks, "
+        "fallbacks by reason and rate-limited requests; then uncovered hops and propagation "
+        "breaks.",
+    )
+    p.add_argument(
+        "-w",
+        "--watch",
+        action="store_true",
+        help=f"refresh every {TOP_INTERVAL:g} s until Ctrl-C",
+    )
+    p.set_defaults(handler=top)
+
+
+def top(args: argparse.Namespace) -> int:
+    def frame() -> str:
+        try:
+            return render_top(call(args.server, "GET", "/api/v1/isolation"))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            raise TasklaneError(
+                f"{args.server} has no isolation accounting (GET /api/v1/isolation: 404): "
+                "is it an older control plane?"
+            ) from None
+
+    def timed_frame() -> str:
+        now = f"{datetime.now(UTC):%H:%M:%S} UTC"
+        return f"tasklane top at {now}, every {TOP_INTERVAL:g}s (Ctrl-C to stop)\n\n{frame()}"
+
+    if not args.watch:
+        output(frame() + "\n")
+        return 0
+    return watch(timed_frame, TOP_INTERVAL)

@@ -1,0 +1,71 @@
+"""The `tasklane` command line.
+
+Each subcommand is one `add_<name>` function (its parser, with `handler=` set to the function
+that runs it) listed in COMMANDS, grouped in modules by what they drive. Handlers return the
+exit code; any TasklaneError they raise becomes one `tasklane: error: <message>` line on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from controlplane.cli.rules import add_apply, add_delete, add_diff, add_get
+from controlplane.cli.tasks import add_simulate, add_task
+from controlplane.cli.up import add_demo, add_up
+from controlplane.cli.views import add_status, add_top
+from controlplane.cli.workloads import add_gateway, add_run
+from controlplane.errors import TasklaneError
+
+EXIT_ERROR = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+COMMANDS = (
+    add_up,
+    add_apply,
+    add_diff,
+    add_get,
+    add_delete,
+    add_run,
+    add_gateway,
+    add_demo,
+    add_task,
+    add_simulate,
+    add_status,
+    add_top,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: one subparser per entry of COMMANDS, each with the common options."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (default: info)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="tasklane",
+        description="Service-mesh traffic steering for scheduled batch tasks.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(commands, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tasklane` script and of `python -m controlplane`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.handler(args)
+    except TasklaneError as exc:
+        print(f"tasklane: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,267 @@
+"""`tasklane apply / diff / get / delete`: clients of the rules API (and the profile view)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controlplane.cli.client import (
+    OUTPUTS,
+    STDIN,
+    api_token,
+    call,
+    output,
+    quote_segment,
+    server_option,
+)
+from controlplane.cli.views import table
+from controlplane.errors import RuleError, TasklaneError
+from controlplane.model.load import RULE_SUFFIXES
+
+
+def _add_filename(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        metavar="FILE|DIR",
+        help="a rule file, a directory of *.yaml/*.yml files (not recursive), or - for stdin; "
+        "repeat for more",
+    )
+
+
+def add_apply(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane apply -f FILE|DIR [--dry-run]`: create or update rules, all or nothing."""
+    p = commands.add_parser(
+        "apply",
+        parents=[common, server_option()],
+        help="create or update rules from YAML files",
+        description="Send rule files to the control plane, which checks them against the "
+        "stored rules and writes every change in one transaction, or nothing at all. Rules "
+        "not in the files are kept.",
+    )
+    _add_filename(p)
+    p.add_argument("--dry-run", action="store_true", help="check and show the diff without writing")
+    p.set_defaults(handler=apply)
+
+
+def apply(args: argparse.Namespace) -> int:
+    """One line per document, as kubectl prints them; a dry run adds the diff."""
+    body = _apply_files(args, _rule_files(args.filename), dry_run=args.dry_run)
+    suffix = " (dry run)" if args.dry_run else ""
+    lines = [f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}\n" for r in body["results"]]
+    output("".join(lines) + (body["diff"] if args.dry_run else ""))
+    return 0
+
+
+def add_diff(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane diff -f FILE|DIR`: what an apply would change; exit 1 if anything."""
+    p = commands.add_parser(
+        "diff",
+        parents=[common, server_option()],
+        help="show what applying rule files would change",
+        description="Print a unified diff between the stored rules and the rule files. Exit "
+        "status: 0 no changes, 1 changes, 2 error (like kubectl diff).",
+    )
+    _add_filename(p)
+    p.set_defaults(handler=diff)
+
+
+def diff(args: argparse.Namespace) -> int:
+    body = _apply_files(args, _rule_files(args.filename), dry_run=True)
+    output(body["diff"])
+    return 1 if any(result["action"] != "unchanged" for result in body["results"]) else 0
+
+
+def add_get(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane get KIND [NAME] [-o table|yaml|json]`."""
+    p = commands.add_parser(
+        "get",
+        parents=[common, server_option()],
+        help="show stored rules",
+        description="Show the stored rules of one kind, or one rule. `-o yaml` prints "
+        "documents that `tasklane apply -f -` takes back unchanged.",
+    )
+    p.add_argument(
+        "kind",
+        metavar="KIND",
+        help="service (svc), taskchain (chain) or scheduledtask (task), or a plural",
+    )
+    p.add_argument("name", metavar="NAME", nargs="?", help="one rule (default: all of KIND)")
+    p.add_argument(
+        "-o", "--output", choices=OUTPUTS, default="table", help="output format (default: table)"
+    )
+    p.set_defaults(handler=get)
+
+
+def get(args: argparse.Namespace) -> int:
+    if args.kind in ("profile", "profiles"):
+        return _get_profile(args)
+    path = f"/api/v1/rules/{quote_segment(args.kind)}"
+    if args.name is not None:
+        path += f"/{quote_segment(args.name)}"
+    body = call(args.server, "GET", path)
+    documents = body["items"] if args.name is None else [body]
+    if args.output == "json":
+        output(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
+    elif args.output == "yaml":
+        # Every document starts with ---, so outputs of several gets can be concatenated.
+        output(
+            yaml.safe_dump_all(documents, explicit_start=True, sort_keys=False, allow_unicode=True)
+        )
+    elif documents:
+        output(table([_row(document) for document in documents]) + "\n")
+    else:
+        print(f"No {body['kind']} rules found.", file=sys.stderr)
+    return 0
+
+
+def _get_profile(args: argparse.Namespace) -> int:
+    """`tasklane get profile SERVICE`: when each task group of the service is wanted up (the
+    next 24 h, minute by minute, as spans) and the scaler's recent decisions and reasons."""
+    if args.name is None:
+        raise TasklaneError("tasklane get profile needs a SERVICE name")
+    body = call(args.server, "GET", f"/api/v1/profile/{quote_segment(args.name)}")
+    if args.output != "table":
+        text = json.dumps(body, indent=2) if args.output == "json" else yaml.safe_dump(body)
+        output(text + "\n")
+        return 0
+    rows = []
+    for group, counts in sorted(body["groups"].items()):
+        for first, last, replicas in _spans(counts):
+            rows.append(
+                {
+                    "GROUP": group,
+                    "FROM": _clock(body["start"] + first * 60),
+                    "UNTIL": _clock(body["start"] + (last + 1) * 60),
+                    "REPLICAS": str(replicas),
+                }
+            )
+    hours = body["minutes"] / 60
+    print(f"profile of {body['service']}, next {hours:g} h (UTC):")
+    print(table(rows) if rows else "no task group of this service is wanted up")
+    decisions = [
+        {"AT": _clock(d["at"]), "GROUP": d["group"], "REPLICAS": str(d["replicas"]),
+         "REASON": d["reason"]}
+        for d in body["decisions"][-10:]
+    ]  # fmt: skip
+    print("\nrecent decisions:")
+    print(table(decisions) if decisions else "none yet")
+    return 0
+
+
+def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(first minute, last minute, replicas) of each run of equal non-zero counts."""
+    spans: list[tuple[int, int, int]] = []
+    for minute, replicas in enumerate(counts):
+        if spans and spans[-1][1] == minute - 1 and spans[-1][2] == replicas:
+            spans[-1] = (spans[-1][0], minute, replicas)
+        elif replicas:
+            spans.append((minute, minute, replicas))
+    return spans
+
+
+def _clock(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%m-%d %H:%M")
+
+
+def add_delete(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane delete KIND NAME`: refused while another rule refers to it."""
+    p = commands.add_parser(
+        "delete",
+        parents=[common, server_option()],
+        help="delete one rule",
+        description="Delete one rule. A service a chain uses, or a chain a task drives, is "
+        "refused with the name of the rule that still refers to it.",
+    )
+    p.add_argument(
+        "kind",
+        metavar="KIND",
+        help="service (svc), taskchain (chain) or scheduledtask (task), or a plural",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=delete)
+
+
+def delete(args: argparse.Namespace) -> int:
+    path = f"/api/v1/rules/{quote_segment(args.kind)}/{quote_segment(args.name)}"
+    body = call(args.server, "DELETE", path, None, api_token(args))
+    output(f"{body['kind'].lower()}/{body['name']} {body['action']}\n")
+    return 0
+
+
+def _rule_files(given: list[str]) -> list[dict[str, str]]:
+    """Read the files here, not on the server, so messages name paths as the user typed them."""
+    files: list[dict[str, str]] = []
+    for name in given:
+        if name == STDIN:
+            files.append({"name": "<stdin>", "text": _decode("<stdin>", sys.stdin.buffer.read())})
+            continue
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(
+                p.name for p in path.iterdir() if p.suffix in RULE_SUFFIXES and p.is_file()
+            )
+            if not found:
+                raise RuleError(f"{name}: no *.yaml or *.yml files in this directory")
+            paths = [os.path.join(name, each) for each in found]
+        elif path.exists():
+            paths = [name]
+        else:
+            raise RuleError(f"{name}: no such file or directory")
+        for each in paths:
+            try:
+                data = Path(each).read_bytes()
+            except OSError as exc:
+                raise RuleError(f"{each}: cannot read: {exc.strerror or exc}") from None
+            files.append({"name": each, "text": _decode(each, data)})
+    return files
+
+
+def _decode(name: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RuleError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _apply_files(
+    args: argparse.Namespace, files: list[dict[str, str]], *, dry_run: bool
+) -> dict[str, Any]:
+    body = {"files": files, "dryRun": dry_run}
+    return call(args.server, "POST", "/api/v1/apply", body, api_token(args))
+
+
+def _row(document: dict[str, Any]) -> dict[str, str]:
+    """The table columns of one rule: what one needs to recognise it at a glance."""
+    spec = document["spec"]
+    row = {"NAME": document["metadata"]["name"]}
+    if document["kind"] == "Service":
+        row["PROTOCOL"] = spec["protocol"]
+        row["GROUPS"] = ",".join(
+            f"{g['name']}:{g['minReplicas']}-{g['maxReplicas']}" for g in spec["groups"]
+        )
+    elif document["kind"] == "TaskChain":
+        row["DYES"] = ",".join(spec["dye"]["values"])
+        row["FALLBACK"] = spec["fallback"]
+        row["HOPS"] = ",".join(_hop(hop) for hop in spec["hops"])
+    elif document["kind"] == "ScheduledTask":
+        row["CHAIN"] = spec["chain"]
+        row["SCHEDULE"] = spec["schedule"]
+        row["TIMEZONE"] = spec["timezone"]
+        row["DURATION"] = spec["expectedDuration"]
+    return row
+
+
+def _hop(hop: dict[str, Any]) -> str:
+    """'account-svc/debit', with '(80%)' when only part of the dyed traffic goes there."""
+    share = f"({hop['weight']}%)" if hop["weight"] != 100 else ""
+    return f"{hop['service']}/{hop['group']}{share}"

@@ -1,0 +1,182 @@
+"""`tasklane up` and `tasklane demo`: what runs in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from controlplane.app import ControlPlane
+from controlplane.scaler.actuators import Actuator, DryRunActuator
+from controlplane.scaler.policy import PolicyConfig
+
+log = logging.getLogger("tasklane")
+
+
+def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane up`: run the control plane in the foreground until SIGINT/SIGTERM."""
+    p = commands.add_parser(
+        "up",
+        parents=[common],
+        help="run the control plane (etcd, xDS, HTTP API) until interrupted",
+        description="Run the control plane in the foreground; Ctrl-C or SIGTERM stops it.",
+    )
+    p.add_argument(
+        "--etcd",
+        metavar="HOST:PORT",
+        help="use this etcd instead of starting an embedded one",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".tasklane"),
+        help="where the API token (api-token) and the embedded etcd's data are kept "
+        "(default: .tasklane)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address xDS and HTTP listen on")
+    p.add_argument("--xds-port", type=int, default=18000, help="xDS gRPC port (default: 18000)")
+    p.add_argument("--http-port", type=int, default=8080, help="HTTP API port (default: 8080)")
+    p.add_argument(
+        "--etcd-client-port",
+        type=int,
+        default=2379,
+        help="client port of the embedded etcd (default: 2379; ignored with --etcd)",
+    )
+    p.add_argument(
+        "--etcd-peer-port",
+        type=int,
+        default=2380,
+        help="peer port of the embedded etcd (default: 2380; ignored with --etcd)",
+    )
+    p.add_argument(
+        "--actuator",
+        choices=("none", "dry-run", "local", "kubernetes"),
+        default="none",
+        help="what the scaler drives: local `tasklane run` processes (Service spec.run), "
+        "Deployments' scale, or nothing but recorded decisions (default: no scaler)",
+    )
+    p.add_argument(
+        "--scale-period", type=float, default=15.0, help="scaler sync period, s (default: 15)"
+    )
+    p.add_argument(
+        "--scale-down-window",
+        type=float,
+        default=300.0,
+        help="scaler: a group goes down only this long after it went up, s (default: 300)",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=int,
+        default=1,
+        help="local actuator: instances per group parked for fast resume (default: 1)",
+    )
+    p.add_argument(
+        "--namespace", default="default", help="kubernetes actuator: Deployments' namespace"
+    )
+    p.set_defaults(handler=up)
+
+
+def _actuator(args: argparse.Namespace) -> Callable[[ControlPlane], Actuator] | None:
+    """How to make the scaler's actuator once the control plane's API is up."""
+    from controlplane.scaler.actuators.kubernetes import KubernetesActuator  # loads `kubernetes`
+    from controlplane.scaler.actuators.local import LocalActuator
+    from controlplane.scaler.profile import managed_groups
+
+    if args.actuator == "dry-run":
+        return lambda cp: DryRunActuator()
+    if args.actuator == "local":
+        return lambda cp: LocalActuator(
+            f"http://127.0.0.1:{cp.http_port}",
+            lambda: cp.sync.rules,
+            Path(args.state_dir) / "instances",
+            keep_alive=args.keep_alive,
+            api_token=cp.api_token.value,
+        )
+    if args.actuator == "kubernetes":
+        return lambda cp: KubernetesActuator(
+            args.namespace, groups=lambda: managed_groups(cp.sync.rules)
+        )
+    return None
+
+
+def up(args: argparse.Namespace) -> int:
+    """Run the control plane until a signal; exit 0 after a clean stop."""
+    control_plane = ControlPlane(
+        args.state_dir,
+        etcd_endpoint=args.etcd,
+        host=args.host,
+        xds_port=args.xds_port,
+        http_port=args.http_port,
+        etcd_client_port=args.etcd_client_port,
+        etcd_peer_port=args.etcd_peer_port,
+        actuator=_actuator(args),
+        scaler_config=PolicyConfig(
+            sync_period_s=args.scale_period, scale_down_window_s=args.scale_down_window
+        ),
+    )
+    asyncio.run(_run_until_signalled(control_plane))
+    return 0
+
+
+async def _run_until_signalled(control_plane: ControlPlane) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    # Installed before start(): a signal during startup is handled once startup returns.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await control_plane.start()
+        print(ready_line(control_plane) + token_notice(control_plane), flush=True)
+        await stopping.wait()
+        log.info("stopping")
+    finally:
+        await control_plane.stop()
+
+
+def ready_line(control_plane: ControlPlane) -> str:
+    """The one line that tells the user (and scripts waiting on stdout) where everything is."""
+    host = control_plane.host
+    etcd = control_plane.etcd
+    where = f"embedded, data in {etcd.data_dir}" if etcd is not None else "external"
+    return (
+        f"tasklane up: xDS on {host}:{control_plane.xds_port}, "
+        f"HTTP on http://{host}:{control_plane.http_port}, "
+        f"etcd at {control_plane.etcd_endpoint} ({where})"
+    )
+
+
+def token_notice(control_plane: ControlPlane) -> str:
+    """On the start that made the API token: where it is, and on a terminal the token itself,
+    once. Never when stdout is a file or a pipe: that is a log, and logs must not hold it."""
+    token = control_plane.api_token
+    if not token.created:
+        return ""
+    notice = f"\nAPI token written to {token.path}"
+    if sys.stdout.isatty():
+        notice += f"\nAPI token (shown once; writes send it as a Bearer token): {token.value}"
+    return notice
+
+
+def add_demo(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane demo [--duration N]`: the fund-yield chain end to end (demo/scenario.py)."""
+    p = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="run the fund-yield demo: control plane, 12 instances, gateway, task and users",
+        description="Start everything the fund-yield demo needs, fire the task on its cron, "
+        "send online traffic, and print isolation per hop and group. Ctrl-C stops it.",
+    )
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--work-dir", type=Path, help="logs and state (default: a new temp dir)")
+    p.set_defaults(handler=demo)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Exit 0 when no leak was counted, 1 otherwise."""
+    from demo import scenario  # the demo apps are not needed by any other command
+
+    return scenario.run(args.duration, args.work_dir)
