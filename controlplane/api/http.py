@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from controlplane.errors import StoreError
 
@@ -32,6 +34,16 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+# How a malformed request body surfaces while a handler reads it (bad_input tests, issue 6).
+_UNREADABLE = (
+    RecursionError,
+    LookupError,
+    UnicodeDecodeError,
+    HttpProcessingError,
+    RequestPayloadError,
+)
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn aiohttp's HTML/plain-text errors and unexpected exceptions into JSON errors."""
@@ -41,6 +53,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         return error_response(exc.status, exc.reason)
+    except _UNREADABLE as exc:  # the client's body, not our bug: nesting, charset, encoding
+        return error_response(400, f"the request body cannot be read: {type(exc).__name__}")
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal error; see the control plane log")

@@ -41,6 +41,8 @@ _HEADER_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 # W3C baggage-octet: printable ASCII except space, '"', ',', ';' and '\'. A dye value must
 # read the same in the header and in the baggage member.
+# Dyes ride on every request of a task (header and baggage member, which W3C caps at 8 KB).
+MAX_DYE_LENGTH = 256
 _DYE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Set by `tasklane run` for every instance; a Service's own value would be silently replaced.
@@ -405,6 +407,8 @@ def _dye(reader: _Reader, value: object) -> Dye:
             reader.fail(path, f"expected a string, got {describe(item)}")
         if not item:
             reader.fail(path, "must not be empty")
+        if len(item) > MAX_DYE_LENGTH:
+            reader.fail(path, f"{len(item)} characters; a dye is at most {MAX_DYE_LENGTH}")
         if item in seen:
             reader.fail(path, f"duplicate value {quote(item)} (also spec.dye.values[{seen[item]}])")
         seen[item] = index

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -72,9 +73,23 @@ class Instance:
             if isinstance(value, bool) or not isinstance(value, kinds[kind]):
                 raise ValueError(f"instance field {name!r} must be a {kind}, not {value!r}")
         for name in ("id", "service", "group", "host"):
-            if not data[name] or "/" in data[name]:
-                raise ValueError(f"instance field {name!r} must be non-empty and without '/'")
+            value = data[name]
+            if not _NAME.fullmatch(value):
+                raise ValueError(
+                    f"instance field {name!r} must be 1-{MAX_NAME} printable characters "
+                    f"without '/' or spaces, not {value[:40]!r}"
+                )
+        # A port out of range would make every build of the mesh fail (Envoy's uint32 port).
+        for name in ("inbound_port", "app_port", "admin_port", "egress_port"):
+            if not 1 <= data[name] <= 65535:
+                raise ValueError(f"instance field {name!r} must be a port 1-65535")
+        if data["pid"] < 0:
+            raise ValueError("instance field 'pid' must not be negative")
         return cls(**data)
+
+
+MAX_NAME = 253  # a DNS name's length: ids, service and group names, hosts
+_NAME = re.compile(rf"[\x21-\x2e\x30-\x7e]{{1,{MAX_NAME}}}")
 
 
 def instance_key(service: str, group: str, instance_id: str) -> str:
