@@ -168,6 +168,9 @@ def get_rule(store: Store, kind_text: str, name: str) -> dict[str, Any]:
     return to_document(rule)
 
 
+MAX_FILE_NAME = 1024
+
+
 def _apply_request(body: object) -> tuple[list[tuple[str, str]], bool]:
     """The (name, text) files and dryRun flag of an apply request; 400 for any other shape."""
     shape = 'expected {"files": [{"name": "...", "text": "..."}, ...], "dryRun": false}'
@@ -185,7 +188,13 @@ def _apply_request(body: object) -> tuple[list[tuple[str, str]], bool]:
             and isinstance(file["text"], str)
         ):
             raise ApiError(400, f"bad apply request: {shape}")
-        pairs.append((file["name"], file["text"]))
+        name = file["name"]
+        if not name.isprintable() or not 0 < len(name) <= MAX_FILE_NAME:
+            # Every message starts with the file name: it must keep them on one line.
+            raise ApiError(
+                400, f"bad apply request: a file name is 1-{MAX_FILE_NAME} printable characters"
+            )
+        pairs.append((name, file["text"]))
     return pairs, dry_run
 
 
