@@ -8,7 +8,8 @@ What each sidecar of (service S, group G) gets:
 - route config `egress`: one virtual host per destination service D. Chains with a hop on D
   match their dyes in a `VirtualHost.matcher` tree (exact and prefix maps on the dye header:
   lookup cost does not grow with the number of chains, see DESIGN.md), then per chain a
-  regex on the `baggage` member; everything else goes to `D|default`;
+  regex on the `baggage` member behind one cheap `contains <key>` guard; everything else
+  goes to `D|default`;
 - route config `inbound`: on a task group, only dyes of chains that use (S, G) reach the app,
   each with the hop's rate limit; anything else gets 403 and a reason. `default` accepts all.
 
