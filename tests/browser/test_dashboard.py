@@ -32,9 +32,9 @@ from controlplane.scaler.actuators import DryRunActuator
 from controlplane.scaler.policy import PolicyConfig
 from controlplane.xds.client import AdsClient
 from controlplane.xds.types import CLUSTER, LISTENER
-from tests.integration.test_cli_up import TASKLANE
 from tests.integration.test_run import chain_app
 from tests.support.plane import Plane
+from tests.support.up import TASKLANE
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(240)

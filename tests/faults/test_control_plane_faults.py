@@ -25,14 +25,6 @@ import pytest
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.store.etcd import Store
 from tests.fixtures_etcd import start_etcd
-from tests.integration.test_cli_up import (
-    TASKLANE,
-    Up,
-    assert_one_line_error,
-    get_json,
-    start_up,
-    wait_ready,
-)
 from tests.integration.test_run import (
     GOOD,
     NEXT,
@@ -46,6 +38,14 @@ from tests.integration.test_run import (
     stop_run,
 )
 from tests.support.procs import wait_gone
+from tests.support.up import (
+    TASKLANE,
+    Up,
+    assert_one_line_error,
+    get_json,
+    start_up,
+    wait_ready,
+)
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(240)

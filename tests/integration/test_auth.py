@@ -32,15 +32,15 @@ from controlplane.api.proto_gen.tasklane.v1 import task_pb2, task_pb2_grpc
 from controlplane.errors import RuntimeFailure
 from controlplane.store.etcd import Store
 from controlplane.store.registry import Instance
-from tests.integration.test_cli_up import (
-    READY_TIMEOUT,
-    TASKLANE,
-    _ports,
-    assert_one_line_error,
-    start_up,
-)
 from tests.support.plane import Plane as BasePlane
 from tests.support.plane import api_opener
+from tests.support.up import (
+    READY_TIMEOUT,
+    TASKLANE,
+    assert_one_line_error,
+    free_ports,
+    start_up,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "tests" / "rules" / "good" / "fund-yield.yaml"
@@ -436,7 +436,7 @@ def read_terminal(fd: int, proc: subprocess.Popen[bytes], until: str) -> str:
 
 def up_on_terminal(state_dir: Path) -> str:
     """Run `tasklane up` with its stdout on a terminal until ready; what it printed there."""
-    ports = _ports()
+    ports = free_ports()
     controller, terminal = pty.openpty()
     args = [*TASKLANE, "up", "--state-dir", str(state_dir)]
     args += ["--xds-port", str(ports["xds"]), "--http-port", str(ports["http"])]

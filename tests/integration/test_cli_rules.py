@@ -17,11 +17,10 @@ import yaml
 from controlplane.runtime.ports import free_port
 from controlplane.store.etcd import Store
 from controlplane.store.rules import REVISION_KEY, rule_key
-from tests.integration.test_cli_up import (  # running_up: a fixture, used by name
+from tests.support.up import (
     TASKLANE,
     Up,
     assert_one_line_error,
-    running_up,  # noqa: F401
 )
 
 REPO = Path(__file__).resolve().parents[2]

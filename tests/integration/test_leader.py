@@ -20,7 +20,7 @@ from controlplane.store.etcd import Store
 from controlplane.store.leader import DEFAULT_TTL, Leadership
 from controlplane.xds.client import AdsClient
 from controlplane.xds.types import CLUSTER
-from tests.integration.test_cli_up import EXIT_TIMEOUT, Up, get_json, start_up
+from tests.support.up import EXIT_TIMEOUT, Up, get_json, start_up
 
 pytestmark = pytest.mark.timeout(120)
 

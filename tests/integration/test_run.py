@@ -23,16 +23,16 @@ import pytest
 from controlplane.runtime.process import dying_with_parent
 from controlplane.store.etcd import PREFIX, Store
 from controlplane.store.registry import DEFAULT_TTL, Instance, list_instances
-from tests.integration.test_cli_up import (
+from tests.integration.test_sync import cluster_hosts
+from tests.support.procs import wait_gone
+from tests.support.up import (
     TASKLANE,
     Up,
     assert_one_line_error,
     get_json,
     start_up,
-    wait_gone,
     wait_ready,
 )
-from tests.integration.test_sync import cluster_hosts
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
