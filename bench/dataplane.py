@@ -28,7 +28,6 @@ import http.client
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -41,6 +40,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import machine  # bench/ is the script's directory
 
 from controlplane.model.rules import (
     DEFAULT_BAGGAGE_KEY,
@@ -491,17 +492,6 @@ def terminated_on_signal() -> Iterator[None]:
     finally:
         for signum, handler in old.items():
             signal.signal(signum, handler)
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{os.cpu_count()} CPUs, {model}, {platform.platform()}; load average {load}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

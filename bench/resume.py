@@ -22,8 +22,6 @@ import argparse
 import contextlib
 import http.client
 import json
-import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -33,6 +31,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from common import machine  # bench/ is the script's directory
 
 from controlplane.runtime.ports import free_port
 from controlplane.runtime.process import dying_with_parent, stop_process
@@ -224,17 +224,6 @@ def print_table(rows: dict[str, list[float]]) -> None:
     for name, samples in rows.items():
         values = (percentile(samples, 50), percentile(samples, 90), min(samples), max(samples))
         print(f"{name:<{width}} {len(samples):>3} " + " ".join(f"{v * 1000:>7.0f}" for v in values))
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{os.cpu_count()} CPUs, {model}, {platform.platform()}; load average {load}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

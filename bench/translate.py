@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from common import cpu_model, load_average  # bench/ is the script's directory
+
 from controlplane.model.rules import (
     DEFAULT_BAGGAGE_KEY,
     DEFAULT_DYE_HEADER,
@@ -214,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     eps = make_endpoints(rules, args.instances)
     hop_count = sum(len(c.hops) for c in rules.chains.values())
     print(
-        f"machine: {platform.machine()} {_cpu_model()}, {os.cpu_count()} CPUs, load average "
-        f"{_load()}; Python "
+        f"machine: {platform.machine()} {cpu_model()}, {os.cpu_count()} CPUs, load average "
+        f"{load_average()}; Python "
         f"{platform.python_version()}, protobuf {google.protobuf.__version__} "
         f"({api_implementation.Type()})"
     )
@@ -269,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"roles: {len(snapshots)} ({len(snapshots) - 1} service groups + {GATEWAY_ROLE})")
     print(f"resources per role: {per_role} (LDS is static in the sidecar bootstrap)")
     print(f"egress route config: {len(egress.payload) / 1024:.0f} KiB serialised")
-    print(f"peak RSS: {peak_rss_mb():.0f} MiB; load average after: {_load()}")
+    print(f"peak RSS: {peak_rss_mb():.0f} MiB; load average after: {load_average()}")
     print(
         "full builds (s): "
         + ", ".join(f"{t.build:.2f}+{t.publish:.2f}" for t in full)
@@ -297,20 +299,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(profile(lambda e=more: publish(cache, translator.build(rules, e))))
             timed(translator, cache, rules, eps)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from controlplane.store.etcd import Change, Store
 _log = logging.getLogger(__name__)
 
 State = TypeVar("State")
+Value = TypeVar("Value")
 
 RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 2.0
@@ -94,3 +95,22 @@ class Follower(Generic[State]):
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 continue
             return
+
+
+def keyed_fold(
+    decode: Callable[[str, bytes], Value | None],
+) -> Callable[[dict[str, Value], list[Change]], dict[str, Value]]:
+    """The `apply` of a Follower whose state is {key: decoded value}: a put replaces the
+    key's value, a delete (or a value `decode` rejects, as None) removes it."""
+
+    def fold(state: dict[str, Value], batch: list[Change]) -> dict[str, Value]:
+        state = dict(state)
+        for change in batch:
+            value = None if change.value is None else decode(change.key, change.value)
+            if value is None:
+                state.pop(change.key, None)
+            else:
+                state[change.key] = value
+        return state
+
+    return fold

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 from controlplane.errors import StoreError
-from controlplane.store.etcd import PREFIX, Change, Lease, Store
-from controlplane.store.follow import Follower
+from controlplane.store.etcd import PREFIX, Lease, Store
+from controlplane.store.follow import Follower, keyed_fold
 
 INSTANCES = "instances/"
 DEFAULT_TTL = 5
@@ -206,19 +206,12 @@ def watch_instances(store: Store, callback: InstancesCallback) -> Callable[[], N
     a dict of their own. StoreError if etcd does not answer the first read.
     """
     return Follower(
-        store, INSTANCES, _read_by_key, _fold, lambda state, rev: callback(dict(state), rev)
+        store,
+        INSTANCES,
+        _read_by_key,
+        keyed_fold(_decode),
+        lambda state, rev: callback(dict(state), rev),
     ).start()
-
-
-def _fold(instances: dict[str, Instance], batch: list[Change]) -> dict[str, Instance]:
-    instances = dict(instances)
-    for change in batch:
-        instance = None if change.value is None else _decode(change.key, change.value)
-        if instance is None:
-            instances.pop(change.key, None)
-        else:
-            instances[change.key] = instance
-    return instances
 
 
 def _read_by_key(store: Store) -> tuple[dict[str, Instance], int]:

@@ -21,8 +21,8 @@ from dataclasses import asdict, replace
 from controlplane.errors import StoreError, TasklaneError
 from controlplane.model.run import Run
 from controlplane.model.text import quote
-from controlplane.store.etcd import PREFIX, Change, Store
-from controlplane.store.follow import Follower
+from controlplane.store.etcd import PREFIX, Store
+from controlplane.store.follow import Follower, keyed_fold
 from controlplane.store.rules import REVISION_KEY, load_rules
 
 RUNS = "runs/"
@@ -193,7 +193,7 @@ def watch_runs(store: Store, callback: RunsCallback) -> Callable[[], None]:
         store,
         RUNS,
         _read_by_key,
-        _fold,
+        keyed_fold(_decode),
         lambda runs, revision: callback(_sorted(runs.values()), revision),
     ).start()
 
@@ -202,17 +202,6 @@ def _read_by_key(store: Store) -> tuple[dict[str, Run], int]:
     items, revision = store.get_prefix(RUNS)
     decoded = {key: _decode(key, value) for key, value in items.items()}
     return {key: run for key, run in decoded.items() if run is not None}, revision
-
-
-def _fold(runs: dict[str, Run], batch: list[Change]) -> dict[str, Run]:
-    runs = dict(runs)
-    for change in batch:
-        run = None if change.value is None else _decode(change.key, change.value)
-        if run is None:
-            runs.pop(change.key, None)
-        else:
-            runs[change.key] = run
-    return runs
 
 
 def _sorted(runs: Iterable[Run | None]) -> list[Run]:
