@@ -17,10 +17,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.cli.views import render_status, render_top, sync_state
-from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.etcd import EmbeddedEtcd
-from controlplane.runtime.ports import free_port
-from controlplane.xds.names import HEALTH_PATH
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.types import CLUSTER, PUSH_ORDER, ROUTE
 from tests.integration.test_sync import wait_until
@@ -281,29 +278,6 @@ def plane(etcd_server: EmbeddedEtcd) -> Iterator[Plane]:
         running.stop()
 
 
-def sidecar(plane: Plane, work_dir: Path, role: str, delta: bool) -> EnvoyProcess:
-    """A sidecar of `role` (no app behind it: only its config matters), node `<role>|test`."""
-    service, group_name = role.split("|")
-    return EnvoyProcess(
-        node_id=f"{role}|test",
-        service=service,
-        group=group_name,
-        xds_host="127.0.0.1",
-        xds_port=plane.control_plane.xds_port,
-        admin_port=free_port(),
-        delta=delta,
-        work_dir=work_dir,
-        part="sidecar.yaml",
-        part_vars={
-            "egress_port": free_port(),
-            "inbound_host": "127.0.0.1",
-            "inbound_port": free_port(),
-            "app_port": free_port(),
-            "health_path": HEALTH_PATH,
-        },
-    )
-
-
 def reject_a_route(plane: Plane, role: str) -> None:
     """Publish `role` a route config Envoy refuses (a regex that does not compile), straight
     into the cache as the sync would, so that role's sidecars NACK it."""
@@ -343,8 +317,8 @@ def node_states(plane: Plane) -> dict[str, list[str]]:
 def test_status_shows_synced_sidecars_and_the_one_that_nacks(plane: Plane, tmp_path: Path) -> None:
     facade, account = "fund-facade|default", "account-svc|debit"
     with (
-        sidecar(plane, tmp_path / "a", facade, delta=False) as first,
-        sidecar(plane, tmp_path / "b", account, delta=True) as second,
+        plane.sidecar(tmp_path / "a", facade, delta=False) as first,
+        plane.sidecar(tmp_path / "b", account, delta=True) as second,
     ):
         first.wait_ready()
         second.wait_ready()

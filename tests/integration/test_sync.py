@@ -24,7 +24,7 @@ from controlplane.runtime.ports import free_port
 from controlplane.store.etcd import Store
 from controlplane.store.registry import Instance, Registration, register
 from controlplane.store.rules import apply_rules, load_rules
-from controlplane.xds.names import GATEWAY_ROLE, HEALTH_PATH
+from controlplane.xds.names import GATEWAY_ROLE
 from controlplane.xds.snapshot import ResourceMap, Snapshot
 from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.support.plane import Plane as BasePlane
@@ -63,27 +63,9 @@ class Plane(BasePlane):
         parsed = load_files([GOOD]) if text is None else load_text(text, "extra.yaml")
         apply_rules(self.store, validate_apply(current, parsed), current, revision)
 
-    def sidecar(self, tmp_path: Path, role: str = ROLE) -> EnvoyProcess:
-        """A ready Envoy sidecar of `role` (no app behind it: only its config matters)."""
-        service, group = role.split("|")
-        envoy = EnvoyProcess(
-            node_id=f"{role}|test",
-            service=service,
-            group=group,
-            xds_host="127.0.0.1",
-            xds_port=self.control_plane.xds_port,
-            admin_port=free_port(),
-            delta=False,
-            work_dir=tmp_path / "envoy",
-            part="sidecar.yaml",
-            part_vars={
-                "egress_port": free_port(),
-                "inbound_host": "127.0.0.1",
-                "inbound_port": free_port(),
-                "app_port": free_port(),
-                "health_path": HEALTH_PATH,
-            },
-        )
+    def ready_sidecar(self, tmp_path: Path, role: str = ROLE) -> EnvoyProcess:
+        """A started, ready sidecar of `role`."""
+        envoy = self.sidecar(tmp_path / "envoy", role)
         envoy.start()
         envoy.wait_ready()
         return envoy
@@ -109,7 +91,7 @@ def plane(etcd_server: EmbeddedEtcd) -> Iterator[Plane]:  # noqa: F811
 
 @pytest.fixture
 def sidecar(plane: Plane, tmp_path: Path) -> Iterator[EnvoyProcess]:
-    envoy = plane.sidecar(tmp_path)
+    envoy = plane.ready_sidecar(tmp_path)
     try:
         yield envoy
     finally:

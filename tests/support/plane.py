@@ -17,7 +17,10 @@ from typing import Any
 import grpc
 
 from controlplane.app import ControlPlane
+from controlplane.runtime.envoy import EnvoyProcess
+from controlplane.runtime.ports import free_port
 from controlplane.store.etcd import Store
+from controlplane.xds.names import HEALTH_PATH
 
 START_TIMEOUT = 30.0
 
@@ -107,6 +110,29 @@ class Plane:
         """POST /api/v1/apply with {file name: text}."""
         body = {"files": [{"name": n, "text": t} for n, t in files.items()], "dryRun": dry_run}
         return self.request("POST", "/api/v1/apply", body)
+
+    def sidecar(self, work_dir: Path, role: str, delta: bool = False) -> EnvoyProcess:
+        """An Envoy sidecar of `role` fed by this control plane, not started; node id
+        `<role>|test`. No app behind it: only its config matters."""
+        service, group = role.split("|")
+        return EnvoyProcess(
+            node_id=f"{role}|test",
+            service=service,
+            group=group,
+            xds_host="127.0.0.1",
+            xds_port=self.control_plane.xds_port,
+            admin_port=free_port(),
+            delta=delta,
+            work_dir=work_dir,
+            part="sidecar.yaml",
+            part_vars={
+                "egress_port": free_port(),
+                "inbound_host": "127.0.0.1",
+                "inbound_port": free_port(),
+                "app_port": free_port(),
+                "health_path": HEALTH_PATH,
+            },
+        )
 
 
 class _Bearer(grpc.UnaryUnaryClientInterceptor):
