@@ -522,13 +522,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin_port=free_port(),
             delta=False,
             work_dir=work / "sidecar",
-            part="sidecar.yaml",
-            part_vars={
-                "egress_port": egress,
-                "inbound_host": "127.0.0.1",
-                "inbound_port": free_port(),
-                "app_port": free_port(),  # nothing listens: no case goes inbound
-                "health_path": HEALTH_PATH,
+            parts={
+                "sidecar.yaml": {
+                    "egress_port": egress,
+                    "inbound_host": "127.0.0.1",
+                    "inbound_port": free_port(),
+                    "app_port": free_port(),  # nothing listens: no case goes inbound
+                    "health_path": HEALTH_PATH,
+                }
             },
         )
         bench = Bench(ads, backend, sidecar, egress, load, args)

@@ -77,8 +77,8 @@ class ChainApp:
             conn.request("GET", path, headers=propagation.inject({"Host": service}))
             resp = conn.getresponse()
             body = resp.read().decode(errors="replace")
-        except OSError as exc:
-            return 502, {"error": f"cannot reach the egress listener: {exc}"}
+        except (OSError, http.client.HTTPException) as exc:  # e.g. an answer cut short
+            return 502, {"error": f"no answer through the egress listener: {exc!r}"}
         finally:
             conn.close()
         try:

@@ -194,7 +194,8 @@ def _read(path: Path) -> str | None:
             f"{path} holds no API token (empty, or not one printable word): "
             "delete it and a new one is made at the next start"
         )
-    if path.stat().st_mode & 0o077:
+    # Group read is allowed: it is how Kubernetes hands a secret to a non-root pod (fsGroup).
+    if path.stat().st_mode & 0o037:
         log.warning("%s can be read by other users: chmod 600 it", path)
     return token
 

@@ -72,6 +72,11 @@ def build_app(control_plane: ControlPlane) -> web.Application:
             return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
         return web.json_response({"status": "ok"})
 
+    async def livez(request: web.Request) -> web.Response:
+        """200 while the process serves, etcd or not: a liveness probe restarting replicas
+        when etcd is down would only cut every sidecar's xDS stream."""
+        return web.json_response({"status": "ok"})
+
     async def status(request: web.Request) -> web.Response:
         """What the control plane serves and to whom: `tasklane status` and the dashboard."""
         return web.json_response(
@@ -80,7 +85,7 @@ def build_app(control_plane: ControlPlane) -> web.Application:
                     "endpoint": control_plane.etcd_endpoint,
                     "embedded": control_plane.etcd is not None,
                 },
-                "xds": {"address": f"{control_plane.host}:{control_plane.xds_port}"},
+                "xds": control_plane.xds_status(),
                 "roles": control_plane.cache.roles(),
                 "nodes": [node.to_json() for node in control_plane.status.nodes()],
                 "sync": control_plane.sync.status(),
@@ -90,5 +95,6 @@ def build_app(control_plane: ControlPlane) -> web.Application:
         )
 
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/api/v1/status", status)
     return app

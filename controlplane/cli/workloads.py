@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 from pathlib import Path
 
+from controlplane import pki
 from controlplane.cli.client import (
     api_token,
     call,
@@ -14,6 +16,24 @@ from controlplane.cli.client import (
 from controlplane.errors import TasklaneError
 from controlplane.runtime.gateway import GatewayOptions, run_gateway
 from controlplane.runtime.sidecar import RunOptions, run_instance
+
+
+def add_tls_dir(parser: argparse.ArgumentParser) -> None:
+    """--tls-dir, for the commands whose Envoy connects to the control plane's xDS port."""
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        default=os.environ.get(pki.TLS_DIR_ENV),
+        help="connect to xDS over TLS with DIR's client certificate, as a control plane "
+        f"started with `tasklane up --tls-dir` requires (default: ${pki.TLS_DIR_ENV})",
+    )
+
+
+def client_tls(args: argparse.Namespace) -> pki.TlsFiles | None:
+    """The --tls-dir files, checked before anything starts; None without --tls-dir."""
+    return None if args.tls_dir is None else pki.client_files(args.tls_dir)
+
 
 # --- tasklane run: an app as an instance, behind an Envoy sidecar -------------------------
 
@@ -40,6 +60,7 @@ def add_run(commands: argparse._SubParsersAction, common: argparse.ArgumentParse
         "instance at (default: 127.0.0.1)",
     )
     p.add_argument("--delta", action="store_true", help="use incremental (delta) xDS")
+    add_tls_dir(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     p.set_defaults(handler=run)
 
@@ -56,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         delta=args.delta,
+        tls=client_tls(args),
     )
     # Read before anything starts: registering is a write.
     return run_instance(options, functools.partial(call, args.server, token=api_token(args)))
@@ -104,6 +126,7 @@ def add_gateway(commands: argparse._SubParsersAction, common: argparse.ArgumentP
         default=Path(".tasklane"),
         help="where the gateway's Envoy keeps its bootstrap and log (default: .tasklane)",
     )
+    add_tls_dir(p)
     p.set_defaults(handler=gateway)
 
 
@@ -118,5 +141,6 @@ def gateway(args: argparse.Namespace) -> int:
         delta=args.delta,
         admin_port=args.admin_port,
         state_dir=args.state_dir,
+        tls=client_tls(args),
     )
     return run_gateway(options, functools.partial(call, args.server))

@@ -48,6 +48,28 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Set by `tasklane run` for every instance; a Service's own value would be silently replaced.
 _RUN_ENV_RESERVED = frozenset({"PORT", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"})
 _RUN_ENV_RESERVED_PREFIX = "TASKLANE_"
+# Retries: what Envoy may retry on (its `retry_on` names), how often, and a status code range.
+# A number in `retryOn` is a status code (Envoy's `retriable-status-codes`).
+RETRY_ON = (
+    "connect-failure",
+    "refused-stream",
+    "reset",
+    "reset-before-request",
+    "gateway-error",
+    "5xx",
+    "retriable-4xx",
+    # gRPC status names, for grpc services (the grpc-status of the answer)
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+)
+# Safe for any request: the request never reached the app, or the connection broke under it.
+DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "reset")
+MAX_RETRY_ATTEMPTS = 10
+MAX_PER_TRY_TIMEOUT_MS = 3_600_000
+_MILLIS = re.compile(r"(\d+(?:\.\d+)?)(ms|s)")
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,17 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class Retries:
+    """How a caller's sidecar retries a request that failed on one instance: up to `attempts`
+    more tries, each on another instance when there is one, for the listed conditions."""
+
+    attempts: int  # retries after the first try; 0 turns retries off
+    retry_on: tuple[str, ...]  # names from RETRY_ON, as written
+    status_codes: tuple[int, ...] = ()  # answers retried by their status code
+    per_try_timeout_ms: int | None = None  # None: only the route's own timeout
+
+
+@dataclass(frozen=True)
 class Service:
     """An application; its `default` group serves online traffic, the others task traffic."""
 
@@ -78,6 +111,8 @@ class Service:
     protocol: str
     groups: tuple[Group, ...]
     run: RunSpec | None = None  # None: instances are started by hand or by Kubernetes
+    # Every request to this service (online, and dyed ones whose hop sets none); None: no retry.
+    retries: Retries | None = None
 
     def group(self, name: str) -> Group | None:
         """The group called `name`, or None: hops name groups that may not exist."""
@@ -110,6 +145,7 @@ class Hop:
     group: str
     weight: int
     rate_limit: RateLimit | None
+    retries: Retries | None = None  # None: the service's own (if any) apply
 
 
 @dataclass(frozen=True)
@@ -221,6 +257,8 @@ def _spec_document(rule: Rule) -> dict[str, Any]:
         }
         if rule.run is not None:
             document["run"] = {"command": list(rule.run.command), "env": dict(rule.run.env)}
+        if rule.retries is not None:
+            document["retries"] = _retries_document(rule.retries)
         return document
     if isinstance(rule, TaskChain):
         return {
@@ -249,7 +287,39 @@ def _hop_document(hop: Hop) -> dict[str, Any]:
             "requestsPerSecond": int(rate) if rate.is_integer() else rate,
             "burst": hop.rate_limit.burst,
         }
+    if hop.retries is not None:
+        document["retries"] = _retries_document(hop.retries)
     return document
+
+
+def _retries_document(retries: Retries) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "attempts": retries.attempts,
+        "retryOn": [*retries.retry_on, *retries.status_codes],
+    }
+    if retries.per_try_timeout_ms is not None:
+        document["perTryTimeout"] = format_millis(retries.per_try_timeout_ms)
+    return document
+
+
+def format_millis(millis: int) -> str:
+    """1000 -> "1s", 1500 -> "1500ms": the text `parse_millis` reads back to the same value."""
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
+
+
+def parse_millis(text: str) -> int:
+    """Text like "250ms", "1s" or "1.5s" to whole milliseconds; RuleError otherwise (retries need
+    less than the whole seconds `parse_duration` reads)."""
+    match = _MILLIS.fullmatch(text)
+    if match is None:
+        raise RuleError(f"{quote(text)} is not a duration (expected e.g. 250ms, 1s, 1.5s)")
+    number, unit = match.groups()
+    if len(number) > 12:
+        raise RuleError(f"{quote(text)} is too long")
+    scaled = float(number) * (1000 if unit == "s" else 1)
+    if scaled != int(scaled):
+        raise RuleError(f"{quote(text)} is not a whole number of milliseconds")
+    return int(scaled)
 
 
 def from_document(doc: object, where: str) -> Rule:
@@ -295,7 +365,7 @@ def _label(doc: object) -> str:
 
 
 def _service(reader: _Reader, name: str, spec: object) -> Service:
-    fields = reader.fields(spec, "spec", ("protocol", "groups", "run"))
+    fields = reader.fields(spec, "spec", ("protocol", "groups", "run", "retries"))
     protocol = reader.choice(fields, "spec", "protocol", PROTOCOLS, "http")
     groups: list[Group] = []
     seen: dict[str, int] = {}
@@ -317,7 +387,8 @@ def _service(reader: _Reader, name: str, spec: object) -> Service:
     default = [g for g in groups if g.name == DEFAULT_GROUP] or [Group(DEFAULT_GROUP, 1, 1)]
     rest = [g for g in groups if g.name != DEFAULT_GROUP]
     run = _run(reader, fields["run"]) if "run" in fields else None
-    return Service(name=name, protocol=protocol, groups=(*default, *rest), run=run)
+    retries = _retries(reader, fields["retries"], "spec.retries") if "retries" in fields else None
+    return Service(name=name, protocol=protocol, groups=(*default, *rest), run=run, retries=retries)
 
 
 def _run(reader: _Reader, value: object) -> RunSpec:
@@ -367,7 +438,7 @@ def _chain(reader: _Reader, name: str, spec: object) -> TaskChain:
     seen: dict[str, int] = {}
     for index, item in enumerate(hop_items):
         path = f"spec.hops[{index}]"
-        hop = reader.fields(item, path, ("service", "group", "weight", "rateLimit"))
+        hop = reader.fields(item, path, ("service", "group", "weight", "rateLimit", "retries"))
         service = reader.name(hop, path, "service", "service name")
         if service in seen:
             reader.fail(
@@ -380,7 +451,10 @@ def _chain(reader: _Reader, name: str, spec: object) -> TaskChain:
         rate_limit = None
         if "rateLimit" in hop:
             rate_limit = _rate_limit(reader, hop["rateLimit"], f"{path}.rateLimit")
-        hops.append(Hop(service=service, group=group, weight=weight, rate_limit=rate_limit))
+        retries = _retries(reader, hop["retries"], f"{path}.retries") if "retries" in hop else None
+        hops.append(
+            Hop(service=service, group=group, weight=weight, rate_limit=rate_limit, retries=retries)
+        )
     return TaskChain(name=name, dye=dye, fallback=fallback, hops=tuple(hops))
 
 
@@ -441,6 +515,53 @@ def _rate_limit(reader: _Reader, value: object, path: str) -> RateLimit:
     if burst > MAX_BURST:
         reader.fail(f"{path}.burst", f"must be at most {MAX_BURST}, got {_shown(burst)}")
     return RateLimit(requests_per_second=float(rate), burst=burst)
+
+
+def _retries(reader: _Reader, value: object, path: str) -> Retries:
+    """`{attempts: 2, retryOn: [connect-failure, reset, 503], perTryTimeout: 1s}`; the one
+    reader of both a Service's and a hop's retries."""
+    if isinstance(value, dict) and True in value:  # YAML 1.1 reads a bare `on:` key as true
+        reader.fail(f"{path}.on", "read as the boolean true by YAML; the field is retryOn")
+    fields = reader.fields(value, path, ("attempts", "retryOn", "perTryTimeout"))
+    attempts = reader.integer(fields, path, "attempts", high=MAX_RETRY_ATTEMPTS)
+    items = reader.items(fields, path, "retryOn", list(DEFAULT_RETRY_ON))
+    if not items:
+        reader.fail(f"{path}.retryOn", "at least one condition is required")
+    conditions: list[str] = []
+    codes: list[int] = []
+    seen: dict[object, int] = {}
+    for index, item in enumerate(items):
+        where = f"{path}.retryOn[{index}]"
+        if isinstance(item, bool) or not isinstance(item, str | int):
+            reader.fail(where, f"expected a condition or a status code, got {describe(item)}")
+        if item in seen:
+            reader.fail(where, f"duplicate {quote(str(item))} (also {path}.retryOn[{seen[item]}])")
+        seen[item] = index
+        if isinstance(item, int):
+            if not 400 <= item <= 599:
+                reader.fail(where, f"a status code to retry must be 400-599, got {_shown(item)}")
+            codes.append(item)
+        elif item not in RETRY_ON:
+            reader.fail(
+                where, f"{quote(item)} is not one of: {', '.join(RETRY_ON)}, or a status code"
+            )
+        else:
+            conditions.append(item)
+    per_try = None
+    if "perTryTimeout" in fields:
+        text = reader.string(fields, path, "perTryTimeout")
+        try:
+            per_try = parse_millis(text)
+        except RuleError as error:
+            reader.fail(f"{path}.perTryTimeout", str(error))
+        if not 1 <= per_try <= MAX_PER_TRY_TIMEOUT_MS:
+            reader.fail(f"{path}.perTryTimeout", f"must be between 1ms and 1h, got {quote(text)}")
+    return Retries(
+        attempts=attempts,
+        retry_on=tuple(conditions),
+        status_codes=tuple(codes),
+        per_try_timeout_ms=per_try,
+    )
 
 
 def _task(reader: _Reader, name: str, spec: object) -> ScheduledTask:

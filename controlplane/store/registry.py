@@ -7,6 +7,7 @@ instead of receiving traffic forever. Callers learn the instances from `watch_in
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -38,6 +39,7 @@ class Instance:
     group: str
     host: str
     inbound_port: int  # the registered address: the sidecar's inbound listener
+    # 0 when not known: an instance its sidecar announced (announce.py) has no `tasklane run`.
     app_port: int
     admin_port: int
     egress_port: int
@@ -80,9 +82,18 @@ class Instance:
                     f"without '/' or spaces, not {value[:40]!r}"
                 )
         # A port out of range would make every build of the mesh fail (Envoy's uint32 port).
-        for name in ("inbound_port", "app_port", "admin_port", "egress_port"):
-            if not 1 <= data[name] <= 65535:
-                raise ValueError(f"instance field {name!r} must be a port 1-65535")
+        # Envoy takes only IP literals as EDS endpoints: a name would be NACKed by every caller.
+        try:
+            ipaddress.ip_address(data["host"])
+        except ValueError:
+            raise ValueError(
+                f"instance field 'host' must be an IP address, not {data['host'][:40]!r}"
+            ) from None
+        if not 1 <= data["inbound_port"] <= 65535:
+            raise ValueError("instance field 'inbound_port' must be a port 1-65535")
+        for name in ("app_port", "admin_port", "egress_port"):
+            if not 0 <= data[name] <= 65535:
+                raise ValueError(f"instance field {name!r} must be a port 1-65535, or 0")
         if data["pid"] < 0:
             raise ValueError("instance field 'pid' must not be negative")
         return cls(**data)
@@ -160,12 +171,22 @@ class Registration:
                 _log.info("renewing %s again", self.instance.key)
             failing = False
 
-    def close(self) -> None:
-        """Stop renewing and revoke the lease, which deletes the instance. Safe to call twice;
-        StoreError if etcd does not answer (the instance then expires after the TTL)."""
+    def _stop_renewing(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def abandon(self) -> None:
+        """Stop renewing but leave the instance to expire one TTL later (its owner may
+        register it again elsewhere meanwhile, under the same key)."""
+        self._stop_renewing()
+        with self._lock:
+            self._closed = True
+
+    def close(self) -> None:
+        """Stop renewing and revoke the lease, which deletes the instance. Safe to call twice;
+        StoreError if etcd does not answer (the instance then expires after the TTL)."""
+        self._stop_renewing()
         with self._lock:
             if self._closed:
                 return

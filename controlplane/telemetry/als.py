@@ -24,13 +24,13 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
 from controlplane.telemetry.accounting import LogEntry
+from controlplane.xds.names import META_GROUP, META_SERVICE
 
 log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 DIRECTION_TAG = "tasklane.direction"
 DYE_HEADER, BAGGAGE, REQUEST_ID = "x-task-dye", "baggage", "x-request-id"
-META_SERVICE, META_GROUP = "tasklane.service", "tasklane.group"
 
 # ResponseFlags field -> Envoy's short code (%RESPONSE_FLAGS%), as the docs and `tasklane top`
 # name them. Fields missing here are new in Envoy and shown by their proto name.

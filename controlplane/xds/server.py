@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from . import wire
 from .cache import SnapshotCache
+from .names import META_GROUP, META_SERVICE
 from .status import NodeStatus, StatusBoard
 from .stream import Push, StreamState
 from .types import MESSAGE_CLASS, SHORT_NAME
@@ -28,9 +29,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 DEFAULT_GROUP = "default"
-# Node metadata keys a sidecar uses to say which (service, group) it serves.
-META_SERVICE = "tasklane.service"
-META_GROUP = "tasklane.group"
 # A response the client has not taken off the wire after this long is logged: the stream's
 # writer waits for it, and later versions are coalesced (never queued) meanwhile.
 SLOW_WRITE_SECONDS = 10.0
@@ -58,6 +56,12 @@ class Observer:
     """Synchronous hooks on stream events (go-control-plane's callbacks): metrics, benchmarks
     and tests subclass it. Called on the event loop; must not block."""
 
+    def opened(self, node: NodeStatus, identity: base_pb2.Node) -> None:
+        """A stream began; `identity` is the node its first request carried."""
+
+    def closed(self, node: NodeStatus) -> None:
+        """The stream of `node` ended."""
+
     def pushed(self, node: NodeStatus, push: Push) -> None:
         """A response was written to the node's stream."""
 
@@ -66,6 +70,33 @@ class Observer:
 
     def nacked(self, node: NodeStatus, type_url: str, version: str, message: str) -> None:
         """The node rejected the last response of this type."""
+
+
+class Observers(Observer):
+    """Several observers as one: each hook is called on each, in order."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def opened(self, node: NodeStatus, identity: base_pb2.Node) -> None:
+        for observer in self.observers:
+            observer.opened(node, identity)
+
+    def closed(self, node: NodeStatus) -> None:
+        for observer in self.observers:
+            observer.closed(node)
+
+    def pushed(self, node: NodeStatus, push: Push) -> None:
+        for observer in self.observers:
+            observer.pushed(node, push)
+
+    def acked(self, node: NodeStatus, type_url: str, version: str) -> None:
+        for observer in self.observers:
+            observer.acked(node, type_url, version)
+
+    def nacked(self, node: NodeStatus, type_url: str, version: str, message: str) -> None:
+        for observer in self.observers:
+            observer.nacked(node, type_url, version, message)
 
 
 class _Stream:
@@ -107,6 +138,7 @@ class _Stream:
         cache, board = self.server.cache, self.server.status
         self.status = board.connect(first.node.id, self.role, "delta" if self.delta else "sotw")
         cache.watch(self.role, self)
+        self.server.observer.opened(self.status, first.node)
         reader = asyncio.create_task(self._read(first, requests))
         try:
             await self._write_loop()
@@ -114,6 +146,7 @@ class _Stream:
             reader.cancel()
             cache.unwatch(self.role, self)
             board.disconnect(self.status)
+            self.server.observer.closed(self.status)
             log.info("stream closed: node %s (%s)", first.node.id, self.role)
         if self.unreadable:
             await self.context.abort(
@@ -312,10 +345,14 @@ class AdsServer:
 
 
 async def serve(
-    ads: AdsServer, address: str, extra_handlers: tuple = ()
+    ads: AdsServer,
+    address: str,
+    extra_handlers: tuple = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server for ADS (and any extra handlers) on address ("host:port";
-    port 0 picks a free one). Returns the server and the bound port."""
+    port 0 picks a free one), over TLS with `credentials`, else plaintext. Returns the
+    server and the bound port."""
     server = grpc.aio.server(
         options=[
             ("grpc.keepalive_time_ms", 30_000),
@@ -332,7 +369,10 @@ async def serve(
         ]
     )
     server.add_generic_rpc_handlers((ads.handler(), *extra_handlers))
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()

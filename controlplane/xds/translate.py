@@ -9,7 +9,8 @@ What each sidecar of (service S, group G) gets:
   match their dyes in a `VirtualHost.matcher` tree (exact and prefix maps on the dye header:
   lookup cost does not grow with the number of chains, see DESIGN.md), then per chain a
   regex on the `baggage` member behind one cheap `contains <key>` guard; everything else
-  goes to `D|default`;
+  goes to `D|default`. A route retries as its hop says (`retries`), else as the Service
+  says; a retry goes to another instance when there is one (`previous_hosts`);
 - route config `inbound`: on a task group, only dyes of chains that use (S, G) reach the app,
   each with the hop's rate limit; anything else gets 403 and a reason. `default` accepts all.
 
@@ -26,13 +27,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.config.route.v3 import route_pb2 as route_config_pb2
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_pb2
 from envoy.type.matcher.v3 import http_inputs_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
@@ -40,7 +42,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2, regex_pb2, string_pb2
 
-from controlplane.model.rules import DEFAULT_GROUP, Hop, RuleSet, Service, TaskChain
+from controlplane.model.rules import DEFAULT_GROUP, Hop, Retries, RuleSet, Service, TaskChain
 
 from . import wire
 from .names import (
@@ -62,6 +64,13 @@ Address = tuple[str, int]
 Endpoints = Mapping[tuple[str, str], Sequence[Address]]
 
 _HEALTH_INTERVAL_S = 1
+# Retries in flight per cluster: a share of its active requests, and at least this many.
+# Envoy's default is a fixed 3, so an instance dying under load (every request in flight to it
+# needing a retry at once) overflows it and fails requests that a retry would have saved.
+_RETRY_BUDGET_PERCENT = 25.0
+_MIN_RETRY_CONCURRENCY = 32
+# How often a retry may pick a host again when the pick is one it already tried.
+_HOST_SELECTION_ATTEMPTS = 5
 T = TypeVar("T")
 _EMPTY = ResourceMap()
 
@@ -106,6 +115,16 @@ def _protocol_options() -> dict[str, any_pb2.Any]:
     return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(options)}
 
 
+def _retry_budget() -> circuit_breaker_pb2.CircuitBreakers:
+    budget = circuit_breaker_pb2.CircuitBreakers.Thresholds.RetryBudget(
+        budget_percent=percent_pb2.Percent(value=_RETRY_BUDGET_PERCENT),
+        min_retry_concurrency=wrappers_pb2.UInt32Value(value=_MIN_RETRY_CONCURRENCY),
+    )
+    return circuit_breaker_pb2.CircuitBreakers(
+        thresholds=[circuit_breaker_pb2.CircuitBreakers.Thresholds(retry_budget=budget)]
+    )
+
+
 def group_cluster(service: str, group: str) -> cluster_pb2.Cluster:
     """The EDS cluster of (service, group), health-checked through each instance's sidecar."""
     return cluster_pb2.Cluster(
@@ -137,6 +156,7 @@ def group_cluster(service: str, group: str) -> cluster_pb2.Cluster:
             )
         ],
         typed_extension_protocol_options=_protocol_options(),
+        circuit_breakers=_retry_budget(),
     )
 
 
@@ -152,6 +172,7 @@ def loose_cluster(service: str, group: str) -> cluster_pb2.Cluster:
         cluster_type=cluster_pb2.Cluster.CustomClusterType(
             name="envoy.clusters.aggregate", typed_config=_any(config)
         ),
+        circuit_breakers=_retry_budget(),  # a route's retries count against its own cluster
     )
 
 
@@ -267,6 +288,43 @@ def _route(name: str, action: route_pb2.RouteAction | None = None, **fields) -> 
     return route
 
 
+def retry_policy(retries: Retries) -> route_pb2.RetryPolicy:
+    """Envoy's retry policy for `retries`: each retry on a host not tried yet when the
+    cluster has one (a hard-killed instance is skipped at once, not tried again)."""
+    retry_on = list(retries.retry_on)
+    if retries.status_codes:
+        retry_on.append("retriable-status-codes")
+    policy = route_pb2.RetryPolicy(
+        retry_on=",".join(retry_on),
+        num_retries=wrappers_pb2.UInt32Value(value=retries.attempts),
+        retriable_status_codes=retries.status_codes,
+        host_selection_retry_max_attempts=_HOST_SELECTION_ATTEMPTS,
+        retry_host_predicate=[
+            route_pb2.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=_any(previous_hosts_pb2.PreviousHostsPredicate()),
+            )
+        ],
+    )
+    if retries.per_try_timeout_ms is not None:
+        policy.per_try_timeout.CopyFrom(_duration(retries.per_try_timeout_ms / 1000))
+    return policy
+
+
+def route_retries(service: Service, hop: Hop | None = None) -> Retries | None:
+    """What a route to `service` retries by: its hop's retries, else the Service's. The one
+    place that decides it, for online and dyed routes alike."""
+    if hop is not None and hop.retries is not None:
+        return hop.retries
+    return service.retries
+
+
+def _with_retries(action: route_pb2.RouteAction, retries: Retries | None) -> route_pb2.RouteAction:
+    if retries is not None and retries.attempts > 0:
+        action.retry_policy.CopyFrom(retry_policy(retries))
+    return action
+
+
 def _hop_action(service: Service, entry: ChainHop) -> route_pb2.RouteAction:
     hop, default = entry.hop, cluster_name(service.name, DEFAULT_GROUP)
     target = (
@@ -286,7 +344,7 @@ def _hop_action(service: Service, entry: ChainHop) -> route_pb2.RouteAction:
         action.weighted_clusters.clusters.add(
             name=default, weight=wrappers_pb2.UInt32Value(value=100 - hop.weight)
         )
-    return action
+    return _with_retries(action, route_retries(service, hop))
 
 
 def _action(service: Service) -> route_pb2.RouteAction:
@@ -296,7 +354,7 @@ def _action(service: Service) -> route_pb2.RouteAction:
 
 def egress_virtual_host(service: Service, hops: Sequence[ChainHop]) -> route_pb2.VirtualHost:
     """How every sidecar reaches `service`: by `Host: <service>` or as an HTTP proxy."""
-    online = _route("online", _action(service))
+    online = _route("online", _with_retries(_action(service), route_retries(service)))
     online.route.cluster = cluster_name(service.name, DEFAULT_GROUP)
     host = route_pb2.VirtualHost(name=service.name, domains=[service.name, f"{service.name}:*"])
     if not hops:

@@ -32,7 +32,7 @@ from controlplane.scaler.actuators import DryRunActuator
 from controlplane.scaler.policy import PolicyConfig
 from controlplane.xds.client import AdsClient
 from controlplane.xds.types import CLUSTER, LISTENER
-from tests.integration.test_run import chain_app
+from tests.support.chain import chain_app
 from tests.support.plane import Plane
 from tests.support.up import TASKLANE
 from tests.support.wait import wait_until

@@ -2,33 +2,37 @@
 
 A `tasklane up` on an external etcd (so each can be SIGKILLed alone), the fund-yield rules,
 and one `tasklane run` of demo.chain_app per group of fund-facade -> account-svc ->
-nav-pricing (default and task) behind real Envoys. A few threads send dyed and online
-requests through one sidecar's egress to fund-facade the whole time; every answer lists the
-hops that served it, so a failed request and a leak (an online request served by a task
-group at any hop, or a dyed one served outside the task group) are counted from what really
-happened."""
+nav-pricing (default and task) behind real Envoys. Twenty threads on keep-alive connections
+send dyed and online requests (about 150/s in all) through one sidecar's egress to
+fund-facade the whole time; every answer lists the hops that served it, so a failed request
+and a leak (an online request served by a task group at any hop, or a dyed one served outside
+the task group) are counted from what really happened."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.store.etcd import Store
+from controlplane.store.registry import DEFAULT_TTL
 from tests.fixtures_etcd import start_etcd
-from tests.integration.test_run import (
+from tests.support.chain import (
+    DYE,
     GOOD,
     NEXT,
+    ONLINE,
     STOP_TIMEOUT,
+    TASK,
+    Load,
     Plane,
     Run,
     chain_app,
@@ -51,75 +55,9 @@ from tests.support.wait import wait_until
 pytestmark = pytest.mark.timeout(240)
 
 GROUPS = ("default", "task")
-TASK = [(service, "task") for service in NEXT]
-ONLINE = [(service, "default") for service in NEXT]
-DYE = {"x-task-dye": "fund-yield"}
 XDS_TYPES = ("cds", "eds", "rds", "lds")
-THREADS = 6
-PAUSE = 0.02  # per thread between requests: about 50-100 requests/s in all
 RESYNC_LIMIT = 5.0
 RULE_KINDS = ("Service", "TaskChain", "ScheduledTask")
-
-
-@dataclass
-class Load:
-    """Steady mixed load through one sidecar's egress; counts sent, failed and leaked."""
-
-    egress: int
-    sent: int = 0
-    failed: int = 0
-    leaked: int = 0
-    samples: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _threads: list[threading.Thread] = field(default_factory=list)
-    _started: float = 0.0
-    seconds: float = 0.0
-
-    def _send(self, dyed: bool) -> None:
-        try:
-            status, answer = get(self.egress, "fund-facade", DYE if dyed else {})
-        except OSError as exc:
-            status, answer = -1, {"error": repr(exc)}
-        served = hops(answer)
-        failed = status != 200
-        leaked = not failed and any((group == "task") != dyed for _, group in served)
-        with self._lock:
-            self.sent += 1
-            self.failed += failed
-            self.leaked += leaked
-            if (failed or leaked) and len(self.samples) < 5:
-                self.samples.append(f"dyed={dyed} {status} {answer}")
-
-    def _loop(self, first_dyed: bool) -> None:
-        dyed = first_dyed
-        while not self._stop.is_set():
-            self._send(dyed)
-            dyed = not dyed
-            time.sleep(PAUSE)
-
-    def __enter__(self) -> Load:
-        self._threads = [
-            threading.Thread(target=self._loop, args=(n % 2 == 0,), daemon=True)
-            for n in range(THREADS)
-        ]
-        self._started = time.monotonic()
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=15)
-        self.seconds = time.monotonic() - self._started
-
-    def report(self) -> str:
-        rate = self.sent / self.seconds if self.seconds else 0.0
-        return (
-            f"sent {self.sent} in {self.seconds:.1f}s ({rate:.0f}/s), failed {self.failed}, "
-            f"leaked {self.leaked} {self.samples}"
-        )
 
 
 @dataclass
@@ -258,11 +196,21 @@ def test_control_plane_sigkill_then_restart(chain: Chain) -> None:
     with Load(chain.egress) as load:
         wait_until(lambda: load.sent >= 50, timeout=10, what="load flows")
         chain.plane.up.proc.kill()
+        killed = time.monotonic()
         chain.plane.up.proc.wait(timeout=STOP_TIMEOUT)
-        time.sleep(2)  # traffic on the sidecars' last config alone
+        # Traffic on the sidecars' last config alone, until the instances' leases (renewed
+        # through the control plane) have expired: the restarted control plane must let the
+        # runs register again before it serves a snapshot, or every endpoint would leave.
+        wait_until(
+            lambda: not chain.plane.instance_keys(),
+            timeout=DEFAULT_TTL + 5,
+            what="the instances' leases expire",
+        )
+        load.wait_sent(50)
         down = load.sent
         chain.restart_up()
         restarted = time.monotonic()
+        downtime = restarted - killed
         wait_until(chain.in_sync, timeout=15, what="every sidecar in sync again")
         resync = time.monotonic() - restarted
         wait_until(
@@ -271,7 +219,10 @@ def test_control_plane_sigkill_then_restart(chain: Chain) -> None:
             what="every run registered again with the new control plane",
         )
         time.sleep(1)
-    print(f"\ncontrol plane SIGKILL: {load.report()}; resync {resync:.2f}s")
+    print(
+        f"\ncontrol plane SIGKILL: {load.report()}; down {downtime:.2f}s (kill to ready), "
+        f"resync {resync:.2f}s"
+    )
     assert down > 0
     assert (load.failed, load.leaked) == (0, 0), load.report()
     assert resync <= RESYNC_LIMIT, f"sidecars back in sync after {resync:.2f}s"

@@ -21,10 +21,10 @@ from controlplane.model import RuleSet, apply, load_files
 from controlplane.scaler.actuators import DryRunActuator, GroupReplicas
 from controlplane.scaler.actuators.local import LocalActuator
 from controlplane.scaler.policy import Decision
-from tests.integration.test_run import children_of
-from tests.integration.test_sync import wait_until
+from tests.support.chain import children_of
 from tests.support.procs import wait_gone
 from tests.support.up import TASKLANE, Up, get_json, start_up
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -98,6 +98,7 @@ def test_external_etcd_is_used_and_its_loss_reported(
         assert status == 503
         assert body["status"] == "unavailable"
         assert etcd_server.endpoint in body["error"]
+        assert get_json(up.url("/livez")) == (200, {"status": "ok"})  # alive all the same
 
         up.proc.send_signal(signal.SIGTERM)
         assert up.proc.wait(timeout=EXIT_TIMEOUT) == 0

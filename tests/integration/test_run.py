@@ -5,12 +5,10 @@ killed hard) leaves etcd and its callers' endpoints, and leaves no process behin
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,27 +18,30 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.runtime.process import dying_with_parent
-from controlplane.store.etcd import PREFIX, Store
-from controlplane.store.registry import DEFAULT_TTL, Instance, list_instances
-from tests.integration.test_sync import cluster_hosts
+from controlplane.store.etcd import Store
+from controlplane.store.registry import DEFAULT_TTL
+from tests.support.chain import (
+    GOOD,
+    NEXT,
+    STOP_TIMEOUT,
+    Plane,
+    Run,
+    chain_app,
+    children_of,
+    cluster_hosts,
+    get,
+    hops,
+    stop_run,
+)
 from tests.support.procs import wait_gone
 from tests.support.up import (
-    TASKLANE,
-    Up,
     assert_one_line_error,
     get_json,
     start_up,
-    wait_ready,
 )
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
-
-REPO = Path(__file__).resolve().parents[2]
-GOOD = REPO / "tests" / "rules" / "good" / "fund-yield.yaml"
-NEXT = {"fund-facade": "account-svc", "account-svc": "nav-pricing", "nav-pricing": None}
-STOP_TIMEOUT = 15.0
 
 # A minimal app for the stop tests: records the environment `tasklane run` gave it, accepts
 # connections on $PORT, exits 7 on SIGTERM and 3 by itself once the file argv[1] exists.
@@ -58,134 +59,6 @@ while not os.path.exists(sys.argv[1]):
         pass
 sys.exit(3)
 """
-
-
-@dataclass
-class Run:
-    """One `tasklane run` process and, once registered, its instance."""
-
-    proc: subprocess.Popen[bytes]
-    service: str
-    group: str
-    err: Path
-    instance: Instance | None = None
-
-    def stderr(self) -> str:
-        return self.err.read_text()
-
-
-@dataclass
-class Plane:
-    up: Up
-    store: Store  # straight to the embedded etcd, to see what really is registered
-    logs: Path
-
-    @property
-    def server(self) -> str:
-        return f"http://127.0.0.1:{self.up.ports['http']}"
-
-    def env(self) -> dict[str, str]:
-        """The CLI's environment: writes need the control plane's API token."""
-        return {**os.environ, "TASKLANE_TOKEN": self.up.token}
-
-    def tasklane(self, command: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*TASKLANE, command, "--server", self.server, *args],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-
-    def launch(self, service: str, group: str, command: list[str]) -> Run:
-        """Start `tasklane run` (not waiting for it); its stdout and stderr go to a file."""
-        err = self.logs / f"run-{service}-{group}-{time.monotonic_ns()}.log"
-        with err.open("wb") as log:
-            proc = subprocess.Popen(
-                # Killed with the test process even if the test dies without cleaning up.
-                dying_with_parent(
-                    [*TASKLANE, "run", "--server", self.server]
-                    + ["--service", service, "--group", group, "--", *command]
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=self.env(),
-            )
-        return Run(proc, service, group, err)
-
-    def registered(self, run: Run) -> Run:
-        """Wait until the run's instance is in etcd (its app is a child of the run)."""
-
-        def find() -> Instance | None:
-            if run.proc.poll() is not None:
-                raise AssertionError(f"tasklane run exited {run.proc.returncode}:\n{run.stderr()}")
-            instances, _ = list_instances(self.store)
-            mine = [i for i in instances if i.pid and parent_of(i.pid) == run.proc.pid]
-            return mine[0] if mine else None
-
-        run.instance = wait_until(find, timeout=30, what=f"{run.service}|{run.group} registered")
-        return run
-
-    def instance_keys(self) -> set[str]:
-        return {instance.key for instance in list_instances(self.store)[0]}
-
-    def lease_of(self, key: str) -> int:
-        """The etcd lease a key is attached to (0: none or no key); not part of the Store API."""
-        value, meta = self.store._client.get(PREFIX + key)
-        return meta.lease_id if value is not None else 0
-
-    def restart_up(self) -> None:
-        """Stop `tasklane up` cleanly and start it again on the same ports and state."""
-        self.up.proc.send_signal(signal.SIGTERM)
-        assert self.up.proc.wait(timeout=STOP_TIMEOUT) == 0
-        out, err = self.logs / "up-again.out", self.logs / "up-again.err"
-        ports = self.up.ports
-        with out.open("wb") as out_file, err.open("wb") as err_file:
-            proc = subprocess.Popen(
-                [*TASKLANE, "up", "--state-dir", str(self.up.state_dir)]
-                + ["--xds-port", str(ports["xds"]), "--http-port", str(ports["http"])]
-                + ["--etcd-client-port", str(ports["etcd_client"])]
-                + ["--etcd-peer-port", str(ports["etcd_peer"])],
-                stdin=subprocess.DEVNULL,
-                stdout=out_file,
-                stderr=err_file,
-            )
-        self.up = Up(proc, ports, self.up.state_dir, out, err)
-        assert wait_ready(self.up), self.up.stderr()
-
-
-def parent_of(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def children_of(pid: int) -> list[int]:
-    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
-    return [child for child in pids if parent_of(child) == pid]
-
-
-def chain_app(service: str, group: str) -> list[str]:
-    command = (
-        f'exec "$0" -m demo.chain_app --service {service} --group {group} '
-        f'--instance "$TASKLANE_INSTANCE" --port "$PORT"'
-    )
-    if NEXT[service]:
-        command += f" --next {NEXT[service]}"
-    return ["sh", "-c", command, sys.executable]
-
-
-def stop_run(run: Run) -> None:
-    if run.proc.poll() is None:
-        run.proc.send_signal(signal.SIGTERM)
-        try:
-            run.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            run.proc.kill()
-            run.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -247,25 +120,6 @@ def mesh(plane: Plane) -> Iterator[Mesh]:
     finally:
         with ThreadPoolExecutor(len(runs)) as pool:
             list(pool.map(stop_run, runs))
-
-
-def get(port: int, service: str, headers: dict[str, str]) -> tuple[int, dict]:
-    """GET / on `service` through a sidecar's egress listener."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/", headers={"Host": service, **headers})
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
-    try:
-        return response.status, json.loads(body)
-    except ValueError:
-        return response.status, {"error": body.decode(errors="replace")}
-
-
-def hops(answer: dict) -> list[tuple[str, str]]:
-    return [(hop["service"], hop["group"]) for hop in answer.get("hops", [])]
 
 
 def test_dyed_requests_stay_in_the_task_groups_at_every_hop(mesh: Mesh) -> None:

@@ -4,7 +4,6 @@ registration outlives etcd outages, and an inconsistent build never reaches Envo
 
 from __future__ import annotations
 
-import http.client
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from controlplane.store.rules import apply_rules, load_rules
 from controlplane.xds.names import GATEWAY_ROLE
 from controlplane.xds.snapshot import ResourceMap, Snapshot
 from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.support.chain import cluster_hosts
 from tests.support.plane import Plane as BasePlane
 from tests.support.wait import wait_until
 
@@ -36,22 +36,6 @@ GOOD = Path(__file__).resolve().parents[1] / "rules" / "good" / "fund-yield.yaml
 ROLE = "fund-facade|default"  # the sidecar under test: a caller of account-svc
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def cluster_hosts(admin_port: int, cluster: str) -> set[str]:
-    """'host:port' of every endpoint an Envoy's admin /clusters lists for one cluster."""
-    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
-    try:
-        conn.request("GET", "/clusters")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    prefix = f"{cluster}::"
-    return {
-        line[len(prefix) :].split("::", 1)[0]
-        for line in text.splitlines()
-        if line.startswith(prefix) and line[len(prefix) :][:1].isdigit()
-    }
 
 
 class Plane(BasePlane):

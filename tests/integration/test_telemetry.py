@@ -310,13 +310,14 @@ def test_control_plane_serves_access_logs_isolation_and_metrics(
             admin_port=free_port(),
             delta=False,
             work_dir=tmp_path / "sidecar",
-            part="sidecar.yaml",
-            part_vars={
-                "egress_port": (egress := free_port()),
-                "inbound_host": "127.0.0.1",
-                "inbound_port": free_port(),
-                "app_port": free_port(),
-                "health_path": HEALTH_PATH,
+            parts={
+                "sidecar.yaml": {
+                    "egress_port": (egress := free_port()),
+                    "inbound_host": "127.0.0.1",
+                    "inbound_port": free_port(),
+                    "app_port": free_port(),
+                    "health_path": HEALTH_PATH,
+                }
             },
         ).start()
         envoy.wait_ready(timeout=20)

@@ -153,13 +153,14 @@ class Mesh:
             admin_port=free_port(),
             delta=self.delta,
             work_dir=self.tmp_path / name.replace("/", "-"),
-            part="sidecar.yaml",
-            part_vars={
-                "egress_port": egress,
-                "inbound_host": "127.0.0.1",
-                "inbound_port": inbound,
-                "app_port": app_port,
-                "health_path": HEALTH_PATH,
+            parts={
+                "sidecar.yaml": {
+                    "egress_port": egress,
+                    "inbound_host": "127.0.0.1",
+                    "inbound_port": inbound,
+                    "app_port": app_port,
+                    "health_path": HEALTH_PATH,
+                }
             },
         )
         instance = Instance(service, group, name, app_port, inbound, egress, envoy, stop_app)

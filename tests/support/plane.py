@@ -37,9 +37,9 @@ class Plane:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.control_plane = ControlPlane(
-            etcd_endpoint=etcd_endpoint, xds_port=0, http_port=0, **options
-        )
+        options.setdefault("xds_port", 0)
+        options.setdefault("registration_grace", 0)  # no instances to wait for
+        self.control_plane = ControlPlane(etcd_endpoint=etcd_endpoint, http_port=0, **options)
         try:
             self.on_loop(self.control_plane.start)
         except BaseException:
@@ -111,9 +111,18 @@ class Plane:
         body = {"files": [{"name": n, "text": t} for n, t in files.items()], "dryRun": dry_run}
         return self.request("POST", "/api/v1/apply", body)
 
-    def sidecar(self, work_dir: Path, role: str, delta: bool = False) -> EnvoyProcess:
+    def sidecar(
+        self,
+        work_dir: Path,
+        role: str,
+        delta: bool = False,
+        *,
+        app_port: int | None = None,
+        inbound_port: int | None = None,
+        announce: str | None = None,
+    ) -> EnvoyProcess:
         """An Envoy sidecar of `role` fed by this control plane, not started; node id
-        `<role>|test`. No app behind it: only its config matters."""
+        `<role>|test`. With no `app_port`, no app is behind it: only its config matters."""
         service, group = role.split("|")
         return EnvoyProcess(
             node_id=f"{role}|test",
@@ -124,14 +133,16 @@ class Plane:
             admin_port=free_port(),
             delta=delta,
             work_dir=work_dir,
-            part="sidecar.yaml",
-            part_vars={
-                "egress_port": free_port(),
-                "inbound_host": "127.0.0.1",
-                "inbound_port": free_port(),
-                "app_port": free_port(),
-                "health_path": HEALTH_PATH,
+            parts={
+                "sidecar.yaml": {
+                    "egress_port": free_port(),
+                    "inbound_host": "127.0.0.1",
+                    "inbound_port": inbound_port or free_port(),
+                    "app_port": app_port or free_port(),
+                    "health_path": HEALTH_PATH,
+                }
             },
+            announce=announce,
         )
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +72,15 @@ def free_ports() -> dict[str, int]:
 
 
 def launch(
-    command: list[str], tmp_path: Path, ports: dict[str, int], *, etcd: str | None = None
+    command: list[str],
+    tmp_path: Path,
+    ports: dict[str, int],
+    *,
+    etcd: str | None = None,
+    options: Sequence[str] = (),
 ) -> Up:
-    """Start `tasklane up` on the given ports with a state dir of its own under tmp_path."""
+    """Start `tasklane up` on the given ports with a state dir of its own under tmp_path, and
+    any more `options` (e.g. --tls-dir DIR)."""
     run_dir = Path(os.path.realpath(tmp_path)) / f"up-{ports['xds']}-{time.monotonic_ns()}"
     run_dir.mkdir()
     state_dir = run_dir / "state"
@@ -89,6 +95,7 @@ def launch(
     ]  # fmt: skip
     if etcd is not None:
         args += ["--etcd", etcd]
+    args += options
     out, err = run_dir / "stdout", run_dir / "stderr"
     with open(out, "wb") as out_file, open(err, "wb") as err_file:
         proc = subprocess.Popen(
@@ -109,10 +116,10 @@ def wait_ready(up: Up, timeout: float = READY_TIMEOUT) -> bool:
     raise AssertionError(f"tasklane up not ready within {timeout:g}s; stderr:\n{up.stderr()}")
 
 
-def start_up(tmp_path: Path, *, etcd: str | None = None) -> Up:
+def start_up(tmp_path: Path, *, etcd: str | None = None, options: Sequence[str] = ()) -> Up:
     """A ready `tasklane up`; retries on fresh ports if another xdist worker took one."""
     for _ in range(START_ATTEMPTS):
-        up = launch(TASKLANE, tmp_path, free_ports(), etcd=etcd)
+        up = launch(TASKLANE, tmp_path, free_ports(), etcd=etcd, options=options)
         if wait_ready(up):
             return up
         up.kill()
