@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 from aiohttp import web
 from grpc import aio as grpc_aio
 
+from controlplane import pki
+from controlplane.announce import Announcements
 from controlplane.api import auth
 from controlplane.api import dashboard as dashboard_api
 from controlplane.api import instances as instances_api
@@ -28,6 +32,8 @@ from controlplane.api import tasks as tasks_api
 from controlplane.api.http import build_app
 from controlplane.api.task_service import TaskService
 from controlplane.errors import RuntimeFailure, StoreError
+from controlplane.inject.pod import InjectOptions
+from controlplane.inject.webhook import server_ssl_context, start_webhook
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import port_in_use
 from controlplane.scaler.actuators import Actuator
@@ -35,11 +41,12 @@ from controlplane.scaler.policy import PolicyConfig
 from controlplane.scaler.reconcile import Scaler
 from controlplane.store.etcd import Store
 from controlplane.store.leader import Leadership
+from controlplane.store.registry import KEEPALIVE_INTERVAL
 from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import STATIC_CLUSTERS
-from controlplane.xds.server import AdsServer, serve, tune_gc
+from controlplane.xds.server import AdsServer, Observers, serve, tune_gc
 from controlplane.xds.status import StatusBoard
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,12 @@ ETCD_HOST = "127.0.0.1"
 GRPC_STOP_GRACE = 1.0
 # Requests still running when the HTTP server stops get this long to finish.
 HTTP_STOP_GRACE = 2.0
+# After a restart longer than an instance lease's TTL, the registry is empty until each
+# `tasklane run` renews (every KEEPALIVE_INTERVAL), finds its lease gone and registers again:
+# sidecars sent a snapshot meanwhile would drop every endpoint (measured: 20 % of requests
+# failed with the control plane down for 6 s). They keep their last config while xDS is not
+# served, so serving it one keep-alive later costs nothing.
+REGISTRATION_GRACE = KEEPALIVE_INTERVAL + 0.5
 # The leadership replicas compete for: only its holder runs the scaler.
 SCALER = "scaler"
 
@@ -74,9 +87,31 @@ class ControlPlane:
         etcd_peer_port: int = 2380,
         actuator: Callable[[ControlPlane], Actuator] | None = None,
         scaler_config: PolicyConfig | None = None,
+        tls_dir: Path | None = None,
+        accept_announce: bool = False,
+        webhook_port: int | None = None,
+        inject_options: InjectOptions | None = None,
+        registration_grace: float = REGISTRATION_GRACE,
     ) -> None:
         """`actuator` makes the one the scaler drives once the API is up (a local one needs
-        its address); None runs no scaler. Only the elected leader among replicas scales."""
+        its address); None runs no scaler. Only the elected leader among replicas scales.
+        `tls_dir` (pki.py) makes the xDS port, and so ADS, ALS and the TaskService, TLS only,
+        for clients with a certificate from its CA; it is read here, so a missing or bad file
+        is a TlsError before anything starts. `accept_announce` registers the instances
+        sidecars announce on their xDS stream (announce.py). `webhook_port` serves the sidecar
+        injector (inject/webhook.py) over HTTPS with tls_dir's server certificate, injecting
+        sidecars made of `inject_options`. xDS serves `registration_grace` seconds after the
+        API, so that `tasklane run` instances register again after a restart first."""
+        self.registration_grace = registration_grace
+        self._xds_credentials = None if tls_dir is None else _server_credentials(tls_dir)
+        self.webhook_port = webhook_port
+        self._webhook_tls: ssl.SSLContext | None = None
+        if webhook_port is not None:
+            if tls_dir is None:
+                raise pki.TlsError("the sidecar injector is served over HTTPS: give --tls-dir")
+            self._webhook_tls = server_ssl_context(tls_dir)
+        self._inject_options = inject_options or InjectOptions()
+        self._webhook: web.AppRunner | None = None
         self.host = host
         self.xds_port = xds_port
         self.http_port = http_port
@@ -96,7 +131,9 @@ class ControlPlane:
             lambda: self.sync.rules, self._registered, self.status, self._scaler_status
         )
         self._registered_memo: tuple[frozenset[str], dict[tuple[str, str], int]] | None = None
-        self.ads = AdsServer(self.cache, self.status, self.telemetry.metrics.xds)
+        self.announcements = Announcements(lambda: self.store) if accept_announce else None
+        observers = (self.telemetry.metrics.xds, self.announcements)
+        self.ads = AdsServer(self.cache, self.status, Observers(*filter(None, observers)))
         self.api_token = auth.ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
         self.http_app.middlewares.append(auth.middleware(self.api_token))
@@ -147,8 +184,16 @@ class ControlPlane:
             leadership = Leadership(self._store, SCALER)
             await asyncio.to_thread(leadership.start)
             self._leadership = leadership
-            await self._start_xds()
             await self._start_http()
+            # Instances whose leases lapsed while no control plane ran (they renew through
+            # this API) register again before any sidecar is sent a snapshot without them.
+            await asyncio.sleep(self.registration_grace)
+            await self._start_xds()
+            if self.webhook_port is not None and self._webhook_tls is not None:
+                self._webhook = await start_webhook(
+                    self.host, self.webhook_port, self._webhook_tls, self._inject_options
+                )
+                self.webhook_port = self._webhook.addresses[0][1]
             if self._make_actuator is not None:
                 self.scaler = Scaler(
                     self._make_actuator(self),
@@ -162,6 +207,19 @@ class ControlPlane:
             raise
         log.info("control plane running (etcd at %s)", self.etcd_endpoint)
 
+    @property
+    def xds_tls(self) -> bool:
+        """True when the xDS port serves TLS only, to clients with a certificate."""
+        return self._xds_credentials is not None
+
+    def xds_status(self) -> dict:
+        """Where xDS is served, and `"tls": true` when it requires TLS (clients then need
+        --tls-dir): the `xds` member of GET /api/v1/status, unchanged for plaintext."""
+        status: dict = {"address": f"{self.host}:{self.xds_port}"}
+        if self.xds_tls:
+            status["tls"] = True
+        return status
+
     def _check_ports(self) -> None:
         """Fail before starting anything when a port is taken, e.g. by another `tasklane up`.
 
@@ -169,6 +227,8 @@ class ControlPlane:
         same port would start without error and share the connections.
         """
         wanted = [(self.xds_port, "xDS", self.host), (self.http_port, "HTTP", self.host)]
+        if self.webhook_port is not None:
+            wanted.append((self.webhook_port, "webhook", self.host))
         if self.etcd is not None:
             wanted += [
                 (self.etcd.client_port, "etcd client", ETCD_HOST),
@@ -195,6 +255,7 @@ class ControlPlane:
                     # Envoy streams access logs with no token, as it connects for xDS.
                     self.telemetry.access_logs.handler(),
                 ),
+                credentials=self._xds_credentials,
             )
         except (OSError, RuntimeError) as exc:
             raise RuntimeFailure(f"cannot serve xDS on {address}: {exc}") from exc
@@ -228,9 +289,12 @@ class ControlPlane:
     async def stop(self) -> None:
         """Stop HTTP, gRPC, the sync, leave the leader election (the next replica leads at
         once), close the store, then stop etcd. Safe to call twice."""
-        if self._http is not None:
-            await self._http.cleanup()
-            self._http = None
+        for runner in (self._webhook, self._http):
+            if runner is not None:
+                await runner.cleanup()
+        self._webhook = self._http = None
+        if self.announcements is not None:
+            await asyncio.to_thread(self.announcements.stop)
         if self._grpc is not None:
             await self._grpc.stop(GRPC_STOP_GRACE)
             self._grpc = None
@@ -252,3 +316,12 @@ class ControlPlane:
             self._store = None
         if self.etcd is not None:
             self.etcd.stop()
+
+
+def _server_credentials(tls_dir: Path) -> grpc.ServerCredentials:
+    """The xDS port's TLS: the server certificate, and only clients whose certificate the CA
+    signed get past the handshake."""
+    ca, cert, key = pki.server_files(tls_dir).read()
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )

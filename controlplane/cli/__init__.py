@@ -13,8 +13,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from controlplane.cli.inject import add_inject
+from controlplane.cli.k8s import add_k8s
 from controlplane.cli.rules import add_apply, add_delete, add_diff, add_get
 from controlplane.cli.tasks import add_simulate, add_task
+from controlplane.cli.tls import add_tls
 from controlplane.cli.up import add_demo, add_up
 from controlplane.cli.views import add_status, add_top
 from controlplane.cli.workloads import add_gateway, add_run
@@ -37,6 +40,9 @@ COMMANDS = (
     add_simulate,
     add_status,
     add_top,
+    add_inject,
+    add_tls,
+    add_k8s,
 )
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from controlplane import pki
 from controlplane.app import ControlPlane
+from controlplane.cli.inject import add_sidecar_options, sidecar_options
 from controlplane.scaler.actuators import Actuator, DryRunActuator
 from controlplane.scaler.policy import PolicyConfig
 
@@ -77,6 +80,30 @@ def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument(
         "--namespace", default="default", help="kubernetes actuator: Deployments' namespace"
     )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="serve xDS (and access logs, TaskService) over TLS, only to clients with a "
+        "certificate from DIR's CA (`tasklane tls init DIR`; default: plaintext); the local "
+        "actuator's instances use DIR's client certificate",
+    )
+    p.add_argument(
+        "--accept-announce",
+        action="store_true",
+        help="register the instances sidecars announce on their xDS stream (pods injected by "
+        "`tasklane inject` or the webhook, docker-compose): announcements carry no API token, "
+        "so use it where only the mesh reaches the xDS port, or with --tls-dir",
+    )
+    p.add_argument(
+        "--webhook-port",
+        type=int,
+        metavar="PORT",
+        help="serve the Kubernetes sidecar injector (a mutating admission webhook, POST "
+        "/inject) over HTTPS on this port, with --tls-dir's server certificate (default: off); "
+        "the --sidecar-* options say what it injects",
+    )
+    add_sidecar_options(p, prefix="sidecar-")
     p.set_defaults(handler=up)
 
 
@@ -105,6 +132,9 @@ def _actuator(args: argparse.Namespace) -> Callable[[ControlPlane], Actuator] | 
 
 def up(args: argparse.Namespace) -> int:
     """Run the control plane until a signal; exit 0 after a clean stop."""
+    if args.tls_dir is not None and args.actuator == "local":
+        pki.client_files(args.tls_dir)  # its `tasklane run` children need them: check now
+        os.environ[pki.TLS_DIR_ENV] = str(args.tls_dir.resolve())  # what they inherit
     control_plane = ControlPlane(
         args.state_dir,
         etcd_endpoint=args.etcd,
@@ -117,6 +147,10 @@ def up(args: argparse.Namespace) -> int:
         scaler_config=PolicyConfig(
             sync_period_s=args.scale_period, scale_down_window_s=args.scale_down_window
         ),
+        accept_announce=args.accept_announce,
+        tls_dir=args.tls_dir,
+        webhook_port=args.webhook_port,
+        inject_options=sidecar_options(args, prefix="sidecar-"),
     )
     asyncio.run(_run_until_signalled(control_plane))
     return 0
@@ -142,9 +176,12 @@ def ready_line(control_plane: ControlPlane) -> str:
     host = control_plane.host
     etcd = control_plane.etcd
     where = f"embedded, data in {etcd.data_dir}" if etcd is not None else "external"
+    tls = " (TLS, client certificates required)" if control_plane.xds_tls else ""
+    webhook = control_plane.webhook_port
+    injector = f", sidecar injector on https://{host}:{webhook}/inject" if webhook else ""
     return (
-        f"tasklane up: xDS on {host}:{control_plane.xds_port}, "
-        f"HTTP on http://{host}:{control_plane.http_port}, "
+        f"tasklane up: xDS{tls} on {host}:{control_plane.xds_port}, "
+        f"HTTP on http://{host}:{control_plane.http_port}{injector}, "
         f"etcd at {control_plane.etcd_endpoint} ({where})"
     )
 

@@ -1,0 +1,124 @@
+"""`tasklane inject`: add the Envoy sidecar to Kubernetes manifests, like `istioctl
+kube-inject`. Everything is read and injected before anything is written, so a refused
+input leaves no output file, not even a partial one."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from controlplane.cli.client import STDIN
+from controlplane.errors import TasklaneError
+from controlplane.inject.pod import (
+    DEFAULT_IMAGE,
+    DEFAULT_XDS_ADDRESS,
+    InjectOptions,
+    parse_xds_address,
+)
+from controlplane.inject.workloads import inject_text
+
+
+def add_inject(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane inject -f FILE|- [-o OUT] [--image IMAGE] [--xds-address HOST:PORT]
+    [--tls-secret NAME]`."""
+    p = commands.add_parser(
+        "inject",
+        parents=[common],
+        help="add the Envoy sidecar to Kubernetes manifests",
+        description="Add the tasklane Envoy sidecar (a native sidecar, Kubernetes >= 1.29) to "
+        "every Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob and Pod whose pod "
+        "template has the labels tasklane.io/service and tasklane.io/group, unless it is "
+        'annotated tasklane.io/inject: "false". Other documents pass through. Injecting '
+        "twice changes nothing.",
+    )
+    p.add_argument(
+        "-f", "--filename", required=True, metavar="FILE|-", help="manifests, - for stdin"
+    )
+    p.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    add_sidecar_options(p)
+    p.set_defaults(handler=inject)
+
+
+def add_sidecar_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """What an injected sidecar is made of: `tasklane inject`'s options, and `tasklane up`'s
+    for its webhook (with prefix "sidecar-")."""
+    p.add_argument(
+        f"--{prefix}image", default=DEFAULT_IMAGE, help=f"Envoy image (default: {DEFAULT_IMAGE})"
+    )
+    p.add_argument(
+        f"--{prefix}xds-address",
+        default=DEFAULT_XDS_ADDRESS,
+        metavar="HOST:PORT",
+        help=f"the control plane's xDS address as pods reach it (default: {DEFAULT_XDS_ADDRESS})",
+    )
+    p.add_argument(
+        f"--{prefix}tls-secret",
+        metavar="NAME",
+        help="for a control plane with --tls-dir: a Secret in the pods' namespace with ca.crt, "
+        "client.crt and client.key (a client certificate of its CA), mounted into the sidecar "
+        "for mTLS to xDS (default: plaintext xDS)",
+    )
+    p.add_argument(
+        f"--{prefix}delta", action="store_true", help="sidecars use incremental (delta) xDS"
+    )
+
+
+def sidecar_options(args: argparse.Namespace, prefix: str = "") -> InjectOptions:
+    """The InjectOptions add_sidecar_options() parsed; TasklaneError naming a bad one."""
+    dest = prefix.replace("-", "_")
+    option = vars(args)
+    image = option[f"{dest}image"]
+    host, port = parse_xds_address(option[f"{dest}xds_address"], f"--{prefix}xds-address")
+    if not image.strip() or any(c.isspace() for c in image):
+        raise TasklaneError(f"--{prefix}image: {image!r} is not an image reference")
+    return InjectOptions(
+        image=image,
+        xds_host=host,
+        xds_port=port,
+        delta=option[f"{dest}delta"],
+        tls_secret=option[f"{dest}tls_secret"],
+    )
+
+
+def inject(args: argparse.Namespace) -> int:
+    """Read all, inject all, then write: stdout, or -o replaced whole (never half-written)."""
+    options = sidecar_options(args)
+    name, data = _read(args.filename)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TasklaneError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+    result = inject_text(text, name, options)
+    if args.output is None:
+        sys.stdout.write(result)
+    else:
+        _write(Path(args.output), result)
+    return 0
+
+
+def _read(filename: str) -> tuple[str, bytes]:
+    if filename == STDIN:
+        return "<stdin>", sys.stdin.buffer.read()
+    try:
+        return filename, Path(filename).read_bytes()
+    except OSError as exc:
+        raise TasklaneError(f"{filename}: cannot read: {exc.strerror or exc}") from None
+
+
+def _write(path: Path, text: str) -> None:
+    """All or nothing: a temporary file next to `path`, renamed over it once complete."""
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise TasklaneError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        raise TasklaneError(f"{path}: cannot write: {exc.strerror or exc}") from None

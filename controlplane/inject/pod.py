@@ -1,0 +1,375 @@
+"""Adding the Envoy sidecar to one pod: a Pod, or the pod template of a workload.
+
+Pure functions on the parsed object (no I/O but reading the Envoy templates), shared by
+`tasklane inject` and the admission webhook so that both produce the same pod. The sidecar is
+a native sidecar (an init container with `restartPolicy: Always`, Kubernetes >= 1.29): it
+starts before the app containers, which the kubelet starts only once its startup probe passes
+(Envoy has its config), and it never keeps a Job's pod alive after the app is done.
+
+Envoy runs the bootstrap `tasklane run` uses (render_bootstrap, sidecar.yaml) with fixed
+ports, since a pod has its own network namespace, plus pod.yaml: a listener on the pod IP that
+exposes only the admin's /ready, for the probes. The pod's name and IP come from the downward
+API: the kubelet expands `$(POD_NAME)` and `$(POD_IP)` in the container's args. The node id is
+`<service>|<group>|<pod name>` and the sidecar announces `<pod IP>:15006`, so the control plane
+(`tasklane up --accept-announce`) registers the pod while its xDS stream lasts. With
+`tls_secret`, a Secret with the client files is mounted into the sidecar for mTLS to xDS.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.metadata
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controlplane.errors import TasklaneError
+from controlplane.model.rules import _DNS_LABEL, _NAME_RULE
+from controlplane.model.text import describe, quote
+from controlplane.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsFiles
+from controlplane.runtime.envoy import render_bootstrap
+from controlplane.xds.names import HEALTH_PATH
+
+LABEL_SERVICE = "tasklane.io/service"
+LABEL_GROUP = "tasklane.io/group"
+ANNOTATION_INJECT = "tasklane.io/inject"  # "false" on a pod (template) opts it out
+ANNOTATION_INJECTED = "tasklane.io/injected"  # the tasklane version that injected the pod
+ANNOTATION_APP_PORT = "tasklane.io/app-port"  # a port number or a container port's name
+
+SIDECAR_NAME = "envoy"
+DEFAULT_IMAGE = "envoyproxy/envoy:v1.40.0"
+DEFAULT_XDS_ADDRESS = "tasklane.tasklane-system.svc:18000"
+# The sidecar's ports in the pod's network namespace; app containers may not use them.
+ADMIN_PORT = 15000  # 127.0.0.1 only
+EGRESS_PORT = 15001  # 127.0.0.1: the app's http_proxy
+INBOUND_PORT = 15006  # 0.0.0.0: other sidecars reach the app here (announced with the pod IP)
+READY_PORT = 15021  # 0.0.0.0: /ready only, for the kubelet's probes
+RESERVED_PORTS = frozenset({ADMIN_PORT, EGRESS_PORT, INBOUND_PORT, READY_PORT})
+# Two worker threads (without it Envoy starts one per core of the node); one Envoy per pod.
+ENVOY_FLAGS = ("--concurrency", "2", "--disable-hot-restart", "--log-level", "warning")
+# With a TLS Secret (ca.crt, client.crt, client.key: a client certificate of the control
+# plane's CA, in the pod's namespace), the sidecar finds it here and speaks mTLS to xDS.
+TLS_VOLUME = "tasklane-tls"
+SIDECAR_TLS_DIR = Path("/etc/tasklane/tls")
+SIDECAR_TLS = TlsFiles(
+    SIDECAR_TLS_DIR / CA_CERT, SIDECAR_TLS_DIR / CLIENT_CERT, SIDECAR_TLS_DIR / CLIENT_KEY
+)
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a DNS subdomain
+# Kubernetes expands these in the sidecar's args (env entries below, from the downward API).
+POD_NAME, POD_IP = "$(POD_NAME)", "$(POD_IP)"
+
+try:
+    VERSION = importlib.metadata.version("tasklane")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    VERSION = "0.0.0"
+
+
+@dataclass(frozen=True)
+class InjectOptions:
+    """What every injected sidecar shares: where it gets its config and which Envoy runs."""
+
+    image: str = DEFAULT_IMAGE
+    xds_host: str = "tasklane.tasklane-system.svc"
+    xds_port: int = 18000
+    delta: bool = False
+    version: str = VERSION  # written to the tasklane.io/injected annotation
+    tls_secret: str | None = None  # a Secret in the pod's namespace: mTLS to the control plane
+
+    def __post_init__(self) -> None:
+        if self.tls_secret is not None and not _SECRET_NAME.fullmatch(self.tls_secret):
+            raise InjectError("--tls-secret", f"{quote(self.tls_secret)} is not a Secret name")
+
+
+class InjectError(TasklaneError):
+    """A pod the sidecar cannot be added to; `field` is the path of the culprit."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field, self.problem = field, problem
+
+    def within(self, prefix: str) -> InjectError:
+        """The same error with its field seen from an enclosing object (`spec.template`)."""
+        return InjectError(join(prefix, self.field), self.problem)
+
+
+def join(prefix: str, field: str) -> str:
+    """`spec.template` + `metadata.labels` -> `spec.template.metadata.labels`."""
+    if not prefix or not field:
+        return prefix or field
+    return prefix + field if field.startswith("[") else f"{prefix}.{field}"
+
+
+def parse_xds_address(text: str, option: str = "--xds-address") -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [addr]:port) -> (host, port); InjectError naming the option."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InjectError(option, f"{quote(text)} is not HOST:PORT")
+    return host, int(port)
+
+
+def mapping(value: object, field: str, *, default: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`value` if it is a mapping; `default` when it is absent (None); else InjectError."""
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, dict):
+        raise InjectError(field, f"expected a mapping, got {describe(value)}")
+    return value
+
+
+def _list(value: object, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InjectError(field, f"expected a list, got {describe(value)}")
+    return value
+
+
+def _strings(value: object, field: str) -> dict[str, str]:
+    """Labels or annotations: Kubernetes only takes strings (a bare 8080 must be quoted)."""
+    found = mapping(value, field, default={})
+    for key, item in found.items():
+        if not isinstance(item, str):
+            raise InjectError(
+                f"{field}[{key}]", f"expected a string (quote it), got {describe(item)}"
+            )
+    return found
+
+
+def opted_out(template: Mapping[str, Any]) -> bool:
+    """True when the pod template says `tasklane.io/inject: "false"`: that wins over all else,
+    even labels the injector would refuse."""
+    metadata = template.get("metadata")
+    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+    return isinstance(annotations, dict) and annotations.get(ANNOTATION_INJECT) == "false"
+
+
+def identity(labels: Mapping[str, str], field: str) -> tuple[str, str] | None:
+    """(service, group) from a pod's labels, None when it carries neither label."""
+    service, group = labels.get(LABEL_SERVICE), labels.get(LABEL_GROUP)
+    if service is None and group is None:
+        return None
+    for key, value in ((LABEL_SERVICE, service), (LABEL_GROUP, group)):
+        other = LABEL_GROUP if key == LABEL_SERVICE else LABEL_SERVICE
+        if value is None:
+            raise InjectError(f"{field}[{key}]", f"missing: the pod has {other} but not {key}")
+        if not _DNS_LABEL.fullmatch(value):
+            raise InjectError(f"{field}[{key}]", f"{quote(value)} is not valid ({_NAME_RULE})")
+    assert service is not None and group is not None
+    return service, group
+
+
+def inject_pod(template: Mapping[str, Any], options: InjectOptions) -> dict[str, Any] | None:
+    """The pod (template) with the sidecar added, or None when there is nothing to do: not
+    labelled for the mesh, opted out, or injected already (so injecting twice changes
+    nothing). InjectError, with the field relative to `template`, when it cannot be done."""
+    if opted_out(template):
+        return None
+    metadata = mapping(template.get("metadata"), "metadata", default={})
+    annotations = _strings(metadata.get("annotations"), "metadata.annotations")
+    labels = _strings(metadata.get("labels"), "metadata.labels")
+    wanted = annotations.get(ANNOTATION_INJECT, "true")
+    if wanted != "true":
+        raise InjectError(
+            f"metadata.annotations[{ANNOTATION_INJECT}]", f"{quote(wanted)} is not true or false"
+        )
+    if ANNOTATION_INJECTED in annotations:
+        return None
+    for key in (LABEL_SERVICE, LABEL_GROUP):
+        if key in annotations and annotations[key] != labels.get(key):
+            raise InjectError(
+                f"metadata.annotations[{key}]",
+                f"{quote(annotations[key])} conflicts with the label "
+                f"({quote(labels[key]) if key in labels else 'not set'}); the label is what counts",
+            )
+    found = identity(labels, "metadata.labels")
+    if found is None:
+        if ANNOTATION_INJECT in annotations:  # asked for explicitly: say what is missing
+            raise InjectError(
+                f"metadata.labels[{LABEL_SERVICE}]", f"missing, but {ANNOTATION_INJECT} is true"
+            )
+        return None
+    service, group = found
+    spec = mapping(template.get("spec"), "spec")
+    containers = _list(spec.get("containers"), "spec.containers")
+    if not containers:
+        raise InjectError("spec.containers", "no containers to add the sidecar to")
+    init = _list(spec.get("initContainers"), "spec.initContainers")
+    _check_pod(spec, containers, init)
+    volumes = _list(spec.get("volumes"), "spec.volumes")
+    if options.tls_secret is not None and any(
+        isinstance(v, dict) and v.get("name") == TLS_VOLUME for v in volumes
+    ):
+        raise InjectError("spec.volumes", f"{TLS_VOLUME!r} is the sidecar's volume")
+    app_port = _app_port(annotations, containers)
+
+    injected = copy.deepcopy(dict(template))
+    new_meta = injected.setdefault("metadata", {})
+    new_meta["annotations"] = {**annotations, ANNOTATION_INJECTED: options.version}
+    new_spec = injected["spec"]
+    # First: init containers after it (migrations, warm-ups) may already use the mesh.
+    sidecar = _sidecar(service, group, app_port, options)
+    new_spec["initContainers"] = [sidecar, *(new_spec.get("initContainers") or [])]
+    if options.tls_secret is not None:
+        secret = {"name": TLS_VOLUME, "secret": {"secretName": options.tls_secret}}
+        new_spec["volumes"] = [*(new_spec.get("volumes") or []), secret]
+    for index, container in enumerate(new_spec["containers"]):
+        container["env"] = _app_env(
+            container.get("env"), service, group, f"spec.containers[{index}]"
+        )
+    return injected
+
+
+def _check_pod(spec: dict[str, Any], containers: list[Any], init: list[Any]) -> None:
+    """What would break the sidecar: the node's network, its name or its ports taken."""
+    if spec.get("hostNetwork") is True:
+        raise InjectError("spec.hostNetwork", "the sidecar's ports would be the node's")
+    for kind, items in (("containers", containers), ("initContainers", init)):
+        for index, container in enumerate(items):
+            field = f"spec.{kind}[{index}]"
+            container = mapping(container, field)
+            if container.get("name") == SIDECAR_NAME:
+                raise InjectError(f"{field}.name", f"{SIDECAR_NAME!r} is the sidecar's name")
+            for number, port in enumerate(_list(container.get("ports"), f"{field}.ports")):
+                where = f"{field}.ports[{number}]"
+                value = _container_port(mapping(port, where), where)
+                if value in RESERVED_PORTS:
+                    raise InjectError(
+                        f"{where}.containerPort",
+                        f"{value} is reserved for the sidecar "
+                        f"({', '.join(map(str, sorted(RESERVED_PORTS)))})",
+                    )
+
+
+def _container_port(port: Mapping[str, Any], field: str) -> int:
+    value = port.get("containerPort")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise InjectError(
+            f"{field}.containerPort", f"expected a port number, got {describe(value)}"
+        )
+    return value
+
+
+def _app_port(annotations: Mapping[str, str], containers: list[dict[str, Any]]) -> int:
+    """Where inbound traffic goes: the annotation (a number or a container port's name), else
+    the first port of the first container."""
+    field = f"metadata.annotations[{ANNOTATION_APP_PORT}]"
+    value = annotations.get(ANNOTATION_APP_PORT)
+    if value is None:
+        ports = containers[0].get("ports") or []
+        if not ports:
+            raise InjectError(
+                "spec.containers[0].ports",
+                f"no port for inbound traffic: declare a containerPort or set the annotation "
+                f"{ANNOTATION_APP_PORT}",
+            )
+        return _container_port(ports[0], "spec.containers[0].ports[0]")
+    if value.isascii() and value.isdigit():
+        port = int(value)
+        if not 0 < port < 65536 or port in RESERVED_PORTS:
+            raise InjectError(field, f"{port} is not a port the app may use")
+        return port
+    named = {
+        port.get("name"): port["containerPort"]
+        for container in containers
+        for port in container.get("ports") or []
+        if port.get("name")
+    }
+    if value not in named:
+        known = ", ".join(sorted(str(name) for name in named)) or "none"
+        raise InjectError(field, f"no container port named {quote(value)} (named ports: {known})")
+    return named[value]
+
+
+# The env `tasklane run` gives its app (runtime/sidecar.py), minus PORT: a pod's app has its
+# own. Names the user set in a container's env keep the user's value (a proxy of their own,
+# say), except that TASKLANE_SERVICE/GROUP may not contradict the labels.
+def _tasklane_env(service: str, group: str) -> list[dict[str, Any]]:
+    proxy = f"http://127.0.0.1:{EGRESS_PORT}"
+    return [
+        {"name": "TASKLANE_SERVICE", "value": service},
+        {"name": "TASKLANE_GROUP", "value": group},
+        {"name": "TASKLANE_INSTANCE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "TASKLANE_EGRESS", "value": f"127.0.0.1:{EGRESS_PORT}"},
+        {"name": "http_proxy", "value": proxy},
+        {"name": "HTTP_PROXY", "value": proxy},
+        {"name": "no_proxy", "value": "localhost,127.0.0.1"},
+        {"name": "NO_PROXY", "value": "localhost,127.0.0.1"},
+    ]
+
+
+def _app_env(env: object, service: str, group: str, field: str) -> list[Any]:
+    current = _list(env, f"{field}.env")
+    given = {item.get("name"): item for item in current if isinstance(item, dict)}
+    added = []
+    for item in _tasklane_env(service, group):
+        mine = given.get(item["name"])
+        if mine is None:
+            added.append(item)
+        elif item["name"] in ("TASKLANE_SERVICE", "TASKLANE_GROUP") and mine != item:
+            label = LABEL_SERVICE if item["name"] == "TASKLANE_SERVICE" else LABEL_GROUP
+            shown = quote(mine["value"]) if isinstance(mine.get("value"), str) else "another value"
+            raise InjectError(
+                f"{field}.env[{item['name']}]",
+                f"{shown} conflicts with the label {label} ({quote(item['value'])})",
+            )
+    return [*current, *added]
+
+
+def _sidecar(service: str, group: str, app_port: int, options: InjectOptions) -> dict[str, Any]:
+    probe = {"httpGet": {"path": "/ready", "port": READY_PORT}, "periodSeconds": 1}
+    container = {
+        "name": SIDECAR_NAME,
+        "image": options.image,
+        "args": ["--config-yaml", _bootstrap(service, group, app_port, options), *ENVOY_FLAGS],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ],
+        "ports": [
+            {"name": "tasklane-in", "containerPort": INBOUND_PORT, "protocol": "TCP"},
+            {"name": "tasklane-ready", "containerPort": READY_PORT, "protocol": "TCP"},
+        ],
+        "restartPolicy": "Always",
+        # Up to 10 minutes to get the config from the control plane before a restart.
+        "startupProbe": {**probe, "failureThreshold": 600},
+        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+    }
+    if options.tls_secret is not None:
+        mount = {"name": TLS_VOLUME, "mountPath": str(SIDECAR_TLS_DIR), "readOnly": True}
+        container["volumeMounts"] = [mount]
+    return container
+
+
+@functools.lru_cache(maxsize=256)
+def _bootstrap(service: str, group: str, app_port: int, options: InjectOptions) -> str:
+    """The sidecar's bootstrap with `$(POD_NAME)`/`$(POD_IP)` left for the kubelet; any other
+    `$` is doubled, which is how Kubernetes escapes it. Cached: the webhook renders the same few
+    (service, group, port) combinations again and again."""
+    text = render_bootstrap(
+        node_id=f"{service}|{group}|{POD_NAME}",
+        service=service,
+        group=group,
+        xds_host=options.xds_host,
+        xds_port=options.xds_port,
+        admin_port=ADMIN_PORT,
+        delta=options.delta,
+        parts={
+            "sidecar.yaml": {
+                "egress_port": EGRESS_PORT,
+                "inbound_host": "0.0.0.0",
+                "inbound_port": INBOUND_PORT,
+                "app_port": app_port,
+                "health_path": HEALTH_PATH,
+            },
+            "pod.yaml": {"ready_port": READY_PORT, "admin_port": ADMIN_PORT},
+        },
+        announce=f"{POD_IP}:{INBOUND_PORT}",
+        tls=None if options.tls_secret is None else SIDECAR_TLS,
+    )
+    escaped = text.replace("$", "$$")
+    return escaped.replace("$" + POD_NAME, POD_NAME).replace("$" + POD_IP, POD_IP)

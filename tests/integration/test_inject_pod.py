@@ -1,0 +1,237 @@
+"""An injected sidecar run as in a pod: a network namespace of its own (`unshare --net`, with a
+pod IP on its loopback), the app, and Envoy started with the sidecar's args as the kubelet
+expands them. Until the control plane has sent the config, Envoy opens no listener, so the
+kubelet's probes fail; then /ready answers 200 on the pod IP, where nothing else of the admin
+is reachable, the inbound listener on the pod IP reaches the app, and the control plane (a
+real `tasklane up` in the same namespace) lists the sidecar under the pod's name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.inject.pod import (
+    ADMIN_PORT,
+    INBOUND_PORT,
+    READY_PORT,
+    InjectOptions,
+    inject_pod,
+)
+from controlplane.pki import init_dir
+from controlplane.runtime.envoy import envoy_binary
+from controlplane.runtime.process import stop_process
+from tests.support.k8s import kubelet_expand, mount_tls, sidecar_of
+from tests.support.up import TASKLANE, launch, wait_ready
+
+pytestmark = pytest.mark.timeout(180)
+POD_IP = "10.99.0.2"
+POD_NAME = "web-6d5f7c8b9-x2b9q"
+APP_PORT = 9000
+# The control plane shares the namespace here (it is reached at 127.0.0.1); its ports are
+# tasklane up's defaults, away from the sidecar's 15000-15021 and the app's.
+PLANE_PORTS = {"xds": 18000, "http": 8080, "etcd_client": 2379, "etcd_peer": 2380}
+WAIT = 30.0
+RULES = """\
+apiVersion: tasklane.io/v1
+kind: Service
+metadata: {name: web}
+spec:
+  groups: [{name: default}]
+"""
+# Runs inside the namespace: one GET, printed as JSON [status, body]; status 0 when the
+# connection fails.
+_GET = """\
+import http.client, json, sys
+host, port, path, hostname = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+try:
+    conn = http.client.HTTPConnection(host, port, timeout=2)
+    conn.request("GET", path, headers={"Host": hostname})
+    resp = conn.getresponse()
+    print(json.dumps([resp.status, resp.read().decode(errors="replace")]))
+except OSError as exc:
+    print(json.dumps([0, type(exc).__name__]))
+"""
+
+
+class Pod:
+    """A network namespace held by a sleeping process; commands join it with nsenter. The
+    holder's mount namespace has the sidecar's TLS Secret mounted (from `tls`, if given):
+    Envoy joins it too (`sidecar`), the other processes see the machine's files."""
+
+    def __init__(self, tls: Path | None) -> None:
+        setup = f"ip link set lo up && ip addr add {POD_IP}/32 dev lo"
+        if tls is not None:
+            setup += f" && {mount_tls(tls)}"
+        self.holder = subprocess.Popen(
+            ["unshare", "--net", "--mount", "sh", "-c", f"{setup} && echo up && exec sleep 600"],
+            stdout=subprocess.PIPE,
+        )
+        assert self.holder.stdout is not None
+        assert self.holder.stdout.readline() == b"up\n", "cannot make the pod's namespaces"
+        self.prefix = ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net"]
+        self.sidecar = [*self.prefix, f"--mount=/proc/{self.holder.pid}/ns/mnt"]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, command: list[str], log: Path, prefix: list[str] | None = None, **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [*(self.prefix if prefix is None else prefix), *command],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                **kwargs,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def get(self, host: str, port: int, path: str, hostname: str = "pod") -> tuple[int, str]:
+        done = subprocess.run(
+            [*self.prefix, sys.executable, "-c", _GET, host, str(port), path, hostname],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        assert done.returncode == 0, done.stderr
+        status, body = json.loads(done.stdout)
+        return status, body
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc)
+        self.holder.kill()
+        self.holder.wait()
+
+
+@pytest.fixture(params=[False, True], ids=["plaintext-xds", "mtls-xds"])
+def tls(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
+    """None, or a TLS directory: the control plane runs with --tls-dir and the sidecar gets
+    its client files from a Secret."""
+    if not request.param:
+        return None
+    init_dir(tmp_path / "tls")
+    return tmp_path / "tls"
+
+
+@pytest.fixture
+def pod(tls: Path | None) -> Iterator[Pod]:
+    namespace = Pod(tls)
+    try:
+        yield namespace
+    finally:
+        namespace.close()
+
+
+def wait_for(check: Callable[[], Any], what: str, logs: list[Path]) -> Any:
+    deadline = time.monotonic() + WAIT
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in logs)
+            raise AssertionError(f"{what}: not within {WAIT:g}s\n{tails}")
+        time.sleep(0.2)
+
+
+def test_injected_sidecar_in_a_pod_network_namespace(
+    pod: Pod, tls: Path | None, tmp_path: Path
+) -> None:
+    template = inject_pod(
+        {
+            "metadata": {"labels": {"tasklane.io/service": "web", "tasklane.io/group": "default"}},
+            "spec": {
+                "containers": [
+                    {"name": "app", "image": "x", "ports": [{"containerPort": APP_PORT}]}
+                ]
+            },
+        },
+        InjectOptions(
+            xds_host="127.0.0.1",
+            xds_port=PLANE_PORTS["xds"],
+            tls_secret=None if tls is None else "tasklane-sidecar-tls",
+        ),
+    )
+    args = [
+        kubelet_expand(a, {"POD_NAME": POD_NAME, "POD_IP": POD_IP})
+        for a in sidecar_of(template)["args"]
+    ]
+    app_log, envoy_log = tmp_path / "app.log", tmp_path / "envoy.log"
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "index.html").write_text("hello from the app\n")
+    pod.start(
+        [sys.executable, "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"],
+        app_log,
+        cwd=tmp_path / "www",
+    )
+    envoy = pod.start([str(envoy_binary()), *args], envoy_log, pod.sidecar)
+    logs = [envoy_log, app_log]
+
+    # No control plane yet: Envoy runs (its admin on 127.0.0.1 says it is initializing) but
+    # opens no listener before its first config, so the kubelet's probes are refused: failures.
+    status, body = wait_for(
+        lambda: (answer := pod.get("127.0.0.1", ADMIN_PORT, "/ready"))[0] and answer,
+        "the admin",
+        logs,
+    )
+    assert (status, body.strip()) in {(503, "PRE_INITIALIZING"), (503, "INITIALIZING")}
+    assert pod.get(POD_IP, READY_PORT, "/ready") == (0, "ConnectionRefusedError")
+    assert envoy.poll() is None
+
+    # The control plane comes up (in the same namespace here) and serves the service.
+    tls_options = [] if tls is None else ["--tls-dir", str(tls)]
+    up = launch(
+        [*pod.prefix, *TASKLANE], tmp_path, PLANE_PORTS, options=[*tls_options, "--accept-announce"]
+    )
+    pod.procs.append(up.proc)
+    assert wait_ready(up), up.stderr()
+    logs.append(up.err)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    applied = subprocess.run(
+        [*pod.prefix, *TASKLANE, "apply", "-f", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env={**os.environ, "TASKLANE_SERVER": "http://127.0.0.1:8080", "TASKLANE_TOKEN": up.token},
+    )
+    assert applied.returncode == 0, applied.stderr
+    wait_for(lambda: pod.get(POD_IP, READY_PORT, "/ready") == (200, "LIVE\n"), "ready", logs)
+    # The probe listener passes /ready on, and nothing else of the admin.
+    assert pod.get(POD_IP, READY_PORT, "/ready?verbose=1") == (200, "LIVE\n")
+    for path in ("/stats", "/config_dump", "/quitquitquit", "/ready/x", "/"):
+        assert pod.get(POD_IP, READY_PORT, path)[0] == 404, path
+    assert pod.get(POD_IP, ADMIN_PORT, "/ready") == (0, "ConnectionRefusedError")
+
+    # Inbound: other sidecars call the announced address, the pod IP.
+    status, body = wait_for(
+        lambda: (answer := pod.get(POD_IP, INBOUND_PORT, "/", "web"))[0] == 200 and answer,
+        "the app through the inbound listener",
+        logs,
+    )
+    assert body == "hello from the app\n"
+    status, text = pod.get("127.0.0.1", PLANE_PORTS["http"], "/api/v1/status")
+    assert status == 200
+    nodes = json.loads(text)
+    assert f"web|default|{POD_NAME}" in json.dumps(nodes), nodes
+
+    # Registered from its xDS stream at the address it announced (tasklane up --accept-announce).
+    def announced() -> list[dict[str, Any]]:
+        status, text = pod.get("127.0.0.1", PLANE_PORTS["http"], "/api/v1/instances")
+        assert status == 200, text
+        return [i for i in json.loads(text)["items"] if i["id"] == f"web|default|{POD_NAME}"]
+
+    found = wait_for(announced, "the announced instance", logs)
+    assert [(i["service"], i["group"], i["host"], i["inbound_port"]) for i in found] == [
+        ("web", "default", POD_IP, INBOUND_PORT)
+    ]
+    assert envoy.poll() is None
