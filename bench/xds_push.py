@@ -42,7 +42,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.server import AdsServer, Observer, serve, tune_gc
+from controlplane.xds.server import AdsServer, Observer, collect_young, serve, tune_gc
 from controlplane.xds.snapshot import Resource, Snapshot, state_version
 from controlplane.xds.status import NodeStatus, StatusBoard
 from controlplane.xds.stream import Push
@@ -178,6 +178,7 @@ class BenchServer:
 
     async def run(self) -> None:
         server, port = await serve(self.ads, "127.0.0.1:0")
+        collector = asyncio.create_task(collect_young())  # as ControlPlane.start does
         for role in self.roles:
             self.cache.set_snapshot(role, self.snapshot(role, 0)[0])
         loop = asyncio.get_running_loop()
@@ -192,6 +193,7 @@ class BenchServer:
                 handler = getattr(self, "cmd_" + command["cmd"])
                 self._reply(await handler(**command.get("args", {})))
         finally:
+            collector.cancel()
             if self.profiler is not None:
                 self.profiler.dump_stats(self.profile_path)
             await server.stop(grace=0)

@@ -46,7 +46,7 @@ from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import STATIC_CLUSTERS
-from controlplane.xds.server import AdsServer, Observers, serve, tune_gc
+from controlplane.xds.server import AdsServer, Observers, collect_young, serve, tune_gc
 from controlplane.xds.status import StatusBoard
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class ControlPlane:
             self._webhook_tls = server_ssl_context(tls_dir)
         self._inject_options = inject_options or InjectOptions()
         self._webhook: web.AppRunner | None = None
+        self._collector: asyncio.Task | None = None
         self.host = host
         self.xds_port = xds_port
         self.http_port = http_port
@@ -175,6 +176,7 @@ class ControlPlane:
         """
         self._check_ports()
         tune_gc()
+        self._collector = asyncio.create_task(collect_young())
         try:
             self.api_token.load()
             if self.etcd is not None:
@@ -289,6 +291,9 @@ class ControlPlane:
     async def stop(self) -> None:
         """Stop HTTP, gRPC, the sync, leave the leader election (the next replica leads at
         once), close the store, then stop etcd. Safe to call twice."""
+        if self._collector is not None:
+            self._collector.cancel()
+            self._collector = None
         for runner in (self._webhook, self._http):
             if runner is not None:
                 await runner.cleanup()

@@ -45,7 +45,7 @@ from controlplane import pki
 from controlplane.api.auth import TOKEN_FILE
 from controlplane.errors import TasklaneError
 from controlplane.inject.webhook import PATH as WEBHOOK_PATH
-from controlplane.model.rules import _DNS_LABEL
+from controlplane.model.rules import DNS_LABEL
 
 Manifest = dict[str, Any]
 
@@ -101,7 +101,7 @@ class Options:
             ("--namespace", self.namespace),
             ("--workload-namespace", self.workload_namespace),
         ):
-            if not _DNS_LABEL.fullmatch(value):
+            if not DNS_LABEL.fullmatch(value):
                 raise ManifestError(
                     f"{option} {value!r}: not a namespace name (lower-case letters, digits and "
                     "'-', starting and ending with a letter or digit, at most 63 characters)"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.errors import TasklaneError
-from controlplane.model.rules import _DNS_LABEL, _NAME_RULE
+from controlplane.model.rules import DNS_LABEL, NAME_RULE
 from controlplane.model.text import describe, quote
 from controlplane.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsFiles
 from controlplane.runtime.envoy import render_bootstrap
@@ -156,8 +156,8 @@ def identity(labels: Mapping[str, str], field: str) -> tuple[str, str] | None:
         other = LABEL_GROUP if key == LABEL_SERVICE else LABEL_SERVICE
         if value is None:
             raise InjectError(f"{field}[{key}]", f"missing: the pod has {other} but not {key}")
-        if not _DNS_LABEL.fullmatch(value):
-            raise InjectError(f"{field}[{key}]", f"{quote(value)} is not valid ({_NAME_RULE})")
+        if not DNS_LABEL.fullmatch(value):
+            raise InjectError(f"{field}[{key}]", f"{quote(value)} is not valid ({NAME_RULE})")
     assert service is not None and group is not None
     return service, group
 

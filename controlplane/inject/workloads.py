@@ -24,7 +24,7 @@ from controlplane.inject.pod import (
     mapping,
     opted_out,
 )
-from controlplane.model.load import _documents
+from controlplane.model.load import yaml_documents
 from controlplane.model.text import describe, quote
 
 # (API group, kind) -> where the pod template is; "" is the core group (v1).
@@ -43,7 +43,7 @@ def inject_text(text: str, filename: str, options: InjectOptions) -> str:
     """Every document of a YAML stream, injected where it applies; TasklaneError naming the
     file, the document (1-based, empty ones count) and the field at the first problem."""
     out: list[Any] = []
-    for number, doc in _documents(text, filename):
+    for number, doc in yaml_documents(text, filename):
         if doc is None:
             continue
         try:

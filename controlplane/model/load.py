@@ -79,13 +79,14 @@ def load_text(text: str, filename: str) -> list[Parsed]:
     """Load every non-empty document of one YAML stream; `filename` is used in messages."""
     return [
         Parsed(from_document(doc, f"{filename}: document {number}"), filename, number)
-        for number, doc in _documents(text, filename)
+        for number, doc in yaml_documents(text, filename)
         if doc is not None
     ]
 
 
-def _documents(text: str, filename: str) -> Iterator[tuple[int, object]]:
-    """(number, data) per document, data None for an empty one."""
+def yaml_documents(text: str, filename: str) -> Iterator[tuple[int, object]]:
+    """(number, data) per document, data None for an empty one; a RuleError naming the file
+    and document for YAML that cannot be read (syntax, depth, aliases: see _Loader)."""
     completed = 0
     try:
         loader = _Loader(text)

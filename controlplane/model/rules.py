@@ -32,8 +32,9 @@ DEFAULT_TIMEZONE = "UTC"
 MAX_REQUESTS_PER_SECOND = 1_000_000_000
 MAX_BURST = 2**32 - 1
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_NAME_RULE = (
+# Names of services, groups, chains and tasks (DNS labels), and how errors describe them.
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+NAME_RULE = (
     "lower-case letters, digits and '-', starting and ending with a letter or digit, "
     "at most 63 characters"
 )
@@ -357,7 +358,7 @@ def _label(doc: object) -> str:
     name = metadata.get("name") if isinstance(metadata, dict) else None
     shown_name = None
     if isinstance(name, str) and name:
-        shown_name = name if _DNS_LABEL.fullmatch(name) else quote(name)
+        shown_name = name if DNS_LABEL.fullmatch(name) else quote(name)
     if isinstance(kind, str) and kind in KINDS:
         return f"{kind} {shown_name}" if shown_name else f"{kind}, name missing"
     kind_text = "kind missing" if kind is None else "unknown kind"
@@ -591,9 +592,9 @@ def _task(reader: _Reader, name: str, spec: object) -> ScheduledTask:
         reader.fail("spec.replicas", f"expected a mapping, got {describe(replicas)}")
     counts: list[tuple[str, int]] = []
     for service in replicas:
-        if not isinstance(service, str) or not _DNS_LABEL.fullmatch(service):
+        if not isinstance(service, str) or not DNS_LABEL.fullmatch(service):
             shown = quote(service) if isinstance(service, str) else describe(service)
-            reader.fail("spec.replicas", f"{shown} is not a valid service name ({_NAME_RULE})")
+            reader.fail("spec.replicas", f"{shown} is not a valid service name ({NAME_RULE})")
         counts.append((service, reader.integer(replicas, "spec.replicas", service)))
     return ScheduledTask(
         name=name,
@@ -660,8 +661,8 @@ class _Reader:
     def name(self, fields: dict[Any, Any], path: str, key: str, noun: str) -> str:
         """A DNS-1123 label: names end up in Envoy resource names and etcd keys."""
         value = self.string(fields, path, key)
-        if not _DNS_LABEL.fullmatch(value):
-            self.fail(_join(path, key), f"{quote(value)} is not a valid {noun} ({_NAME_RULE})")
+        if not DNS_LABEL.fullmatch(value):
+            self.fail(_join(path, key), f"{quote(value)} is not a valid {noun} ({NAME_RULE})")
         return value
 
     def choice(

@@ -41,6 +41,19 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+# With that threshold young garbage in reference cycles (e.g. each closed HTTP connection's
+# asyncio transport: ~500 a minute from `tasklane run` keep-alives) waited minutes for a
+# collection and RSS climbed meanwhile (bench/soak.py); a timed young collection frees it.
+YOUNG_COLLECTION_INTERVAL = 10.0
+
+
+async def collect_young(interval: float = YOUNG_COLLECTION_INTERVAL) -> None:
+    """Collect generations 0 and 1 every `interval` seconds, until cancelled; with tune_gc."""
+    while True:
+        await asyncio.sleep(interval)
+        gc.collect(1)
+
+
 def role_of(node: base_pb2.Node) -> str:
     """The role a node plays: "service|group", from its metadata or from `node.cluster`
     (written "service" or "service|group")."""

@@ -139,15 +139,16 @@ def dump(docs: list[object]) -> str:
 
 
 def check(stored: RuleSet, text: str) -> None:
-    """The property: success, or a one-line RuleError starting with the file name, quickly."""
-    started = time.monotonic()
+    """The property: success, or a one-line RuleError starting with the file name, quickly
+    (in CPU time: on a loaded machine wall time also counts other processes' turns)."""
+    started = time.process_time()
     try:
         apply(stored, load_text(text, FILE))
     except RuleError as error:
         message = str(error)
         assert "\n" not in message and "\r" not in message, message
         assert message.startswith(f"{FILE}:"), message
-    assert time.monotonic() - started < 2.0
+    assert time.process_time() - started < 2.0
 
 
 @FUZZ
