@@ -360,7 +360,7 @@ def test_a_sidecar_that_nacks_is_reported_and_the_others_keep_serving(
             15,
             "the new sidecar routes dyed requests",
         )
-        with Load(mesh.egress) as load, Load(ports["egress"], threads=4) as own:
+        with Load(mesh.egress) as load, Load(ports["egress"], threads=4, target=30) as own:
             load.wait_sent(150)
             # A `loose` chain: every sidecar gets the aggregate cluster nav-pricing|burst|loose.
             mesh.apply(rules_with(add=[LOOSE_CHAIN]), tmp_path)
@@ -479,10 +479,11 @@ def test_rule_changes_under_load(mesh: Mesh, tmp_path: Path) -> None:
         synced_after.append(time.monotonic() - started)
         return time.monotonic()
 
-    main = Load(mesh.egress, threads=16, judge=judge_weighted)
+    main = Load(mesh.egress, threads=16, target=120, judge=judge_weighted)
     probe = Load(
         mesh.egress,
         threads=4,
+        target=90,
         service="nav-pricing",
         requests=(("probe", {"x-task-dye": PROBE}),),
         judge=judge_probe,

@@ -240,12 +240,13 @@ class Load:
     or the gateway): counts every verdict, keeps when each request started and what it got,
     and a few samples of the bad ones.
 
-    `pause` is per thread between requests: `threads` / (latency + pause) requests per second
-    in all (about 150/s with the defaults on the fund-yield chain)."""
+    Paced: `target` requests per second in all, each thread sending on its own fixed schedule
+    (never faster, later when answers are slow), so the load does not depend on how fast the
+    apps answer (the rules' rate limits are sized for it)."""
 
     port: int
     threads: int = 20
-    pause: float = 0.02
+    target: float = 150.0
     service: str = "fund-facade"
     requests: Sequence[tuple[str, dict[str, str]]] = MIXED
     judge: Judge = judge_isolation
@@ -295,14 +296,16 @@ class Load:
     def _loop(self, offset: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT)
         turn = offset
+        interval = self.threads / self.target
+        due = time.monotonic() + interval * offset / self.threads  # spread the threads' turns
         try:
-            while not self._stop.is_set():
+            while not self._stop.wait(max(0.0, due - time.monotonic())):
                 kind, headers = self.requests[turn % len(self.requests)]
                 started = time.monotonic()
                 status, answer = self._request(conn, headers)
                 self._count(kind, status, answer, started)
                 turn += 1
-                self._stop.wait(self.pause)
+                due = max(due + interval, time.monotonic())
         finally:
             conn.close()
 
