@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
+from controlplane.telemetry.accounting import RATE_WINDOW_S
 from controlplane.xds.names import HEALTH_PATH
 from tests.support.mesh import Mesh, request, served_by
 from tests.support.plane import Plane, api_opener
@@ -129,10 +130,14 @@ def test_counters_match_the_traffic_sent(tmp_path: Path, delta: bool) -> None:
         assert send(client.egress_port, "fund-facade", baggage, dyed_baggage) == {
             (200, all_task): dyed_baggage
         }
+        dyed_sent = time.monotonic()
         assert send(client.egress_port, "fund-facade", {}, online) == {(200, all_default): online}
 
         dyed = dyed_header + dyed_baggage
         snap = settled(mesh, requests=len(CHAIN) * (dyed + online))
+        # Rates cover the last RATE_WINDOW_S complete seconds: on a loaded machine the
+        # dyed requests may be older than that by the time every log has arrived.
+        recent = time.monotonic() - dyed_sent < RATE_WINDOW_S - 2
         view = groups(snap, "fund-yield")
         for svc in CHAIN:
             task, default = view[svc, "task"], view[svc, "default"]
@@ -142,7 +147,8 @@ def test_counters_match_the_traffic_sent(tmp_path: Path, delta: bool) -> None:
                 assert entry["leaks"] == entry["errors_5xx"] == entry["rate_limited"] == 0
                 assert entry["fallbacks"] == {}
                 assert entry["p50_ms"] is not None and entry["p99_ms"] >= entry["p50_ms"]
-            assert task["rate_dyed"] > 0  # traffic of the last seconds
+            if recent:
+                assert task["rate_dyed"] > 0  # traffic of the last seconds
             assert snap["online"][svc]["default"]["online"] == online
         totals = snap["totals"]
         assert (totals["dyed"], totals["online"]) == (len(CHAIN) * dyed, len(CHAIN) * online)
