@@ -247,14 +247,14 @@ def _one_run(
     demo.cli("task", "start", task.name, "--id", run_id)
     print(f"\nscheduler: {task.name} run {run_id} started ({USERS_PER_RUN} users)")
     try:
-        wait_for(lambda: _task_groups_ready(demo, task), TASK_CAPACITY_WAIT_S, "task capacity")
+        wait_for(lambda: task_groups_ready(demo, task), TASK_CAPACITY_WAIT_S, "task capacity")
         run_task(demo.gateway_port, run_id, USERS_PER_RUN, tally, trust)
     finally:
         demo.cli("task", "finish", task.name, "--id", run_id)
         print(f"scheduler: {task.name} run {run_id} finished")
 
 
-def _task_groups_ready(demo: Demo, task: ScheduledTask) -> bool:
+def task_groups_ready(demo: Demo, task: ScheduledTask) -> bool:
     """Every hop group the task needs has its replicas ready."""
     replicas = demo.replicas()
     return all(replicas.get((service, "task"), (0, 0))[0] >= n for service, n in task.replicas)
