@@ -39,7 +39,7 @@ from typing import Any
 from controlplane.errors import RuntimeFailure, TasklaneError
 from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
-from controlplane.runtime.ports import free_port
+from controlplane.runtime.ports import free_port, port_in_use
 from controlplane.runtime.process import dying_with_parent, stop_process
 from controlplane.store.registry import KEEPALIVE_INTERVAL, Instance
 from controlplane.xds.names import HEALTH_PATH
@@ -59,6 +59,9 @@ STOP_TIMEOUT = 10.0
 # without it).
 DRAIN = 1.0
 POLL_INTERVAL = 0.05
+# The app's port is picked free, then bound by the app: another process may take it between
+# the two (seen with parallel tests), so a run whose app could not bind it tries new ports.
+PORT_ATTEMPTS = 3
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
 # The API token `tasklane run` may be given in its environment (api/auth.py): the app has no
 # business writing to the control plane, so it does not inherit it.
@@ -144,16 +147,30 @@ class _Run:
         status = self.api("GET", "/api/v1/status", None)
         xds = xds_address(self.options.server, status, self.options.tls)
         self._check_group()
+        for _ in range(PORT_ATTEMPTS):
+            code = self._run_on(xds, self._pick_ports())
+            if code is not None:
+                return code
+            log.warning("the app's port was taken before the app bound it: trying another")
+        raise RuntimeFailure(f"the app could not bind a free port in {PORT_ATTEMPTS} attempts")
+
+    def _pick_ports(self) -> _Ports:
         egress, inbound, admin = _distinct_ports(3, (self.options.port,))
         app_port = self.options.port or _distinct_ports(1, (egress, inbound, admin))[0]
-        ports = _Ports(egress, inbound, admin, app_port)
-        instance_id = f"{self.options.host}-{inbound}"
+        return _Ports(egress, inbound, admin, app_port)
+
+    def _run_on(self, xds: tuple[str, int], ports: _Ports) -> int | None:
+        """Run the instance on these ports until it ends; its exit code, or None when the app
+        could not bind the port we picked for it because another process took it first."""
+        instance_id = f"{self.options.host}-{ports.inbound}"
         with contextlib.ExitStack() as stack:
             work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tasklane-")))
             envoy = self._start_envoy(stack, xds, ports, instance_id, work_dir)
             app = self._start_app(stack, ports, instance_id)
             if not self._app_ready(app, ports):
                 log.error("the app exited with code %d before it was ready", app.returncode)
+                if self.options.port is None and port_in_use(ports.app):
+                    return None
                 return exit_code(app.returncode)
             registration = _Registration(self.api, self._instance(instance_id, ports, app.pid))
             registration.register()
@@ -175,7 +192,7 @@ class _Run:
                 registration.deregister()
             if app.poll() is None and not self.signals.stop:
                 raise RuntimeFailure(
-                    f"Envoy (admin :{admin}) exited; the app is stopped too. Its log:\n"
+                    f"Envoy (admin :{ports.admin}) exited; the app is stopped too. Its log:\n"
                     + envoy.log_tail()
                 )
             if drain and app.poll() is None:

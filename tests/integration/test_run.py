@@ -263,3 +263,32 @@ def test_runs_register_again_with_a_restarted_control_plane(plane: Plane, mesh: 
     status, answer = get(egress, "fund-facade", {"x-task-dye": "fund-yield"})
     assert (status, hops(answer)[-1]) == (200, ("nav-pricing", "task")), answer
     assert all("registered again" in run.stderr() for run in mesh.chain.values())
+
+
+# The first start of this app finds its $PORT taken by another process (the race between
+# `tasklane run` picking a free port and the app binding it), as a parallel test saw it.
+PORT_THIEF = """
+import os, pathlib, socket, sys, time
+marker = pathlib.Path(sys.argv[1])
+if not marker.exists():
+    marker.write_text(os.environ["PORT"])
+    thief = socket.socket()
+    thief.bind(("127.0.0.1", int(os.environ["PORT"])))
+    thief.listen()
+    if os.fork() == 0:  # keeps the port, in the app's process group, until that is killed
+        time.sleep(60)
+        os._exit(0)
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def test_an_app_port_taken_first_is_picked_again(plane: Plane, tmp_path: Path) -> None:
+    marker = tmp_path / "first-port"
+    command = [sys.executable, "-c", PORT_THIEF, str(marker), *chain_app("nav-pricing", "task")]
+    run = plane.registered(plane.launch("nav-pricing", "task", command))
+    try:
+        assert run.instance is not None and run.instance.app_port != int(marker.read_text())
+        assert "port was taken before the app bound it: trying another" in run.stderr()
+    finally:
+        stop_run(run)
