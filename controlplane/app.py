@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 ETCD_HOST = "127.0.0.1"
 # Sidecars hold ADS streams open forever; give them this long to see the server go away.
 GRPC_STOP_GRACE = 1.0
+# The longest request line the API reads (aiohttp's default is 8190 bytes).
+MAX_REQUEST_LINE = 65_536
 # Requests still running when the HTTP server stops get this long to finish.
 HTTP_STOP_GRACE = 2.0
 # After a restart longer than an instance lease's TTL, the registry is empty until each
@@ -278,7 +280,14 @@ class ControlPlane:
         return self.scaler.status() if self.scaler is not None else None
 
     async def _start_http(self) -> None:
-        self._http = web.AppRunner(self.http_app, access_log=None, shutdown_timeout=HTTP_STOP_GRACE)
+        self._http = web.AppRunner(
+            self.http_app,
+            access_log=None,
+            shutdown_timeout=HTTP_STOP_GRACE,
+            # aiohttp answers a longer request line itself, in text/plain; up to this our
+            # handlers answer, with the API's one-line JSON error (e.g. a 10 KB name).
+            max_line_size=MAX_REQUEST_LINE,
+        )
         await self._http.setup()
         try:
             await web.TCPSite(self._http, self.host, self.http_port).start()
