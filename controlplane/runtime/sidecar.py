@@ -151,8 +151,8 @@ class _Run:
             code = self._run_on(xds, self._pick_ports())
             if code is not None:
                 return code
-            log.warning("the app's port was taken before the app bound it: trying another")
-        raise RuntimeFailure(f"the app could not bind a free port in {PORT_ATTEMPTS} attempts")
+            log.warning("a port picked for this instance was taken first: trying others")
+        raise RuntimeFailure(f"no free ports could be bound in {PORT_ATTEMPTS} attempts")
 
     def _pick_ports(self) -> _Ports:
         egress, inbound, admin = _distinct_ports(3, (self.options.port,))
@@ -160,12 +160,20 @@ class _Run:
         return _Ports(egress, inbound, admin, app_port)
 
     def _run_on(self, xds: tuple[str, int], ports: _Ports) -> int | None:
-        """Run the instance on these ports until it ends; its exit code, or None when the app
-        could not bind the port we picked for it because another process took it first."""
+        """Run the instance on these ports until it ends; its exit code, or None when Envoy
+        or the app could not bind a port picked for them because another process took it."""
         instance_id = f"{self.options.host}-{ports.inbound}"
         with contextlib.ExitStack() as stack:
             work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tasklane-")))
-            envoy = self._start_envoy(stack, xds, ports, instance_id, work_dir)
+            try:
+                envoy = self._start_envoy(stack, xds, ports, instance_id, work_dir)
+            except RuntimeFailure:  # its ports are free again, unless another process has one
+                envoy_ports = (ports.egress, ports.admin)
+                if port_in_use(ports.inbound, self.options.host) or any(
+                    port_in_use(port) for port in envoy_ports
+                ):
+                    return None
+                raise
             app = self._start_app(stack, ports, instance_id)
             if not self._app_ready(app, ports):
                 log.error("the app exited with code %d before it was ready", app.returncode)

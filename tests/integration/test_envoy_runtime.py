@@ -1,5 +1,6 @@
 """Real Envoy binaries: the ADS-only bootstrap validates, and EnvoyProcess starts, reports its
-state, fails loudly and never outlives its parent. No control plane is needed here."""
+state, fails loudly, never outlives its parent and never shares a port with another sidecar
+(that one test needs a control plane: listeners bind once the config arrived)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ from controlplane.runtime.envoy import (
     parse_text_readouts,
     render_bootstrap,
 )
+from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import free_port
 from controlplane.runtime.process import stop_process
 from tests.support.echo_app import start_echo
+from tests.support.plane import Plane
 from tests.support.procs import gone, wait_gone
+from tests.support.rules import service
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -276,3 +280,25 @@ def test_echo_app_as_module() -> None:
     finally:
         stop_process(app, timeout=2)
     assert answer["name"] == "a"
+
+
+def test_two_sidecars_never_share_a_port(etcd_server: EmbeddedEtcd, tmp_path: Path) -> None:
+    """Given the same inbound port (a free-port race), the second sidecar fails instead of
+    silently sharing the port's connections with the first (Envoy's default SO_REUSEPORT)."""
+    plane = Plane(etcd_server.endpoint)
+    inbound = free_port()
+    try:
+        assert plane.apply_files({"rules.yaml": service("fund-facade")})[0] == 200
+        first = plane.sidecar(tmp_path / "first", "fund-facade|default", inbound_port=inbound)
+        second = plane.sidecar(tmp_path / "second", "fund-facade|task", inbound_port=inbound)
+        with first:
+            first.wait_ready()
+            socket.create_connection(("127.0.0.1", inbound), timeout=2).close()
+            with second:
+                with pytest.raises(RuntimeFailure):
+                    second.wait_ready(timeout=10)
+                assert "Address already in use" in second.log_tail(200), second.log_tail()
+                assert not second.running()  # it exits: `tasklane run` tries other ports at once
+            assert first.running()
+    finally:
+        plane.stop()

@@ -289,6 +289,6 @@ def test_an_app_port_taken_first_is_picked_again(plane: Plane, tmp_path: Path) -
     run = plane.registered(plane.launch("nav-pricing", "task", command))
     try:
         assert run.instance is not None and run.instance.app_port != int(marker.read_text())
-        assert "port was taken before the app bound it: trying another" in run.stderr()
+        assert "was taken first: trying others" in run.stderr()
     finally:
         stop_run(run)
