@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controlplane.errors import RuntimeFailure
 from controlplane.model.load import load_text
 from controlplane.model.rules import RuleSet
 from controlplane.model.validate import apply
@@ -30,7 +32,10 @@ from controlplane.xds.status import StatusBoard
 from controlplane.xds.translate import Translator
 from demo.chain_app import ChainApp, start_in_thread
 from tests.support.ads import AdsThread, RunningAds
+from tests.support.wait import wait_until
 
+# A sidecar whose picked ports another process took first is started again on new ones.
+PORT_ATTEMPTS = 3
 # (instance name, egress address) -> (app port, stop): how to start an app behind a sidecar.
 AppStarter = Callable[[str, tuple[str, int]], tuple[int, Callable[[], None]]]
 
@@ -138,6 +143,22 @@ class Mesh:
         """Start an app (a demo ChainApp calling `next_services`, unless `start_app` says how
         to start another one) and its sidecar, register it, wait until the sidecar is ready."""
         name = f"{service}/{group}/{sum(1 for i in self.instances if i.service == service) + 1}"
+        for _ in range(PORT_ATTEMPTS):
+            instance = self._start(service, group, name, next_services, start_app)
+            if instance is not None:
+                return instance
+        raise AssertionError(f"{name}: no free ports in {PORT_ATTEMPTS} attempts")
+
+    def _start(
+        self,
+        service: str,
+        group: str,
+        name: str,
+        next_services: Sequence[str],
+        start_app: AppStarter | None,
+    ) -> Instance | None:
+        """The instance, ready; None when another process took a port picked for its sidecar
+        first (free ports are only free until bound): the caller picks again."""
         egress, inbound = free_port(), free_port()
         if start_app is None:
             app = ChainApp(service, group, name, list(next_services), ("127.0.0.1", egress))
@@ -167,7 +188,15 @@ class Mesh:
         self.instances.append(instance)
         envoy.start()
         self.publish()
-        envoy.wait_ready()
+        try:
+            envoy.wait_ready()
+            for port in (egress, inbound):  # bound once the config arrived
+                wait_until(lambda p=port: _accepts(p), timeout=10, what=f"{name} listens")
+        except (RuntimeFailure, AssertionError):
+            if "Address already in use" not in envoy.log_tail(200):
+                raise
+            self.remove(instance)
+            return None
         return instance
 
     def remove(self, instance: Instance) -> None:
@@ -185,6 +214,12 @@ class Mesh:
                 if status.last_nack is not None:
                     out[f"{node.node_id} {type_url}"] = status.last_nack.message
         return out
+
+
+def _accepts(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
 
 
 def request(
