@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -16,7 +15,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -35,59 +33,17 @@ from controlplane.store.runs import (
     start_run,
     watch_runs,
 )
-from tests.support.plane import Plane as BasePlane
 from tests.support.plane import api_opener
+from tests.support.runs import Plane, plane_with_rules
 
 REPO = Path(__file__).resolve().parents[2]
-RULES = REPO / "tests" / "rules" / "good" / "fund-yield.yaml"
 TASKLANE = [sys.executable, "-m", "controlplane"]
 
 pytestmark = pytest.mark.timeout(120)
 
-_names = itertools.count(1)
-
-
-class Plane(BasePlane):
-    """The control plane; tasks are added to the rules through the API."""
-
-    def call(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
-        return self.request(method, path, body)
-
-    def apply(self, text: str) -> None:
-        status, body = self.apply_files({"t": text})
-        assert status == 200, body
-
-    def new_task(self, chain: str = "fund-yield", replicas: str = "{fund-facade: 1}") -> str:
-        """A ScheduledTask of the test's own (tests share one etcd) on a chain of RULES."""
-        name = f"task-{next(_names)}"
-        self.apply(
-            f"""apiVersion: tasklane.io/v1
-kind: ScheduledTask
-metadata: {{name: {name}}}
-spec:
-  chain: {chain}
-  schedule: "0 2 * * *"
-  timezone: Asia/Shanghai
-  expectedDuration: 1h
-  replicas: {replicas}
-"""
-        )
-        return name
-
-    def stored(self, task: str) -> dict[str, dict]:
-        """What etcd holds under the task's runs: key -> document."""
-        items, _ = self.store.get_prefix(f"runs/{task}/")
-        return {key: json.loads(value) for key, value in items.items()}
-
-
 @pytest.fixture(scope="module")
 def plane(etcd_endpoint_module: str) -> Iterator[Plane]:
-    plane = Plane(etcd_endpoint_module)
-    try:
-        plane.apply(RULES.read_text())
-        yield plane
-    finally:
-        plane.stop()
+    yield from plane_with_rules(etcd_endpoint_module)
 
 
 # --- the store -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controlplane.api import proto_gen
 from controlplane.api.proto_gen.tasklane.v1 import task_pb2, task_pb2_grpc
 from controlplane.store.runs import run_key
-from tests.integration.test_runs import RULES, Plane
+from tests.support.runs import Plane, plane_with_rules
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,12 +29,7 @@ FIRE = datetime.fromisoformat("2024-03-01T02:00:00+08:00").timestamp()
 
 @pytest.fixture(scope="module")
 def plane(etcd_endpoint_module: str) -> Iterator[Plane]:
-    plane = Plane(etcd_endpoint_module)
-    try:
-        plane.apply(RULES.read_text())
-        yield plane
-    finally:
-        plane.stop()
+    yield from plane_with_rules(etcd_endpoint_module)
 
 
 @pytest.fixture(scope="module")

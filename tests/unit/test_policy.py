@@ -21,7 +21,7 @@ from controlplane.scaler.policy import (
     hpa_recommendation,
 )
 from controlplane.scaler.profile import GroupKey
-from tests.unit.test_profile import at, rules, task
+from tests.support.profiles import at, rules, task
 
 FACADE = ("fund-facade", "task")
 ACCOUNT = ("account-svc", "task")
