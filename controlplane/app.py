@@ -46,7 +46,14 @@ from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import STATIC_CLUSTERS
-from controlplane.xds.server import AdsServer, Observers, collect_young, serve, tune_gc
+from controlplane.xds.server import (
+    AdsServer,
+    Observer,
+    Observers,
+    collect_young,
+    serve,
+    tune_gc,
+)
 from controlplane.xds.status import StatusBoard
 
 log = logging.getLogger(__name__)
@@ -135,8 +142,10 @@ class ControlPlane:
         )
         self._registered_memo: tuple[frozenset[str], dict[tuple[str, str], int]] | None = None
         self.announcements = Announcements(lambda: self.store) if accept_announce else None
-        observers = (self.telemetry.metrics.xds, self.announcements)
-        self.ads = AdsServer(self.cache, self.status, Observers(*filter(None, observers)))
+        observer: Observer = self.telemetry.metrics.xds  # called on every push: no fan-out
+        if self.announcements is not None:  # unless announcements need the stream events too
+            observer = Observers(observer, self.announcements)
+        self.ads = AdsServer(self.cache, self.status, observer)
         self.api_token = auth.ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
         self.http_app.middlewares.append(auth.middleware(self.api_token))

@@ -98,7 +98,11 @@ class ChainApp:
 
 def start_in_thread(app: ChainApp) -> tuple[int, Callable[[], None]]:
     """Serve app on a free port in a background thread; returns (port, stop)."""
-    server = app.serve()
+    return serve_in_thread(app.serve())
+
+
+def serve_in_thread(server: ThreadingHTTPServer) -> tuple[int, Callable[[], None]]:
+    """Serve a bound server in a background thread; returns (its port, stop)."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 

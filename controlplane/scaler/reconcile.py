@@ -20,7 +20,7 @@ from controlplane.scaler.actuators import Actuator
 from controlplane.scaler.inflight import in_flight
 from controlplane.scaler.policy import Decision, Observation, Policy, PolicyConfig
 from controlplane.scaler.profile import managed_groups
-from controlplane.store.decisions import record_decision
+from controlplane.store.decisions import record_decisions
 from controlplane.store.etcd import Store
 from controlplane.store.registry import list_instances
 from controlplane.store.runs import list_runs
@@ -99,14 +99,7 @@ class Scaler:
                 decision.replicas,
                 decision.reason,
             )
-            record_decision(
-                store,
-                decision.service,
-                decision.group,
-                decision.replicas,
-                decision.reason,
-                decision.at,
-            )
+        record_decisions(store, decisions)
         # Re-assert every managed group (and the last word on groups no longer managed).
         targets = {**self._policy.desired, **{(d.service, d.group): d for d in decisions}}
         for (service, group), decision in targets.items():

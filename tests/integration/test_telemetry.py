@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.telemetry.accounting import RATE_WINDOW_S
 from controlplane.xds.names import HEALTH_PATH
+from demo.chain_app import serve_in_thread
 from tests.support.mesh import Mesh, request, served_by
 from tests.support.plane import Plane, api_opener
 from tests.support.rules import chain, service
@@ -259,15 +259,7 @@ def _dye_dropper(name: str, egress: tuple[str, int]) -> tuple[int, Callable[[], 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _DropsTheDye)
     server.daemon_threads = True
     server.egress = egress  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-    return server.server_address[1], stop
+    return serve_in_thread(server)
 
 
 def test_dyed_request_called_on_undyed_is_a_propagation_break(tmp_path: Path) -> None:

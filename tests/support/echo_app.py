@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from demo.chain_app import serve_in_thread
 
 
 class EchoHandler(BaseHTTPRequestHandler):
@@ -55,16 +56,7 @@ def make_server(name: str, port: int = 0, host: str = "127.0.0.1") -> ThreadingH
 
 def start_echo(name: str, host: str = "127.0.0.1") -> tuple[int, Callable[[], None]]:
     """Run an echo server in a background thread; returns (port, stop)."""
-    server = make_server(name, 0, host)
-    thread = threading.Thread(target=server.serve_forever, name=f"echo-{name}", daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-    return server.server_address[1], stop
+    return serve_in_thread(make_server(name, 0, host))
 
 
 def main(argv: list[str] | None = None) -> None:
