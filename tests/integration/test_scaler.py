@@ -83,7 +83,8 @@ def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
 
         ready = wait_until(lambda: len(task_instances()) == 2 and task_instances(), 60, "2 up")
         started = [i["pid"] for i in ready]
-        served = dyed_request(ready[0]["egress_port"])
+        # Callers route to a new instance once their first health check of it passed.
+        served = wait_until(lambda: dyed_request(ready[0]["egress_port"]), 10, "dyed routed")
         assert datetime.now(UTC) < fire, "pre-warm came too late to prove anything"
         assert served == [("nav-pricing", "task")]
 
@@ -115,13 +116,17 @@ def cp_url(control_plane) -> str:
     return f"http://127.0.0.1:{control_plane.http_port}"
 
 
-def dyed_request(egress_port: int) -> list[tuple[str, str]]:
-    """A dyed request through an instance's own egress; the hops that served it."""
+def dyed_request(egress_port: int) -> list[tuple[str, str]] | None:
+    """A dyed request through an instance's own egress; the hops that served it, None
+    unless it was answered 200."""
     conn = http.client.HTTPConnection("127.0.0.1", egress_port, timeout=10)
     try:
         conn.request("GET", "/", headers={"Host": "nav-pricing", "x-task-dye": "fund-yield"})
         response = conn.getresponse()
-        body = json.loads(response.read())
+        text = response.read()
+        if response.status != 200:
+            return None
+        body = json.loads(text)
     finally:
         conn.close()
     return [(hop["service"], hop["group"]) for hop in body.get("hops", [])]
