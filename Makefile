@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench proto clean
+.PHONY: demo test test-fast lint bench proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest -n 2 tests
+
+# Unit and in-process tests only (no etcd, Envoy or browser): about a minute.
+test-fast: $(STAMP) lint
+	$(BIN)/pytest -n 2 -m "not (integration or faults or browser or e2e)" tests
 
 # Benchmarks print tables (not tests). The data-plane one needs wrk (apt-get install wrk) and
 # falls back to a slower Python client, labelled as such, without it.
