@@ -1,6 +1,6 @@
 """Data-plane benchmark: what routing dyed requests by chain costs inside one real sidecar.
 
-One Envoy sidecar (envoy/sidecar.yaml, `--concurrency 1`) is fed over ADS by the real
+One Envoy sidecar (templates/sidecar.yaml, `--concurrency 1`) is fed over ADS by the real
 `Translator` with 1, 100 and 1000 chains, each with a hop on `target-svc`, so that service's
 virtual host holds that many dyes in its matcher tree (and as many baggage regexes). The load
 (`x-task-dye: <the last chain's dye>`, `Host: target-svc`) goes to its egress listener and on

@@ -1,5 +1,7 @@
 """The control plane as one object: etcd, the store, the xDS server and the HTTP API.
 
+It is the API's context (api/context.py): the handlers see only that narrow seam.
+
 `tasklane up` (and later the demo and in-process tests) need the same pieces started in the
 same order and stopped in the reverse one, with nothing left running when a step fails.
 The sync (rules and instances in etcd -> snapshots) publishes its first build before xDS
@@ -15,6 +17,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -34,6 +37,7 @@ from controlplane.api.task_service import TaskService
 from controlplane.errors import RuntimeFailure, StoreError
 from controlplane.inject.pod import InjectOptions
 from controlplane.inject.webhook import server_ssl_context, start_webhook
+from controlplane.model.rules import RuleSet
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import port_in_use
 from controlplane.scaler.actuators import Actuator
@@ -134,18 +138,18 @@ class ControlPlane:
         self.etcd_endpoint = etcd_endpoint
         self.cache = SnapshotCache(STATIC_CLUSTERS)
         self.sync = Sync(self.cache)
-        self.status = StatusBoard()
+        self.status_board = StatusBoard()
         # Access logs, isolation accounting and Prometheus metrics (xDS events come through
         # the ADS server's observer; ALS shares the xDS gRPC port).
         self.telemetry = Telemetry(
-            lambda: self.sync.rules, self._registered, self.status, self._scaler_status
+            lambda: self.sync.rules, self._registered, self.status_board, self._scaler_status
         )
         self._registered_memo: tuple[frozenset[str], dict[tuple[str, str], int]] | None = None
         self.announcements = Announcements(lambda: self.store) if accept_announce else None
         observer: Observer = self.telemetry.metrics.xds  # called on every push: no fan-out
         if self.announcements is not None:  # unless announcements need the stream events too
             observer = Observers(observer, self.announcements)
-        self.ads = AdsServer(self.cache, self.status, observer)
+        self.ads = AdsServer(self.cache, self.status_board, observer)
         self.api_token = auth.ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
         self.http_app.middlewares.append(auth.middleware(self.api_token))
@@ -219,6 +223,33 @@ class ControlPlane:
             await self.stop()
             raise
         log.info("control plane running (etcd at %s)", self.etcd_endpoint)
+
+    # --- the API's context (api/context.py) ----------------------------------------------
+
+    def rules(self) -> RuleSet:
+        return self.sync.rules
+
+    async def published(self, key: str, present: bool, timeout: float) -> bool:
+        return await self.sync.wait_until(
+            lambda: (key in self.sync.instance_keys) == present, timeout
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "etcd": {"endpoint": self.etcd_endpoint, "embedded": self.etcd is not None},
+            "xds": self.xds_status(),
+            "roles": self.cache.roles(),
+            "nodes": [node.to_json() for node in self.status_board.nodes()],
+            "sync": self.sync.status(),
+            "leadership": self.leadership.to_json(),
+            "scaler": self._scaler_status(),
+        }
+
+    def isolation(self) -> dict[str, Any]:
+        return self.telemetry.accounting.snapshot()
+
+    def metrics(self) -> tuple[bytes, str]:
+        return self.telemetry.metrics.render()
 
     @property
     def xds_tls(self) -> bool:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from controlplane.api.http import error_response
+from controlplane.api.context import ApiContext
+from controlplane.api.http import ApiError
 from controlplane.errors import StoreError
 from controlplane.model.text import quote
 from controlplane.store.registry import (
@@ -32,18 +32,14 @@ from controlplane.store.registry import (
 )
 from controlplane.store.rules import load_rules
 
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
-
 # How long a (de)registration waits for the sync to publish it before answering anyway.
 PUBLISH_TIMEOUT = 2.0
 
 
-def routes(control_plane: ControlPlane) -> list[web.RouteDef]:
-    """The instances routes of one control plane, sharing its registrations by instance id."""
+def routes(context: ApiContext) -> list[web.RouteDef]:
+    """The instances routes, sharing their registrations by instance id."""
     ttl = DEFAULT_TTL
     registrations: dict[str, Registration] = {}
-    sync = control_plane.sync
 
     def forget_expired() -> None:
         """Drop registrations nobody renewed for two TTLs: their client is gone and etcd has
@@ -53,29 +49,26 @@ def routes(control_plane: ControlPlane) -> list[web.RouteDef]:
             if now - registration.renewed_at > 2 * ttl:
                 del registrations[instance_id]
 
-    def check_known(instance: Instance) -> str | None:
-        rules, _ = load_rules(control_plane.store)
+    def check_known(instance: Instance) -> None:
+        rules, _ = load_rules(context.store)
         service = rules.services.get(instance.service)
         if service is None:
-            return f"Service {quote(instance.service)} not found"
+            raise ApiError(404, f"Service {quote(instance.service)} not found")
         if instance.group not in {group.name for group in service.groups}:
-            return f"service {instance.service} has no group {quote(instance.group)}"
-        return None
+            raise ApiError(404, f"service {instance.service} has no group {quote(instance.group)}")
+
+    def not_registered(instance_id: str) -> ApiError:
+        return ApiError(404, f"instance {quote(instance_id)} is not registered here")
 
     async def create(request: web.Request) -> web.Response:
         try:
             instance = Instance.from_json(await request.json())
         except ValueError as exc:  # not JSON, or not an instance
-            return error_response(400, f"bad instance: {exc}")
-        try:
-            unknown = await asyncio.to_thread(check_known, instance)
-            if unknown is not None:
-                return error_response(404, unknown)
-            registration = await asyncio.to_thread(
-                register, control_plane.store, instance, ttl, keepalive=False
-            )
-        except StoreError as exc:
-            return error_response(503, str(exc))
+            raise ApiError(400, f"bad instance: {exc}") from None
+        await asyncio.to_thread(check_known, instance)
+        registration = await asyncio.to_thread(
+            register, context.store, instance, ttl, keepalive=False
+        )
         forget_expired()
         previous = registrations.get(instance.id)
         registrations[instance.id] = registration
@@ -84,9 +77,7 @@ def routes(control_plane: ControlPlane) -> list[web.RouteDef]:
             # unless the instance moved to another service or group.
             with contextlib.suppress(StoreError):  # the old lease then expires by itself
                 await asyncio.to_thread(previous.close)
-        published = await sync.wait_until(
-            lambda: instance.key in sync.instance_keys, PUBLISH_TIMEOUT
-        )
+        published = await context.published(instance.key, True, PUBLISH_TIMEOUT)
         return web.json_response(
             {"id": instance.id, "lease": registration.lease_id, "ttl": ttl, "published": published}
         )
@@ -95,35 +86,27 @@ def routes(control_plane: ControlPlane) -> list[web.RouteDef]:
         instance_id = request.match_info["id"]
         registration = registrations.get(instance_id)
         if registration is None:
-            return error_response(404, f"instance {quote(instance_id)} is not registered here")
-        try:
-            renewed = await asyncio.to_thread(registration.renew)
-        except StoreError as exc:
-            return error_response(503, str(exc))
-        if not renewed:  # deregistered meanwhile
-            return error_response(404, f"instance {quote(instance_id)} is not registered here")
+            raise not_registered(instance_id)
+        if not await asyncio.to_thread(registration.renew):  # deregistered meanwhile
+            raise not_registered(instance_id)
         return web.json_response({"id": instance_id, "lease": registration.lease_id, "ttl": ttl})
 
     async def delete(request: web.Request) -> web.Response:
         instance_id = request.match_info["id"]
         registration = registrations.pop(instance_id, None)
         if registration is None:
-            return error_response(404, f"instance {quote(instance_id)} is not registered here")
-        key = registration.instance.key
+            raise not_registered(instance_id)
         try:
             await asyncio.to_thread(registration.close)
         except StoreError as exc:
-            return error_response(503, f"{exc}; the instance expires in {ttl}s")
-        published = await sync.wait_until(lambda: key not in sync.instance_keys, PUBLISH_TIMEOUT)
+            raise StoreError(f"{exc}; the instance expires in {ttl}s") from exc
+        published = await context.published(registration.instance.key, False, PUBLISH_TIMEOUT)
         return web.json_response(
             {"id": instance_id, "action": "deregistered", "published": published}
         )
 
     async def list_all(request: web.Request) -> web.Response:
-        try:
-            instances, revision = await asyncio.to_thread(list_instances, control_plane.store)
-        except StoreError as exc:
-            return error_response(503, str(exc))
+        instances, revision = await asyncio.to_thread(list_instances, context.store)
         return web.json_response(
             {"items": [instance.to_json() for instance in instances], "revision": revision}
         )

@@ -27,22 +27,17 @@ number is derived from the access logs).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
+from controlplane.api.context import ApiContext
 
 
-def routes(control_plane: ControlPlane) -> list[web.RouteDef]:
-    telemetry = control_plane.telemetry
-
+def routes(context: ApiContext) -> list[web.RouteDef]:
     async def isolation(request: web.Request) -> web.Response:
-        return web.json_response(telemetry.accounting.snapshot())
+        return web.json_response(context.isolation())
 
     async def metrics(request: web.Request) -> web.Response:
-        body, content_type = telemetry.metrics.render()
+        body, content_type = context.metrics()
         # aiohttp refuses a charset inside content_type; the exposition format's is utf-8.
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type

@@ -11,28 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from controlplane.api.http import error_response
-from controlplane.errors import StoreError
+from controlplane.api.context import ApiContext
+from controlplane.api.http import ApiError
 from controlplane.scaler.profile import profile
 from controlplane.store.decisions import list_decisions
 from controlplane.store.runs import list_runs
 
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
-
 MAX_MINUTES = 7 * 1440
 
 
-def service_profile(control_plane: ControlPlane, service: str, minutes: int) -> dict[str, Any]:
+def service_profile(context: ApiContext, service: str, minutes: int) -> dict[str, Any]:
     """Blocking (etcd reads): the profile from the rules and run history, and decisions."""
-    rules = control_plane.sync.rules
+    rules = context.rules()
     now = time.time()
     start = now - now % 60
-    store = control_plane.store
+    store = context.store
     per_group = profile(rules, list_runs(store), start, minutes, now)
     return {
         "service": service,
@@ -43,21 +40,18 @@ def service_profile(control_plane: ControlPlane, service: str, minutes: int) -> 
     }
 
 
-def routes(control_plane: ControlPlane) -> list[web.RouteDef]:
+def routes(context: ApiContext) -> list[web.RouteDef]:
     async def get_profile(request: web.Request) -> web.Response:
         service = request.match_info["service"]
-        if service not in control_plane.sync.rules.services:
-            return error_response(404, f"no service {service!r}")
+        if service not in context.rules().services:
+            raise ApiError(404, f"no service {service!r}")
         try:
             minutes = int(request.query.get("minutes", "1440"))
         except ValueError:
-            return error_response(400, "minutes must be a whole number")
+            raise ApiError(400, "minutes must be a whole number") from None
         if not 1 <= minutes <= MAX_MINUTES:
-            return error_response(400, f"minutes must be within 1..{MAX_MINUTES}")
-        try:
-            body = await asyncio.to_thread(service_profile, control_plane, service, minutes)
-        except StoreError as exc:
-            return error_response(503, str(exc))
+            raise ApiError(400, f"minutes must be within 1..{MAX_MINUTES}")
+        body = await asyncio.to_thread(service_profile, context, service, minutes)
         return web.json_response(body)
 
     return [web.get("/api/v1/profile/{service}", get_profile)]

@@ -12,13 +12,14 @@ import asyncio
 import difflib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from aiohttp import web
 
-from controlplane.api.http import error_response
-from controlplane.errors import RuleError, StoreError
+from controlplane.api.context import ApiContext
+from controlplane.api.http import ApiError
+from controlplane.errors import RuleError
 from controlplane.model.load import load_text
 from controlplane.model.rules import KINDS, Rule, RuleSet, to_document
 from controlplane.model.text import quote
@@ -26,9 +27,6 @@ from controlplane.model.validate import apply as validate_apply
 from controlplane.model.validate import check_delete
 from controlplane.store.etcd import Store
 from controlplane.store.rules import ConcurrentChange, apply_rules, changes, load_rules
-
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +49,6 @@ KIND_ALIASES = {
 RETRIES = 1
 
 T = TypeVar("T")
-
-
-class ApiError(Exception):
-    """A refusal with its HTTP status; the message is the `error` of the response."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def resolve_kind(text: str) -> str:
@@ -198,32 +188,21 @@ def _apply_request(body: object) -> tuple[list[tuple[str, str]], bool]:
     return pairs, dry_run
 
 
-def routes(control_plane: ControlPlane) -> list[web.RouteDef]:
-    """The rules routes of one control plane, sharing one write lock."""
+def routes(context: ApiContext) -> list[web.RouteDef]:
+    """The rules routes, sharing one write lock."""
     writing = asyncio.Lock()
 
     async def run(call: Callable[..., dict[str, Any]], *args: Any) -> web.Response:
-        """Run a blocking call in a thread; map our errors to the API's one error shape."""
-        try:
-            return web.json_response(await asyncio.to_thread(call, control_plane.store, *args))
-        except ApiError as exc:
-            return error_response(exc.status, str(exc))
-        except RuleError as exc:
-            return error_response(400, str(exc))
-        except ConcurrentChange as exc:
-            return error_response(409, str(exc))
-        except StoreError as exc:
-            return error_response(503, str(exc))
+        """Run a blocking call in a worker thread (the loop also serves xDS)."""
+        return web.json_response(await asyncio.to_thread(call, context.store, *args))
 
     async def apply(request: web.Request) -> web.Response:
         try:
             files, dry_run = _apply_request(await request.json())
         except ValueError as exc:  # JSONDecodeError, or a body that is not UTF-8
-            return error_response(400, f"request body is not JSON: {exc}")
-        except ApiError as exc:
-            return error_response(exc.status, str(exc))
+            raise ApiError(400, f"request body is not JSON: {exc}") from None
         except web.HTTPRequestEntityTooLarge as exc:
-            return error_response(413, f"rule files too large for one apply: {exc.text}")
+            raise ApiError(413, f"rule files too large for one apply: {exc.text}") from None
         if dry_run:
             return await run(apply_files, files, True)
         async with writing:

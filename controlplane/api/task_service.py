@@ -11,11 +11,12 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controlplane.api.context import ApiContext
 from controlplane.api.proto_gen.tasklane.v1 import task_pb2
 from controlplane.errors import StoreError
 from controlplane.model.run import Run
@@ -25,9 +26,6 @@ from controlplane.store import runs as runs_store
 from controlplane.store.etcd import Store
 from controlplane.store.rules import load_rules
 from controlplane.store.runs import DuplicateRun, RunConflict, RunError, RunNotFound, UnknownTask
-
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
 
 SERVICE = "tasklane.v1.TaskService"
 DEFAULT_PROFILE_MINUTES = 24 * 60
@@ -68,8 +66,8 @@ def _seconds(stamp: Timestamp) -> float:
 class TaskService:
     """The servicer; `handler()` is what `xds.server.serve(extra_handlers=...)` takes."""
 
-    def __init__(self, control_plane: ControlPlane) -> None:
-        self._control_plane = control_plane
+    def __init__(self, context: ApiContext) -> None:
+        self._context = context
 
     def handler(self) -> grpc.GenericRpcHandler:
         """One unary handler per RPC of the proto's service, so an RPC added to the proto
@@ -90,7 +88,7 @@ class TaskService:
     ) -> T:
         """Run a blocking store call in a thread; refusals and etcd failures become statuses."""
         try:
-            return await asyncio.to_thread(call, self._control_plane.store, *args)
+            return await asyncio.to_thread(call, self._context.store, *args)
         except RunError as exc:
             await context.abort(status_code(exc), str(exc))
         except StoreError as exc:

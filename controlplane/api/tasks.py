@@ -17,27 +17,15 @@ import asyncio
 import json
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from controlplane.api.http import error_response
-from controlplane.errors import StoreError
+from controlplane.api.context import ApiContext
 from controlplane.model.text import describe
 from controlplane.store import runs as runs_store
 from controlplane.store.etcd import Store
-from controlplane.store.runs import RunConflict, RunError, RunNotFound, UnknownTask
-
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
-
-
-def http_status(exc: RunError) -> int:
-    if isinstance(exc, (UnknownTask, RunNotFound)):
-        return 404
-    if isinstance(exc, RunConflict):
-        return 409
-    return 400
+from controlplane.store.runs import RunError
 
 
 def parse_time(value: object) -> float:
@@ -79,16 +67,11 @@ async def _body(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any
     return body
 
 
-def routes(control_plane: ControlPlane) -> list[web.RouteDef]:
-    """The run routes of one control plane."""
+def routes(context: ApiContext) -> list[web.RouteDef]:
+    """The run routes."""
 
     async def answer(status: int, call: Callable[..., Any], *args: Any) -> web.Response:
-        try:
-            result = await asyncio.to_thread(call, control_plane.store, *args)
-        except RunError as exc:
-            return error_response(http_status(exc), str(exc))
-        except StoreError as exc:
-            return error_response(503, str(exc))
+        result = await asyncio.to_thread(call, context.store, *args)
         return web.json_response(result, status=status)
 
     def start(store: Store, task: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -107,17 +90,11 @@ def routes(control_plane: ControlPlane) -> list[web.RouteDef]:
         return {"task": task, "items": [runs_store.to_json(run) for run in runs]}
 
     async def post_start(request: web.Request) -> web.Response:
-        try:
-            body = await _body(request, ("id", "at"))
-        except RunError as exc:
-            return error_response(400, str(exc))
+        body = await _body(request, ("id", "at"))
         return await answer(201, start, request.match_info["task"], body)
 
     async def post_finish(request: web.Request) -> web.Response:
-        try:
-            body = await _body(request, ("id", "at", "outcome"))
-        except RunError as exc:
-            return error_response(400, str(exc))
+        body = await _body(request, ("id", "at", "outcome"))
         return await answer(200, finish, request.match_info["task"], body)
 
     async def get_runs(request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ from controlplane.pki import TlsFiles, is_ip
 from controlplane.runtime.process import dying_with_parent, stop_process
 from controlplane.xds.names import META_ANNOUNCE
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "envoy"
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"  # package data: a wheel ships them
 BOOTSTRAP_TEMPLATE = TEMPLATES / "bootstrap.yaml"
 XDS_TLS_TEMPLATE = "xds_tls.yaml"
 
@@ -45,7 +45,7 @@ def envoy_binary() -> Path:
 
 
 def _template(name: str, variables: Mapping[str, str | int]) -> dict:
-    """envoy/<name> rendered with `variables` (strings JSON-quoted) and parsed."""
+    """templates/<name> rendered with `variables` (strings JSON-quoted) and parsed."""
     quoted = {k: json.dumps(v) if isinstance(v, str) else int(v) for k, v in variables.items()}
     return yaml.safe_load(string.Template((TEMPLATES / name).read_text()).substitute(quoted))
 
@@ -69,11 +69,11 @@ def render_bootstrap(
 
     initial_fetch_timeout_s=0 keeps Envoy not ready until the control plane has sent CDS and
     LDS, so readiness means "has its config", not "gave up waiting". `parts` maps templates in
-    envoy/ (e.g. sidecar.yaml) to their variables; their listeners and clusters join the static
+    templates/ (e.g. sidecar.yaml) to their variables; their listeners and clusters join the static
     resources. `announce` ("ip:port" of the inbound listener) asks the control plane to register
     this sidecar's instance for as long as its xDS stream lasts (a pod has no `tasklane run`).
     `tls` (pki.client_files) connects to the control plane over TLS with these files, checking
-    that its certificate names `xds_host` (envoy/xds_tls.yaml).
+    that its certificate names `xds_host` (templates/xds_tls.yaml).
     """
     template = string.Template(BOOTSTRAP_TEMPLATE.read_text())
     text = template.substitute(

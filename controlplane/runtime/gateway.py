@@ -297,7 +297,7 @@ _ReadableDumper.add_representer(str, _block_strings)
 
 
 class GatewayEnvoy(EnvoyProcess):
-    """The gateway's Envoy: node role GATEWAY_ROLE, the static listener of envoy/gateway.yaml.
+    """The gateway's Envoy: node role GATEWAY_ROLE, the static listener of templates/gateway.yaml.
 
     The bootstrap holds the secret (inside the Lua script), so work_dir is made private.
     """

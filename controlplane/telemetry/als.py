@@ -1,5 +1,5 @@
 """Envoy's AccessLogService on the control plane's xDS port: every sidecar and the gateway
-stream their HTTP access logs here (envoy/sidecar.yaml, envoy/gateway.yaml: the
+stream their HTTP access logs here (templates/sidecar.yaml, templates/gateway.yaml: the
 `envoy.access_loggers.http_grpc` logger on the static `xds` cluster).
 
 Each stream is one Envoy's one logger: its first message names the node (id and the

@@ -11,7 +11,7 @@ STATIC_CLUSTERS = frozenset({LOCAL_APP_CLUSTER})
 HEALTH_PATH = "/.tasklane/health"  # answered by the inbound listener from the app's health
 GATEWAY_ROLE = "@gateway|default"  # never a service name: names are DNS labels
 LOCAL_RATE_LIMIT = "envoy.filters.http.local_ratelimit"
-# Node metadata of every sidecar (envoy/bootstrap.yaml): its role, and optionally the inbound
+# Node metadata of every sidecar (templates/bootstrap.yaml): its role, and optionally the inbound
 # address ("host:port") it asks to be registered at while its xDS stream lasts (announce.py).
 META_SERVICE, META_GROUP = "tasklane.service", "tasklane.group"
 META_ANNOUNCE = "tasklane.announce"

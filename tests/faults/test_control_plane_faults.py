@@ -24,7 +24,6 @@ import pytest
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.store.etcd import Store
 from controlplane.store.registry import DEFAULT_TTL
-from tests.fixtures_etcd import start_etcd
 from tests.support.chain import (
     DYE,
     GOOD,
@@ -41,6 +40,7 @@ from tests.support.chain import (
     hops,
     stop_run,
 )
+from tests.support.etcd import start_etcd
 from tests.support.procs import wait_gone
 from tests.support.up import (
     TASKLANE,

@@ -20,6 +20,8 @@ from tests.support.ads import (
     snap,
 )
 
+pytestmark = pytest.mark.in_process  # in-process server and clients: `make test-fast` runs it
+
 
 @MODES
 @async_test

@@ -85,7 +85,7 @@ def test_the_inline_dockerfile_copies_what_exists(services: dict[str, dict]) -> 
     assert build["context"] == "."
     copies = re.findall(r"^COPY (.+) \S+$", build["dockerfile_inline"], re.MULTILINE)
     sources = [source for line in copies for source in line.split()]
-    assert {"controlplane", "demo", "envoy", "proto", "pyproject.toml"} <= set(sources)
+    assert {"controlplane", "demo", "pyproject.toml"} <= set(sources)
     for source in sources:
         assert (ROOT / source).exists(), source
     # The image's user is the one the Kubernetes pods run as (Secrets readable by its group).

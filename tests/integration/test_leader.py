@@ -9,7 +9,7 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,7 @@ from controlplane.store.leader import DEFAULT_TTL, Leadership
 from controlplane.xds.client import AdsClient
 from controlplane.xds.types import CLUSTER
 from tests.support.up import EXIT_TIMEOUT, Up, get_json, start_up
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,16 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 # checks lease expiry every 500 ms, then the watch event and the status poll.
 TAKEOVER_MARGIN = 2.0
 SHORT_TTL = 2
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until condition() held; AssertionError naming `what` after timeout."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 class Candidates:
@@ -76,7 +67,7 @@ def candidates(etcd_server: EmbeddedEtcd) -> Iterator[Candidates]:
 
 def test_first_in_line_leads_and_stop_hands_over_at_once(candidates: Candidates) -> None:
     first, second = candidates.start(), candidates.start()
-    wait_for(lambda: second.leader_id == first.id, 5, "the second sees the first lead")
+    wait_until(lambda: second.leader_id == first.id, 5, "the second sees the first lead")
     assert first.is_leader and not second.is_leader
     assert first.leader_id == first.id
     assert first.to_json() == {
@@ -87,39 +78,41 @@ def test_first_in_line_leads_and_stop_hands_over_at_once(candidates: Candidates)
     }
 
     first.stop()
-    took = wait_for(lambda: second.is_leader, 5, "the second leads")
-    assert took < 1.0  # a stop deletes the key: no waiting for the lease to expire
+    stopped = time.monotonic()
+    wait_until(lambda: second.is_leader, 5, "the second leads")
+    # A stop deletes the key: no waiting for the lease to expire.
+    assert time.monotonic() - stopped < 1.0
     assert second.leader_id == second.id
     assert candidates.changes == {first.id: [True, False], second.id: [True]}
 
 
 def test_resign_hands_over_and_rejoins_at_the_back(candidates: Candidates) -> None:
     first, second = candidates.start(), candidates.start()
-    wait_for(lambda: first.is_leader, 5, "the first leads")
+    wait_until(lambda: first.is_leader, 5, "the first leads")
     first.resign()
     assert not first.is_leader  # at once, before the successor can lead
-    wait_for(lambda: second.is_leader, 5, "the second leads")
-    wait_for(lambda: first.leader_id == second.id, 5, "the first sees the second lead")
+    wait_until(lambda: second.is_leader, 5, "the second leads")
+    wait_until(lambda: first.leader_id == second.id, 5, "the first sees the second lead")
     store = Store.connect(candidates.endpoint)
     try:
         both = sorted([first.key, second.key])
-        wait_for(lambda: sorted(store.get_prefix("leader/test/")[0]) == both, 5, "it rejoins")
+        wait_until(lambda: sorted(store.get_prefix("leader/test/")[0]) == both, 5, "it rejoins")
     finally:
         store.close()
 
     second.stop()
-    wait_for(lambda: first.is_leader, 5, "the first leads again")
+    wait_until(lambda: first.is_leader, 5, "the first leads again")
     assert candidates.changes[first.id] == [True, False, True]
 
 
 def test_a_deleted_key_rejoins_the_line(candidates: Candidates) -> None:
     first, second = candidates.start(), candidates.start()
-    wait_for(lambda: first.is_leader, 5, "the first leads")
+    wait_until(lambda: first.is_leader, 5, "the first leads")
     store = Store.connect(candidates.endpoint)
     try:
         assert store.delete(first.key)  # by hand, as an operator forcing a handover would
-        wait_for(lambda: second.is_leader, 5, "the second leads")
-        wait_for(lambda: store.get(first.key) is not None, 5, "the first's key is back")
+        wait_until(lambda: second.is_leader, 5, "the second leads")
+        wait_until(lambda: store.get(first.key) is not None, 5, "the first's key is back")
         assert not first.is_leader and first.leader_id == second.id
     finally:
         store.close()
@@ -129,15 +122,15 @@ def test_a_leader_that_cannot_renew_steps_down_within_the_ttl(
     candidates: Candidates, etcd_server: EmbeddedEtcd
 ) -> None:
     leader = candidates.start()
-    wait_for(lambda: leader.is_leader, 5, "it leads")
+    wait_until(lambda: leader.is_leader, 5, "it leads")
     etcd_server.stop()
     lost = time.monotonic()
-    wait_for(lambda: not leader.is_leader, SHORT_TTL + 0.5, "it steps down")
+    wait_until(lambda: not leader.is_leader, SHORT_TTL + 0.5, "it steps down")
     assert candidates.changes[leader.id] == [True, False]
     assert time.monotonic() - lost <= SHORT_TTL + 0.5
     # etcd back (it keeps leases across restarts): the lease is renewed and it leads again.
     etcd_server.start()
-    wait_for(lambda: leader.is_leader, 15, "it leads again")
+    wait_until(lambda: leader.is_leader, 15, "it leads again")
     assert candidates.changes[leader.id] == [True, False, True]
 
 
@@ -195,7 +188,7 @@ def settled(ups: tuple[Up, Up]) -> tuple[Up, Up]:
         leaders = [view["id"] for view in views if view["leader"]]
         return len(leaders) == 1 and all(view["leader_id"] == leaders[0] for view in views)
 
-    wait_for(agreed, 5, f"one leader both agree on: {views}")
+    wait_until(agreed, 5, f"one leader both agree on: {views}")
     return (ups[0], ups[1]) if views[0]["leader"] else (ups[1], ups[0])
 
 
@@ -217,7 +210,9 @@ def test_sigkill_of_the_leader_hands_over_within_the_ttl(two_ups: tuple[Up, Up])
     poller = threading.Thread(target=poll_follower, daemon=True)
     poller.start()
     try:
-        wait_for(lambda: leadership(follower)["leader"], DEFAULT_TTL + TAKEOVER_MARGIN, "takeover")
+        wait_until(
+            lambda: leadership(follower)["leader"], DEFAULT_TTL + TAKEOVER_MARGIN, "takeover"
+        )
     finally:
         stop_polling.set()
         poller.join(timeout=15)
@@ -233,5 +228,5 @@ def test_sigterm_of_the_leader_hands_over_at_once(two_ups: tuple[Up, Up]) -> Non
     leader, follower = settled(two_ups)
     leader.proc.send_signal(signal.SIGTERM)
     assert leader.proc.wait(timeout=EXIT_TIMEOUT) == 0
-    wait_for(lambda: leadership(follower)["leader"], 1.0, "takeover after a clean stop")
+    wait_until(lambda: leadership(follower)["leader"], 1.0, "takeover after a clean stop")
     assert "Traceback" not in leader.stderr()

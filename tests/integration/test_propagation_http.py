@@ -44,7 +44,7 @@ except ModuleNotFoundError:  # pytest put only tests/integration on sys.path
     sys.path.insert(0, str(REPO))
     from tests.support.echo_app import EchoHandler
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.in_process]
 
 CONCURRENCY = 50
 BACKLOG = 128  # socketserver's default of 5 would make 50 simultaneous connects retry SYNs

@@ -57,7 +57,7 @@ class Plane(BasePlane):
     def nacks(self) -> list[str]:
         return [
             f"{node.node_id} {status.last_nack.message}"
-            for node in self.on_loop(self.control_plane.status.nodes)
+            for node in self.on_loop(self.control_plane.status_board.nodes)
             for status in node.types.values()
             if status.last_nack is not None
         ]

@@ -3,20 +3,13 @@ control plane (its xDS port) and etcd; and the code generation those stubs come 
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.api import proto_gen
 from controlplane.api.proto_gen.tasklane.v1 import task_pb2, task_pb2_grpc
 from controlplane.store.runs import run_key
 from tests.support.runs import Plane, plane_with_rules
@@ -158,74 +151,3 @@ def test_profile_defaults_and_refusals(stub: task_pb2_grpc.TaskServiceStub) -> N
             stub.GetProfile(task_pb2.GetProfileRequest(**request_), timeout=10)
         assert caught.value.code() == code
         assert message in caught.value.details()
-
-
-# --- code generation -------------------------------------------------------------------------
-
-IMPORT_GENERATED = textwrap.dedent(
-    """
-    import sys
-    sys.path.insert(0, sys.argv[1])
-    from tasklane.v1 import task_pb2, task_pb2_grpc
-    print(task_pb2_grpc.TaskServiceStub.__name__, task_pb2.Run(id="x").id)
-    """
-)
-
-
-def test_generates_once_and_again_when_the_proto_changes(tmp_path: Path) -> None:
-    package, protos = tmp_path / "package", tmp_path / "proto"
-    package.mkdir()
-    shutil.copytree(proto_gen.PROTO_ROOT, protos)
-    assert proto_gen.ensure(package, protos) is True
-    generated = package / "tasklane" / "v1"
-    assert sorted(p.name for p in generated.iterdir()) == [
-        "__init__.py",
-        "task_pb2.py",
-        "task_pb2.pyi",
-        "task_pb2_grpc.py",
-    ]
-    assert "from . import task_pb2 as" in (generated / "task_pb2_grpc.py").read_text()
-    assert proto_gen.ensure(package, protos) is False  # current: nothing to do
-
-    imported = subprocess.run(
-        [sys.executable, "-c", IMPORT_GENERATED, str(package)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert (imported.returncode, imported.stdout) == (0, "TaskServiceStub x\n"), imported.stderr
-
-    proto = protos / "tasklane" / "v1" / "task.proto"
-    proto.write_text(proto.read_text() + "\nmessage Extra {}\n")
-    assert proto_gen.ensure(package, protos) is True
-    assert "Extra" in (generated / "task_pb2.pyi").read_text()
-    assert [p.name for p in package.iterdir() if p.name.startswith(".generating")] == []
-
-
-def test_parallel_first_imports_generate_once(tmp_path: Path) -> None:
-    package = tmp_path / "package"
-    package.mkdir()
-    script = (
-        "import sys; from pathlib import Path; from controlplane.api import proto_gen; "
-        "print(proto_gen.ensure(Path(sys.argv[1]), proto_gen.PROTO_ROOT))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(proto_gen.__file__).parents[3])}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(package)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for _ in range(4)
-    ]
-    results = [proc.communicate(timeout=60) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0] * 4, results
-    assert sorted(out for out, _ in results) == ["False\n"] * 3 + ["True\n"]
-
-
-def test_missing_sources_and_code_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(proto_gen.GenerationError, match="no generated gRPC code in .* and no"):
-        proto_gen.ensure(tmp_path, tmp_path / "proto")

@@ -27,6 +27,7 @@ from demo.chain_app import serve_in_thread
 from tests.support.mesh import Mesh, request, served_by
 from tests.support.plane import Plane, api_opener
 from tests.support.rules import chain, service
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,18 +39,6 @@ FUND_YIELD = chain(
 )
 CHAIN = ("fund-facade", "account-svc", "nav-pricing")
 DYED = {"x-task-dye": "fund-yield"}
-FLUSH_TIMEOUT = 15.0  # access logs flush every 0.2 s; allow for a slow machine
-
-
-def wait_until(check: Callable[[], Any], timeout: float = FLUSH_TIMEOUT, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"not reached in {timeout}s: {what} (last: {last!r})")
 
 
 def wait_healthy(mesh: Mesh) -> None:

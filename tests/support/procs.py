@@ -23,3 +23,18 @@ def wait_gone(pid: int, timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def alive_mentioning(marker: str) -> list[str]:
+    """Command lines of live processes that mention `marker` (e.g. a run's work dir)."""
+    out = []
+    for pid in Path("/proc").iterdir():
+        if not pid.name.isdigit():
+            continue
+        try:
+            cmdline = (pid / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline and not gone(int(pid.name)):
+            out.append(cmdline)
+    return out
