@@ -55,6 +55,7 @@ from controlplane.xds.server import (
     tune_gc,
 )
 from controlplane.xds.status import StatusBoard
+from controlplane.xds.unknown import unknown_role_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ class ControlPlane:
             )
             etcd_endpoint = self.etcd.endpoint
         self.etcd_endpoint = etcd_endpoint
-        self.cache = SnapshotCache(STATIC_CLUSTERS)
+        # A sidecar of a role no rule defines gets listeners that answer 503 and say why.
+        self.cache = SnapshotCache(STATIC_CLUSTERS, fallback=unknown_role_snapshot)
         self.sync = Sync(self.cache)
         self.status = StatusBoard()
         # Access logs, isolation accounting and Prometheus metrics (xDS events come through

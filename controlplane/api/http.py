@@ -87,7 +87,10 @@ def build_app(control_plane: ControlPlane) -> web.Application:
                 },
                 "xds": control_plane.xds_status(),
                 "roles": control_plane.cache.roles(),
-                "nodes": [node.to_json() for node in control_plane.status.nodes()],
+                "nodes": [
+                    node.to_json(unknown_service=not control_plane.cache.published(node.role))
+                    for node in control_plane.status.nodes()
+                ],
                 "sync": control_plane.sync.status(),
                 "leadership": control_plane.leadership.to_json(),
                 "scaler": control_plane.scaler.status() if control_plane.scaler else None,
