@@ -1,7 +1,7 @@
 """A sidecar whose node names a service no rule defines: a real Envoy against a real control
 plane gets listeners that answer 503 with a reason naming the missing Service, is shown as
-UNKNOWN SERVICE by /api/v1/status and `tasklane status`, and gets its real config as soon as
-the Service is applied."""
+UNKNOWN SERVICE by /api/v1/status and `tasklane status`, gets its real config as soon as the
+Service is applied, and is told why again when the Service is deleted."""
 
 from __future__ import annotations
 
@@ -91,5 +91,13 @@ def test_a_sidecar_of_an_unknown_service_is_told_why_until_it_is_applied(
             assert request(ports["egress_port"], "fund-facade")[1] != {"error": REASON + "\n"}
             assert _unknown(plane) == {f"{GHOST}|test": False, f"{KNOWN}|test": False}
             assert "UNKNOWN" not in _status(plane)
+
+            code, body = plane.request("DELETE", "/api/v1/rules/service/ghost")
+            assert code == 200, body
+            wait_until(
+                lambda: request(ports["inbound_port"], "ghost") == (503, {"error": REASON + "\n"}),
+                what="the deleted Service's sidecar is told why again",
+            )
+            assert _unknown(plane)[f"{GHOST}|test"] is True
     finally:
         stop_app()
