@@ -1,7 +1,8 @@
 """The ingress gateway in front of a real mesh: an untrusted caller's dyes (the header, custom
 chain headers, the baggage members) are gone before the first hop, so online traffic stays in
 `default` at every hop; a trusted caller (by source address, or by the shared secret) keeps
-them and is served by the task groups; the secret header never reaches an app.
+them and is served by the task groups; the secret header never reaches an app. The dye names
+come from the control plane (ECDS): a chain applied while the gateway runs is stripped too.
 
 The test process connects from 127.0.0.1: a gateway trusting 10.0.0.0/8 sees an outsider, one
 trusting 127.0.0.0/8 an insider. The gateway Envoy is started by controlplane.runtime.gateway
