@@ -49,13 +49,12 @@ from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import EGRESS_ROUTE, GATEWAY_ROLE, STATIC_CLUSTERS
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.translate import Endpoints, Translator
-from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+from controlplane.xds.types import PUSH_ORDER, ROUTE, SHORT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_GROUPS = ("task-a", "task-b")
 TARGET_FULL_S = 2.0
 TARGET_REBUILD_S = 0.050
-_SHORT = {CLUSTER: "CDS", ENDPOINT: "EDS", ROUTE: "RDS", LISTENER: "LDS"}
 
 
 def make_rules(services: int, chains: int, seed: int) -> RuleSet:
@@ -266,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print()
     some = next(iter(snapshots.values()))
-    per_role = ", ".join(f"{len(some.resources(t))} {_SHORT[t]}" for t in PUSH_ORDER)
+    per_role = ", ".join(f"{len(some.resources(t))} {SHORT_NAME[t].upper()}" for t in PUSH_ORDER)
     egress = some.resources(ROUTE)[EGRESS_ROUTE]
     print(f"roles: {len(snapshots)} ({len(snapshots) - 1} service groups + {GATEWAY_ROLE})")
     print(f"resources per role: {per_role} (LDS is static in the sidecar bootstrap)")

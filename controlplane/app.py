@@ -59,6 +59,7 @@ from controlplane.xds.server import (
     tune_gc,
 )
 from controlplane.xds.status import StatusBoard
+from controlplane.xds.unknown import unknown_role_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,8 @@ class ControlPlane:
             )
             etcd_endpoint = self.etcd.endpoint
         self.etcd_endpoint = etcd_endpoint
-        self.cache = SnapshotCache(STATIC_CLUSTERS)
+        # A sidecar of a role no rule defines gets listeners that answer 503 and say why.
+        self.cache = SnapshotCache(STATIC_CLUSTERS, fallback=unknown_role_snapshot)
         self.sync = Sync(self.cache)
         self.status_board = StatusBoard()
         # Access logs, isolation accounting and Prometheus metrics (xDS events come through
@@ -239,7 +241,10 @@ class ControlPlane:
             "etcd": {"endpoint": self.etcd_endpoint, "embedded": self.etcd is not None},
             "xds": self.xds_status(),
             "roles": self.cache.roles(),
-            "nodes": [node.to_json() for node in self.status_board.nodes()],
+            "nodes": [
+                node.to_json(unknown_service=not self.cache.published(node.role))
+                for node in self.status_board.nodes()
+            ],
             "sync": self.sync.status(),
             "leadership": self.leadership.to_json(),
             "scaler": self._scaler_status(),

@@ -17,6 +17,7 @@ from typing import Any
 
 from controlplane.cli.client import ApiError, call, output, server_option
 from controlplane.errors import TasklaneError
+from controlplane.xds.unknown import UNKNOWN_STATUS, missing_rule
 
 # The xDS types of the status table, as /api/v1/status names them, in push order.
 XDS_TYPES = ("cds", "eds", "lds", "rds")
@@ -64,9 +65,15 @@ def render_status(status: dict[str, Any], now: float) -> str:
     nodes = status["nodes"]
     if not nodes:
         return "\n".join([*lines, "", "no sidecar is connected"])
-    rows, nacks = [], []
+    rows, nacks, unknown = [], [], []
     for node in nodes:
         service, _, group = node["role"].partition("|")
+        if node.get("unknown_service"):
+            service += " (UNKNOWN SERVICE)"
+            unknown.append(
+                f"{node['node_id']}: UNKNOWN SERVICE, {missing_rule(node['role'])}; its "
+                f"listeners answer {UNKNOWN_STATUS} until it is applied"
+            )
         row = {"NODE": node["node_id"], "SERVICE": service, "GROUP": group}
         row["PROTOCOL"] = node["protocol"]
         for kind in XDS_TYPES:
@@ -81,6 +88,8 @@ def render_status(status: dict[str, Any], now: float) -> str:
                 )
         rows.append(row)
     lines += ["", table(rows)]
+    if unknown:
+        lines += ["", *unknown]
     if nacks:
         lines += ["", *nacks]
     return "\n".join(lines)

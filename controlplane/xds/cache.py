@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from .snapshot import InconsistentSnapshot, Snapshot
-from .types import CLUSTER
+from .types import CLUSTER, PUSH_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,17 @@ class Watcher(Protocol):
 class SnapshotCache:
     """Snapshots keyed by role ("service|group"). Must be used from the server's event loop."""
 
-    def __init__(self, static_clusters: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        static_clusters: frozenset[str] = frozenset(),
+        fallback: Callable[[str], Snapshot] | None = None,
+    ) -> None:
+        """`fallback(role)` is served to the streams of a role with no published snapshot
+        (xds/unknown.py); without it they wait for one."""
         self.static_clusters = static_clusters  # the sidecars' own clusters, not in snapshots
+        self.fallback = fallback
         self._snapshots: dict[str, Snapshot] = {}
+        self._fallbacks: dict[str, Snapshot] = {}  # of the watched roles that have none
         self._watchers: dict[str, set[Watcher]] = defaultdict(set)
 
     def set_snapshot(self, role: str, snapshot: Snapshot) -> frozenset[str]:
@@ -72,11 +80,24 @@ class SnapshotCache:
         return outcomes
 
     def clear_snapshot(self, role: str) -> None:
-        """Forget a role: its streams keep what they have and wait for a new snapshot."""
-        self._snapshots.pop(role, None)
+        """Forget a role: its streams are sent the fallback, or without one keep what they
+        have and wait for a new snapshot."""
+        if self._snapshots.pop(role, None) is not None and self.fallback is not None:
+            for watcher in tuple(self._watchers.get(role, ())):
+                watcher.snapshot_changed(frozenset(PUSH_ORDER))
 
     def snapshot(self, role: str) -> Snapshot | None:
-        return self._snapshots.get(role)
+        """The role's published snapshot, else its fallback (None without one)."""
+        found = self._snapshots.get(role)
+        if found is None and self.fallback is not None:
+            found = self._fallbacks.get(role)
+            if found is None:
+                found = self._fallbacks[role] = self.fallback(role)
+        return found
+
+    def published(self, role: str) -> bool:
+        """Whether the role has a snapshot of its own (its streams are not on the fallback)."""
+        return role in self._snapshots
 
     def roles(self) -> list[str]:
         return sorted(self._snapshots)
@@ -90,3 +111,4 @@ class SnapshotCache:
             watchers.discard(watcher)
             if not watchers:
                 del self._watchers[role]
+                self._fallbacks.pop(role, None)

@@ -10,6 +10,10 @@ LOCAL_APP_CLUSTER = "local-app"  # static cluster of the sidecar: its own app
 STATIC_CLUSTERS = frozenset({LOCAL_APP_CLUSTER})
 HEALTH_PATH = "/.tasklane/health"  # answered by the inbound listener from the app's health
 GATEWAY_ROLE = "@gateway|default"  # never a service name: names are DNS labels
+# The gateway's HTTP filter whose config (the dye names to strip) comes over ECDS, and the
+# dynamic metadata namespace in which its trust filter marks a trusted request.
+GATEWAY_DYE_FILTER = "tasklane.gateway.dyes"
+GATEWAY_TRUST_METADATA = "tasklane.gateway"
 LOCAL_RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 # Node metadata of every sidecar (templates/bootstrap.yaml): its role, and optionally the inbound
 # address ("host:port") it asks to be registered at while its xDS stream lasts (announce.py).

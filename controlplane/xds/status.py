@@ -55,9 +55,12 @@ class NodeStatus:
         entry.nacks += 1
         entry.last_nack = Nack(time.time(), version, message)
 
-    def to_json(self) -> dict:
+    def to_json(self, unknown_service: bool = False) -> dict:
+        """The node for /api/v1/status; `unknown_service` when no rule defines its role, so
+        it is served only the answer that says so (xds/unknown.py)."""
         data = asdict(self)
         data["types"] = {SHORT_NAME.get(t, t): v for t, v in data["types"].items()}
+        data["unknown_service"] = unknown_service
         return data
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .snapshot import Resource, ResourceMap, Snapshot, state_version
-from .types import CLUSTER, FULL_STATE, LISTENER, PUSH_ORDER, ROUTE
+from .types import CLUSTER, EXTENSION_CONFIG, FULL_STATE, LISTENER, PUSH_ORDER, ROUTE
 
 WILDCARD = "*"
 
@@ -169,8 +169,8 @@ class StreamState:
             state = self.types.get(type_url)
             if state is None or not state.dirty:
                 continue
-            if type_url in (LISTENER, ROUTE) and self._clusters_in_flight():
-                continue  # stays dirty: sent once the client has taken the new clusters
+            if type_url in (LISTENER, ROUTE) and self._in_flight():
+                continue  # stays dirty: sent once the client has taken the new clusters, filter
             state.dirty = False
             push = self._plan(state, snapshot)
             if push is not None:
@@ -205,11 +205,15 @@ class StreamState:
         routes = self.types.get(ROUTE)
         return routes is None or bool(routes.unknown)
 
-    def _clusters_in_flight(self) -> bool:
-        """A CDS push is not ACKed yet. Envoy subscribes to the new clusters' endpoints
-        before it ACKs CDS, so waiting for the ACK puts EDS ahead of the routes that need it."""
-        clusters = self.types.get(CLUSTER)
-        return clusters is not None and bool(clusters.unacked)
+    def _in_flight(self) -> bool:
+        """A CDS or ECDS push is not ACKed yet. Envoy subscribes to the new clusters' endpoints
+        before it ACKs CDS, so waiting for the ACK puts EDS ahead of the routes that need it;
+        and the gateway's new dye filter strips a new chain's header before a route matches
+        it."""
+        return any(
+            state is not None and bool(state.unacked)
+            for state in (self.types.get(CLUSTER), self.types.get(EXTENSION_CONFIG))
+        )
 
     def new_nonce(self, type_url: str) -> str:
         self._nonces += 1

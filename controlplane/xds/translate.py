@@ -45,8 +45,10 @@ from xds.type.matcher.v3 import matcher_pb2, regex_pb2, string_pb2
 from controlplane.model.rules import DEFAULT_GROUP, Hop, Retries, RuleSet, Service, TaskChain
 
 from . import wire
+from .gateway_filter import DyeNames, dye_filter
 from .names import (
     EGRESS_ROUTE,
+    GATEWAY_DYE_FILTER,
     GATEWAY_ROLE,
     HEALTH_PATH,
     INBOUND_ROUTE,
@@ -57,7 +59,7 @@ from .names import (
     role_name,
 )
 from .snapshot import Resource, ResourceMap, Snapshot, references
-from .types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from .types import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LISTENER, ROUTE
 
 Address = tuple[str, int]
 # (service, group) -> addresses of the registered instances (their inbound listeners).
@@ -512,9 +514,14 @@ class Translator:
                 )
                 snapshots[role] = Snapshot({**shared, ROUTE: routes})
         gateway_routes = self._maps.get(GATEWAY_ROLE, id(egress), ResourceMap, (egress,))
-        snapshots[GATEWAY_ROLE] = Snapshot({**shared, ROUTE: gateway_routes})
+        names = DyeNames.of(rules.chains.values())
+        filters = self._maps.get(GATEWAY_DYE_FILTER, names, _gateway_filters, names)
+        snapshots[GATEWAY_ROLE] = Snapshot(
+            {**shared, ROUTE: gateway_routes, EXTENSION_CONFIG: filters}
+        )
         self._inbound.keep_only(roles)
-        self._maps.keep_only(roles | {GATEWAY_ROLE, CLUSTER, ENDPOINT, EGRESS_ROUTE})
+        kept = {GATEWAY_ROLE, GATEWAY_DYE_FILTER, CLUSTER, ENDPOINT, EGRESS_ROUTE}
+        self._maps.keep_only(roles | kept)
         return snapshots
 
     def _build_clusters(
@@ -567,6 +574,10 @@ class Translator:
             return Resource.encoded(ROUTE, EGRESS_ROUTE, payload, refs)
 
         return self._maps.get(EGRESS_ROUTE, tuple(map(id, hosts)), assemble)
+
+
+def _gateway_filters(names: DyeNames) -> ResourceMap:
+    return ResourceMap([dye_filter(names)])
 
 
 def _assignment_resource(service: str, group: str, addresses: Sequence[Address]) -> Resource:

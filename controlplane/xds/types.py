@@ -1,6 +1,7 @@
 """xDS protocol constants: type URLs, which types are full state, and the push order."""
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import extension_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
@@ -9,23 +10,34 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+# ECDS: an HTTP filter's config served on its own (the gateway's dye filter, gateway_filter.py).
+EXTENSION_CONFIG = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 
 # The order of this tuple MATTERS: make-before-break. A new cluster must exist (CDS) and
 # have endpoints (EDS) before a listener (LDS) or route (RDS) points at it, otherwise Envoy
 # answers 503 "no cluster" for the gap (xDS protocol, "Eventual consistency considerations").
-PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+# The gateway's dye filter (ECDS) goes first: a route matching a new chain's dye header must
+# not reach the gateway before the filter that strips that header from outside callers.
+PUSH_ORDER: tuple[str, ...] = (EXTENSION_CONFIG, CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
 # In the state-of-the-world protocol, LDS and CDS responses carry every resource and an
 # absent name means "removed"; RDS and EDS are requested by name and sent one by one.
 FULL_STATE: frozenset[str] = frozenset({CLUSTER, LISTENER})
 
-SHORT_NAME: dict[str, str] = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+SHORT_NAME: dict[str, str] = {
+    CLUSTER: "cds",
+    ENDPOINT: "eds",
+    LISTENER: "lds",
+    ROUTE: "rds",
+    EXTENSION_CONFIG: "ecds",
+}
 
 MESSAGE_CLASS = {
     CLUSTER: cluster_pb2.Cluster,
     ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
     LISTENER: listener_pb2.Listener,
     ROUTE: route_pb2.RouteConfiguration,
+    EXTENSION_CONFIG: extension_pb2.TypedExtensionConfig,
 }
 
 

@@ -615,3 +615,16 @@ def test_leaks_and_warnings_stand_out(plane: Mesh, dashboard: Callable[[str], Pa
     assert "Uncovered hops (1)" in warnings and "ledger-svc" in warnings
     assert "Propagation breaks (1)" in warnings and "called nav-pricing without the dye" in warnings
     assert tab.errors == []
+
+
+def test_a_sidecar_of_an_unknown_service_is_marked(
+    plane: Mesh, dashboard: Callable[[str], Page], tmp_path: Path
+) -> None:
+    """A real Envoy whose service no rule defines: its row says UNKNOWN SERVICE."""
+    with plane.plane.sidecar(tmp_path / "ghost", "ghost|default") as ghost:
+        ghost.wait_ready()
+        tab = dashboard(plane.url + "/")
+        row = tab.page.locator('#sidecars tbody tr[data-node="ghost|default|test"]')
+        row.wait_for()
+        assert row.locator("td").first.inner_text() == "ghost UNKNOWN SERVICE"
+        assert tab.errors == []

@@ -1,7 +1,8 @@
 """The ingress gateway in front of a real mesh: an untrusted caller's dyes (the header, custom
 chain headers, the baggage members) are gone before the first hop, so online traffic stays in
 `default` at every hop; a trusted caller (by source address, or by the shared secret) keeps
-them and is served by the task groups; the secret header never reaches an app.
+them and is served by the task groups; the secret header never reaches an app. The dye names
+come from the control plane (ECDS): a chain applied while the gateway runs is stripped too.
 
 The test process connects from 127.0.0.1: a gateway trusting 10.0.0.0/8 sees an outsider, one
 trusting 127.0.0.0/8 an insider. The gateway Envoy is started by controlplane.runtime.gateway
@@ -25,13 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.model.rules import to_document
-from controlplane.runtime.gateway import DyeNames, GatewayEnvoy, Trust
+from controlplane.runtime.gateway import GatewayEnvoy, Trust
 from controlplane.runtime.ports import free_port
 from tests.support import rules
 from tests.support.echo_app import start_echo
 from tests.support.grpc_app import call, dial, grpc_chain_app
 from tests.support.mesh import Mesh, request, served_by
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -51,6 +52,13 @@ RULES = (
         "[{service: echo, group: task}]",
         dye="{header: x-batch-dye, baggageKey: batch-dye, values: [nightly]}",
     )
+)
+
+# A chain applied while the gateways run, with a dye header and baggage key of its own.
+LATE_CHAIN = rules.chain(
+    "late",
+    "[{service: echo, group: task}]",
+    dye="{header: x-late-dye, baggageKey: late-dye, values: [late]}",
 )
 
 SECRET_HEADER = "x-tasklane-trust"
@@ -82,7 +90,6 @@ def running_gateway(
     mesh: Mesh, work_dir: Path, cidrs: tuple[str, ...] = (), secret: bool = True
 ) -> Iterator[GatewayEnvoy]:
     """A gateway Envoy on a free port, trusting `cidrs` and (with `secret`) SECRET."""
-    names = DyeNames.of(mesh.rules.chains.values())
     secret_file = None
     if secret:
         secret_file = work_dir / "secret"
@@ -93,7 +100,6 @@ def running_gateway(
         node_id=f"gateway-{port}",
         listen_host="127.0.0.1",
         port=port,
-        names=names,
         trust=trust,
         xds_host="127.0.0.1",
         xds_port=mesh.ads.port,
@@ -193,6 +199,25 @@ def test_untrusted_baggage_loses_only_the_dye_members(outside: int) -> None:
     assert group == "default"
     assert "x-task-dye" not in seen and "x-batch-dye" not in seen
     assert _members(seen["baggage"]) == ["a=1", "b=2;prop=x"]
+
+
+def test_a_chain_applied_after_the_gateway_started_has_its_dyes_stripped(
+    mesh: Mesh, outside: int
+) -> None:
+    late = {"x-late-dye": "late"}
+    mesh.set_rules(RULES + LATE_CHAIN)
+    try:
+        # Once a trusted caller's new dye is routed to the task group, the chain is in force.
+        wait_until(
+            lambda: _echo(outside, {**late, SECRET_HEADER: SECRET})[0] == "task",
+            WARM_UP_S,
+            "the new chain routes a trusted caller's dye",
+        )
+        group, seen = _echo(outside, {**late, "baggage": "a=1,late-dye=late"})
+        assert group == "default" and "x-late-dye" not in seen
+        assert seen["baggage"] == "a=1"
+    finally:
+        mesh.set_rules(RULES)
 
 
 def test_untrusted_baggage_of_dyes_only_is_removed(outside: int) -> None:
@@ -296,15 +321,10 @@ def _listener(gw: GatewayEnvoy) -> dict:
 
 
 @contextmanager
-def fake_api(mesh: Mesh, chains: bool = True) -> Iterator[str]:
-    """A stand-in for the control plane's HTTP API: status (with the test's ADS address) and
-    the task chains, which is all `tasklane gateway` asks."""
-    routes: dict[str, object] = {
-        "/api/v1/status": {"xds": {"address": f"127.0.0.1:{mesh.ads.port}"}}
-    }
-    if chains:
-        items = [to_document(chain) for chain in mesh.rules.chains.values()]
-        routes["/api/v1/rules/taskchain"] = {"kind": "TaskChain", "items": items}
+def fake_api(mesh: Mesh) -> Iterator[str]:
+    """A stand-in for the control plane's HTTP API: status (with the test's ADS address),
+    which is all `tasklane gateway` asks."""
+    routes = {"/api/v1/status": {"xds": {"address": f"127.0.0.1:{mesh.ads.port}"}}}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -364,7 +384,7 @@ def test_cli_gateway_serves_until_sigterm(mesh: Mesh, tmp_path: Path) -> None:
         )  # fmt: skip
         try:
             ready = _first_line(proc)
-            assert f"127.0.0.1:{port}" in ready and "x-batch-dye" in ready
+            assert f"127.0.0.1:{port}" in ready and "loses the dyes of every chain" in ready
             _wait_until_served(port, {SECRET_HEADER: SECRET})
             assert _echo(port, {"x-batch-dye": "nightly"})[0] == "default"
             assert _echo(port, {"x-batch-dye": "nightly", SECRET_HEADER: SECRET})[0] == "task"

@@ -651,7 +651,7 @@ function renderSidecars() {
   const rows = sidecarRows();
   const query = dom.sidecarFilter.value.trim().toLowerCase();
   const shown = query
-    ? rows.filter((r) => [r.node.node_id, r.service, r.group, r.nack && r.nack.message]
+    ? rows.filter((r) => [r.node.node_id, r.service, r.group, r.nack && r.nack.message, r.node.unknown_service && "unknown service"]
       .some((text) => text && text.toLowerCase().includes(query)))
     : rows;
   dom.sidecarCount.textContent = query ? `(${shown.length} of ${rows.length})` : `(${rows.length})`;
@@ -664,13 +664,21 @@ function renderSidecars() {
   }
   dom.sidecarBody.replaceChildren(...shown.map((r) => h("tr", { "data-node": r.node.node_id, class: r.nack ? "nacked" : "" },
     h("th", { scope: "row", class: "node" }, r.node.node_id),
-    h("td", {}, r.service),
+    serviceCell(r),
     h("td", {}, r.group),
     h("td", {}, r.node.protocol),
     h("td", { title: new Date(r.node.connected_at * 1000).toString() }, clock(r.node.connected_at * 1000)),
     ...["cds", "eds", "lds", "rds"].map((type) => versionCell(r.types[type])),
     nackCell(r.nack),
   )));
+}
+
+// A sidecar whose role no rule defines is served only listeners that answer 503 with why.
+function serviceCell(r) {
+  if (!r.node.unknown_service) return h("td", {}, r.service);
+  return h("td", { class: "unknown-service" }, r.service, " ",
+    h("span", { class: "badge bad", title: `No rule defines ${r.node.role}: its listeners answer 503 until it is applied` },
+      "UNKNOWN SERVICE"));
 }
 
 function versionCell(t) {
