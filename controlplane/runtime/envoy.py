@@ -217,6 +217,22 @@ def parse_text_readouts(payload: dict) -> dict[str, str]:
     }
 
 
+def healthy_hosts(payload: dict) -> dict[str, int]:
+    """Per cluster, the hosts Envoy would route to now, from `/clusters?format=json`: healthy
+    by EDS and with no failure flag, so not one waiting for its first active health check."""
+    out: dict[str, int] = {}
+    for cluster in payload.get("cluster_statuses", []):
+        out[cluster["name"]] = sum(
+            1
+            for host in cluster.get("host_statuses", [])
+            if all(
+                value == "HEALTHY" if key == "eds_health_status" else not value
+                for key, value in host.get("health_status", {}).items()
+            )
+        )
+    return out
+
+
 class EnvoyProcess:
     """One Envoy sidecar process that takes all of its config over ADS."""
 

@@ -27,7 +27,7 @@ def _descendants_alive(marker: str) -> list[str]:
     return out
 
 
-def test_demo_runs_the_chain_without_leaks(tmp_path: Path) -> None:
+def test_demo_runs_the_chain_without_leaks_or_failures(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     work.mkdir()
     result = subprocess.run(
@@ -41,6 +41,11 @@ def test_demo_runs_the_chain_without_leaks(tmp_path: Path) -> None:
     assert result.returncode == 0, output[-3000:]
     summary = output[output.rindex("summary") :]
     assert "leaks: 0" in summary
+    # Every dyed and online request answered 200, apart from the 429s of the chain's rate
+    # limit; and no hop answered a 5xx, by the control plane's own accounting (the dashboard).
+    assert "failures: 0" in summary, summary
+    assert "5xx in the control plane's accounting: 0\n" in summary, summary
+    assert re.search(r"online ok: [1-9]", summary) and re.search(r"task ok: [1-9]", summary)
     rows = {
         (m["service"], m["group"]): (int(m["requests"]), int(m["dyed"]), int(m["online"]))
         for m in re.finditer(
