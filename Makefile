@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,20 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest -n 2 tests
 
-# Benchmarks print tables (not tests). The data-plane one needs wrk (apt-get install wrk) and
-# falls back to a slower Python client, labelled as such, without it.
+# Benchmarks print tables (not tests): every one that finishes in a few minutes on 2 cores,
+# ~10 min in all (xDS push and data plane ~3 min each, the rest 1-2 min). The data-plane one
+# needs wrk (apt-get install wrk) and falls back to a slower Python client, labelled as such,
+# without it.
 bench: $(STAMP)
 	$(BIN)/python bench/xds_push.py
 	$(BIN)/python bench/translate.py
 	$(BIN)/python bench/dataplane.py
+	$(BIN)/python bench/scaler.py
+	$(BIN)/python bench/resume.py
+
+# The long one: 10 minutes of mixed load on the demo chain, is RSS flat? (bench/soak.py)
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .tasklane
