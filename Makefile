@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench proto clean
+.PHONY: demo test test-fast lint bench soak proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,20 @@ test: $(STAMP) lint
 test-fast: $(STAMP) lint
 	$(BIN)/pytest -n 2 -m "not (integration or faults or browser or e2e)" tests
 
-# Benchmarks print tables (not tests). The data-plane one needs wrk (apt-get install wrk) and
-# falls back to a slower Python client, labelled as such, without it.
+# Benchmarks print tables (not tests): every one that finishes in a few minutes on 2 cores,
+# ~10 min in all (xDS push and data plane ~3 min each, the rest 1-2 min). The data-plane one
+# needs wrk (apt-get install wrk) and falls back to a slower Python client, labelled as such,
+# without it.
 bench: $(STAMP)
 	$(BIN)/python bench/xds_push.py
 	$(BIN)/python bench/translate.py
 	$(BIN)/python bench/dataplane.py
+	$(BIN)/python bench/scaler.py
+	$(BIN)/python bench/resume.py
+
+# The long one: 10 minutes of mixed load on the demo chain, is RSS flat? (bench/soak.py)
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 # Regenerates the committed gRPC code from proto/ with the pinned generator (proto/README.md),
 # in a venv of its own: its protobuf floor is older than the one the project's .venv resolves.

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -27,10 +28,12 @@ from zoneinfo import ZoneInfo
 from controlplane.errors import RuntimeFailure
 from controlplane.model.cron import next_fire
 from controlplane.model.load import load_files
-from controlplane.model.rules import ScheduledTask
-from controlplane.runtime.ports import free_port
+from controlplane.model.rules import DEFAULT_GROUP, ScheduledTask
+from controlplane.runtime.envoy import healthy_hosts
+from controlplane.runtime.ports import free_port, port_in_use
 from controlplane.runtime.process import dying_with_parent, stop_process
-from demo.traffic import CHAIN, Tally, online_users, run_task, send, wait_for
+from controlplane.xds.names import cluster_name
+from demo.traffic import CHAIN, ENTRY, Tally, online_users, run_task, send, wait_for
 
 RULES = Path(__file__).with_name("rules.yaml")
 NEXT = {"fund-facade": "account-svc", "account-svc": "nav-pricing"}
@@ -51,6 +54,7 @@ class Demo:
         self.procs: list[subprocess.Popen] = []
         self.http_port = free_port()
         self.gateway_port = free_port()
+        self.gateway_admin_port = free_port()
         self.server = f"http://127.0.0.1:{self.http_port}"
         self.secret = secrets.token_hex(16)
 
@@ -84,6 +88,16 @@ class Demo:
         # Open it now: it shows the chain come up (instances, sidecars), then its traffic.
         print(f"demo: dashboard on {self.server}/", flush=True)
         print("demo: " + self.cli("apply", "-f", str(RULES)).replace("\n", ", "))
+        secret_file = self.work_dir / "trust-secret"
+        secret_file.write_text(self.secret)
+        self.tasklane(
+            "gateway", "--port", str(self.gateway_port),
+            "--trust-header", TRUST_HEADER, "--trust-secret-file", str(secret_file),
+            "--admin-port", str(self.gateway_admin_port),
+            log="gateway.log",
+        )  # fmt: skip
+        # Its ports are bound before the instances pick theirs, so none of them can take one.
+        wait_for(self._gateway_listens, 30, "gateway")
         for service in CHAIN:
             for group in ("default",):  # the task groups are the scaler's
                 for n in range(1, INSTANCES_PER_GROUP + 1):
@@ -96,14 +110,10 @@ class Demo:
                         sys.executable, *app,
                         log=f"{service}-{group}-{n}.log",
                     )  # fmt: skip
-        secret_file = self.work_dir / "trust-secret"
-        secret_file.write_text(self.secret)
-        self.tasklane(
-            "gateway", "--port", str(self.gateway_port),
-            "--trust-header", TRUST_HEADER, "--trust-secret-file", str(secret_file),
-            log="gateway.log",
-        )  # fmt: skip
-        wait_for(self._chain_serves, 60, "instances and gateway")
+        # No request before every caller has health-checked its callees: one sent earlier is
+        # a 503 (no healthy upstream) in the control plane's accounting, in a healthy demo.
+        wait_for(self._online_ready, 60, "instances and gateway")
+        wait_for(self._chain_serves, 10, "the chain")
         print(f"demo: gateway on 127.0.0.1:{self.gateway_port}, API on {self.server}")
 
     def env(self) -> dict[str, str]:
@@ -139,8 +149,36 @@ class Demo:
         keys = set(ready) | {tuple(k.split("|")) for k in desired}
         return {k: (ready.get(k, 0), desired.get("|".join(k), ready.get(k, 0))) for k in keys}
 
-    def _get(self, path: str) -> bytes:
-        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=5)
+    def groups_ready(self, group: str, replicas: dict[str, int]) -> bool:
+        """Each service of the chain has `replicas[service]` instances of `group` registered,
+        and every caller of the group (the gateway for the entry, the group's instances of the
+        previous service) routes to all of them: its sidecar's first health check of each
+        passed. Until then a request may be answered 503, no healthy upstream."""
+        try:
+            instances = json.loads(self._get("/api/v1/instances"))["items"]
+            in_group = [i for i in instances if i["group"] == group]
+            registered = Counter(i["service"] for i in in_group)
+            if any(registered[service] < n for service, n in replicas.items()):
+                return False
+            callers = [(self.gateway_admin_port, ENTRY)]
+            callers += [
+                (i["admin_port"], NEXT[i["service"]]) for i in in_group if i["service"] in NEXT
+            ]
+            for admin_port, callee in callers:
+                seen = healthy_hosts(json.loads(self._get("/clusters?format=json", admin_port)))
+                if seen.get(cluster_name(callee, group), 0) < registered[callee]:
+                    return False
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def errors_5xx(self) -> int:
+        """5xx answers at any hop, as the sidecars' access logs told the control plane (the
+        dashboard's count): a healthy demo has none."""
+        return json.loads(self._get("/api/v1/isolation"))["totals"]["errors_5xx"]
+
+    def _get(self, path: str, port: int | None = None) -> bytes:
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.http_port, timeout=5)
         try:
             conn.request("GET", path)
             return conn.getresponse().read()
@@ -163,6 +201,15 @@ class Demo:
         status, hops = send(self.gateway_port, "/", {})
         return status == 200 and [h["group"] for h in hops] == ["default"] * len(CHAIN)
 
+    def _gateway_listens(self) -> bool:
+        self._check_alive()
+        return port_in_use(self.gateway_port) and port_in_use(self.gateway_admin_port)
+
+    def _online_ready(self) -> bool:
+        self._check_alive()
+        online = {service: INSTANCES_PER_GROUP for service in CHAIN}
+        return self.groups_ready(DEFAULT_GROUP, online)
+
     def _check_alive(self) -> None:
         for proc in self.procs:
             if proc.poll() is not None:
@@ -181,7 +228,8 @@ class Demo:
 
 def run(duration: float | None = None, work_dir: Path | None = None) -> int:
     """Run the demo for `duration` seconds (forever when None, until Ctrl-C); prints the live
-    table and a final summary. Exit code 1 if any leak was counted."""
+    table and a final summary (leaks, failed requests, the control plane's 5xx count). Exit
+    code 1 if any leak was counted."""
     work_dir = work_dir or Path(tempfile.mkdtemp(prefix="tasklane-demo-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     demo = Demo(work_dir)
@@ -211,10 +259,19 @@ def run(duration: float | None = None, work_dir: Path | None = None) -> int:
         stop.set()
         for thread in threads:
             thread.join(30)
+        errors = _errors_5xx_or_none(demo)
         demo.stop()
     leaks = tally.leaks()
-    print(f"\nsummary\n{tally.render()}\nleaks: {leaks}")
+    print(f"\nsummary\n{tally.render()}\nleaks: {leaks}\nfailures: {tally.failures()}")
+    print(f"5xx in the control plane's accounting: {'unknown' if errors is None else errors}")
     return 1 if leaks else 0
+
+
+def _errors_5xx_or_none(demo: Demo) -> int | None:
+    try:
+        return demo.errors_5xx()
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _replicas_or_none(demo: Demo) -> dict[tuple[str, str], tuple[int, int]] | None:
@@ -255,6 +312,5 @@ def _one_run(
 
 
 def task_groups_ready(demo: Demo, task: ScheduledTask) -> bool:
-    """Every hop group the task needs has its replicas ready."""
-    replicas = demo.replicas()
-    return all(replicas.get((service, "task"), (0, 0))[0] >= n for service, n in task.replicas)
+    """Every hop group the task needs has its replicas ready, seen healthy by its callers."""
+    return demo.groups_ready(CHAIN[ENTRY], dict(task.replicas))

@@ -16,6 +16,7 @@ from controlplane.errors import RuntimeFailure
 CHAIN = {"fund-facade": "task", "account-svc": "task", "nav-pricing": "task"}
 ENTRY = "fund-facade"
 COLUMNS = ("requests", "dyed", "online", "leaks")
+EXPECTED = frozenset({"online ok", "task ok", "task 429"})  # Tally.outcomes that are no failure
 
 
 @dataclass
@@ -42,6 +43,12 @@ class Tally:
     def leaks(self) -> int:
         with self.lock:
             return sum(cell["leaks"] for cell in self.cells.values())
+
+    def failures(self) -> int:
+        """Requests not answered 200, apart from dyed ones a hop's rate limit refused (429):
+        the rules call for those."""
+        with self.lock:
+            return sum(n for outcome, n in self.outcomes.items() if outcome not in EXPECTED)
 
     def render(self, replicas: dict[tuple[str, str], tuple[int, int]] | None = None) -> str:
         """The live table: one row per (service, group) of the chain, with its instances

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import yaml
 from controlplane.cli.client import (
     OUTPUTS,
     STDIN,
+    ApiError,
     api_token,
     call,
     output,
@@ -24,6 +26,7 @@ from controlplane.cli.client import (
 from controlplane.cli.views import table
 from controlplane.errors import RuleError, TasklaneError
 from controlplane.model.load import RULE_SUFFIXES
+from controlplane.model.text import byte_size
 
 
 def _add_filename(parser: argparse.ArgumentParser) -> None:
@@ -237,7 +240,19 @@ def _apply_files(
     args: argparse.Namespace, files: list[dict[str, str]], *, dry_run: bool
 ) -> dict[str, Any]:
     body = {"files": files, "dryRun": dry_run}
-    return call(args.server, "POST", "/api/v1/apply", body, api_token(args))
+    try:
+        return call(args.server, "POST", "/api/v1/apply", body, api_token(args))
+    except ApiError as exc:
+        if exc.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+            raise
+        raise RuleError(f"{_largest(files)}: {exc}") from None
+
+
+def _largest(files: list[dict[str, str]], shown: int = 3) -> str:
+    """The largest files with their sizes, the ones to split first."""
+    sizes = sorted(((len(f["text"].encode()), f["name"]) for f in files), reverse=True)
+    names = ", ".join(f"{name} ({byte_size(size)})" for size, name in sizes[:shown])
+    return names + (f" and {len(files) - shown} more files" if len(files) > shown else "")
 
 
 def _row(document: dict[str, Any]) -> dict[str, str]:

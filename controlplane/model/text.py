@@ -32,3 +32,12 @@ def describe(value: object) -> str:
     if isinstance(value, dict):
         return "a mapping"
     return f"{type(value).__name__} {quote(str(value))}"
+
+
+def byte_size(size: int) -> str:
+    """A byte count for messages about sizes: "512 bytes", "220 KiB", "3.1 MiB"."""
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 2**20:
+        return f"{size / 1024:.0f} KiB"
+    return f"{size / 2**20:.1f} MiB"

@@ -7,6 +7,7 @@ import json
 import string
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +17,7 @@ import yaml
 from controlplane.errors import RuntimeFailure
 from controlplane.pki import TlsFiles, is_ip
 from controlplane.runtime.process import dying_with_parent, stop_process
+from controlplane.runtime.xds_link import STATS_FILTER, config_failure
 from controlplane.xds.names import META_ANNOUNCE
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"  # package data: a wheel ships them
@@ -217,6 +219,22 @@ def parse_text_readouts(payload: dict) -> dict[str, str]:
     }
 
 
+def healthy_hosts(payload: dict) -> dict[str, int]:
+    """Per cluster, the hosts Envoy would route to now, from `/clusters?format=json`: healthy
+    by EDS and with no failure flag, so not one waiting for its first active health check."""
+    out: dict[str, int] = {}
+    for cluster in payload.get("cluster_statuses", []):
+        out[cluster["name"]] = sum(
+            1
+            for host in cluster.get("host_statuses", [])
+            if all(
+                value == "HEALTHY" if key == "eds_health_status" else not value
+                for key, value in host.get("health_status", {}).items()
+            )
+        )
+    return out
+
+
 class EnvoyProcess:
     """One Envoy sidecar process that takes all of its config over ADS."""
 
@@ -344,7 +362,13 @@ class EnvoyProcess:
         except OSError:
             return None
 
-    def _wait(self, timeout: float, done: Callable[[str], bool], what: str) -> str:
+    def _wait(
+        self,
+        timeout: float,
+        done: Callable[[str], bool],
+        what: str,
+        failure: Callable[[], str | None] = lambda: None,
+    ) -> str:
         deadline = time.monotonic() + timeout
         while True:
             if not self.running():
@@ -352,6 +376,9 @@ class EnvoyProcess:
             state = self._poll_ready()
             if state is not None and done(state):
                 return state
+            reason = failure()
+            if reason is not None:
+                raise self._fail(f"not {what}: {reason}")
             if time.monotonic() >= deadline:
                 raise self._fail(f"not {what} after {timeout:g}s (/ready: {state})")
             time.sleep(0.02)
@@ -361,8 +388,26 @@ class EnvoyProcess:
         return self._wait(timeout, lambda state: True, "live")
 
     def wait_ready(self, timeout: float = 10.0) -> str:
-        """Wait until /ready says LIVE, i.e. the initial CDS and LDS have been applied."""
-        return self._wait(timeout, lambda state: state == "LIVE", "ready")
+        """Wait until /ready says LIVE, i.e. the initial CDS and LDS have been applied; fails
+        at once when the xDS connection fails for a reason config_failure() names."""
+        return self._wait(timeout, lambda state: state == "LIVE", "ready", self.config_failure)
+
+    def config_failure(self) -> str | None:
+        """Why this running Envoy gets no config, when the counters of its connection to the
+        control plane name a cause (runtime/xds_link.py); None while they do not."""
+        path = f"/stats?format=json&filter={urllib.parse.quote(STATS_FILTER)}"
+        try:
+            stats = parse_stats(json.loads(self._request(path, timeout=1.0)[1]))
+        except (OSError, ValueError):
+            return None
+        return config_failure(stats, f"{self.xds_host}:{self.xds_port}", self.tls)
+
+    def last_complaint(self) -> str:
+        """Envoy's last critical or error log line (its message only), or ""."""
+        for line in reversed(self.log_tail(50).splitlines()):
+            if "][critical][" in line or "][error][" in line:
+                return line.rsplit("] ", 1)[-1].strip()
+        return ""
 
     def ready_state(self) -> str | None:
         """The current /ready body (LIVE, INITIALIZING, ...) or None if the admin is down."""

@@ -165,15 +165,9 @@ class _Run:
         instance_id = f"{self.options.host}-{ports.inbound}"
         with contextlib.ExitStack() as stack:
             work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tasklane-")))
-            try:
-                envoy = self._start_envoy(stack, xds, ports, instance_id, work_dir)
-            except RuntimeFailure:  # its ports are free again, unless another process has one
-                envoy_ports = (ports.egress, ports.admin)
-                if port_in_use(ports.inbound, self.options.host) or any(
-                    port_in_use(port) for port in envoy_ports
-                ):
-                    return None
-                raise
+            envoy = self._start_envoy(stack, xds, ports, instance_id, work_dir)
+            if envoy is None:
+                return None
             app = self._start_app(stack, ports, instance_id)
             if not self._app_ready(app, ports):
                 log.error("the app exited with code %d before it was ready", app.returncode)
@@ -215,8 +209,14 @@ class _Run:
         ports: _Ports,
         instance_id: str,
         work_dir: Path,
-    ) -> EnvoyProcess:
-        """A sidecar with its config from the control plane (stopped when the stack closes)."""
+    ) -> EnvoyProcess | None:
+        """A sidecar with its config from the control plane (stopped when the stack closes);
+        None when it exited because another process took one of its ports first.
+
+        RuntimeFailure, one line, for any other reason it has no config: at once when its
+        connection to the control plane names the cause (EnvoyProcess.config_failure, e.g. a
+        certificate from another CA, nothing listening), else after READY_TIMEOUT. Other
+        ports would not help then, so none are tried."""
         envoy = EnvoyProcess(
             node_id=f"{self.options.service}|{self.options.group}|{instance_id}",
             service=self.options.service,
@@ -239,13 +239,24 @@ class _Run:
         )
         stack.callback(envoy.stop)
         envoy.start()
-        self._wait(
-            lambda: envoy.ready_state() == "LIVE",
-            lambda: None if envoy.running() else "Envoy exited",
-            f"Envoy (admin :{ports.admin}) got no config from the control plane at "
-            f"{xds[0]}:{xds[1]}",
-            envoy.log_tail,
-        )
+        try:
+            self._wait(
+                lambda: envoy.ready_state() == "LIVE",
+                lambda: envoy.config_failure() if envoy.running() else "Envoy exited",
+                f"Envoy (admin :{ports.admin}) got no config from the control plane at "
+                f"{xds[0]}:{xds[1]}",
+                envoy.last_complaint,
+            )
+        except RuntimeFailure:
+            if envoy.running():
+                raise
+            envoy.stop()  # reaped: its ports are free again, unless another process has one
+            envoy_ports = (ports.egress, ports.admin)
+            if port_in_use(ports.inbound, self.options.host) or any(
+                port_in_use(port) for port in envoy_ports
+            ):
+                return None
+            raise
         return envoy
 
     def _start_app(
@@ -363,8 +374,8 @@ class _Run:
             if reason is None and time.monotonic() > deadline:
                 reason = f"not ready after {READY_TIMEOUT:g}s"
             if reason is not None:
-                lines = details()
-                raise RuntimeFailure(f"{what}: {reason}" + (f"; log:\n{lines}" if lines else ""))
+                said = details()
+                raise RuntimeFailure(f"{what}: {reason}" + (f" ({said})" if said else ""))
             if self.signals.stop:
                 raise _Stopped
             time.sleep(POLL_INTERVAL)

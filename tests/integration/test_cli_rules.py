@@ -246,6 +246,48 @@ def test_get_table_and_yaml_round_trip(cli: Cli) -> None:
     assert_one_line_error(result.stderr, "unknown kind 'pods'")
 
 
+# A comment line of 1 KiB: it pads a rule file to the size of a real mesh's rules (10,000
+# Services are 3 MB of request) while keeping its documents under etcd's 128 writes per
+# transaction (applies of more documents are another issue's).
+PADDING = "# " + "x" * 1021 + "\n"
+
+
+def services(count: int) -> str:
+    """`count` Services of two groups each, as compactly as a user would write them."""
+    return "".join(
+        f"apiVersion: tasklane.io/v1\nkind: Service\nmetadata: {{name: svc-{n:05d}}}\n"
+        "spec: {groups: [{name: default, minReplicas: 1, maxReplicas: 4},"
+        " {name: task, minReplicas: 0, maxReplicas: 4}]}\n---\n"
+        for n in range(count)
+    )
+
+
+def test_an_apply_of_several_mib_is_taken(cli: Cli, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(PADDING * 3 * 1024 + services(100))  # aiohttp's default takes 1 MiB
+    lines = "".join(f"service/svc-{n:05d} created\n" for n in range(100))
+    assert ok(cli("apply", "-f", str(rules))) == lines
+    items, _ = cli.snapshot()
+    assert {rule_key("Service", f"svc-{n:05d}") for n in range(100)} <= set(items)
+
+
+def test_an_apply_over_the_size_limit_names_the_files_and_writes_nothing(
+    cli: Cli, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text(services(1) + PADDING * 17 * 1024)  # 17 MiB
+    before = cli.snapshot()
+    result = cli("apply", "-f", str(big), "-f", str(GOOD))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert_one_line_error(
+        result.stderr,
+        f"{big} (17.0 MiB), {GOOD} (2 KiB): too large for one apply (17,8",
+    )
+    assert "bytes): the control plane takes up to 16,777,216 bytes (16.0 MiB)" in result.stderr
+    assert cli.snapshot() == before
+
+
 def test_unreachable_control_plane_is_one_line(tmp_path: Path) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "TASKLANE_SERVER": closed, "TASKLANE_TOKEN": "t"}

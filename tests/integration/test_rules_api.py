@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -182,11 +183,14 @@ def test_malformed_apply_requests_are_refused(plane: Plane, body: bytes, message
 
 
 def test_oversized_apply_is_refused_with_the_limit(plane: Plane) -> None:
-    status, body = plane.apply({"huge.yaml": "# " + "x" * (1024 * 1024) + "\n"})
+    status, body = plane.apply({"huge.yaml": "# " + "x" * (16 * 1024 * 1024) + "\n"})
     assert status == 413
-    assert body == {
-        "error": "rule files too large for one apply: Maximum request body size 1048576 exceeded."
-    }
+    assert re.fullmatch(
+        r"too large for one apply \(16,777,[0-9]{3} bytes\): the control plane takes up to "
+        r"16,777,216 bytes \(16\.0 MiB\)",
+        body["error"],
+    ), body
+    assert plane.snapshot()[0] == {}
 
 
 def test_get_accepts_kind_aliases_and_reports_unknown(plane: Plane) -> None:

@@ -9,17 +9,21 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from controlplane.runtime.ports import free_port
 from controlplane.store.etcd import Store
 from controlplane.store.registry import DEFAULT_TTL
+from demo.chain_app import serve_in_thread
 from tests.support.chain import (
     GOOD,
     NEXT,
@@ -35,6 +39,7 @@ from tests.support.chain import (
 )
 from tests.support.procs import wait_gone
 from tests.support.up import (
+    TASKLANE,
     assert_one_line_error,
     get_json,
     start_up,
@@ -42,6 +47,7 @@ from tests.support.up import (
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
+FAIL_FAST = 10.0  # a run whose Envoy cannot get config says why within this
 
 # A minimal app for the stop tests: records the environment `tasklane run` gave it, accepts
 # connections on $PORT, exits 7 on SIGTERM and 3 by itself once the file argv[1] exists.
@@ -292,3 +298,47 @@ def test_an_app_port_taken_first_is_picked_again(plane: Plane, tmp_path: Path) -
         assert "was taken first: trying others" in run.stderr()
     finally:
         stop_run(run)
+
+
+class _UnreachableXds(BaseHTTPRequestHandler):
+    """The control plane's API as `tasklane run` reads it, its real answers, except that the
+    xDS address it reports is a port nobody listens on: a control plane advertising an
+    address its sidecars cannot reach."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        status, body = get_json(self.server.real + self.path)  # type: ignore[attr-defined]
+        if self.path == "/api/v1/status":
+            body["xds"]["address"] = self.server.xds  # type: ignore[attr-defined]
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_run_whose_envoy_cannot_reach_xds_fails_fast_naming_the_cause(plane: Plane) -> None:
+    """Not 3 x 30 s of retried ports (its own Envoy held them), but one line within seconds."""
+    api = ThreadingHTTPServer(("127.0.0.1", 0), _UnreachableXds)
+    xds = f"127.0.0.1:{free_port()}"
+    api.real, api.xds = plane.server, xds  # type: ignore[attr-defined]
+    port, stop = serve_in_thread(api)
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [*TASKLANE, "run", "--server", f"http://127.0.0.1:{port}"]
+            + ["--service", "nav-pricing", "--", "sleep", "60"],
+            capture_output=True,
+            text=True,
+            timeout=FAIL_FAST,
+            env=plane.env(),
+        )
+    finally:
+        stop()
+    assert done.returncode == 2, done.stderr
+    assert time.monotonic() - started < FAIL_FAST
+    assert_one_line_error(done.stderr, "Envoy (admin :")
+    assert f"cannot connect to the control plane's xDS at {xds}: Connection refused" in done.stderr

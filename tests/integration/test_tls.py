@@ -256,6 +256,31 @@ def test_tls_dir_against_a_plaintext_control_plane_fails_fast(
     )
 
 
+@pytest.mark.parametrize("which", ["another tls init", "a client certificate of another CA"])
+def test_run_refused_by_tls_fails_fast_naming_the_cause(
+    plane: TlsPlane, tls_dir: Path, tmp_path: Path, which: str
+) -> None:
+    """Its Envoy is refused on every attempt: `tasklane run` says why in one line within
+    seconds, instead of retrying ports its own Envoy holds for 3 x 30 s."""
+    if which == "another tls init":  # trusts another CA, so it refuses the control plane
+        other = tmp_path / "other"
+        assert tasklane("tls", "init", str(other)).returncode == 0
+        expected = "failed TLS: unknown CA (the control plane's certificate is not signed by"
+    else:  # the control plane refuses the certificate
+        other = tmp_path / "foreign"
+        foreign_files(tls_dir, other)
+        expected = "failed TLS: the control plane closed it after the handshake, refusing"
+    started = time.monotonic()
+    done = tasklane(
+        "run", "--server", plane.server, "--tls-dir", str(other), "--service", "nav-pricing",
+        "--", "sleep", "60", timeout=FAIL_FAST, env=Plane.env(plane),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert time.monotonic() - started < FAIL_FAST
+    assert_one_line_error(done.stderr, "Envoy (admin :")
+    assert f"xDS connection to 127.0.0.1:{plane.up.ports['xds']} {expected}" in done.stderr
+
+
 def test_grpc_clients_without_a_good_certificate_are_refused(
     plane: TlsPlane, tls_dir: Path
 ) -> None:
