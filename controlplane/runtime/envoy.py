@@ -266,6 +266,7 @@ class EnvoyProcess:
         self.tls = tls
         self._admin_port = admin_port
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0  # monotonic time of start()
 
     @property
     def admin_port(self) -> int:
@@ -316,6 +317,7 @@ class EnvoyProcess:
             raise RuntimeFailure(f"envoy {self.node_id} already started (pid {self._proc.pid})")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.bootstrap_path.write_text(self.render())
+        self._started_at = time.monotonic()
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 dying_with_parent(self.command()),
@@ -400,7 +402,8 @@ class EnvoyProcess:
             stats = parse_stats(json.loads(self._request(path, timeout=1.0)[1]))
         except (OSError, ValueError):
             return None
-        return config_failure(stats, f"{self.xds_host}:{self.xds_port}", self.tls)
+        running_for = time.monotonic() - self._started_at
+        return config_failure(stats, f"{self.xds_host}:{self.xds_port}", self.tls, running_for)
 
     def last_complaint(self) -> str:
         """Envoy's last critical or error log line (its message only), or ""."""

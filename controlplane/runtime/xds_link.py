@@ -15,11 +15,18 @@ from controlplane.pki import TlsFiles
 XDS_CLUSTER = "xds"  # the bootstrap's static cluster of the control plane (envoy/bootstrap.yaml)
 STATS_FILTER = rf"^cluster\.{XDS_CLUSTER}\."  # the admin /stats filter of the counters read here
 ATTEMPTS = 2  # failed attempts with the same cause before it is named
+# A control plane that just started serves xDS a registration grace after its API (app.py),
+# so a sidecar started right after `tasklane up` meets refused connections for ~2 s: those
+# only name a cause once they have lasted longer than this.
+CONNECT_GRACE = 5.0
 
 
-def config_failure(stats: dict[str, int], xds: str, tls: TlsFiles | None) -> str | None:
+def config_failure(
+    stats: dict[str, int], xds: str, tls: TlsFiles | None, running_for: float
+) -> str | None:
     """One line naming why the connection to the control plane at `xds` ("host:port") fails,
-    from the `cluster.xds.*` counters; None while they name no repeated cause."""
+    from the `cluster.xds.*` counters of an Envoy started `running_for` seconds ago; None
+    while they name no repeated cause."""
 
     def count(name: str) -> int:
         return stats.get(f"cluster.{XDS_CLUSTER}.{name}", 0)
@@ -44,7 +51,7 @@ def config_failure(stats: dict[str, int], xds: str, tls: TlsFiles | None) -> str
                 f"{where}: the control plane closed it after the handshake, refusing the "
                 f"client certificate {tls.cert} (not signed by its CA?)"
             )
-    if count("upstream_cx_connect_fail") >= ATTEMPTS:
+    if count("upstream_cx_connect_fail") >= ATTEMPTS and running_for >= CONNECT_GRACE:
         return f"cannot connect to the control plane's xDS at {xds}: {connect_error(xds)}"
     return None
 
