@@ -105,3 +105,30 @@ def test_a_group_serves_every_chain_that_shares_it(tmp_path: Path, sidecar_start
         assert len(body.encode()) <= 4096
         for headers in dyes(CHAINS - 1):
             assert direct(task.inbound_port, headers)[0] == 200, headers
+
+
+def test_a_chain_with_many_long_dyes_routes_by_baggage(tmp_path: Path) -> None:
+    """3,000 prefix dyes of 250 characters: ~800 KB of baggage regex, which RE2 refuses to
+    compile as one pattern ("pattern too large")."""
+    values = [f"{index:04d}-{'x' * 245}" for index in range(3_000)]
+    listed = ", ".join(f'"{value}*"' for value in values)
+    rules_yaml = SERVICES + chain(
+        "long-dyes", "[{service: target-svc, group: task}]", dye=f"{{values: [{listed}]}}"
+    )
+    with Mesh(tmp_path, rules_yaml) as mesh:
+        task = mesh.add("target-svc", "task")
+        mesh.add("target-svc", "default")
+        port = mesh.add("caller", "default").egress_port
+        wanted = [{"baggage": f"task-dye={value}@run-7"} for value in (values[0], values[-1])] + [
+            {"x-task-dye": f"{values[-1]}@run-7"}
+        ]
+        wait_until(
+            lambda: all(
+                served_by(request(port, "target-svc", headers=h)[1]) == TASK for h in wanted
+            ),
+            timeout=30,
+            what="the first and last dyes reach the task group",
+        )
+        sent, acked, nack = route_status(mesh, task)
+        assert (acked, nack) == (sent, None)
+        assert direct(task.inbound_port, {"baggage": "task-dye=0000-y"})[0] == 403
