@@ -74,9 +74,9 @@ _MIN_RETRY_CONCURRENCY = 32
 _HOST_SELECTION_ATTEMPTS = 5
 # RE2 refuses a pattern whose compiled program outgrows its memory budget: Envoy 1.40 NACKs
 # "pattern too large - compile failed" from ~700 KB of baggage regex (passes at ~400 KB). A
-# chain's dye values are split over regexes of at most this much text each. (The program-size
-# check, runtime `re2.max_program_size.error_level` = 100, applies to route-level `safe_regex`
-# only, not to these matcher-tree regexes: checked with the level set to 10.)
+# chain's dye values are split so that each regex's alternation stays within this. (The
+# program-size check, runtime `re2.max_program_size.error_level` = 100, applies to route-level
+# `safe_regex` only, not to these matcher-tree regexes: checked with the level set to 10.)
 _MAX_REGEX_TEXT = 64 * 1024
 # Envoy refuses a direct response body over the route config's
 # `max_direct_response_body_size_bytes` (default 4096): the inbound 403's lists of chains and
