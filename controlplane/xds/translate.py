@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -73,6 +74,17 @@ _RETRY_BUDGET_PERCENT = 25.0
 _MIN_RETRY_CONCURRENCY = 32
 # How often a retry may pick a host again when the pick is one it already tried.
 _HOST_SELECTION_ATTEMPTS = 5
+# RE2 refuses a pattern whose compiled program outgrows its memory budget: Envoy 1.40 NACKs
+# "pattern too large - compile failed" from ~700 KB of baggage regex (passes at ~400 KB). A
+# chain's dye values are split so that each regex's alternation stays within this. (The
+# program-size check, runtime `re2.max_program_size.error_level` = 100, applies to route-level
+# `safe_regex` only, not to these matcher-tree regexes: checked with the level set to 10.)
+_MAX_REGEX_TEXT = 64 * 1024
+# Envoy refuses a direct response body over the route config's
+# `max_direct_response_body_size_bytes` (default 4096): the inbound 403's lists of chains and
+# dye carriers are cut to these many characters each, the rest counted.
+_MAX_LISTED_CHAINS = 600
+_MAX_LISTED_CARRIERS = 300
 T = TypeVar("T")
 _EMPTY = ResourceMap()
 
@@ -210,21 +222,55 @@ def _on_route(route: route_pb2.Route) -> matcher_pb2.Matcher.OnMatch:
     )
 
 
-def baggage_regex(chain: TaskChain) -> str:
-    """RE2 matching a `baggage` header whose member `<key>` has one of the chain's dyes."""
+def baggage_regexes(chain: TaskChain) -> list[str]:
+    """RE2s matching a `baggage` header whose member `<key>` has one of the chain's dyes: one,
+    unless the chain has so many values that they must be split (`_MAX_REGEX_TEXT`)."""
     values = [re.escape(v) for v in chain.dye.exact]
     values += [re.escape(p) + r"[^,;\s]*" for p in chain.dye.prefixes]
     key = re.escape(chain.dye.baggage_key)
-    return rf"(?:^|.*,)\s*{key}\s*=\s*(?:{'|'.join(values)})\s*(?:[;,].*)?"
+    return [
+        rf"(?:^|.*,)\s*{key}\s*=\s*(?:{'|'.join(part)})\s*(?:[;,].*)?"
+        for part in _bounded_parts(values, _MAX_REGEX_TEXT, separator="|")
+    ]
 
 
-def _baggage_predicate(
-    value: string_pb2.StringMatcher,
+def _bounded_parts(items: Sequence[str], budget: int, separator: str) -> list[list[str]]:
+    """`items` in order, cut into runs that joined by `separator` stay within `budget`
+    characters; an item longer than the budget has a run of its own."""
+    parts: list[list[str]] = [[]]
+    used = 0
+    for item in items:
+        if parts[-1] and used + len(separator) + len(item) > budget:
+            parts.append([])
+        if not parts[-1]:
+            used = -len(separator)
+        parts[-1].append(item)
+        used += len(separator) + len(item)
+    return parts
+
+
+def _single_predicate(
+    header: str, value: string_pb2.StringMatcher
 ) -> matcher_pb2.Matcher.MatcherList.Predicate:
     single = matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-        input=_header_input("baggage"), value_match=value
+        input=_header_input(header), value_match=value
     )
     return matcher_pb2.Matcher.MatcherList.Predicate(single_predicate=single)
+
+
+def _any_value(header: str) -> matcher_pb2.Matcher.MatcherList.Predicate:
+    # The matcher API has no predicate that is always true; "not the empty string" is the
+    # cheapest (a string compare). The tree behind it decides.
+    never = _single_predicate(header, string_pb2.StringMatcher(exact=""))
+    return matcher_pb2.Matcher.MatcherList.Predicate(not_matcher=never)
+
+
+def _step(
+    predicate: matcher_pb2.Matcher.MatcherList.Predicate, nested: matcher_pb2.Matcher
+) -> matcher_pb2.Matcher.MatcherList.FieldMatcher:
+    return matcher_pb2.Matcher.MatcherList.FieldMatcher(
+        predicate=predicate, on_match=matcher_pb2.Matcher.OnMatch(matcher=nested)
+    )
 
 
 def dye_matcher(
@@ -233,35 +279,20 @@ def dye_matcher(
     """Route a request by its dye: header trees first (exact, then prefix maps, per header
     name), then the baggage carrier, then `otherwise`.
 
+    The steps are one flat list whose nested matchers have no `on_no_match`: one that finds
+    nothing falls through to the next step (xds `Matcher.OnMatch.matcher`). Nesting each step
+    in the previous one's `on_no_match` instead made the depth grow with the number of header
+    names: past ~20 Envoy's JSON parser and past ~24 protobuf (upb, depth 100) refused it.
+
     A baggage member cannot be looked up in a map, so each chain has a regex; they sit behind
     a cheap `contains <key>` guard per baggage key, so online requests that carry unrelated
     baggage (OpenTelemetry) do not pay for every chain's regex (bench/dataplane.py).
     """
-    otherwise_match = _on_route(otherwise)
-    matcher = matcher_pb2.Matcher(on_no_match=otherwise_match)
-    by_key: dict[str, list[tuple[TaskChain, route_pb2.Route]]] = {}
-    for chain, route in entries:
-        by_key.setdefault(chain.dye.baggage_key, []).append((chain, route))
-    if by_key:
-        guards = matcher_pb2.Matcher.MatcherList()
-        for key in sorted(by_key):
-            regexes = matcher_pb2.Matcher.MatcherList()
-            for chain, route in by_key[key]:
-                regex = regex_pb2.RegexMatcher(regex=baggage_regex(chain), google_re2={})
-                regexes.matchers.add(
-                    predicate=_baggage_predicate(string_pb2.StringMatcher(safe_regex=regex)),
-                    on_match=_on_route(route),
-                )
-            nested = matcher_pb2.Matcher(matcher_list=regexes, on_no_match=otherwise_match)
-            guards.matchers.add(
-                predicate=_baggage_predicate(string_pb2.StringMatcher(contains=key)),
-                on_match=matcher_pb2.Matcher.OnMatch(matcher=nested),
-            )
-        matcher = matcher_pb2.Matcher(matcher_list=guards, on_no_match=otherwise_match)
+    steps = matcher_pb2.Matcher.MatcherList()
     by_header: dict[str, list[tuple[TaskChain, route_pb2.Route]]] = {}
     for chain, route in entries:
         by_header.setdefault(chain.dye.header, []).append((chain, route))
-    for header in sorted(by_header, reverse=True):
+    for header in sorted(by_header):
         prefix_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
         exact_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
         for chain, route in by_header[header]:
@@ -269,15 +300,30 @@ def dye_matcher(
                 prefix_map[value] = _on_route(route)
             for value in chain.dye.exact:
                 exact_map[value] = _on_route(route)
-        for kind, table in (("prefix_match_map", prefix_map), ("exact_match_map", exact_map)):
+        for kind, table in (("exact_match_map", exact_map), ("prefix_match_map", prefix_map)):
             if not table:
                 continue
             tree = matcher_pb2.Matcher.MatcherTree(input=_header_input(header))
             for value, on_match in table.items():
                 getattr(tree, kind).map[value].CopyFrom(on_match)
-            on_no_match = matcher_pb2.Matcher.OnMatch(matcher=matcher)
-            matcher = matcher_pb2.Matcher(matcher_tree=tree, on_no_match=on_no_match)
-    return matcher
+            steps.matchers.append(_step(_any_value(header), matcher_pb2.Matcher(matcher_tree=tree)))
+    by_key: dict[str, list[tuple[TaskChain, route_pb2.Route]]] = {}
+    for chain, route in entries:
+        by_key.setdefault(chain.dye.baggage_key, []).append((chain, route))
+    for key in sorted(by_key):
+        regexes = matcher_pb2.Matcher.MatcherList()
+        for chain, route in by_key[key]:
+            for pattern in baggage_regexes(chain):
+                regex = regex_pb2.RegexMatcher(regex=pattern, google_re2={})
+                regexes.matchers.add(
+                    predicate=_single_predicate(
+                        "baggage", string_pb2.StringMatcher(safe_regex=regex)
+                    ),
+                    on_match=_on_route(route),
+                )
+        guard = _single_predicate("baggage", string_pb2.StringMatcher(contains=key))
+        steps.matchers.append(_step(guard, matcher_pb2.Matcher(matcher_list=regexes)))
+    return matcher_pb2.Matcher(matcher_list=steps, on_no_match=_on_route(otherwise))
 
 
 # ---------------------------------------------------------------------------- egress
@@ -392,6 +438,37 @@ def local_rate_limit(hop: Hop, instances: int) -> local_rate_limit_pb2.LocalRate
     )
 
 
+def refusal(service: str, group: str, hops: Sequence[ChainHop]) -> str:
+    """The inbound 403's reason: which dyes the group accepts and where a request carries
+    them. Bounded whatever the number of chains (Envoy NACKs a body over 4096 bytes, and
+    with it the group's whole inbound route config)."""
+    head = f"tasklane: {service} group {group} serves only task traffic"
+    if not hops:
+        return f"{head}, and no chain uses it\n"
+    chains = list({entry.chain.name: entry.chain for entry in hops}.values())
+    count = f"{len(chains)} chain" + ("s" if len(chains) > 1 else "")
+    names = _listed([c.name for c in chains], _MAX_LISTED_CHAINS)
+    headers = _listed(_most_used([c.dye.header for c in chains]), _MAX_LISTED_CARRIERS)
+    keys = _listed(_most_used([c.dye.baggage_key for c in chains]), _MAX_LISTED_CARRIERS)
+    return (
+        f"{head}: a dye of its {count} ({names}) in header {headers} or baggage member "
+        f"{keys}; this request carries none\n"
+    )
+
+
+def _most_used(names: Sequence[str]) -> list[str]:
+    """The distinct `names`, the most frequent first (then by name)."""
+    counts = Counter(names)
+    return sorted(counts, key=lambda name: (-counts[name], name))
+
+
+def _listed(names: Sequence[str], budget: int) -> str:
+    """`names` joined by ", " up to `budget` characters, the rest counted: "a, b and 7 more"."""
+    shown = _bounded_parts(names, budget, separator=", ")[0]
+    rest = len(names) - len(shown)
+    return ", ".join(shown)[:budget] + (f" and {rest} more" if rest else "")  # cuts a long one
+
+
 def inbound_route(
     service: Service, group: str, hops: Sequence[ChainHop], instances: int
 ) -> route_config_pb2.RouteConfiguration:
@@ -410,17 +487,11 @@ def inbound_route(
     if group == DEFAULT_GROUP:
         otherwise = _route("online", to_app)
     else:
-        chains = ", ".join(e.chain.name for e in hops) or "none"
         otherwise = _route(
             "refused",
             direct_response=route_pb2.DirectResponseAction(
                 status=403,
-                body=base_pb2.DataSource(
-                    inline_string=(
-                        f"tasklane: {service.name} group {group} serves only task traffic "
-                        f"(chains: {chains}); this request carries none of their dyes\n"
-                    )
-                ),
+                body=base_pb2.DataSource(inline_string=refusal(service.name, group, hops)),
             ),
         )
     host = route_pb2.VirtualHost(name=INBOUND_ROUTE, domains=["*"])
