@@ -24,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from envoy.config.core.v3 import base_pb2
 
 from controlplane.errors import StoreError
+from controlplane.model.instance import DEFAULT_TTL, Instance
 from controlplane.store.etcd import Store
-from controlplane.store.registry import DEFAULT_TTL, Instance, Registration, register
+from controlplane.store.registry import Registration, register
 from controlplane.xds.names import META_ANNOUNCE, META_GROUP, META_SERVICE
 from controlplane.xds.server import Observer
 from controlplane.xds.status import NodeStatus

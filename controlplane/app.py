@@ -37,6 +37,7 @@ from controlplane.api.task_service import TaskService
 from controlplane.errors import RuntimeFailure, StoreError
 from controlplane.inject.pod import InjectOptions
 from controlplane.inject.webhook import server_ssl_context, start_webhook
+from controlplane.model.instance import KEEPALIVE_INTERVAL
 from controlplane.model.rules import RuleSet
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import port_in_use
@@ -45,7 +46,6 @@ from controlplane.scaler.policy import PolicyConfig
 from controlplane.scaler.reconcile import Scaler
 from controlplane.store.etcd import Store
 from controlplane.store.leader import Leadership
-from controlplane.store.registry import KEEPALIVE_INTERVAL
 from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
 from controlplane.xds.cache import SnapshotCache

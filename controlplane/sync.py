@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from controlplane.errors import StoreError
+from controlplane.model.instance import Instance
 from controlplane.model.rules import RuleSet
 from controlplane.store.etcd import Store
-from controlplane.store.registry import Instance, watch_instances
+from controlplane.store.registry import watch_instances
 from controlplane.store.rules import watch_rules
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot

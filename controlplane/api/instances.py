@@ -22,14 +22,9 @@ from aiohttp import web
 from controlplane.api.context import ApiContext
 from controlplane.api.http import ApiError
 from controlplane.errors import StoreError
+from controlplane.model.instance import DEFAULT_TTL, Instance
 from controlplane.model.text import quote
-from controlplane.store.registry import (
-    DEFAULT_TTL,
-    Instance,
-    Registration,
-    list_instances,
-    register,
-)
+from controlplane.store.registry import Registration, list_instances, register
 from controlplane.store.rules import load_rules
 
 # How long a (de)registration waits for the sync to publish it before answering anyway.

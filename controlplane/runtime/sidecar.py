@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.errors import RuntimeFailure, TasklaneError
+from controlplane.model.instance import KEEPALIVE_INTERVAL, Instance
 from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port, port_in_use
 from controlplane.runtime.process import dying_with_parent, stop_process
-from controlplane.store.registry import KEEPALIVE_INTERVAL, Instance
 from controlplane.xds.names import HEALTH_PATH
 
 log = logging.getLogger("tasklane.run")

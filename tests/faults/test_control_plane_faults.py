@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.model.instance import DEFAULT_TTL
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.store.etcd import Store
-from controlplane.store.registry import DEFAULT_TTL
 from tests.support.chain import (
     DYE,
     GOOD,

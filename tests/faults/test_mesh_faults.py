@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from controlplane.model.instance import DEFAULT_TTL
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.runtime.process import dying_with_parent
 from controlplane.store.etcd import Store
-from controlplane.store.registry import DEFAULT_TTL
 from controlplane.xds.names import HEALTH_PATH
 from tests.support.chain import (
     DYE,

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from controlplane.model.instance import DEFAULT_TTL, INSTANCES
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import free_port
 from controlplane.store.etcd import Store
-from controlplane.store.registry import DEFAULT_TTL, INSTANCES
 from tests.support.echo_app import start_echo
 from tests.support.plane import Plane
 from tests.support.rules import service

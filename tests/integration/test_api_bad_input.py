@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.store.registry import Instance
+from controlplane.model.instance import Instance
 from tests.support.plane import Plane as BasePlane
 from tests.support.plane import api_opener
 

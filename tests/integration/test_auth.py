@@ -30,8 +30,8 @@ import pytest
 from controlplane.api.auth import TOKEN_FILE, ApiToken
 from controlplane.api.proto_gen.tasklane.v1 import task_pb2, task_pb2_grpc
 from controlplane.errors import RuntimeFailure
+from controlplane.model.instance import Instance
 from controlplane.store.etcd import Store
-from controlplane.store.registry import Instance
 from tests.support.plane import Plane as BasePlane
 from tests.support.plane import api_opener
 from tests.support.up import (

@@ -8,8 +8,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from controlplane.model.instance import Instance
 from controlplane.scaler.inflight import active_requests, in_flight
-from controlplane.store.registry import Instance
 from tests.support.mesh import Mesh
 from tests.support.rules import service
 from tests.support.wait import wait_until

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.model.instance import DEFAULT_TTL
 from controlplane.runtime.ports import free_port
 from controlplane.store.etcd import Store
-from controlplane.store.registry import DEFAULT_TTL
 from demo.chain_app import serve_in_thread
 from tests.support.chain import (
     GOOD,

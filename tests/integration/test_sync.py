@@ -14,6 +14,7 @@ import pytest
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 
 from controlplane.errors import StoreError
+from controlplane.model.instance import Instance
 from controlplane.model.load import load_files, load_text
 from controlplane.model.rules import RuleSet
 from controlplane.model.validate import apply as validate_apply
@@ -21,7 +22,7 @@ from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.ports import free_port
 from controlplane.store.etcd import Store
-from controlplane.store.registry import Instance, Registration, register
+from controlplane.store.registry import Registration, register
 from controlplane.store.rules import apply_rules, load_rules
 from controlplane.xds.names import GATEWAY_ROLE
 from controlplane.xds.snapshot import ResourceMap, Snapshot

@@ -20,9 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controlplane.model.instance import Instance
 from controlplane.runtime.process import dying_with_parent
 from controlplane.store.etcd import PREFIX, Store
-from controlplane.store.registry import Instance, list_instances
+from controlplane.store.registry import list_instances
 from tests.support.up import TASKLANE, Up, wait_ready
 from tests.support.wait import wait_until
 
