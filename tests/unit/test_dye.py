@@ -87,7 +87,7 @@ def test_the_member_dye_is_decoded_and_cut_at_its_properties() -> None:
 
 # Dyes from a few characters of each kind: literal-only, escapable, and ones near '%' and hex.
 _DYE_CHARS = "aB9-._@:+*~!/"
-_RAW_CHARS = "aB9-._@:+*~!/%34024;Ab,= \""
+_RAW_CHARS = 'aB9-._@:+*~!/%34024;Ab,= "'
 _NEVER_ENCODED = "aB9-._"  # letters, digits and -._: no encoder escapes them, nor need we match
 
 
@@ -129,4 +129,3 @@ def test_the_regex_matches_only_values_that_decode_to_the_dye(
         decoded = member_dye(raw)
         assert decoded is not None
         assert decoded.startswith(dye) if prefix else decoded == dye
-
