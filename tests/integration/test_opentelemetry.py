@@ -46,8 +46,9 @@ def test_opentelemetry_baggage_keeps_exact_and_per_run_dyes_in_the_task_group(
                 client = instance if (name, group) == ("fund-facade", "default") else client
         port = client.egress_port
 
-        def hops(baggage: str | None) -> tuple[int, list[tuple[str, str]], list[dict]]:
-            headers = {"baggage": baggage} if baggage is not None else {}
+        def hops(sent: str | dict[str, str] | None) -> tuple[int, list[tuple[str, str]], list]:
+            """One request: `sent` is its baggage header, or all its headers."""
+            headers = {"baggage": sent} if isinstance(sent, str) else sent or {}
             status, answer = request(port, "fund-facade", headers=headers)
             return status, served_by(answer), answer.get("hops", [])
 
@@ -67,13 +68,15 @@ def test_opentelemetry_baggage_keeps_exact_and_per_run_dyes_in_the_task_group(
             (f"task-dye=fund-yield@{RUN};src=cron, tenant=7", ALL_TASK),
             ("task-dye=fund-yieldx", ALL_DEFAULT),
             ("tenant=7", ALL_DEFAULT),
+            # OpenTelemetry forwards baggage, not the mesh's own header: only the first hop.
+            ({"x-task-dye": "fund-yield"}, ALL_TASK[:1] + ALL_DEFAULT[1:]),
         ]
-        for baggage, expected in cases:
+        for sent, expected in cases:
             results = Counter()
             for _ in range(REQUESTS):
-                status, served, _ = hops(baggage)
+                status, served, _ = hops(sent)
                 results[(status, tuple(served))] += 1
-            assert results == {(200, tuple(expected)): REQUESTS}, baggage
+            assert results == {(200, tuple(expected)): REQUESTS}, sent
 
         # What the second and third hops received: OpenTelemetry's re-encoding, not what the
         # client sent, so the routes above were taken on the encoded form.
