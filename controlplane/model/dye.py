@@ -1,5 +1,7 @@
-"""How a dye reads in a W3C `baggage` member: one definition for every part of the mesh that
-recognises a baggage dye (the translator's Envoy regexes, the accounting, the gateway's check).
+"""How a dye reads in a W3C `baggage` member: one definition for the parts of the mesh that
+recognise a baggage dye (the translator's Envoy regexes, the accounting). The app library
+`controlplane.propagation` imports nothing of tasklane, so it repeats `member_dye` in its
+`_baggage_dye`; tests/unit/test_dye.py holds them to the same answers.
 
 Baggage values are percent-encoded (https://www.w3.org/TR/baggage/#value), and OpenTelemetry
 re-encodes what it forwards: its Python propagator quotes every character but letters, digits
@@ -36,9 +38,10 @@ def _char_pattern(char: str) -> str:
 
 def value_pattern(dye: str, *, prefix: bool = False) -> str:
     """An RE2 fragment matching the raw baggage values that carry `dye` (any value starting with
-    it when `prefix`): each character as written or percent-encoded (either case of hex), then
-    for an exact dye nothing but percent-encoded properties (`%3B...`). Whatever follows the
-    value unencoded (`;props`, `,` and the next member) is for the caller's regex to allow."""
+    it when `prefix`): each character as written or, but for letters, digits and `-._`,
+    percent-encoded (either case of hex); then, for an exact dye, nothing but percent-encoded
+    properties (`%3B...`). What follows the value unencoded (`;props`, `,` and the next member)
+    is for the caller's regex to allow."""
     body = "".join(map(_char_pattern, dye))
     if prefix:
         return body + BAGGAGE_OCTETS + "*"

@@ -7,10 +7,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
+from controlplane import propagation
 from controlplane.model.dye import member_dye, value_pattern
 from controlplane.model.load import load_text
 from controlplane.model.rules import RuleSet
@@ -129,3 +130,15 @@ def test_the_regex_matches_only_values_that_decode_to_the_dye(
         decoded = member_dye(raw)
         assert decoded is not None
         assert decoded.startswith(dye) if prefix else decoded == dye
+
+
+@given(raw=st.text(_RAW_CHARS + "%0DFf\t", max_size=12))
+@example(raw="fund-yield%40r1%3Bsrc%3Dcron")  # what OpenTelemetry forwards
+@example(raw="%3Bsrc")
+def test_the_app_library_reads_a_member_as_the_mesh_does(raw: str) -> None:
+    """controlplane.propagation cannot import the model; its own reading must agree (it also
+    drops dyes that cannot travel as a header: non-ASCII or control characters)."""
+    value = raw.split(",", 1)[0]
+    dye = member_dye(value)
+    travels = dye is not None and re.fullmatch(r"[\x21-\x7e]+", dye) is not None
+    assert propagation.extract({"baggage": f"task-dye={value}"}) == (dye if travels else None)
