@@ -7,10 +7,11 @@ app copies the dye from its inbound request to its outbound ones. This module do
   duration of the request;
 * ``install_requests()``, ``httpx_event_hooks()`` and ``install_urllib()`` write the current dye
   onto every outbound request, both as the ``x-task-dye`` header and as the ``task-dye`` member
-  of the W3C ``baggage`` header (other members are kept).
+  of the W3C ``baggage`` header. The other members, the request's own and those of the
+  inbound ``baggage`` (``tenant=7``), go on too: baggage is meant to travel the whole chain.
 
-Apps that already propagate OpenTelemetry baggage need none of this: the mesh routes on the
-baggage member as well.
+Apps that already propagate OpenTelemetry baggage (server and client instrumented, the baggage
+propagator on) need none of this: the mesh routes on the baggage member as well.
 
 Precedence: when a request has both, ``x-task-dye`` wins over the baggage member. It is the
 mesh's own header, set for this purpose alone, while baggage is shared with (and rewritten by)
@@ -18,7 +19,9 @@ other tooling. An empty or malformed header counts as absent.
 
 A dye is a non-empty run of visible ASCII characters (``fund-yield@v2``); anything else is
 treated as malformed and ignored, so a hostile inbound baggage value (say ``%0D%0A``) can never
-turn into an invalid outbound header.
+turn into an invalid outbound header. A baggage member's value is percent-decoded and cut at its
+first ``;``, written or encoded (OpenTelemetry forwards ``x;src=cron`` as ``x%3Bsrc%3Dcron``), as
+the mesh reads it (``controlplane.model.dye``).
 
 Threads and asyncio: context variables flow into asyncio tasks (and ``asyncio.to_thread``)
 automatically, but not into ``ThreadPoolExecutor.submit`` or ``loop.run_in_executor``; hand those
@@ -85,6 +88,10 @@ _BAGGAGE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\
 
 dye_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_dye", default=None)
 """The dye of the request being served (None: undyed); set by the middlewares or ``dye_scope``."""
+# The inbound baggage members of the request being served, but the dye's; set by the middlewares.
+_inbound_var: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "task_baggage", default=()
+)
 
 Headers = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]]
 _H = TypeVar("_H", bound=MutableMapping[str, str])
@@ -121,18 +128,26 @@ def extract(
     list of (name, value) pairs, str or bytes (ASGI); names match case-insensitively and repeated
     ``baggage`` headers form one list, as in RFC 7230.
     """
-    wanted = (header or DYE_HEADER).lower()
-    baggage: list[str] = []
+    return _read(headers, header, baggage_key)[0]
+
+
+def _read(
+    headers: Headers, header: str | None, baggage_key: str | None
+) -> tuple[str | None, tuple[str, ...]]:
+    """The dye of an inbound request (as ``extract``) and its other baggage members."""
+    wanted, key = (header or DYE_HEADER).lower(), baggage_key or BAGGAGE_KEY
+    dye, baggage = None, []
     items = headers.items() if hasattr(headers, "items") else headers
     for raw_name, raw_value in items:
         name, value = _text(raw_name).lower(), _text(raw_value)
-        if name == wanted:
+        if name == wanted and dye is None:
             dye = value.strip(_OWS)
-            if _DYE.fullmatch(dye):
-                return dye
+            dye = dye if _DYE.fullmatch(dye) else None
         elif name == _BAGGAGE:
             baggage.append(value)
-    return _baggage_dye(baggage, baggage_key or BAGGAGE_KEY)
+    members = list(_within_limits(_members(baggage)))
+    others = tuple(member for member in members if _member_key(member) != key)
+    return dye or _baggage_dye(members, key), others
 
 
 def inject(
@@ -142,31 +157,35 @@ def inject(
     header: str | None = None,
     baggage_key: str | None = None,
 ) -> _H:
-    """Write ``dye`` (default: the current one) onto outbound headers, in place; none, no change.
+    """Write ``dye`` (default: the current one) and the served request's other baggage members
+    onto outbound headers, in place; with neither, no change.
 
     Replaces any dye header (whatever its case) and puts the dye first in the baggage header,
-    dropping an older dye member and keeping all others, so that it survives hops that trim
-    baggage to the W3C limits. Works on any mutable mapping: dict, requests' and httpx's headers.
+    dropping an older dye member, so that it survives hops that trim baggage to the W3C limits.
+    The request's own members come next, then the inbound ones it does not set itself. Works on
+    any mutable mapping: dict, requests' and httpx's headers.
     """
-    if dye is None:
-        dye = current_dye()
-        if dye is None:
-            return headers
-    else:
-        dye = _checked(dye)
+    dye = current_dye() if dye is None else _checked(dye)
+    inbound = _inbound_var.get()
+    if dye is None and not inbound:
+        return headers
     name = header or DYE_HEADER
     key = baggage_key or BAGGAGE_KEY
     baggage_name, old = _BAGGAGE, []
     for existing in list(headers):
-        if existing.lower() == name.lower():
+        if existing.lower() == name.lower() and dye is not None:
             del headers[existing]
         elif existing.lower() == _BAGGAGE:
             baggage_name = existing
             old.append(headers.pop(existing))
-    headers[name] = dye
-    others = (member for member in _members(old) if _member_key(member) != key)
-    first = f"{key}={quote(dye, safe=_BAGGAGE_SAFE)}"
-    headers[baggage_name] = ",".join(_within_limits([first, *others]))
+    members = list(_members(old))
+    if dye is not None:
+        headers[name] = dye
+        first = f"{key}={quote(dye, safe=_BAGGAGE_SAFE)}"
+        members = [first, *(member for member in members if _member_key(member) != key)]
+    own = {_member_key(member) for member in members}
+    members += (member for member in inbound if _member_key(member) not in own)
+    headers[baggage_name] = ",".join(_within_limits(members))
     return headers
 
 
@@ -204,11 +223,17 @@ class WsgiMiddleware:
             if (key := "HTTP_" + name.upper().replace("-", "_")) in environ
         ]
         context = contextvars.copy_context()
-        context.run(dye_var.set, extract(pairs, header=header, baggage_key=self.baggage_key))
+        context.run(_enter, _read(pairs, header, self.baggage_key))
         body = context.run(self.app, environ, start_response)
         if isinstance(body, list | tuple):  # runs no code when iterated; servers may take its len
             return body
         return _InContext(context, body)
+
+
+def _enter(inbound: tuple[str | None, tuple[str, ...]]) -> tuple[contextvars.Token, ...]:
+    """Make an inbound request's dye and other baggage members current."""
+    dye, members = inbound
+    return dye_var.set(dye), _inbound_var.set(members)
 
 
 class _InContext:
@@ -246,12 +271,12 @@ class AsgiMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        dye = extract(scope.get("headers", []), header=self.header, baggage_key=self.baggage_key)
-        token = dye_var.set(dye)
+        tokens = _enter(_read(scope.get("headers", []), self.header, self.baggage_key))
         try:
             await self.app(scope, receive, send)
         finally:
-            dye_var.reset(token)
+            dye_var.reset(tokens[0])
+            _inbound_var.reset(tokens[1])
 
 
 _requests_send: Callable[..., Any] | None = None  # our wrapper of Session.send while installed
@@ -399,15 +424,17 @@ def _member_key(member: str) -> str:
     return member.split("=", 1)[0].split(";", 1)[0].strip(_OWS)
 
 
-def _baggage_dye(values: list[str], key: str) -> str | None:
-    """The first well-formed ``key`` member's value, percent-decoded; malformed ones skipped."""
-    for member in _within_limits(_members(values)):
+def _baggage_dye(members: list[str], key: str) -> str | None:
+    """The first well-formed ``key`` member's value, percent-decoded and cut at its first ``;``
+    (properties OpenTelemetry encoded into the value); malformed ones skipped."""
+    for member in members:
         name, equals, rest = member.partition("=")
         if not equals or name.rstrip(_OWS) != key:
             continue
         value = rest.split(";", 1)[0].strip(_OWS)
         if _BAGGAGE_VALUE.fullmatch(value):
-            dye = unquote(value)  # invalid UTF-8 becomes U+FFFD, which fails the dye check
+            # invalid UTF-8 becomes U+FFFD, which fails the dye check
+            dye = unquote(value).split(";", 1)[0]
             if _DYE.fullmatch(dye):
                 return dye
     return None

@@ -2,7 +2,7 @@
 
 The names below are the model's public API; the modules hold the details:
 `rules` (kinds, RuleSet, documents), `load` (files), `validate` (cross-references),
-`cron` (schedules and durations).
+`cron` (schedules and durations), `dye` (how a dye reads in W3C baggage).
 """
 
 from controlplane.model.cron import fires_between, next_fire, parse_cron, parse_duration

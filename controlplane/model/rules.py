@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from controlplane.errors import RuleError
 from controlplane.model.cron import format_duration, parse_cron, parse_duration
+from controlplane.model.dye import BAGGAGE_OCTETS
 from controlplane.model.text import describe, quote
 
 API_VERSION = "tasklane.io/v1"
@@ -40,11 +41,11 @@ NAME_RULE = (
 )
 _HEADER_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
-# W3C baggage-octet: printable ASCII except space, '"', ',', ';' and '\'. A dye value must
-# read the same in the header and in the baggage member.
+# W3C baggage-octets, less '%' (see model.dye): a dye value must read the same in the header
+# and in the baggage member.
 # Dyes ride on every request of a task (header and baggage member, which W3C caps at 8 KB).
 MAX_DYE_LENGTH = 256
-_DYE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]+")
+_DYE_VALUE = re.compile(BAGGAGE_OCTETS + "+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Set by `tasklane run` for every instance; a Service's own value would be silently replaced.
 _RUN_ENV_RESERVED = frozenset({"PORT", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"})
@@ -487,6 +488,12 @@ def _dye(reader: _Reader, value: object) -> Dye:
         if item in seen:
             reader.fail(path, f"duplicate value {quote(item)} (also spec.dye.values[{seen[item]}])")
         seen[item] = index
+        if "%" in item:
+            reader.fail(
+                path,
+                f"{quote(item)} contains '%', which starts a percent-encoded character in a W3C"
+                " baggage value (OpenTelemetry sends '@' as %40), so a dye cannot carry it",
+            )
         bad = next((c for c in item if not _DYE_VALUE.fullmatch(c)), None)
         if bad is not None:
             reader.fail(

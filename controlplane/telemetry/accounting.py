@@ -20,9 +20,9 @@ Where each number comes from (one count per request per hop):
   weight under 100 the weight's share also goes to `default` and looks the same in the log,
   so such hops count no fallbacks.
 - **chain of a request** -- the route name when it names a chain (Envoy matched its dye), else
-  the dye read from the logged `x-task-dye` header and `baggage` member with the same
-  precedence as the routes. A chain with its own dye header is only recognised by its route
-  (the bootstrap logs a fixed header list).
+  the dye read from the logged `x-task-dye` header and `baggage` member (percent-decoded, as
+  `model.dye` reads it) with the same precedence as the routes. A chain with its own dye
+  header is only recognised by its route (the bootstrap logs a fixed header list).
 - **leak** -- an online request an app of a task group served; or a dyed request served by a
   group other than its hop's, unless it is the weight's share or a loose fallback to
   `default`. Whether it was either is decided with the caller's egress entry of the same
@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from controlplane.model.dye import member_dye
 from controlplane.model.rules import DEFAULT_GROUP, Hop, RuleSet, TaskChain
 
 EGRESS, INBOUND, GATEWAY = "egress", "inbound", "gateway"
@@ -135,8 +136,8 @@ class DyeIndex:
             tables = self.baggage.get(key.strip()) if sep else None
             if tables is None:
                 continue
-            value = rest.split(";", 1)[0].strip()
-            if not value or any(c.isspace() for c in value):
+            value = member_dye(rest)
+            if value is None:
                 continue
             chain = self._lookup(value, *tables)
             if chain is not None:

@@ -78,9 +78,19 @@ local function without_dye_members(baggage)
   return table.concat(kept, ","), dropped
 end
 
+-- The dye a baggage member's value carries, as controlplane/model/dye.py reads it:
+-- percent-decoded, then cut at the first ';' (OpenTelemetry encodes properties into the value).
+local function member_dye(value)
+  local decoded = string.gsub(value, "%%(%x%x)", function(hex)
+    return string.char(tonumber(hex, 16))
+  end)
+  return string.match(decoded, "^[^;]*")
+end
+
 -- Why `value` cannot be a dye (nil when it can): a trusted caller's dye must be one the rules
 -- could claim, 1 to MAX_DYE characters of the W3C baggage-octet set (printable ASCII but
--- space, '"', ',', ';' and '\'). A repeated dye header arrives joined with ",": refused too.
+-- space, '"', ',', ';' and '\') but '%'. A repeated dye header arrives joined with ",": refused
+-- too.
 local function dye_problem(value)
   if value == nil or #value == 0 then
     return "is empty"
@@ -90,7 +100,7 @@ local function dye_problem(value)
   end
   for i = 1, #value do
     local b = string.byte(value, i)
-    if b < 33 or b > 126 or b == 34 or b == 44 or b == 59 or b == 92 then
+    if b < 33 or b > 126 or b == 34 or b == 37 or b == 44 or b == 59 or b == 92 then
       return "has a character a dye cannot carry (byte " .. b .. " at " .. i .. ")"
     end
   end
@@ -119,6 +129,7 @@ local function trusted_dye_problem(headers)
     if DYE_KEYS[key] then
       local value = string.match(member, "^%s*[^=;%s]*%s*=%s*([^;]-)%s*$")
         or string.match(member, "^%s*[^=;%s]*%s*=%s*([^;]-)%s*;")
+      value = value and member_dye(value)
       local problem = dye_problem(value)
       if problem then
         return "baggage member " .. key .. " " .. problem

@@ -43,6 +43,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2, regex_pb2, string_pb2
 
+from controlplane.model.dye import value_pattern
 from controlplane.model.rules import DEFAULT_GROUP, Hop, Retries, RuleSet, Service, TaskChain
 
 from . import wire
@@ -225,8 +226,8 @@ def _on_route(route: route_pb2.Route) -> matcher_pb2.Matcher.OnMatch:
 def baggage_regexes(chain: TaskChain) -> list[str]:
     """RE2s matching a `baggage` header whose member `<key>` has one of the chain's dyes: one,
     unless the chain has so many values that they must be split (`_MAX_REGEX_TEXT`)."""
-    values = [re.escape(v) for v in chain.dye.exact]
-    values += [re.escape(p) + r"[^,;\s]*" for p in chain.dye.prefixes]
+    values = [value_pattern(v) for v in chain.dye.exact]
+    values += [value_pattern(p, prefix=True) for p in chain.dye.prefixes]
     key = re.escape(chain.dye.baggage_key)
     return [
         rf"(?:^|.*,)\s*{key}\s*=\s*(?:{'|'.join(part)})\s*(?:[;,].*)?"

@@ -606,6 +606,8 @@ MALFORMED: tuple[tuple[str, list[tuple[bytes, bytes]]], ...] = (
     ("baggage value with a space", [(b"baggage", b"task-dye=fund yield")]),
     ("baggage value with a backslash", [(b"baggage", b"a=1,task-dye=fund-yield\\x")]),
     ("baggage with two dyes", [(b"baggage", b"task-dye=fund-yield,task-dye=fund-yield@2")]),
+    # Baggage values are percent-decoded (model.dye): this one carries CR LF.
+    ("encoded CR LF in the baggage value", [(b"baggage", b"task-dye=fund-yield@%0D%0Arun")]),
 )
 # Not a dye at all (no key): served online whoever sends it.
 NOT_A_DYE = ("baggage without key", [(b"baggage", b"=fund-yield,,;=,")])

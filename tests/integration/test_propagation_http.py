@@ -3,7 +3,8 @@ ASGI app (served by aiohttp through a minimal ASGI adapter) call a downstream ec
 requests, httpx and urllib on every inbound request; the echo tells which headers arrived.
 
 Dyed inbound requests must reach downstream with both the dye header and the baggage member,
-undyed ones with neither, and 50 concurrent requests with different dyes must never cross."""
+undyed ones with neither, both with the other members of the inbound baggage, and 50
+concurrent requests with different dyes must never cross."""
 
 from __future__ import annotations
 
@@ -303,15 +304,28 @@ def test_a_dye_header_reaches_downstream_as_header_and_baggage(base: str, path: 
 def test_a_baggage_dye_reaches_downstream_as_header_and_baggage(base: str, path: str) -> None:
     seen = _ask(base, path, {"baggage": "userId=1, task-dye=fund%2Cyield ;ttl=3"})
     assert seen["x-task-dye"] == "fund,yield"
-    assert seen["baggage"] == "task-dye=fund%2Cyield,hop=app"
+    assert seen["baggage"] == "task-dye=fund%2Cyield,hop=app,userId=1"
+
+
+@pytest.mark.parametrize(("base", "path"), APPS, indirect=["base"])
+def test_the_other_inbound_baggage_members_reach_downstream(base: str, path: str) -> None:
+    seen = _ask(base, path, {"baggage": "tenant=7,task-dye=fund-yield%40r1%3Bsrc%3Dcron"})
+    assert seen["x-task-dye"] == "fund-yield@r1"
+    assert seen["baggage"] == "task-dye=fund-yield@r1,hop=app,tenant=7"
+    seen = _ask(base, path, {"x-task-dye": "fund-yield", "baggage": "hop=client, tenant=7"})
+    assert seen["baggage"] == "task-dye=fund-yield,hop=app,tenant=7"  # the app's hop wins
 
 
 @pytest.mark.parametrize(("base", "path"), APPS, indirect=["base"])
 def test_an_undyed_request_stays_undyed_downstream(base: str, path: str) -> None:
-    for headers in ({}, {"baggage": "userId=1"}, {"x-task-dye": ""}):
+    for headers, baggage in (
+        ({}, "hop=app"),  # the app's own baggage, no dye member
+        ({"baggage": "userId=1"}, "hop=app,userId=1"),
+        ({"x-task-dye": ""}, "hop=app"),
+    ):
         seen = _ask(base, path, headers)
         assert "x-task-dye" not in seen
-        assert seen["baggage"] == "hop=app"  # the app's own baggage, no dye member
+        assert seen["baggage"] == baggage
 
 
 @pytest.mark.parametrize(("base", "path"), APPS, indirect=["base"])
@@ -331,4 +345,5 @@ def test_concurrent_requests_never_cross_dyes(base: str, path: str) -> None:
             assert seen["baggage"] == "hop=app", i
         else:
             assert seen["x-task-dye"] == f"task-{i}", i
-            assert seen["baggage"] == f"task-dye=task-{i},hop=app", i
+            others = "" if i % 2 else f",userId={i}"
+            assert seen["baggage"] == f"task-dye=task-{i},hop=app{others}", i

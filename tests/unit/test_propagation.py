@@ -96,7 +96,8 @@ def test_header_and_key_names_are_configurable(monkeypatch: pytest.MonkeyPatch) 
         ("task-dye=fund-yield@v2", "fund-yield@v2"),
         ("userId=1,task-dye=fund-yield@v2", "fund-yield@v2"),
         ("task-dye=fund;ttl=30;sticky", "fund"),  # properties are not part of the value
-        ("task-dye=fund%40v2%2C%3B%25", "fund@v2,;%"),  # percent-decoded
+        ("task-dye=fund%40v2%2C%25", "fund@v2,%"),  # percent-decoded
+        ("task-dye=fund%40v2%3Bsrc%3Dcron", "fund@v2"),  # properties as OpenTelemetry sends them
         ("task-dye=%66%75%6E%64", "fund"),
         (" \tuserId=1 ,\t task-dye \t=\t fund \t; p = 1 \t, x=2", "fund"),  # OWS anywhere
         ("userId=1,,, ,task-dye=fund,", "fund"),  # empty members
@@ -194,7 +195,8 @@ def test_inject_merges_several_baggage_headers_into_one() -> None:
     assert headers == {"x-task-dye": "new", "BAGGAGE": "task-dye=new,a=1,b=2"}
 
 
-@pytest.mark.parametrize("dye", ["fund-yield@v2", 'a,b;c"d\\e%f', "%41", "~!#$&'()*+/:<>?[]^`{|}"])
+# Not ';': it starts the properties, written or encoded (model.dye), so it never round-trips.
+@pytest.mark.parametrize("dye", ["fund-yield@v2", 'a,b"d\\e%f', "%41", "~!#$&'()*+/:<>?[]^`{|}"])
 def test_inject_percent_encodes_so_extract_round_trips(dye: str) -> None:
     headers = inject({}, dye)
     value = headers["baggage"].split("=", 1)[1]
@@ -353,6 +355,46 @@ def test_wsgi_middleware_reads_baggage_and_configured_names() -> None:
     WsgiMiddleware(app, header="x-dye")(_environ(x_dye="custom"), lambda *a: None)
     WsgiMiddleware(app, baggage_key="dye")(_environ(baggage="dye=key"), lambda *a: None)
     assert seen == ["fund@v2", "custom", "key"]
+
+
+def test_inbound_baggage_members_go_on_with_every_outbound_call() -> None:
+    """The served request's other members (`tenant=7`) go on, dyed or not; the app's own
+    members come first and win over inbound ones of the same key."""
+    seen: list[dict[str, str]] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(inject({"baggage": "hop=app, tenant=8"}))
+        seen.append(inject({}))
+        with dye_scope(None):  # the app's own undyed work
+            seen.append(inject({}))
+        seen.append(wrap(inject)({}))  # e.g. a thread pool
+        return []
+
+    inbound = "tenant=7, task-dye=fund;p=1 , userId=1;k=v"
+    WsgiMiddleware(app)(_environ(baggage=inbound), lambda *a: None)
+    dyed, others = {"x-task-dye": "fund"}, "tenant=7,userId=1;k=v"
+    assert seen == [
+        {**dyed, "baggage": "task-dye=fund,hop=app,tenant=8,userId=1;k=v"},
+        {**dyed, "baggage": f"task-dye=fund,{others}"},
+        {"baggage": others},
+        {**dyed, "baggage": f"task-dye=fund,{others}"},
+    ]
+    seen.clear()
+    WsgiMiddleware(app)(_environ(baggage="tenant=7"), lambda *a: None)
+    assert seen == [{"baggage": "hop=app,tenant=8"}] + [{"baggage": "tenant=7"}] * 3
+    assert inject({}) == {}  # nothing outside the request
+
+
+def test_asgi_middleware_carries_inbound_baggage_members() -> None:
+    seen: list[dict[str, str]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(inject({}))
+
+    headers = [(b"baggage", b"tenant=7,task-dye=fund%40r1%3Bsrc%3Dcron")]
+    asyncio.run(AsgiMiddleware(app)(_scope("http", "/", headers), _no_receive, _nop))
+    assert seen == [{"x-task-dye": "fund@r1", "baggage": "task-dye=fund@r1,tenant=7"}]
+    assert inject({}) == {}
 
 
 def test_asgi_middleware_isolates_concurrent_requests() -> None:
