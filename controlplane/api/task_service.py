@@ -19,9 +19,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controlplane.api.context import ApiContext
 from controlplane.api.proto_gen.tasklane.v1 import task_pb2
 from controlplane.errors import StoreError
+from controlplane.model.group import GroupKey
 from controlplane.model.run import Run
 from controlplane.model.text import quote
-from controlplane.scaler.profile import GroupKey, profile
+from controlplane.scaler.profile import profile
 from controlplane.store import runs as runs_store
 from controlplane.store.etcd import Store
 from controlplane.store.rules import load_rules

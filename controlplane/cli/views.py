@@ -17,6 +17,7 @@ from typing import Any
 
 from controlplane.cli.client import ApiError, call, output, server_option
 from controlplane.errors import TasklaneError
+from controlplane.model.group import GroupKey
 from controlplane.xds.unknown import UNKNOWN_STATUS, missing_rule
 
 # The xDS types of the status table, as /api/v1/status names them, in push order.
@@ -67,7 +68,7 @@ def render_status(status: dict[str, Any], now: float) -> str:
         return "\n".join([*lines, "", "no sidecar is connected"])
     rows, nacks, unknown = [], [], []
     for node in nodes:
-        service, _, group = node["role"].partition("|")
+        service, group = GroupKey.parse(node["role"])
         if node.get("unknown_service"):
             service += " (UNKNOWN SERVICE)"
             unknown.append(

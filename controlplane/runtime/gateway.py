@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from controlplane.errors import RuntimeFailure, TasklaneError
+from controlplane.model.group import GroupKey
 from controlplane.model.rules import DEFAULT_DYE_HEADER
 from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
@@ -191,7 +192,7 @@ class GatewayEnvoy(EnvoyProcess):
         log_level: str = "warning",
         tls: TlsFiles | None = None,
     ) -> None:
-        service, group = GATEWAY_ROLE.split("|")
+        service, group = GroupKey.parse(GATEWAY_ROLE)
         super().__init__(
             node_id=node_id,
             service=service,

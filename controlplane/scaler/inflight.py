@@ -12,9 +12,9 @@ import http.client
 import json
 from collections.abc import Iterable
 
+from controlplane.model.group import GroupKey
 from controlplane.model.instance import Instance
 from controlplane.runtime.envoy import parse_stats
-from controlplane.scaler.profile import GroupKey
 
 ACTIVE = "http.inbound.downstream_rq_active"
 

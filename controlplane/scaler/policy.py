@@ -50,9 +50,10 @@ from datetime import datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
+from controlplane.model.group import GroupKey
 from controlplane.model.rules import RuleSet
 from controlplane.model.run import Run
-from controlplane.scaler.profile import GroupKey, Window, managed_groups, windows
+from controlplane.scaler.profile import Window, managed_groups, windows
 
 _EPSILON = 1e-9
 

@@ -33,10 +33,9 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from controlplane.model.cron import fires_between
+from controlplane.model.group import GroupKey
 from controlplane.model.rules import DEFAULT_GROUP, Group, RuleSet, ScheduledTask
 from controlplane.model.run import Run
-
-GroupKey = tuple[str, str]  # (service, group)
 
 HISTORY_RUNS = 20  # finished runs a task's expected duration is learned from
 DURATION_PERCENTILE = 90

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from controlplane.model.group import GroupKey
 from controlplane.model.rules import RuleSet
 from controlplane.scaler.actuators import Actuator
 from controlplane.scaler.inflight import in_flight
@@ -61,7 +62,7 @@ class Scaler:
         desired = self._policy.desired if self._policy is not None else {}
         return {
             **self._status,
-            "desired": {f"{s}|{g}": d.replicas for (s, g), d in sorted(desired.items())},
+            "desired": {str(GroupKey(*key)): d.replicas for key, d in sorted(desired.items())},
         }
 
     async def _run(self, store: Store) -> None:

@@ -40,11 +40,12 @@ import yaml
 
 from controlplane.errors import RuleError
 from controlplane.model.cron import parse_duration
+from controlplane.model.group import GroupKey
 from controlplane.model.load import Parsed
 from controlplane.model.rules import API_VERSION, RuleSet, from_document
 from controlplane.model.text import describe, quote
 from controlplane.model.validate import apply
-from controlplane.scaler.profile import GroupKey, managed_groups
+from controlplane.scaler.profile import managed_groups
 
 KIND = "Workload"
 _Z95 = 1.6448536269514722  # standard normal quantile of 0.95

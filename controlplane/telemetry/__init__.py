@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from controlplane.model.group import GroupKey
 from controlplane.model.rules import RuleSet
 from controlplane.telemetry.accounting import Accounting
 from controlplane.telemetry.als import AccessLogServer
 from controlplane.telemetry.metrics import Metrics
 from controlplane.xds.status import StatusBoard
-
-GroupKey = tuple[str, str]
 
 
 class Telemetry:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from controlplane.model.dye import member_dye
+from controlplane.model.group import GroupKey
 from controlplane.model.rules import DEFAULT_GROUP, Hop, RuleSet, TaskChain
 
 EGRESS, INBOUND, GATEWAY = "egress", "inbound", "gateway"
@@ -63,7 +64,6 @@ SETTLE_S = 2.0  # how long an inbound entry waits for its caller's egress entry
 REMEMBER_S = 10.0  # how long entries are kept for correlation
 REMEMBER_MAX = 50_000  # and at most this many per table
 
-GroupKey = tuple[str, str]  # (service, group)
 StatsKey = tuple[str, str, str]  # (chain or "" for online traffic, service, group)
 
 
@@ -405,8 +405,7 @@ class Accounting:
 
     def _egress(self, rules: RuleSet, entry: LogEntry, now: float) -> None:
         chain = self._chain_of(rules, entry)
-        service, _, rest = entry.cluster.partition("|")
-        picked = rest.partition("|")[0]
+        service, picked = GroupKey.parse(entry.cluster)  # a loose cluster names its group
         if not service:
             host = entry.authority.rsplit(":", 1)[0] if entry.authority else ""
             service = host if host in rules.services else UNKNOWN_SERVICE

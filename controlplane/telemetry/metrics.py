@@ -23,13 +23,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from controlplane.model.group import GroupKey
 from controlplane.telemetry.accounting import Accounting
 from controlplane.xds.server import Observer
 from controlplane.xds.status import NodeStatus, StatusBoard
 from controlplane.xds.stream import Push
 from controlplane.xds.types import SHORT_NAME
 
-GroupKey = tuple[str, str]
 # Push-to-ACK: a local sidecar ACKs in milliseconds; a stuck one in seconds or never.
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Pushes awaiting their ACK that are remembered (a stream that closed never ACKs).
@@ -188,8 +188,7 @@ class _StateCollector(Collector):
             labels=["service", "group"],
         )
         for role, replicas in sorted(status.get("desired", {}).items()):
-            service, _, group = role.partition("|")
-            desired.add_metric([service, group], replicas)
+            desired.add_metric(list(GroupKey.parse(role)), replicas)
         yield desired
         yield CounterMetricFamily(
             "tasklane_scaler_ticks", "Scaler periods run", value=status.get("ticks", 0)

@@ -4,6 +4,8 @@ The sidecar's listeners are static (their ports differ per instance, while one s
 serves every instance of a role); the control plane fills in the routes they name.
 """
 
+from controlplane.model.group import GroupKey
+
 EGRESS_ROUTE = "egress"  # route config of the egress listener (and of the gateway)
 INBOUND_ROUTE = "inbound"  # route config of the inbound listener, in front of the app
 LOCAL_APP_CLUSTER = "local-app"  # static cluster of the sidecar: its own app
@@ -23,14 +25,14 @@ META_ANNOUNCE = "tasklane.announce"
 
 def cluster_name(service: str, group: str) -> str:
     """The EDS cluster of one group of a service, e.g. `account-svc|task`."""
-    return f"{service}|{group}"
+    return str(GroupKey(service, group))
 
 
 def loose_cluster_name(service: str, group: str) -> str:
     """The aggregate cluster that fails over from a task group to `default`."""
-    return f"{service}|{group}|loose"
+    return f"{GroupKey(service, group)}|loose"
 
 
 def role_name(service: str, group: str) -> str:
     """The snapshot key of every sidecar of (service, group); see server.role_of."""
-    return f"{service}|{group}"
+    return str(GroupKey(service, group))

@@ -18,6 +18,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 
+from controlplane.model.group import GroupKey
+from controlplane.model.rules import DEFAULT_GROUP
+
 from . import wire
 from .cache import SnapshotCache
 from .names import META_GROUP, META_SERVICE
@@ -28,7 +31,6 @@ from .types import MESSAGE_CLASS, SHORT_NAME
 log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-DEFAULT_GROUP = "default"
 # A response the client has not taken off the wire after this long is logged: the stream's
 # writer waits for it, and later versions are coalesced (never queued) meanwhile.
 SLOW_WRITE_SECONDS = 10.0
@@ -60,9 +62,9 @@ def role_of(node: base_pb2.Node) -> str:
     fields = node.metadata.fields
     if META_SERVICE in fields:
         group = fields[META_GROUP].string_value if META_GROUP in fields else ""
-        return f"{fields[META_SERVICE].string_value}|{group or DEFAULT_GROUP}"
-    service, _, group = node.cluster.partition("|")
-    return f"{service or node.id}|{group or DEFAULT_GROUP}"
+        return str(GroupKey(fields[META_SERVICE].string_value, group or DEFAULT_GROUP))
+    service, group = GroupKey.parse(node.cluster)
+    return str(GroupKey(service or node.id, group or DEFAULT_GROUP))
 
 
 class Observer:

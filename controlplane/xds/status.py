@@ -10,6 +10,8 @@ import itertools
 import time
 from dataclasses import asdict, dataclass, field
 
+from controlplane.model.group import GroupKey
+
 from .types import SHORT_NAME
 
 
@@ -59,6 +61,7 @@ class NodeStatus:
         """The node for /api/v1/status; `unknown_service` when no rule defines its role, so
         it is served only the answer that says so (xds/unknown.py)."""
         data = asdict(self)
+        data["service"], data["group"] = GroupKey.parse(self.role)  # no client parses roles
         data["types"] = {SHORT_NAME.get(t, t): v for t, v in data["types"].items()}
         data["unknown_service"] = unknown_service
         return data

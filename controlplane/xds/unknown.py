@@ -14,8 +14,10 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.config.route.v3 import route_pb2 as route_config_pb2
 
+from controlplane.model.group import GroupKey
+from controlplane.model.rules import DEFAULT_GROUP
+
 from .names import EGRESS_ROUTE, INBOUND_ROUTE
-from .server import DEFAULT_GROUP
 from .snapshot import Snapshot
 
 UNKNOWN_STATUS = 503
@@ -23,7 +25,7 @@ UNKNOWN_STATUS = 503
 
 def missing_rule(role: str) -> str:
     """What the rules lack for `role`, e.g. `the rules have no Service "ghost"`."""
-    service, _, group = role.partition("|")
+    service, group = GroupKey.parse(role)
     if group == DEFAULT_GROUP:
         return f'the rules have no Service "{service}"'
     return f'the rules have no Service "{service}" with a group "{group}"'

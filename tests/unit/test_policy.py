@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 
+from controlplane.model.group import GroupKey
 from controlplane.model.run import Run
 from controlplane.scaler.policy import (
     Decision,
@@ -20,7 +21,6 @@ from controlplane.scaler.policy import (
     chain_lead,
     hpa_recommendation,
 )
-from controlplane.scaler.profile import GroupKey
 from tests.support.profiles import at, rules, task
 
 FACADE = ("fund-facade", "task")

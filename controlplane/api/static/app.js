@@ -637,7 +637,7 @@ function renderTimelines() {
 function sidecarRows() {
   const nodes = (state.status && state.status.nodes) || [];
   return nodes.map((node) => {
-    const [service, group] = (node.role || "").split("|");
+    const { service, group } = node;
     const types = node.types || {};
     let nack = null;
     for (const [type, t] of Object.entries(types)) {

@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from controlplane.errors import TasklaneError
+from controlplane.model.group import GroupKey
 from controlplane.scaler.policy import Decision
 
 # The decisions a DryRunActuator keeps, newest last: a week of one decision a minute for a
 # few groups, without growing forever in a long-running control plane.
 DECISIONS_KEPT = 10_000
-
-GroupKey = tuple[str, str]  # (service, group)
 
 
 class ActuatorError(TasklaneError):

@@ -30,7 +30,8 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from controlplane.scaler.actuators import ActuatorError, GroupKey, GroupReplicas, check_replicas
+from controlplane.model.group import GroupKey
+from controlplane.scaler.actuators import ActuatorError, GroupReplicas, check_replicas
 
 log = logging.getLogger("tasklane.actuator.kubernetes")
 

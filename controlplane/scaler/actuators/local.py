@@ -38,11 +38,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controlplane.model.group import GroupKey
 from controlplane.model.rules import RuleSet, RunSpec
 from controlplane.runtime.process import dying_with_parent
 from controlplane.scaler.actuators import (
     ActuatorError,
-    GroupKey,
     GroupReplicas,
     check_replicas,
 )
@@ -386,7 +386,7 @@ class LocalActuator:
 
 
 def _label(instance: _Instance) -> str:
-    return f"{instance.key[0]}|{instance.key[1]} #{instance.seq}"
+    return f"{GroupKey(*instance.key)} #{instance.seq}"
 
 
 def _parent_of(pid: object) -> int | None:
