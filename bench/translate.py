@@ -32,11 +32,9 @@ from pathlib import Path
 
 from common import cpu_model, load_average  # bench/ is the script's directory
 
+from controlplane.model.dye import DEFAULT_BAGGAGE_KEY, DEFAULT_DYE_HEADER, Dye
 from controlplane.model.rules import (
-    DEFAULT_BAGGAGE_KEY,
-    DEFAULT_DYE_HEADER,
     DEFAULT_GROUP,
-    Dye,
     Group,
     Hop,
     RateLimit,

@@ -2,16 +2,17 @@
 
 The names below are the model's public API; the modules hold the details:
 `rules` (kinds, RuleSet, documents), `load` (files), `validate` (cross-references),
-`cron` (schedules and durations), `dye` (how a dye reads in W3C baggage).
+`cron` (schedules and durations), `dye` (the dye's grammar, baggage form and index),
+`group` (a (service, group) pair), `instance` (a registered instance).
 """
 
 from controlplane.model.cron import fires_between, next_fire, parse_cron, parse_duration
+from controlplane.model.dye import Dye
 from controlplane.model.load import Parsed, load_files, load_text
 from controlplane.model.rules import (
     API_VERSION,
     DEFAULT_GROUP,
     KINDS,
-    Dye,
     Group,
     Hop,
     RateLimit,

@@ -18,14 +18,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from controlplane.errors import RuleError
 from controlplane.model.cron import format_duration, parse_cron, parse_duration
-from controlplane.model.dye import BAGGAGE_OCTETS
+from controlplane.model.dye import (
+    DEFAULT_BAGGAGE_KEY,
+    DEFAULT_DYE_HEADER,
+    PREFIX_MARK,
+    Dye,
+    value_problem,
+)
 from controlplane.model.text import describe, quote
 
 API_VERSION = "tasklane.io/v1"
 KINDS = ("Service", "TaskChain", "ScheduledTask")
 DEFAULT_GROUP = "default"
-DEFAULT_DYE_HEADER = "x-task-dye"
-DEFAULT_BAGGAGE_KEY = "task-dye"
 PROTOCOLS = ("http", "grpc")
 FALLBACKS = ("strict", "loose")
 DEFAULT_TIMEZONE = "UTC"
@@ -41,11 +45,6 @@ NAME_RULE = (
 )
 _HEADER_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
-# W3C baggage-octets, less '%' (see model.dye): a dye value must read the same in the header
-# and in the baggage member.
-# Dyes ride on every request of a task (header and baggage member, which W3C caps at 8 KB).
-MAX_DYE_LENGTH = 256
-_DYE_VALUE = re.compile(BAGGAGE_OCTETS + "+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Set by `tasklane run` for every instance; a Service's own value would be silently replaced.
 _RUN_ENV_RESERVED = frozenset({"PORT", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"})
@@ -119,16 +118,6 @@ class Service:
     def group(self, name: str) -> Group | None:
         """The group called `name`, or None: hops name groups that may not exist."""
         return next((group for group in self.groups if group.name == name), None)
-
-
-@dataclass(frozen=True)
-class Dye:
-    """Which requests belong to a chain: header or baggage value, exact or by prefix."""
-
-    header: str
-    baggage_key: str
-    exact: tuple[str, ...]
-    prefixes: tuple[str, ...]  # written with a trailing '*', stored without it
 
 
 @dataclass(frozen=True)
@@ -481,31 +470,14 @@ def _dye(reader: _Reader, value: object) -> Dye:
         path = f"spec.dye.values[{index}]"
         if not isinstance(item, str):
             reader.fail(path, f"expected a string, got {describe(item)}")
-        if not item:
-            reader.fail(path, "must not be empty")
-        if len(item) > MAX_DYE_LENGTH:
-            reader.fail(path, f"{len(item)} characters; a dye is at most {MAX_DYE_LENGTH}")
         if item in seen:
             reader.fail(path, f"duplicate value {quote(item)} (also spec.dye.values[{seen[item]}])")
         seen[item] = index
-        if "%" in item:
-            reader.fail(
-                path,
-                f"{quote(item)} contains '%', which starts a percent-encoded character in a W3C"
-                " baggage value (OpenTelemetry sends '@' as %40), so a dye cannot carry it",
-            )
-        bad = next((c for c in item if not _DYE_VALUE.fullmatch(c)), None)
-        if bad is not None:
-            reader.fail(
-                path,
-                f"{quote(item)} contains {bad!r}, which a header or baggage value cannot carry",
-            )
-        body = item.removesuffix("*")
-        if "*" in body:
-            reader.fail(path, f"{quote(item)}: '*' is only allowed at the end (a prefix match)")
-        if item == "*":
-            reader.fail(path, "'*' alone would claim every request; put a prefix before the '*'")
-        (prefixes if item.endswith("*") else exact).append(body)
+        problem = value_problem(item)
+        if problem is not None:
+            reader.fail(path, problem)
+        body = item.removesuffix(PREFIX_MARK)
+        (prefixes if item.endswith(PREFIX_MARK) else exact).append(body)
     return Dye(header=header, baggage_key=baggage_key, exact=tuple(exact), prefixes=tuple(prefixes))
 
 

@@ -8,11 +8,11 @@ is named "stored TaskChain x", with the applied document that broke it.
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import NoReturn
 
 from controlplane.errors import RuleError
+from controlplane.model.dye import DyeClaims
 from controlplane.model.load import Parsed
 from controlplane.model.rules import Rule, RuleSet, ScheduledTask, TaskChain
 from controlplane.model.text import quote
@@ -44,7 +44,7 @@ def check(ruleset: RuleSet, origins: Mapping[Key, Parsed] | None = None) -> None
     document; the others are named as stored rules.
     """
     report = _Report(origins or {})
-    claims = _DyeClaims(ruleset.chains.values())
+    claims = DyeClaims(ruleset.chains.values())
     for rule in _check_order(ruleset, report.origins):
         if isinstance(rule, TaskChain):
             _check_chain(rule, ruleset, claims, report)
@@ -105,7 +105,7 @@ class _Report:
         return f"{kind} {name} ({place})"
 
 
-def _check_chain(chain: TaskChain, ruleset: RuleSet, claims: _DyeClaims, report: _Report) -> None:
+def _check_chain(chain: TaskChain, ruleset: RuleSet, claims: DyeClaims, report: _Report) -> None:
     for index, hop in enumerate(chain.hops):
         path = f"spec.hops[{index}]"
         service = ruleset.services.get(hop.service)
@@ -123,7 +123,7 @@ def _check_chain(chain: TaskChain, ruleset: RuleSet, claims: _DyeClaims, report:
                 f"service {hop.service} has no group {quote(hop.group)}",
                 (("Service", hop.service),),
             )
-    for value in _dye_values(chain):
+    for value in chain.dye.written():
         conflict = claims.conflict(chain.name, value)
         if conflict is not None:
             other, theirs = conflict
@@ -168,64 +168,3 @@ def _check_task(task: ScheduledTask, ruleset: RuleSet, report: _Report) -> None:
                 f"{service_name} ({group.min_replicas}-{group.max_replicas})",
                 (("Service", service_name), ("TaskChain", chain.name)),
             )
-
-
-def _dye_values(chain: TaskChain) -> list[str]:
-    """The values as written: exact ones, then prefixes with their '*'."""
-    return [*chain.dye.exact, *(prefix + "*" for prefix in chain.dye.prefixes)]
-
-
-class _DyeClaims:
-    """Every chain's dye values, indexed so each overlap check costs about the value's length
-    rather than the number of chains (a mesh may hold thousands of chains)."""
-
-    def __init__(self, chains: Iterable[TaskChain]) -> None:
-        self.exact: dict[str, list[str]] = {}
-        self.prefixes: dict[str, list[str]] = {}
-        sorted_exact: list[tuple[str, str]] = []
-        sorted_prefixes: list[tuple[str, str]] = []
-        for chain in chains:
-            for value in chain.dye.exact:
-                self.exact.setdefault(value, []).append(chain.name)
-                sorted_exact.append((value, chain.name))
-            for prefix in chain.dye.prefixes:
-                self.prefixes.setdefault(prefix, []).append(chain.name)
-                sorted_prefixes.append((prefix, chain.name))
-        self.sorted_exact = sorted(sorted_exact)
-        self.sorted_prefixes = sorted(sorted_prefixes)
-
-    def conflict(self, chain: str, value: str) -> tuple[str, str] | None:
-        """(other chain, its value as written) claiming a dye that `value` also claims."""
-        if value.endswith("*"):
-            prefix = value[:-1]
-            # an exact value or a longer-or-equal prefix of another chain starting with ours
-            for other, theirs in self._starting_with(self.sorted_exact, prefix, chain):
-                return other, theirs
-            for other, theirs in self._starting_with(self.sorted_prefixes, prefix, chain):
-                return other, theirs + "*"
-            # a shorter prefix of another chain that ours starts with
-            return self._prefix_of(prefix, chain, include_full=False)
-        for other in self.exact.get(value, []):
-            if other != chain:
-                return other, value
-        return self._prefix_of(value, chain, include_full=True)
-
-    def _prefix_of(self, text: str, chain: str, include_full: bool) -> tuple[str, str] | None:
-        """Another chain's prefix that `text` starts with."""
-        for length in range(len(text) + (1 if include_full else 0)):
-            for other in self.prefixes.get(text[:length], []):
-                if other != chain:
-                    return other, text[:length] + "*"
-        return None
-
-    @staticmethod
-    def _starting_with(
-        entries: list[tuple[str, str]], prefix: str, chain: str
-    ) -> Iterator[tuple[str, str]]:
-        """(other chain, value) for entries whose value starts with `prefix`."""
-        index = bisect.bisect_left(entries, (prefix, ""))
-        while index < len(entries) and entries[index][0].startswith(prefix):
-            value, other = entries[index]
-            if other != chain:
-                yield other, value
-            index += 1

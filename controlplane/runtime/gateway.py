@@ -27,8 +27,8 @@ from pathlib import Path
 import yaml
 
 from controlplane.errors import RuntimeFailure, TasklaneError
+from controlplane.model.dye import DEFAULT_DYE_HEADER
 from controlplane.model.group import GroupKey
-from controlplane.model.rules import DEFAULT_DYE_HEADER
 from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port

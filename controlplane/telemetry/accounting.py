@@ -47,13 +47,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from controlplane.model.dye import member_dye
+from controlplane.model.dye import DyeIndex
 from controlplane.model.group import GroupKey
 from controlplane.model.rules import DEFAULT_GROUP, Hop, RuleSet, TaskChain
 
 EGRESS, INBOUND, GATEWAY = "egress", "inbound", "gateway"
 REFUSED_ROUTE = "refused"
-DEFAULT_DYE_HEADER = "x-task-dye"
 UNKNOWN_SERVICE = "(unknown)"
 # Flags of a request the egress side answered itself: no instance ever saw it.
 UNREACHED = frozenset({"UH", "UF", "UO", "NR", "NC", "URX", "DF"})
@@ -89,65 +88,6 @@ class LogEntry:
 
 
 # ---------------------------------------------------------------------------- dyes
-
-
-class DyeIndex:
-    """Which chain a request's dye belongs to, as the routes decide it: the header (exact,
-    then the longest prefix), then the baggage member. Validation keeps dyes disjoint."""
-
-    def __init__(self, rules: RuleSet) -> None:
-        self.exact: dict[str, TaskChain] = {}
-        self.prefixes: list[tuple[str, TaskChain]] = []
-        self.baggage: dict[str, tuple[dict[str, TaskChain], list[tuple[str, TaskChain]]]] = {}
-        for name in sorted(rules.chains):
-            chain = rules.chains[name]
-            exact, prefixes = self.baggage.setdefault(chain.dye.baggage_key, ({}, []))
-            for value in chain.dye.exact:
-                exact[value] = chain
-                if chain.dye.header == DEFAULT_DYE_HEADER:
-                    self.exact[value] = chain
-            for value in chain.dye.prefixes:
-                prefixes.append((value, chain))
-                if chain.dye.header == DEFAULT_DYE_HEADER:
-                    self.prefixes.append((value, chain))
-        self.prefixes.sort(key=lambda item: -len(item[0]))
-        for _, prefixes in self.baggage.values():
-            prefixes.sort(key=lambda item: -len(item[0]))
-
-    @staticmethod
-    def _lookup(
-        value: str, exact: Mapping[str, TaskChain], prefixes: list[tuple[str, TaskChain]]
-    ) -> TaskChain | None:
-        chain = exact.get(value)
-        if chain is not None:
-            return chain
-        return next((c for prefix, c in prefixes if value.startswith(prefix)), None)
-
-    def chain_of(self, dye: str, baggage: str) -> TaskChain | None:
-        """The chain of a request with this x-task-dye and baggage header, or None."""
-        if dye:
-            chain = self._lookup(dye, self.exact, self.prefixes)
-            if chain is not None:
-                return chain
-        if not baggage:
-            return None
-        for member in baggage.split(","):
-            key, sep, rest = member.partition("=")
-            tables = self.baggage.get(key.strip()) if sep else None
-            if tables is None:
-                continue
-            value = member_dye(rest)
-            if value is None:
-                continue
-            chain = self._lookup(value, *tables)
-            if chain is not None:
-                return chain
-        return None
-
-
-def dye_values(chain: TaskChain) -> list[str]:
-    """The chain's dye values as written in its rule (prefixes with their '*')."""
-    return [*chain.dye.exact, *(f"{p}*" for p in chain.dye.prefixes)]
 
 
 # ---------------------------------------------------------------------------- counters
@@ -295,7 +235,7 @@ class Accounting:
         self._rules_source, self._instances, self._clock = rules, instances, clock
         self.started_at = clock()
         self._rules: RuleSet | None = None
-        self._dyes = DyeIndex(RuleSet.empty())
+        self._dyes = DyeIndex({})
         self.stats: dict[StatsKey, Stats] = {}
         self.uncovered: dict[StatsKey, Stats] = {}
         self.breaks: dict[tuple[str, str, str, str], _Break] = {}  # chain, service, group, to
@@ -314,7 +254,7 @@ class Accounting:
         """The rules now; a new set rebuilds the dye index and forgets chains that are gone."""
         rules = self._rules_source()
         if rules is not self._rules:
-            self._rules, self._dyes = rules, DyeIndex(rules)
+            self._rules, self._dyes = rules, DyeIndex(rules.chains)
             for table in (self.stats, self.uncovered):
                 for key in [k for k in table if k[0] and k[0] not in rules.chains]:
                     del table[key]
@@ -568,7 +508,7 @@ class Accounting:
             )
         return {
             "name": chain.name,
-            "dyes": dye_values(chain),
+            "dyes": chain.dye.written(),
             "dye_header": chain.dye.header,
             "baggage_key": chain.dye.baggage_key,
             "fallback": chain.fallback,

@@ -19,12 +19,8 @@ from envoy.config.core.v3 import base_pb2, extension_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from google.protobuf import any_pb2
 
-from controlplane.model.rules import (
-    DEFAULT_BAGGAGE_KEY,
-    DEFAULT_DYE_HEADER,
-    MAX_DYE_LENGTH,
-    TaskChain,
-)
+from controlplane.model.dye import DEFAULT_BAGGAGE_KEY, DEFAULT_DYE_HEADER, MAX_DYE_LENGTH
+from controlplane.model.rules import TaskChain
 
 from .names import GATEWAY_DYE_FILTER, GATEWAY_TRUST_METADATA
 from .snapshot import Resource

@@ -5,15 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from controlplane.model.rules import (
-    Dye,
-    Group,
-    Hop,
-    RuleSet,
-    ScheduledTask,
-    Service,
-    TaskChain,
-)
+from controlplane.model.dye import Dye
+from controlplane.model.rules import Group, Hop, RuleSet, ScheduledTask, Service, TaskChain
 
 HOUR = 3600.0
 

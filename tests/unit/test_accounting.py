@@ -9,6 +9,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from controlplane.model.dye import DyeIndex
 from controlplane.model.load import load_text
 from controlplane.model.rules import RuleSet
 from controlplane.model.validate import apply
@@ -17,7 +18,6 @@ from controlplane.telemetry.accounting import (
     GATEWAY,
     INBOUND,
     Accounting,
-    DyeIndex,
     Expiring,
     LogEntry,
     Rate,
@@ -168,7 +168,7 @@ def test_counts_per_chain_hop_and_group() -> None:
 
 
 def test_the_chain_comes_from_the_route_or_the_logged_dye() -> None:
-    dyes = DyeIndex(ruleset())
+    dyes = DyeIndex(ruleset().chains)
     assert dyes.chain_of("fund-yield", "").name == "fund-yield"
     assert dyes.chain_of("fund-yield@2026-11-27", "").name == "fund-yield"
     assert dyes.chain_of("", "userId=7, task-dye = batch-debit ;p=1").name == "batch-debit"

@@ -12,11 +12,10 @@ from hypothesis import strategies as st
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
 from controlplane import propagation
-from controlplane.model.dye import member_dye, value_pattern
+from controlplane.model.dye import DyeIndex, member_dye, value_pattern
 from controlplane.model.load import load_text
 from controlplane.model.rules import RuleSet
 from controlplane.model.validate import apply
-from controlplane.telemetry.accounting import DyeIndex
 from controlplane.xds.translate import baggage_regexes
 from tests.support.rules import chain, service
 
@@ -26,7 +25,7 @@ RUN_DYE = "fund-yield@20261203T075400Z-a1b2c3"  # the per-run form, `<chain>@<ru
 
 def fund_yield() -> tuple[re.Pattern[str], DyeIndex]:
     rules = apply(RuleSet.empty(), load_text(RULES, "rules.yaml"))
-    return re.compile("|".join(baggage_regexes(rules.chains["fund-yield"]))), DyeIndex(rules)
+    return re.compile("|".join(baggage_regexes(rules.chains["fund-yield"]))), DyeIndex(rules.chains)
 
 
 def forwarded_by_opentelemetry(baggage: str) -> str:
