@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/tasklane demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check controlplane tests bench demo
+	$(BIN)/ruff check controlplane testkit tests bench demo
 
 test: $(STAMP) lint
 	$(BIN)/pytest -n 2 tests

@@ -54,9 +54,9 @@ from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.translate import Translator
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests.support (AdsThread, resource builders) is not installed
-from tests.support import resources  # noqa: E402
-from tests.support.ads import AdsThread  # noqa: E402
+sys.path.insert(0, str(ROOT))  # testkit (the ADS server double, resources) is not installed
+from testkit import resources  # noqa: E402
+from testkit.ads_server import AdsThread  # noqa: E402
 
 CLIENT, TARGET, TASK_GROUP = "client-app", "target-svc", "task"
 FILLERS = tuple(f"filler-{i}" for i in range(10))  # other hops, so chains look like chains

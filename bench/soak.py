@@ -26,7 +26,7 @@ after `--warmup`). Flat means: the fitted growth over 10 minutes is under 5 % of
 RSS at the end of the warm-up; the summary also compares the highest RSS of the last 3
 minutes with the highest before. (The first version of this bench found RSS climbing: the
 garbage cycles of closed API connections waited minutes for a collection under the control
-plane's GC threshold, until xds/server.py collect_young.)
+plane's GC threshold, until runtime/memory.py collect_young.)
 Exit code 1 on a leak, a failure, growth or a process left behind. Every child is stopped on
 exit, Ctrl-C included.
 

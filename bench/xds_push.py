@@ -41,8 +41,9 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from controlplane.runtime.memory import collect_young, tune_gc
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.server import AdsServer, Observer, collect_young, serve, tune_gc
+from controlplane.xds.server import AdsServer, Observer, serve
 from controlplane.xds.snapshot import Resource, Snapshot, state_version
 from controlplane.xds.status import NodeStatus, StatusBoard
 from controlplane.xds.stream import Push
@@ -136,8 +137,8 @@ class BenchServer:
     """The ADS server plus a JSON-lines control channel on stdin/stdout."""
 
     def __init__(self, roles: int, clusters: int, endpoints: int, profile: str) -> None:
-        sys.path.insert(0, str(ROOT))  # tests.support is not an installed package
-        from tests.support import resources
+        sys.path.insert(0, str(ROOT))  # testkit is not an installed package
+        from testkit import resources
 
         self._resources = resources
         self.roles = [f"{role_cluster(r)}|default" for r in range(roles)]

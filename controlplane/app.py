@@ -40,6 +40,7 @@ from controlplane.inject.webhook import server_ssl_context, start_webhook
 from controlplane.model.instance import KEEPALIVE_INTERVAL
 from controlplane.model.rules import RuleSet
 from controlplane.runtime.etcd import EmbeddedEtcd
+from controlplane.runtime.memory import collect_young, tune_gc
 from controlplane.runtime.ports import port_in_use
 from controlplane.scaler.actuators import Actuator
 from controlplane.scaler.policy import PolicyConfig
@@ -54,9 +55,7 @@ from controlplane.xds.server import (
     AdsServer,
     Observer,
     Observers,
-    collect_young,
     serve,
-    tune_gc,
 )
 from controlplane.xds.status import StatusBoard
 from controlplane.xds.unknown import unknown_role_snapshot

@@ -8,7 +8,6 @@ one writer loop; a slow or stuck client only ever blocks its own writer.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -34,26 +33,6 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 # A response the client has not taken off the wire after this long is logged: the stream's
 # writer waits for it, and later versions are coalesced (never queued) meanwhile.
 SLOW_WRITE_SECONDS = 10.0
-
-
-def tune_gc() -> None:
-    """Collect young objects less often. A control plane holds many long-lived objects
-    (resources, stream states); with CPython's default gen-0 threshold of 700 a push to 5000
-    streams triggered full collections that took half the server's CPU (bench/xds_push.py)."""
-    gc.set_threshold(50_000, 20, 20)
-
-
-# With that threshold young garbage in reference cycles (e.g. each closed HTTP connection's
-# asyncio transport: ~500 a minute from `tasklane run` keep-alives) waited minutes for a
-# collection and RSS climbed meanwhile (bench/soak.py); a timed young collection frees it.
-YOUNG_COLLECTION_INTERVAL = 10.0
-
-
-async def collect_young(interval: float = YOUNG_COLLECTION_INTERVAL) -> None:
-    """Collect generations 0 and 1 every `interval` seconds, until cancelled; with tune_gc."""
-    while True:
-        await asyncio.sleep(interval)
-        gc.collect(1)
 
 
 def role_of(node: base_pb2.Node) -> str:

@@ -30,8 +30,8 @@ from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.process import dying_with_parent
 from controlplane.scaler.actuators import DryRunActuator
 from controlplane.scaler.policy import PolicyConfig
-from controlplane.xds.client import AdsClient
 from controlplane.xds.types import CLUSTER, LISTENER
+from testkit.ads_client import AdsClient
 from tests.support.chain import chain_app
 from tests.support.plane import Plane
 from tests.support.up import TASKLANE

@@ -25,18 +25,9 @@ from controlplane.xds import wire
 from controlplane.xds.server import SERVICE
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.types import CLUSTER, ENDPOINT, ROUTE
-from tests.support import resources as rs
-from tests.support.ads import (
-    MODES,
-    ROLE,
-    async_test,
-    base,
-    client,
-    eventually,
-    quiet,
-    running_ads,
-    snap,
-)
+from testkit import resources as rs
+from testkit.ads_server import running_ads
+from tests.support.ads import MODES, ROLE, async_test, base, client, eventually, quiet, snap
 
 pytestmark = pytest.mark.in_process  # in-process server and clients: `make test-fast` runs it
 

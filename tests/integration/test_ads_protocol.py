@@ -5,20 +5,11 @@ import asyncio
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.xds.client import AdsClient
 from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from tests.support import resources as rs
-from tests.support.ads import (
-    MODES,
-    ROLE,
-    async_test,
-    base,
-    client,
-    eventually,
-    quiet,
-    running_ads,
-    snap,
-)
+from testkit import resources as rs
+from testkit.ads_client import AdsClient
+from testkit.ads_server import running_ads
+from tests.support.ads import MODES, ROLE, async_test, base, client, eventually, quiet, snap
 
 pytestmark = pytest.mark.in_process  # in-process server and clients: `make test-fast` runs it
 

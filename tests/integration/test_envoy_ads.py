@@ -22,9 +22,9 @@ from controlplane.runtime.process import dying_with_parent, stop_process
 from controlplane.xds.server import Observer
 from controlplane.xds.stream import Push
 from controlplane.xds.types import CLUSTER, ENDPOINT, FULL_STATE, LISTENER, ROUTE
-from tests.support.ads import AdsThread
+from testkit.ads_server import AdsThread
+from testkit.resources import cluster, endpoints, listener, regex_route, route
 from tests.support.echo_app import start_echo
-from tests.support.resources import cluster, endpoints, listener, regex_route, route
 from tests.support.wait import wait_until
 from tests.support.xds_fixture_server import write_spec
 

@@ -18,8 +18,8 @@ import pytest
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.store.etcd import Store
 from controlplane.store.leader import DEFAULT_TTL, Leadership
-from controlplane.xds.client import AdsClient
 from controlplane.xds.types import CLUSTER
+from testkit.ads_client import AdsClient
 from tests.support.up import EXIT_TIMEOUT, Up, get_json, start_up
 from tests.support.wait import wait_until
 

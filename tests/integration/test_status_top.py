@@ -20,8 +20,8 @@ from controlplane.cli.views import render_status, render_top, sync_state
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.types import CLUSTER, PUSH_ORDER, ROUTE
+from testkit.resources import regex_route
 from tests.support.plane import Plane
-from tests.support.resources import regex_route
 from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

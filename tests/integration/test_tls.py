@@ -31,8 +31,8 @@ from controlplane.runtime.envoy import EnvoyProcess, dumped_versions
 from controlplane.runtime.ports import free_port, port_in_use
 from controlplane.runtime.process import dying_with_parent
 from controlplane.store.etcd import Store
-from controlplane.xds.client import AdsClient
 from controlplane.xds.types import CLUSTER
+from testkit.ads_client import AdsClient
 from tests.support.chain import (
     GOOD,
     NEXT,

@@ -31,7 +31,7 @@ from controlplane.xds.server import AdsServer, serve
 from controlplane.xds.status import StatusBoard
 from controlplane.xds.translate import Translator
 from demo.chain_app import ChainApp, start_in_thread
-from tests.support.ads import AdsThread, RunningAds
+from testkit.ads_server import AdsThread, RunningAds
 from tests.support.wait import wait_until
 
 # A sidecar whose picked ports another process took first is started again on new ones.

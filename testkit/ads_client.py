@@ -18,8 +18,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
-from .server import SERVICE
-from .types import CLUSTER, ENDPOINT, FULL_STATE, MESSAGE_CLASS
+from controlplane.xds.server import SERVICE
+from controlplane.xds.types import CLUSTER, ENDPOINT, FULL_STATE, MESSAGE_CLASS
 
 
 @dataclass(frozen=True)
