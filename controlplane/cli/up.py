@@ -16,6 +16,7 @@ from controlplane.app import ControlPlane
 from controlplane.cli.inject import add_sidecar_options, sidecar_options
 from controlplane.scaler.actuators import Actuator, DryRunActuator
 from controlplane.scaler.policy import PolicyConfig
+from controlplane.xds.names import ALLOW_ANY, OUTBOUND_POLICIES
 
 log = logging.getLogger("tasklane")
 
@@ -103,6 +104,14 @@ def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser
         "/inject) over HTTPS on this port, with --tls-dir's server certificate (default: off); "
         "the --sidecar-* options say what it injects",
     )
+    p.add_argument(
+        "--outbound-traffic-policy",
+        choices=OUTBOUND_POLICIES,
+        default=ALLOW_ANY,
+        help="what sidecars do with a host that is no service of the mesh (an external API, "
+        "a cluster service outside the mesh): ALLOW_ANY passes it through, HTTP and HTTPS "
+        "(CONNECT) alike; REGISTRY_ONLY answers 502 naming the host (default: ALLOW_ANY)",
+    )
     add_sidecar_options(p, prefix="sidecar-")
     p.set_defaults(handler=up)
 
@@ -151,6 +160,7 @@ def up(args: argparse.Namespace) -> int:
         tls_dir=args.tls_dir,
         webhook_port=args.webhook_port,
         inject_options=sidecar_options(args, prefix="sidecar-"),
+        outbound_policy=args.outbound_traffic_policy,
     )
     asyncio.run(_run_until_signalled(control_plane))
     return 0

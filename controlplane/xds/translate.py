@@ -10,7 +10,10 @@ What each sidecar of (service S, group G) gets:
   lookup cost does not grow with the number of chains, see DESIGN.md), then per chain a
   regex on the `baggage` member behind one cheap `contains <key>` guard; everything else
   goes to `D|default`. A route retries as its hop says (`retries`), else as the Service
-  says; a retry goes to another instance when there is one (`previous_hosts`);
+  says; a retry goes to another instance when there is one (`previous_hosts`). Any other host
+  (`*`) is outside the mesh: passed through, plain HTTP and CONNECT tunnels alike, to the
+  sidecar's dynamic forward proxy cluster (`ALLOW_ANY`), or refused with a reason
+  (`REGISTRY_ONLY`); the gateway's `egress` has no such host;
 - route config `inbound`: on a task group, only dyes of chains that use (S, G) reach the app,
   each with the hop's rate limit; anything else gets 403 and a reason. `default` accepts all.
 
@@ -28,7 +31,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    health_check_pb2,
+    substitution_format_string_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.config.route.v3 import route_pb2 as route_config_pb2
@@ -46,12 +55,17 @@ from controlplane.model.rules import DEFAULT_GROUP, Hop, Retries, RuleSet, Servi
 
 from . import wire
 from .names import (
+    ALLOW_ANY,
+    BLACK_HOLE_ROUTE,
     EGRESS_ROUTE,
     GATEWAY_ROLE,
     HEALTH_PATH,
     INBOUND_ROUTE,
     LOCAL_APP_CLUSTER,
     LOCAL_RATE_LIMIT,
+    OUTBOUND_POLICIES,
+    PASSTHROUGH_CLUSTER,
+    REGISTRY_ONLY,
     cluster_name,
     loose_cluster_name,
     role_name,
@@ -73,6 +87,7 @@ _MIN_RETRY_CONCURRENCY = 32
 _HOST_SELECTION_ATTEMPTS = 5
 T = TypeVar("T")
 _EMPTY = ResourceMap()
+_GATEWAY_EGRESS = (EGRESS_ROUTE, GATEWAY_ROLE)  # memo key of the gateway's `egress`
 
 
 @dataclass(frozen=True)
@@ -365,6 +380,47 @@ def egress_virtual_host(service: Service, hops: Sequence[ChainHop]) -> route_pb2
     return host
 
 
+def outside_mesh_host(policy: str) -> route_pb2.VirtualHost:
+    """Every host that is no service of the mesh (`*`: Envoy tries it after every service's
+    domains). `ALLOW_ANY` passes the request to the host the app named, and tunnels a
+    CONNECT (HTTPS through `https_proxy`) there; `REGISTRY_ONLY` answers 502 naming the host
+    and the policy, so the app's log says why, not a bare 404."""
+    host = route_pb2.VirtualHost(name="outside_mesh", domains=["*"])
+    connect = route_pb2.RouteMatch(connect_matcher=route_pb2.RouteMatch.ConnectMatcher())
+    if policy == ALLOW_ANY:
+        tunnel = route_pb2.RouteAction(
+            cluster=PASSTHROUGH_CLUSTER,
+            timeout=_duration(0),  # a tunnel lasts as long as the app keeps it
+            upgrade_configs=[
+                route_pb2.RouteAction.UpgradeConfig(
+                    upgrade_type="CONNECT",
+                    connect_config=route_pb2.RouteAction.UpgradeConfig.ConnectConfig(),
+                )
+            ],
+        )
+        host.routes.add(name=PASSTHROUGH_CLUSTER, match=connect, route=tunnel)
+        host.routes.append(
+            _route(PASSTHROUGH_CLUSTER, route_pb2.RouteAction(cluster=PASSTHROUGH_CLUSTER))
+        )
+        return host
+    if policy != REGISTRY_ONLY:
+        raise ValueError(f"outbound traffic policy must be one of {', '.join(OUTBOUND_POLICIES)}")
+    refuse = route_pb2.DirectResponseAction(
+        status=502,
+        body_format=substitution_format_string_pb2.SubstitutionFormatString(
+            text_format_source=base_pb2.DataSource(
+                inline_string=(
+                    "tasklane: %REQ(:authority)% is no service of the mesh, and the outbound "
+                    f"traffic policy is {REGISTRY_ONLY}\n"
+                )
+            )
+        ),
+    )
+    host.routes.add(name=BLACK_HOLE_ROUTE, match=connect, direct_response=refuse)
+    host.routes.append(_route(BLACK_HOLE_ROUTE, direct_response=refuse))
+    return host
+
+
 # ---------------------------------------------------------------------------- inbound
 
 
@@ -469,9 +525,13 @@ class _EncodedHost:
 
 
 class Translator:
-    """Builds every role's snapshot; keeps the pieces of the last build to reuse them."""
+    """Builds every role's snapshot; keeps the pieces of the last build to reuse them.
 
-    def __init__(self) -> None:
+    `outbound_policy` says what sidecars do with hosts outside the mesh (ALLOW_ANY or
+    REGISTRY_ONLY, as Istio's `outboundTrafficPolicy.mode`)."""
+
+    def __init__(self, outbound_policy: str = ALLOW_ANY) -> None:
+        self._outside = _encode(outside_mesh_host(outbound_policy))
         self._hosts = _Memo()
         self._clusters = _Memo()
         self._endpoints = _Memo()
@@ -485,7 +545,7 @@ class Translator:
 
         clusters = self._build_clusters(services, hops)
         assignments = self._build_endpoints(services, endpoints)
-        egress = self._build_egress(services, hops)
+        egress, gateway_egress = self._build_egress(services, hops)
         # Keys are object ids: a piece that was not rebuilt is the very same object.
         cds = self._maps.get(CLUSTER, tuple(map(id, clusters)), ResourceMap, clusters)
         eds = self._maps.get(ENDPOINT, tuple(map(id, assignments)), ResourceMap, assignments)
@@ -511,10 +571,14 @@ class Translator:
                     role, (id(egress), id(inbound)), ResourceMap, (egress, inbound)
                 )
                 snapshots[role] = Snapshot({**shared, ROUTE: routes})
-        gateway_routes = self._maps.get(GATEWAY_ROLE, id(egress), ResourceMap, (egress,))
+        gateway_routes = self._maps.get(
+            GATEWAY_ROLE, id(gateway_egress), ResourceMap, (gateway_egress,)
+        )
         snapshots[GATEWAY_ROLE] = Snapshot({**shared, ROUTE: gateway_routes})
         self._inbound.keep_only(roles)
-        self._maps.keep_only(roles | {GATEWAY_ROLE, CLUSTER, ENDPOINT, EGRESS_ROUTE})
+        self._maps.keep_only(
+            roles | {GATEWAY_ROLE, CLUSTER, ENDPOINT, EGRESS_ROUTE, _GATEWAY_EGRESS}
+        )
         return snapshots
 
     def _build_clusters(
@@ -552,7 +616,10 @@ class Translator:
 
     def _build_egress(
         self, services: list[Service], hops: dict[str, tuple[ChainHop, ...]]
-    ) -> Resource:
+    ) -> tuple[Resource, Resource]:
+        """`egress` of the sidecars (the services, then every other host as the outbound
+        policy says) and of the gateway (the services only: callers from outside must not
+        reach past the mesh through it)."""
         hosts = []
         for service in services:
             mine = hops.get(service.name, ())
@@ -561,12 +628,15 @@ class Translator:
             )
         self._hosts.keep_only({s.name for s in services})
 
-        def assemble() -> Resource:
-            payload = wire.text(1, EGRESS_ROUTE) + b"".join(h.field for h in hosts)
-            refs = frozenset().union(*(h.cluster_refs for h in hosts))
+        def assemble(*extra: _EncodedHost) -> Resource:
+            every = (*hosts, *extra)
+            payload = wire.text(1, EGRESS_ROUTE) + b"".join(h.field for h in every)
+            refs = frozenset().union(*(h.cluster_refs for h in every))
             return Resource.encoded(ROUTE, EGRESS_ROUTE, payload, refs)
 
-        return self._maps.get(EGRESS_ROUTE, tuple(map(id, hosts)), assemble)
+        key = tuple(map(id, hosts))
+        sidecars = self._maps.get(EGRESS_ROUTE, key, assemble, self._outside)
+        return sidecars, self._maps.get(_GATEWAY_EGRESS, key, assemble)
 
 
 def _assignment_resource(service: str, group: str, addresses: Sequence[Address]) -> Resource:
@@ -578,6 +648,9 @@ def _inbound_resource(service: Service, group: str, hops: Sequence[ChainHop], n:
 
 
 def _encode_host(service: Service, hops: Sequence[ChainHop]) -> _EncodedHost:
-    host = egress_virtual_host(service, hops)
+    return _encode(egress_virtual_host(service, hops))
+
+
+def _encode(host: route_pb2.VirtualHost) -> _EncodedHost:
     clusters, _ = references(host)
     return _EncodedHost(wire.field(2, host.SerializeToString(deterministic=True)), clusters)

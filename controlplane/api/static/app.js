@@ -31,6 +31,7 @@ const TOTALS_SHOWN = [
   ["refused", "Refused"],
   ["uncovered", "Uncovered"],
   ["propagation_breaks", "Propagation breaks"],
+  ["outside_mesh", "Outside the mesh"],
 ];
 
 const state = {
