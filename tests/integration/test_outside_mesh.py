@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,13 +18,15 @@ from pathlib import Path
 import pytest
 
 from controlplane import pki
+from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.gateway import DyeNames, GatewayEnvoy, Trust
 from controlplane.runtime.ports import free_port
-from controlplane.xds.names import REGISTRY_ONLY
+from controlplane.xds.names import HEALTH_PATH, REGISTRY_ONLY
 from demo.chain_app import serve_in_thread
 from tests.support.echo_app import make_server
 from tests.support.mesh import Mesh, request, served_by
 from tests.support.rules import service
+from tests.support.up import TASKLANE, Up, assert_one_line_error
 from tests.support.wait import wait_until
 
 RULES = service("caller")
@@ -199,3 +202,61 @@ def test_registry_only_refuses_hosts_outside_the_mesh_with_a_reason(
             'tasklane_outside_mesh_refused_total{group="default",service="caller"} 3.0'
             in mesh.metrics_text()
         )
+
+
+@pytest.mark.parametrize(
+    "running_up", [["--outbound-traffic-policy", REGISTRY_ONLY]], indirect=True
+)
+def test_tasklane_up_outbound_traffic_policy_reaches_the_sidecars(
+    running_up: Up, tmp_path: Path, outside: dict
+) -> None:
+    apply = urllib.request.Request(
+        running_up.url("/api/v1/apply"),
+        data=json.dumps({"files": [{"name": "rules.yaml", "text": RULES}]}).encode(),
+        headers={"Authorization": f"Bearer {running_up.token}"},
+    )
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(apply, timeout=10):
+        pass
+    egress_port = free_port()
+    sidecar = EnvoyProcess(
+        node_id="caller|default|test",
+        service="caller",
+        group="default",
+        xds_host="127.0.0.1",
+        xds_port=running_up.ports["xds"],
+        admin_port=free_port(),
+        delta=False,
+        work_dir=tmp_path / "sidecar",
+        parts={
+            "sidecar.yaml": {
+                "egress_port": egress_port,
+                "inbound_host": "127.0.0.1",
+                "inbound_port": free_port(),
+                "app_port": free_port(),
+                "health_path": HEALTH_PATH,
+            }
+        },
+    )
+    with sidecar:
+        sidecar.wait_ready()
+        authority = f"{OUTSIDE_HOST}:{outside['http']}"
+        status, body = through_proxy(egress_port, f"http://{authority}/", outside["ca"])
+        assert (status, body) == (
+            502,
+            f"tasklane: {authority} is no service of the mesh, and the outbound traffic "
+            f"policy is {REGISTRY_ONLY}\n",
+        )
+
+
+def test_tasklane_up_refuses_an_unknown_policy_in_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    done = subprocess.run(
+        [*TASKLANE, "up", "--state-dir", str(state), "--outbound-traffic-policy", "allow_any"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert_one_line_error(done.stderr, "--outbound-traffic-policy 'allow_any' is not one of")
+    assert "ALLOW_ANY, REGISTRY_ONLY" in done.stderr
+    assert not state.exists()  # nothing started, nothing written
