@@ -47,7 +47,9 @@ MAX_DYE_LENGTH = 256
 _DYE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Set by `tasklane run` for every instance; a Service's own value would be silently replaced.
-_RUN_ENV_RESERVED = frozenset({"PORT", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"})
+_RUN_ENV_RESERVED = frozenset(
+    {"PORT", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"}
+)
 _RUN_ENV_RESERVED_PREFIX = "TASKLANE_"
 # Retries: what Envoy may retry on (its `retry_on` names), how often, and a status code range.
 # A number in `retryOn` is a status code (Envoy's `retriable-status-codes`).
