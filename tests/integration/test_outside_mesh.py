@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from controlplane.runtime.gateway import DyeNames, GatewayEnvoy, Trust
 from controlplane.runtime.ports import free_port
 from controlplane.xds.names import HEALTH_PATH, REGISTRY_ONLY
 from demo.chain_app import serve_in_thread
-from tests.support.echo_app import make_server
+from tests.support.echo_app import EchoHandler, make_server
 from tests.support.mesh import Mesh, request, served_by
 from tests.support.rules import service
 from tests.support.up import TASKLANE, Up, assert_one_line_error
@@ -40,15 +41,23 @@ def outside(tmp_path: Path) -> Iterator[dict]:
     made here; with the CA a client trusts and the number of requests each one received."""
     pki.init_dir(tmp_path / "tls", hosts=(OUTSIDE_HOST,))
     files = pki.server_files(tmp_path / "tls")
+    hits: Counter[str] = Counter()
+
+    class Counted(EchoHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            hits[self.server.app_name] += 1  # type: ignore[attr-defined]
+            super().do_GET()
+
     plain = make_server("outside-http")
     tls = make_server("outside-https")
+    plain.RequestHandlerClass = tls.RequestHandlerClass = Counted
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(files.cert, files.key)
     tls.socket = context.wrap_socket(tls.socket, server_side=True)
     http_port, stop_http = serve_in_thread(plain)
     https_port, stop_https = serve_in_thread(tls)
     try:
-        yield {"http": http_port, "https": https_port, "ca": files.ca}
+        yield {"http": http_port, "https": https_port, "ca": files.ca, "hits": hits}
     finally:
         stop_http()
         stop_https()
@@ -145,6 +154,7 @@ def test_allow_any_passes_http_and_https_through_and_counts_them_outside_the_mes
         assert status == 200, body
         answer = json.loads(body)
         assert (answer["name"], answer["path"]) == ("outside-https", "/y")
+        assert outside["hits"] == {"outside-http": 1, "outside-https": 1}
 
         mesh_still_routes(port)
 
@@ -171,6 +181,7 @@ def test_allow_any_passes_http_and_https_through_and_counts_them_outside_the_mes
         with running_gateway(mesh, tmp_path / "gateway") as gateway:
             status, body = get(gateway, f"{OUTSIDE_HOST}:{outside['http']}")
             assert status == 404, body
+        assert outside["hits"]["outside-http"] == 1
 
 
 def test_registry_only_refuses_hosts_outside_the_mesh_with_a_reason(
@@ -189,6 +200,7 @@ def test_registry_only_refuses_hosts_outside_the_mesh_with_a_reason(
         assert status == 502 and f"tasklane: {tunnel} is no service" in body, body
         with pytest.raises(OSError, match="Tunnel connection failed: 502"):
             through_proxy(port, f"https://{tunnel}/y", outside["ca"])
+        assert outside["hits"] == {}  # refused at the sidecar
 
         mesh_still_routes(port)
 
