@@ -12,6 +12,7 @@ LOCAL_APP_CLUSTER = "local-app"  # static cluster of the sidecar: its own app
 # of the egress route that refuses them under REGISTRY_ONLY.
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
 BLACK_HOLE_ROUTE = "BlackHoleCluster"
+PASSTHROUGH_HEADER = "x-tasklane-passthrough"  # on requests passed through (loop detection)
 STATIC_CLUSTERS = frozenset({LOCAL_APP_CLUSTER, PASSTHROUGH_CLUSTER})
 # What the egress does with those hosts (`tasklane up --outbound-traffic-policy`).
 ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"

@@ -65,6 +65,7 @@ from .names import (
     LOCAL_RATE_LIMIT,
     OUTBOUND_POLICIES,
     PASSTHROUGH_CLUSTER,
+    PASSTHROUGH_HEADER,
     REGISTRY_ONLY,
     cluster_name,
     loose_cluster_name,
@@ -380,14 +381,39 @@ def egress_virtual_host(service: Service, hops: Sequence[ChainHop]) -> route_pb2
     return host
 
 
+def _local_reply(status: int, text: str) -> route_pb2.DirectResponseAction:
+    """A direct response whose body may name what the request asked for (%REQ(...)%)."""
+    return route_pb2.DirectResponseAction(
+        status=status,
+        body_format=substitution_format_string_pb2.SubstitutionFormatString(
+            text_format_source=base_pb2.DataSource(inline_string=text)
+        ),
+    )
+
+
 def outside_mesh_host(policy: str) -> route_pb2.VirtualHost:
     """Every host that is no service of the mesh (`*`: Envoy tries it after every service's
     domains). `ALLOW_ANY` passes the request to the host the app named, and tunnels a
     CONNECT (HTTPS through `https_proxy`) there; `REGISTRY_ONLY` answers 502 naming the host
-    and the policy, so the app's log says why, not a bare 404."""
+    and the policy, so the app's log says why, not a bare 404.
+
+    A request passed through carries PASSTHROUGH_HEADER: one that arrives with it came back
+    from the sidecar itself (its own address named as the host) and stops there with 508,
+    instead of looping until the route times out."""
     host = route_pb2.VirtualHost(name="outside_mesh", domains=["*"])
     connect = route_pb2.RouteMatch(connect_matcher=route_pb2.RouteMatch.ConnectMatcher())
     if policy == ALLOW_ANY:
+        looped = route_pb2.RouteMatch(
+            prefix="/",
+            headers=[route_pb2.HeaderMatcher(name=PASSTHROUGH_HEADER, present_match=True)],
+        )
+        host.routes.add(
+            name=PASSTHROUGH_CLUSTER,
+            match=looped,
+            direct_response=_local_reply(
+                508, "tasklane: %REQ(:authority)% leads back to this sidecar's egress listener\n"
+            ),
+        )
         tunnel = route_pb2.RouteAction(
             cluster=PASSTHROUGH_CLUSTER,
             timeout=_duration(0),  # a tunnel lasts as long as the app keeps it
@@ -399,22 +425,19 @@ def outside_mesh_host(policy: str) -> route_pb2.VirtualHost:
             ],
         )
         host.routes.add(name=PASSTHROUGH_CLUSTER, match=connect, route=tunnel)
-        host.routes.append(
-            _route(PASSTHROUGH_CLUSTER, route_pb2.RouteAction(cluster=PASSTHROUGH_CLUSTER))
+        passed = _route(PASSTHROUGH_CLUSTER, route_pb2.RouteAction(cluster=PASSTHROUGH_CLUSTER))
+        passed.request_headers_to_add.add(
+            header=base_pb2.HeaderValue(key=PASSTHROUGH_HEADER, value="1"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
         )
+        host.routes.append(passed)
         return host
     if policy != REGISTRY_ONLY:
         raise ValueError(f"outbound traffic policy must be one of {', '.join(OUTBOUND_POLICIES)}")
-    refuse = route_pb2.DirectResponseAction(
-        status=502,
-        body_format=substitution_format_string_pb2.SubstitutionFormatString(
-            text_format_source=base_pb2.DataSource(
-                inline_string=(
-                    "tasklane: %REQ(:authority)% is no service of the mesh, and the outbound "
-                    f"traffic policy is {REGISTRY_ONLY}\n"
-                )
-            )
-        ),
+    refuse = _local_reply(
+        502,
+        "tasklane: %REQ(:authority)% is no service of the mesh, and the outbound traffic "
+        f"policy is {REGISTRY_ONLY}\n",
     )
     host.routes.add(name=BLACK_HOLE_ROUTE, match=connect, direct_response=refuse)
     host.routes.append(_route(BLACK_HOLE_ROUTE, direct_response=refuse))

@@ -63,13 +63,13 @@ def outside(tmp_path: Path) -> Iterator[dict]:
         stop_https()
 
 
-def through_proxy(egress_port: int, url: str, ca: Path) -> tuple[int, str]:
+def through_proxy(egress_port: int, url: str, ca: Path | None = None) -> tuple[int, str]:
     """GET `url` the way an app with http_proxy and https_proxy set does (urllib: absolute
     URL for http, a CONNECT tunnel for https); returns (status, body)."""
     proxy = f"http://127.0.0.1:{egress_port}"
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({"http": proxy, "https": proxy}),
-        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(ca))),
+        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca)),
     )
     try:
         with opener.open(url, timeout=10) as response:
@@ -182,6 +182,21 @@ def test_allow_any_passes_http_and_https_through_and_counts_them_outside_the_mes
             status, body = get(gateway, f"{OUTSIDE_HOST}:{outside['http']}")
             assert status == 404, body
         assert outside["hits"]["outside-http"] == 1
+
+
+def test_a_call_back_to_the_egress_itself_stops_at_once(tmp_path: Path) -> None:
+    """Passed through to its own address, a request would come back to the sidecar, again
+    and again (measured: ~1,000 connections until the 15 s route timeout)."""
+    with Mesh(tmp_path, RULES) as mesh:
+        caller = mesh.add("caller", "default")
+        port = caller.egress_port
+        status, body = through_proxy(port, f"http://127.0.0.1:{port}/")
+        assert (status, body) == (
+            508,
+            f"tasklane: 127.0.0.1:{port} leads back to this sidecar's egress listener\n",
+        )
+        stats = caller.envoy.admin_get("/stats?filter=^http.egress.downstream_rq_total$")
+        assert stats.strip() == "http.egress.downstream_rq_total: 2"  # the call and its echo
 
 
 def test_registry_only_refuses_hosts_outside_the_mesh_with_a_reason(
