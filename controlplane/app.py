@@ -50,7 +50,7 @@ from controlplane.store.leader import Leadership
 from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.names import STATIC_CLUSTERS
+from controlplane.xds.names import ALLOW_ANY, STATIC_CLUSTERS
 from controlplane.xds.server import (
     AdsServer,
     Observer,
@@ -58,6 +58,7 @@ from controlplane.xds.server import (
     serve,
 )
 from controlplane.xds.status import StatusBoard
+from controlplane.xds.translate import Translator
 from controlplane.xds.unknown import unknown_role_snapshot
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class ControlPlane:
         webhook_port: int | None = None,
         inject_options: InjectOptions | None = None,
         registration_grace: float = REGISTRATION_GRACE,
+        outbound_policy: str = ALLOW_ANY,
     ) -> None:
         """`actuator` makes the one the scaler drives once the API is up (a local one needs
         its address); None runs no scaler. Only the elected leader among replicas scales.
@@ -114,7 +116,8 @@ class ControlPlane:
         sidecars announce on their xDS stream (announce.py). `webhook_port` serves the sidecar
         injector (inject/webhook.py) over HTTPS with tls_dir's server certificate, injecting
         sidecars made of `inject_options`. xDS serves `registration_grace` seconds after the
-        API, so that `tasklane run` instances register again after a restart first."""
+        API, so that `tasklane run` instances register again after a restart first.
+        `outbound_policy` says what sidecars do with hosts outside the mesh (translate.py)."""
         self.registration_grace = registration_grace
         self._xds_credentials = None if tls_dir is None else _server_credentials(tls_dir)
         self.webhook_port = webhook_port
@@ -138,7 +141,7 @@ class ControlPlane:
         self.etcd_endpoint = etcd_endpoint
         # A sidecar of a role no rule defines gets listeners that answer 503 and say why.
         self.cache = SnapshotCache(STATIC_CLUSTERS, fallback=unknown_role_snapshot)
-        self.sync = Sync(self.cache)
+        self.sync = Sync(self.cache, Translator(outbound_policy))
         self.status_board = StatusBoard()
         # Access logs, isolation accounting and Prometheus metrics (xDS events come through
         # the ADS server's observer; ALS shares the xDS gRPC port).

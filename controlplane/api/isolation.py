@@ -16,9 +16,12 @@ view of the accounting) and `GET /metrics` (Prometheus).
      "uncovered": [{"chain", "service", "group", "requests", "rate", "last_at"}],
      "propagation_breaks": [{"chain", "service", "group", "to", "count", "last_request_id",
                              "last_at"}],
+     "outside_mesh": [{"service", "group", "requests", "refused", "errors_5xx", "rate",
+                       "last_at"}],
      "totals": {"entries", "entries_by_direction", "requests", "dyed", "online", "errors_5xx",
                 "leaks", "fallbacks", "rate_limited", "refused", "uncovered",
-                "propagation_breaks", "rate_dyed", "rate_online", "pending", "unmatched"}}
+                "propagation_breaks", "outside_mesh", "outside_mesh_refused", "rate_dyed",
+                "rate_online", "pending", "unmatched"}}
 
 Counts are since the control plane started; rates are per second over the last `window_s`
 complete seconds; p50/p99 are of the last requests (telemetry/accounting.py says how each

@@ -14,8 +14,10 @@ from pathlib import Path
 from controlplane import pki
 from controlplane.app import ControlPlane
 from controlplane.cli.inject import add_sidecar_options, sidecar_options
+from controlplane.errors import TasklaneError
 from controlplane.scaler.actuators import Actuator, DryRunActuator
 from controlplane.scaler.policy import PolicyConfig
+from controlplane.xds.names import ALLOW_ANY, OUTBOUND_POLICIES
 
 log = logging.getLogger("tasklane")
 
@@ -103,6 +105,14 @@ def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser
         "/inject) over HTTPS on this port, with --tls-dir's server certificate (default: off); "
         "the --sidecar-* options say what it injects",
     )
+    p.add_argument(
+        "--outbound-traffic-policy",
+        metavar="|".join(OUTBOUND_POLICIES),
+        default=ALLOW_ANY,
+        help="what sidecars do with a host that is no service of the mesh (an external API, "
+        "a cluster service outside the mesh): ALLOW_ANY passes it through, HTTP and HTTPS "
+        "(CONNECT) alike; REGISTRY_ONLY answers 502 naming the host (default: ALLOW_ANY)",
+    )
     add_sidecar_options(p, prefix="sidecar-")
     p.set_defaults(handler=up)
 
@@ -132,6 +142,11 @@ def _actuator(args: argparse.Namespace) -> Callable[[ControlPlane], Actuator] | 
 
 def up(args: argparse.Namespace) -> int:
     """Run the control plane until a signal; exit 0 after a clean stop."""
+    if args.outbound_traffic_policy not in OUTBOUND_POLICIES:
+        raise TasklaneError(
+            f"--outbound-traffic-policy {args.outbound_traffic_policy!r} is not one of "
+            f"{', '.join(OUTBOUND_POLICIES)}"
+        )
     if args.tls_dir is not None and args.actuator == "local":
         pki.client_files(args.tls_dir)  # its `tasklane run` children need them: check now
         os.environ[pki.TLS_DIR_ENV] = str(args.tls_dir.resolve())  # what they inherit
@@ -151,6 +166,7 @@ def up(args: argparse.Namespace) -> int:
         tls_dir=args.tls_dir,
         webhook_port=args.webhook_port,
         inject_options=sidecar_options(args, prefix="sidecar-"),
+        outbound_policy=args.outbound_traffic_policy,
     )
     asyncio.run(_run_until_signalled(control_plane))
     return 0

@@ -25,7 +25,7 @@ XDS_TYPES = ("cds", "eds", "lds", "rds")
 # The totals `tasklane top` shows, of those the accounting keeps (the rest are the dashboard's).
 TOTALS = (
     *("requests", "dyed", "online", "errors_5xx", "leaks", "fallbacks", "rate_limited"),
-    *("uncovered", "propagation_breaks"),
+    *("uncovered", "propagation_breaks", "outside_mesh"),
 )
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 

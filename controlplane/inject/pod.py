@@ -296,6 +296,8 @@ def _tasklane_env(service: str, group: str) -> list[dict[str, Any]]:
         {"name": "TASKLANE_EGRESS", "value": f"127.0.0.1:{EGRESS_PORT}"},
         {"name": "http_proxy", "value": proxy},
         {"name": "HTTP_PROXY", "value": proxy},
+        {"name": "https_proxy", "value": proxy},
+        {"name": "HTTPS_PROXY", "value": proxy},
         {"name": "no_proxy", "value": "localhost,127.0.0.1"},
         {"name": "NO_PROXY", "value": "localhost,127.0.0.1"},
     ]

@@ -273,6 +273,8 @@ class _Run:
             "TASKLANE_EGRESS": f"127.0.0.1:{ports.egress}",
             "http_proxy": proxy,
             "HTTP_PROXY": proxy,
+            "https_proxy": proxy,  # a CONNECT tunnel, for hosts outside the mesh
+            "HTTPS_PROXY": proxy,
             "no_proxy": "localhost,127.0.0.1",
             "NO_PROXY": "localhost,127.0.0.1",
         }

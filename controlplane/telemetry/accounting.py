@@ -33,6 +33,10 @@ Where each number comes from (one count per request per hop):
 - **uncovered hop** -- a chain's dyed request served by a service that is not a hop of it.
 - **propagation break** -- an instance received a dyed request and called a service undyed
   with the same x-request-id (detectable only for apps that forward x-request-id).
+- **outside the mesh** -- an egress entry of the `*` host's routes (a host that is no service:
+  `PassthroughCluster` passed it through, `BlackHoleCluster` refused it under REGISTRY_ONLY):
+  counted per calling (service, group), apart from the mesh's requests: neither a leak, nor
+  an unknown service's error, nor a propagation break.
 
 Memory is bounded: latency keeps the last LATENCY_SAMPLES per key, correlation tables are
 capped and expire, and unknown services (from a client's Host header) are one bucket.
@@ -50,12 +54,14 @@ from typing import Any, Generic, TypeVar
 from controlplane.model.dye import DyeIndex
 from controlplane.model.group import GroupKey
 from controlplane.model.rules import DEFAULT_GROUP, Hop, RuleSet, TaskChain
+from controlplane.xds.names import BLACK_HOLE_ROUTE, PASSTHROUGH_CLUSTER
 
 EGRESS, INBOUND, GATEWAY = "egress", "inbound", "gateway"
 REFUSED_ROUTE = "refused"
 UNKNOWN_SERVICE = "(unknown)"
 # Flags of a request the egress side answered itself: no instance ever saw it.
 UNREACHED = frozenset({"UH", "UF", "UO", "NR", "NC", "URX", "DF"})
+OUTSIDE_MESH_ROUTES = frozenset({PASSTHROUGH_CLUSTER, BLACK_HOLE_ROUTE})
 
 RATE_WINDOW_S = 10  # per-second rates: the mean over the last complete seconds
 LATENCY_SAMPLES = 512  # p50/p99 of the last this many requests per key
@@ -133,9 +139,11 @@ class Stats:
     rate: Rate = field(default_factory=Rate)
     last_at: float = 0.0
 
-    def count(self, entry: LogEntry, now: float) -> None:
+    def count(self, entry: LogEntry, now: float, refused: bool = False) -> None:
+        """Count one request; a refused one (answered by policy) is no 5xx error."""
         self.requests += 1
-        self.errors_5xx += entry.status >= 500
+        self.refused += refused
+        self.errors_5xx += entry.status >= 500 and not refused
         self.rate_limited += entry.status == 429 or "RL" in entry.flags
         self.flags.update(entry.flags)
         self.latency_ms.append(entry.duration_ms)
@@ -238,6 +246,7 @@ class Accounting:
         self._dyes = DyeIndex({})
         self.stats: dict[StatsKey, Stats] = {}
         self.uncovered: dict[StatsKey, Stats] = {}
+        self.outside: dict[GroupKey, Stats] = {}  # calls outside the mesh, by caller
         self.breaks: dict[tuple[str, str, str, str], _Break] = {}  # chain, service, group, to
         self.entries: Counter[str] = Counter()  # by direction; "" = unusable
         self.unmatched = 0  # parked requests whose caller's egress entry never came
@@ -344,6 +353,12 @@ class Accounting:
             self._stats(parked.chain, parked.service, parked.group).leaks += 1
 
     def _egress(self, rules: RuleSet, entry: LogEntry, now: float) -> None:
+        if entry.route in OUTSIDE_MESH_ROUTES:
+            stats = self.outside.get((entry.service, entry.group))
+            if stats is None:
+                stats = self.outside[entry.service, entry.group] = Stats()
+            stats.count(entry, now, refused=entry.route == BLACK_HOLE_ROUTE)
+            return
         chain = self._chain_of(rules, entry)
         service, picked = GroupKey.parse(entry.cluster)  # a loose cluster names its group
         if not service:
@@ -475,6 +490,18 @@ class Accounting:
             "online": online,
             "uncovered": uncovered,
             "propagation_breaks": breaks,
+            "outside_mesh": [
+                {
+                    "service": service,
+                    "group": group,
+                    "requests": stats.requests,
+                    "refused": stats.refused,
+                    "errors_5xx": stats.errors_5xx,
+                    "rate": round(stats.rate.per_second(now), 3),
+                    "last_at": stats.last_at,
+                }
+                for (service, group), stats in sorted(self.outside.items())
+            ],
             "totals": self._totals(now),
         }
 
@@ -558,6 +585,8 @@ class Accounting:
             "refused": sum(s.refused for s in every),
             "uncovered": sum(s.requests for s in self.uncovered.values()),
             "propagation_breaks": sum(b.count for b in self.breaks.values()),
+            "outside_mesh": sum(s.requests for s in self.outside.values()),
+            "outside_mesh_refused": sum(s.refused for s in self.outside.values()),
             "rate_dyed": round(float(sum(s.rate.per_second(now) for s in dyed)), 3),
             "rate_online": round(float(sum(s.rate.per_second(now) for s in online)), 3),
             "pending": sum(len(parked) for parked in self._parked.values()),

@@ -1,7 +1,8 @@
 """Prometheus metrics of the control plane, in a registry of its own (served at `/metrics`).
 
 - isolation: the accounting's counters, read at scrape time (one bookkeeping, not two), with
-  the labels chain, service, group; `chain=""` is online traffic;
+  the labels chain, service, group; `chain=""` is online traffic; calls outside the mesh by
+  the calling service and group;
 - xDS: connected streams, pushes, ACKs and NACKs by type, and the push-to-ACK latency, from
   the ADS server's `Observer` hooks;
 - scaler: desired replicas per group (the policy), actual ones (registered instances: what
@@ -147,6 +148,7 @@ class _StateCollector(Collector):
         for (chain, service, group, target), entry in sorted(accounting.breaks.items()):
             breaks.add_metric([chain, service, group, target], entry.count)
         yield breaks
+        yield from _outside_mesh(accounting)
         entries = CounterMetricFamily(
             "tasklane_access_log_entries",
             'Access-log entries received, by listener ("" = untagged, ignored)',
@@ -193,6 +195,22 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "tasklane_scaler_ticks", "Scaler periods run", value=status.get("ticks", 0)
         )
+
+
+def _outside_mesh(accounting: Accounting) -> Iterator[Metric]:
+    """Calls to hosts that are no service of the mesh, by calling service and group."""
+    families = (
+        ("requests", "requests", "Calls to hosts outside the mesh (PassthroughCluster)"),
+        ("refused", "refused", "Calls outside the mesh refused by REGISTRY_ONLY (502)"),
+        ("responses_5xx", "errors_5xx", "5xx answers of calls passed outside the mesh"),
+    )
+    for name, attribute, text in families:
+        family = CounterMetricFamily(
+            f"tasklane_outside_mesh_{name}", text, labels=["service", "group"]
+        )
+        for (service, group), stats in sorted(accounting.outside.items()):
+            family.add_metric([service, group], getattr(stats, attribute))
+        yield family
 
 
 class Metrics:

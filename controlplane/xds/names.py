@@ -9,7 +9,16 @@ from controlplane.model.group import GroupKey
 EGRESS_ROUTE = "egress"  # route config of the egress listener (and of the gateway)
 INBOUND_ROUTE = "inbound"  # route config of the inbound listener, in front of the app
 LOCAL_APP_CLUSTER = "local-app"  # static cluster of the sidecar: its own app
-STATIC_CLUSTERS = frozenset({LOCAL_APP_CLUSTER})
+# Hosts that are no service of the mesh, in Istio's words (no DNS label, so no service's
+# name): the sidecar's static dynamic-forward-proxy cluster that reaches them, and the name
+# of the egress route that refuses them under REGISTRY_ONLY.
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+BLACK_HOLE_ROUTE = "BlackHoleCluster"
+PASSTHROUGH_HEADER = "x-tasklane-passthrough"  # on requests passed through (loop detection)
+STATIC_CLUSTERS = frozenset({LOCAL_APP_CLUSTER, PASSTHROUGH_CLUSTER})
+# What the egress does with those hosts (`tasklane up --outbound-traffic-policy`).
+ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"
+OUTBOUND_POLICIES = (ALLOW_ANY, REGISTRY_ONLY)
 HEALTH_PATH = "/.tasklane/health"  # answered by the inbound listener from the app's health
 GATEWAY_ROLE = "@gateway|default"  # never a service name: names are DNS labels
 # The gateway's HTTP filter whose config (the dye names to strip) comes over ECDS, and the

@@ -10,7 +10,10 @@ What each sidecar of (service S, group G) gets:
   lookup cost does not grow with the number of chains, see DESIGN.md), then per chain a
   regex on the `baggage` member behind one cheap `contains <key>` guard; everything else
   goes to `D|default`. A route retries as its hop says (`retries`), else as the Service
-  says; a retry goes to another instance when there is one (`previous_hosts`);
+  says; a retry goes to another instance when there is one (`previous_hosts`). Any other host
+  (`*`) is outside the mesh: passed through, plain HTTP and CONNECT tunnels alike, to the
+  sidecar's dynamic forward proxy cluster (`ALLOW_ANY`), or refused with a reason
+  (`REGISTRY_ONLY`); the gateway's `egress` has no such host;
 - route config `inbound`: on a task group, only dyes of chains that use (S, G) reach the app,
   each with the hop's rate limit; anything else gets 403 and a reason. `default` accepts all.
 
@@ -29,7 +32,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    health_check_pb2,
+    substitution_format_string_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.config.route.v3 import route_pb2 as route_config_pb2
@@ -49,6 +58,8 @@ from controlplane.model.rules import DEFAULT_GROUP, Hop, Retries, RuleSet, Servi
 from . import wire
 from .gateway_filter import DyeNames, dye_filter
 from .names import (
+    ALLOW_ANY,
+    BLACK_HOLE_ROUTE,
     EGRESS_ROUTE,
     GATEWAY_DYE_FILTER,
     GATEWAY_ROLE,
@@ -56,6 +67,10 @@ from .names import (
     INBOUND_ROUTE,
     LOCAL_APP_CLUSTER,
     LOCAL_RATE_LIMIT,
+    OUTBOUND_POLICIES,
+    PASSTHROUGH_CLUSTER,
+    PASSTHROUGH_HEADER,
+    REGISTRY_ONLY,
     cluster_name,
     loose_cluster_name,
     role_name,
@@ -88,6 +103,7 @@ _MAX_LISTED_CHAINS = 600
 _MAX_LISTED_CARRIERS = 300
 T = TypeVar("T")
 _EMPTY = ResourceMap()
+_GATEWAY_EGRESS = (EGRESS_ROUTE, GATEWAY_ROLE)  # memo key of the gateway's `egress`
 
 
 @dataclass(frozen=True)
@@ -414,6 +430,69 @@ def egress_virtual_host(service: Service, hops: Sequence[ChainHop]) -> route_pb2
     return host
 
 
+def _local_reply(status: int, text: str) -> route_pb2.DirectResponseAction:
+    """A direct response whose body may name what the request asked for (%REQ(...)%)."""
+    return route_pb2.DirectResponseAction(
+        status=status,
+        body_format=substitution_format_string_pb2.SubstitutionFormatString(
+            text_format_source=base_pb2.DataSource(inline_string=text)
+        ),
+    )
+
+
+def outside_mesh_host(policy: str) -> route_pb2.VirtualHost:
+    """Every host that is no service of the mesh (`*`: Envoy tries it after every service's
+    domains). `ALLOW_ANY` passes the request to the host the app named, and tunnels a
+    CONNECT (HTTPS through `https_proxy`) there; `REGISTRY_ONLY` answers 502 naming the host
+    and the policy, so the app's log says why, not a bare 404.
+
+    A request passed through carries PASSTHROUGH_HEADER: one that arrives with it came back
+    from the sidecar itself (its own address named as the host) and stops there with 508,
+    instead of looping until the route times out."""
+    host = route_pb2.VirtualHost(name="outside_mesh", domains=["*"])
+    connect = route_pb2.RouteMatch(connect_matcher=route_pb2.RouteMatch.ConnectMatcher())
+    if policy == ALLOW_ANY:
+        looped = route_pb2.RouteMatch(
+            prefix="/",
+            headers=[route_pb2.HeaderMatcher(name=PASSTHROUGH_HEADER, present_match=True)],
+        )
+        host.routes.add(
+            name=PASSTHROUGH_CLUSTER,
+            match=looped,
+            direct_response=_local_reply(
+                508, "tasklane: %REQ(:authority)% leads back to this sidecar's egress listener\n"
+            ),
+        )
+        tunnel = route_pb2.RouteAction(
+            cluster=PASSTHROUGH_CLUSTER,
+            timeout=_duration(0),  # a tunnel lasts as long as the app keeps it
+            upgrade_configs=[
+                route_pb2.RouteAction.UpgradeConfig(
+                    upgrade_type="CONNECT",
+                    connect_config=route_pb2.RouteAction.UpgradeConfig.ConnectConfig(),
+                )
+            ],
+        )
+        host.routes.add(name=PASSTHROUGH_CLUSTER, match=connect, route=tunnel)
+        passed = _route(PASSTHROUGH_CLUSTER, route_pb2.RouteAction(cluster=PASSTHROUGH_CLUSTER))
+        passed.request_headers_to_add.add(
+            header=base_pb2.HeaderValue(key=PASSTHROUGH_HEADER, value="1"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+        host.routes.append(passed)
+        return host
+    if policy != REGISTRY_ONLY:
+        raise ValueError(f"outbound traffic policy must be one of {', '.join(OUTBOUND_POLICIES)}")
+    refuse = _local_reply(
+        502,
+        "tasklane: %REQ(:authority)% is no service of the mesh, and the outbound traffic "
+        f"policy is {REGISTRY_ONLY}\n",
+    )
+    host.routes.add(name=BLACK_HOLE_ROUTE, match=connect, direct_response=refuse)
+    host.routes.append(_route(BLACK_HOLE_ROUTE, direct_response=refuse))
+    return host
+
+
 # ---------------------------------------------------------------------------- inbound
 
 
@@ -543,9 +622,13 @@ class _EncodedHost:
 
 
 class Translator:
-    """Builds every role's snapshot; keeps the pieces of the last build to reuse them."""
+    """Builds every role's snapshot; keeps the pieces of the last build to reuse them.
 
-    def __init__(self) -> None:
+    `outbound_policy` says what sidecars do with hosts outside the mesh (ALLOW_ANY or
+    REGISTRY_ONLY, as Istio's `outboundTrafficPolicy.mode`)."""
+
+    def __init__(self, outbound_policy: str = ALLOW_ANY) -> None:
+        self._outside = _encode(outside_mesh_host(outbound_policy))
         self._hosts = _Memo()
         self._clusters = _Memo()
         self._endpoints = _Memo()
@@ -559,7 +642,7 @@ class Translator:
 
         clusters = self._build_clusters(services, hops)
         assignments = self._build_endpoints(services, endpoints)
-        egress = self._build_egress(services, hops)
+        egress, gateway_egress = self._build_egress(services, hops)
         # Keys are object ids: a piece that was not rebuilt is the very same object.
         cds = self._maps.get(CLUSTER, tuple(map(id, clusters)), ResourceMap, clusters)
         eds = self._maps.get(ENDPOINT, tuple(map(id, assignments)), ResourceMap, assignments)
@@ -585,14 +668,16 @@ class Translator:
                     role, (id(egress), id(inbound)), ResourceMap, (egress, inbound)
                 )
                 snapshots[role] = Snapshot({**shared, ROUTE: routes})
-        gateway_routes = self._maps.get(GATEWAY_ROLE, id(egress), ResourceMap, (egress,))
+        gateway_routes = self._maps.get(
+            GATEWAY_ROLE, id(gateway_egress), ResourceMap, (gateway_egress,)
+        )
         names = DyeNames.of(rules.chains.values())
         filters = self._maps.get(GATEWAY_DYE_FILTER, names, _gateway_filters, names)
         snapshots[GATEWAY_ROLE] = Snapshot(
             {**shared, ROUTE: gateway_routes, EXTENSION_CONFIG: filters}
         )
         self._inbound.keep_only(roles)
-        kept = {GATEWAY_ROLE, GATEWAY_DYE_FILTER, CLUSTER, ENDPOINT, EGRESS_ROUTE}
+        kept = {GATEWAY_ROLE, GATEWAY_DYE_FILTER, CLUSTER, ENDPOINT, EGRESS_ROUTE, _GATEWAY_EGRESS}
         self._maps.keep_only(roles | kept)
         return snapshots
 
@@ -631,7 +716,10 @@ class Translator:
 
     def _build_egress(
         self, services: list[Service], hops: dict[str, tuple[ChainHop, ...]]
-    ) -> Resource:
+    ) -> tuple[Resource, Resource]:
+        """`egress` of the sidecars (the services, then every other host as the outbound
+        policy says) and of the gateway (the services only: callers from outside must not
+        reach past the mesh through it)."""
         hosts = []
         for service in services:
             mine = hops.get(service.name, ())
@@ -640,12 +728,15 @@ class Translator:
             )
         self._hosts.keep_only({s.name for s in services})
 
-        def assemble() -> Resource:
-            payload = wire.text(1, EGRESS_ROUTE) + b"".join(h.field for h in hosts)
-            refs = frozenset().union(*(h.cluster_refs for h in hosts))
+        def assemble(*extra: _EncodedHost) -> Resource:
+            every = (*hosts, *extra)
+            payload = wire.text(1, EGRESS_ROUTE) + b"".join(h.field for h in every)
+            refs = frozenset().union(*(h.cluster_refs for h in every))
             return Resource.encoded(ROUTE, EGRESS_ROUTE, payload, refs)
 
-        return self._maps.get(EGRESS_ROUTE, tuple(map(id, hosts)), assemble)
+        key = tuple(map(id, hosts))
+        sidecars = self._maps.get(EGRESS_ROUTE, key, assemble, self._outside)
+        return sidecars, self._maps.get(_GATEWAY_EGRESS, key, assemble)
 
 
 def _gateway_filters(names: DyeNames) -> ResourceMap:
@@ -661,6 +752,9 @@ def _inbound_resource(service: Service, group: str, hops: Sequence[ChainHop], n:
 
 
 def _encode_host(service: Service, hops: Sequence[ChainHop]) -> _EncodedHost:
-    host = egress_virtual_host(service, hops)
+    return _encode(egress_virtual_host(service, hops))
+
+
+def _encode(host: route_pb2.VirtualHost) -> _EncodedHost:
     clusters, _ = references(host)
     return _EncodedHost(wire.field(2, host.SerializeToString(deterministic=True)), clusters)

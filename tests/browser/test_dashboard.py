@@ -596,7 +596,7 @@ def test_leaks_and_warnings_stand_out(plane: Mesh, dashboard: Callable[[str], Pa
         body["propagation_breaks"] = [
             {"chain": "fund-yield", "service": "account-svc", "group": "task", "to": "nav-pricing"}
         ]
-        body["totals"]["leaks"] = 3
+        body["totals"].update(leaks=3, outside_mesh=5, outside_mesh_refused=2)
         route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
 
     page.route("**/api/v1/isolation", doctored)
@@ -614,6 +614,16 @@ def test_leaks_and_warnings_stand_out(plane: Mesh, dashboard: Callable[[str], Pa
     warnings = page.locator("#warnings").inner_text()
     assert "Uncovered hops (1)" in warnings and "ledger-svc" in warnings
     assert "Propagation breaks (1)" in warnings and "called nav-pricing without the dye" in warnings
+    # Calls outside the mesh are counted apart: passed through is no warning, refused is.
+    stats = {
+        stat.locator("dt").text_content(): (
+            stat.locator("dd").inner_text(),
+            stat.get_attribute("class"),
+        )
+        for stat in page.locator("#summary .stat").all()
+    }
+    assert stats["Outside the mesh"] == ("5", "stat ")
+    assert stats["Refused outside the mesh"] == ("2", "stat warn")
     assert tab.errors == []
 
 

@@ -184,6 +184,8 @@ def test_sigterm_deregisters_then_stops_app_and_envoy(plane: Plane, mesh: Mesh) 
         "TASKLANE_EGRESS": egress,
         "http_proxy": f"http://{egress}",
         "HTTP_PROXY": f"http://{egress}",
+        "https_proxy": f"http://{egress}",
+        "HTTPS_PROXY": f"http://{egress}",
         "no_proxy": "localhost,127.0.0.1",
         "NO_PROXY": "localhost,127.0.0.1",
         "TASKLANE_TOKEN": None,  # given to `tasklane run`, kept from the app

@@ -378,7 +378,7 @@ def test_top_renders_the_isolation_of_the_control_plane(plane: Plane) -> None:
     assert lines[header + 2].split()[0] == "default"
     assert lines[-1] == (
         "totals: requests 0, dyed 0, online 0, errors 5xx 0, leaks 0, fallbacks 0, rate limited 0, "
-        "uncovered 0, propagation breaks 0"
+        "uncovered 0, propagation breaks 0, outside mesh 0"
     )
 
 

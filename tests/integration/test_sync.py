@@ -162,7 +162,8 @@ def test_rule_change_changes_the_routes(plane: Plane, sidecar: EnvoyProcess) -> 
                     return {host["name"] for host in config["virtual_hosts"]}
         return set()
 
-    assert egress_hosts() == {"fund-facade", "account-svc", "nav-pricing"}
+    # The services, then every other host (outside the mesh).
+    assert egress_hosts() == {"fund-facade", "account-svc", "nav-pricing", "outside_mesh"}
     plane.apply(
         "apiVersion: tasklane.io/v1\nkind: Service\nmetadata: {name: ledger-svc}\n"
         "spec: {groups: [{name: default}]}\n"

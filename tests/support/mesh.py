@@ -26,7 +26,7 @@ from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.telemetry import Telemetry
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.names import HEALTH_PATH, STATIC_CLUSTERS
+from controlplane.xds.names import ALLOW_ANY, HEALTH_PATH, STATIC_CLUSTERS
 from controlplane.xds.server import AdsServer, serve
 from controlplane.xds.status import StatusBoard
 from controlplane.xds.translate import Translator
@@ -79,10 +79,12 @@ class _AdsWithLogs(AdsThread):
 class Mesh:
     """Context manager: an ADS server (with access logs), and instances added with add()."""
 
-    def __init__(self, tmp_path: Path, rules_yaml: str, delta: bool = False) -> None:
+    def __init__(
+        self, tmp_path: Path, rules_yaml: str, delta: bool = False, outbound_policy: str = ALLOW_ANY
+    ) -> None:
         self.tmp_path, self.delta = tmp_path, delta
         self.rules = apply(RuleSet.empty(), load_text(rules_yaml, "rules.yaml"))
-        self.translator = Translator()
+        self.translator = Translator(outbound_policy)
         status = StatusBoard()
         self.telemetry = Telemetry(lambda: self.rules, self.registered, status)
         self.ads = _AdsWithLogs(self.telemetry, status)

@@ -160,9 +160,10 @@ def assert_one_line_error(err: str, starts_with: str) -> None:
 
 
 @pytest.fixture
-def running_up(tmp_path: Path) -> Iterator[Up]:
-    """A ready `tasklane up` with an embedded etcd; killed (with its etcd) afterwards."""
-    up = start_up(tmp_path)
+def running_up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
+    """A ready `tasklane up` with an embedded etcd (and the options of an indirect
+    parametrization, if any); killed (with its etcd) afterwards."""
+    up = start_up(tmp_path, options=getattr(request, "param", ()))
     etcd_pids = etcd_children(up.proc.pid)
     try:
         yield up

@@ -25,6 +25,7 @@ from controlplane.telemetry.accounting import (
 )
 from controlplane.telemetry.als import Source, parse_entry
 from controlplane.telemetry.metrics import Metrics
+from controlplane.xds.names import BLACK_HOLE_ROUTE, PASSTHROUGH_CLUSTER
 from controlplane.xds.status import StatusBoard
 from controlplane.xds.stream import Push
 from controlplane.xds.types import CLUSTER, ROUTE
@@ -337,6 +338,49 @@ def test_dyed_request_answered_with_an_undyed_call_is_a_propagation_break(
         "last_request_id": request_id,
     }
     assert book.snap()["totals"]["propagation_breaks"] == 1
+
+
+def test_calls_outside_the_mesh_count_apart_by_caller() -> None:
+    """A dyed request's app calls an external API (passed through) and another one that
+    REGISTRY_ONLY refuses (502): neither is a propagation break, an unknown service's 5xx,
+    nor a request of the mesh; a 5xx of the API passed through is that call's error."""
+    book = Book()
+    request_id = rid()
+    where = {"node": "fund-facade/task/1", "service": "fund-facade", "group": "task"}
+    book.feed(
+        LogEntry(**where, direction=INBOUND, route="fund-yield", request_id=request_id,
+                 dye="fund-yield", status=200),
+        LogEntry(**where, direction=EGRESS, route=PASSTHROUGH_CLUSTER,
+                 cluster=PASSTHROUGH_CLUSTER, upstream="127.0.0.1:443",
+                 authority="api.example:443", request_id=request_id, status=200),
+        LogEntry(**where, direction=EGRESS, route=PASSTHROUGH_CLUSTER,
+                 cluster=PASSTHROUGH_CLUSTER, upstream="127.0.0.1:80",
+                 authority="api.example", request_id=request_id, status=503),
+        LogEntry(**where, direction=EGRESS, route=BLACK_HOLE_ROUTE, authority="db.example",
+                 request_id=request_id, status=502),
+    )  # fmt: skip
+    snap = book.snap()
+    (row,) = snap["outside_mesh"]
+    assert {k: row[k] for k in ("service", "group", "requests", "refused", "errors_5xx")} == {
+        "service": "fund-facade",
+        "group": "task",
+        "requests": 3,
+        "refused": 1,
+        "errors_5xx": 1,
+    }
+    totals = snap["totals"]
+    assert (totals["outside_mesh"], totals["outside_mesh_refused"]) == (3, 1)
+    assert (totals["requests"], totals["errors_5xx"], totals["propagation_breaks"]) == (1, 0, 0)
+    assert "(unknown)" not in snap["online"] and not snap["propagation_breaks"]
+    page = Metrics(book.accounting, lambda: 0, StatusBoard(), lambda: None, dict).render()[0]
+    families = {
+        f.name: {(s.labels["service"], s.labels["group"]): s.value for s in f.samples}
+        for f in text_string_to_metric_families(page.decode())
+        if f.name.startswith("tasklane_outside_mesh_")
+    }
+    assert families["tasklane_outside_mesh_requests"] == {("fund-facade", "task"): 3}
+    assert families["tasklane_outside_mesh_refused"] == {("fund-facade", "task"): 1}
+    assert families["tasklane_outside_mesh_responses_5xx"] == {("fund-facade", "task"): 1}
 
 
 def test_rates_over_the_last_complete_seconds() -> None:

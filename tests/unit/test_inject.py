@@ -128,6 +128,8 @@ def test_app_containers_get_the_mesh_env_but_keep_their_own() -> None:
         "TASKLANE_EGRESS": "127.0.0.1:15001",
         "http_proxy": "http://127.0.0.1:15001",
         "HTTP_PROXY": "http://127.0.0.1:15001",
+        "https_proxy": "http://127.0.0.1:15001",
+        "HTTPS_PROXY": "http://127.0.0.1:15001",
         "no_proxy": "localhost,127.0.0.1",
         "NO_PROXY": "localhost,127.0.0.1",
     }

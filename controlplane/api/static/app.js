@@ -23,7 +23,8 @@ const HEARTBEAT_MS = 60000;
 const SAVE_EVERY_MS = 30000;
 // Timelines start open when there are this few chains; with more, each opens on demand.
 const OPEN_TIMELINES_UP_TO = 2;
-// Totals of the accounting shown in the overview, beside leaks and the two rates.
+// Totals of the accounting shown in the overview, beside leaks and the two rates; a count other
+// than zero is a warning, except where the third element says it is not.
 const TOTALS_SHOWN = [
   ["errors_5xx", "5xx"],
   ["fallbacks", "Fallbacks"],
@@ -31,6 +32,8 @@ const TOTALS_SHOWN = [
   ["refused", "Refused"],
   ["uncovered", "Uncovered"],
   ["propagation_breaks", "Propagation breaks"],
+  ["outside_mesh", "Outside the mesh", false], // ALLOW_ANY passes them: no warning
+  ["outside_mesh_refused", "Refused outside the mesh"],
 ];
 
 const state = {
@@ -318,9 +321,9 @@ function renderSummary() {
     // Every hop logs each request once: these add up the hops.
     items.push(["Dyed, all hops", `${rate(totals.rate_dyed)} (${num(totals.dyed)})`]);
     items.push(["Online, all hops", `${rate(totals.rate_online)} (${num(totals.online)})`]);
-    for (const [key, label] of TOTALS_SHOWN) {
+    for (const [key, label, warns = true] of TOTALS_SHOWN) {
       if (typeof totals[key] === "number") {
-        items.push([label, fmtCount(totals[key]), totals[key] ? "warn" : ""]);
+        items.push([label, fmtCount(totals[key]), totals[key] && warns ? "warn" : ""]);
       }
     }
   } else {
