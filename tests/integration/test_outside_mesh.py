@@ -20,7 +20,7 @@ import pytest
 
 from controlplane import pki
 from controlplane.runtime.envoy import EnvoyProcess
-from controlplane.runtime.gateway import DyeNames, GatewayEnvoy, Trust
+from controlplane.runtime.gateway import GatewayEnvoy, Trust
 from controlplane.runtime.ports import free_port
 from controlplane.xds.names import HEALTH_PATH, REGISTRY_ONLY
 from demo.chain_app import serve_in_thread
@@ -97,7 +97,6 @@ def running_gateway(mesh: Mesh, work_dir: Path) -> Iterator[int]:
         node_id=f"gateway-{port}",
         listen_host="127.0.0.1",
         port=port,
-        names=DyeNames.of(()),
         trust=Trust.build((), None, None),
         xds_host="127.0.0.1",
         xds_port=mesh.ads.port,
