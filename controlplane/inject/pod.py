@@ -81,6 +81,9 @@ _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a DNS subd
 # Kubernetes expands these in the sidecar's args (env entries below, from the downward API).
 POD_NAME, POD_IP = "$(POD_NAME)", "$(POD_IP)"
 INBOUND_LISTENER = "inbound"  # sidecar.yaml's listener in front of the app
+READY_LISTENER = "ready"  # pod.yaml's listener for the probes
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+APP_HEALTH = "/app-health"  # the ready port's paths for the app's own HTTP probes
 
 try:
     VERSION = importlib.metadata.version("tasklane")
@@ -234,7 +237,8 @@ def inject_pod(template: Mapping[str, Any], options: InjectOptions) -> dict[str,
     new_spec = injected["spec"]
     # First: init containers after it (migrations, warm-ups) may already use the mesh. The
     # redirect goes before the sidecar: no inbound connection reaches the app around it.
-    sidecar = _sidecar(service, group, app_port, options)
+    app_health = () if app_port is None else _app_probes(new_spec["containers"], app_port)
+    sidecar = _sidecar(service, group, app_port, app_health, options)
     redirect = [] if app_port is None else [_redirect(app_port, options)]
     new_spec["initContainers"] = [*redirect, sidecar, *(new_spec.get("initContainers") or [])]
     if options.tls_secret is not None:
@@ -346,8 +350,47 @@ def _app_env(env: object, service: str, group: str, field: str) -> list[Any]:
     return [*current, *added]
 
 
+def _app_probes(containers: list[dict[str, Any]], app_port: int) -> tuple[tuple[str, str], ...]:
+    """The redirect would send the kubelet's probes of the app port into the inbound listener,
+    where a task group refuses undyed requests. So an HTTP probe there is moved to the ready
+    port, at APP_HEALTH/<container>/<probe>, which the sidecar passes on to the app's path (as
+    Istio rewrites probes). Changes `containers`; returns (ready path, app path) pairs."""
+    routes = []
+    for index, container in enumerate(containers):
+        named = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
+        for kind in PROBES:
+            probe = container.get(kind)
+            if not isinstance(probe, dict):
+                continue
+            field = f"spec.containers[{index}].{kind}"
+            grpc, http = probe.get("grpc"), probe.get("httpGet")
+            if isinstance(grpc, dict) and grpc.get("port") == app_port:
+                raise InjectError(
+                    f"{field}.grpc", f"a gRPC probe of the app port {app_port} would reach the "
+                    "sidecar's inbound listener, not the app: use httpGet, tcpSocket or exec",
+                )  # fmt: skip
+            if not isinstance(http, dict):
+                continue
+            port = http.get("port")
+            if named.get(port, port) != app_port:
+                continue
+            if str(http.get("scheme", "HTTP")).upper() != "HTTP":
+                raise InjectError(
+                    f"{field}.httpGet.scheme",
+                    f"an HTTPS probe of the app port {app_port} cannot pass the sidecar",
+                )
+            path = f"{APP_HEALTH}/{container.get('name')}/{kind}"
+            routes.append((path, str(http.get("path") or "/")))
+            probe["httpGet"] = {**http, "port": READY_PORT, "path": path}
+    return tuple(routes)
+
+
 def _sidecar(
-    service: str, group: str, app_port: int | None, options: InjectOptions
+    service: str,
+    group: str,
+    app_port: int | None,
+    app_health: tuple[tuple[str, str], ...],
+    options: InjectOptions,
 ) -> dict[str, Any]:
     probe = {"httpGet": {"path": "/ready", "port": READY_PORT}, "periodSeconds": 1}
     inbound = [{"name": "tasklane-in", "containerPort": INBOUND_PORT, "protocol": "TCP"}]
@@ -355,7 +398,11 @@ def _sidecar(
         "name": SIDECAR_NAME,
         "image": options.image,
         "command": ["envoy"],
-        "args": ["--config-yaml", _bootstrap(service, group, app_port, options), *ENVOY_FLAGS],
+        "args": [
+            "--config-yaml",
+            _bootstrap(service, group, app_port, app_health, options),
+            *ENVOY_FLAGS,
+        ],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -417,11 +464,13 @@ def pod_bootstrap(
     delta: bool = False,
     tls: TlsFiles | None = None,
     inbound_port: int = INBOUND_PORT,
+    app_health: tuple[tuple[str, str], ...] = (),
 ) -> str:
     """The bootstrap of a sidecar beside its app in one network namespace (a pod; a compose
     service): the fixed ports above, inbound on every address, /ready for probes, and the
     instance announced at `host`:`inbound_port`. Without `app_port` (a client-only pod): the
-    egress listener and /ready only, and no announcement (nothing can call it)."""
+    egress listener and /ready only, and no announcement (nothing can call it). `app_health`:
+    (path, app path) pairs the ready listener passes on to the app (_app_probes)."""
     text = render_bootstrap(
         node_id=node_id,
         service=service,
@@ -443,19 +492,36 @@ def pod_bootstrap(
         announce=None if app_port is None else f"{host}:{inbound_port}",
         tls=tls,
     )
-    return text if app_port is not None else _egress_only(text)
-
-
-def _egress_only(text: str) -> str:
-    """The bootstrap without sidecar.yaml's inbound listener and its `local-app` cluster."""
+    if app_port is not None and not app_health:
+        return text
     doc = yaml.safe_load(text)
     static = doc["static_resources"]
-    static["listeners"] = [x for x in static["listeners"] if x["name"] != INBOUND_LISTENER]
-    static["clusters"] = [x for x in static["clusters"] if x["name"] != LOCAL_APP_CLUSTER]
+    if app_port is None:  # sidecar.yaml's inbound listener and `local-app` cluster go
+        static["listeners"] = [x for x in static["listeners"] if x["name"] != INBOUND_LISTENER]
+        static["clusters"] = [x for x in static["clusters"] if x["name"] != LOCAL_APP_CLUSTER]
+    (ready,) = [x for x in static["listeners"] if x["name"] == READY_LISTENER]
+    host = ready["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    routes = host["virtual_hosts"][0]["routes"]
+    routes[:0] = [
+        {
+            "match": {
+                "path": path,
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            },
+            "route": {"cluster": LOCAL_APP_CLUSTER, "prefix_rewrite": app_path},
+        }
+        for path, app_path in app_health
+    ]
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _bootstrap(service: str, group: str, app_port: int | None, options: InjectOptions) -> str:
+def _bootstrap(
+    service: str,
+    group: str,
+    app_port: int | None,
+    app_health: tuple[tuple[str, str], ...],
+    options: InjectOptions,
+) -> str:
     """The sidecar's bootstrap with `$(POD_NAME)`/`$(POD_IP)` left for the kubelet; any other
     `$` is doubled, which is how Kubernetes escapes it. Cached: the webhook renders the same few
     (service, group, port) combinations again and again."""
@@ -469,6 +535,7 @@ def _bootstrap(service: str, group: str, app_port: int | None, options: InjectOp
         xds_port=options.xds_port,
         delta=options.delta,
         tls=None if options.tls_secret is None else SIDECAR_TLS,
+        app_health=app_health,
     )
     escaped = text.replace("$", "$$")
     return escaped.replace("$" + POD_NAME, POD_NAME).replace("$" + POD_IP, POD_IP)

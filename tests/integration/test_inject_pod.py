@@ -151,7 +151,12 @@ def test_injected_sidecar_in_a_pod_network_namespace(
             "metadata": {"labels": {"tasklane.io/service": "web", "tasklane.io/group": "default"}},
             "spec": {
                 "containers": [
-                    {"name": "app", "image": "x", "ports": [{"containerPort": APP_PORT}]}
+                    {
+                        "name": "app",
+                        "image": "x",
+                        "ports": [{"containerPort": APP_PORT}],
+                        "readinessProbe": {"httpGet": {"path": "/", "port": APP_PORT}},
+                    }
                 ]
             },
         },
@@ -211,6 +216,10 @@ def test_injected_sidecar_in_a_pod_network_namespace(
     for path in ("/stats", "/config_dump", "/quitquitquit", "/ready/x", "/"):
         assert pod.get(POD_IP, READY_PORT, path)[0] == 404, path
     assert pod.get(POD_IP, ADMIN_PORT, "/ready") == (0, "ConnectionRefusedError")
+    # The app's own probe, moved off the (redirected) app port, reaches the app.
+    probe = template["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+    assert probe["port"] == READY_PORT
+    assert pod.get(POD_IP, probe["port"], probe["path"]) == (200, "hello from the app\n")
 
     # Inbound: other sidecars call the announced address, the pod IP.
     status, body = wait_for(

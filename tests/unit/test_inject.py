@@ -106,8 +106,9 @@ def test_every_kind_gets_a_native_sidecar_and_the_rest_passes_through() -> None:
         for old_c, new_c in zip(
             old_template["spec"]["containers"], template["spec"]["containers"], strict=True
         ):
-            assert {k: v for k, v in new_c.items() if k != "env"} == {
-                k: v for k, v in old_c.items() if k != "env"
+            kept = ("env", "readinessProbe")  # a probe of the app port moves: test below
+            assert {k: v for k, v in new_c.items() if k not in kept} == {
+                k: v for k, v in old_c.items() if k not in kept
             }
             assert new_c["env"][: len(old_c.get("env", []))] == old_c.get("env", [])
     assert sorted(injected_kinds) == sorted(
@@ -171,6 +172,74 @@ def test_app_port(name: str, port: int) -> None:
     _, after = injected_docs()
     (obj,) = [o for o in objects(after) if o["metadata"]["name"] == name and pod_template(o)]
     assert local_app_port(bootstrap_of(pod_template(obj))) == port
+
+
+def test_http_probes_of_the_app_port_reach_the_app_through_the_ready_port() -> None:
+    """The redirect would send them to the inbound listener, which refuses a task group's
+    undyed requests: they go to the ready port, which passes exactly their paths on."""
+    template = {
+        "metadata": {"labels": {"tasklane.io/service": "web", "tasklane.io/group": "task"}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "x",
+                    "ports": [
+                        {"name": "http", "containerPort": 8080},
+                        {"name": "metrics", "containerPort": 9090},
+                    ],
+                    "startupProbe": {"httpGet": {"path": "/started", "port": 8080}},
+                    "readinessProbe": {
+                        "httpGet": {"path": "/healthz?full=1", "port": "http"},
+                        "timeoutSeconds": 2,
+                    },
+                    "livenessProbe": {"tcpSocket": {"port": "http"}},
+                },
+                {
+                    "name": "exporter",
+                    "image": "y",
+                    "readinessProbe": {"httpGet": {"path": "/", "port": 9090}},
+                },
+            ]
+        },
+    }
+    pod = inject_pod(template, OPTIONS)
+    app, exporter = pod["spec"]["containers"]
+    assert app["startupProbe"] == {
+        "httpGet": {"path": "/app-health/app/startupProbe", "port": READY_PORT}
+    }
+    assert app["readinessProbe"] == {
+        "httpGet": {"path": "/app-health/app/readinessProbe", "port": READY_PORT},
+        "timeoutSeconds": 2,
+    }
+    # A TCP probe passes once the sidecar listens; other ports are not redirected.
+    assert app["livenessProbe"] == {"tcpSocket": {"port": "http"}}
+    assert exporter["readinessProbe"] == {"httpGet": {"path": "/", "port": 9090}}
+    (ready,) = [
+        x for x in bootstrap_of(pod)["static_resources"]["listeners"] if x["name"] == "ready"
+    ]
+    routes = ready["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    passed = {
+        r["match"]["path"]: r["route"]
+        for r in routes["virtual_hosts"][0]["routes"]
+        if "path" in r["match"] and "cluster" in r.get("route", {})
+    }
+    assert passed == {
+        "/app-health/app/startupProbe": {"cluster": "local-app", "prefix_rewrite": "/started"},
+        "/app-health/app/readinessProbe": {
+            "cluster": "local-app",
+            "prefix_rewrite": "/healthz?full=1",
+        },
+        "/ready": {"cluster": "envoy-admin", "timeout": "1s"},
+    }
+    assert (
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, **pod},
+            KUBERNETES,
+            strict=True,
+        )
+        == KUBERNETES
+    )
 
 
 def test_opt_out_wins_and_injected_pods_are_left_alone() -> None:
