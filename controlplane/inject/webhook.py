@@ -2,7 +2,7 @@
 namespace (the MutatingWebhookConfiguration's namespaceSelector, `tasklane.io/inject:
 enabled`) to `POST /inject`; the answer carries a JSON Patch that adds the sidecar.
 
-The mesh never blocks a pod: whatever the injector cannot handle (a pod with no port, bad
+The mesh never blocks a pod: whatever the injector cannot handle (a reserved port, bad
 labels) is admitted unpatched, with the reason as a warning kubectl shows. Only a request that
 is not an AdmissionReview at all is refused (400), since there is no uid to answer to.
 

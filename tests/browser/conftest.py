@@ -9,28 +9,25 @@ nothing else is downloaded.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.system import apt_install, missing, setup_lock
+
 REPO = Path(__file__).resolve().parents[2]
 # Screenshots are saved with the test output, in a gitignored folder.
 OUTPUT = REPO / "test-output"
 CHROMIUM_ENV = "TASKLANE_CHROMIUM"
 CANDIDATES = ("chromium", "chromium-browser")
-APT_TIMEOUT = 900
 PIP_TIMEOUT = 300
-LOCK_FILE = Path(tempfile.gettempdir()) / "tasklane-browser-setup.lock"
 # Keep Chromium off the network: this machine has none, and Chromium otherwise tries (and
 # retries) Google's services at every start. A proxy from the environment must not catch
 # the loopback requests either.
@@ -45,13 +42,6 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _missing(reason: str) -> None:
-    """Fail in CI, where the setup must work; skip on a developer's machine without root."""
-    if os.environ.get("CI"):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 def _find_chromium() -> str | None:
     given = os.environ.get(CHROMIUM_ENV)
     if given:
@@ -63,52 +53,26 @@ def _find_chromium() -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _setup_lock() -> Iterator[None]:
-    """One installer at a time: xdist workers each run the session fixtures."""
-    with open(LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _apt_install(package: str) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Waits for the dpkg lock: another apt may be running.
-    install = ["apt-get", "-o", f"DPkg::Lock::Timeout={APT_TIMEOUT}", "install", "-y", "-q"]
-    install.append(package)
-    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT)
-    if done.returncode != 0:  # an old or missing package list: refresh it once
-        subprocess.run(
-            ["apt-get", "update", "-q"], env=env, capture_output=True, timeout=APT_TIMEOUT
-        )
-        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT)
-    if done.returncode != 0:
-        _missing(f"apt-get install {package} failed:\n{done.stderr[-2000:]}")
-
-
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
     """The system Chromium, installed from Debian's packages when missing (as root)."""
-    with _setup_lock():
+    with setup_lock():
         path = _find_chromium()
         if path is None:
             if os.geteuid() != 0:
-                _missing(
+                missing(
                     "no chromium: run `apt-get install chromium` as root, or set $TASKLANE_CHROMIUM"
                 )
-            _apt_install("chromium")
+            apt_install("chromium")
             path = _find_chromium()
             if path is None:
-                _missing("apt-get installed chromium, but no chromium command is on PATH")
+                missing("apt-get installed chromium, but no chromium command is on PATH")
     return path
 
 
 def _playwright() -> Any:
     """playwright.sync_api, pip-installed into this interpreter when missing."""
-    with _setup_lock():
+    with setup_lock():
         try:
             return importlib.import_module("playwright.sync_api")
         except ImportError:
@@ -120,7 +84,7 @@ def _playwright() -> Any:
             timeout=PIP_TIMEOUT,
         )
         if done.returncode != 0:
-            _missing(f"pip install playwright failed:\n{done.stderr[-2000:]}")
+            missing(f"pip install playwright failed:\n{done.stderr[-2000:]}")
         importlib.invalidate_caches()
         return importlib.import_module("playwright.sync_api")
 

@@ -60,7 +60,9 @@ def test_file_stdin_and_output_file_agree_and_reinjecting_changes_nothing(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["out.yaml"]  # no temporary file left
 
 
-def test_every_output_object_is_valid_kubernetes_and_every_sidecar_valid_envoy() -> None:
+def test_every_output_object_is_valid_kubernetes_and_every_sidecar_valid_envoy(
+    tmp_path: Path,
+) -> None:
     done = tasklane("inject", "-f", str(WORKLOADS))
     assert done.returncode == 0, done.stderr
     text = done.stdout.decode()
@@ -68,8 +70,9 @@ def test_every_output_object_is_valid_kubernetes_and_every_sidecar_valid_envoy()
         assert kubernetes_validate.validate(obj, KUBERNETES, strict=True) == KUBERNETES
     templates = injected_templates(text)
     assert len(templates) == 8
+    init_dir(tmp_path / "tls")  # the default sidecar speaks mTLS (test below)
     for index, template in enumerate(templates):
-        envoy_validate(template, f"pod-{index}", f"10.244.0.{index + 10}")
+        envoy_validate(template, f"pod-{index}", f"10.244.0.{index + 10}", tls=tmp_path / "tls")
 
 
 def test_image_and_xds_address_options() -> None:
@@ -77,10 +80,15 @@ def test_image_and_xds_address_options() -> None:
         "inject", "-f", str(WORKLOADS),
         "--image", "registry.example.com/envoy:v1.40.0",
         "--xds-address", "10.96.0.20:18001",
+        "--plaintext-xds",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     template = injected_templates(done.stdout.decode())[0]
-    assert sidecar_of(template)["image"] == "registry.example.com/envoy:v1.40.0"
+    # One image for the sidecar and the redirect before it.
+    assert [c["image"] for c in template["spec"]["initContainers"][:2]] == [
+        "registry.example.com/envoy:v1.40.0"
+    ] * 2
+    assert "volumeMounts" not in sidecar_of(template)
     args = sidecar_of(template)["args"]
     bootstrap = yaml.safe_load(args[args.index("--config-yaml") + 1])
     xds = bootstrap["static_resources"]["clusters"][0]
@@ -116,8 +124,20 @@ def test_bad_manifest_exit_2_one_line_and_no_output(path: Path, tmp_path: Path) 
         (["-f", "-", "--xds-address", "nowhere"], b"", "--xds-address: 'nowhere' is not HOST:PORT"),
         (["-f", "-", "--image", "two words"], b"", "--image: 'two words' is not an image"),
         (["-f", "-", "-o", "no/such/dir/out.yaml"], b"", "no/such/dir/out.yaml: cannot write"),
+        (
+            ["-f", "-", "--plaintext-xds", "--tls-secret", "s"],
+            b"",
+            "--plaintext-xds: contradicts --tls-secret",
+        ),
     ],
-    ids=["missing-file", "not-utf8", "bad-xds-address", "bad-image", "bad-output-dir"],
+    ids=[
+        "missing-file",
+        "not-utf8",
+        "bad-xds-address",
+        "bad-image",
+        "bad-output-dir",
+        "plaintext-and-tls",
+    ],
 )
 def test_bad_invocation(args: list[str], stdin: bytes | None, expected: str, tmp_path: Path):
     done = tasklane("inject", *args, stdin=stdin, cwd=tmp_path)
@@ -127,10 +147,12 @@ def test_bad_invocation(args: list[str], stdin: bytes | None, expected: str, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_tls_secret_sidecars_speak_mtls_to_xds(tmp_path: Path) -> None:
+def test_sidecars_speak_mtls_to_xds_with_the_manifests_secret_by_default(tmp_path: Path) -> None:
+    """`tasklane k8s manifests` runs the control plane with --tls-dir and makes the Secret
+    tasklane-sidecar-tls: without options, the sidecars use it."""
     tls = tmp_path / "tls"
     init_dir(tls)
-    done = tasklane("inject", "-f", str(WORKLOADS), "--tls-secret", "tasklane-sidecar-tls")
+    done = tasklane("inject", "-f", str(WORKLOADS))
     assert done.returncode == 0, done.stderr
     text = done.stdout.decode()
     for obj in objects(list(yaml.safe_load_all(text))):

@@ -3,7 +3,9 @@ pod IP on its loopback), the app, and Envoy started with the sidecar's args as t
 expands them. Until the control plane has sent the config, Envoy opens no listener, so the
 kubelet's probes fail; then /ready answers 200 on the pod IP, where nothing else of the admin
 is reachable, the inbound listener on the pod IP reaches the app, and the control plane (a
-real `tasklane up` in the same namespace) lists the sidecar under the pod's name."""
+real `tasklane up` in the same namespace) lists the sidecar under the pod's name. With the
+injector's redirect loaded, a direct call to a task-group pod's app port meets the sidecar's
+inbound guard."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from controlplane.inject.pod import (
     ADMIN_PORT,
     INBOUND_PORT,
     READY_PORT,
+    REDIRECT_NAME,
     InjectOptions,
     inject_pod,
 )
@@ -29,6 +32,7 @@ from controlplane.pki import init_dir
 from controlplane.runtime.envoy import envoy_binary
 from controlplane.runtime.process import stop_process
 from tests.support.k8s import kubelet_expand, mount_tls, sidecar_of
+from tests.support.system import require_command
 from tests.support.up import TASKLANE, launch, wait_ready
 
 pytestmark = pytest.mark.timeout(180)
@@ -151,7 +155,12 @@ def test_injected_sidecar_in_a_pod_network_namespace(
             "metadata": {"labels": {"tasklane.io/service": "web", "tasklane.io/group": "default"}},
             "spec": {
                 "containers": [
-                    {"name": "app", "image": "x", "ports": [{"containerPort": APP_PORT}]}
+                    {
+                        "name": "app",
+                        "image": "x",
+                        "ports": [{"containerPort": APP_PORT}],
+                        "readinessProbe": {"httpGet": {"path": "/", "port": APP_PORT}},
+                    }
                 ]
             },
         },
@@ -211,6 +220,10 @@ def test_injected_sidecar_in_a_pod_network_namespace(
     for path in ("/stats", "/config_dump", "/quitquitquit", "/ready/x", "/"):
         assert pod.get(POD_IP, READY_PORT, path)[0] == 404, path
     assert pod.get(POD_IP, ADMIN_PORT, "/ready") == (0, "ConnectionRefusedError")
+    # The app's own probe, moved off the (redirected) app port, reaches the app.
+    probe = template["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+    assert probe["port"] == READY_PORT
+    assert pod.get(POD_IP, probe["port"], probe["path"]) == (200, "hello from the app\n")
 
     # Inbound: other sidecars call the announced address, the pod IP.
     status, body = wait_for(
@@ -235,3 +248,84 @@ def test_injected_sidecar_in_a_pod_network_namespace(
         ("web", "default", POD_IP, INBOUND_PORT)
     ]
     assert envoy.poll() is None
+
+
+TASK_RULES = """\
+apiVersion: tasklane.io/v1
+kind: Service
+metadata: {name: web}
+spec:
+  groups: [{name: default}, {name: task}]
+"""
+
+
+def test_a_direct_call_to_the_app_port_meets_the_inbound_guard(tmp_path: Path) -> None:
+    """A task-group pod with the redirect the injector adds: its app port, called at the pod
+    IP, answers with the real sidecar's 403 (no chain uses the group), not with the app."""
+    require_command("iptables-restore", "iptables")
+    pod = Pod(None)
+    try:
+        template = inject_pod(
+            {
+                "metadata": {"labels": {"tasklane.io/service": "web", "tasklane.io/group": "task"}},
+                "spec": {
+                    "containers": [
+                        {"name": "app", "image": "x", "ports": [{"containerPort": APP_PORT}]}
+                    ]
+                },
+            },
+            InjectOptions(xds_host="127.0.0.1", xds_port=PLANE_PORTS["xds"], tls_secret=None),
+        )
+        (redirect,) = [c for c in template["spec"]["initContainers"] if c["name"] == REDIRECT_NAME]
+        args = [
+            kubelet_expand(a, {"POD_NAME": POD_NAME, "POD_IP": POD_IP})
+            for a in sidecar_of(template)["args"]
+        ]
+        (tmp_path / "www").mkdir()
+        (tmp_path / "www" / "index.html").write_text("hello from the app\n")
+        app_log, envoy_log = tmp_path / "app.log", tmp_path / "envoy.log"
+        pod.start(
+            [sys.executable, "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"],
+            app_log,
+            cwd=tmp_path / "www",
+        )
+        wait_for(lambda: pod.get(POD_IP, APP_PORT, "/")[0] == 200, "the app", [app_log])
+        # The init container runs first, as the kubelet runs it (`python` is the image's).
+        done = subprocess.run(
+            [*pod.prefix, sys.executable, *redirect["command"][1:]],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        assert done.returncode == 0, done.stderr
+        pod.start([str(envoy_binary()), *args], envoy_log)
+        up = launch([*pod.prefix, *TASKLANE], tmp_path, PLANE_PORTS, options=["--accept-announce"])
+        pod.procs.append(up.proc)
+        assert wait_ready(up), up.stderr()
+        logs = [envoy_log, app_log, up.err]
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(TASK_RULES)
+        applied = subprocess.run(
+            [*pod.prefix, *TASKLANE, "apply", "-f", str(rules)],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            env={
+                **os.environ,
+                "TASKLANE_SERVER": "http://127.0.0.1:8080",
+                "TASKLANE_TOKEN": up.token,
+            },
+        )
+        assert applied.returncode == 0, applied.stderr
+        wait_for(lambda: pod.get(POD_IP, READY_PORT, "/ready")[0] == 200, "ready", logs)
+
+        status, body = wait_for(
+            lambda: (answer := pod.get(POD_IP, APP_PORT, "/", "web"))[0] == 403 and answer,
+            "the guard's 403 at the app port",
+            logs,
+        )
+        assert "tasklane: web group task serves only task traffic" in body
+        # The sidecar's own way to the app, loopback, is left alone.
+        assert pod.get("127.0.0.1", APP_PORT, "/") == (200, "hello from the app\n")
+    finally:
+        pod.close()

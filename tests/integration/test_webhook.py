@@ -89,7 +89,7 @@ def patched(body: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("path", REVIEWS, ids=[p.stem for p in REVIEWS])
 def test_meshed_pod_is_patched_into_a_valid_pod_with_a_valid_envoy(
-    path: Path, webhook: str, session: requests.Session
+    path: Path, webhook: str, session: requests.Session, tls_dir: Path
 ) -> None:
     body = load(path)
     answer = post(session, webhook, body)
@@ -102,11 +102,15 @@ def test_meshed_pod_is_patched_into_a_valid_pod_with_a_valid_envoy(
     assert pod == inject_pod(body["request"]["object"], OPTIONS)  # the same as the CLI's
     assert kubernetes_validate.validate(pod, KUBERNETES, strict=True) == KUBERNETES
     spec = pod["spec"]
-    assert spec["initContainers"][0]["name"] == "envoy"
-    assert spec["initContainers"][0]["restartPolicy"] == "Always"
-    assert spec["initContainers"][1:] == body["request"]["object"]["spec"].get("initContainers", [])
+    assert [c["name"] for c in spec["initContainers"][:2]] == ["tasklane-redirect", "envoy"]
+    assert spec["initContainers"][1]["restartPolicy"] == "Always"
+    assert spec["initContainers"][2:] == body["request"]["object"]["spec"].get("initContainers", [])
     assert pod["metadata"]["annotations"]["tasklane.io/injected"] == OPTIONS.version
-    envoy_validate(pod, "account-svc-7c9d8f6b5d-x2b9q", "10.244.1.17")
+    # Its control plane has --tls-dir: the sidecar speaks mTLS with the default Secret's files.
+    assert {"name": "tasklane-tls", "secret": {"secretName": "tasklane-sidecar-tls"}} in (
+        spec["volumes"]
+    )
+    envoy_validate(pod, "account-svc-7c9d8f6b5d-x2b9q", "10.244.1.17", tls=tls_dir)
     # Generated names: the pod's name only exists once the API server has admitted it.
     assert "name" not in pod["metadata"]
     bootstrap = bootstrap_of(pod, pod_name="p-1")
@@ -157,6 +161,25 @@ def test_a_pod_the_mesh_cannot_handle_is_admitted_with_a_warning(
             "no container port named 'grpc' (named ports: http, metrics)"
         ],
     }
+
+
+def test_a_client_only_pod_gets_an_egress_only_sidecar(
+    webhook: str, session: requests.Session, tls_dir: Path
+) -> None:
+    """A task's trigger declares no port: it only calls out."""
+    body = load(K8S / "review-job-pod.json")
+    pod = body["request"]["object"]
+    pod["metadata"]["annotations"].pop("tasklane.io/app-port")
+    for container in pod["spec"]["containers"]:
+        container.pop("ports", None)
+    injected = patched(body, post(session, webhook, body))
+    assert kubernetes_validate.validate(injected, KUBERNETES, strict=True) == KUBERNETES
+    assert [c["name"] for c in injected["spec"]["initContainers"]][:1] == ["envoy"]
+    assert "tasklane-redirect" not in json.dumps(injected)
+    bootstrap = bootstrap_of(injected)
+    assert [x["name"] for x in bootstrap["static_resources"]["listeners"]] == ["egress", "ready"]
+    assert "tasklane.announce" not in bootstrap["node"]["metadata"]
+    envoy_validate(injected, "fund-yield-trigger-x2b9q", "10.244.1.18", tls=tls_dir)
 
 
 @pytest.mark.parametrize(

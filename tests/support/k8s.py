@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from controlplane.inject.pod import SIDECAR_TLS_DIR, InjectOptions
+from controlplane.inject.pod import REDIRECT_NAME, SIDECAR_TLS_DIR, InjectOptions
 from controlplane.inject.workloads import TEMPLATE_PATHS, inject_text
 from controlplane.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY
 from controlplane.runtime.envoy import envoy_binary
@@ -74,9 +74,10 @@ def pod_template(obj: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def sidecar_of(template: dict[str, Any]) -> dict[str, Any]:
-    first = template["spec"]["initContainers"][0]
-    assert first["name"] == "envoy"
-    return first
+    """The sidecar: the first init container but for the redirect before it."""
+    (sidecar, *_) = [c for c in template["spec"]["initContainers"] if c["name"] != REDIRECT_NAME]
+    assert sidecar["name"] == "envoy"
+    return sidecar
 
 
 def bootstrap_of(template: dict[str, Any], pod_name: str = "web-0", pod_ip: str = "10.1.2.3"):

@@ -24,8 +24,11 @@ from controlplane.errors import TasklaneError
 from controlplane.inject.patch import make_patch, pointer_token
 from controlplane.inject.pod import (
     ANNOTATION_INJECTED,
+    DEFAULT_IMAGE,
     INBOUND_PORT,
+    PROXY_UID,
     READY_PORT,
+    REDIRECT_NAME,
     InjectError,
     InjectOptions,
     inject_pod,
@@ -48,6 +51,8 @@ from tests.support.k8s import (
     sidecar_of,
 )
 
+PLAINTEXT = InjectOptions(tls_secret=None)
+
 
 def test_every_kind_gets_a_native_sidecar_and_the_rest_passes_through() -> None:
     before, after = injected_docs()
@@ -63,7 +68,8 @@ def test_every_kind_gets_a_native_sidecar_and_the_rest_passes_through() -> None:
         assert annotations[ANNOTATION_INJECTED] == OPTIONS.version
         sidecar = sidecar_of(template)
         assert sidecar["restartPolicy"] == "Always"
-        assert sidecar["image"] == "envoyproxy/envoy:v1.40.0"
+        assert sidecar["image"] == DEFAULT_IMAGE and sidecar["command"] == ["envoy"]
+        assert sidecar["securityContext"]["runAsUser"] == PROXY_UID
         for probe in ("startupProbe", "readinessProbe"):
             assert sidecar[probe]["httpGet"] == {"path": "/ready", "port": READY_PORT}
         env = {item["name"]: item["valueFrom"]["fieldRef"]["fieldPath"] for item in sidecar["env"]}
@@ -71,23 +77,38 @@ def test_every_kind_gets_a_native_sidecar_and_the_rest_passes_through() -> None:
         bootstrap = bootstrap_of(template)
         service, group = labels["tasklane.io/service"], labels["tasklane.io/group"]
         assert bootstrap["node"]["id"] == f"{service}|{group}|web-0"
+        # A pod that serves announces its inbound listener and redirects its app port there
+        # first; the CronJob's trigger declares no port: egress only, nothing to redirect.
+        client_only = new["kind"] == "CronJob"
+        listeners = [x["name"] for x in bootstrap["static_resources"]["listeners"]]
+        assert listeners == (["egress", "ready"] if client_only else ["egress", "inbound", "ready"])
+        announce = {} if client_only else {"tasklane.announce": f"10.1.2.3:{INBOUND_PORT}"}
         assert bootstrap["node"]["metadata"] == {
             "tasklane.service": service,
             "tasklane.group": group,
-            "tasklane.announce": f"10.1.2.3:{INBOUND_PORT}",
+            **announce,
         }
+        names = [c["name"] for c in template["spec"]["initContainers"]]
+        added = ["envoy"] if client_only else [REDIRECT_NAME, "envoy"]
+        assert names[: len(added)] == added
+        if not client_only:  # iptables needs root and NET_ADMIN, for the moment it runs
+            redirect = template["spec"]["initContainers"][0]
+            assert redirect["image"] == sidecar["image"]
+            assert redirect["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+            assert redirect["command"][:3] == ["python", "-m", "controlplane.inject.redirect"]
         xds = bootstrap["static_resources"]["clusters"][0]["load_assignment"]["endpoints"]
         address = xds[0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
         assert address == {"address": "tasklane.tasklane-system.svc", "port_value": 18000}
         # The app's containers and init containers are otherwise untouched.
         old_template = pod_template(old)
         old_init = old_template["spec"].get("initContainers", [])
-        assert template["spec"]["initContainers"][1:] == old_init
+        assert template["spec"]["initContainers"][len(added) :] == old_init
         for old_c, new_c in zip(
             old_template["spec"]["containers"], template["spec"]["containers"], strict=True
         ):
-            assert {k: v for k, v in new_c.items() if k != "env"} == {
-                k: v for k, v in old_c.items() if k != "env"
+            kept = ("env", "readinessProbe")  # a probe of the app port moves: test below
+            assert {k: v for k, v in new_c.items() if k not in kept} == {
+                k: v for k, v in old_c.items() if k not in kept
             }
             assert new_c["env"][: len(old_c.get("env", []))] == old_c.get("env", [])
     assert sorted(injected_kinds) == sorted(
@@ -141,7 +162,7 @@ def test_app_containers_get_the_mesh_env_but_keep_their_own() -> None:
     # Every app container of the pod, not init containers.
     stateful = pod_template(by_name["nav-pricing"])["spec"]
     assert all(env_of(c)["TASKLANE_GROUP"] == "task" for c in stateful["containers"])
-    assert "env" not in stateful["initContainers"][1]
+    assert "env" not in stateful["initContainers"][2]
 
 
 @pytest.mark.parametrize(
@@ -155,8 +176,76 @@ def test_app_port(name: str, port: int) -> None:
     assert local_app_port(bootstrap_of(pod_template(obj))) == port
 
 
+def test_http_probes_of_the_app_port_reach_the_app_through_the_ready_port() -> None:
+    """The redirect would send them to the inbound listener, which refuses a task group's
+    undyed requests: they go to the ready port, which passes exactly their paths on."""
+    template = {
+        "metadata": {"labels": {"tasklane.io/service": "web", "tasklane.io/group": "task"}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "x",
+                    "ports": [
+                        {"name": "http", "containerPort": 8080},
+                        {"name": "metrics", "containerPort": 9090},
+                    ],
+                    "startupProbe": {"httpGet": {"path": "/started", "port": 8080}},
+                    "readinessProbe": {
+                        "httpGet": {"path": "/healthz?full=1", "port": "http"},
+                        "timeoutSeconds": 2,
+                    },
+                    "livenessProbe": {"tcpSocket": {"port": "http"}},
+                },
+                {
+                    "name": "exporter",
+                    "image": "y",
+                    "readinessProbe": {"httpGet": {"path": "/", "port": 9090}},
+                },
+            ]
+        },
+    }
+    pod = inject_pod(template, OPTIONS)
+    app, exporter = pod["spec"]["containers"]
+    assert app["startupProbe"] == {
+        "httpGet": {"path": "/app-health/app/startupProbe", "port": READY_PORT}
+    }
+    assert app["readinessProbe"] == {
+        "httpGet": {"path": "/app-health/app/readinessProbe", "port": READY_PORT},
+        "timeoutSeconds": 2,
+    }
+    # A TCP probe passes once the sidecar listens; other ports are not redirected.
+    assert app["livenessProbe"] == {"tcpSocket": {"port": "http"}}
+    assert exporter["readinessProbe"] == {"httpGet": {"path": "/", "port": 9090}}
+    (ready,) = [
+        x for x in bootstrap_of(pod)["static_resources"]["listeners"] if x["name"] == "ready"
+    ]
+    routes = ready["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    passed = {
+        r["match"]["path"]: r["route"]
+        for r in routes["virtual_hosts"][0]["routes"]
+        if "path" in r["match"] and "cluster" in r.get("route", {})
+    }
+    assert passed == {
+        "/app-health/app/startupProbe": {"cluster": "local-app", "prefix_rewrite": "/started"},
+        "/app-health/app/readinessProbe": {
+            "cluster": "local-app",
+            "prefix_rewrite": "/healthz?full=1",
+        },
+        "/ready": {"cluster": "envoy-admin", "timeout": "1s"},
+    }
+    assert (
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, **pod},
+            KUBERNETES,
+            strict=True,
+        )
+        == KUBERNETES
+    )
+
+
 def test_opt_out_wins_and_injected_pods_are_left_alone() -> None:
-    pod = yaml.safe_load((K8S / "bad" / "no-port.yaml").read_text())["spec"]["template"]
+    pod = yaml.safe_load((K8S / "bad" / "reserved-port.yaml").read_text())["spec"]["template"]
     with pytest.raises(InjectError):
         inject_pod(pod, OPTIONS)
     opted_out = copy.deepcopy(pod)
@@ -225,7 +314,7 @@ def test_tls_secret_is_mounted_for_the_xds_client_files() -> None:
         }
     ]
     assert context["validation_context"]["trusted_ca"] == {"filename": "/etc/tasklane/tls/ca.crt"}
-    assert "volumeMounts" not in sidecar_of(inject_pod(template, OPTIONS))
+    assert "volumeMounts" not in sidecar_of(inject_pod(template, PLAINTEXT))
     template["spec"]["volumes"].append({"name": "tasklane-tls", "emptyDir": {}})
     with pytest.raises(InjectError, match=r"^spec.volumes: 'tasklane-tls' is the sidecar's volume"):
         inject_pod(template, InjectOptions(tls_secret="s"))
@@ -329,13 +418,28 @@ def test_review_of_an_injected_pod_has_no_patch() -> None:
 
 def test_review_admits_what_it_cannot_inject_with_a_warning() -> None:
     body = load_review("review-deployment-pod.json")
-    del body["request"]["object"]["spec"]["containers"][0]["ports"]
+    body["request"]["object"]["spec"]["containers"][0]["ports"] = [{"containerPort": 15001}]
     response = review(body, OPTIONS)["response"]
     assert set(response) == {"uid", "allowed", "warnings"}
     assert response["allowed"] is True
     (warning,) = response["warnings"]
-    assert warning.startswith("tasklane sidecar not injected: spec.containers[0].ports: no port")
+    assert warning.startswith(
+        "tasklane sidecar not injected: spec.containers[0].ports[0].containerPort: 15001 is "
+        "reserved"
+    )
     assert len(warning) <= 256
+
+
+def test_review_patches_a_client_only_pod_with_egress_only() -> None:
+    body = load_review("review-deployment-pod.json")
+    for container in body["request"]["object"]["spec"]["containers"]:
+        container.pop("ports", None)
+    patch = json.loads(base64.b64decode(review(body, OPTIONS)["response"]["patch"]))
+    pod = jsonpatch.apply_patch(body["request"]["object"], patch)
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["envoy"]
+    listeners = bootstrap_of(pod)["static_resources"]["listeners"]
+    assert [x["name"] for x in listeners] == ["egress", "ready"]
+    assert kubernetes_validate.validate(pod, KUBERNETES, strict=True) == KUBERNETES
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from kubernetes import client
 
 from controlplane import pki
 from controlplane.cli import build_parser
+from controlplane.cli.inject import sidecar_options
 from controlplane.deploy import manifests as k8s
 from controlplane.scaler.actuators import kubernetes as actuator_module
 from controlplane.scaler.actuators.kubernetes import KubernetesActuator
@@ -310,6 +311,25 @@ def test_up_command_line_is_one_tasklane_up_accepts(
     else:
         assert args.etcd == f"tasklane-etcd-client.{k8s.NAMESPACE}.svc:2379"
         assert args.namespace == "default"
+
+
+@pytest.mark.parametrize("image", [k8s.DEFAULT_IMAGE, "registry.example.com/tasklane:0.1.0"])
+def test_inject_and_the_webhook_make_sidecars_that_reach_this_control_plane(image: str) -> None:
+    """The control plane runs with --tls-dir: `tasklane inject` without options, and the
+    webhook it serves, make sidecars of its image that speak mTLS with the Secret it emits."""
+    docs = build(image=image)
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    up = build_parser().parse_args(container["args"])
+    assert up.tls_dir is not None
+    secret = one(docs, "Secret", k8s.SIDECAR_TLS_SECRET)
+    for options in (
+        sidecar_options(build_parser().parse_args(["inject", "-f", "-", "--image", image])),
+        sidecar_options(up, prefix="sidecar-"),
+        # The webhook's even without --sidecar-tls-secret on its command line.
+        sidecar_options(build_parser().parse_args(["up", "--tls-dir", "d"]), prefix="sidecar-"),
+    ):
+        assert options.tls_secret == secret["metadata"]["name"]
+    assert sidecar_options(up, prefix="sidecar-").image == container["image"] == image
 
 
 def test_pods_meet_the_restricted_pod_security_standard(bundled: list[dict]) -> None:
