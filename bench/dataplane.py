@@ -49,9 +49,9 @@ from controlplane.model.validate import check
 from controlplane.runtime.envoy import EnvoyProcess, envoy_binary
 from controlplane.runtime.ports import free_port
 from controlplane.runtime.process import dying_with_parent, stop_process
+from controlplane.translate import Translator
 from controlplane.xds.names import HEALTH_PATH, STATIC_CLUSTERS, cluster_name
 from controlplane.xds.snapshot import Snapshot
-from controlplane.xds.translate import Translator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # testkit (the ADS server double, resources) is not installed

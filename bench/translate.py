@@ -43,10 +43,10 @@ from controlplane.model.rules import (
     TaskChain,
 )
 from controlplane.model.validate import check
+from controlplane.translate import Endpoints, Translator
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import EGRESS_ROUTE, GATEWAY_ROLE, STATIC_CLUSTERS
 from controlplane.xds.snapshot import Snapshot
-from controlplane.xds.translate import Endpoints, Translator
 from controlplane.xds.types import PUSH_ORDER, ROUTE, SHORT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +150,7 @@ def median_timing(samples: Sequence[Timing]) -> Timing:
 
 
 _SPLIT = (  # (label, file suffix, function): the parts a rebuild is made of
-    ("Translator.build", "xds/translate.py", "build"),
+    ("Translator.build", "translate/translator.py", "build"),
     ("SnapshotCache.set_snapshots", "xds/cache.py", "set_snapshots"),
     ("  Snapshot.check_consistent", "xds/snapshot.py", "check_consistent"),
     ("  Snapshot.changed_types", "xds/snapshot.py", "changed_types"),

@@ -49,6 +49,8 @@ from controlplane.store.etcd import Store
 from controlplane.store.leader import Leadership
 from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
+from controlplane.translate import Translator
+from controlplane.translate.unknown import unknown_role_snapshot
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import ALLOW_ANY, STATIC_CLUSTERS
 from controlplane.xds.server import (
@@ -58,8 +60,6 @@ from controlplane.xds.server import (
     serve,
 )
 from controlplane.xds.status import StatusBoard
-from controlplane.xds.translate import Translator
-from controlplane.xds.unknown import unknown_role_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class ControlPlane:
         injector (inject/webhook.py) over HTTPS with tls_dir's server certificate, injecting
         sidecars made of `inject_options`. xDS serves `registration_grace` seconds after the
         API, so that `tasklane run` instances register again after a restart first.
-        `outbound_policy` says what sidecars do with hosts outside the mesh (translate.py)."""
+        `outbound_policy` says what sidecars do with hosts outside the mesh (translate/egress.py)."""
         self.registration_grace = registration_grace
         self._xds_credentials = None if tls_dir is None else _server_credentials(tls_dir)
         self.webhook_port = webhook_port

@@ -22,9 +22,9 @@ from controlplane.model.rules import RuleSet
 from controlplane.store.etcd import Store
 from controlplane.store.registry import watch_instances
 from controlplane.store.rules import watch_rules
+from controlplane.translate import Endpoints, Translator
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
-from controlplane.xds.translate import Endpoints, Translator
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 from controlplane.cli.client import ApiError, call, output, server_option
 from controlplane.errors import TasklaneError
 from controlplane.model.group import GroupKey
-from controlplane.xds.unknown import UNKNOWN_STATUS, missing_rule
+from controlplane.translate.unknown import UNKNOWN_STATUS, missing_rule
 
 # The xDS types of the status table, as /api/v1/status names them, in push order.
 XDS_TYPES = ("cds", "eds", "lds", "rds")

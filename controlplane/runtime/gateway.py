@@ -7,7 +7,7 @@ chain matching the trusted CIDRs, decided before any byte of HTTP is read) or a 
 header (checked per request by the trust filter, a Lua script made here: the secret stays with
 the gateway). Every other request loses the dye headers of all chains and the dye members of
 `baggage`, keeping the other members: that is the dye filter's job, whose config the control
-plane serves over ECDS (controlplane/xds/gateway_filter.py), so a chain applied later with its
+plane serves over ECDS (controlplane/translate/gateway.py), so a chain applied later with its
 own header or baggage key is stripped as soon as it is applied, with no restart.
 """
 
@@ -33,7 +33,7 @@ from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.runtime.sidecar import Api, xds_address
-from controlplane.xds.gateway_filter import lua_string
+from controlplane.translate.gateway import lua_string
 from controlplane.xds.names import GATEWAY_DYE_FILTER, GATEWAY_ROLE, GATEWAY_TRUST_METADATA
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _read_secret(path: Path) -> str:
 
 # The trust filter's script; trust_script() puts its configuration (the `local` constants it
 # reads) in front. It only decides whether the caller is trusted and marks the request so in
-# its dynamic metadata; the dye filter after it (controlplane/xds/gateway_filter.py, served by
+# its dynamic metadata; the dye filter after it (controlplane/translate/gateway.py, served by
 # the control plane) keeps or strips the dyes accordingly.
 _LUA_BODY = r"""
 -- Whether `given` is the secret. Every byte is compared even after a mismatch, so that the

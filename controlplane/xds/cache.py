@@ -32,7 +32,7 @@ class SnapshotCache:
         fallback: Callable[[str], Snapshot] | None = None,
     ) -> None:
         """`fallback(role)` is served to the streams of a role with no published snapshot
-        (xds/unknown.py); without it they wait for one."""
+        (translate/unknown.py); without it they wait for one."""
         self.static_clusters = static_clusters  # the sidecars' own clusters, not in snapshots
         self.fallback = fallback
         self._snapshots: dict[str, Snapshot] = {}

@@ -59,7 +59,7 @@ class NodeStatus:
 
     def to_json(self, unknown_service: bool = False) -> dict:
         """The node for /api/v1/status; `unknown_service` when no rule defines its role, so
-        it is served only the answer that says so (xds/unknown.py)."""
+        it is served only the answer that says so (translate/unknown.py)."""
         data = asdict(self)
         data["service"], data["group"] = GroupKey.parse(self.role)  # no client parses roles
         data["types"] = {SHORT_NAME.get(t, t): v for t, v in data["types"].items()}

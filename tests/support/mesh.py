@@ -25,11 +25,11 @@ from controlplane.model.validate import apply
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.telemetry import Telemetry
+from controlplane.translate import Translator
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import ALLOW_ANY, HEALTH_PATH, STATIC_CLUSTERS
 from controlplane.xds.server import AdsServer, serve
 from controlplane.xds.status import StatusBoard
-from controlplane.xds.translate import Translator
 from demo.chain_app import ChainApp, start_in_thread
 from testkit.ads_server import AdsThread, RunningAds
 from tests.support.wait import wait_until

@@ -16,7 +16,7 @@ from controlplane.model.dye import DyeIndex, member_dye, value_pattern
 from controlplane.model.load import load_text
 from controlplane.model.rules import RuleSet
 from controlplane.model.validate import apply
-from controlplane.xds.translate import baggage_regexes
+from controlplane.translate.matcher import baggage_regexes
 from tests.support.rules import chain, service
 
 RULES = service("fund-facade") + chain("fund-yield", "[{service: fund-facade, group: task}]")

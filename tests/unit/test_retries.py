@@ -12,13 +12,10 @@ from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from controlplane.errors import RuleError
 from controlplane.model import apply, from_document, load_text, to_document
 from controlplane.model.rules import DEFAULT_RETRY_ON, Retries, RuleSet, parse_millis
-from controlplane.xds.translate import (
-    egress_virtual_host,
-    group_cluster,
-    hops_by_service,
-    inbound_route,
-    loose_cluster,
-)
+from controlplane.translate.clusters import group_cluster, loose_cluster
+from controlplane.translate.egress import egress_virtual_host
+from controlplane.translate.inbound import inbound_route
+from controlplane.translate.translator import hops_by_service
 
 RULES = """
 apiVersion: tasklane.io/v1

@@ -15,7 +15,9 @@ from google.protobuf.message import Message
 
 from controlplane.model import Parsed, apply, from_document, load_text
 from controlplane.model.rules import RuleSet
-from controlplane.xds.translate import egress_virtual_host, hops_by_service, inbound_route
+from controlplane.translate.egress import egress_virtual_host
+from controlplane.translate.inbound import inbound_route
+from controlplane.translate.translator import hops_by_service
 from tests.support.rules import service
 
 # RouteConfiguration.max_direct_response_body_size_bytes, Envoy's default.

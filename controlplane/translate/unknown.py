@@ -16,9 +16,8 @@ from envoy.config.route.v3 import route_pb2 as route_config_pb2
 
 from controlplane.model.group import GroupKey
 from controlplane.model.rules import DEFAULT_GROUP
-
-from .names import EGRESS_ROUTE, INBOUND_ROUTE
-from .snapshot import Snapshot
+from controlplane.xds.names import EGRESS_ROUTE, INBOUND_ROUTE
+from controlplane.xds.snapshot import Snapshot
 
 UNKNOWN_STATUS = 503
 

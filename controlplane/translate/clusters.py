@@ -1,0 +1,126 @@
+"""Clusters and endpoints: one EDS cluster per group of every service, and the aggregate
+`loose` clusters that fail over from a task group to `default`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    health_check_pb2,
+)
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2, wrappers_pb2
+
+from controlplane.model.rules import DEFAULT_GROUP
+from controlplane.translate.common import Address, ads_source, duration, packed
+from controlplane.xds.names import (
+    HEALTH_PATH,
+    cluster_name,
+    loose_cluster_name,
+)
+
+_HEALTH_INTERVAL_S = 1
+
+
+# Retries in flight per cluster: a share of its active requests, and at least this many.
+# Envoy's default is a fixed 3, so an instance dying under load (every request in flight to it
+# needing a retry at once) overflows it and fails requests that a retry would have saved.
+_RETRY_BUDGET_PERCENT = 25.0
+
+
+_MIN_RETRY_CONCURRENCY = 32
+
+
+def _protocol_options() -> dict[str, any_pb2.Any]:
+    # HTTP/1.1 in, HTTP/1.1 out; h2 (gRPC) in, h2 out: one cluster kind for both protocols.
+    options = upstream_pb2.HttpProtocolOptions(
+        use_downstream_protocol_config=upstream_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
+            http_protocol_options={}, http2_protocol_options={}
+        )
+    )
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": packed(options)}
+
+
+def _retry_budget() -> circuit_breaker_pb2.CircuitBreakers:
+    budget = circuit_breaker_pb2.CircuitBreakers.Thresholds.RetryBudget(
+        budget_percent=percent_pb2.Percent(value=_RETRY_BUDGET_PERCENT),
+        min_retry_concurrency=wrappers_pb2.UInt32Value(value=_MIN_RETRY_CONCURRENCY),
+    )
+    return circuit_breaker_pb2.CircuitBreakers(
+        thresholds=[circuit_breaker_pb2.CircuitBreakers.Thresholds(retry_budget=budget)]
+    )
+
+
+def group_cluster(service: str, group: str) -> cluster_pb2.Cluster:
+    """The EDS cluster of (service, group), health-checked through each instance's sidecar."""
+    return cluster_pb2.Cluster(
+        name=cluster_name(service, group),
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source()),
+        connect_timeout=duration(1),
+        # A deregistered instance leaves at once, even while it still passes health checks
+        # (Envoy otherwise keeps routing to it: measured 8 s and counting).
+        ignore_health_on_host_removal=True,
+        # No panic routing: with every host unhealthy, `strict` must answer 503, not try them.
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+            healthy_panic_threshold=percent_pb2.Percent(value=0),
+            # Health changes take effect at once, not after Envoy's default 1 s merge window:
+            # a resumed (keep-alive) instance serves ~85 ms after SIGCONT instead of ~1.1 s.
+            update_merge_window=duration(0),
+        ),
+        health_checks=[
+            health_check_pb2.HealthCheck(
+                timeout=duration(1),
+                interval=duration(_HEALTH_INTERVAL_S),
+                no_traffic_interval=duration(_HEALTH_INTERVAL_S),
+                unhealthy_threshold=wrappers_pb2.UInt32Value(value=2),
+                healthy_threshold=wrappers_pb2.UInt32Value(value=1),
+                # The default Host is the cluster name, whose '|' a sidecar refuses (400).
+                http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(
+                    host=service, path=HEALTH_PATH
+                ),
+            )
+        ],
+        typed_extension_protocol_options=_protocol_options(),
+        circuit_breakers=_retry_budget(),
+    )
+
+
+def loose_cluster(service: str, group: str) -> cluster_pb2.Cluster:
+    """Aggregate: the group first, `default` when the group has no healthy host."""
+    config = aggregate_pb2.ClusterConfig(
+        clusters=[cluster_name(service, group), cluster_name(service, DEFAULT_GROUP)]
+    )
+    return cluster_pb2.Cluster(
+        name=loose_cluster_name(service, group),
+        connect_timeout=duration(1),
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        cluster_type=cluster_pb2.Cluster.CustomClusterType(
+            name="envoy.clusters.aggregate", typed_config=packed(config)
+        ),
+        circuit_breakers=_retry_budget(),  # a route's retries count against its own cluster
+    )
+
+
+def load_assignment(service: str, group: str, addresses: Sequence[Address]):
+    """The endpoints of (service, group): the inbound listeners of its instances."""
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(service, group))
+    if addresses:
+        locality = cla.endpoints.add()
+        for host, port in addresses:
+            locality.lb_endpoints.append(
+                endpoint_components_pb2.LbEndpoint(
+                    endpoint=endpoint_components_pb2.Endpoint(
+                        address=address_pb2.Address(
+                            socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+                        )
+                    )
+                )
+            )
+    return cla
