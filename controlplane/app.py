@@ -49,6 +49,7 @@ from controlplane.store.etcd import Store
 from controlplane.store.leader import Leadership
 from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
+from controlplane.telemetry.report import isolation_report
 from controlplane.translate import Translator
 from controlplane.translate.unknown import unknown_role_snapshot
 from controlplane.xds.cache import SnapshotCache
@@ -117,7 +118,8 @@ class ControlPlane:
         injector (inject/webhook.py) over HTTPS with tls_dir's server certificate, injecting
         sidecars made of `inject_options`. xDS serves `registration_grace` seconds after the
         API, so that `tasklane run` instances register again after a restart first.
-        `outbound_policy` says what sidecars do with hosts outside the mesh (translate/egress.py)."""
+        `outbound_policy` says what sidecars do with hosts outside the mesh
+        (translate/egress.py)."""
         self.registration_grace = registration_grace
         self._xds_credentials = None if tls_dir is None else _server_credentials(tls_dir)
         self.webhook_port = webhook_port
@@ -253,7 +255,7 @@ class ControlPlane:
         }
 
     def isolation(self) -> dict[str, Any]:
-        return self.telemetry.accounting.snapshot()
+        return isolation_report(self.telemetry.accounting)
 
     def metrics(self) -> tuple[bytes, str]:
         return self.telemetry.metrics.render()

@@ -49,7 +49,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from controlplane.model.dye import DyeIndex
 from controlplane.model.group import GroupKey
@@ -434,164 +434,12 @@ class Accounting:
         self._settle(self._clock())
         return rules
 
-    def snapshot(self) -> dict[str, Any]:
-        """The JSON of GET /api/v1/isolation (see api/isolation.py for the shape)."""
-        rules, now = self.settle(), self._clock()
-        chains = [self._chain_json(rules.chains[name], now) for name in sorted(rules.chains)]
-        dyed_at: dict[GroupKey, list[Stats]] = {}
-        for (chain, service, group), stats in self.stats.items():
-            dyed_at.setdefault((service, group), [])
-            if chain:
-                dyed_at[service, group].append(stats)
-        online: dict[str, dict[str, dict[str, Any]]] = {}
-        for (service, group), dyed in sorted(dyed_at.items()):
-            stats = self.stats.get(("", service, group)) or Stats()
-            online.setdefault(service, {})[group] = {
-                "requests": stats.requests + sum(s.requests for s in dyed),
-                "online": stats.requests,
-                "dyed": sum(s.requests for s in dyed),
-                "errors_5xx": stats.errors_5xx,
-                "p50_ms": percentiles(stats.latency_ms, 0.5)[0],
-                "p99_ms": percentiles(stats.latency_ms, 0.99)[0],
-                "rate_online": round(stats.rate.per_second(now), 3),
-                "rate_dyed": round(float(sum(s.rate.per_second(now) for s in dyed)), 3),
-                "leaks": stats.leaks,
-                "refused": stats.refused,
-                "flags": dict(stats.flags),
-            }
-        uncovered = [
-            {
-                "chain": chain,
-                "service": service,
-                "group": group,
-                "requests": stats.requests,
-                "rate": round(stats.rate.per_second(now), 3),
-                "last_at": stats.last_at,
-            }
-            for (chain, service, group), stats in sorted(self.uncovered.items())
-        ]
-        breaks = [
-            {
-                "chain": chain,
-                "service": service,
-                "group": group,
-                "to": target,
-                "count": b.count,
-                "last_request_id": b.last_request_id,
-                "last_at": b.last_at,
-            }
-            for (chain, service, group, target), b in sorted(self.breaks.items())
-        ]
-        return {
-            "at": now,
-            "since": self.started_at,
-            "window_s": RATE_WINDOW_S,
-            "chains": chains,
-            "online": online,
-            "uncovered": uncovered,
-            "propagation_breaks": breaks,
-            "outside_mesh": [
-                {
-                    "service": service,
-                    "group": group,
-                    "requests": stats.requests,
-                    "refused": stats.refused,
-                    "errors_5xx": stats.errors_5xx,
-                    "rate": round(stats.rate.per_second(now), 3),
-                    "last_at": stats.last_at,
-                }
-                for (service, group), stats in sorted(self.outside.items())
-            ],
-            "totals": self._totals(now),
-        }
+    def pending(self) -> int:
+        """Inbound entries still waiting for their caller's egress entry."""
+        return sum(len(parked) for parked in self._parked.values())
 
-    def _chain_json(self, chain: TaskChain, now: float) -> dict[str, Any]:
-        hops = []
-        for hop in chain.hops:
-            groups = [hop.group] + ([DEFAULT_GROUP] if hop.group != DEFAULT_GROUP else [])
-            groups += sorted(
-                g
-                for (c, s, g) in self.stats
-                if c == chain.name and s == hop.service and g not in groups
-            )
-            hops.append(
-                {
-                    "service": hop.service,
-                    "group": hop.group,
-                    "weight": hop.weight,
-                    "rate_limit": (
-                        {
-                            "requests_per_second": hop.rate_limit.requests_per_second,
-                            "burst": hop.rate_limit.burst,
-                        }
-                        if hop.rate_limit is not None
-                        else None
-                    ),
-                    "groups": [
-                        self._group_json(chain.name, hop.service, g, g == hop.group, now)
-                        for g in groups
-                    ],
-                }
-            )
-        return {
-            "name": chain.name,
-            "dyes": chain.dye.written(),
-            "dye_header": chain.dye.header,
-            "baggage_key": chain.dye.baggage_key,
-            "fallback": chain.fallback,
-            "hops": hops,
-        }
-
-    def _group_json(
-        self, chain: str, service: str, group: str, hop_group: bool, now: float
-    ) -> dict[str, Any]:
-        """A chain's view of one group: the chain's dyed requests and the group's online
-        traffic (the same online numbers appear under every chain with a hop there)."""
-        dyed = self.stats.get((chain, service, group)) or Stats()
-        online = self.stats.get(("", service, group)) or Stats()
-        p50, p99 = percentiles([*dyed.latency_ms, *online.latency_ms], 0.5, 0.99)
-        return {
-            "group": group,
-            "hop_group": hop_group,
-            "requests": dyed.requests + online.requests,
-            "dyed": dyed.requests,
-            "online": online.requests,
-            "errors_5xx": dyed.errors_5xx + online.errors_5xx,
-            "p50_ms": p50,
-            "p99_ms": p99,
-            "rate_dyed": round(dyed.rate.per_second(now), 3),
-            "rate_online": round(online.rate.per_second(now), 3),
-            "leaks": dyed.leaks + online.leaks,
-            "fallbacks": dict(dyed.fallbacks),
-            "rate_limited": dyed.rate_limited,
-            "refused": dyed.refused,
-            "flags": dict(dyed.flags + online.flags),
-        }
-
-    def _totals(self, now: float) -> dict[str, Any]:
-        dyed = [s for (c, _, _), s in self.stats.items() if c] + [*self.uncovered.values()]
-        online = [s for (c, _, _), s in self.stats.items() if not c]
-        every = [*dyed, *online]
-        return {
-            "entries": sum(self.entries.values()),
-            "entries_by_direction": dict(self.entries),
-            "requests": sum(s.requests for s in every),
-            "dyed": sum(s.requests for s in dyed),
-            "online": sum(s.requests for s in online),
-            "errors_5xx": sum(s.errors_5xx for s in every),
-            "leaks": sum(s.leaks for s in every),
-            "fallbacks": sum(sum(s.fallbacks.values()) for s in every),
-            "rate_limited": sum(s.rate_limited for s in every),
-            "refused": sum(s.refused for s in every),
-            "uncovered": sum(s.requests for s in self.uncovered.values()),
-            "propagation_breaks": sum(b.count for b in self.breaks.values()),
-            "outside_mesh": sum(s.requests for s in self.outside.values()),
-            "outside_mesh_refused": sum(s.refused for s in self.outside.values()),
-            "rate_dyed": round(float(sum(s.rate.per_second(now) for s in dyed)), 3),
-            "rate_online": round(float(sum(s.rate.per_second(now) for s in online)), 3),
-            "pending": sum(len(parked) for parked in self._parked.values()),
-            "unmatched": self.unmatched,
-        }
+    def now(self) -> float:
+        return self._clock()
 
 
 def _may_serve(chain: TaskChain, hop: Hop, group: str) -> bool:

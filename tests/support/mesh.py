@@ -25,6 +25,7 @@ from controlplane.model.validate import apply
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.telemetry import Telemetry
+from controlplane.telemetry.report import isolation_report
 from controlplane.translate import Translator
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import ALLOW_ANY, HEALTH_PATH, STATIC_CLUSTERS
@@ -117,7 +118,7 @@ class Mesh:
 
     def isolation(self) -> dict:
         """The accounting's snapshot (GET /api/v1/isolation of a control plane)."""
-        return self.ads.call(self.telemetry.accounting.snapshot)
+        return self.ads.call(isolation_report, self.telemetry.accounting)
 
     def metrics_text(self) -> str:
         """The Prometheus page (GET /metrics of a control plane)."""

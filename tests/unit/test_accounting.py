@@ -25,6 +25,7 @@ from controlplane.telemetry.accounting import (
 )
 from controlplane.telemetry.als import Source, parse_entry
 from controlplane.telemetry.metrics import Metrics
+from controlplane.telemetry.report import isolation_report
 from controlplane.xds.names import BLACK_HOLE_ROUTE, PASSTHROUGH_CLUSTER
 from controlplane.xds.status import StatusBoard
 from controlplane.xds.stream import Push
@@ -78,7 +79,7 @@ class Book:
         self.accounting.ingest(entries)
 
     def snap(self) -> dict:
-        return self.accounting.snapshot()
+        return isolation_report(self.accounting)
 
     def group(self, chain: str, service: str, group: str) -> dict:
         """The chain's view of (service, group) in the snapshot."""
