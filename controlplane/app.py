@@ -37,7 +37,8 @@ from controlplane.api.task_service import TaskService
 from controlplane.errors import RuntimeFailure, StoreError
 from controlplane.inject.pod import InjectOptions
 from controlplane.inject.webhook import server_ssl_context, start_webhook
-from controlplane.model.instance import KEEPALIVE_INTERVAL
+from controlplane.model.group import GroupKey
+from controlplane.model.instance import KEEPALIVE_INTERVAL, group_key_of
 from controlplane.model.rules import RuleSet
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.memory import collect_young, tune_gc
@@ -150,7 +151,7 @@ class ControlPlane:
         self.telemetry = Telemetry(
             lambda: self.sync.rules, self._registered, self.status_board, self._scaler_status
         )
-        self._registered_memo: tuple[frozenset[str], dict[tuple[str, str], int]] | None = None
+        self._registered_memo: tuple[frozenset[str], dict[GroupKey, int]] | None = None
         self.announcements = Announcements(lambda: self.store) if accept_announce else None
         observer: Observer = self.telemetry.metrics.xds  # called on every push: no fan-out
         if self.announcements is not None:  # unless announcements need the stream events too
@@ -313,15 +314,15 @@ class ControlPlane:
         except (OSError, RuntimeError) as exc:
             raise RuntimeFailure(f"cannot serve xDS on {address}: {exc}") from exc
 
-    def _registered(self) -> dict[tuple[str, str], int]:
+    def _registered(self) -> dict[GroupKey, int]:
         """Instances per (service, group) in the last published build, from their registry
         keys (`.../<service>/<group>/<id>`); recounted only when the build changed them."""
         keys = self.sync.instance_keys
         if self._registered_memo is None or self._registered_memo[0] is not keys:
-            counts: dict[tuple[str, str], int] = {}
+            counts: dict[GroupKey, int] = {}
             for key in keys:
-                _, service, group, _ = key.rsplit("/", 3)
-                counts[service, group] = counts.get((service, group), 0) + 1
+                group = group_key_of(key)
+                counts[group] = counts.get(group, 0) + 1
             self._registered_memo = (keys, counts)
         return self._registered_memo[1]
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from controlplane.errors import StoreError
+from controlplane.model.group import GroupKey
 from controlplane.model.instance import Instance
 from controlplane.model.rules import RuleSet
 from controlplane.store.etcd import Store
@@ -34,9 +35,9 @@ DEBOUNCE = 0.03
 
 def endpoints_of(instances: Iterable[Instance]) -> Endpoints:
     """The translator's endpoints: (service, group) -> addresses of the instances' sidecars."""
-    out: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    out: dict[GroupKey, list[tuple[str, int]]] = {}
     for instance in instances:
-        out.setdefault((instance.service, instance.group), []).append(instance.address)
+        out.setdefault(instance.group_key, []).append(instance.address)
     return out
 
 

@@ -99,3 +99,9 @@ _NAME = re.compile(rf"[\x21-\x2e\x30-\x7e]{{1,{MAX_NAME}}}")
 def instance_key(service: str, group: str, instance_id: str) -> str:
     """The store key of one instance."""
     return f"{INSTANCES}{service}/{group}/{instance_id}"
+
+
+def group_key_of(key: str) -> GroupKey:
+    """The (service, group) of an instance's store key."""
+    _, service, group, _ = key.rsplit("/", 3)
+    return GroupKey(service, group)

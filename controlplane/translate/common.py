@@ -11,13 +11,14 @@ from envoy.config.core.v3 import (
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from google.protobuf import any_pb2, duration_pb2
 
+from controlplane.model.group import GroupKey
 from controlplane.model.rules import Hop, Service, TaskChain
 
 Address = tuple[str, int]
 
 
 # (service, group) -> addresses of the registered instances (their inbound listeners).
-Endpoints = Mapping[tuple[str, str], Sequence[Address]]
+Endpoints = Mapping[GroupKey, Sequence[Address]]
 
 
 @dataclass(frozen=True)

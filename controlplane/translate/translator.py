@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 
+from controlplane.model.group import GroupKey
 from controlplane.model.rules import DEFAULT_GROUP, RuleSet, Service
 from controlplane.translate.clusters import group_cluster, load_assignment, loose_cluster
 from controlplane.translate.common import Address, ChainHop, Endpoints
@@ -101,7 +102,7 @@ class Translator:
         eds = self._maps.get(ENDPOINT, tuple(map(id, assignments)), ResourceMap, assignments)
         shared = {CLUSTER: cds, ENDPOINT: eds, LISTENER: _EMPTY}
 
-        by_group: dict[tuple[str, str], list[ChainHop]] = {}
+        by_group: dict[GroupKey, list[ChainHop]] = {}
         for service_hops in hops.values():
             for entry in service_hops:
                 by_group.setdefault((entry.hop.service, entry.hop.group), []).append(entry)
