@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import ipaddress
 import json
-import re
 import subprocess
 from pathlib import Path
 
@@ -80,17 +79,10 @@ def test_valid_for_the_compose_specification(spec: dict) -> None:
     assert not validator.is_valid(broken)
 
 
-def test_the_inline_dockerfile_copies_what_exists(services: dict[str, dict]) -> None:
-    build = services["tasklane"]["build"]
-    assert build["context"] == "."
-    copies = re.findall(r"^COPY (.+) \S+$", build["dockerfile_inline"], re.MULTILINE)
-    sources = [source for line in copies for source in line.split()]
-    assert {"controlplane", "demo", "pyproject.toml"} <= set(sources)
-    for source in sources:
-        assert (ROOT / source).exists(), source
-    # The image's user is the one the Kubernetes pods run as (Secrets readable by its group).
-    assert f"--uid {manifests.UID} " in build["dockerfile_inline"]
-    assert f"USER {manifests.UID}:{manifests.UID}" in build["dockerfile_inline"]
+def test_the_image_is_the_one_make_image_builds(services: dict[str, dict]) -> None:
+    """One Dockerfile for compose, `make image` and the manifests (test_image.py checks it)."""
+    assert services["tasklane"]["build"] == {"context": ".", "dockerfile": "Dockerfile"}
+    assert (ROOT / "Dockerfile").is_file()
     # Every other service of the image uses the one the `tasklane` service builds.
     image = services["tasklane"]["image"]
     for name, service in services.items():
@@ -115,7 +107,8 @@ def test_tasklane_commands_are_ones_the_cli_accepts(spec: dict) -> None:
 
     apply = parser.parse_args(services["apply"]["command"][1:])
     assert apply.command == "apply"
-    assert apply.filename == [str(RULES.relative_to(ROOT))]  # the image's working directory
+    (rules_file,) = apply.filename  # the demo rules, mounted from the checkout
+    assert f"./{RULES.relative_to(ROOT)}:{rules_file}:ro" in services["apply"]["volumes"]
     assert apply.server == f"http://tasklane:{up.http_port}"
     assert str(apply.token_file) == f"{state}/api-token"
     assert f"tasklane-state:{state}:ro" in services["apply"]["volumes"]
