@@ -1,0 +1,433 @@
+"""`Translator.build`: rules as a user writes them and instances as the sync registers them,
+in; every role's snapshot, out. Read back as the Envoy messages a sidecar decodes: which roles
+exist, which clusters each has, where a chain's dye goes, what a task group refuses, whose
+endpoints are where, and what a rebuild changes (content-hash versions, memoised pieces)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.route.v3.route_components_pb2 import Route, VirtualHost
+from envoy.extensions.clusters.aggregate.v3.cluster_pb2 import ClusterConfig
+from envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2 import LocalRateLimit
+from google.protobuf.message import Message
+
+from controlplane.model import RuleSet, apply, load_text
+from controlplane.model.instance import Instance
+from controlplane.sync import endpoints_of
+from controlplane.translate import Endpoints, Translator
+from controlplane.xds.names import EGRESS_ROUTE, GATEWAY_ROLE, INBOUND_ROUTE, LOCAL_APP_CLUSTER
+from controlplane.xds.snapshot import Snapshot
+from controlplane.xds.types import (
+    CLUSTER,
+    ENDPOINT,
+    EXTENSION_CONFIG,
+    LISTENER,
+    MESSAGE_CLASS,
+    ROUTE,
+)
+from tests.support.rules import chain, service
+
+SERVICES = (
+    service("front") + service("account", groups=("default", "task", "debit")) + service("pricing")
+)
+# `yield` isolates every hop in a task group, `strict`; `debit` shares pricing's default group
+# and may fall back from account's debit group, `loose`.
+YIELD = chain(
+    "yield",
+    "[{service: front, group: task},"
+    " {service: account, group: task, weight: 60},"
+    " {service: pricing, group: task, rateLimit: {requestsPerSecond: 10}}]",
+)
+DEBIT = chain(
+    "debit",
+    "[{service: account, group: debit}, {service: pricing, group: default}]",
+    fallback="loose",
+    dye="{header: x-debit, baggageKey: debit, values: [debit]}",
+)
+ROLES = {
+    "front|default", "front|task",
+    "account|default", "account|task", "account|debit",
+    "pricing|default", "pricing|task",
+}  # fmt: skip
+GROUP_CLUSTERS = ROLES  # each (service, group) has a role and an EDS cluster of the same name
+
+
+def ruleset(*documents: str) -> RuleSet:
+    return apply(RuleSet.empty(), load_text("".join(documents), "rules.yaml"))
+
+
+def instance(service: str, group: str, port: int) -> Instance:
+    return Instance(f"{service}-{port}", service, group, "127.0.0.1", port, 0, 0, 0, 1, 0.0)
+
+
+def endpoints(*instances: Instance) -> Endpoints:
+    return endpoints_of(instances)
+
+
+NO_ENDPOINTS = endpoints()
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, Snapshot]:
+    return Translator().build(
+        ruleset(SERVICES, YIELD, DEBIT),
+        endpoints(instance("account", "task", 7001), instance("account", "task", 7002)),
+    )
+
+
+def decoded(snapshot: Snapshot, type_url: str) -> dict[str, Message]:
+    """name -> the Envoy message a sidecar decodes from the resource."""
+    return {
+        name: MESSAGE_CLASS[type_url].FromString(resource.payload)
+        for name, resource in snapshot.resources(type_url).items()
+    }
+
+
+def virtual_host(snapshot: Snapshot, service: str) -> VirtualHost:
+    [host] = [h for h in decoded(snapshot, ROUTE)[EGRESS_ROUTE].virtual_hosts if h.name == service]
+    return host
+
+
+def _route(on_match) -> Route:
+    route = Route()
+    assert on_match.action.typed_config.Unpack(route)
+    return route
+
+
+def dye_routes(host: VirtualHost) -> dict[tuple[str, str], Route]:
+    """(header, value) -> the route a request carrying that dye header takes: the exact and
+    prefix (value written with its '*') maps of the host's dye matcher."""
+    found: dict[tuple[str, str], Route] = {}
+    for step in host.matcher.matcher_list.matchers:
+        tree = step.on_match.matcher.matcher_tree
+        if not tree.HasField("input"):
+            continue  # a baggage step
+        header = tree.input.name
+        for value, on_match in tree.exact_match_map.map.items():
+            found[header, value] = _route(on_match)
+        for value, on_match in tree.prefix_match_map.map.items():
+            found[header, value + "*"] = _route(on_match)
+    return found
+
+
+def baggage_routes(host: VirtualHost) -> dict[str, list[str]]:
+    """baggage key (its `contains` guard) -> names of the routes behind its regexes."""
+    found: dict[str, list[str]] = {}
+    for step in host.matcher.matcher_list.matchers:
+        predicate = step.predicate.single_predicate
+        if predicate.input.name == "baggage":
+            regexes = step.on_match.matcher.matcher_list.matchers
+            found[predicate.value_match.contains] = [_route(r.on_match).name for r in regexes]
+    return found
+
+
+def otherwise(host: VirtualHost) -> Route:
+    """The route of a request that carries no dye the host knows."""
+    if not host.HasField("matcher"):
+        [route] = host.routes
+        return route
+    return _route(host.matcher.on_no_match)
+
+
+def targets(route: Route) -> dict[str, int]:
+    """cluster -> the weight (in %) of the route's traffic that it gets."""
+    action = route.route
+    if action.cluster:
+        return {action.cluster: 100}
+    return {c.name: c.weight.value for c in action.weighted_clusters.clusters}
+
+
+def inbound(snapshots: Mapping[str, Snapshot], role: str) -> VirtualHost:
+    [host] = decoded(snapshots[role], ROUTE)[INBOUND_ROUTE].virtual_hosts
+    return host
+
+
+def addresses(snapshot: Snapshot, cluster: str) -> list[tuple[str, int]]:
+    assignment = decoded(snapshot, ENDPOINT)[cluster]
+    return [
+        (e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
+        for locality in assignment.endpoints
+        for e in locality.lb_endpoints
+    ]
+
+
+def versions(snapshots: Mapping[str, Snapshot]) -> dict[tuple[str, str, str], str]:
+    """(role, type, name) -> version of every resource of every role."""
+    return {
+        (role, type_url, name): resource.version
+        for role, snapshot in snapshots.items()
+        for type_url in (EXTENSION_CONFIG, CLUSTER, ENDPOINT, LISTENER, ROUTE)
+        for name, resource in snapshot.resources(type_url).items()
+    }
+
+
+def changed(before: Mapping[str, Snapshot], after: Mapping[str, Snapshot]) -> set[tuple]:
+    """(role, type, name) of every resource added, removed or at a new version."""
+    old, new = versions(before), versions(after)
+    return {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+
+
+def short(keys: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+    """The same keys with the type URL cut to its message name, for readable failures."""
+    return {(role, t.rsplit(".", 1)[-1], name) for role, t, name in keys}
+
+
+# ---------------------------------------------------------------------------- roles, clusters
+
+
+def test_one_snapshot_per_service_group_plus_the_gateway(built: dict[str, Snapshot]) -> None:
+    assert set(built) == ROLES | {GATEWAY_ROLE}
+
+
+def test_every_role_has_every_group_cluster_and_the_loose_aggregates(
+    built: dict[str, Snapshot],
+) -> None:
+    for role, snapshot in built.items():
+        assert set(decoded(snapshot, CLUSTER)) == GROUP_CLUSTERS | {"account|debit|loose"}, role
+        assert not snapshot.resources(LISTENER), role  # the sidecars' listeners are static
+
+
+def test_group_clusters_take_their_endpoints_from_ads(built: dict[str, Snapshot]) -> None:
+    clusters = decoded(built["front|default"], CLUSTER)
+    for name in GROUP_CLUSTERS:
+        assert clusters[name].type == Cluster.EDS, name
+        assert clusters[name].eds_cluster_config.eds_config.HasField("ads"), name
+    assert set(decoded(built["front|default"], ENDPOINT)) == GROUP_CLUSTERS
+
+
+def test_a_loose_hop_fails_over_from_its_group_to_default(built: dict[str, Snapshot]) -> None:
+    loose = decoded(built["front|default"], CLUSTER)["account|debit|loose"]
+    assert loose.cluster_type.name == "envoy.clusters.aggregate"
+    config = ClusterConfig()
+    assert loose.cluster_type.typed_config.Unpack(config)
+    assert list(config.clusters) == ["account|debit", "account|default"]
+
+
+def test_strict_chains_and_default_hops_get_no_aggregate() -> None:
+    strict = Translator().build(ruleset(SERVICES, YIELD), NO_ENDPOINTS)
+    assert set(decoded(strict["front|default"], CLUSTER)) == GROUP_CLUSTERS
+    loose = Translator().build(ruleset(SERVICES, YIELD.replace("strict", "loose")), NO_ENDPOINTS)
+    wanted = {f"{s}|task|loose" for s in ("front", "account", "pricing")}
+    assert set(decoded(loose["front|default"], CLUSTER)) == GROUP_CLUSTERS | wanted
+
+
+# ---------------------------------------------------------------------------- egress
+
+
+def test_every_service_has_an_egress_virtual_host(built: dict[str, Snapshot]) -> None:
+    services = {s: [s, f"{s}:*"] for s in ("account", "front", "pricing")}
+    for role in ROLES | {GATEWAY_ROLE}:
+        hosts = decoded(built[role], ROUTE)[EGRESS_ROUTE].virtual_hosts
+        # Sidecars end with every other host (outside the mesh); callers through the gateway
+        # reach only the mesh's services.
+        outside = {} if role == GATEWAY_ROLE else {"outside_mesh": ["*"]}
+        assert {h.name: list(h.domains) for h in hosts} == services | outside, role
+
+
+def test_a_dye_goes_to_its_hops_group_with_the_hop_weight(built: dict[str, Snapshot]) -> None:
+    snapshot = built["front|default"]
+    for value in ("yield", "yield@*"):
+        front = dye_routes(virtual_host(snapshot, "front"))[("x-task-dye", value)]
+        assert targets(front) == {"front|task": 100}, value
+        account = dye_routes(virtual_host(snapshot, "account"))[("x-task-dye", value)]
+        assert targets(account) == {"account|task": 60, "account|default": 40}, value
+
+
+def test_a_loose_dye_goes_to_the_aggregate_and_a_default_hop_to_default(
+    built: dict[str, Snapshot],
+) -> None:
+    snapshot = built["front|task"]
+    account = dye_routes(virtual_host(snapshot, "account"))[("x-debit", "debit")]
+    assert targets(account) == {"account|debit|loose": 100}
+    pricing = dye_routes(virtual_host(snapshot, "pricing"))[("x-debit", "debit")]
+    assert targets(pricing) == {"pricing|default": 100}
+
+
+def test_the_baggage_carrier_routes_to_the_same_chains(built: dict[str, Snapshot]) -> None:
+    host = virtual_host(built["front|default"], "account")
+    assert baggage_routes(host) == {"debit": ["debit"], "task-dye": ["yield"]}
+
+
+def test_undyed_traffic_goes_to_default_and_unchained_services_have_no_matcher(
+    built: dict[str, Snapshot],
+) -> None:
+    for name in ("front", "account", "pricing"):
+        route = otherwise(virtual_host(built["front|default"], name))
+        assert targets(route) == {f"{name}|default": 100}, name
+    lone = Translator().build(ruleset(SERVICES), NO_ENDPOINTS)
+    host = virtual_host(lone["front|default"], "account")
+    assert not host.HasField("matcher")
+    assert targets(otherwise(host)) == {"account|default": 100}
+
+
+# ---------------------------------------------------------------------------- inbound
+
+
+def test_a_task_group_accepts_only_its_chains_and_refuses_the_rest(
+    built: dict[str, Snapshot],
+) -> None:
+    host = inbound(built, "account|task")
+    accepted = dye_routes(host)
+    assert set(accepted) == {("x-task-dye", "yield"), ("x-task-dye", "yield@*")}
+    assert all(targets(r) == {LOCAL_APP_CLUSTER: 100} for r in accepted.values())
+    refused = otherwise(host)
+    assert refused.direct_response.status == 403
+    body = refused.direct_response.body.inline_string
+    assert "account group task" in body and "yield" in body and "debit" not in body
+
+
+def test_a_task_group_no_chain_uses_refuses_everything() -> None:
+    snapshots = Translator().build(ruleset(SERVICES), NO_ENDPOINTS)
+    host = inbound(snapshots, "account|task")
+    assert not host.HasField("matcher")
+    assert otherwise(host).direct_response.status == 403
+    assert "no chain uses it" in otherwise(host).direct_response.body.inline_string
+
+
+def test_default_accepts_online_traffic_and_meters_its_chains(built: dict[str, Snapshot]) -> None:
+    for role in ("front|default", "account|default", "pricing|default"):
+        assert targets(otherwise(inbound(built, role))) == {LOCAL_APP_CLUSTER: 100}, role
+    # debit's hop on pricing is in the default group: its dye is matched there (as online
+    # traffic would be), so a rate limit on that hop would apply to it alone.
+    assert set(dye_routes(inbound(built, "pricing|default"))) == {("x-debit", "debit")}
+
+
+def test_a_hop_rate_limit_is_split_over_its_groups_instances() -> None:
+    # One translator for both builds: a new instance count must rebuild the inbound route.
+    translator, rules = Translator(), ruleset(SERVICES, YIELD)
+    one = inbound(
+        translator.build(rules, endpoints(instance("pricing", "task", 1))), "pricing|task"
+    )
+    two = inbound(
+        translator.build(
+            rules, endpoints(instance("pricing", "task", 1), instance("pricing", "task", 2))
+        ),
+        "pricing|task",
+    )
+
+    def rate(host: VirtualHost) -> float:
+        route = dye_routes(host)[("x-task-dye", "yield")]
+        limit = LocalRateLimit()
+        route.typed_per_filter_config["envoy.filters.http.local_ratelimit"].Unpack(limit)
+        bucket = limit.token_bucket
+        return bucket.tokens_per_fill.value / bucket.fill_interval.ToMilliseconds() * 1000
+
+    assert rate(one) == pytest.approx(10)
+    assert rate(two) == pytest.approx(5)
+
+
+# ---------------------------------------------------------------------------- endpoints
+
+
+def test_endpoints_appear_only_in_their_groups_assignment(built: dict[str, Snapshot]) -> None:
+    for role, snapshot in built.items():
+        for cluster in GROUP_CLUSTERS:
+            expected = (
+                [("127.0.0.1", 7001), ("127.0.0.1", 7002)] if cluster == "account|task" else []
+            )
+            assert addresses(snapshot, cluster) == expected, (role, cluster)
+
+
+# ---------------------------------------------------------------------------- gateway
+
+
+def test_the_gateway_gets_egress_and_the_dye_filter_but_no_inbound(
+    built: dict[str, Snapshot],
+) -> None:
+    gateway = built[GATEWAY_ROLE]
+    assert set(gateway.resources(ROUTE)) == {EGRESS_ROUTE}
+    [dye_filter] = gateway.resources(EXTENSION_CONFIG).values()
+    assert b"x-debit" in dye_filter.payload and b"x-task-dye" in dye_filter.payload
+    for role in ROLES:
+        assert set(built[role].resources(ROUTE)) == {EGRESS_ROUTE, INBOUND_ROUTE}, role
+        assert not built[role].resources(EXTENSION_CONFIG), role
+
+
+# ---------------------------------------------------------------------------- rebuilds
+
+
+def test_an_unchanged_build_has_identical_versions() -> None:
+    rules, eps = ruleset(SERVICES, YIELD, DEBIT), endpoints(instance("account", "task", 7001))
+    first = Translator().build(rules, eps)
+    translator = Translator()
+    translator.build(rules, eps)
+    again = translator.build(
+        ruleset(SERVICES, YIELD, DEBIT), endpoints(instance("account", "task", 7001))
+    )
+    assert versions(again) == versions(first)  # content hashes: any translator, any time
+    assert all(again[r].changed_types(first[r]) == frozenset() for r in first)
+
+
+def test_a_new_chain_weight_changes_only_the_egress_route() -> None:
+    translator = Translator()
+    before = translator.build(ruleset(SERVICES, YIELD, DEBIT), NO_ENDPOINTS)
+    after = translator.build(
+        ruleset(SERVICES, YIELD.replace("weight: 60", "weight: 30"), DEBIT), NO_ENDPOINTS
+    )
+    assert short(changed(before, after)) == {
+        (role, "RouteConfiguration", EGRESS_ROUTE) for role in ROLES | {GATEWAY_ROLE}
+    }
+    # The other virtual hosts were not rebuilt: the clusters and endpoints are the same maps.
+    for role in after:
+        assert after[role].resources(CLUSTER) is before[role].resources(CLUSTER)
+        assert after[role].resources(ENDPOINT) is before[role].resources(ENDPOINT)
+
+
+def test_a_new_rate_limit_changes_only_that_hops_inbound_route() -> None:
+    translator = Translator()
+    before = translator.build(ruleset(SERVICES, YIELD, DEBIT), NO_ENDPOINTS)
+    after = translator.build(
+        ruleset(SERVICES, YIELD.replace("requestsPerSecond: 10", "requestsPerSecond: 20"), DEBIT),
+        NO_ENDPOINTS,
+    )
+    assert short(changed(before, after)) == {("pricing|task", "RouteConfiguration", INBOUND_ROUTE)}
+
+
+def test_a_chain_turning_loose_adds_its_aggregates_and_moves_its_routes() -> None:
+    translator = Translator()
+    before = translator.build(ruleset(SERVICES, YIELD, DEBIT), NO_ENDPOINTS)
+    after = translator.build(
+        ruleset(SERVICES, YIELD.replace("strict", "loose"), DEBIT), NO_ENDPOINTS
+    )
+    aggregates = {f"{s}|task|loose" for s in ("front", "account", "pricing")}
+    assert short(changed(before, after)) == {
+        (role, kind, name)
+        for role in ROLES | {GATEWAY_ROLE}
+        for kind, name in [("RouteConfiguration", EGRESS_ROUTE)]
+        + [("Cluster", a) for a in aggregates]
+    }
+
+
+def test_new_endpoints_change_only_that_groups_assignment() -> None:
+    translator = Translator()
+    rules = ruleset(SERVICES, YIELD, DEBIT)
+    before = translator.build(rules, endpoints(instance("account", "task", 7001)))
+    after = translator.build(
+        rules, endpoints(instance("account", "task", 7001), instance("account", "debit", 7003))
+    )
+    # account|debit's inbound route is rebuilt (a hop's rate limit is split by the instance
+    # count) but no hop there has one: same content, same version. Only the group's EDS moves.
+    assert short(changed(before, after)) == {
+        (role, "ClusterLoadAssignment", "account|debit") for role in ROLES | {GATEWAY_ROLE}
+    }
+    for role in after:
+        assert after[role].resources(CLUSTER) is before[role].resources(CLUSTER)
+        before_routes, after_routes = before[role].resources(ROUTE), after[role].resources(ROUTE)
+        assert after_routes[EGRESS_ROUTE] is before_routes[EGRESS_ROUTE]
+
+
+def test_a_removed_group_leaves_its_role_cluster_and_assignment() -> None:
+    translator = Translator()
+    before = translator.build(ruleset(SERVICES, YIELD, DEBIT), NO_ENDPOINTS)
+    after = translator.build(
+        ruleset(service("front"), service("account"), service("pricing"), YIELD), NO_ENDPOINTS
+    )
+    assert "account|debit" in before
+    assert "account|debit" not in after
+    for role, snapshot in after.items():
+        assert "account|debit" not in snapshot.resources(CLUSTER), role
+        assert "account|debit|loose" not in snapshot.resources(CLUSTER), role
+        assert "account|debit" not in snapshot.resources(ENDPOINT), role
