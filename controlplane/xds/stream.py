@@ -190,20 +190,23 @@ class StreamState:
                     state.held[name] = res
                     state.unknown.discard(name)
 
-    def _removals_wait(self) -> bool:
+    def _removals_wait(self, snapshot: Snapshot) -> bool:
         """A resumed delta client holds listeners and routes this stream never sent. Until
         it has told us which (its LDS and RDS requests) and we know their content, any
-        cluster it holds may still be in use, so cluster removals wait."""
+        cluster it holds may still be in use, so cluster removals wait. Held routes count
+        even when no listener we serve names them: a sidecar's listeners are static, in its
+        bootstrap, and use the routes all the same."""
         if not self._resumed:
             return False
         listeners = self.types.get(LISTENER)
         if listeners is None or listeners.unknown:
             return True
-        held = [*listeners.held.values(), *listeners.unacked.values()]
-        if not any(res is not None and res.route_refs for res in held):
-            return False
         routes = self.types.get(ROUTE)
-        return routes is None or bool(routes.unknown)
+        if routes is not None:
+            return bool(routes.unknown)
+        held = [*listeners.held.values(), *listeners.unacked.values()]
+        named = any(res is not None and res.route_refs for res in held)
+        return named or bool(snapshot.resources(ROUTE))  # its RDS request is still to come
 
     def _in_flight(self) -> bool:
         """A CDS or ECDS push is not ACKed yet. Envoy subscribes to the new clusters' endpoints
@@ -267,7 +270,7 @@ class StreamState:
             if self.delta:
                 removed = [n for n, v in state.sent.items() if v is not None and n not in desired]
                 removed += [n for n in state.names if n not in desired and n not in state.sent]
-                if state.type_url == CLUSTER and removed and self._removals_wait():
+                if state.type_url == CLUSTER and removed and self._removals_wait(snapshot):
                     removed, self._retaining = [], True  # re-planned after LDS/RDS ACKs
             else:
                 # SotW cannot say "absent" for RDS/EDS: forget it, so a return is sent again.

@@ -405,3 +405,23 @@ def test_delta_reconnect_holds_cluster_removals_until_its_routes_are_known() -> 
     removal = next(i for i, p in enumerate(pushes) if "a" in p.removed)
     route = next(i for i, p in enumerate(pushes) if p.type_url == ROUTE)
     assert route < removal
+
+
+def test_delta_reconnect_with_static_listeners_keeps_clusters_until_its_routes_are_known() -> None:
+    """Sidecars' listeners are static (bootstrap), so no listener in the snapshot names the
+    routes they hold; those routes are live all the same, and their clusters must stay."""
+    old = snap(rs.cluster("a"), rs.endpoints("a", 9000), rs.route("egress", {"/": "a"}))
+    held = {t: {n: r.version for n, r in old.resources(t).items()} for t in ALL}
+    envoy = Envoy(delta=True)
+    envoy.publish(snap(rs.cluster("b"), rs.endpoints("b", 9100), rs.route("egress", {"/": "b"})))
+    envoy.subscribe(CLUSTER, held=held[CLUSTER])
+    envoy.subscribe(LISTENER)  # it holds none: its listeners are in the bootstrap
+    cds = envoy.push()
+    assert (names(cds), cds.removed) == (["b"], [])  # `a` may be what `egress` still uses
+    envoy.ack(cds)
+    envoy.subscribe(ROUTE, ["egress"], held=held[ROUTE])
+    envoy.subscribe(ENDPOINT, ["b"])
+    pushes = envoy.sync()
+    removal = next(i for i, p in enumerate(pushes) if "a" in p.removed)
+    route = next(i for i, p in enumerate(pushes) if p.type_url == ROUTE)
+    assert route < removal
