@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check controlplane testkit tests bench demo
 
 test: $(STAMP) lint
-	$(BIN)/pytest -n 2 tests
+	$(BIN)/pytest -n 2 --durations=20 tests
 
 # Unit and in-process tests only (no etcd, Envoy or browser): about a minute.
 test-fast: $(STAMP) lint

@@ -22,6 +22,7 @@ from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.types import CLUSTER, PUSH_ORDER, ROUTE
 from testkit.resources import regex_route
 from tests.support.plane import Plane
+from tests.support.runs import plane_with_rules
 from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -269,13 +270,7 @@ def tasklane(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def plane(etcd_server: EmbeddedEtcd) -> Iterator[Plane]:
-    running = Plane(etcd_server.endpoint)
-    try:
-        code, body = running.apply_files({"rules.yaml": RULES.read_text()})
-        assert code == 200, body
-        yield running
-    finally:
-        running.stop()
+    yield from plane_with_rules(etcd_server.endpoint)
 
 
 def reject_a_route(plane: Plane, role: str) -> None:

@@ -16,6 +16,7 @@ from tests.support import rules
 from tests.support.echo_app import start_echo
 from tests.support.mesh import request
 from tests.support.plane import Plane
+from tests.support.runs import plane_with_rules
 from tests.support.up import TASKLANE
 from tests.support.wait import wait_until
 
@@ -32,13 +33,7 @@ READY_TIMEOUT = 15.0
 
 @pytest.fixture
 def plane(etcd_server: EmbeddedEtcd) -> Iterator[Plane]:
-    running = Plane(etcd_server.endpoint)
-    try:
-        code, body = running.apply_files({"rules.yaml": RULES.read_text()})
-        assert code == 200, body
-        yield running
-    finally:
-        running.stop()
+    yield from plane_with_rules(etcd_server.endpoint)
 
 
 def _unknown(plane: Plane) -> dict[str, bool]:
