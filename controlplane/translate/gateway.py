@@ -41,6 +41,12 @@ class DyeNames:
             keys.add(chain.dye.baggage_key)
         return cls(tuple(sorted(headers)), tuple(sorted(keys)))
 
+    def union(self, other: DyeNames) -> DyeNames:
+        return DyeNames(
+            tuple(sorted({*self.headers, *other.headers})),
+            tuple(sorted({*self.baggage_keys, *other.baggage_keys})),
+        )
+
 
 def lua_string(text: str | None) -> str:
     """A Lua literal of `text` (nil for None): anything but letters, digits and `-_.` becomes a

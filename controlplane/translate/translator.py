@@ -88,6 +88,7 @@ class Translator:
         self._endpoints = _Memo()
         self._inbound = _Memo()
         self._maps = _Memo()
+        self._stripped = DyeNames.of(())
 
     def build(self, rules: RuleSet, endpoints: Endpoints) -> dict[str, Snapshot]:
         """{role: snapshot} for every (service, group) of the rules, plus the gateway."""
@@ -125,7 +126,10 @@ class Translator:
         gateway_routes = self._maps.get(
             GATEWAY_ROLE, id(gateway_egress), ResourceMap, (gateway_egress,)
         )
-        names = DyeNames.of(rules.chains.values())
+        # The filter strips every carrier a chain has used while this process ran, not only
+        # the current ones: it goes out before the routes (make-before-break), so a deleted
+        # chain's header would otherwise reach routes that still honour it for a round trip.
+        names = self._stripped = self._stripped.union(DyeNames.of(rules.chains.values()))
         filters = self._maps.get(GATEWAY_DYE_FILTER, names, _gateway_filters, names)
         snapshots[GATEWAY_ROLE] = Snapshot(
             {**shared, ROUTE: gateway_routes, EXTENSION_CONFIG: filters}

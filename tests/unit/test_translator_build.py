@@ -431,3 +431,14 @@ def test_a_removed_group_leaves_its_role_cluster_and_assignment() -> None:
         assert "account|debit" not in snapshot.resources(CLUSTER), role
         assert "account|debit|loose" not in snapshot.resources(CLUSTER), role
         assert "account|debit" not in snapshot.resources(ENDPOINT), role
+
+
+def test_the_gateway_keeps_stripping_a_deleted_chains_carriers() -> None:
+    """The dye filter goes out before the routes; were it to forget a deleted chain's header
+    first, an outsider's header would reach routes that still honour it for a round trip."""
+    translator = Translator()
+    translator.build(ruleset(SERVICES, YIELD, DEBIT), NO_ENDPOINTS)
+    after = translator.build(ruleset(SERVICES, YIELD), NO_ENDPOINTS)[GATEWAY_ROLE]
+    [dye_filter] = after.resources(EXTENSION_CONFIG).values()
+    assert b"x-debit" in dye_filter.payload  # the header of the deleted chain `debit`
+    assert all(b"x-debit" not in r.payload for r in after.resources(ROUTE).values())
