@@ -34,6 +34,7 @@ from controlplane.api import rules as rules_api
 from controlplane.api import tasks as tasks_api
 from controlplane.api.http import build_app
 from controlplane.api.task_service import TaskService
+from controlplane.api.token import ApiToken
 from controlplane.errors import RuntimeFailure, StoreError
 from controlplane.inject.pod import InjectOptions
 from controlplane.inject.webhook import server_ssl_context, start_webhook
@@ -157,7 +158,7 @@ class ControlPlane:
         if self.announcements is not None:  # unless announcements need the stream events too
             observer = Observers(observer, self.announcements)
         self.ads = AdsServer(self.cache, self.status_board, observer)
-        self.api_token = auth.ApiToken(Path(state_dir))
+        self.api_token = ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
         self.http_app.middlewares.append(auth.middleware(self.api_token))
         self.http_app.add_routes(rules_api.routes(self))

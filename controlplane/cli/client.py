@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from controlplane.api import auth
+from controlplane.api.token import DEFAULT_TOKEN_PATH, client_token
 from controlplane.errors import TasklaneError
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
@@ -42,7 +42,7 @@ def server_option() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="the API token, which writes need (default: $TASKLANE_TOKEN, else "
-        f"{auth.DEFAULT_TOKEN_PATH}, written by `tasklane up` into its state dir)",
+        f"{DEFAULT_TOKEN_PATH}, written by `tasklane up` into its state dir)",
     )
     return parser
 
@@ -59,7 +59,7 @@ def output(text: str) -> None:
 
 def api_token(args: argparse.Namespace) -> str:
     """The API token a write sends (see --token-file)."""
-    return auth.client_token(args.token_file)
+    return client_token(args.token_file)
 
 
 class ApiError(TasklaneError):

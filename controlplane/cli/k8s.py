@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from controlplane import pki
-from controlplane.api.auth import client_token
+from controlplane.api.token import client_token
 from controlplane.deploy import manifests as k8s
 
 

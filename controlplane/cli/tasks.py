@@ -14,7 +14,7 @@ from controlplane.cli.client import (
     server_option,
 )
 from controlplane.cli.views import table
-from controlplane.store.runs import format_time
+from controlplane.model.run import format_time
 
 # --- tasklane task: report and list runs of scheduled tasks -------------------------------
 

@@ -10,14 +10,17 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controlplane import pki
-from controlplane.app import ControlPlane
 from controlplane.cli.inject import add_sidecar_options, sidecar_options
 from controlplane.errors import TasklaneError
 from controlplane.scaler.actuators import Actuator, DryRunActuator
 from controlplane.scaler.policy import PolicyConfig
 from controlplane.xds.names import ALLOW_ANY, OUTBOUND_POLICIES
+
+if TYPE_CHECKING:
+    from controlplane.app import ControlPlane
 
 log = logging.getLogger("tasklane")
 
@@ -150,6 +153,8 @@ def up(args: argparse.Namespace) -> int:
     if args.tls_dir is not None and args.actuator == "local":
         pki.client_files(args.tls_dir)  # its `tasklane run` children need them: check now
         os.environ[pki.TLS_DIR_ENV] = str(args.tls_dir.resolve())  # what they inherit
+    from controlplane.app import ControlPlane  # the servers: no other command needs them
+
     control_plane = ControlPlane(
         args.state_dir,
         etcd_endpoint=args.etcd,

@@ -42,10 +42,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from controlplane import pki
-from controlplane.api.auth import TOKEN_FILE
+from controlplane.api.token import TOKEN_FILE
 from controlplane.errors import TasklaneError
+from controlplane.inject.patch import WEBHOOK_PATH
 from controlplane.inject.pod import DEFAULT_IMAGE, DEFAULT_TLS_SECRET
-from controlplane.inject.webhook import PATH as WEBHOOK_PATH
 from controlplane.model.rules import DNS_LABEL
 
 Manifest = dict[str, Any]

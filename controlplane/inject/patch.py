@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+WEBHOOK_PATH = "/inject"  # where the admission webhook answers (inject/webhook.py)
+
 Operation = dict[str, Any]
 
 

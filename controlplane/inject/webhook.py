@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from controlplane.errors import RuntimeFailure
-from controlplane.inject.patch import make_patch
+from controlplane.inject.patch import WEBHOOK_PATH, make_patch
 from controlplane.inject.pod import InjectError, InjectOptions, inject_pod
 from controlplane.model.text import describe
 from controlplane.pki import server_files
@@ -29,7 +29,7 @@ from controlplane.pki import server_files
 log = logging.getLogger("tasklane.webhook")
 
 ADMISSION_API = "admission.k8s.io/v1"
-PATH = "/inject"
+
 # The API server shows warnings of up to this many characters whole.
 MAX_WARNING = 256
 # A pod is at most etcd's 1.5 MiB request; its AdmissionReview adds little.
@@ -102,7 +102,7 @@ def webhook_app(options: InjectOptions) -> web.Application:
         return web.json_response(answer)
 
     app = web.Application(client_max_size=MAX_BODY)
-    app.router.add_post(PATH, inject)
+    app.router.add_post(WEBHOOK_PATH, inject)
     return app
 
 

@@ -6,7 +6,13 @@ while one of its task's runs is open, whatever the predicted end.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+
+
+def format_time(at: float) -> str:
+    """UTC ISO 8601 to the second, as messages and tables show times."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 
 from controlplane.errors import StoreError, TasklaneError
-from controlplane.model.run import Run
+from controlplane.model.run import Run, format_time
 from controlplane.model.text import quote
 from controlplane.store.etcd import PREFIX, Store
 from controlplane.store.follow import Follower, keyed_fold
@@ -98,11 +98,6 @@ def encode(run: Run) -> bytes:
 def new_run_id(at: float) -> str:
     """The start time in UTC plus a short random suffix: readable, sortable, unique enough."""
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(at))}-{secrets.token_hex(3)}"
-
-
-def format_time(at: float) -> str:
-    """UTC ISO 8601 to the second, as messages and tables show times."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 def start_run(store: Store, task: str, run_id: str | None = None, at: float | None = None) -> Run:

@@ -27,8 +27,8 @@ from typing import Any
 import grpc
 import pytest
 
-from controlplane.api.auth import TOKEN_FILE, ApiToken
 from controlplane.api.proto_gen.tasklane.v1 import task_pb2, task_pb2_grpc
+from controlplane.api.token import TOKEN_FILE, ApiToken
 from controlplane.errors import RuntimeFailure
 from controlplane.model.instance import Instance
 from controlplane.store.etcd import Store
