@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .snapshot import Resource, ResourceMap, Snapshot, state_version
-from .types import CLUSTER, EXTENSION_CONFIG, FULL_STATE, LISTENER, PUSH_ORDER, ROUTE
+from .types import CLUSTER, ENDPOINT, EXTENSION_CONFIG, FULL_STATE, LISTENER, PUSH_ORDER, ROUTE
 
 WILDCARD = "*"
 
@@ -208,6 +208,11 @@ class StreamState:
         named = any(res is not None and res.route_refs for res in held)
         return named or bool(snapshot.resources(ROUTE))  # its RDS request is still to come
 
+    def _holds_cluster(self, name: str) -> bool:
+        """The client has cluster `name` (sent, and not told it is gone)."""
+        clusters = self.types.get(CLUSTER)
+        return clusters is not None and clusters.sent.get(name) is not None
+
     def _in_flight(self) -> bool:
         """A CDS or ECDS push is not ACKed yet. Envoy subscribes to the new clusters' endpoints
         before it ACKs CDS, so waiting for the ACK puts EDS ahead of the routes that need it;
@@ -272,6 +277,8 @@ class StreamState:
                 removed += [n for n in state.names if n not in desired and n not in state.sent]
                 if state.type_url == CLUSTER and removed and self._removals_wait(snapshot):
                     removed, self._retaining = [], True  # re-planned after LDS/RDS ACKs
+                if state.type_url == ENDPOINT:  # a retained cluster keeps its endpoints
+                    removed = [n for n in removed if not self._holds_cluster(n)]
             else:
                 # SotW cannot say "absent" for RDS/EDS: forget it, so a return is sent again.
                 for name in [n for n in state.sent if n not in desired]:

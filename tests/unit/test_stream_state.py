@@ -354,6 +354,17 @@ def test_delta_keeps_a_cluster_until_the_routes_using_it_are_replaced() -> None:
     assert kinds(pushes).index(ENDPOINT) == 1  # b's endpoints before the routes to b
 
 
+def test_delta_keeps_a_retained_clusters_endpoints_until_the_cluster_goes() -> None:
+    """Envoy ignores EDS removals, but a gRPC-xDS client would drop the endpoints of a
+    cluster its routes still use."""
+    envoy = connected(delta=True, snapshot=snap(*base(clusters=("a",))))
+    envoy.publish(MOVED)
+    envoy.subscribe(ENDPOINT, ["b"])  # as Envoy does for the new cluster
+    pushes = envoy.sync()
+    cluster_gone = next(i for i, p in enumerate(pushes) if p.type_url == CLUSTER and p.removed)
+    assert all("a" not in p.removed for p in pushes[:cluster_gone] if p.type_url == ENDPOINT)
+
+
 def test_a_cluster_stays_while_the_new_route_is_unacked_or_nacked() -> None:
     envoy = connected(delta=True, snapshot=snap(*base(clusters=("a",))))
     envoy.publish(MOVED)
