@@ -28,6 +28,7 @@ class TypeState:
     nonce: str = ""
     version: str = ""  # version_info / system_version_info of the last response
     dirty: bool = True
+    rejected: bool = False  # the client NACKed our last response of this type
     # Delta reconnects: names the client says it holds whose content we have not identified
     # (its version is not in our snapshot), so we cannot know which clusters they use.
     unknown: set[str] = field(default_factory=set)
@@ -134,6 +135,7 @@ class StreamState:
             # The client keeps what it held; `sent` keeps the rejected versions, so the same
             # content is never sent again (go-control-plane resends in a loop: its #962).
             state.unacked.clear()
+            state.rejected = True
             return Verdict(nack=True)
         if state.type_url in FULL_STATE and not self.delta:
             state.held = {n: r for n, r in state.unacked.items() if r is not None}
@@ -144,6 +146,7 @@ class StreamState:
                 else:
                     state.held[name] = res
         state.unacked.clear()
+        state.rejected = False
         if state.type_url in (LISTENER, ROUTE) and self._retaining:
             self.types[CLUSTER].dirty = True  # a cluster kept for old routes may go now
         return Verdict(ack=True)
@@ -170,7 +173,7 @@ class StreamState:
             if state is None or not state.dirty:
                 continue
             if type_url in (LISTENER, ROUTE) and self._in_flight():
-                continue  # stays dirty: sent once the client has taken the new clusters, filter
+                continue  # stays dirty: sent once the client took the new clusters and filter
             state.dirty = False
             push = self._plan(state, snapshot)
             if push is not None:
@@ -214,14 +217,15 @@ class StreamState:
         return clusters is not None and clusters.sent.get(name) is not None
 
     def _in_flight(self) -> bool:
-        """A CDS or ECDS push is not ACKed yet. Envoy subscribes to the new clusters' endpoints
-        before it ACKs CDS, so waiting for the ACK puts EDS ahead of the routes that need it;
-        and the gateway's new dye filter strips a new chain's header before a route matches
-        it."""
-        return any(
-            state is not None and bool(state.unacked)
-            for state in (self.types.get(CLUSTER), self.types.get(EXTENSION_CONFIG))
-        )
+        """A CDS or ECDS push is not ACKed yet, or the gateway's dye filter was refused.
+        Envoy subscribes to the new clusters' endpoints before it ACKs CDS, so waiting for the
+        ACK puts EDS ahead of the routes that need it; and the gateway's new dye filter must
+        strip a new chain's header before a route matches it: while the filter is refused,
+        the routes stay as they were (fail closed), until a filter is accepted."""
+        clusters, filters = self.types.get(CLUSTER), self.types.get(EXTENSION_CONFIG)
+        if filters is not None and (filters.unacked or filters.rejected):
+            return True
+        return clusters is not None and bool(clusters.unacked)
 
     def new_nonce(self, type_url: str) -> str:
         self._nonces += 1

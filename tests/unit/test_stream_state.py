@@ -139,6 +139,24 @@ def test_routes_and_listeners_wait_for_the_cluster_and_dye_filter_acks() -> None
     assert kinds([envoy.push(), envoy.push()]) == [LISTENER, ROUTE]
 
 
+def test_routes_stay_as_they_were_while_the_dye_filter_is_refused() -> None:
+    """Fail closed: a route for a new chain's header must never reach a gateway whose filter
+    does not strip that header, not even after Envoy refused the new filter."""
+    old_filter = dye_filter(DyeNames(("x-task-dye",), ("task-dye",)))
+    envoy = connected(delta=False, snapshot=snap(*base(), old_filter))
+    envoy.ask(EXTENSION_CONFIG, [GATEWAY_DYE_FILTER])
+    envoy.sync()
+    new_filter = dye_filter(DyeNames(("x-late", "x-task-dye"), ("task-dye",)))
+    envoy.publish(snap(*base(routes={"/": "b"}), new_filter))
+    ecds = envoy.push()
+    assert ecds.type_url == EXTENSION_CONFIG
+    envoy.nack(ecds)
+    assert all(p.type_url not in (LISTENER, ROUTE) for p in envoy.sync())
+    fixed = dye_filter(DyeNames(("x-late", "x-other", "x-task-dye"), ("task-dye",)))
+    envoy.publish(snap(*base(routes={"/": "b"}), fixed))
+    assert ROUTE in kinds(envoy.sync())  # an accepted filter lets the routes go
+
+
 def test_an_ack_is_answered_by_silence() -> None:
     envoy = connected(delta=False)
     assert envoy.push() is None
