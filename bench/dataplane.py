@@ -44,7 +44,8 @@ from typing import Any
 from common import machine  # bench/ is the script's directory
 
 from controlplane.model.dye import DEFAULT_BAGGAGE_KEY, DEFAULT_DYE_HEADER, Dye
-from controlplane.model.rules import DEFAULT_GROUP, Group, Hop, RuleSet, Service, TaskChain
+from controlplane.model.group import DEFAULT_GROUP
+from controlplane.model.rules import Group, Hop, RuleSet, Service, TaskChain
 from controlplane.model.validate import check
 from controlplane.runtime.envoy import EnvoyProcess, envoy_binary
 from controlplane.runtime.ports import free_port

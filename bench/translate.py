@@ -33,8 +33,8 @@ from pathlib import Path
 from common import cpu_model, load_average  # bench/ is the script's directory
 
 from controlplane.model.dye import DEFAULT_BAGGAGE_KEY, DEFAULT_DYE_HEADER, Dye
+from controlplane.model.group import DEFAULT_GROUP
 from controlplane.model.rules import (
-    DEFAULT_GROUP,
     Group,
     Hop,
     RateLimit,

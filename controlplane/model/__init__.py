@@ -8,10 +8,10 @@ The names below are the model's public API; the modules hold the details:
 
 from controlplane.model.cron import fires_between, next_fire, parse_cron, parse_duration
 from controlplane.model.dye import Dye
+from controlplane.model.group import DEFAULT_GROUP
 from controlplane.model.load import Parsed, load_files, load_text
 from controlplane.model.rules import (
     API_VERSION,
-    DEFAULT_GROUP,
     KINDS,
     Group,
     Hop,

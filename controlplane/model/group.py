@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 SEPARATOR = "|"
+DEFAULT_GROUP = "default"  # the online group every service has
 
 
 class GroupKey(NamedTuple):

@@ -25,11 +25,11 @@ from controlplane.model.dye import (
     Dye,
     value_problem,
 )
+from controlplane.model.group import DEFAULT_GROUP
 from controlplane.model.text import describe, quote
 
 API_VERSION = "tasklane.io/v1"
 KINDS = ("Service", "TaskChain", "ScheduledTask")
-DEFAULT_GROUP = "default"
 PROTOCOLS = ("http", "grpc")
 FALLBACKS = ("strict", "loose")
 DEFAULT_TIMEZONE = "UTC"

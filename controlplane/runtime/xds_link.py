@@ -12,7 +12,7 @@ import socket
 
 from controlplane.pki import TlsFiles
 
-XDS_CLUSTER = "xds"  # the bootstrap's static cluster of the control plane (envoy/bootstrap.yaml)
+XDS_CLUSTER = "xds"  # the bootstrap's cluster of the control plane (templates/bootstrap.yaml)
 STATS_FILTER = rf"^cluster\.{XDS_CLUSTER}\."  # the admin /stats filter of the counters read here
 ATTEMPTS = 2  # failed attempts with the same cause before it is named
 # A control plane that just started serves xDS a registration grace after its API (app.py),

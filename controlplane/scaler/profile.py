@@ -33,8 +33,8 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from controlplane.model.cron import fires_between
-from controlplane.model.group import GroupKey
-from controlplane.model.rules import DEFAULT_GROUP, Group, RuleSet, ScheduledTask
+from controlplane.model.group import DEFAULT_GROUP, GroupKey
+from controlplane.model.rules import Group, RuleSet, ScheduledTask
 from controlplane.model.run import Run
 
 HISTORY_RUNS = 20  # finished runs a task's expected duration is learned from

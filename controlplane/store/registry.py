@@ -18,9 +18,6 @@ from controlplane.model.instance import DEFAULT_TTL, INSTANCES, KEEPALIVE_INTERV
 from controlplane.store.etcd import PREFIX, Lease, Store
 from controlplane.store.follow import Follower, keyed_fold
 
-# A broken instances watch is re-established after this long, doubling up to the maximum:
-# endpoint changes missed meanwhile are only seen once it is back, so the maximum is short.
-
 _log = logging.getLogger(__name__)
 
 

@@ -24,8 +24,6 @@ REVISION_KEY = "meta/rules-revision"
 # etcd's default --max-txn-ops; one of them is the REVISION_KEY put.
 MAX_TXN_OPS = 128
 MAX_CHANGES = MAX_TXN_OPS - 1
-# A broken rules watch is re-established after this long, doubling up to the maximum.
-
 _log = logging.getLogger(__name__)
 
 RulesCallback = Callable[[RuleSet], None]

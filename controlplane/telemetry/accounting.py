@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from controlplane.model.dye import DyeIndex
-from controlplane.model.group import GroupKey
-from controlplane.model.rules import DEFAULT_GROUP, Hop, RuleSet, TaskChain
+from controlplane.model.group import DEFAULT_GROUP, GroupKey
+from controlplane.model.rules import Hop, RuleSet, TaskChain
 from controlplane.xds.names import BLACK_HOLE_ROUTE, PASSTHROUGH_CLUSTER
 
 EGRESS, INBOUND, GATEWAY = "egress", "inbound", "gateway"

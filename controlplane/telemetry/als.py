@@ -23,8 +23,9 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
+from controlplane.model.group import GroupKey
 from controlplane.telemetry.accounting import LogEntry
-from controlplane.xds.names import META_GROUP, META_SERVICE
+from controlplane.xds.server import role_of
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,8 @@ class Source:
 
 def source_of(identifier: als_pb2.StreamAccessLogsMessage.Identifier) -> Source:
     """The node of a stream's first message (metadata as the ADS server reads it)."""
-    node = identifier.node
-    fields = node.metadata.fields
-    service = fields[META_SERVICE].string_value if META_SERVICE in fields else node.cluster
-    group = fields[META_GROUP].string_value if META_GROUP in fields else ""
-    return Source(node.id, service, group or "default")
+    service, group = GroupKey.parse(role_of(identifier.node))
+    return Source(identifier.node.id, service, group)
 
 
 def _flags(flags: accesslog_pb2.ResponseFlags) -> frozenset[str]:

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.model.group import GroupKey
-from controlplane.model.rules import DEFAULT_GROUP, TaskChain
+from controlplane.model.group import DEFAULT_GROUP, GroupKey
+from controlplane.model.rules import TaskChain
 from controlplane.telemetry.accounting import RATE_WINDOW_S, Accounting, Stats, percentiles
 
 

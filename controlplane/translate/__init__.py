@@ -6,8 +6,9 @@ What each sidecar of (service S, group G) gets:
   for every `loose` hop (it fails over to `D|default` when the group has no *healthy* host;
   Envoy's subset fallback does not look at health, envoy#25654);
 - route config `egress`: one virtual host per destination service D. Chains with a hop on D
-  match their dyes in a `VirtualHost.matcher` tree (exact and prefix maps on the dye header:
-  lookup cost does not grow with the number of chains, see DESIGN.md), then per chain a
+  match their dyes in a `VirtualHost.matcher` (a flat list of steps, each an exact and a
+  prefix map on one dye header: lookup cost does not grow with the number of chains, see
+  matcher.py), then per chain a
   regex on the `baggage` member behind one cheap `contains <key>` guard; everything else
   goes to `D|default`. A route retries as its hop says (`retries`), else as the Service
   says; a retry goes to another instance when there is one (`previous_hosts`). Any other host

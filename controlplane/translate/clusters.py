@@ -17,7 +17,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upst
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 
-from controlplane.model.rules import DEFAULT_GROUP
+from controlplane.model.group import DEFAULT_GROUP
 from controlplane.translate.common import Address, ads_source, duration, packed
 from controlplane.xds.names import (
     HEALTH_PATH,

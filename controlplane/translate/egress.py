@@ -15,7 +15,8 @@ from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from google.protobuf import wrappers_pb2
 
-from controlplane.model.rules import DEFAULT_GROUP, Hop, Retries, Service
+from controlplane.model.group import DEFAULT_GROUP
+from controlplane.model.rules import Hop, Retries, Service
 from controlplane.translate.common import ChainHop, duration, named_route, packed, service_action
 from controlplane.translate.matcher import dye_matcher
 from controlplane.xds.names import (

@@ -1,6 +1,6 @@
 """The gateway's dye filter, served to it over ECDS so that it follows the rules live.
 
-The gateway (controlplane/runtime/gateway.py, envoy/gateway.yaml) runs two Lua filters. Its
+The gateway (controlplane/runtime/gateway.py, templates/gateway.yaml) runs two Lua filters. Its
 own static one decides whether the caller is trusted (source address or shared secret, which
 stay with the gateway) and says so in the request's dynamic metadata. The second, this one,
 is the control plane's: it knows every chain's dye header and baggage key, and is sent again
@@ -42,6 +42,7 @@ class DyeNames:
         return cls(tuple(sorted(headers)), tuple(sorted(keys)))
 
     def union(self, other: DyeNames) -> DyeNames:
+        """Both sets of names: what the gateway keeps stripping after a chain is deleted."""
         return DyeNames(
             tuple(sorted({*self.headers, *other.headers})),
             tuple(sorted({*self.baggage_keys, *other.baggage_keys})),

@@ -18,7 +18,8 @@ from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import wrappers_pb2
 
-from controlplane.model.rules import DEFAULT_GROUP, Hop, Service
+from controlplane.model.group import DEFAULT_GROUP
+from controlplane.model.rules import Hop, Service
 from controlplane.translate.common import ChainHop, duration, named_route, packed, service_action
 from controlplane.translate.matcher import bounded_parts, dye_matcher
 from controlplane.xds.names import (

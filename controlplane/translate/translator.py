@@ -10,8 +10,8 @@ from typing import TypeVar
 
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 
-from controlplane.model.group import GroupKey
-from controlplane.model.rules import DEFAULT_GROUP, RuleSet, Service
+from controlplane.model.group import DEFAULT_GROUP, GroupKey
+from controlplane.model.rules import RuleSet, Service
 from controlplane.translate.clusters import group_cluster, load_assignment, loose_cluster
 from controlplane.translate.common import Address, ChainHop, Endpoints
 from controlplane.translate.egress import egress_virtual_host, outside_mesh_host
@@ -126,9 +126,10 @@ class Translator:
         gateway_routes = self._maps.get(
             GATEWAY_ROLE, id(gateway_egress), ResourceMap, (gateway_egress,)
         )
-        # The filter strips every carrier a chain has used while this process ran, not only
-        # the current ones: it goes out before the routes (make-before-break), so a deleted
-        # chain's header would otherwise reach routes that still honour it for a round trip.
+        # The filter strips every carrier a chain has used while this process ran (each replica
+        # keeps its own), not only the current ones: it goes out before the routes
+        # (make-before-break), so a deleted chain's header would otherwise reach routes that
+        # still honour it for a round trip.
         names = self._stripped = self._stripped.union(DyeNames.of(rules.chains.values()))
         filters = self._maps.get(GATEWAY_DYE_FILTER, names, _gateway_filters, names)
         snapshots[GATEWAY_ROLE] = Snapshot(

@@ -1,6 +1,6 @@
 """What a sidecar whose role no rule defines is served: its listeners answer 503 and say why.
 
-A sidecar's listeners are static (envoy/sidecar.yaml) and wait for their route configs; with
+A sidecar's listeners are static (templates/sidecar.yaml) and wait for their route configs; with
 no answer at all its Envoy never becomes ready and nothing tells the operator that the Service
 (or the group) is missing. So the snapshot cache serves such a role this minimal snapshot:
 the route configs `egress` and `inbound`, each answering every request with 503 and a
@@ -14,8 +14,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.config.route.v3 import route_pb2 as route_config_pb2
 
-from controlplane.model.group import GroupKey
-from controlplane.model.rules import DEFAULT_GROUP
+from controlplane.model.group import DEFAULT_GROUP, GroupKey
 from controlplane.xds.names import EGRESS_ROUTE, INBOUND_ROUTE
 from controlplane.xds.snapshot import Snapshot
 

@@ -17,8 +17,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 
-from controlplane.model.group import GroupKey
-from controlplane.model.rules import DEFAULT_GROUP
+from controlplane.model.group import DEFAULT_GROUP, GroupKey
 
 from . import wire
 from .cache import SnapshotCache

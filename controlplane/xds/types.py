@@ -10,7 +10,7 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-# ECDS: an HTTP filter's config served on its own (the gateway's dye filter, gateway_filter.py).
+# ECDS: an HTTP filter's config served on its own (the gateway's dye filter, translate/gateway.py).
 EXTENSION_CONFIG = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 
 # The order of this tuple MATTERS: make-before-break. A new cluster must exist (CDS) and
