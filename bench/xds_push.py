@@ -359,14 +359,14 @@ async def sotw_stream(
     seen = 0
     while (response := await call.read()) is not grpc.aio.EOF:
         seen += 1
-        await call.write(
-            discovery_pb2.DiscoveryRequest(
-                type_url=response.type_url,
-                version_info=response.version_info,
-                response_nonce=response.nonce,
-                resource_names=subscribed.get(response.type_url, ()),
-            )
+        ack = discovery_pb2.DiscoveryRequest(
+            type_url=response.type_url,
+            version_info=response.version_info,
+            response_nonce=response.nonce,
+            resource_names=subscribed.get(response.type_url, ()),
         )
+        del response  # a sidecar's config is megabytes: thousands of streams must not hold it
+        await call.write(ack)
     return seen
 
 
@@ -387,11 +387,11 @@ async def delta_stream(
     seen = 0
     while (response := await call.read()) is not grpc.aio.EOF:
         seen += 1
-        await call.write(
-            discovery_pb2.DeltaDiscoveryRequest(
-                type_url=response.type_url, response_nonce=response.nonce
-            )
+        ack = discovery_pb2.DeltaDiscoveryRequest(
+            type_url=response.type_url, response_nonce=response.nonce
         )
+        del response  # as in sotw_stream
+        await call.write(ack)
     return seen
 
 
