@@ -79,10 +79,10 @@ TARGET_SYNC_S = {1000: 5.0}  # first sync of N sidecars
 TARGET_KB_PER_STREAM = 64.0
 
 
-def sidecar_role(index: int, services: int) -> tuple[str, str]:
+def sidecar_role(index: int, services: Sequence[str]) -> tuple[str, str]:
     """The (service, group) stream `index` plays: consecutive streams differ in both, so N
     streams cover min(N, services) services and every group."""
-    return service_names(services)[index % services], GROUPS[index % len(GROUPS)]
+    return services[index % len(services)], GROUPS[index % len(GROUPS)]
 
 
 def raise_fd_limit() -> None:
@@ -332,7 +332,7 @@ class Counts:
         self.examples.setdefault(reason, detail)
 
 
-def sidecar_node(index: int, services: int) -> base_pb2.Node:
+def sidecar_node(index: int, services: Sequence[str]) -> base_pb2.Node:
     """The node a sidecar's bootstrap declares (templates/bootstrap.yaml)."""
     service, group = sidecar_role(index, services)
     node = base_pb2.Node(id=f"{service}|{group}|bench-{index:05d}", cluster=service)
@@ -401,7 +401,8 @@ async def client_run(args: argparse.Namespace) -> None:
     a jittered exponential backoff, as Envoy does (0.5 s base, 8 s cap here). A local
     subchannel pool per channel gives each its own TCP connection (grpc would otherwise
     share one connection among channels with equal arguments)."""
-    eds = [cluster_name(s, g) for s in service_names(args.services) for g in GROUPS]
+    services = service_names(args.services)
+    eds = [cluster_name(s, g) for s in services for g in GROUPS]
     subscribed = {ENDPOINT: eds, ROUTE: [EGRESS_ROUTE, INBOUND_ROUTE]}
     run = delta_stream if args.mode == "delta" else sotw_stream
     channels = [
@@ -412,7 +413,7 @@ async def client_run(args: argparse.Namespace) -> None:
     counts = Counts()
 
     async def one(index: int) -> None:
-        node = sidecar_node(index, args.services)
+        node = sidecar_node(index, services)
         stub = stubs[(index - args.offset) // args.per_channel]
         backoff = 0.5
         while True:
