@@ -833,8 +833,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.services < 1 or args.chains < 1 or args.per_channel < 1 or args.clients < 1:
-        parser.error("--services, --chains, --per-channel and --clients must be at least 1")
+    if min(args.services, args.chains, args.per_channel, args.clients, args.changes) < 1:
+        parser.error(
+            "--services, --chains, --per-channel, --clients and --changes must be at least 1"
+        )
     return args
 
 
