@@ -1,10 +1,9 @@
 """Translator benchmark: how long rules -> every role's snapshot takes at mesh scale.
 
-Synthetic, seeded rules: 1000 services x 3 groups (`default` + 2 task groups), 200 chains of
-3-6 hops over random services (exact dyes plus one prefix each; some `loose`, some weights
-under 100, some rate limits), 2 instances per group. A fresh `Translator` builds every role
-and a real `SnapshotCache(STATIC_CLUSTERS)` takes each snapshot ("publish": the consistency
-check and the change diff run there). Then the incremental cases, each timed from the new
+The generated mesh of bench/mesh.py: 1000 services x 3 groups, 200 chains of 3-6 hops, 2
+instances per group. A fresh `Translator` builds every role and a real
+`SnapshotCache(STATIC_CLUSTERS)` takes each snapshot ("publish": the consistency check and
+the change diff run there). Then the incremental cases, each timed from the new
 rules to the last `set_snapshots`: one hop's weight changes; one instance is added.
 
     .venv/bin/python bench/translate.py [--services 1000] [--chains 200] [--reps 10]
@@ -21,28 +20,18 @@ import io
 import os
 import platform
 import pstats
-import random
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import cpu_model, load_average  # bench/ is the script's directory
+from mesh import TASK_GROUPS, change_weight, make_endpoints, make_rules
 
-from controlplane.model.dye import DEFAULT_BAGGAGE_KEY, DEFAULT_DYE_HEADER, Dye
-from controlplane.model.group import DEFAULT_GROUP
-from controlplane.model.rules import (
-    Group,
-    Hop,
-    RateLimit,
-    RuleSet,
-    Service,
-    TaskChain,
-)
-from controlplane.model.validate import check
+from controlplane.model.rules import RuleSet
 from controlplane.translate import Endpoints, Translator
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import EGRESS_ROUTE, GATEWAY_ROLE, STATIC_CLUSTERS
@@ -50,49 +39,8 @@ from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.types import PUSH_ORDER, ROUTE, SHORT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK_GROUPS = ("task-a", "task-b")
 TARGET_FULL_S = 2.0
 TARGET_REBUILD_S = 0.050
-
-
-def make_rules(services: int, chains: int, seed: int) -> RuleSet:
-    """Seeded synthetic rules; every dye is unique so `check` accepts them."""
-    rng = random.Random(seed)
-    names = [f"svc-{i:04d}" for i in range(services)]
-    groups = (Group(DEFAULT_GROUP, 1, 4), *(Group(g, 0, 4) for g in TASK_GROUPS))
-    service_rules = [Service(name=n, protocol="http", groups=groups) for n in names]
-    chain_rules = []
-    for c in range(chains):
-        hops = []
-        for service in rng.sample(names, rng.randint(3, 6)):
-            weight = 100 if rng.random() < 0.7 else rng.choice((10, 25, 50, 90))
-            limit = None
-            if rng.random() < 0.3:
-                rate = rng.choice((5.0, 50.0, 200.0))
-                limit = RateLimit(requests_per_second=rate, burst=int(rate) * 2)
-            hops.append(Hop(service, rng.choice(TASK_GROUPS), weight, limit))
-        dye = Dye(
-            header=DEFAULT_DYE_HEADER,
-            baggage_key=DEFAULT_BAGGAGE_KEY,
-            exact=tuple(f"task-{c:04d}-{k}" for k in range(rng.randint(1, 3))),
-            prefixes=(f"run-{c:04d}-",),
-        )
-        fallback = "loose" if rng.random() < 0.3 else "strict"
-        chain_rules.append(TaskChain(f"chain-{c:04d}", dye, fallback, tuple(hops)))
-    rules = RuleSet.empty().with_rules([*service_rules, *chain_rules])
-    check(rules)
-    return rules
-
-
-def make_endpoints(rules: RuleSet, per_group: int) -> dict[tuple[str, str], list[tuple[str, int]]]:
-    """`per_group` instances of every group, each with a distinct fake inbound address."""
-    out: dict[tuple[str, str], list[tuple[str, int]]] = {}
-    for s, service in enumerate(sorted(rules.services.values(), key=lambda x: x.name)):
-        for g, group in enumerate(service.groups):
-            out[(service.name, group.name)] = [
-                (f"10.{s // 250}.{s % 250}.{g * 10 + i}", 15006) for i in range(per_group)
-            ]
-    return out
 
 
 def publish(cache: SnapshotCache, snapshots: dict[str, Snapshot]) -> None:
@@ -125,13 +73,6 @@ def timed(translator: Translator, cache: SnapshotCache, rules: RuleSet, eps: End
     publish(cache, snapshots)
     done = time.perf_counter()
     return Timing(built - start, done - built, time.process_time() - cpu)
-
-
-def change_weight(rules: RuleSet, chain_name: str, rep: int) -> RuleSet:
-    """The chain with its first hop's weight set to a value that differs from every rep's."""
-    chain = rules.chains[chain_name]
-    first = replace(chain.hops[0], weight=1 + rep % 98)
-    return rules.with_rules([replace(chain, hops=(first, *chain.hops[1:]))])
 
 
 def add_instance(eps: Endpoints, key: tuple[str, str], rep: int) -> Endpoints:
