@@ -41,6 +41,7 @@ import yaml
 
 from controlplane.errors import TasklaneError
 from controlplane.inject.redirect import inbound_rules
+from controlplane.model.instance import proxy_env
 from controlplane.model.rules import DNS_LABEL, NAME_RULE
 from controlplane.model.text import describe, quote
 from controlplane.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsFiles
@@ -319,18 +320,13 @@ def _app_port(annotations: Mapping[str, str], containers: list[dict[str, Any]]) 
 # own. Names the user set in a container's env keep the user's value (a proxy of their own,
 # say), except that TASKLANE_SERVICE/GROUP may not contradict the labels.
 def _tasklane_env(service: str, group: str) -> list[dict[str, Any]]:
-    proxy = f"http://127.0.0.1:{EGRESS_PORT}"
+    egress = f"127.0.0.1:{EGRESS_PORT}"
     return [
         {"name": "TASKLANE_SERVICE", "value": service},
         {"name": "TASKLANE_GROUP", "value": group},
         {"name": "TASKLANE_INSTANCE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "TASKLANE_EGRESS", "value": f"127.0.0.1:{EGRESS_PORT}"},
-        {"name": "http_proxy", "value": proxy},
-        {"name": "HTTP_PROXY", "value": proxy},
-        {"name": "https_proxy", "value": proxy},
-        {"name": "HTTPS_PROXY", "value": proxy},
-        {"name": "no_proxy", "value": "localhost,127.0.0.1"},
-        {"name": "NO_PROXY", "value": "localhost,127.0.0.1"},
+        {"name": "TASKLANE_EGRESS", "value": egress},
+        *({"name": name, "value": value} for name, value in proxy_env(egress).items()),
     ]
 
 

@@ -16,6 +16,19 @@ INSTANCES = "instances/"
 DEFAULT_TTL = 5
 # Renewing three times per TTL survives one lost keep-alive (and a slow one) without expiry.
 KEEPALIVE_INTERVAL = 1.5
+PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")
+
+
+def proxy_env(egress: str) -> dict[str, str]:
+    """How an instance's app reaches its sidecar's egress listener (`host:port`): plain HTTP
+    as a proxy, HTTPS as CONNECT tunnels (for hosts outside the mesh), in both spellings
+    clients read; loopback stays direct."""
+    proxy = f"http://{egress}"
+    return {
+        **dict.fromkeys(PROXY_VARIABLES, proxy),
+        "no_proxy": "localhost,127.0.0.1",
+        "NO_PROXY": "localhost,127.0.0.1",
+    }
 
 
 @dataclass(frozen=True)

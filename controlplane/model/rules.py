@@ -26,6 +26,7 @@ from controlplane.model.dye import (
     value_problem,
 )
 from controlplane.model.group import DEFAULT_GROUP
+from controlplane.model.instance import proxy_env
 from controlplane.model.text import describe, quote
 
 API_VERSION = "tasklane.io/v1"
@@ -47,9 +48,7 @@ _HEADER_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Set by `tasklane run` for every instance; a Service's own value would be silently replaced.
-_RUN_ENV_RESERVED = frozenset(
-    {"PORT", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"}
-)
+_RUN_ENV_RESERVED = frozenset({"PORT", *proxy_env("").keys()})
 _RUN_ENV_RESERVED_PREFIX = "TASKLANE_"
 # Retries: what Envoy may retry on (its `retry_on` names), how often, and a status code range.
 # A number in `retryOn` is a status code (Envoy's `retriable-status-codes`).

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.errors import RuntimeFailure, TasklaneError
-from controlplane.model.instance import KEEPALIVE_INTERVAL, Instance
+from controlplane.model.instance import KEEPALIVE_INTERVAL, Instance, proxy_env
 from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port, port_in_use
@@ -263,7 +263,6 @@ class _Run:
         self, stack: contextlib.ExitStack, ports: _Ports, instance_id: str
     ) -> subprocess.Popen[bytes]:
         """CMD, told its port and its way out (stopped when the stack closes)."""
-        proxy = f"http://127.0.0.1:{ports.egress}"
         env = {
             **{name: value for name, value in os.environ.items() if name != _TOKEN_ENV},
             "PORT": str(ports.app),
@@ -271,12 +270,7 @@ class _Run:
             "TASKLANE_GROUP": self.options.group,
             "TASKLANE_INSTANCE": instance_id,
             "TASKLANE_EGRESS": f"127.0.0.1:{ports.egress}",
-            "http_proxy": proxy,
-            "HTTP_PROXY": proxy,
-            "https_proxy": proxy,  # a CONNECT tunnel, for hosts outside the mesh
-            "HTTPS_PROXY": proxy,
-            "no_proxy": "localhost,127.0.0.1",
-            "NO_PROXY": "localhost,127.0.0.1",
+            **proxy_env(f"127.0.0.1:{ports.egress}"),
         }
         # Its own process group: a terminal's Ctrl-C reaches `tasklane run` only, which
         # deregisters before it stops the app.
