@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import ClassVar, NoReturn
 
 from controlplane.inject.pod import ADMIN_PORT, EGRESS_PORT, pod_bootstrap
+from controlplane.model.group import GroupKey
 from controlplane.runtime.envoy import envoy_binary
 
 APP_PORT = 8000  # where the demo apps of docker-compose.yml listen, on 127.0.0.1
@@ -56,7 +57,7 @@ class Sidecar:
     def node_id(self) -> str:
         """The id `tasklane run` would give it: service|group|host-port."""
         host, _, port = self.announce.rpartition(":")
-        return f"{self.service}|{self.group}|{host}-{port}"
+        return GroupKey(self.service, self.group).node_id(f"{host}-{port}")
 
     def bootstrap(self) -> str:
         """The bootstrap YAML: a pod's (the `tasklane run` template, inbound on every address)."""

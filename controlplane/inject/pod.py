@@ -41,6 +41,7 @@ import yaml
 
 from controlplane.errors import TasklaneError
 from controlplane.inject.redirect import inbound_rules
+from controlplane.model.group import GroupKey
 from controlplane.model.instance import proxy_env
 from controlplane.model.rules import DNS_LABEL, NAME_RULE
 from controlplane.model.text import describe, quote
@@ -524,7 +525,7 @@ def _bootstrap(
     `$` is doubled, which is how Kubernetes escapes it. Cached: the webhook renders the same few
     (service, group, port) combinations again and again."""
     text = pod_bootstrap(
-        node_id=f"{service}|{group}|{POD_NAME}",
+        node_id=GroupKey(service, group).node_id(POD_NAME),
         service=service,
         group=group,
         host=POD_IP,

@@ -22,6 +22,10 @@ class GroupKey(NamedTuple):
     def __str__(self) -> str:
         return f"{self.service}{SEPARATOR}{self.group}"
 
+    def node_id(self, instance: str) -> str:
+        """The Envoy node id of one instance of the pair: `service|group|instance`."""
+        return f"{self}{SEPARATOR}{instance}"
+
     @classmethod
     def parse(cls, text: str) -> GroupKey:
         """`service|group[|...]` -> its pair; a missing group is ""."""

@@ -275,7 +275,7 @@ def run_gateway(options: GatewayOptions, api: Api) -> int:
     xds_host, xds_port = xds_address(options.server, status, options.tls)
     _check_can_listen(options.host, options.port)
     envoy = GatewayEnvoy(
-        node_id=f"{GATEWAY_ROLE}|{socket.gethostname()}-{options.port}",
+        node_id=GroupKey.parse(GATEWAY_ROLE).node_id(f"{socket.gethostname()}-{options.port}"),
         listen_host=options.host,
         port=options.port,
         trust=trust,

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.errors import RuntimeFailure, TasklaneError
+from controlplane.model.group import GroupKey
 from controlplane.model.instance import KEEPALIVE_INTERVAL, Instance, proxy_env
 from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
@@ -218,7 +219,7 @@ class _Run:
         certificate from another CA, nothing listening), else after READY_TIMEOUT. Other
         ports would not help then, so none are tried."""
         envoy = EnvoyProcess(
-            node_id=f"{self.options.service}|{self.options.group}|{instance_id}",
+            node_id=GroupKey(self.options.service, self.options.group).node_id(instance_id),
             service=self.options.service,
             group=self.options.group,
             xds_host=xds[0],

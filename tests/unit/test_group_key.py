@@ -18,3 +18,9 @@ def test_a_plain_pair_is_the_same_key() -> None:
     assert GroupKey("a", "b") == ("a", "b")
     assert {("a", "b"): 1}[GroupKey("a", "b")] == 1
     assert GroupKey.parse("lonely") == ("lonely", "")
+
+
+def test_a_node_id_names_its_pair_first() -> None:
+    node = GroupKey("account-svc", "task").node_id("pod-7")
+    assert node == "account-svc|task|pod-7"
+    assert GroupKey.parse(node) == ("account-svc", "task")
