@@ -85,6 +85,9 @@ INBOUND_LISTENER = "inbound"  # sidecar.yaml's listener in front of the app
 READY_LISTENER = "ready"  # pod.yaml's listener for the probes
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 APP_HEALTH = "/app-health"  # the ready port's paths for the app's own HTTP probes
+# The ready port's answer to the app's TCP probes: 200 while the sidecar's own TCP health
+# check of the app passes (a TCP probe of the app port would only reach Envoy).
+APP_TCP_HEALTH = f"{APP_HEALTH}/tcp"
 
 try:
     VERSION = importlib.metadata.version("tasklane")
@@ -349,12 +352,16 @@ def _app_env(env: object, service: str, group: str, field: str) -> list[Any]:
     return [*current, *added]
 
 
-def _app_probes(containers: list[dict[str, Any]], app_port: int) -> tuple[tuple[str, str], ...]:
+def _app_probes(
+    containers: list[dict[str, Any]], app_port: int
+) -> tuple[tuple[str, str | None], ...]:
     """The redirect would send the kubelet's probes of the app port into the inbound listener,
-    where a task group refuses undyed requests. So an HTTP probe there is moved to the ready
-    port, at APP_HEALTH/<container>/<probe>, which the sidecar passes on to the app's path (as
-    Istio rewrites probes). Changes `containers`; returns (ready path, app path) pairs."""
-    routes = []
+    where a task group refuses undyed requests (HTTP) or Envoy answers for the app (TCP). So
+    an HTTP probe there is moved to the ready port, at APP_HEALTH/<container>/<probe>, which
+    the sidecar passes on to the app's path (as Istio rewrites probes), and a TCP probe to
+    APP_TCP_HEALTH, which the sidecar answers from its own TCP check of the app. Changes
+    `containers`; returns (ready path, app path or None for the TCP check) pairs."""
+    routes: dict[str, str | None] = {}
     for index, container in enumerate(containers):
         named = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
         for kind in PROBES:
@@ -362,12 +369,17 @@ def _app_probes(containers: list[dict[str, Any]], app_port: int) -> tuple[tuple[
             if not isinstance(probe, dict):
                 continue
             field = f"spec.containers[{index}].{kind}"
-            grpc, http = probe.get("grpc"), probe.get("httpGet")
+            grpc, http, tcp = probe.get("grpc"), probe.get("httpGet"), probe.get("tcpSocket")
             if isinstance(grpc, dict) and grpc.get("port") == app_port:
                 raise InjectError(
                     f"{field}.grpc", f"a gRPC probe of the app port {app_port} would reach the "
-                    "sidecar's inbound listener, not the app: use httpGet or exec",
+                    "sidecar's inbound listener, not the app: use httpGet, tcpSocket or exec",
                 )  # fmt: skip
+            if isinstance(tcp, dict) and named.get(tcp.get("port"), tcp.get("port")) == app_port:
+                del probe["tcpSocket"]
+                probe["httpGet"] = {"path": APP_TCP_HEALTH, "port": READY_PORT}
+                routes[APP_TCP_HEALTH] = None
+                continue
             if not isinstance(http, dict):
                 continue
             port = http.get("port")
@@ -379,16 +391,16 @@ def _app_probes(containers: list[dict[str, Any]], app_port: int) -> tuple[tuple[
                     f"an HTTPS probe of the app port {app_port} cannot pass the sidecar",
                 )
             path = f"{APP_HEALTH}/{container.get('name')}/{kind}"
-            routes.append((path, str(http.get("path") or "/")))
+            routes[path] = str(http.get("path") or "/")
             probe["httpGet"] = {**http, "port": READY_PORT, "path": path}
-    return tuple(routes)
+    return tuple(routes.items())
 
 
 def _sidecar(
     service: str,
     group: str,
     app_port: int | None,
-    app_health: tuple[tuple[str, str], ...],
+    app_health: tuple[tuple[str, str | None], ...],
     options: InjectOptions,
 ) -> dict[str, Any]:
     probe = {"httpGet": {"path": "/ready", "port": READY_PORT}, "periodSeconds": 1}
@@ -463,13 +475,14 @@ def pod_bootstrap(
     delta: bool = False,
     tls: TlsFiles | None = None,
     inbound_port: int = INBOUND_PORT,
-    app_health: tuple[tuple[str, str], ...] = (),
+    app_health: tuple[tuple[str, str | None], ...] = (),
 ) -> str:
     """The bootstrap of a sidecar beside its app in one network namespace (a pod; a compose
     service): the fixed ports above, inbound on every address, /ready for probes, and the
     instance announced at `host`:`inbound_port`. Without `app_port` (a client-only pod): the
     egress listener and /ready only, and no announcement (nothing can call it). `app_health`:
-    (path, app path) pairs the ready listener passes on to the app (_app_probes)."""
+    (path, app path) pairs the ready listener passes on to the app, or answers from its TCP check
+    of the app when the app path is None (_app_probes)."""
     text = render_bootstrap(
         node_id=node_id,
         service=service,
@@ -499,8 +512,8 @@ def pod_bootstrap(
         static["listeners"] = [x for x in static["listeners"] if x["name"] != INBOUND_LISTENER]
         static["clusters"] = [x for x in static["clusters"] if x["name"] != LOCAL_APP_CLUSTER]
     (ready,) = [x for x in static["listeners"] if x["name"] == READY_LISTENER]
-    host = ready["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
-    routes = host["virtual_hosts"][0]["routes"]
+    manager = ready["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
     routes[:0] = [
         {
             "match": {
@@ -510,15 +523,35 @@ def pod_bootstrap(
             "route": {"cluster": LOCAL_APP_CLUSTER, "prefix_rewrite": app_path},
         }
         for path, app_path in app_health
+        if app_path is not None
     ]
+    if any(app_path is None for _, app_path in app_health):
+        manager["http_filters"][:0] = [_tcp_check(APP_TCP_HEALTH)]
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+_HEALTH_CHECK_TYPE = "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck"
+
+
+def _tcp_check(path: str) -> dict[str, Any]:
+    """The HTTP answer to a TCP probe: 200 while the sidecar's TCP health check of the app
+    passes (as the inbound listener answers callers' health checks), else 503."""
+    return {
+        "name": "envoy.filters.http.health_check",
+        "typed_config": {
+            "@type": _HEALTH_CHECK_TYPE,
+            "pass_through_mode": False,
+            "headers": [{"name": ":path", "string_match": {"exact": path}}],
+            "cluster_min_healthy_percentages": {LOCAL_APP_CLUSTER: {"value": 100}},
+        },
+    }
 
 
 def _bootstrap(
     service: str,
     group: str,
     app_port: int | None,
-    app_health: tuple[tuple[str, str], ...],
+    app_health: tuple[tuple[str, str | None], ...],
     options: InjectOptions,
 ) -> str:
     """The sidecar's bootstrap with `$(POD_NAME)`/`$(POD_IP)` left for the kubelet; any other

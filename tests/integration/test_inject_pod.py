@@ -22,6 +22,7 @@ import pytest
 
 from controlplane.inject.pod import (
     ADMIN_PORT,
+    APP_TCP_HEALTH,
     INBOUND_PORT,
     READY_PORT,
     REDIRECT_NAME,
@@ -160,6 +161,7 @@ def test_injected_sidecar_in_a_pod_network_namespace(
                         "image": "x",
                         "ports": [{"containerPort": APP_PORT}],
                         "readinessProbe": {"httpGet": {"path": "/", "port": APP_PORT}},
+                        "livenessProbe": {"tcpSocket": {"port": APP_PORT}},
                     }
                 ]
             },
@@ -177,7 +179,7 @@ def test_injected_sidecar_in_a_pod_network_namespace(
     app_log, envoy_log = tmp_path / "app.log", tmp_path / "envoy.log"
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "index.html").write_text("hello from the app\n")
-    pod.start(
+    app = pod.start(
         [sys.executable, "-m", "http.server", str(APP_PORT), "--bind", "0.0.0.0"],
         app_log,
         cwd=tmp_path / "www",
@@ -248,6 +250,15 @@ def test_injected_sidecar_in_a_pod_network_namespace(
         ("web", "default", POD_IP, INBOUND_PORT)
     ]
     assert envoy.poll() is None
+
+    # The app's TCP probe, moved to the ready port, follows the app itself, not the sidecar.
+    liveness = template["spec"]["containers"][0]["livenessProbe"]["httpGet"]
+    assert (liveness["port"], liveness["path"]) == (READY_PORT, APP_TCP_HEALTH)
+    assert pod.get(POD_IP, READY_PORT, APP_TCP_HEALTH)[0] == 200
+    app.kill()
+    wait_for(
+        lambda: pod.get(POD_IP, READY_PORT, APP_TCP_HEALTH)[0] == 503, "the TCP probe fails", logs
+    )
 
 
 TASK_RULES = """\

@@ -214,8 +214,9 @@ def test_http_probes_of_the_app_port_reach_the_app_through_the_ready_port() -> N
         "httpGet": {"path": "/app-health/app/readinessProbe", "port": READY_PORT},
         "timeoutSeconds": 2,
     }
-    # A TCP probe passes once the sidecar listens; other ports are not redirected.
-    assert app["livenessProbe"] == {"tcpSocket": {"port": "http"}}
+    # A TCP probe would only reach Envoy: the ready port answers it from the sidecar's own
+    # TCP check of the app. Other ports are not redirected.
+    assert app["livenessProbe"] == {"httpGet": {"path": "/app-health/tcp", "port": READY_PORT}}
     assert exporter["readinessProbe"] == {"httpGet": {"path": "/", "port": 9090}}
     (ready,) = [
         x for x in bootstrap_of(pod)["static_resources"]["listeners"] if x["name"] == "ready"
@@ -233,6 +234,13 @@ def test_http_probes_of_the_app_port_reach_the_app_through_the_ready_port() -> N
             "prefix_rewrite": "/healthz?full=1",
         },
         "/ready": {"cluster": "envoy-admin", "timeout": "1s"},
+    }
+    (tcp_check, *_) = ready["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    assert tcp_check["typed_config"]["headers"] == [
+        {"name": ":path", "string_match": {"exact": "/app-health/tcp"}}
+    ]
+    assert tcp_check["typed_config"]["cluster_min_healthy_percentages"] == {
+        "local-app": {"value": 100}
     }
     assert (
         kubernetes_validate.validate(
