@@ -154,31 +154,20 @@ def test_its_steps_build_an_image_that_runs_tasklane_and_envoy(tmp_path: Path) -
     final = images["final"]
     venv = final.root / "opt" / "tasklane"
     assert not (final.root / "tmp" / "dist").exists()  # the wheel is not left in the image
-    for command in (["tasklane", "--help"], ["envoy", "--version"]):
+
+    def in_image(*command: str) -> str:
         done = subprocess.run(
             command, env=final.env, capture_output=True, text=True, timeout=60, cwd=tmp_path
         )
         assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    for command in (["tasklane", "--help"], ["envoy", "--version"]):
+        in_image(*command)
         assert str(venv / "bin") in shutil.which(command[0], path=final.env["PATH"])
     # What the webhook and `tasklane inject` do in the image: render sidecars from the
     # installed templates, and the redirect module is there for the init container.
-    done = subprocess.run(
-        ["tasklane", "inject", "-f", str(WORKLOADS)],
-        env=final.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert DEFAULT_IMAGE in done.stdout
-    assert len([d for d in yaml.safe_load_all(done.stdout) if d]) > 1
-    done = subprocess.run(
-        ["python", "-c", "import controlplane.inject.redirect, controlplane.api.proto_gen"],
-        env=final.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    injected = in_image("tasklane", "inject", "-f", str(WORKLOADS))
+    assert DEFAULT_IMAGE in injected
+    assert len([d for d in yaml.safe_load_all(injected) if d]) > 1
+    in_image("python", "-c", "import controlplane.inject.redirect, controlplane.api.proto_gen")

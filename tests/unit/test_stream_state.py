@@ -82,6 +82,13 @@ class Envoy:
         return pushes
 
 
+def assert_routes_replaced_before_removal(pushes: list[Push], cluster: str) -> None:
+    """Make-before-break: the new routes went out before `cluster` was removed."""
+    removal = next(i for i, p in enumerate(pushes) if cluster in p.removed)
+    route = next(i for i, p in enumerate(pushes) if p.type_url == ROUTE)
+    assert route < removal
+
+
 def names(push: Push | None) -> list[str]:
     assert push is not None, "expected a response"
     return [r.name for r in push.resources]
@@ -430,10 +437,7 @@ def test_delta_reconnect_holds_cluster_removals_until_its_routes_are_known() -> 
     envoy.subscribe(LISTENER, held=held[LISTENER])
     envoy.subscribe(ROUTE, ["egress"], held=held[ROUTE])
     envoy.subscribe(ENDPOINT, ["b"])
-    pushes = envoy.sync()
-    removal = next(i for i, p in enumerate(pushes) if "a" in p.removed)
-    route = next(i for i, p in enumerate(pushes) if p.type_url == ROUTE)
-    assert route < removal
+    assert_routes_replaced_before_removal(envoy.sync(), "a")
 
 
 def test_delta_reconnect_with_static_listeners_keeps_clusters_until_its_routes_are_known() -> None:
@@ -450,7 +454,4 @@ def test_delta_reconnect_with_static_listeners_keeps_clusters_until_its_routes_a
     envoy.ack(cds)
     envoy.subscribe(ROUTE, ["egress"], held=held[ROUTE])
     envoy.subscribe(ENDPOINT, ["b"])
-    pushes = envoy.sync()
-    removal = next(i for i, p in enumerate(pushes) if "a" in p.removed)
-    route = next(i for i, p in enumerate(pushes) if p.type_url == ROUTE)
-    assert route < removal
+    assert_routes_replaced_before_removal(envoy.sync(), "a")
