@@ -115,6 +115,9 @@ class Service:
     run: RunSpec | None = None  # None: instances are started by hand or by Kubernetes
     # Every request to this service (online, and dyed ones whose hop sets none); None: no retry.
     retries: Retries | None = None
+    # Services this one's app calls (Istio's Sidecar egress hosts): its sidecars get their
+    # config from the start instead of learning it on the first call (model/scope.py).
+    calls: tuple[str, ...] = ()
 
     def group(self, name: str) -> Group | None:
         """The group called `name`, or None: hops name groups that may not exist."""
@@ -251,6 +254,8 @@ def _spec_document(rule: Rule) -> dict[str, Any]:
             document["run"] = {"command": list(rule.run.command), "env": dict(rule.run.env)}
         if rule.retries is not None:
             document["retries"] = _retries_document(rule.retries)
+        if rule.calls:
+            document["calls"] = list(rule.calls)
         return document
     if isinstance(rule, TaskChain):
         return {
@@ -357,7 +362,7 @@ def _label(doc: object) -> str:
 
 
 def _service(reader: _Reader, name: str, spec: object) -> Service:
-    fields = reader.fields(spec, "spec", ("protocol", "groups", "run", "retries"))
+    fields = reader.fields(spec, "spec", ("protocol", "groups", "run", "retries", "calls"))
     protocol = reader.choice(fields, "spec", "protocol", PROTOCOLS, "http")
     groups: list[Group] = []
     seen: dict[str, int] = {}
@@ -380,7 +385,17 @@ def _service(reader: _Reader, name: str, spec: object) -> Service:
     rest = [g for g in groups if g.name != DEFAULT_GROUP]
     run = _run(reader, fields["run"]) if "run" in fields else None
     retries = _retries(reader, fields["retries"], "spec.retries") if "retries" in fields else None
-    return Service(name=name, protocol=protocol, groups=(*default, *rest), run=run, retries=retries)
+    calls: dict[str, None] = {}  # in the order written, once each
+    for index, item in enumerate(reader.items(fields, "spec", "calls", [])):
+        calls[reader.label(item, f"spec.calls[{index}]", "service name")] = None
+    return Service(
+        name=name,
+        protocol=protocol,
+        groups=(*default, *rest),
+        run=run,
+        retries=retries,
+        calls=tuple(calls),
+    )
 
 
 def _run(reader: _Reader, value: object) -> RunSpec:
@@ -640,9 +655,14 @@ class _Reader:
 
     def name(self, fields: dict[Any, Any], path: str, key: str, noun: str) -> str:
         """A DNS-1123 label: names end up in Envoy resource names and etcd keys."""
-        value = self.string(fields, path, key)
+        return self.label(self.string(fields, path, key), _join(path, key), noun)
+
+    def label(self, value: object, path: str, noun: str) -> str:
+        """`value` (found at `path`) as a DNS-1123 label."""
+        if not isinstance(value, str):
+            self.fail(path, f"expected a string, got {describe(value)}")
         if not DNS_LABEL.fullmatch(value):
-            self.fail(_join(path, key), f"{quote(value)} is not a valid {noun} ({NAME_RULE})")
+            self.fail(path, f"{quote(value)} is not a valid {noun} ({NAME_RULE})")
         return value
 
     def choice(

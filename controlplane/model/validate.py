@@ -14,7 +14,7 @@ from typing import NoReturn
 from controlplane.errors import RuleError
 from controlplane.model.dye import DyeClaims
 from controlplane.model.load import Parsed
-from controlplane.model.rules import Rule, RuleSet, ScheduledTask, TaskChain
+from controlplane.model.rules import Rule, RuleSet, ScheduledTask, Service, TaskChain
 from controlplane.model.text import quote
 
 Key = tuple[str, str]  # (kind, name)
@@ -46,7 +46,9 @@ def check(ruleset: RuleSet, origins: Mapping[Key, Parsed] | None = None) -> None
     report = _Report(origins or {})
     claims = DyeClaims(ruleset.chains.values())
     for rule in _check_order(ruleset, report.origins):
-        if isinstance(rule, TaskChain):
+        if isinstance(rule, Service):
+            _check_calls(rule, ruleset, report)
+        elif isinstance(rule, TaskChain):
             _check_chain(rule, ruleset, claims, report)
         elif isinstance(rule, ScheduledTask):
             _check_task(rule, ruleset, report)
@@ -57,6 +59,11 @@ def check_delete(current: RuleSet, kind: str, name: str) -> None:
     current.get(kind, name)  # RuleError for an unknown kind
     referrers: list[str] = []
     if kind == "Service":
+        referrers.extend(
+            f"Service {service.name} (spec.calls[{service.calls.index(name)}])"
+            for service in sorted(current.services.values(), key=lambda service: service.name)
+            if name in service.calls and service.name != name
+        )
         for chain in sorted(current.chains.values(), key=lambda chain: chain.name):
             referrers.extend(
                 f"TaskChain {chain.name} (spec.hops[{index}].service)"
@@ -103,6 +110,17 @@ class _Report:
         origin = self.origins.get((kind, name))
         place = f"{origin.file}: document {origin.document}" if origin else "stored"
         return f"{kind} {name} ({place})"
+
+
+def _check_calls(service: Service, ruleset: RuleSet, report: _Report) -> None:
+    for index, callee in enumerate(service.calls):
+        if callee not in ruleset.services:
+            report.fail(
+                service,
+                f"spec.calls[{index}]",
+                f"unknown service {quote(callee)}",
+                (("Service", callee),),
+            )
 
 
 def _check_chain(chain: TaskChain, ruleset: RuleSet, claims: DyeClaims, report: _Report) -> None:
