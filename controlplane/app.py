@@ -53,7 +53,6 @@ from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
 from controlplane.telemetry.report import isolation_report
 from controlplane.translate import Translator
-from controlplane.translate.unknown import unknown_role_snapshot
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import ALLOW_ANY, STATIC_CLUSTERS
 from controlplane.xds.server import (
@@ -144,7 +143,7 @@ class ControlPlane:
             etcd_endpoint = self.etcd.endpoint
         self.etcd_endpoint = etcd_endpoint
         # A sidecar of a role no rule defines gets listeners that answer 503 and say why.
-        self.cache = SnapshotCache(STATIC_CLUSTERS, fallback=unknown_role_snapshot)
+        self.cache = SnapshotCache(STATIC_CLUSTERS, fallback=lambda key: self.sync.fallback(key))
         self.sync = Sync(self.cache, Translator(outbound_policy))
         self.status_board = StatusBoard()
         # Access logs, isolation accounting and Prometheus metrics (xDS events come through
@@ -157,7 +156,7 @@ class ControlPlane:
         observer: Observer = self.telemetry.metrics.xds  # called on every push: no fan-out
         if self.announcements is not None:  # unless announcements need the stream events too
             observer = Observers(observer, self.announcements)
-        self.ads = AdsServer(self.cache, self.status_board, observer)
+        self.ads = AdsServer(self.cache, self.status_board, observer, self.sync.on_demand)
         self.api_token = ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
         self.http_app.middlewares.append(auth.middleware(self.api_token))

@@ -23,8 +23,10 @@ from controlplane.model.rules import RuleSet
 from controlplane.store.etcd import Store
 from controlplane.store.registry import watch_instances
 from controlplane.store.rules import watch_rules
-from controlplane.translate import Endpoints, Translator
+from controlplane.translate import Asked, Endpoints, Scopes, Translator
+from controlplane.translate.unknown import unknown_role_snapshot
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.names import view_role
 from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,16 @@ def endpoints_of(instances: Iterable[Instance]) -> Endpoints:
     out: dict[GroupKey, list[tuple[str, int]]] = {}
     for instance in instances:
         out.setdefault(instance.group_key, []).append(instance.address)
+    return out
+
+
+def full_views(cache: SnapshotCache) -> set[GroupKey]:
+    """The roles whose state-of-the-world sidecars are connected: their full view is built."""
+    out = set()
+    for key in cache.watched():
+        role, is_full = view_role(key)
+        if is_full:
+            out.add(GroupKey.parse(role))
     return out
 
 
@@ -61,6 +73,7 @@ class Sync:
         self._rules: RuleSet | None = None
         self._instances: dict[str, Instance] | None = None
         self._instances_revision = 0
+        self._asked = Asked()  # hosts asked for on demand (translate/scope.py)
         self._roles: frozenset[str] = frozenset()
         self._dirty = asyncio.Event()
         self._published = asyncio.Condition()
@@ -86,6 +99,7 @@ class Sync:
         the control plane serves gets its snapshot at once. StoreError if etcd does not answer.
         """
         self._loop = asyncio.get_running_loop()
+        self.cache.on_new_watch = self._view_wanted
         try:
             self._cancels.append(await asyncio.to_thread(watch_rules, store, self._rules_changed))
             self._cancels.append(
@@ -132,6 +146,32 @@ class Sync:
                 return False
         return True
 
+    def on_demand(self, role: str, authority: str) -> bool:
+        """A Delta sidecar of `role` asked for `authority`, which its scope lacks (the ADS
+        server's hook): whether a host for it will come, with the next build."""
+        comes, changed = self._asked.ask(self.rules, role, authority)
+        if changed:
+            self._dirty.set()
+        return comes
+
+    def fallback(self, key: str) -> Snapshot | None:
+        """What the streams of a snapshot key not built get: nothing yet for a role of the
+        rules (its full view is on its way), else listeners that say the role is unknown."""
+        role = view_role(key)[0]
+        service, group = GroupKey.parse(role)
+        known = self.rules.services.get(service)
+        if known is not None and known.group(group) is not None:
+            return None
+        return unknown_role_snapshot(role)
+
+    def _view_wanted(self, key: str) -> None:
+        """A stream watches a snapshot not built yet: a full view is built for it."""
+        if view_role(key)[1]:
+            self._dirty.set()
+
+    def _scopes(self) -> Scopes:
+        return self._asked.scopes(full=full_views(self.cache))
+
     # --- called on watch threads -------------------------------------------------------------
 
     def _rules_changed(self, rules: RuleSet) -> None:
@@ -170,7 +210,7 @@ class Sync:
         started = time.monotonic()
         try:
             snapshots = await asyncio.to_thread(
-                self.translator.build, rules, endpoints_of(instances.values())
+                self.translator.build, rules, endpoints_of(instances.values()), self._scopes()
             )
         except Exception as exc:  # a translator bug must not stop the sync
             log.exception("building the snapshots failed; the published ones stay")
@@ -182,7 +222,7 @@ class Sync:
             builds=self._status["builds"] + 1,
             last_build_at=time.time(),
             last_build_ms=round((time.monotonic() - started) * 1000, 3),
-            roles=len(snapshots),
+            roles=len({view_role(key)[0] for key in snapshots}),
             rules=len(rules.all()),
             instances=len(instances),
             instances_revision=revision,

@@ -71,7 +71,10 @@ def add_sidecar_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
         f"(default: {DEFAULT_TLS_SECRET}, made by `tasklane k8s manifests`)",
     )
     p.add_argument(
-        f"--{prefix}delta", action="store_true", help="sidecars use incremental (delta) xDS"
+        f"--{prefix}sotw",
+        action="store_true",
+        help="sidecars use state-of-the-world xDS and hold the whole mesh's config (default: "
+        "incremental xDS, each holding what its app calls)",
     )
 
 
@@ -93,7 +96,7 @@ def sidecar_options(args: argparse.Namespace, prefix: str = "") -> InjectOptions
         image=image,
         xds_host=host,
         xds_port=port,
-        delta=option[f"{dest}delta"],
+        delta=not option[f"{dest}sotw"],
         tls_secret=tls_secret,
     )
 

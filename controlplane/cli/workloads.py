@@ -59,7 +59,12 @@ def add_run(commands: argparse._SubParsersAction, common: argparse.ArgumentParse
         help="address the sidecar's inbound listener binds and other sidecars reach this "
         "instance at (default: 127.0.0.1)",
     )
-    p.add_argument("--delta", action="store_true", help="use incremental (delta) xDS")
+    p.add_argument(
+        "--sotw",
+        action="store_true",
+        help="state-of-the-world xDS: the sidecar holds the whole mesh's config (default: "
+        "incremental xDS, holding what the app calls and asking for other services on demand)",
+    )
     add_tls_dir(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     p.set_defaults(handler=run)
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         server=args.server,
         host=args.host,
         port=args.port,
-        delta=args.delta,
+        delta=not args.sotw,
         tls=client_tls(args),
     )
     # Read before anything starts: registering is a write.

@@ -103,7 +103,7 @@ class InjectOptions:
     image: str = DEFAULT_IMAGE
     xds_host: str = "tasklane.tasklane-system.svc"
     xds_port: int = 18000
-    delta: bool = False
+    delta: bool = True  # False: state of the world, the whole mesh's config
     version: str = VERSION  # written to the tasklane.io/injected annotation
     # A Secret in the pod's namespace: mTLS to the control plane; None: plaintext xDS.
     tls_secret: str | None = DEFAULT_TLS_SECRET
@@ -472,7 +472,7 @@ def pod_bootstrap(
     app_port: int | None,
     xds_host: str,
     xds_port: int,
-    delta: bool = False,
+    delta: bool = True,
     tls: TlsFiles | None = None,
     inbound_port: int = INBOUND_PORT,
     app_health: tuple[tuple[str, str | None], ...] = (),

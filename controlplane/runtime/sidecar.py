@@ -79,7 +79,7 @@ class RunOptions:
     server: str  # the control plane's HTTP URL, for its host when xDS listens on a wildcard
     host: str = "127.0.0.1"  # where other sidecars reach this instance
     port: int | None = None  # the app's port; None picks a free one
-    delta: bool = False
+    delta: bool = True  # False: state of the world, the whole mesh's config
     tls: TlsFiles | None = None  # the client files (pki.client_files) when xDS is TLS
 
 

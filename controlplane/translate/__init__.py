@@ -28,6 +28,7 @@ and `translator` (assembly and memoisation). The output is xds's Snapshot and Re
 """
 
 from controlplane.translate.common import Endpoints
+from controlplane.translate.scope import Asked, Scopes
 from controlplane.translate.translator import Translator
 
-__all__ = ["Endpoints", "Translator"]
+__all__ = ["Asked", "Endpoints", "Scopes", "Translator"]

@@ -116,16 +116,19 @@ def _local_reply(status: int, text: str) -> route_pb2.DirectResponseAction:
     )
 
 
-def outside_mesh_host(policy: str) -> route_pb2.VirtualHost:
-    """Every host that is no service of the mesh (`*`: Envoy tries it after every service's
-    domains). `ALLOW_ANY` passes the request to the host the app named, and tunnels a
-    CONNECT (HTTPS through `https_proxy`) there; `REGISTRY_ONLY` answers 502 naming the host
+def outside_mesh_host(
+    policy: str, domains: Sequence[str] = ("*",), name: str = "outside_mesh"
+) -> route_pb2.VirtualHost:
+    """Hosts that are no service of the mesh: every other host (`*`, tried after every
+    service's domains), or the ones a scoped sidecar asked for on demand. `ALLOW_ANY`
+    passes the request to the host the app named, and tunnels a CONNECT (HTTPS through
+    `https_proxy`) there; `REGISTRY_ONLY` answers 502 naming the host
     and the policy, so the app's log says why, not a bare 404.
 
     A request passed through carries PASSTHROUGH_HEADER: one that arrives with it came back
     from the sidecar itself (its own address named as the host) and stops there with 508,
     instead of looping until the route times out."""
-    host = route_pb2.VirtualHost(name="outside_mesh", domains=["*"])
+    host = route_pb2.VirtualHost(name=name, domains=domains)
     connect = route_pb2.RouteMatch(connect_matcher=route_pb2.RouteMatch.ConnectMatcher())
     if policy == ALLOW_ANY:
         looped = route_pb2.RouteMatch(

@@ -29,12 +29,15 @@ class SnapshotCache:
     def __init__(
         self,
         static_clusters: frozenset[str] = frozenset(),
-        fallback: Callable[[str], Snapshot] | None = None,
+        fallback: Callable[[str], Snapshot | None] | None = None,
     ) -> None:
         """`fallback(role)` is served to the streams of a role with no published snapshot
-        (translate/unknown.py); without it they wait for one."""
+        (translate/unknown.py); without it, or when it returns None, they wait for one."""
         self.static_clusters = static_clusters  # the sidecars' own clusters, not in snapshots
         self.fallback = fallback
+        # Told when a role with no snapshot gets its first stream: snapshots built only for
+        # roles someone watches (full views, sync.py) are built then.
+        self.on_new_watch: Callable[[str], None] | None = None
         self._snapshots: dict[str, Snapshot] = {}
         self._fallbacks: dict[str, Snapshot] = {}  # of the watched roles that have none
         self._watchers: dict[str, set[Watcher]] = defaultdict(set)
@@ -102,8 +105,15 @@ class SnapshotCache:
     def roles(self) -> list[str]:
         return sorted(self._snapshots)
 
+    def watched(self) -> list[str]:
+        """The roles that have a stream."""
+        return list(self._watchers)
+
     def watch(self, role: str, watcher: Watcher) -> None:
+        first = role not in self._watchers
         self._watchers[role].add(watcher)
+        if first and role not in self._snapshots and self.on_new_watch is not None:
+            self.on_new_watch(role)
 
     def unwatch(self, role: str, watcher: Watcher) -> None:
         watchers = self._watchers.get(role)

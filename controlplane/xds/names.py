@@ -44,5 +44,21 @@ def loose_cluster_name(service: str, group: str) -> str:
 
 
 def role_name(service: str, group: str) -> str:
-    """The snapshot key of every sidecar of (service, group); see server.role_of."""
+    """The snapshot key of every Delta sidecar of (service, group); see server.role_of."""
     return cluster_name(service, group)
+
+
+# The snapshot key of a role's state-of-the-world sidecars: they cannot ask for a host on
+# demand (VHDS is Delta only), so they hold the whole mesh's config, as before scoping.
+_FULL_VIEW = f"{SEPARATOR}full"
+
+
+def full_view(role: str) -> str:
+    return role + _FULL_VIEW
+
+
+def view_role(key: str) -> tuple[str, bool]:
+    """(role, whether it is the full view) of a snapshot key."""
+    if key.endswith(_FULL_VIEW) and key.count(SEPARATOR) == 2:
+        return key[: -len(_FULL_VIEW)], True
+    return key, False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -21,10 +21,10 @@ from controlplane.model.group import DEFAULT_GROUP, GroupKey
 
 from . import wire
 from .cache import SnapshotCache
-from .names import META_GROUP, META_SERVICE
+from .names import META_GROUP, META_SERVICE, full_view
 from .status import NodeStatus, StatusBoard
-from .stream import Push, StreamState
-from .types import MESSAGE_CLASS, SHORT_NAME
+from .stream import Push, StreamState, authority_of
+from .types import MESSAGE_CLASS, SHORT_NAME, VIRTUAL_HOST
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 # A response the client has not taken off the wire after this long is logged: the stream's
 # writer waits for it, and later versions are coalesced (never queued) meanwhile.
 SLOW_WRITE_SECONDS = 10.0
+
+# (role, authority) -> whether a virtual host for it will come: a Delta sidecar of `role`
+# asked on demand for a host its scope lacks (sync.Sync.on_demand). False: "not found" now.
+OnDemand = Callable[[str, str], bool]
 
 
 def role_of(node: base_pb2.Node) -> str:
@@ -103,6 +107,7 @@ class _Stream:
         self.wake = asyncio.Event()
         self.closed = False
         self.role = ""
+        self.view = ""  # the snapshot key: the role's scoped view (Delta) or full view (SotW)
         self.status: NodeStatus | None = None
         self.writing: tuple[float, Push, int] | None = None  # (since, push, bytes) in flight
         self.slow_reported = False
@@ -128,16 +133,17 @@ class _Stream:
                 grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry a node with an id"
             )
         self.role = role_of(first.node)
+        self.view = self.role if self.delta else full_view(self.role)
         cache, board = self.server.cache, self.server.status
         self.status = board.connect(first.node.id, self.role, "delta" if self.delta else "sotw")
-        cache.watch(self.role, self)
+        cache.watch(self.view, self)
         self.server.observer.opened(self.status, first.node)
         reader = asyncio.create_task(self._read(first, requests))
         try:
             await self._write_loop()
         finally:
             reader.cancel()
-            cache.unwatch(self.role, self)
+            cache.unwatch(self.view, self)
             board.disconnect(self.status)
             self.server.observer.closed(self.status)
             log.info("stream closed: node %s (%s)", first.node.id, self.role)
@@ -184,7 +190,10 @@ class _Stream:
                 type_url, request.resource_names, request.response_nonce, error
             )
         state = self.state.types[type_url]
-        self._log_absent(type_url, state.names - before)
+        if type_url == VIRTUAL_HOST:
+            self._ask_on_demand()
+        else:
+            self._log_absent(type_url, state.names - before)
         if verdict.stale:
             log.debug(
                 "node %s: stale nonce %r for %s",
@@ -208,10 +217,21 @@ class _Stream:
             self.server.observer.acked(self.status, type_url, state.version)
         self.wake.set()
 
+    def _ask_on_demand(self) -> None:
+        """Hosts asked for on demand that the snapshot lacks: the control plane adds them to
+        the role's scope (they come with a later snapshot) or says they never will."""
+        on_demand = self.server.on_demand
+        names = self.state.unresolved(self.server.cache.snapshot(self.view))
+        missing = [
+            n for n in names if on_demand is None or not on_demand(self.role, authority_of(n))
+        ]
+        if missing:
+            self.state.declare_missing(missing)
+
     def _log_absent(self, type_url: str, new_names: set[str]) -> None:
         """Newly requested names the role's snapshot lacks: sent when they appear (delta
         also lists them in removed_resources)."""
-        snapshot = self.server.cache.snapshot(self.role)
+        snapshot = self.server.cache.snapshot(self.view)
         present = snapshot.resources(type_url) if snapshot is not None else {}
         absent = sorted(n for n in new_names if n not in present)
         if absent:
@@ -257,7 +277,7 @@ class _Stream:
             # The snapshot is read afresh for every push: one that changed while a write was
             # blocked has marked its types dirty, and planning them against the snapshot of
             # before the write would clear the flag and never send the new version.
-            while (push := self.state.next_push(self.server.cache.snapshot(self.role))) is not None:
+            while (push := self.state.next_push(self.server.cache.snapshot(self.view))) is not None:
                 await self._write(self._encode(push), push)
                 self.status.sent(push.type_url, push.version)
                 self.server.observer.pushed(self.status, push)
@@ -281,10 +301,12 @@ class AdsServer:
         cache: SnapshotCache,
         status: StatusBoard | None = None,
         observer: Observer | None = None,
+        on_demand: OnDemand | None = None,
     ) -> None:
         self.cache = cache
         self.status = status or StatusBoard()
         self.observer = observer or Observer()
+        self.on_demand = on_demand
         self._streams: set[_Stream] = set()
         self._watchdog: asyncio.TimerHandle | None = None
 

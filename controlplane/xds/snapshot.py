@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from google.protobuf import any_pb2, message_factory
 from google.protobuf.message import Message
 
 from . import wire
-from .types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, type_url_of
+from .types import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    MESSAGE_CLASS,
+    PUSH_ORDER,
+    ROUTE,
+    VIRTUAL_HOST,
+    type_url_of,
+)
 
 # Fields through which one resource names another, by message type. Walked once per
 # resource version so the server knows which clusters a route still needs (make-before-break)
@@ -123,6 +132,25 @@ class Resource:
             route_refs=frozenset(route_refs),
         )
 
+    def aliased(self, alias: str) -> Resource:
+        """This resource as the answer to an on-demand request for `alias` (Delta only):
+        Envoy resumes the requests waiting on that name when the reply lists it."""
+        body = (
+            wire.text(1, self.version)
+            + wire.field(2, wire.any_message(self.type_url, self.payload))
+            + wire.text(3, self.name)
+            + wire.text(4, alias)
+        )
+        return replace(self, delta_entry=wire.field(2, body))
+
+    @classmethod
+    def not_found(cls, type_url: str, alias: str) -> Resource:
+        """The answer to an on-demand request for a name that will not exist: the name as
+        its own alias and no resource, so Envoy stops waiting (a 404) rather than hanging,
+        as it does on a `removed` entry."""
+        entry = wire.field(2, wire.text(1, "0") + wire.text(3, alias) + wire.text(4, alias))
+        return cls(type_url, alias, "", b"", b"", entry, frozenset(), frozenset())
+
 
 class ResourceMap(Mapping[str, Resource]):
     """An immutable name -> Resource map that many snapshots can share.
@@ -132,7 +160,15 @@ class ResourceMap(Mapping[str, Resource]):
     proportional to what is particular to that role.
     """
 
-    __slots__ = ("_items", "_names", "_known", "_cluster_refs", "_route_refs", "_versions")
+    __slots__ = (
+        "_items",
+        "_names",
+        "_known",
+        "_cluster_refs",
+        "_route_refs",
+        "_versions",
+        "_domains",
+    )
 
     def __init__(self, resources: Iterable[Resource] = ()) -> None:
         self._items = {r.name: r for r in resources}
@@ -141,6 +177,7 @@ class ResourceMap(Mapping[str, Resource]):
         self._cluster_refs: frozenset[str] | None = None
         self._route_refs: frozenset[str] | None = None
         self._versions: dict[str, str] | None = None
+        self._domains: dict[str, Resource] | None = None
 
     def __getitem__(self, name: str) -> Resource:
         return self._items[name]
@@ -197,6 +234,40 @@ class ResourceMap(Mapping[str, Resource]):
         if self._versions is None:
             self._versions = {name: r.version for name, r in self._items.items()}
         return self._versions
+
+    def host_for(self, authority: str) -> Resource | None:
+        """The virtual host (of a VHDS map) whose domains match `authority` as Envoy matches
+        them: exact, then the longest `*suffix`, then the longest `prefix*`, then `*`."""
+        if self._domains is None:
+            self._domains = {}
+            for res in self.values():
+                host = MESSAGE_CLASS[VIRTUAL_HOST].FromString(res.payload)
+                for domain in host.domains:
+                    self._domains.setdefault(domain.lower(), res)
+        authority = authority.lower()
+        found = self._domains.get(authority)
+        if found is not None:
+            return found
+        wildcards = [
+            (kind, len(domain), res)
+            for domain, res in self._domains.items()
+            if "*" in domain
+            for kind in (_wildcard_kind(domain, authority),)
+            if kind is not None
+        ]
+        return min(wildcards, key=lambda w: (w[0], -w[1]))[2] if wildcards else None
+
+
+def _wildcard_kind(domain: str, authority: str) -> int | None:
+    """0 for a matching `*suffix`, 1 for a matching `prefix*`, 2 for `*`; None otherwise."""
+    if domain == "*":
+        return 2
+    longer = len(authority) >= len(domain)  # the wildcard stands for at least one character
+    if domain.startswith("*") and longer and authority.endswith(domain[1:]):
+        return 0
+    if domain.endswith("*") and longer and authority.startswith(domain[:-1]):
+        return 1
+    return None
 
 
 class InconsistentSnapshot(ValueError):
@@ -265,7 +336,7 @@ class Snapshot:
         clusters, routes = self._by_type[CLUSTER], self._by_type[ROUTE]
         known = clusters.known(static_clusters)
         problems = []
-        for resources in (self._by_type[t] for t in (LISTENER, ROUTE, CLUSTER)):
+        for resources in (self._by_type[t] for t in (LISTENER, ROUTE, VIRTUAL_HOST, CLUSTER)):
             if verified is not None and id(resources) in verified:
                 continue
             for res in resources.values():

@@ -10,7 +10,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .snapshot import Resource, ResourceMap, Snapshot, state_version
-from .types import CLUSTER, ENDPOINT, EXTENSION_CONFIG, FULL_STATE, LISTENER, PUSH_ORDER, ROUTE
+from .types import (
+    CLUSTER,
+    ENDPOINT,
+    EXTENSION_CONFIG,
+    FULL_STATE,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    ROUTING,
+    VIRTUAL_HOST,
+    WILDCARD_WHEN_EMPTY,
+)
 
 WILDCARD = "*"
 
@@ -32,6 +43,10 @@ class TypeState:
     # Delta reconnects: names the client says it holds whose content we have not identified
     # (its version is not in our snapshot), so we cannot know which clusters they use.
     unknown: set[str] = field(default_factory=set)
+    # VHDS on demand: requested names ("egress/<authority>") answered since their request,
+    # and those the control plane said will never exist (answered "not found").
+    answered: set[str] = field(default_factory=set)
+    missing: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -100,7 +115,13 @@ class StreamState:
         state = self.types.get(type_url)
         if state is None:
             state = self.types[type_url] = TypeState(type_url)
-            state.wildcard = WILDCARD in subscribe or (type_url in FULL_STATE and not subscribe)
+            # Envoy's VHDS subscription is to every host of its route config, plus names on
+            # demand (even when its first request already carries one).
+            state.wildcard = (
+                WILDCARD in subscribe
+                or type_url == VIRTUAL_HOST
+                or (type_url in WILDCARD_WHEN_EMPTY and not subscribe)
+            )
             state.sent.update(initial_versions)
             state.unknown = set(initial_versions)
             if type_url == CLUSTER and initial_versions:
@@ -119,6 +140,8 @@ class StreamState:
         for name in subscribe - state.names:
             if name not in initial_versions:
                 state.sent.pop(name, None)  # newly requested: send even if unchanged
+        state.answered -= subscribe  # asked (again) on demand: a request waits on the answer
+        state.missing -= subscribe
         state.names |= subscribe
         state.names -= unsubscribe
         for name in unsubscribe:
@@ -147,7 +170,7 @@ class StreamState:
                     state.held[name] = res
         state.unacked.clear()
         state.rejected = False
-        if state.type_url in (LISTENER, ROUTE) and self._retaining:
+        if state.type_url in ROUTING and self._retaining:
             self.types[CLUSTER].dirty = True  # a cluster kept for old routes may go now
         return Verdict(ack=True)
 
@@ -172,7 +195,7 @@ class StreamState:
             state = self.types.get(type_url)
             if state is None or not state.dirty:
                 continue
-            if type_url in (LISTENER, ROUTE) and self._in_flight():
+            if type_url in ROUTING and self._in_flight():
                 continue  # stays dirty: sent once the client took the new clusters and filter
             state.dirty = False
             push = self._plan(state, snapshot)
@@ -206,7 +229,12 @@ class StreamState:
             return True
         routes = self.types.get(ROUTE)
         if routes is not None:
-            return bool(routes.unknown)
+            if routes.unknown:
+                return True
+            if not snapshot.resources(VIRTUAL_HOST):
+                return False
+            hosts = self.types.get(VIRTUAL_HOST)  # its VHDS request is still to come
+            return hosts is None or bool(hosts.unknown)
         held = [*listeners.held.values(), *listeners.unacked.values()]
         named = any(res is not None and res.route_refs for res in held)
         return named or bool(snapshot.resources(ROUTE))  # its RDS request is still to come
@@ -227,6 +255,25 @@ class StreamState:
             return True
         return clusters is not None and bool(clusters.unacked)
 
+    def unresolved(self, snapshot: Snapshot | None) -> list[str]:
+        """Virtual hosts asked for on demand that neither the snapshot has (by domain) nor
+        were declared missing: the control plane must say whether they will come."""
+        state = self.types.get(VIRTUAL_HOST)
+        if state is None:
+            return []
+        hosts = snapshot.resources(VIRTUAL_HOST) if snapshot is not None else ResourceMap()
+        return sorted(
+            name
+            for name in state.names - state.answered - state.missing
+            if hosts.host_for(authority_of(name)) is None
+        )
+
+    def declare_missing(self, names: Iterable[str]) -> None:
+        """Answer these on-demand names "not found" with the next push."""
+        state = self.types[VIRTUAL_HOST]
+        state.missing.update(names)
+        state.dirty = True
+
     def new_nonce(self, type_url: str) -> str:
         self._nonces += 1
         self.types[type_url].nonce = nonce = str(self._nonces)
@@ -242,7 +289,7 @@ class StreamState:
         if not gone:
             return gone
         in_use: set[str] = set()
-        for type_url in (LISTENER, ROUTE):
+        for type_url in ROUTING:
             routes = self.types.get(type_url)
             if routes is not None:
                 for res in [*routes.held.values(), *routes.unacked.values()]:
@@ -283,6 +330,9 @@ class StreamState:
                     removed, self._retaining = [], True  # re-planned after LDS/RDS ACKs
                 if state.type_url == ENDPOINT:  # a retained cluster keeps its endpoints
                     removed = [n for n in removed if not self._holds_cluster(n)]
+                if state.type_url == VIRTUAL_HOST:  # names asked on demand are aliases
+                    removed = [n for n in removed if n not in state.names]
+                    resources = _answer_on_demand(state, desired, resources)
             else:
                 # SotW cannot say "absent" for RDS/EDS: forget it, so a return is sent again.
                 for name in [n for n in state.sent if n not in desired]:
@@ -290,8 +340,9 @@ class StreamState:
             if not resources and not removed and (state.version or not state.wildcard):
                 return None
             for res in resources:
-                state.sent[res.name] = res.version
-                state.unacked[res.name] = res
+                if res.payload:  # not a "not found" answer
+                    state.sent[res.name] = res.version
+                    state.unacked[res.name] = res
             for name in removed:
                 state.sent[name] = None
                 state.unacked[name] = None
@@ -300,3 +351,29 @@ class StreamState:
         state.version = state_version(desired.values())
         resources.sort(key=lambda r: r.name)
         return Push(state.type_url, state.version, resources, sorted(removed))
+
+
+def authority_of(name: str) -> str:
+    """The host a VHDS name asks for: Envoy names it "<route config>/<authority>"."""
+    return name.partition("/")[2]
+
+
+def _answer_on_demand(
+    state: TypeState, hosts: Mapping[str, Resource], resources: list[Resource]
+) -> list[Resource]:
+    """`resources` plus the answers to on-demand names now known: the host serving each
+    name, aliased to it (even if the client has it: the request waits on the alias), or
+    "not found" for the names declared missing."""
+    if not isinstance(hosts, ResourceMap):
+        hosts = ResourceMap(hosts.values())
+    out = {r.name: r for r in resources}
+    for name in sorted(state.names - state.answered):
+        host = hosts.host_for(authority_of(name))
+        if host is not None:
+            out[host.name] = host.aliased(name)
+        elif name in state.missing:
+            out[name] = Resource.not_found(VIRTUAL_HOST, name)
+        else:
+            continue  # still to come: answered when the snapshot has it
+        state.answered.add(name)
+    return list(out.values())

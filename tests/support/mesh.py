@@ -24,11 +24,12 @@ from controlplane.model.rules import RuleSet
 from controlplane.model.validate import apply
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
+from controlplane.sync import full_views
 from controlplane.telemetry import Telemetry
 from controlplane.telemetry.report import isolation_report
-from controlplane.translate import Translator
+from controlplane.translate import Asked, Translator
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.names import ALLOW_ANY, HEALTH_PATH, STATIC_CLUSTERS
+from controlplane.xds.names import ALLOW_ANY, HEALTH_PATH, STATIC_CLUSTERS, view_role
 from controlplane.xds.server import AdsServer, serve
 from controlplane.xds.status import StatusBoard
 from demo.chain_app import ChainApp, start_in_thread
@@ -64,14 +65,15 @@ class _AdsWithLogs(AdsThread):
     """The ADS server with the AccessLogService on the same port, as `tasklane up` serves it
     (the sidecar bootstrap sends access logs to its `xds` cluster)."""
 
-    def __init__(self, telemetry: Telemetry, status: StatusBoard) -> None:
+    def __init__(self, telemetry: Telemetry, status: StatusBoard, mesh: Mesh) -> None:
         super().__init__(observer=telemetry.metrics.xds, static_clusters=STATIC_CLUSTERS)
-        self.telemetry, self.board = telemetry, status
+        self.telemetry, self.board, self.mesh = telemetry, status, mesh
 
     async def _start(self) -> RunningAds:
         self._stack = contextlib.AsyncExitStack()
         cache = SnapshotCache(self.static_clusters)
-        ads = AdsServer(cache, self.board, self.observer)
+        cache.on_new_watch = self.mesh.view_wanted
+        ads = AdsServer(cache, self.board, self.observer, self.mesh.on_demand)
         server, port = await serve(ads, "127.0.0.1:0", (self.telemetry.access_logs.handler(),))
         self._stack.push_async_callback(server.stop, 0)
         return RunningAds(cache, ads, port)
@@ -81,14 +83,15 @@ class Mesh:
     """Context manager: an ADS server (with access logs), and instances added with add()."""
 
     def __init__(
-        self, tmp_path: Path, rules_yaml: str, delta: bool = False, outbound_policy: str = ALLOW_ANY
+        self, tmp_path: Path, rules_yaml: str, delta: bool = True, outbound_policy: str = ALLOW_ANY
     ) -> None:
         self.tmp_path, self.delta = tmp_path, delta
         self.rules = apply(RuleSet.empty(), load_text(rules_yaml, "rules.yaml"))
         self.translator = Translator(outbound_policy)
+        self.asked = Asked()  # what sidecars asked for on demand, as sync.Sync keeps it
         status = StatusBoard()
         self.telemetry = Telemetry(lambda: self.rules, self.registered, status)
-        self.ads = _AdsWithLogs(self.telemetry, status)
+        self.ads = _AdsWithLogs(self.telemetry, status, self)
         self.instances: list[Instance] = []
 
     def __enter__(self) -> Mesh:
@@ -131,10 +134,27 @@ class Mesh:
         return out
 
     def publish(self) -> None:
-        snapshots = self.translator.build(self.rules, self.endpoints())
-        outcomes = self.ads.call(self.ads.running.cache.set_snapshots, snapshots)
+        self.ads.call(self._publish)
+
+    def _publish(self) -> None:
+        """Build and publish, as sync.Sync does (on the server's loop)."""
+        cache = self.ads.running.cache
+        scopes = self.asked.scopes(full=full_views(cache))
+        snapshots = self.translator.build(self.rules, self.endpoints(), scopes)
+        outcomes = cache.set_snapshots(snapshots)
         refused = {role: o for role, o in outcomes.items() if isinstance(o, Exception)}
         assert not refused, f"inconsistent snapshots: {refused}"
+
+    def on_demand(self, role: str, authority: str) -> bool:
+        """The ADS server's hook, as sync.Sync.on_demand (called on the server's loop)."""
+        comes, changed = self.asked.ask(self.rules, role, authority)
+        if changed:
+            self._publish()
+        return comes
+
+    def view_wanted(self, key: str) -> None:
+        if view_role(key)[1] and self.ads.running is not None:
+            self._publish()
 
     def add(
         self,

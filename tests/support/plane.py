@@ -115,7 +115,7 @@ class Plane:
         self,
         work_dir: Path,
         role: str,
-        delta: bool = False,
+        delta: bool = True,
         *,
         app_port: int | None = None,
         inbound_port: int | None = None,

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 
 def service(
-    name: str, protocol: str = "http", groups: tuple[str, ...] = ("default", "task")
+    name: str,
+    protocol: str = "http",
+    groups: tuple[str, ...] = ("default", "task"),
+    calls: str = "",
 ) -> str:
-    """A Service document whose groups allow a couple of replicas each."""
+    """A Service document whose groups allow a couple of replicas each; `calls` is YAML
+    flow text (`[a, b]`)."""
     listed = ", ".join(f"{{name: {g}, maxReplicas: 2}}" for g in groups)
+    declared = f", calls: {calls}" if calls else ""
     return f"""---
 apiVersion: tasklane.io/v1
 kind: Service
 metadata: {{name: {name}}}
-spec: {{protocol: {protocol}, groups: [{listed}]}}
+spec: {{protocol: {protocol}, groups: [{listed}]{declared}}}
 """
 
 

@@ -15,10 +15,17 @@ from envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2 impor
 from google.protobuf.message import Message
 
 from controlplane.model import RuleSet, apply, load_text
+from controlplane.model.group import GroupKey
 from controlplane.model.instance import Instance
 from controlplane.sync import endpoints_of
-from controlplane.translate import Endpoints, Translator
-from controlplane.xds.names import EGRESS_ROUTE, GATEWAY_ROLE, INBOUND_ROUTE, LOCAL_APP_CLUSTER
+from controlplane.translate import Endpoints, Scopes, Translator
+from controlplane.xds.names import (
+    EGRESS_ROUTE,
+    GATEWAY_ROLE,
+    INBOUND_ROUTE,
+    LOCAL_APP_CLUSTER,
+    full_view,
+)
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.types import (
     CLUSTER,
@@ -27,6 +34,7 @@ from controlplane.xds.types import (
     LISTENER,
     MESSAGE_CLASS,
     ROUTE,
+    VIRTUAL_HOST,
 )
 from tests.support.rules import chain, service
 
@@ -68,14 +76,28 @@ def endpoints(*instances: Instance) -> Endpoints:
 
 
 NO_ENDPOINTS = endpoints()
+EVERY_ROLE = frozenset(GroupKey.parse(role) for role in ROLES)
+
+
+def full(translator: Translator, rules: RuleSet, eps: Endpoints) -> dict[str, Snapshot]:
+    """role -> the full view (what state-of-the-world sidecars and the gateway hold)."""
+    snapshots = translator.build(rules, eps, Scopes(full=EVERY_ROLE))
+    return {role: snapshots[full_view(role)] for role in ROLES} | {
+        GATEWAY_ROLE: snapshots[GATEWAY_ROLE]
+    }
+
+
+ACCOUNT_TASKS = endpoints(instance("account", "task", 7001), instance("account", "task", 7002))
 
 
 @pytest.fixture(scope="module")
 def built() -> dict[str, Snapshot]:
-    return Translator().build(
-        ruleset(SERVICES, YIELD, DEBIT),
-        endpoints(instance("account", "task", 7001), instance("account", "task", 7002)),
-    )
+    return full(Translator(), ruleset(SERVICES, YIELD, DEBIT), ACCOUNT_TASKS)
+
+
+@pytest.fixture(scope="module")
+def scoped() -> dict[str, Snapshot]:
+    return Translator().build(ruleset(SERVICES, YIELD, DEBIT), ACCOUNT_TASKS)
 
 
 def decoded(snapshot: Snapshot, type_url: str) -> dict[str, Message]:
@@ -178,8 +200,11 @@ def short(keys: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
 # ---------------------------------------------------------------------------- roles, clusters
 
 
-def test_one_snapshot_per_service_group_plus_the_gateway(built: dict[str, Snapshot]) -> None:
-    assert set(built) == ROLES | {GATEWAY_ROLE}
+def test_one_snapshot_per_service_group_plus_the_gateway(scoped: dict[str, Snapshot]) -> None:
+    # The gateway is served under both keys (it holds the whole mesh either way); full
+    # views of the roles are built only when asked for.
+    assert set(scoped) == ROLES | {GATEWAY_ROLE, full_view(GATEWAY_ROLE)}
+    assert scoped[GATEWAY_ROLE] is scoped[full_view(GATEWAY_ROLE)]
 
 
 def test_every_role_has_every_group_cluster_and_the_loose_aggregates(
@@ -207,9 +232,9 @@ def test_a_loose_hop_fails_over_from_its_group_to_default(built: dict[str, Snaps
 
 
 def test_strict_chains_and_default_hops_get_no_aggregate() -> None:
-    strict = Translator().build(ruleset(SERVICES, YIELD), NO_ENDPOINTS)
+    strict = full(Translator(), ruleset(SERVICES, YIELD), NO_ENDPOINTS)
     assert set(decoded(strict["front|default"], CLUSTER)) == GROUP_CLUSTERS
-    loose = Translator().build(ruleset(SERVICES, YIELD.replace("strict", "loose")), NO_ENDPOINTS)
+    loose = full(Translator(), ruleset(SERVICES, YIELD.replace("strict", "loose")), NO_ENDPOINTS)
     wanted = {f"{s}|task|loose" for s in ("front", "account", "pricing")}
     assert set(decoded(loose["front|default"], CLUSTER)) == GROUP_CLUSTERS | wanted
 
@@ -257,7 +282,7 @@ def test_undyed_traffic_goes_to_default_and_unchained_services_have_no_matcher(
     for name in ("front", "account", "pricing"):
         route = otherwise(virtual_host(built["front|default"], name))
         assert targets(route) == {f"{name}|default": 100}, name
-    lone = Translator().build(ruleset(SERVICES), NO_ENDPOINTS)
+    lone = full(Translator(), ruleset(SERVICES), NO_ENDPOINTS)
     host = virtual_host(lone["front|default"], "account")
     assert not host.HasField("matcher")
     assert targets(otherwise(host)) == {"account|default": 100}
@@ -363,9 +388,11 @@ def test_an_unchanged_build_has_identical_versions() -> None:
 
 def test_a_new_chain_weight_changes_only_the_egress_route() -> None:
     translator = Translator()
-    before = translator.build(ruleset(SERVICES, YIELD, DEBIT), NO_ENDPOINTS)
-    after = translator.build(
-        ruleset(SERVICES, YIELD.replace("weight: 60", "weight: 30"), DEBIT), NO_ENDPOINTS
+    before = full(translator, ruleset(SERVICES, YIELD, DEBIT), NO_ENDPOINTS)
+    after = full(
+        translator,
+        ruleset(SERVICES, YIELD.replace("weight: 60", "weight: 30"), DEBIT),
+        NO_ENDPOINTS,
     )
     assert short(changed(before, after)) == {
         (role, "RouteConfiguration", EGRESS_ROUTE) for role in ROLES | {GATEWAY_ROLE}
@@ -388,9 +415,9 @@ def test_a_new_rate_limit_changes_only_that_hops_inbound_route() -> None:
 
 def test_a_chain_turning_loose_adds_its_aggregates_and_moves_its_routes() -> None:
     translator = Translator()
-    before = translator.build(ruleset(SERVICES, YIELD, DEBIT), NO_ENDPOINTS)
-    after = translator.build(
-        ruleset(SERVICES, YIELD.replace("strict", "loose"), DEBIT), NO_ENDPOINTS
+    before = full(translator, ruleset(SERVICES, YIELD, DEBIT), NO_ENDPOINTS)
+    after = full(
+        translator, ruleset(SERVICES, YIELD.replace("strict", "loose"), DEBIT), NO_ENDPOINTS
     )
     aggregates = {f"{s}|task|loose" for s in ("front", "account", "pricing")}
     assert short(changed(before, after)) == {
@@ -404,9 +431,11 @@ def test_a_chain_turning_loose_adds_its_aggregates_and_moves_its_routes() -> Non
 def test_new_endpoints_change_only_that_groups_assignment() -> None:
     translator = Translator()
     rules = ruleset(SERVICES, YIELD, DEBIT)
-    before = translator.build(rules, endpoints(instance("account", "task", 7001)))
-    after = translator.build(
-        rules, endpoints(instance("account", "task", 7001), instance("account", "debit", 7003))
+    before = full(translator, rules, endpoints(instance("account", "task", 7001)))
+    after = full(
+        translator,
+        rules,
+        endpoints(instance("account", "task", 7001), instance("account", "debit", 7003)),
     )
     # account|debit's inbound route is rebuilt (a hop's rate limit is split by the instance
     # count) but no hop there has one: same content, same version. Only the group's EDS moves.
@@ -442,3 +471,85 @@ def test_the_gateway_keeps_stripping_a_deleted_chains_carriers() -> None:
     [dye_filter] = after.resources(EXTENSION_CONFIG).values()
     assert b"x-debit" in dye_filter.payload  # the header of the deleted chain `debit`
     assert all(b"x-debit" not in r.payload for r in after.resources(ROUTE).values())
+
+
+# ---------------------------------------------------------------------------- scoped views
+
+
+def names(snapshot: Snapshot, type_url: str) -> set[str]:
+    return set(snapshot.resources(type_url))
+
+
+def domains(snapshot: Snapshot) -> dict[str, list[str]]:
+    return {name: list(h.domains) for name, h in decoded(snapshot, VIRTUAL_HOST).items()}
+
+
+def test_a_chain_hop_holds_the_later_hops_of_its_chains_and_nothing_else(
+    scoped: dict[str, Snapshot],
+) -> None:
+    # front is yield's first hop: account and pricing come later. Every group of front holds
+    # them (a weight or a loose fallback sends dyed requests through default too).
+    for role in ("front|default", "front|task"):
+        snapshot = scoped[role]
+        assert names(snapshot, CLUSTER) == {
+            "account|default", "account|task", "account|debit", "account|debit|loose",
+            "pricing|default", "pricing|task",
+        }  # fmt: skip
+        assert names(snapshot, ENDPOINT) == names(snapshot, CLUSTER) - {"account|debit|loose"}
+        assert domains(snapshot) == {
+            "egress/account": ["account", "account:*"],
+            "egress/pricing": ["pricing", "pricing:*"],
+            "egress/outside_mesh": ["outside-mesh.tasklane.invalid"],
+        }
+        [egress] = [r for n, r in decoded(snapshot, ROUTE).items() if n == EGRESS_ROUTE]
+        assert not egress.virtual_hosts and egress.vhds.config_source.HasField("ads")
+    # pricing is the last hop of both chains: it calls nothing, as far as the rules say.
+    assert not names(scoped["pricing|task"], CLUSTER)
+    assert set(domains(scoped["pricing|task"])) == {"egress/outside_mesh"}
+
+
+def test_a_scoped_host_routes_dyes_as_the_full_one(
+    scoped: dict[str, Snapshot], built: dict[str, Snapshot]
+) -> None:
+    host = decoded(scoped["front|default"], VIRTUAL_HOST)["egress/account"]
+    assert dye_routes(host) == dye_routes(virtual_host(built["front|default"], "account"))
+    assert baggage_routes(host) == {"debit": ["debit"], "task-dye": ["yield"]}
+
+
+def test_declared_calls_sightings_and_outside_hosts_join_a_scope() -> None:
+    declared = service("front", calls="[pricing]") + service("account") + service("pricing")
+    scopes = Scopes(
+        sighted={GroupKey("pricing", "default"): frozenset({"account", "gone"})},
+        outside={GroupKey("pricing", "default"): ("example.com", "example.org:8080")},
+    )
+    snapshots = Translator().build(ruleset(declared), NO_ENDPOINTS, scopes)
+    assert names(snapshots["front|default"], CLUSTER) == {"pricing|default", "pricing|task"}
+    pricing = snapshots["pricing|default"]
+    # a service no rule has is left out
+    assert names(pricing, CLUSTER) == {"account|default", "account|task"}
+    assert domains(pricing)["egress/outside_mesh"] == ["example.com", "example.org:8080"]
+    assert names(snapshots["account|default"], CLUSTER) == set()
+
+
+def test_roles_with_one_scope_share_its_maps(scoped: dict[str, Snapshot]) -> None:
+    front, task = scoped["front|default"], scoped["front|task"]
+    for type_url in (CLUSTER, ENDPOINT, VIRTUAL_HOST):
+        assert front.resources(type_url) is task.resources(type_url), type_url
+
+
+def test_a_weight_change_moves_one_host_of_the_scopes_that_hold_it() -> None:
+    translator = Translator()
+    before = translator.build(ruleset(SERVICES, YIELD, DEBIT), NO_ENDPOINTS)
+    after = translator.build(
+        ruleset(SERVICES, YIELD.replace("weight: 60", "weight: 30"), DEBIT), NO_ENDPOINTS
+    )
+    moved = {
+        (role, type_url, name)
+        for role in ROLES
+        for type_url in (CLUSTER, ENDPOINT, ROUTE, VIRTUAL_HOST)
+        for name, res in after[role].resources(type_url).items()
+        if before[role].resources(type_url).get(name) is None
+        or before[role].resources(type_url)[name].version != res.version
+    }
+    holders = {"front|default", "front|task"}  # account is in front's scope only
+    assert moved == {(role, VIRTUAL_HOST, "egress/account") for role in holders}
