@@ -54,7 +54,7 @@ from controlplane.telemetry import Telemetry
 from controlplane.telemetry.report import isolation_report
 from controlplane.translate import Translator
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.names import ALLOW_ANY, STATIC_CLUSTERS
+from controlplane.xds.names import ALLOW_ANY, STATIC_CLUSTERS, full_view
 from controlplane.xds.server import (
     AdsServer,
     Observer,
@@ -156,7 +156,9 @@ class ControlPlane:
         observer: Observer = self.telemetry.metrics.xds  # called on every push: no fan-out
         if self.announcements is not None:  # unless announcements need the stream events too
             observer = Observers(observer, self.announcements)
-        self.ads = AdsServer(self.cache, self.status_board, observer, self.sync.on_demand)
+        self.ads = AdsServer(
+            self.cache, self.status_board, observer, self.sync.on_demand, sotw_view=full_view
+        )
         self.api_token = ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
         self.http_app.middlewares.append(auth.middleware(self.api_token))

@@ -172,8 +172,9 @@ class Translator:
                         routes,
                         _EMPTY,
                     )
-        gateway = self._gateway(rules, every, ids, cds, eds)
-        snapshots[GATEWAY_ROLE] = snapshots[full_view(GATEWAY_ROLE)] = gateway
+        gateway = snapshots[GATEWAY_ROLE] = self._gateway(rules, every, ids, cds, eds)
+        if GroupKey.parse(GATEWAY_ROLE) in scopes.full:  # the gateway holds the mesh either way
+            snapshots[full_view(GATEWAY_ROLE)] = gateway
         memo.sweep()
         return snapshots
 

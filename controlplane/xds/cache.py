@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from .names import view_role
 from .snapshot import InconsistentSnapshot, Snapshot
 from .types import CLUSTER, PUSH_ORDER
 
@@ -103,7 +104,8 @@ class SnapshotCache:
         return role in self._snapshots
 
     def roles(self) -> list[str]:
-        return sorted(self._snapshots)
+        """The roles with a snapshot (of either view: see names.full_view)."""
+        return sorted({view_role(key)[0] for key in self._snapshots})
 
     def watched(self) -> list[str]:
         """The roles that have a stream."""

@@ -21,7 +21,7 @@ from controlplane.model.group import DEFAULT_GROUP, GroupKey
 
 from . import wire
 from .cache import SnapshotCache
-from .names import META_GROUP, META_SERVICE, full_view
+from .names import META_GROUP, META_SERVICE
 from .status import NodeStatus, StatusBoard
 from .stream import Push, StreamState, authority_of
 from .types import MESSAGE_CLASS, SHORT_NAME, VIRTUAL_HOST
@@ -133,7 +133,7 @@ class _Stream:
                 grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry a node with an id"
             )
         self.role = role_of(first.node)
-        self.view = self.role if self.delta else full_view(self.role)
+        self.view = self.role if self.delta else self.server.sotw_view(self.role)
         cache, board = self.server.cache, self.server.status
         self.status = board.connect(first.node.id, self.role, "delta" if self.delta else "sotw")
         cache.watch(self.view, self)
@@ -302,11 +302,16 @@ class AdsServer:
         status: StatusBoard | None = None,
         observer: Observer | None = None,
         on_demand: OnDemand | None = None,
+        sotw_view: Callable[[str], str] = str,
     ) -> None:
+        """`on_demand` hears of hosts Delta streams ask for on demand; `sotw_view(role)` is
+        the snapshot key state-of-the-world streams of a role watch (names.full_view when the
+        Delta streams' snapshots are scoped; by default the same key)."""
         self.cache = cache
         self.status = status or StatusBoard()
         self.observer = observer or Observer()
         self.on_demand = on_demand
+        self.sotw_view = sotw_view
         self._streams: set[_Stream] = set()
         self._watchdog: asyncio.TimerHandle | None = None
 

@@ -41,6 +41,7 @@ TASKLANE = [sys.executable, "-m", "controlplane"]
 
 pytestmark = pytest.mark.timeout(120)
 
+
 @pytest.fixture(scope="module")
 def plane(etcd_endpoint_module: str) -> Iterator[Plane]:
     yield from plane_with_rules(etcd_endpoint_module)

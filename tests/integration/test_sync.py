@@ -255,8 +255,10 @@ def test_registration_outlives_lost_leases_and_etcd_restarts(
         registration.lease.revoke()
         assert plane.store.get(registration.instance.key) is None
         wait_until(  # the key is put just before the registration holds the new lease
-            lambda: plane.store.get(registration.instance.key) is not None
-            and registration.lease_id != lost,
+            lambda: (
+                plane.store.get(registration.instance.key) is not None
+                and registration.lease_id != lost
+            ),
             timeout=3,
             what="registered again under a new lease",
         )

@@ -100,7 +100,6 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 # --- manifests ------------------------------------------------------------------------------
 
 
-
 def mount_tls(source: Path) -> str:
     """Shell lines for a private mount namespace (`unshare --mount`) that put a TLS directory's
     client files where the sidecar reads its Secret, as the kubelet mounts it; /etc becomes an
@@ -141,5 +140,3 @@ def envoy_validate(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OK" in done.stdout, done.stdout
-
-

@@ -29,7 +29,7 @@ from controlplane.telemetry import Telemetry
 from controlplane.telemetry.report import isolation_report
 from controlplane.translate import Asked, Translator
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.names import ALLOW_ANY, HEALTH_PATH, STATIC_CLUSTERS, view_role
+from controlplane.xds.names import ALLOW_ANY, HEALTH_PATH, STATIC_CLUSTERS, full_view, view_role
 from controlplane.xds.server import AdsServer, serve
 from controlplane.xds.status import StatusBoard
 from demo.chain_app import ChainApp, start_in_thread
@@ -73,7 +73,7 @@ class _AdsWithLogs(AdsThread):
         self._stack = contextlib.AsyncExitStack()
         cache = SnapshotCache(self.static_clusters)
         cache.on_new_watch = self.mesh.view_wanted
-        ads = AdsServer(cache, self.board, self.observer, self.mesh.on_demand)
+        ads = AdsServer(cache, self.board, self.observer, self.mesh.on_demand, sotw_view=full_view)
         server, port = await serve(ads, "127.0.0.1:0", (self.telemetry.access_logs.handler(),))
         self._stack.push_async_callback(server.stop, 0)
         return RunningAds(cache, ads, port)
