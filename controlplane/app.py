@@ -32,6 +32,7 @@ from controlplane.api import instances as instances_api
 from controlplane.api import isolation as isolation_api
 from controlplane.api import profile as profile_api
 from controlplane.api import rules as rules_api
+from controlplane.api import scope as scope_api
 from controlplane.api import tasks as tasks_api
 from controlplane.api.http import build_app
 from controlplane.api.task_service import TaskService
@@ -180,6 +181,7 @@ class ControlPlane:
         self.http_app.add_routes(tasks_api.routes(self))
         self.http_app.add_routes(profile_api.routes(self))
         self.http_app.add_routes(isolation_api.routes(self))
+        self.http_app.add_routes(scope_api.routes(self))
         self.http_app.add_routes(dashboard_api.routes())
         self.task_service = TaskService(self)
         self._store: Store | None = None
