@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +21,7 @@ from controlplane.store.etcd import Store
 from controlplane.store.scope import load_sightings
 from tests.support.chain import STOP_TIMEOUT, Plane, Run, get, stop_run
 from tests.support.rules import service
-from tests.support.up import assert_one_line_error, get_json, start_up
+from tests.support.up import TASKLANE, assert_one_line_error, get_json, start_up
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -161,3 +163,20 @@ def test_get_scope_json_lists_every_group(plane: Plane) -> None:
         "service": "bystander",
         "groups": {"default": [], "task": []},
     }
+
+
+def test_tasklane_up_refuses_a_bad_scope_idle_in_one_line(tmp_path: Path) -> None:
+    for value, message in (
+        ("3x", "--scope-idle: '3x' is not a duration"),
+        ("0", "--scope-idle must be longer than 0s"),
+    ):
+        state = tmp_path / "state"
+        done = subprocess.run(
+            [*TASKLANE, "up", "--state-dir", str(state), "--scope-idle", value],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2, done.stderr
+        assert_one_line_error(done.stderr, message)
+        assert not state.exists()  # nothing started, nothing written
