@@ -445,9 +445,14 @@ def destination(rules: RuleSet, entry: LogEntry) -> tuple[str, str]:
     names no service of the rules."""
     service, picked = GroupKey.parse(entry.cluster)
     if not service:
-        host = entry.authority.rsplit(":", 1)[0] if entry.authority else ""
+        host = host_of(entry)
         service = host if host in rules.services else UNKNOWN_SERVICE
     return service, picked
+
+
+def host_of(entry: LogEntry) -> str:
+    """The host the client asked for (its Host or :authority without the port)."""
+    return entry.authority.rsplit(":", 1)[0] if entry.authority else ""
 
 
 def _may_serve(chain: TaskChain, hop: Hop, group: str) -> bool:

@@ -5,7 +5,9 @@ Pure: fed the same parsed entries as the accounting, it hands each (role, callee
 once to `sink`, which records it (app.py: store.scope.ScopeRecorder.offer, throttled, off the
 event loop). Only roles and callees of the rules count: a Host outside the mesh, an unknown
 service or a sidecar of a group no rule defines are no scope, and keeping them out bounds
-what the recorder holds.
+what the recorder holds. A request the egress passed through (or refused) as outside the
+mesh although its Host names a service is one whose config the sidecar lacked: learning it
+is what puts the service in the scope.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from collections.abc import Callable, Iterable
 
 from controlplane.model.group import GroupKey
 from controlplane.model.rules import RuleSet
-from controlplane.telemetry.accounting import EGRESS, OUTSIDE_MESH_ROUTES, LogEntry, destination
+from controlplane.telemetry.accounting import (
+    EGRESS,
+    OUTSIDE_MESH_ROUTES,
+    LogEntry,
+    destination,
+    host_of,
+)
 
 Sink = Callable[[GroupKey, str, float], None]  # (role, callee, seen at)
 
@@ -24,12 +32,15 @@ def sightings(rules: RuleSet, entries: Iterable[LogEntry]) -> set[tuple[GroupKey
     """(role, callee) of each egress entry from a role of the rules to a service of them."""
     out: set[tuple[GroupKey, str]] = set()
     for entry in entries:
-        if entry.direction != EGRESS or entry.route in OUTSIDE_MESH_ROUTES:
+        if entry.direction != EGRESS:
             continue
         caller = rules.services.get(entry.service)
         if caller is None or caller.group(entry.group) is None:
             continue
-        callee, _ = destination(rules, entry)
+        if entry.route in OUTSIDE_MESH_ROUTES:
+            callee = host_of(entry)
+        else:
+            callee, _ = destination(rules, entry)
         if callee in rules.services:
             out.add((GroupKey(entry.service, entry.group), callee))
     return out

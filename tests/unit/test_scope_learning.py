@@ -35,18 +35,24 @@ def test_egress_to_a_mesh_service_is_a_sighting() -> None:
         egress(cluster="account-svc|task|loose", upstream="127.0.0.1:1"),
         egress(cluster="", authority="ledger-svc:8080", flags=frozenset({"NR"})),
         egress(service="account-svc", group="task", cluster="ledger-svc|default"),
-    ]
+        # A service the sidecar had no config for went out as if outside the mesh.
+        egress(service="ledger-svc", route=PASSTHROUGH_CLUSTER, cluster=PASSTHROUGH_CLUSTER,
+               authority="account-svc:8080"),
+        egress(service="ledger-svc", group="task", route=BLACK_HOLE_ROUTE, authority="fund-facade"),
+    ]  # fmt: skip
     assert sightings(RULES, entries) == {
         (FACADE, "account-svc"),
         (FACADE, "ledger-svc"),
         (GroupKey("account-svc", "task"), "ledger-svc"),
+        (GroupKey("ledger-svc", "default"), "account-svc"),
+        (GroupKey("ledger-svc", "task"), "fund-facade"),
     }
 
 
 def test_what_is_no_sighting() -> None:
     entries = [
         egress(route=PASSTHROUGH_CLUSTER, cluster=PASSTHROUGH_CLUSTER, authority="example.com"),
-        egress(route=BLACK_HOLE_ROUTE, authority="account-svc.example.com"),
+        egress(route=BLACK_HOLE_ROUTE, authority="account-svc.example.com:443"),
         egress(authority="no-such-svc:80"),  # a Host that is no service of the rules
         egress(cluster="gone-svc|default"),  # a cluster of a service deleted since
         egress(service="no-such-svc", cluster="account-svc|default"),  # unknown caller
