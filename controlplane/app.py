@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from controlplane.api import instances as instances_api
 from controlplane.api import isolation as isolation_api
 from controlplane.api import profile as profile_api
 from controlplane.api import rules as rules_api
+from controlplane.api import scope as scope_api
 from controlplane.api import tasks as tasks_api
 from controlplane.api.http import build_app
 from controlplane.api.task_service import TaskService
@@ -41,6 +43,7 @@ from controlplane.inject.webhook import server_ssl_context, start_webhook
 from controlplane.model.group import GroupKey
 from controlplane.model.instance import KEEPALIVE_INTERVAL, group_key_of
 from controlplane.model.rules import RuleSet
+from controlplane.model.scope import DEFAULT_IDLE, LEARNED
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.memory import collect_young, tune_gc
 from controlplane.runtime.ports import port_in_use
@@ -49,6 +52,7 @@ from controlplane.scaler.policy import PolicyConfig
 from controlplane.scaler.reconcile import Scaler
 from controlplane.store.etcd import Store
 from controlplane.store.leader import Leadership
+from controlplane.store.scope import ScopeRecorder, expire_sightings
 from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
 from controlplane.telemetry.report import isolation_report
@@ -81,6 +85,8 @@ HTTP_STOP_GRACE = 2.0
 REGISTRATION_GRACE = KEEPALIVE_INTERVAL + 0.5
 # The leadership replicas compete for: only its holder runs the scaler.
 SCALER = "scaler"
+# Idle sightings are swept this often at most (and ten times per idle time at least).
+SCOPE_SWEEP_MAX = 60.0
 
 
 class ControlPlane:
@@ -109,6 +115,7 @@ class ControlPlane:
         inject_options: InjectOptions | None = None,
         registration_grace: float = REGISTRATION_GRACE,
         outbound_policy: str = ALLOW_ANY,
+        scope_idle: float = DEFAULT_IDLE,
     ) -> None:
         """`actuator` makes the one the scaler drives once the API is up (a local one needs
         its address); None runs no scaler. Only the elected leader among replicas scales.
@@ -120,7 +127,11 @@ class ControlPlane:
         sidecars made of `inject_options`. xDS serves `registration_grace` seconds after the
         API, so that `tasklane run` instances register again after a restart first.
         `outbound_policy` says what sidecars do with hosts outside the mesh
-        (translate/egress.py)."""
+        (translate/egress.py). A service a role's sidecars called leaves the role's scope
+        after `scope_idle` seconds without a call (model/scope.py)."""
+        self.scope_idle = scope_idle
+        self.scope_recorder: ScopeRecorder | None = None
+        self._scope_sweeper: asyncio.Task | None = None
         self.registration_grace = registration_grace
         self._xds_credentials = None if tls_dir is None else _server_credentials(tls_dir)
         self.webhook_port = webhook_port
@@ -149,7 +160,11 @@ class ControlPlane:
         # Access logs, isolation accounting and Prometheus metrics (xDS events come through
         # the ADS server's observer; ALS shares the xDS gRPC port).
         self.telemetry = Telemetry(
-            lambda: self.sync.rules, self._registered, self.status_board, self._scaler_status
+            lambda: self.sync.rules,
+            self._registered,
+            self.status_board,
+            self._scaler_status,
+            learned=self._learned,
         )
         self._registered_memo: tuple[frozenset[str], dict[GroupKey, int]] | None = None
         self.announcements = Announcements(lambda: self.store) if accept_announce else None
@@ -167,6 +182,7 @@ class ControlPlane:
         self.http_app.add_routes(tasks_api.routes(self))
         self.http_app.add_routes(profile_api.routes(self))
         self.http_app.add_routes(isolation_api.routes(self))
+        self.http_app.add_routes(scope_api.routes(self))
         self.http_app.add_routes(dashboard_api.routes())
         self.task_service = TaskService(self)
         self._store: Store | None = None
@@ -206,6 +222,9 @@ class ControlPlane:
             if self.etcd is not None:
                 self.etcd.start()  # blocks the loop briefly; nothing else is serving yet
             self._store = Store.connect(self.etcd_endpoint)
+            self.scope_recorder = ScopeRecorder(self._store, self.scope_idle)
+            self.scope_recorder.start()
+            self._scope_sweeper = asyncio.create_task(self._sweep_scopes(self._store))
             await self.sync.start(self._store)  # the first snapshots exist before xDS serves
             leadership = Leadership(self._store, SCALER)
             await asyncio.to_thread(leadership.start)
@@ -328,6 +347,26 @@ class ControlPlane:
             self._registered_memo = (keys, counts)
         return self._registered_memo[1]
 
+    def _learned(self, role: GroupKey, callee: str, now: float) -> None:
+        """The access logs show `role` calling `callee`: keep it in the role's scope."""
+        if self.scope_recorder is not None:
+            self.scope_recorder.offer(role, callee, LEARNED, now)
+
+    async def _sweep_scopes(self, store: Store) -> None:
+        """Delete idle sightings, on every replica: each delete is guarded (store/scope.py)."""
+        interval = min(self.scope_idle / 10, SCOPE_SWEEP_MAX)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                gone = await asyncio.to_thread(
+                    expire_sightings, store, time.time(), self.scope_idle
+                )
+            except StoreError as exc:
+                log.warning("cannot expire idle scope entries (retrying): %s", exc)
+                continue
+            if gone:
+                log.info("%d idle scope entries expired", gone)
+
     def _scaler_status(self) -> dict | None:
         return self.scaler.status() if self.scaler is not None else None
 
@@ -355,6 +394,9 @@ class ControlPlane:
         if self._collector is not None:
             self._collector.cancel()
             self._collector = None
+        if self._scope_sweeper is not None:
+            self._scope_sweeper.cancel()
+            self._scope_sweeper = None
         for runner in (self._webhook, self._http):
             if runner is not None:
                 await runner.cleanup()
@@ -365,6 +407,9 @@ class ControlPlane:
             await self._grpc.stop(GRPC_STOP_GRACE)
             self._grpc = None
         await self.sync.stop()
+        if self.scope_recorder is not None:
+            await asyncio.to_thread(self.scope_recorder.stop)
+            self.scope_recorder = None
         if self.scaler is not None:
             await self.scaler.stop()  # stops what its actuator started
             self.scaler = None

@@ -7,8 +7,8 @@
 Plain HTML, CSS and JavaScript with no build step and nothing from another origin: the
 control plane often runs where there is no internet, and the Content-Security-Policy below
 makes a stray external font or script fail loudly in the browser instead of hanging. The page
-reads `/api/v1/status`, `/api/v1/instances`, `/api/v1/isolation`, `/api/v1/rules/...` and
-`/api/v1/profile/{service}`; it writes nothing.
+reads `/api/v1/status`, `/api/v1/instances`, `/api/v1/isolation`, `/api/v1/scope`,
+`/api/v1/rules/...` and `/api/v1/profile/{service}`; it writes nothing.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from controlplane.cli.client import (
     quote_segment,
     server_option,
 )
+from controlplane.cli.scope import get_scope
 from controlplane.cli.views import table
 from controlplane.errors import RuleError, TasklaneError
 from controlplane.model.load import RULE_SUFFIXES
@@ -96,7 +97,8 @@ def add_get(commands: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument(
         "kind",
         metavar="KIND",
-        help="service (svc), taskchain (chain) or scheduledtask (task), or a plural",
+        help="service (svc), taskchain (chain) or scheduledtask (task), or a plural; "
+        "profile SERVICE or scope SERVICE (the services its sidecars hold, and why)",
     )
     p.add_argument("name", metavar="NAME", nargs="?", help="one rule (default: all of KIND)")
     p.add_argument(
@@ -108,6 +110,8 @@ def add_get(commands: argparse._SubParsersAction, common: argparse.ArgumentParse
 def get(args: argparse.Namespace) -> int:
     if args.kind in ("profile", "profiles"):
         return _get_profile(args)
+    if args.kind == "scope":
+        return get_scope(args)
     path = f"/api/v1/rules/{quote_segment(args.kind)}"
     if args.name is not None:
         path += f"/{quote_segment(args.name)}"

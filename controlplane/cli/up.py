@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 
 from controlplane import pki
 from controlplane.cli.inject import add_sidecar_options, sidecar_options
-from controlplane.errors import TasklaneError
+from controlplane.errors import RuleError, TasklaneError
+from controlplane.model.cron import format_duration, parse_duration
+from controlplane.model.scope import DEFAULT_IDLE
 from controlplane.scaler.actuators import Actuator, DryRunActuator
 from controlplane.scaler.policy import PolicyConfig
 from controlplane.xds.names import ALLOW_ANY, OUTBOUND_POLICIES
@@ -116,6 +118,14 @@ def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser
         "a cluster service outside the mesh): ALLOW_ANY passes it through, HTTP and HTTPS "
         "(CONNECT) alike; REGISTRY_ONLY answers 502 naming the host (default: ALLOW_ANY)",
     )
+    p.add_argument(
+        "--scope-idle",
+        metavar="DURATION",
+        default=format_duration(int(DEFAULT_IDLE)),
+        help="a service a role's sidecars called (learned from the access logs, or asked for "
+        "on demand) stays in the role's scope until it goes uncalled this long, e.g. 90m "
+        f"(default: {format_duration(int(DEFAULT_IDLE))})",
+    )
     add_sidecar_options(p, prefix="sidecar-")
     p.set_defaults(handler=up)
 
@@ -150,6 +160,7 @@ def up(args: argparse.Namespace) -> int:
             f"--outbound-traffic-policy {args.outbound_traffic_policy!r} is not one of "
             f"{', '.join(OUTBOUND_POLICIES)}"
         )
+    scope_idle = _scope_idle(args.scope_idle)
     if args.tls_dir is not None and args.actuator == "local":
         pki.client_files(args.tls_dir)  # its `tasklane run` children need them: check now
         os.environ[pki.TLS_DIR_ENV] = str(args.tls_dir.resolve())  # what they inherit
@@ -172,9 +183,20 @@ def up(args: argparse.Namespace) -> int:
         webhook_port=args.webhook_port,
         inject_options=sidecar_options(args, prefix="sidecar-"),
         outbound_policy=args.outbound_traffic_policy,
+        scope_idle=scope_idle,
     )
     asyncio.run(_run_until_signalled(control_plane))
     return 0
+
+
+def _scope_idle(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except RuleError as exc:
+        raise TasklaneError(f"--scope-idle: {exc}") from None
+    if seconds <= 0:
+        raise TasklaneError(f"--scope-idle must be longer than 0s: {text!r}")
+    return float(seconds)
 
 
 async def _run_until_signalled(control_plane: ControlPlane) -> None:

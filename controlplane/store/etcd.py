@@ -119,9 +119,14 @@ class Store:
 
     def mod_revision(self, key: str) -> int:
         """The revision of the key's last write (0 when absent): what a txn guard compares."""
+        return self.get_versioned(key)[1]
+
+    def get_versioned(self, key: str) -> tuple[bytes | None, int]:
+        """The value and its mod revision (None, 0 when absent), read together, so a txn
+        guarded by that revision changes the key only if it still holds what was read."""
         with self._errors(f"get {key}"):
             value, meta = self._client.get(PREFIX + key)
-        return meta.mod_revision if value is not None else 0
+        return (value, meta.mod_revision) if value is not None else (None, 0)
 
     def get_prefix(self, prefix: str) -> tuple[dict[str, bytes], int]:
         """All keys under prefix, plus the revision they were read at (watch from rev + 1)."""

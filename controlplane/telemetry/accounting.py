@@ -360,10 +360,7 @@ class Accounting:
             stats.count(entry, now, refused=entry.route == BLACK_HOLE_ROUTE)
             return
         chain = self._chain_of(rules, entry)
-        service, picked = GroupKey.parse(entry.cluster)  # a loose cluster names its group
-        if not service:
-            host = entry.authority.rsplit(":", 1)[0] if entry.authority else ""
-            service = host if host in rules.services else UNKNOWN_SERVICE
+        service, picked = destination(rules, entry)
         hop = chain.hop_for(service) if chain is not None else None
         if entry.flags & UNREACHED or not entry.upstream:
             group = picked or (hop.group if hop is not None else DEFAULT_GROUP)
@@ -440,6 +437,22 @@ class Accounting:
 
     def now(self) -> float:
         return self._clock()
+
+
+def destination(rules: RuleSet, entry: LogEntry) -> tuple[str, str]:
+    """(service, group) an egress entry was sent to: its upstream cluster's (a loose cluster
+    names its group), else the Host's service and no group; UNKNOWN_SERVICE when the Host
+    names no service of the rules."""
+    service, picked = GroupKey.parse(entry.cluster)
+    if not service:
+        host = host_of(entry)
+        service = host if host in rules.services else UNKNOWN_SERVICE
+    return service, picked
+
+
+def host_of(entry: LogEntry) -> str:
+    """The host the client asked for (its Host or :authority without the port)."""
+    return entry.authority.rsplit(":", 1)[0] if entry.authority else ""
 
 
 def _may_serve(chain: TaskChain, hop: Hop, group: str) -> bool:

@@ -638,3 +638,39 @@ def test_a_sidecar_of_an_unknown_service_is_marked(
         row.wait_for()
         assert row.locator("td").first.inner_text() == "ghost UNKNOWN SERVICE"
         assert tab.errors == []
+
+
+def test_sidecars_show_their_scope_and_why(
+    plane: Mesh, dashboard: Callable[[str], Page], tmp_path: Path
+) -> None:
+    """Real Envoys: fund-facade's holds the chain's later hops; nav-pricing's learns the
+    service its egress logs show it calling."""
+    facade = plane.plane.sidecar(tmp_path / "facade", "fund-facade|task")
+    pricing = plane.plane.sidecar(tmp_path / "pricing", "nav-pricing|default")
+    with facade, pricing:
+        facade.wait_ready()
+        pricing.wait_ready()
+        tab = dashboard(plane.url + "/")
+        cell = tab.page.locator('#sidecars tbody tr[data-node="fund-facade|task|test"] td.scope')
+        wait_until(lambda: cell.locator("summary").inner_text() == "2", PAGE_TIMEOUT, "2 hops")
+        cell.locator("summary").click()
+        assert cell.locator("li").all_inner_texts() == [
+            "account-svc chain fund-yield",
+            "nav-pricing chain fund-yield",
+        ]
+        learned = tab.page.locator(
+            '#sidecars tbody tr[data-node="nav-pricing|default|test"] td.scope'
+        )
+        assert learned.locator("summary").inner_text() == "0"
+        # nav-pricing's app calls fund-facade (no instance answers: the call is still made).
+        egress = pricing.parts["sidecar.yaml"]["egress_port"]
+        assert send(egress, False)[0] == 503
+        wait_until(lambda: learned.locator("summary").inner_text() == "1", PAGE_TIMEOUT, "learned")
+        learned.locator("summary").click()
+        [entry] = learned.locator("li").all()
+        assert entry.get_attribute("data-reason") == "learned"
+        assert entry.inner_text().startswith("fund-facade learned since ")
+        assert "last seen" in entry.inner_text()
+        tab.next_poll()  # an open cell stays open across polls
+        assert learned.locator("details").get_attribute("open") is not None
+        assert tab.errors == []

@@ -4,6 +4,7 @@
 //   /api/v1/status           sidecars (ACKed versions, NACKs), scaler desired replicas
 //   /api/v1/instances        ready instances per service and group
 //   /api/v1/isolation        traffic per chain x hop x group (a 404 shows "no traffic data yet")
+//   /api/v1/scope            the services each role's sidecars hold the config of, and why
 //   /api/v1/rules/{kind}     chains and services (every RULES_EVERY_MS)
 //   /api/v1/profile/{svc}    next 24 h of desired replicas and the scaler's decisions, fetched
 //                            only for chains whose timeline is open (every PROFILE_EVERY_MS)
@@ -42,6 +43,7 @@ const state = {
   instances: null,
   isolation: undefined, // undefined: not asked yet; null: the endpoint does not exist (404)
   isolationError: null,
+  scope: null, // {services: {service: {group: [entry, ...]}}}; null: unknown (older control plane)
   chains: [],
   services: new Map(), // name -> spec
   rulesAt: 0,
@@ -127,6 +129,14 @@ async function loadIsolation() {
   }
 }
 
+async function loadScope() {
+  try {
+    state.scope = await getJSON("/api/v1/scope");
+  } catch (_) {
+    state.scope = null; // the cell then says it does not know; the rest of the page stays
+  }
+}
+
 function loadProfile(service) {
   const entry = state.profiles.get(service) || {};
   if (entry.loading || (entry.at && Date.now() - entry.at < PROFILE_EVERY_MS)) return;
@@ -149,10 +159,10 @@ function loadProfile(service) {
 
 async function poll() {
   const started = Date.now();
-  const jobs = [getJSON("/api/v1/status"), getJSON("/api/v1/instances"), loadIsolation()];
+  const jobs = [getJSON("/api/v1/status"), getJSON("/api/v1/instances"), loadIsolation(), loadScope()];
   const rulesDue = started - state.rulesAt >= RULES_EVERY_MS;
   if (rulesDue) jobs.push(loadRules());
-  const [status, instances, , rules] = await Promise.allSettled(jobs);
+  const [status, instances, , , rules] = await Promise.allSettled(jobs);
   const errors = [status, instances, rules]
     .filter((r) => r && r.status === "rejected")
     .map((r) => (r.reason instanceof HttpError ? r.reason.message : "the control plane does not answer"));
@@ -646,8 +656,15 @@ function sidecarRows() {
     for (const [type, t] of Object.entries(types)) {
       if (t.last_nack && (!nack || t.last_nack.at > nack.at)) nack = { type, count: t.nacks, ...t.last_nack };
     }
-    return { node, service: service || "", group: group || "", types, nack };
+    return { node, service: service || "", group: group || "", types, nack, scope: scopeOf(service, group) };
   });
+}
+
+// The entries of a role's scope, or null when the control plane does not say.
+function scopeOf(service, group) {
+  const services = state.scope && state.scope.services;
+  if (!services) return null;
+  return (services[service] && services[service][group]) || [];
 }
 
 function renderSidecars() {
@@ -658,11 +675,11 @@ function renderSidecars() {
       .some((text) => text && text.toLowerCase().includes(query)))
     : rows;
   dom.sidecarCount.textContent = query ? `(${shown.length} of ${rows.length})` : `(${rows.length})`;
-  const signature = JSON.stringify([query, shown.map((r) => r.node)]);
+  const signature = JSON.stringify([query, shown.map((r) => [r.node, r.scope])]);
   if (signature === dom.sidecarBody.dataset.sig) return;
   dom.sidecarBody.dataset.sig = signature;
   if (rows.length === 0) {
-    dom.sidecarBody.replaceChildren(h("tr", {}, h("td", { colspan: 10, class: "muted" }, "No sidecar connected.")));
+    dom.sidecarBody.replaceChildren(h("tr", {}, h("td", { colspan: 11, class: "muted" }, "No sidecar connected.")));
     return;
   }
   dom.sidecarBody.replaceChildren(...shown.map((r) => h("tr", { "data-node": r.node.node_id, class: r.nack ? "nacked" : "" },
@@ -670,10 +687,34 @@ function renderSidecars() {
     serviceCell(r),
     h("td", {}, r.group),
     h("td", {}, r.node.protocol),
+    scopeCell(r),
     h("td", { title: new Date(r.node.connected_at * 1000).toString() }, clock(r.node.connected_at * 1000)),
     ...["cds", "eds", "lds", "rds"].map((type) => versionCell(r.types[type])),
     nackCell(r.nack),
   )));
+}
+
+// How many services the sidecar holds the config of; opened, each one and why it is there.
+// Open cells stay open across re-renders (dom.openScopes, by role).
+function scopeCell(r) {
+  if (!r.scope) return h("td", { class: "scope muted" }, "–");
+  const role = `${r.service}|${r.group}`;
+  const why = (e) => {
+    const reason = [e.reason, e.detail].filter(Boolean).join(" ");
+    const seen = e.lastSeen ? `, last seen ${clock(e.lastSeen * 1000)}` : "";
+    const since = e.since ? ` since ${clock(e.since * 1000)}` : "";
+    return `${reason}${since}${seen}`;
+  };
+  const details = h("details", { open: dom.openScopes.has(role) },
+    h("summary", { title: r.scope.map((e) => `${e.callee}: ${why(e)}`).join("\n") || "no service" },
+      `${r.scope.length}`),
+    h("ul", {}, r.scope.map((e) => h("li", { "data-callee": e.callee, "data-reason": e.reason },
+      h("b", {}, e.callee), ` ${why(e)}`))));
+  details.addEventListener("toggle", () => {
+    if (details.open) dom.openScopes.add(role);
+    else dom.openScopes.delete(role);
+  });
+  return h("td", { class: "scope" }, details);
 }
 
 // A sidecar whose role no rule defines is served only listeners that answer 503 with why.
@@ -717,6 +758,7 @@ function start() {
   dom.sidecarFilter = document.getElementById("sidecar-filter");
   dom.sidecarCount = document.getElementById("sidecar-count");
   dom.sidecarBody = document.querySelector("#sidecars tbody");
+  dom.openScopes = new Set();
 
   const params = new URLSearchParams(location.search);
   if (params.get("chain")) dom.chainFilter.value = params.get("chain");
