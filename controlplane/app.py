@@ -43,7 +43,7 @@ from controlplane.inject.webhook import server_ssl_context, start_webhook
 from controlplane.model.group import GroupKey
 from controlplane.model.instance import KEEPALIVE_INTERVAL, group_key_of
 from controlplane.model.rules import RuleSet
-from controlplane.model.scope import DEFAULT_IDLE, LEARNED
+from controlplane.model.scope import DEFAULT_IDLE, LEARNED, ON_DEMAND
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.memory import collect_young, tune_gc
 from controlplane.runtime.ports import port_in_use
@@ -155,7 +155,7 @@ class ControlPlane:
         self.etcd_endpoint = etcd_endpoint
         # A sidecar of a role no rule defines gets listeners that answer 503 and say why.
         self.cache = SnapshotCache(STATIC_CLUSTERS, fallback=lambda key: self.sync.fallback(key))
-        self.sync = Sync(self.cache, Translator(outbound_policy))
+        self.sync = Sync(self.cache, Translator(outbound_policy), on_sighted=self._asked)
         self.status_board = StatusBoard()
         # Access logs, isolation accounting and Prometheus metrics (xDS events come through
         # the ADS server's observer; ALS shares the xDS gRPC port).
@@ -346,6 +346,11 @@ class ControlPlane:
                 counts[group] = counts.get(group, 0) + 1
             self._registered_memo = (keys, counts)
         return self._registered_memo[1]
+
+    def _asked(self, role: GroupKey, callee: str) -> None:
+        """A sidecar of `role` asked for `callee` on demand: keep it in the role's scope."""
+        if self.scope_recorder is not None:
+            self.scope_recorder.offer(role, callee, ON_DEMAND, time.time())
 
     def _learned(self, role: GroupKey, callee: str, now: float) -> None:
         """The access logs show `role` calling `callee`: keep it in the role's scope."""

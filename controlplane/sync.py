@@ -20,9 +20,11 @@ from controlplane.errors import StoreError
 from controlplane.model.group import GroupKey
 from controlplane.model.instance import Instance
 from controlplane.model.rules import RuleSet
+from controlplane.model.scope import Sighting, sighted_by_role
 from controlplane.store.etcd import Store
 from controlplane.store.registry import watch_instances
 from controlplane.store.rules import watch_rules
+from controlplane.store.scope import watch_sightings
 from controlplane.translate import Asked, Endpoints, Scopes, Translator
 from controlplane.translate.unknown import unknown_role_snapshot
 from controlplane.xds.cache import SnapshotCache
@@ -65,8 +67,12 @@ class Sync:
         cache: SnapshotCache,
         translator: Translator | None = None,
         debounce: float = DEBOUNCE,
+        on_sighted: Callable[[GroupKey, str], None] | None = None,
     ) -> None:
+        """`on_sighted(role, service)`: a service joined a role's scope on demand; it is to
+        be stored as a sighting (store/scope.py), which keeps it there from then on."""
         self.cache = cache
+        self.on_sighted = on_sighted
         self.translator = translator or Translator()
         self.debounce = debounce
         self.instance_keys: frozenset[str] = frozenset()  # in the last published build
@@ -74,6 +80,7 @@ class Sync:
         self._instances: dict[str, Instance] | None = None
         self._instances_revision = 0
         self._asked = Asked()  # hosts asked for on demand (translate/scope.py)
+        self._sighted: dict[GroupKey, frozenset[str]] = {}  # from etcd (model/scope.py)
         self._roles: frozenset[str] = frozenset()
         self._dirty = asyncio.Event()
         self._published = asyncio.Condition()
@@ -104,6 +111,9 @@ class Sync:
             self._cancels.append(await asyncio.to_thread(watch_rules, store, self._rules_changed))
             self._cancels.append(
                 await asyncio.to_thread(watch_instances, store, self._instances_changed)
+            )
+            self._cancels.append(
+                await asyncio.to_thread(watch_sightings, store, self._sightings_changed)
             )
         except BaseException:
             await self.stop()
@@ -149,10 +159,12 @@ class Sync:
     def on_demand(self, role: str, authority: str) -> bool:
         """A Delta sidecar of `role` asked for `authority`, which its scope lacks (the ADS
         server's hook): whether a host for it will come, with the next build."""
-        comes, changed = self._asked.ask(self.rules, role, authority)
-        if changed:
+        answer = self._asked.ask(self.rules, role, authority)
+        if answer.joined is not None and self.on_sighted is not None:
+            self.on_sighted(GroupKey.parse(role), answer.joined)
+        if answer.changed:
             self._dirty.set()
-        return comes
+        return answer.comes
 
     def fallback(self, key: str) -> Snapshot | None:
         """What the streams of a snapshot key not built get: nothing yet for a role of the
@@ -170,7 +182,7 @@ class Sync:
             self._dirty.set()
 
     def _scopes(self) -> Scopes:
-        return self._asked.scopes(full=full_views(self.cache))
+        return self._asked.scopes(self._sighted, full_views(self.cache))
 
     # --- called on watch threads -------------------------------------------------------------
 
@@ -179,6 +191,9 @@ class Sync:
 
     def _instances_changed(self, instances: dict[str, Instance], revision: int) -> None:
         self._from_thread(self._set_instances, instances, revision)
+
+    def _sightings_changed(self, sightings: list[Sighting]) -> None:
+        self._from_thread(self._set_sightings, sighted_by_role(sightings))
 
     def _from_thread(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -190,6 +205,11 @@ class Sync:
 
     def _set_rules(self, rules: RuleSet) -> None:
         self._rules = rules
+        self._dirty.set()
+
+    def _set_sightings(self, sighted: dict[GroupKey, frozenset[str]]) -> None:
+        self._sighted = sighted
+        self._asked.settle(sighted)
         self._dirty.set()
 
     def _set_instances(self, instances: dict[str, Instance], revision: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.config.route.v3 import route_pb2 as route_config_pb2
@@ -48,38 +49,52 @@ class Scopes:
     full: frozenset[GroupKey] = frozenset()
 
 
+class Answer(NamedTuple):
+    comes: bool  # a host for the authority will be in a build
+    changed: bool  # the scopes changed: build again
+    joined: str | None = None  # the service that joined the role's scope
+
+
 class Asked:
-    """What the sidecars of each role asked for on demand since this process started."""
+    """What the sidecars of each role asked for on demand: services until the etcd sightings
+    hold them (then those decide, and expire), hosts outside the mesh for this process."""
 
     def __init__(self) -> None:
         self.services: dict[GroupKey, set[str]] = {}
         self.outside: dict[GroupKey, OrderedDict[str, None]] = {}
 
-    def ask(self, rules: RuleSet, role: str, authority: str) -> tuple[bool, bool]:
-        """(whether a host for `authority` will come, whether the scopes changed): a service
-        joins the role's scope, another host its outside-mesh host. Nothing comes for a role
-        the rules do not define (its sidecars are told the Service is missing)."""
+    def ask(self, rules: RuleSet, role: str, authority: str) -> Answer:
+        """A service joins the role's scope, another host its outside-mesh host. Nothing
+        comes for a role the rules do not define (its sidecars are told it is missing)."""
         key = GroupKey.parse(role)
         service = rules.services.get(key.service)
         if service is None or service.group(key.group) is None:
-            return False, False
+            return Answer(False, False)
         authority = authority.lower()
         host, _, port = authority.rpartition(":")
         if not host or not port.isdigit():
             host = authority
         if host in rules.services:
             asked = self.services.setdefault(key, set())
-            changed = host not in asked
+            if host in asked:
+                return Answer(True, False)
             asked.add(host)
-            return True, changed
+            return Answer(True, True, host)
         outside = self.outside.setdefault(key, OrderedDict())
         if authority in outside:
             outside.move_to_end(authority)
-            return True, False
+            return Answer(True, False)
         outside[authority] = None
         if len(outside) > MAX_OUTSIDE_HOSTS:
             outside.popitem(last=False)
-        return True, True
+        return Answer(True, True)
+
+    def settle(self, sighted: Mapping[GroupKey, Iterable[str]]) -> None:
+        """Forget the services etcd's sightings now hold: they leave with their sighting."""
+        for role, callees in sighted.items():
+            asked = self.services.get(role)
+            if asked:
+                asked.difference_update(callees)
 
     def scopes(
         self, sighted: Mapping[GroupKey, Iterable[str]] = {}, full: Iterable[GroupKey] = ()

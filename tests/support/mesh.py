@@ -147,10 +147,10 @@ class Mesh:
 
     def on_demand(self, role: str, authority: str) -> bool:
         """The ADS server's hook, as sync.Sync.on_demand (called on the server's loop)."""
-        comes, changed = self.asked.ask(self.rules, role, authority)
-        if changed:
+        answer = self.asked.ask(self.rules, role, authority)
+        if answer.changed:
             self._publish()
-        return comes
+        return answer.comes
 
     def view_wanted(self, key: str) -> None:
         if view_role(key)[1] and self.ads.running is not None:
