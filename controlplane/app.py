@@ -172,7 +172,7 @@ class ControlPlane:
         if self.announcements is not None:  # unless announcements need the stream events too
             observer = Observers(observer, self.announcements)
         self.ads = AdsServer(
-            self.cache, self.status_board, observer, self.sync.on_demand, sotw_view=full_view
+            self.cache, self.status_board, observer, self.sync, sotw_view=full_view
         )
         self.api_token = ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)

@@ -156,15 +156,21 @@ class Sync:
                 return False
         return True
 
-    def on_demand(self, role: str, authority: str) -> bool:
-        """A Delta sidecar of `role` asked for `authority`, which its scope lacks (the ADS
-        server's hook): whether a host for it will come, with the next build."""
-        answer = self._asked.ask(self.rules, role, authority)
+    # --- the ADS server's OnDemand ----------------------------------------------------------
+
+    def asked(self, node: str, role: str, authority: str) -> bool:
+        """A Delta sidecar asked for `authority`, which its role's scope lacks: whether a host
+        for it will come (with the next build)."""
+        answer = self._asked.ask(self.rules, node, role, authority)
         if answer.joined is not None and self.on_sighted is not None:
             self.on_sighted(GroupKey.parse(role), answer.joined)
         if answer.changed:
             self._dirty.set()
         return answer.comes
+
+    def gone(self, node: str) -> None:
+        if self._asked.gone(node):
+            self._dirty.set()
 
     def fallback(self, key: str) -> Snapshot | None:
         """What the streams of a snapshot key not built get: nothing yet for a role of the
@@ -209,7 +215,6 @@ class Sync:
 
     def _set_sightings(self, sighted: dict[GroupKey, frozenset[str]]) -> None:
         self._sighted = sighted
-        self._asked.settle(sighted)
         self._dirty.set()
 
     def _set_instances(self, instances: dict[str, Instance], revision: int) -> None:

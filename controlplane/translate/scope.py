@@ -12,7 +12,6 @@ endpoints come first, make-before-break. A host outside the mesh joins the role'
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -31,10 +30,9 @@ from controlplane.xds.snapshot import Resource
 # resolves (RFC 2606). It also keeps the first VHDS answer from being empty, which Envoy
 # would never deliver (envoy#23095): the sidecar would wait for its routes forever.
 _NO_OUTSIDE_HOST = "outside-mesh.tasklane.invalid"
-OUTSIDE_MESH_HOST = f"{EGRESS_ROUTE}/outside_mesh"
-# Hosts outside the mesh a role's sidecars asked for on demand, kept per role (the oldest
-# asked is forgotten first: a flood of random names must not grow memory without bound).
-MAX_OUTSIDE_HOSTS = 256
+OUTSIDE_MESH_HOST = f"{EGRESS_ROUTE}/@outside_mesh"
+# Hosts outside the mesh that a role's sidecars may ask for on demand (see Asked.ask).
+MAX_OUTSIDE_HOSTS = 1000
 
 
 @dataclass(frozen=True)
@@ -56,16 +54,22 @@ class Answer(NamedTuple):
 
 
 class Asked:
-    """What the sidecars of each role asked for on demand: services until the etcd sightings
-    hold them (then those decide, and expire), hosts outside the mesh for this process."""
+    """What the connected sidecars asked for on demand, per role. Each host stays in its
+    role's scope while a sidecar that asked for it is connected: Envoy asks for a host once
+    per xDS stream, so one taken away would stay out of that sidecar's reach until it
+    reconnects (seen with Envoy 1.40). A service asked for is also stored as a sighting,
+    which keeps it in scope for the role's other sidecars until it expires."""
 
     def __init__(self) -> None:
-        self.services: dict[GroupKey, set[str]] = {}
-        self.outside: dict[GroupKey, OrderedDict[str, None]] = {}
+        self.services: dict[GroupKey, dict[str, set[str]]] = {}  # role -> callee -> nodes
+        self.outside: dict[GroupKey, dict[str, set[str]]] = {}  # role -> authority -> nodes
+        self._nodes: dict[str, GroupKey] = {}  # node -> its role, for the nodes that asked
 
-    def ask(self, rules: RuleSet, role: str, authority: str) -> Answer:
+    def ask(self, rules: RuleSet, node: str, role: str, authority: str) -> Answer:
         """A service joins the role's scope, another host its outside-mesh host. Nothing
-        comes for a role the rules do not define (its sidecars are told it is missing)."""
+        comes for a role the rules do not define (its sidecars are told it is missing), nor
+        for more than MAX_OUTSIDE_HOSTS outside hosts of one role (a flood of random names
+        must not grow memory without bound: Envoy answers those 404)."""
         key = GroupKey.parse(role)
         service = rules.services.get(key.service)
         if service is None or service.group(key.group) is None:
@@ -75,26 +79,34 @@ class Asked:
         if not host or not port.isdigit():
             host = authority
         if host in rules.services:
-            asked = self.services.setdefault(key, set())
-            if host in asked:
-                return Answer(True, False)
-            asked.add(host)
-            return Answer(True, True, host)
-        outside = self.outside.setdefault(key, OrderedDict())
-        if authority in outside:
-            outside.move_to_end(authority)
+            table, name, joined = self.services, host, host
+        else:
+            table, name, joined = self.outside, authority, None
+        hosts = table.setdefault(key, {})
+        if name not in hosts and table is self.outside and len(hosts) >= MAX_OUTSIDE_HOSTS:
+            return Answer(False, False)
+        self._nodes[node] = key
+        nodes = hosts.get(name)
+        if nodes is not None:
+            nodes.add(node)
             return Answer(True, False)
-        outside[authority] = None
-        if len(outside) > MAX_OUTSIDE_HOSTS:
-            outside.popitem(last=False)
-        return Answer(True, True)
+        hosts[name] = {node}
+        return Answer(True, True, joined)
 
-    def settle(self, sighted: Mapping[GroupKey, Iterable[str]]) -> None:
-        """Forget the services etcd's sightings now hold: they leave with their sighting."""
-        for role, callees in sighted.items():
-            asked = self.services.get(role)
-            if asked:
-                asked.difference_update(callees)
+    def gone(self, node: str) -> bool:
+        """A sidecar's stream ended: what only it asked for leaves; whether anything did."""
+        role = self._nodes.pop(node, None)
+        changed = False
+        for table in (self.services, self.outside):
+            hosts = table.get(role, {})
+            for name in [n for n, nodes in hosts.items() if node in nodes]:
+                hosts[name].discard(node)
+                if not hosts[name]:
+                    del hosts[name]
+                    changed = True
+            if not hosts:
+                table.pop(role, None)
+        return changed
 
     def scopes(
         self, sighted: Mapping[GroupKey, Iterable[str]] = {}, full: Iterable[GroupKey] = ()
@@ -120,12 +132,19 @@ def vhds_route_config() -> Resource:
     )
 
 
+def vhds_name(host: str) -> str:
+    """A host's VHDS resource name: the route config's name and the host's, behind an `@`,
+    which no authority has, so that no resource is ever named like what Envoy asks for on
+    demand (`egress/<authority>`), which is answered by alias."""
+    return f"{EGRESS_ROUTE}/@{host}"
+
+
 def vhds_host(host: route_pb2.VirtualHost) -> Resource:
     """A service's virtual host as a VHDS resource: Envoy names (and removes) it by the
     route config's name and the host's."""
     scoped = route_pb2.VirtualHost()
     scoped.CopyFrom(host)
-    scoped.name = f"{EGRESS_ROUTE}/{host.name}"
+    scoped.name = vhds_name(host.name)
     return Resource.of(scoped)
 
 

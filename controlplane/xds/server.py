@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -33,9 +34,15 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 # writer waits for it, and later versions are coalesced (never queued) meanwhile.
 SLOW_WRITE_SECONDS = 10.0
 
-# (role, authority) -> whether a virtual host for it will come: a Delta sidecar of `role`
-# asked on demand for a host its scope lacks (sync.Sync.on_demand). False: "not found" now.
-OnDemand = Callable[[str, str], bool]
+class OnDemand(Protocol):
+    """Hears of the hosts Delta sidecars ask for on demand (sync.Sync)."""
+
+    def asked(self, node: str, role: str, authority: str) -> bool:
+        """A sidecar asked for a host its scope lacks: whether one will come (False: it is
+        answered "not found" now)."""
+
+    def gone(self, node: str) -> None:
+        """The stream of a sidecar that asked for hosts ended."""
 
 
 def role_of(node: base_pb2.Node) -> str:
@@ -112,6 +119,7 @@ class _Stream:
         self.writing: tuple[float, Push, int] | None = None  # (since, push, bytes) in flight
         self.slow_reported = False
         self.unreadable = ""  # why a request could not be decoded, if one could not
+        self.asked = False  # for a host on demand
 
     def snapshot_changed(self, types: frozenset[str]) -> None:
         self.state.mark_changed(types)
@@ -144,6 +152,8 @@ class _Stream:
         finally:
             reader.cancel()
             cache.unwatch(self.view, self)
+            if self.asked:
+                self.server.on_demand.gone(self.status.node_id)
             board.disconnect(self.status)
             self.server.observer.closed(self.status)
             log.info("stream closed: node %s (%s)", first.node.id, self.role)
@@ -220,11 +230,12 @@ class _Stream:
     def _ask_on_demand(self) -> None:
         """Hosts asked for on demand that the snapshot lacks: the control plane adds them to
         the role's scope (they come with a later snapshot) or says they never will."""
-        on_demand = self.server.on_demand
-        names = self.state.unresolved(self.server.cache.snapshot(self.view))
-        missing = [
-            n for n in names if on_demand is None or not on_demand(self.role, authority_of(n))
-        ]
+        on_demand, node = self.server.on_demand, self.status.node_id
+        missing = []
+        for name in self.state.unresolved(self.server.cache.snapshot(self.view)):
+            if on_demand is None or not on_demand.asked(node, self.role, authority_of(name)):
+                missing.append(name)
+            self.asked = on_demand is not None
         if missing:
             self.state.declare_missing(missing)
 

@@ -45,7 +45,7 @@ class TypeState:
     unknown: set[str] = field(default_factory=set)
     # VHDS on demand: requested names ("egress/<authority>") answered since their request,
     # and those the control plane said will never exist (answered "not found").
-    answered: set[str] = field(default_factory=set)
+    answered: dict[str, str] = field(default_factory=dict)  # name -> the host that answered
     missing: set[str] = field(default_factory=set)
 
 
@@ -140,7 +140,8 @@ class StreamState:
         for name in subscribe - state.names:
             if name not in initial_versions:
                 state.sent.pop(name, None)  # newly requested: send even if unchanged
-        state.answered -= subscribe  # asked (again) on demand: a request waits on the answer
+        for name in subscribe:  # asked (again) on demand: a request waits on the answer
+            state.answered.pop(name, None)
         state.missing -= subscribe
         state.names |= subscribe
         state.names -= unsubscribe
@@ -264,7 +265,7 @@ class StreamState:
         hosts = snapshot.resources(VIRTUAL_HOST) if snapshot is not None else ResourceMap()
         return sorted(
             name
-            for name in state.names - state.answered - state.missing
+            for name in state.names - state.answered.keys() - state.missing
             if hosts.host_for(authority_of(name)) is None
         )
 
@@ -325,13 +326,14 @@ class StreamState:
             resources = [r for n, r in desired.items() if state.sent.get(n) != r.version]
             if self.delta:
                 removed = [n for n, v in state.sent.items() if v is not None and n not in desired]
-                removed += [n for n in state.names if n not in desired and n not in state.sent]
+                if state.type_url != VIRTUAL_HOST:  # names asked on demand are aliases
+                    removed += [n for n in state.names if n not in desired and n not in state.sent]
                 if state.type_url == CLUSTER and removed and self._removals_wait(snapshot):
                     removed, self._retaining = [], True  # re-planned after LDS/RDS ACKs
                 if state.type_url == ENDPOINT:  # a retained cluster keeps its endpoints
                     removed = [n for n in removed if not self._holds_cluster(n)]
-                if state.type_url == VIRTUAL_HOST:  # names asked on demand are aliases
-                    removed = [n for n in removed if n not in state.names]
+                if state.type_url == VIRTUAL_HOST:
+                    removed += _forget_aliases(state, removed)
                     resources = _answer_on_demand(state, desired, resources)
             else:
                 # SotW cannot say "absent" for RDS/EDS: forget it, so a return is sent again.
@@ -358,6 +360,18 @@ def authority_of(name: str) -> str:
     return name.partition("/")[2]
 
 
+def _forget_aliases(state: TypeState, removed: list[str]) -> list[str]:
+    """The names asked on demand that removed hosts answered: removed too, so that Envoy
+    forgets them and asks again when its app calls that host again (till then they are no
+    longer asked for)."""
+    gone = set(removed)
+    aliases = [name for name, host in state.answered.items() if host in gone]
+    for name in aliases:
+        del state.answered[name]
+        state.names.discard(name)
+    return aliases
+
+
 def _answer_on_demand(
     state: TypeState, hosts: Mapping[str, Resource], resources: list[Resource]
 ) -> list[Resource]:
@@ -367,13 +381,13 @@ def _answer_on_demand(
     if not isinstance(hosts, ResourceMap):
         hosts = ResourceMap(hosts.values())
     out = {r.name: r for r in resources}
-    for name in sorted(state.names - state.answered):
+    for name in sorted(state.names - state.answered.keys()):
         host = hosts.host_for(authority_of(name))
         if host is not None:
             out[host.name] = host.aliased(name)
+            state.answered[name] = host.name
         elif name in state.missing:
             out[name] = Resource.not_found(VIRTUAL_HOST, name)
-        else:
-            continue  # still to come: answered when the snapshot has it
-        state.answered.add(name)
+            state.answered[name] = ""
+        # else still to come: answered when the snapshot has it
     return list(out.values())

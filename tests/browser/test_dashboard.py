@@ -643,8 +643,8 @@ def test_a_sidecar_of_an_unknown_service_is_marked(
 def test_sidecars_show_their_scope_and_why(
     plane: Mesh, dashboard: Callable[[str], Page], tmp_path: Path
 ) -> None:
-    """Real Envoys: fund-facade's holds the chain's later hops; nav-pricing's learns the
-    service its egress logs show it calling."""
+    """Real Envoys: fund-facade's holds the chain's later hops; nav-pricing's gets the
+    service it calls on demand."""
     facade = plane.plane.sidecar(tmp_path / "facade", "fund-facade|task")
     pricing = plane.plane.sidecar(tmp_path / "pricing", "nav-pricing|default")
     with facade, pricing:
@@ -668,8 +668,8 @@ def test_sidecars_show_their_scope_and_why(
         wait_until(lambda: learned.locator("summary").inner_text() == "1", PAGE_TIMEOUT, "learned")
         learned.locator("summary").click()
         [entry] = learned.locator("li").all()
-        assert entry.get_attribute("data-reason") == "learned"
-        assert entry.inner_text().startswith("fund-facade learned since ")
+        assert entry.get_attribute("data-reason") == "on-demand"
+        assert entry.inner_text().startswith("fund-facade on-demand since ")
         assert "last seen" in entry.inner_text()
         tab.next_poll()  # an open cell stays open across polls
         assert learned.locator("details").get_attribute("open") is not None

@@ -1,8 +1,8 @@
-"""A role's learned scope through a real `tasklane up` (with a real etcd) and real sidecars
-of `tasklane run`: a caller's app calls another service through its sidecar, the sidecar's
-access logs make the callee part of the caller's scope (`tasklane get scope`, the API, etcd),
-it leaves after the idle time without calls, and it survives a restart of the control
-plane."""
+"""A role's scope through a real `tasklane up` (with a real etcd) and real sidecars of
+`tasklane run`: a caller's app calls another service through its sidecar, which asks for it
+on demand; the callee joins the caller's scope (`tasklane get scope`, the API, etcd), its
+access logs keep it there while it is called, it leaves after the idle time without calls,
+and it survives a restart of the control plane."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.model.scope import LEARNED, ON_DEMAND
 from controlplane.store.etcd import Store
 from controlplane.store.scope import load_sightings
 from tests.support.chain import STOP_TIMEOUT, Plane, Run, get, stop_run
@@ -103,10 +104,10 @@ def scope_rows(plane: Plane, service_name: str) -> list[list[str]]:
     return [line.split() for line in done.stdout.splitlines()]
 
 
-def learned(plane: Plane) -> list[str] | None:
-    """The row of caller|default -> callee, when learned."""
+def learned(plane: Plane, reason: str = ON_DEMAND) -> list[str] | None:
+    """The row of caller|default -> callee, once in the scope for `reason`."""
     for row in scope_rows(plane, "caller")[1:]:
-        if row[:3] == ["caller|default", "callee", "learned"]:
+        if row[:3] == ["caller|default", "callee", reason]:
             return row
     return None
 
@@ -124,25 +125,26 @@ def test_a_called_service_is_learned_expires_and_survives_a_restart(
     assert (str(sighting.role), sighting.callee, sighting.reason) == (
         "caller|default",
         "callee",
-        "learned",
+        ON_DEMAND,
     )
     status, body = get_json(f"{plane.server}/api/v1/scope/caller")
     assert status == 200
     assert body["groups"]["task"] == []
     [entry] = body["groups"]["default"]
-    assert entry["callee"] == "callee" and entry["reason"] == "learned"
+    assert entry["callee"] == "callee" and entry["reason"] == ON_DEMAND
     assert entry["since"] == sighting.since
 
     # No call for longer than the idle time: it leaves the scope, and etcd.
     wait_until(lambda: learned(plane) is None, timeout=IDLE_S + 10, what="callee expires")
     assert load_sightings(plane.store) == []
 
-    # Called again, then the control plane restarts (with the default idle time of a day).
+    # Called again: the sidecar still holds it (Envoy asks for a host once per xDS stream, so
+    # a host it asked for stays while it is connected), and its access logs bring it back.
     with calling(egress, "callee"):
-        wait_until(lambda: learned(plane), what="callee learned again")
+        wait_until(lambda: learned(plane, LEARNED), what="callee learned again")
     [before] = load_sightings(plane.store)
-    plane.restart_up()
-    wait_until(lambda: learned(plane), what="the learned callee after a restart")
+    plane.restart_up()  # (with the default idle time of a day)
+    wait_until(lambda: learned(plane, LEARNED), what="the learned callee after a restart")
     [after] = load_sightings(plane.store)
     assert after.since == before.since
 

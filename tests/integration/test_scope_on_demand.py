@@ -48,7 +48,7 @@ def test_a_first_call_outside_the_scope_succeeds_and_joins_it(tmp_path: Path) ->
         front = mesh.add("front", "default", next_services=["ledger", "audit"])
         clusters, hosts = held(front.envoy.admin_port)
         assert not clusters & {"ledger|default", "audit|default", "unused|default"}
-        assert hosts == {"egress/outside_mesh"}  # its rules declare no call
+        assert hosts == {"egress/@outside_mesh"}  # its rules declare no call
 
         started = time.monotonic()
         status, body = request(front.inbound_port, "front")
@@ -63,7 +63,7 @@ def test_a_first_call_outside_the_scope_succeeds_and_joins_it(tmp_path: Path) ->
         clusters, hosts = held(front.envoy.admin_port)
         assert {"ledger|default", "ledger|task", "audit|default", "audit|task"} <= clusters
         assert "unused|default" not in clusters  # nothing joins that was not called
-        assert hosts == {"egress/outside_mesh", "egress/ledger", "egress/audit"}
+        assert hosts == {"egress/@outside_mesh", "egress/@ledger", "egress/@audit"}
         # Two services discovered within one request; measured, not a target.
         print(f"first call {first * 1000:.1f} ms, second {second * 1000:.1f} ms")
         assert first < 5.0
@@ -77,4 +77,4 @@ def test_a_host_outside_the_mesh_is_asked_for_and_refused_with_a_reason(tmp_path
             assert status == 502, (name, body)
             assert f"{name} is no service of the mesh" in str(body), body
         _, hosts = held(front.envoy.admin_port)
-        assert hosts == {"egress/outside_mesh"}  # one host for every outside name
+        assert hosts == {"egress/@outside_mesh"}  # one host for every outside name

@@ -26,7 +26,7 @@ from controlplane.store.registry import Registration, register
 from controlplane.store.rules import apply_rules, load_rules
 from controlplane.xds.names import GATEWAY_ROLE
 from controlplane.xds.snapshot import ResourceMap, Snapshot
-from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, VIRTUAL_HOST
 from tests.support.chain import cluster_hosts
 from tests.support.plane import Plane as BasePlane
 from tests.support.wait import wait_until
@@ -48,9 +48,9 @@ class Plane(BasePlane):
         parsed = load_files([GOOD]) if text is None else load_text(text, "extra.yaml")
         apply_rules(self.store, validate_apply(current, parsed), current, revision)
 
-    def ready_sidecar(self, tmp_path: Path, role: str = ROLE) -> EnvoyProcess:
+    def ready_sidecar(self, tmp_path: Path, role: str = ROLE, delta: bool = True) -> EnvoyProcess:
         """A started, ready sidecar of `role`."""
-        envoy = self.sidecar(tmp_path / "envoy", role)
+        envoy = self.sidecar(tmp_path / "envoy", role, delta)
         envoy.start()
         envoy.wait_ready()
         return envoy
@@ -153,7 +153,16 @@ def test_instances_come_and_go_with_their_registration(plane: Plane, sidecar: En
             registration.close()
 
 
-def test_rule_change_changes_the_routes(plane: Plane, sidecar: EnvoyProcess) -> None:
+def test_rule_change_changes_the_routes(plane: Plane, tmp_path: Path) -> None:
+    # A state-of-the-world sidecar holds the full view: every service, as it comes and goes.
+    sidecar = plane.ready_sidecar(tmp_path, delta=False)
+    try:
+        _check_rule_change_changes_the_routes(plane, sidecar)
+    finally:
+        sidecar.stop()
+
+
+def _check_rule_change_changes_the_routes(plane: Plane, sidecar: EnvoyProcess) -> None:
     def egress_hosts() -> set[str]:
         for section in sidecar.config_dump(include_eds=False)["configs"]:
             for entry in section.get("dynamic_route_configs", []):
@@ -185,9 +194,9 @@ def test_inconsistent_build_never_reaches_envoy(
     sync = plane.control_plane.sync
     real_build = sync.translator.build
 
-    def broken_build(rules: RuleSet, endpoints: Any) -> dict[str, Snapshot]:
+    def broken_build(rules: RuleSet, endpoints: Any, scopes: Any = None) -> dict[str, Snapshot]:
         """The real build, except that ROLE's snapshot lacks a cluster its routes name."""
-        snapshots = real_build(rules, endpoints)
+        snapshots = real_build(rules, endpoints, scopes)
         good = snapshots[ROLE]
         clusters = [r for r in good.resources(CLUSTER).values() if r.name != "account-svc|task"]
         snapshots[ROLE] = Snapshot(
@@ -196,6 +205,7 @@ def test_inconsistent_build_never_reaches_envoy(
                 ENDPOINT: good.resources(ENDPOINT),
                 LISTENER: good.resources(LISTENER),
                 ROUTE: good.resources(ROUTE),
+                VIRTUAL_HOST: good.resources(VIRTUAL_HOST),
             }
         )
         return snapshots

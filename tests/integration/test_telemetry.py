@@ -42,15 +42,16 @@ DYED = {"x-task-dye": "fund-yield"}
 
 
 def wait_healthy(mesh: Mesh) -> None:
-    """Until every sidecar sees every registered instance healthy: traffic sent after that is
-    all the accounting may count (no warm-up requests)."""
+    """Until every sidecar sees every registered instance of the services in its scope
+    healthy: traffic sent after that is all the accounting may count (no warm-up requests)."""
     want = mesh.registered()
 
     def healthy() -> bool:
         for instance in mesh.instances:
             stats = instance.envoy.stats()
             for (svc, group), count in want.items():
-                if stats.get(f"cluster.{svc}|{group}.membership_healthy") != count:
+                held = stats.get(f"cluster.{svc}|{group}.membership_healthy")
+                if held is not None and held != count:
                     return False
         return True
 

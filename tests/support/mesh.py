@@ -73,7 +73,7 @@ class _AdsWithLogs(AdsThread):
         self._stack = contextlib.AsyncExitStack()
         cache = SnapshotCache(self.static_clusters)
         cache.on_new_watch = self.mesh.view_wanted
-        ads = AdsServer(cache, self.board, self.observer, self.mesh.on_demand, sotw_view=full_view)
+        ads = AdsServer(cache, self.board, self.observer, self.mesh, sotw_view=full_view)
         server, port = await serve(ads, "127.0.0.1:0", (self.telemetry.access_logs.handler(),))
         self._stack.push_async_callback(server.stop, 0)
         return RunningAds(cache, ads, port)
@@ -88,7 +88,7 @@ class Mesh:
         self.tmp_path, self.delta = tmp_path, delta
         self.rules = apply(RuleSet.empty(), load_text(rules_yaml, "rules.yaml"))
         self.translator = Translator(outbound_policy)
-        self.asked = Asked()  # what sidecars asked for on demand, as sync.Sync keeps it
+        self.asked_hosts = Asked()  # what sidecars asked for on demand, as sync.Sync keeps it
         status = StatusBoard()
         self.telemetry = Telemetry(lambda: self.rules, self.registered, status)
         self.ads = _AdsWithLogs(self.telemetry, status, self)
@@ -139,18 +139,22 @@ class Mesh:
     def _publish(self) -> None:
         """Build and publish, as sync.Sync does (on the server's loop)."""
         cache = self.ads.running.cache
-        scopes = self.asked.scopes(full=full_views(cache))
+        scopes = self.asked_hosts.scopes(full=full_views(cache))
         snapshots = self.translator.build(self.rules, self.endpoints(), scopes)
         outcomes = cache.set_snapshots(snapshots)
         refused = {role: o for role, o in outcomes.items() if isinstance(o, Exception)}
         assert not refused, f"inconsistent snapshots: {refused}"
 
-    def on_demand(self, role: str, authority: str) -> bool:
-        """The ADS server's hook, as sync.Sync.on_demand (called on the server's loop)."""
-        answer = self.asked.ask(self.rules, role, authority)
+    def asked(self, node: str, role: str, authority: str) -> bool:
+        """The ADS server's OnDemand, as sync.Sync (called on the server's loop)."""
+        answer = self.asked_hosts.ask(self.rules, node, role, authority)
         if answer.changed:
             self._publish()
         return answer.comes
+
+    def gone(self, node: str) -> None:
+        if self.asked_hosts.gone(node):
+            self._publish()
 
     def view_wanted(self, key: str) -> None:
         if view_role(key)[1] and self.ads.running is not None:

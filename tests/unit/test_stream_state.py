@@ -7,11 +7,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from envoy.config.route.v3.route_components_pb2 import VirtualHost
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryResponse
+
 from controlplane.translate.gateway import DyeNames, dye_filter
+from controlplane.xds import wire
 from controlplane.xds.names import GATEWAY_DYE_FILTER
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.stream import Push, StreamState, Verdict
-from controlplane.xds.types import CLUSTER, ENDPOINT, EXTENSION_CONFIG, LISTENER, ROUTE
+from controlplane.xds.types import (
+    CLUSTER,
+    ENDPOINT,
+    EXTENSION_CONFIG,
+    LISTENER,
+    ROUTE,
+    VIRTUAL_HOST,
+)
 from testkit import resources as rs
 from tests.support.ads import base, snap
 
@@ -455,3 +466,68 @@ def test_delta_reconnect_with_static_listeners_keeps_clusters_until_its_routes_a
     envoy.subscribe(ROUTE, ["egress"], held=held[ROUTE])
     envoy.subscribe(ENDPOINT, ["b"])
     assert_routes_replaced_before_removal(envoy.sync(), "a")
+
+
+# ---------------------------------------------------------------------------- VHDS on demand
+
+
+def vhost(name: str, *domains: str, cluster: str = "a") -> VirtualHost:
+    """A VHDS virtual host routing everything to `cluster`."""
+    host = VirtualHost(name=name, domains=list(domains))
+    route = host.routes.add()
+    route.match.prefix = "/"
+    route.route.cluster = cluster
+    return host
+
+
+def aliases(push: Push) -> dict[str, list[str]]:
+    """resource name -> its aliases, as the Delta response on the wire carries them."""
+    data = wire.delta_response(
+        push.version, [r.delta_entry for r in push.resources], push.type_url, push.removed, "1"
+    )
+    response = DeltaDiscoveryResponse.FromString(data)
+    return {entry.name: list(entry.aliases) for entry in response.resources}
+
+
+def on_demand_envoy(*hosts) -> Envoy:
+    envoy = connected(True, snap(*base(), *hosts))
+    envoy.subscribe(VIRTUAL_HOST)  # Envoy's VHDS: every host of its route config
+    envoy.sync()
+    return envoy
+
+
+def test_a_host_asked_on_demand_is_answered_under_its_alias_once_it_exists() -> None:
+    envoy = on_demand_envoy(vhost("egress/@a", "a", "a:*"))
+    envoy.subscribe(VIRTUAL_HOST, ["egress/b:8080"])
+    assert envoy.state.unresolved(envoy.snapshot) == ["egress/b:8080"]
+    assert envoy.push() is None  # nothing to say until the control plane has it
+    envoy.publish(snap(*base(), vhost("egress/@a", "a", "a:*"), vhost("egress/@b", "b", "b:*")))
+    [push] = envoy.sync()
+    assert aliases(push) == {"egress/@b": ["egress/b:8080"]}
+
+
+def test_a_host_the_sidecar_holds_is_resent_under_the_alias_it_asked_for() -> None:
+    # A request crossed the push that brought the host: it waits on the alias all the same.
+    envoy = on_demand_envoy(vhost("egress/@a", "a", "a:*"))
+    envoy.subscribe(VIRTUAL_HOST, ["egress/a"])
+    [push] = envoy.sync()
+    assert aliases(push) == {"egress/@a": ["egress/a"]}
+
+
+def test_a_name_declared_missing_is_answered_not_found() -> None:
+    envoy = on_demand_envoy()
+    envoy.subscribe(VIRTUAL_HOST, ["egress/ghost"])
+    envoy.state.declare_missing(["egress/ghost"])
+    [push] = envoy.sync()
+    assert aliases(push) == {"egress/ghost": ["egress/ghost"]}
+    assert push.resources[0].payload == b"" and not push.removed
+
+
+def test_removing_a_host_removes_the_names_it_answered() -> None:
+    envoy = on_demand_envoy(vhost("egress/@a", "a", "a:*"))
+    envoy.subscribe(VIRTUAL_HOST, ["egress/a:80"])
+    envoy.sync()
+    envoy.publish(snap(*base()))
+    [push] = [p for p in envoy.sync() if p.type_url == VIRTUAL_HOST]
+    assert sorted(push.removed) == ["egress/@a", "egress/a:80"]
+    assert envoy.state.unresolved(envoy.snapshot) == []  # no longer asked for

@@ -498,21 +498,21 @@ def test_a_chain_hop_holds_the_later_hops_of_its_chains_and_nothing_else(
         }  # fmt: skip
         assert names(snapshot, ENDPOINT) == names(snapshot, CLUSTER) - {"account|debit|loose"}
         assert domains(snapshot) == {
-            "egress/account": ["account", "account:*"],
-            "egress/pricing": ["pricing", "pricing:*"],
-            "egress/outside_mesh": ["outside-mesh.tasklane.invalid"],
+            "egress/@account": ["account", "account:*"],
+            "egress/@pricing": ["pricing", "pricing:*"],
+            "egress/@outside_mesh": ["outside-mesh.tasklane.invalid"],
         }
         [egress] = [r for n, r in decoded(snapshot, ROUTE).items() if n == EGRESS_ROUTE]
         assert not egress.virtual_hosts and egress.vhds.config_source.HasField("ads")
     # pricing is the last hop of both chains: it calls nothing, as far as the rules say.
     assert not names(scoped["pricing|task"], CLUSTER)
-    assert set(domains(scoped["pricing|task"])) == {"egress/outside_mesh"}
+    assert set(domains(scoped["pricing|task"])) == {"egress/@outside_mesh"}
 
 
 def test_a_scoped_host_routes_dyes_as_the_full_one(
     scoped: dict[str, Snapshot], built: dict[str, Snapshot]
 ) -> None:
-    host = decoded(scoped["front|default"], VIRTUAL_HOST)["egress/account"]
+    host = decoded(scoped["front|default"], VIRTUAL_HOST)["egress/@account"]
     assert dye_routes(host) == dye_routes(virtual_host(built["front|default"], "account"))
     assert baggage_routes(host) == {"debit": ["debit"], "task-dye": ["yield"]}
 
@@ -528,7 +528,7 @@ def test_declared_calls_sightings_and_outside_hosts_join_a_scope() -> None:
     pricing = snapshots["pricing|default"]
     # a service no rule has is left out
     assert names(pricing, CLUSTER) == {"account|default", "account|task"}
-    assert domains(pricing)["egress/outside_mesh"] == ["example.com", "example.org:8080"]
+    assert domains(pricing)["egress/@outside_mesh"] == ["example.com", "example.org:8080"]
     assert names(snapshots["account|default"], CLUSTER) == set()
 
 
@@ -553,4 +553,4 @@ def test_a_weight_change_moves_one_host_of_the_scopes_that_hold_it() -> None:
         or before[role].resources(type_url)[name].version != res.version
     }
     holders = {"front|default", "front|task"}  # account is in front's scope only
-    assert moved == {(role, VIRTUAL_HOST, "egress/account") for role in holders}
+    assert moved == {(role, VIRTUAL_HOST, "egress/@account") for role in holders}
