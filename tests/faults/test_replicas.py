@@ -19,12 +19,17 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from controlplane.model.instance import DEFAULT_TTL
+from controlplane.model.instance import DEFAULT_TTL, Instance
+from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.etcd import EmbeddedEtcd
+from controlplane.runtime.ports import free_port
 from controlplane.store.etcd import Store
+from controlplane.store.registry import list_instances
+from controlplane.xds.names import HEALTH_PATH
 from tests.support.chain import (
     DYE,
     GOOD,
@@ -41,8 +46,10 @@ from tests.support.chain import (
     hops,
     stop_run,
 )
+from tests.support.echo_app import start_echo
 from tests.support.etcd import start_etcd
 from tests.support.procs import wait_gone
+from tests.support.rules import service
 from tests.support.up import Up, get_json, start_up
 from tests.support.wait import wait_until
 
@@ -169,14 +176,18 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
 class KeysWatch:
     """Polls etcd's instance keys in a thread: the fewest seen at once, to prove none left."""
 
-    def __init__(self, plane: Plane) -> None:
-        self.plane, self.fewest = plane, len(plane.instance_keys())
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.fewest = len(self._keys())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
+    def _keys(self) -> list[Instance]:
+        return list_instances(self.store)[0]
+
     def _poll(self) -> None:
         while not self._stop.wait(0.05):
-            self.fewest = min(self.fewest, len(self.plane.instance_keys()))
+            self.fewest = min(self.fewest, len(self._keys()))
 
     def __enter__(self) -> KeysWatch:
         self._thread.start()
@@ -199,7 +210,7 @@ def test_sigkill_one_replica_under_load(replicas: Replicas) -> None:
     registrations = {id(run): run.stderr().count("registered again") for run in through_victim}
     accounted = get_json(survivor.url("/api/v1/isolation"))[1]["totals"]["requests"]
     everyone = len(replicas.runs)
-    with KeysWatch(replicas.plane) as keys, Load(replicas.egress) as load:
+    with KeysWatch(replicas.plane.store) as keys, Load(replicas.egress) as load:
         load.wait_sent(50)
         replicas.ups[victim].proc.kill()
         killed = time.monotonic()
@@ -235,3 +246,69 @@ def test_sigkill_one_replica_under_load(replicas: Replicas) -> None:
     assert keys.fewest == everyone, "an instance left the registry"
     assert isolation["requests"] > accounted, "the survivor accounts the load"
     assert isolation["leaks"] == 0, isolation
+
+
+def test_an_announced_instance_moves_with_its_stream(tmp_path: Path) -> None:
+    """A pod's sidecar (no `tasklane run`: its instance lives while its xDS stream does) given
+    both replicas: the one holding its stream is SIGKILLed, the other registers it again
+    before the dead one's lease expires, so it never leaves etcd."""
+    etcd = start_etcd(tmp_path / "etcd")
+    ups: list[Up] = []
+    store = Store.connect(etcd.endpoint)
+    app_port, stop_echo = start_echo("pricing-pod")
+    try:
+        announce = {"etcd": etcd.endpoint, "options": ("--accept-announce",)}
+        ups.append(start_up(tmp_path, **announce))
+        ups.append(start_up(tmp_path, **announce, state_dir=ups[0].state_dir))
+        rules = tmp_path / "pricing.yaml"
+        rules.write_text(service("pricing"))
+        applied = Plane(ups[0], store, tmp_path).tasklane("apply", "-f", str(rules))
+        assert applied.returncode == 0, applied.stderr
+        a, b = (("127.0.0.1", up.ports["xds"]) for up in ups)
+        pod = EnvoyProcess(
+            node_id="pricing|default|pod-0",
+            service="pricing",
+            group="default",
+            xds_host=a[0],
+            xds_port=a[1],
+            more_xds=[b],
+            admin_port=free_port(),
+            delta=False,
+            work_dir=tmp_path / "pod",
+            parts={
+                "sidecar.yaml": {
+                    "egress_port": free_port(),
+                    "inbound_host": "127.0.0.1",
+                    "inbound_port": (inbound := free_port()),
+                    "app_port": app_port,
+                    "health_path": HEALTH_PATH,
+                }
+            },
+            announce=f"127.0.0.1:{inbound}",
+        )
+        with pod:
+            pod.wait_ready()
+            wait_until(lambda: list_instances(store)[0], timeout=10, what="announced in etcd")
+            holder = next(n for n, up in enumerate(ups) if synced_nodes(up))
+            survivor = ups[1 - holder]
+            with KeysWatch(store) as keys:
+                ups[holder].proc.kill()
+                killed = time.monotonic()
+                ups[holder].proc.wait(timeout=STOP_TIMEOUT)
+                wait_until(
+                    lambda: synced_nodes(survivor) == {pod.node_id: True},
+                    timeout=RESYNC_LIMIT,
+                    what="the pod's sidecar in sync on the surviving replica",
+                )
+                resync = time.monotonic() - killed
+                # Past the dead replica's lease: only a new registration keeps it now.
+                time.sleep(max(0.0, killed + DEFAULT_TTL + 1 - time.monotonic()))
+            print(f"\nannounced instance: resync on the survivor {resync:.2f}s")
+            assert keys.fewest == 1, "the announced instance left the registry"
+            assert [i.id for i in list_instances(store)[0]] == [pod.node_id]
+    finally:
+        stop_echo()
+        store.close()
+        for up in ups:
+            up.kill()
+        etcd.stop()
