@@ -10,10 +10,12 @@ from --clients processes per replica. A change is one chain's first hop weight, 
 through the API like `tasklane apply`; each replica sees it through its own etcd watch.
 
 Latency, per stream and change: from just before the apply to the last xDS response the stream
-received (it ACKs at once); a change is over when every stream got a response after the apply
-and none came for --quiet seconds. A stream that got none within --change-timeout did not
-converge: it counts as a failure and as infinitely late in the percentiles. Clock: time.time()
-of this machine, shared by all processes.
+received (it ACKs at once); a change is over once responses have stopped for --quiet seconds.
+The streams the change is for are those whose node the replicas' /api/v1/status shows sent
+new versions (every one in SotW, which holds the whole mesh; in Delta only the roles whose
+scope holds the changed chain). One of them that received nothing within --change-timeout did
+not converge: it counts as a failure and as infinitely late in the percentiles. Clock:
+time.time() of this machine, shared by all processes.
 
     .venv/bin/python bench/replicas.py --streams 2500 --replicas 2
 
@@ -49,7 +51,6 @@ from common import machine  # bench/ is the script's directory
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from mesh import GROUPS, change_weight, make_rules, service_names
 from xds_push import (
-    SIDECAR_TYPES,
     cpu_seconds,
     delta_stream,
     percentile,
@@ -104,8 +105,8 @@ class _TimedCall:
 async def client_run(args: argparse.Namespace) -> None:
     """Hold `args.count` streams to `args.target`, each on its own connection, reopened with
     Envoy-like backoff when they fail; answer `{"since": T, "full": bool}` lines on stdin
-    with how many streams hold every type, how many got a response at or after T and the
-    latest, the failures, and with `full` each stream's last response at or after T."""
+    with how many streams got a response at or after T and the latest, the failures, and with
+    `full` each stream's last response at or after T."""
     services = service_names(args.services)
     subscribed = {
         ENDPOINT: [cluster_name(s, g) for s in services for g in GROUPS],
@@ -113,13 +114,11 @@ async def client_run(args: argparse.Namespace) -> None:
     }
     run = delta_stream if args.mode == "delta" else sotw_stream
     last = [0.0] * args.count
-    types: list[set[str]] = [set() for _ in range(args.count)]
     failures: dict[str, int] = {}
 
     async def one(slot: int) -> None:
         def seen(type_url: str) -> None:
             last[slot] = time.time()
-            types[slot].add(type_url)
 
         channel = grpc.aio.insecure_channel(
             args.target, options=[("grpc.use_local_subchannel_pool", 1)]
@@ -149,7 +148,6 @@ async def client_run(args: argparse.Namespace) -> None:
         ask = json.loads(line)
         got = [at for at in last if at >= ask["since"]]
         report = {
-            "synced": sum(len(t) == len(SIDECAR_TYPES) for t in types),
             "got": len(got),
             "latest": max(got, default=None),
             "failures": failures,
@@ -172,6 +170,7 @@ class Row:
     streams: int
     latencies: list[float] = field(default_factory=list)  # every (stream, change) converged
     missing: int = 0  # (stream, change) pairs with no response within the bound
+    meant: list[int] = field(default_factory=list)  # streams each change was sent to
     unsynced: int = 0
     sync_s: float = 0.0
     replica_cpu: list[float] = field(default_factory=list)  # s per change, busiest replica
@@ -181,10 +180,10 @@ class Row:
 
 
 class Client:
-    """A client child and its stdin/stdout control channel."""
+    """A client child, its control channel, and the node ids of its streams, in order."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
+    def __init__(self, proc: asyncio.subprocess.Process, nodes: list[str]) -> None:
+        self.proc, self.nodes = proc, nodes
 
     async def state(self, since: float, full: bool = False) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -232,19 +231,35 @@ async def start_replica(etcd: EmbeddedEtcd, state: Path, log: Path) -> tuple[Any
 
 
 async def converged(
-    clients: list[Client], streams: int, since: float, quiet: float, timeout: float
-) -> list[float | None]:
-    """Every stream's last response after `since`, once all have one and none came for
-    `quiet` s, or at `since + timeout`; None for a stream that got none."""
+    clients: list[Client], since: float, quiet: float, timeout: float
+) -> dict[str, float | None]:
+    """{node id: its stream's last response after `since`, None if it got none}, once
+    responses came and then stopped for `quiet` s, or at `since + timeout`."""
     while True:
         states = [await client.state(since) for client in clients]
-        got = sum(state["got"] for state in states)
-        latest = max((s["latest"] for s in states if s["latest"] is not None), default=since)
+        latest = max((s["latest"] for s in states if s["latest"] is not None), default=None)
         now = time.time()
-        if (got == streams and now - latest >= quiet) or now >= since + timeout:
-            states = [await client.state(since, full=True) for client in clients]
-            return [at for state in states for at in state["last"]]
+        if (latest is not None and now - latest >= quiet) or now >= since + timeout:
+            break
         await asyncio.sleep(0.25)
+    last: dict[str, float | None] = {}
+    for client in clients:
+        state = await client.state(since, full=True)
+        last.update(zip(client.nodes, state["last"], strict=True))
+    return last
+
+
+def sent_versions(http_ports: Sequence[int]) -> dict[str, dict[str, str]]:
+    """{node id: {xDS type: version sent}} of every stream of every replica."""
+    out = {}
+    for port in http_ports:
+        url = f"http://127.0.0.1:{port}/api/v1/status"
+        with _direct.open(url, timeout=60) as response:
+            status = json.loads(response.read())
+        for node in status["nodes"]:
+            types = node["types"].items()
+            out[node["node_id"]] = {kind: state["sent_version"] for kind, state in types}
+    return out
 
 
 async def run_case(
@@ -265,37 +280,43 @@ async def run_case(
             ports.append((xds, http))
         token = (work / "state" / "api-token").read_text().strip()
         share = math.ceil(args.streams / args.clients)
+        names = service_names(args.services)
         for n, (xds, _) in enumerate(ports):
-            for offset in range(0, args.streams, share):
+            for first in range(n * args.streams, (n + 1) * args.streams, share):
+                count = min(share, (n + 1) * args.streams - first)
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, me, "--client", "--services", str(args.services),
                     "--target", f"127.0.0.1:{xds}", "--mode", args.mode,
-                    "--offset", str(n * args.streams + offset),
-                    "--count", str(min(share, args.streams - offset)),
+                    "--offset", str(first), "--count", str(count),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
                     limit=1 << 24,
                 )  # fmt: skip
-                clients.append(Client(proc))
+                nodes = [sidecar_node(i, names).id for i in range(first, first + count)]
+                clients.append(Client(proc, nodes))
         opened = time.time()
-        bound = 30 + 0.05 * total
-        last = await converged(clients, total, opened, args.quiet, bound)
-        row.sync_s = max((at for at in last if at is not None), default=opened) - opened
-        row.unsynced = total - sum([(await client.state(opened))["synced"] for client in clients])
+        last = await converged(clients, opened, args.quiet, 30 + 0.05 * total)
+        row.sync_s = max((at for at in last.values() if at is not None), default=opened) - opened
+        row.unsynced = sum(at is None for at in last.values())
         await asyncio.sleep(1.0)
         row.load = os.getloadavg()[0]
         rules = make_rules(args.services, args.chains, args.seed)
         chain = sorted(rules.chains)[len(rules.chains) // 2]
         for change in range(first_change, first_change + args.changes):
             changed = change_weight(rules, chain, change).chains[chain]
+            http_ports = [http for _, http in ports]
+            before = await asyncio.to_thread(sent_versions, http_ports)
             cpu = [cpu_seconds(p.pid) for p in procs]
             since = time.time()
             await asyncio.to_thread(api_apply, ports[0][1], token, documents([changed]))
-            last = await converged(clients, total, since, args.quiet, args.change_timeout)
-            row.latencies += [at - since for at in last if at is not None]
-            row.missing += sum(at is None for at in last)
+            last = await converged(clients, since, args.quiet, args.change_timeout)
             row.replica_cpu.append(
                 max(cpu_seconds(p.pid) - c for p, c in zip(procs, cpu, strict=True))
             )
+            after = await asyncio.to_thread(sent_versions, http_ports)
+            meant = [node for node, sent in after.items() if sent != before.get(node)]
+            row.meant.append(len(meant))
+            row.latencies += [at - since for node in meant if (at := last.get(node)) is not None]
+            row.missing += sum(last.get(node) is None for node in meant)
         for state in [await client.state(time.time()) for client in clients]:
             for why, count in state["failures"].items():
                 row.reopened[why] = row.reopened.get(why, 0) + count
@@ -316,33 +337,38 @@ def ms(seconds: float) -> str:
 
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     header = (
-        f"{'replicas':>8}{'streams each':>13}{'total':>7}{'sync s':>8}{'p50 ms':>8}"
-        f"{'p99 ms':>8}{'max ms':>8}{'FAILED':>8}{'reopened':>9}{'CPU s/change':>13}{'load':>6}"
+        f"{'replicas':>8}{'streams each':>13}{'total':>7}{'sync s':>8}{'sent to':>8}"
+        f"{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'FAILED':>8}{'reopened':>9}"
+        f"{'CPU s/change':>13}{'load':>6}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         where = f"{row.replicas:>8}{row.streams:>13}{row.replicas * row.streams:>7}"
-        if row.error:
-            print(f"{where}  FAILED: {row.error}")
-            continue
         samples = row.latencies + [math.inf] * row.missing
-        cpu = sorted(row.replica_cpu)[len(row.replica_cpu) // 2]
+        if row.error or not samples:
+            print(f"{where}  FAILED: {row.error or 'no change was sent to any stream'}")
+            continue
         print(
-            f"{where}{row.sync_s:>8.1f}{ms(percentile(samples, 50)):>8}"
-            f"{ms(percentile(samples, 99)):>8}{ms(max(samples)):>8}"
-            f"{row.unsynced + row.missing:>8}{sum(row.reopened.values()):>9}{cpu:>13.2f}"
-            f"{row.load:>6.1f}"
+            f"{where}{row.sync_s:>8.1f}{median(row.meant):>8}"
+            f"{ms(percentile(samples, 50)):>8}{ms(percentile(samples, 99)):>8}"
+            f"{ms(max(samples)):>8}{row.unsynced + row.missing:>8}"
+            f"{sum(row.reopened.values()):>9}{median(row.replica_cpu):>13.2f}{row.load:>6.1f}"
         )
     print(
-        f"FAILED: streams never synced plus (stream, change) pairs with no response within "
-        f"{args.change_timeout:g} s, of {args.changes} changes ('never' in the percentiles); "
-        "reopened: client streams the server refused or cut; CPU s/change: the busiest "
-        "replica, median; load: 1-min load average before the changes"
+        "sent to: streams whose node a change was sent to (median of the changes); FAILED: "
+        "streams never synced plus (stream, change) pairs sent a change and receiving nothing "
+        f"within {args.change_timeout:g} s, of {args.changes} changes ('never' in the "
+        "percentiles); reopened: client streams the server refused or cut; CPU s/change: the "
+        "busiest replica, median; load: 1-min load average before the changes"
     )
     for row in rows:
         if row.reopened:
             print(f"{row.replicas} replica(s): reopened {row.reopened}")
+
+
+def median(values: Sequence[float]) -> Any:
+    return sorted(values)[len(values) // 2]
 
 
 async def controller(args: argparse.Namespace) -> int:
@@ -386,7 +412,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=2500, help="streams on each replica")
     parser.add_argument("--replicas", type=int, default=2, help="compared with one replica")
-    parser.add_argument("--mode", choices=("sotw", "delta"), default="sotw")
+    parser.add_argument(
+        "--mode",
+        choices=("sotw", "delta"),
+        default="sotw",
+        help="sotw (default): every stream holds the whole mesh and gets every change; delta: "
+        "scoped, a change reaches only the roles whose scope holds the chain",
+    )
     parser.add_argument("--changes", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2, help="client processes per replica")
     parser.add_argument("--services", type=int, default=1000)
