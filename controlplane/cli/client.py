@@ -4,6 +4,7 @@ one-line errors."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -35,7 +36,8 @@ def server_option() -> argparse.ArgumentParser:
         "--server",
         metavar="URL",
         default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
-        help=f"HTTP address of the control plane (default: ${SERVER_ENV} or {DEFAULT_SERVER})",
+        help="HTTP address of the control plane, or of its replicas as a comma list (requests "
+        f"go to the first that accepts a connection; default: ${SERVER_ENV} or {DEFAULT_SERVER})",
     )
     parser.add_argument(
         "--token-file",
@@ -70,9 +72,32 @@ class ApiError(TasklaneError):
         self.status = status
 
 
+class Unreachable(TasklaneError):
+    """No connection to the control plane could be made: the request was not sent."""
+
+
+def servers(server: str) -> list[str]:
+    """The URLs of --server: one control plane, or its replicas as a comma list (like
+    etcdctl's --endpoints); TasklaneError naming an empty entry."""
+    urls = [url.strip() for url in server.split(",")]
+    if not all(urls):
+        raise TasklaneError(f"--server {server!r}: an empty URL in the list")
+    return urls
+
+
 def call(server: str, method: str, path: str, body: object = None, token: str | None = None) -> Any:
-    """One API request, with `token` for writes; its JSON answer, or TasklaneError (ApiError
-    for an error status) with a one-line reason."""
+    """One API request, with `token` for writes, to the first replica of `server` (see
+    servers()) that accepts a connection: a dead replica is skipped, a request it may have
+    received is never sent twice. Its JSON answer, or TasklaneError (ApiError for an error
+    status) with a one-line reason."""
+    *others, last = servers(server)
+    for url in others:
+        with contextlib.suppress(Unreachable):
+            return _call_one(url, method, path, body, token)
+    return _call_one(last, method, path, body, token)
+
+
+def _call_one(server: str, method: str, path: str, body: object, token: str | None) -> Any:
     base = (server if "://" in server else f"http://{server}").rstrip("/")
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -84,8 +109,8 @@ def call(server: str, method: str, path: str, body: object = None, token: str | 
             payload = response.read()
     except urllib.error.HTTPError as exc:
         raise ApiError(_api_error(base, exc), exc.code) from None
-    except urllib.error.URLError as exc:
-        raise _unreachable(base, exc.reason) from None
+    except urllib.error.URLError as exc:  # before the request was sent: connecting failed
+        raise _unreachable(base, exc.reason, Unreachable) from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise _unreachable(base, exc) from None
     try:
@@ -96,11 +121,11 @@ def call(server: str, method: str, path: str, body: object = None, token: str | 
         ) from None
 
 
-def _unreachable(base: str, reason: object) -> TasklaneError:
+def _unreachable(
+    base: str, reason: object, kind: type[TasklaneError] = TasklaneError
+) -> TasklaneError:
     shown = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
-    return TasklaneError(
-        f"cannot reach the control plane at {base}: {shown} (is `tasklane up` running?)"
-    )
+    return kind(f"cannot reach the control plane at {base}: {shown} (is `tasklane up` running?)")
 
 
 def _api_error(base: str, exc: urllib.error.HTTPError) -> str:

@@ -17,7 +17,7 @@ from controlplane.inject.pod import (
     DEFAULT_TLS_SECRET,
     DEFAULT_XDS_ADDRESS,
     InjectOptions,
-    parse_xds_address,
+    parse_xds_addresses,
 )
 from controlplane.inject.workloads import inject_text
 
@@ -60,8 +60,9 @@ def add_sidecar_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(
         f"--{prefix}xds-address",
         default=DEFAULT_XDS_ADDRESS,
-        metavar="HOST:PORT",
-        help=f"the control plane's xDS address as pods reach it (default: {DEFAULT_XDS_ADDRESS})",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the control plane's xDS address as pods reach it: its Service, or each replica "
+        f"(sidecars spread over them; default: {DEFAULT_XDS_ADDRESS})",
     )
     p.add_argument(
         f"--{prefix}tls-secret",
@@ -83,7 +84,9 @@ def sidecar_options(args: argparse.Namespace, prefix: str = "") -> InjectOptions
     dest = prefix.replace("-", "_")
     option = vars(args)
     image = option[f"{dest}image"]
-    host, port = parse_xds_address(option[f"{dest}xds_address"], f"--{prefix}xds-address")
+    (host, port), *more_xds = parse_xds_addresses(
+        option[f"{dest}xds_address"], f"--{prefix}xds-address"
+    )
     if not image.strip() or any(c.isspace() for c in image):
         raise TasklaneError(f"--{prefix}image: {image!r} is not an image reference")
     tls_secret = option[f"{dest}tls_secret"]
@@ -96,6 +99,7 @@ def sidecar_options(args: argparse.Namespace, prefix: str = "") -> InjectOptions
         image=image,
         xds_host=host,
         xds_port=port,
+        more_xds=tuple(more_xds),
         delta=not option[f"{dest}sotw"],
         tls_secret=tls_secret,
     )

@@ -12,10 +12,13 @@ from controlplane.cli.client import (
     api_token,
     call,
     server_option,
+    servers,
 )
 from controlplane.errors import TasklaneError
 from controlplane.runtime.gateway import GatewayOptions, run_gateway
-from controlplane.runtime.sidecar import RunOptions, run_instance
+from controlplane.runtime.sidecar import RunOptions, run_instance, xds_addresses
+
+STATUS_PATH = "/api/v1/status"
 
 
 def add_tls_dir(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +36,11 @@ def add_tls_dir(parser: argparse.ArgumentParser) -> None:
 def client_tls(args: argparse.Namespace) -> pki.TlsFiles | None:
     """The --tls-dir files, checked before anything starts; None without --tls-dir."""
     return None if args.tls_dir is None else pki.client_files(args.tls_dir)
+
+
+def replicas_xds(args: argparse.Namespace, tls: pki.TlsFiles | None) -> tuple[tuple[str, int], ...]:
+    """The xDS address of each control plane replica --server lists, from its status."""
+    return xds_addresses(servers(args.server), lambda url: call(url, "GET", STATUS_PATH), tls)
 
 
 # --- tasklane run: an app as an instance, behind an Envoy sidecar -------------------------
@@ -74,15 +82,16 @@ def run(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise TasklaneError("no command to run: tasklane run --service S -- CMD [ARG ...]")
+    tls = client_tls(args)
     options = RunOptions(
         service=args.service,
         group=args.group,
         command=command,
-        server=args.server,
+        xds=replicas_xds(args, tls),
         host=args.host,
         port=args.port,
         delta=not args.sotw,
-        tls=client_tls(args),
+        tls=tls,
     )
     # Read before anything starts: registering is a write.
     return run_instance(options, functools.partial(call, args.server, token=api_token(args)))
@@ -136,16 +145,16 @@ def add_gateway(commands: argparse._SubParsersAction, common: argparse.ArgumentP
 
 
 def gateway(args: argparse.Namespace) -> int:
+    tls = client_tls(args)
     options = GatewayOptions(
         port=args.port,
         host=args.host,
-        server=args.server,
         trusted_cidrs=tuple(args.trusted_cidr),
         trust_header=args.trust_header,
         trust_secret_file=args.trust_secret_file,
         delta=args.delta,
         admin_port=args.admin_port,
         state_dir=args.state_dir,
-        tls=client_tls(args),
+        tls=tls,
     )
-    return run_gateway(options, functools.partial(call, args.server))
+    return run_gateway(options, functools.partial(replicas_xds, args, tls))

@@ -46,6 +46,7 @@ class Sidecar:
     xds_host: str
     xds_port: int
     app_port: int = APP_PORT
+    more_xds: tuple[tuple[str, int], ...] = ()  # further control-plane replicas
     egress_port: ClassVar[int] = EGRESS_PORT  # a pod's, as the sidecar shares the app's netns
     admin_port: ClassVar[int] = ADMIN_PORT
 
@@ -70,6 +71,7 @@ class Sidecar:
             app_port=self.app_port,
             xds_host=self.xds_host,
             xds_port=self.xds_port,
+            more_xds=self.more_xds,
             inbound_port=int(port),
         )
 
@@ -86,11 +88,15 @@ def _announce(text: str) -> str:
     return text
 
 
-def _endpoint(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host, int(port)
+def _endpoints(text: str) -> tuple[tuple[str, int], ...]:
+    """argparse type: HOST:PORT, or several (the control plane's replicas) comma-separated."""
+    found = []
+    for item in text.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r} is not HOST:PORT")
+        found.append((host, int(port)))
+    return tuple(found)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--service", required=True)
     p.add_argument("--group", default="default")
     p.add_argument("--announce", required=True, type=_announce, metavar="IP:PORT")
-    p.add_argument("--xds", required=True, type=_endpoint, metavar="HOST:PORT")
+    p.add_argument("--xds", required=True, type=_endpoints, metavar="HOST:PORT[,HOST:PORT...]")
     p.add_argument("--app-port", type=int, default=APP_PORT)
     return p
 
@@ -113,9 +119,10 @@ def parse(argv: Sequence[str]) -> Sidecar:
         service=args.service,
         group=args.group,
         announce=args.announce,
-        xds_host=args.xds[0],
-        xds_port=args.xds[1],
+        xds_host=args.xds[0][0],
+        xds_port=args.xds[0][1],
         app_port=args.app_port,
+        more_xds=args.xds[1:],
     )
 
 

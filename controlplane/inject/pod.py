@@ -103,6 +103,8 @@ class InjectOptions:
     image: str = DEFAULT_IMAGE
     xds_host: str = "tasklane.tasklane-system.svc"
     xds_port: int = 18000
+    # Further control-plane replicas, when they are not behind one Service (as xds_host is).
+    more_xds: tuple[tuple[str, int], ...] = ()
     delta: bool = True  # False: state of the world, the whole mesh's config
     version: str = VERSION  # written to the tasklane.io/injected annotation
     # A Secret in the pod's namespace: mTLS to the control plane; None: plaintext xDS.
@@ -139,6 +141,11 @@ def parse_xds_address(text: str, option: str = "--xds-address") -> tuple[str, in
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InjectError(option, f"{quote(text)} is not HOST:PORT")
     return host, int(port)
+
+
+def parse_xds_addresses(text: str, option: str = "--xds-address") -> tuple[tuple[str, int], ...]:
+    """HOST:PORT[,HOST:PORT...]: the control plane, or its replicas -> (host, port) each."""
+    return tuple(parse_xds_address(item.strip(), option) for item in text.split(","))
 
 
 def mapping(value: object, field: str, *, default: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -476,6 +483,7 @@ def pod_bootstrap(
     tls: TlsFiles | None = None,
     inbound_port: int = INBOUND_PORT,
     app_health: tuple[tuple[str, str | None], ...] = (),
+    more_xds: tuple[tuple[str, int], ...] = (),
 ) -> str:
     """The bootstrap of a sidecar beside its app in one network namespace (a pod; a compose
     service): the fixed ports above, inbound on every address, /ready for probes, and the
@@ -489,6 +497,7 @@ def pod_bootstrap(
         group=group,
         xds_host=xds_host,
         xds_port=xds_port,
+        more_xds=more_xds,
         admin_port=ADMIN_PORT,
         delta=delta,
         parts={
@@ -565,6 +574,7 @@ def _bootstrap(
         app_port=app_port,
         xds_host=options.xds_host,
         xds_port=options.xds_port,
+        more_xds=options.more_xds,
         delta=options.delta,
         tls=None if options.tls_secret is None else SIDECAR_TLS,
         app_health=app_health,

@@ -8,7 +8,7 @@ import string
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -17,7 +17,7 @@ import yaml
 from controlplane.errors import RuntimeFailure
 from controlplane.pki import TlsFiles, is_ip
 from controlplane.runtime.process import dying_with_parent, stop_process
-from controlplane.runtime.xds_link import STATS_FILTER, config_failure
+from controlplane.runtime.xds_link import STATS_FILTER, XDS_CLUSTER, config_failure
 from controlplane.xds.names import META_ANNOUNCE
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"  # package data: a wheel ships them
@@ -66,6 +66,7 @@ def render_bootstrap(
     parts: Mapping[str, Mapping[str, str | int]] | None = None,
     announce: str | None = None,
     tls: TlsFiles | None = None,
+    more_xds: Sequence[tuple[str, int]] = (),
 ) -> str:
     """The bootstrap YAML for one Envoy (strings are JSON-quoted so any name stays valid YAML).
 
@@ -75,8 +76,10 @@ def render_bootstrap(
     resources. `announce` ("ip:port" of the inbound listener) asks the control plane to register
     this sidecar's instance for as long as its xDS stream lasts (a pod has no `tasklane run`).
     `tls` (pki.client_files) connects to the control plane over TLS with these files, checking
-    that its certificate names `xds_host` (templates/xds_tls.yaml).
+    that its certificate names the host dialled (templates/xds_tls.yaml). `more_xds` are the
+    (host, port) of further control-plane replicas: Envoy spreads and fails over among all.
     """
+    replicas = list(dict.fromkeys([(xds_host, int(xds_port)), *more_xds]))
     template = string.Template(BOOTSTRAP_TEMPLATE.read_text())
     text = template.substitute(
         node_id=json.dumps(node_id),
@@ -86,16 +89,21 @@ def render_bootstrap(
         admin_port=int(admin_port),
         ads_api_type="DELTA_GRPC" if delta else "GRPC",
         initial_fetch_timeout=json.dumps(f"{initial_fetch_timeout_s:g}s"),
-        xds_cluster_type="STATIC" if is_ip(xds_host) else "STRICT_DNS",
+        xds_cluster_type="STATIC" if all(is_ip(host) for host, _ in replicas) else "STRICT_DNS",
         xds_host=json.dumps(xds_host),
         xds_port=int(xds_port),
         max_downstream_connections=int(max_downstream_connections),
     )
-    if not parts and announce is None and tls is None:
+    if not parts and announce is None and tls is None and len(replicas) == 1:
         return text
     doc = yaml.safe_load(text)
+    (xds,) = (c for c in doc["static_resources"]["clusters"] if c["name"] == XDS_CLUSTER)
+    (locality,) = xds["load_assignment"]["endpoints"]
+    locality["lb_endpoints"] = [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+        for host, port in replicas
+    ]
     if tls is not None:
-        (xds,) = (c for c in doc["static_resources"]["clusters"] if c["name"] == "xds")
         xds["transport_socket"] = _template(
             XDS_TLS_TEMPLATE,
             {
@@ -107,6 +115,12 @@ def render_bootstrap(
                 "sni": "" if is_ip(xds_host) else xds_host,
             },
         )
+        # The certificate of whichever replica answers must name the host dialled.
+        context = xds["transport_socket"]["typed_config"]["common_tls_context"]
+        context["validation_context"]["match_typed_subject_alt_names"] = [
+            {"san_type": "IP_ADDRESS" if is_ip(host) else "DNS", "matcher": {"exact": host}}
+            for host in dict.fromkeys(host for host, _ in replicas)
+        ]
     if announce is not None:
         doc["node"]["metadata"][META_ANNOUNCE] = announce
     static = doc.setdefault("static_resources", {})
@@ -253,6 +267,7 @@ class EnvoyProcess:
         parts: Mapping[str, Mapping[str, str | int]] | None = None,
         announce: str | None = None,
         tls: TlsFiles | None = None,
+        more_xds: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.node_id = node_id
         self.service = service
@@ -264,6 +279,7 @@ class EnvoyProcess:
         self.log_level = log_level
         self.parts, self.announce = parts, announce
         self.tls = tls
+        self.more_xds = tuple(more_xds)  # further control-plane replicas (render_bootstrap)
         self._admin_port = admin_port
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_at = 0.0  # monotonic time of start()
@@ -297,6 +313,7 @@ class EnvoyProcess:
             parts=self.parts,
             announce=self.announce,
             tls=self.tls,
+            more_xds=self.more_xds,
         )
 
     def command(self) -> list[str]:

@@ -20,7 +20,7 @@ import re
 import signal
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from controlplane.model.group import GroupKey
 from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
-from controlplane.runtime.sidecar import Api, xds_address
 from controlplane.translate.gateway import lua_string
 from controlplane.xds.names import GATEWAY_DYE_FILTER, GATEWAY_ROLE, GATEWAY_TRUST_METADATA
 
@@ -191,6 +190,7 @@ class GatewayEnvoy(EnvoyProcess):
         work_dir: Path,
         log_level: str = "warning",
         tls: TlsFiles | None = None,
+        more_xds: Sequence[tuple[str, int]] = (),
     ) -> None:
         service, group = GroupKey.parse(GATEWAY_ROLE)
         super().__init__(
@@ -204,6 +204,7 @@ class GatewayEnvoy(EnvoyProcess):
             work_dir=work_dir,
             log_level=log_level,
             tls=tls,
+            more_xds=more_xds,
             parts={
                 GATEWAY_TEMPLATE: {
                     "listen_host": listen_host,
@@ -253,7 +254,6 @@ class GatewayOptions:
 
     port: int
     host: str
-    server: str
     trusted_cidrs: tuple[str, ...] = ()
     trust_header: str | None = None
     trust_secret_file: Path | None = None
@@ -263,16 +263,17 @@ class GatewayOptions:
     tls: TlsFiles | None = None  # the client files (pki.client_files) when xDS is TLS
 
 
-def run_gateway(options: GatewayOptions, api: Api) -> int:
-    """Learn the xDS address from the control plane, then run the gateway's
-    Envoy until SIGTERM/SIGINT; 0 after a clean stop.
+def run_gateway(options: GatewayOptions, find_xds: Callable[[], Sequence[tuple[str, int]]]) -> int:
+    """Check the options, learn the control plane replicas' xDS addresses (`find_xds`, e.g.
+    sidecar.xds_addresses), then run the gateway's Envoy, spread over them, until
+    SIGTERM/SIGINT; 0 after a clean stop.
 
     Envoy is started from the calling (main) thread, which lives as long as Envoy should: the
     parent-death signal that stops an orphaned Envoy is tied to the thread that started it.
     """
     trust = Trust.build(options.trusted_cidrs, options.trust_header, options.trust_secret_file)
-    status = api("GET", "/api/v1/status", None)
-    xds_host, xds_port = xds_address(options.server, status, options.tls)
+    xds = find_xds()
+    (xds_host, xds_port), *more_xds = xds
     _check_can_listen(options.host, options.port)
     envoy = GatewayEnvoy(
         node_id=GroupKey.parse(GATEWAY_ROLE).node_id(f"{socket.gethostname()}-{options.port}"),
@@ -281,6 +282,7 @@ def run_gateway(options: GatewayOptions, api: Api) -> int:
         trust=trust,
         xds_host=xds_host,
         xds_port=xds_port,
+        more_xds=more_xds,
         admin_port=options.admin_port or free_port(),
         delta=options.delta,
         work_dir=options.state_dir / f"gateway-{options.port}",
@@ -294,7 +296,7 @@ def run_gateway(options: GatewayOptions, api: Api) -> int:
     try:
         envoy.start()
         envoy.wait_ready(READY_TIMEOUT)
-        print(ready_line(envoy, f"{xds_host}:{xds_port}"), flush=True)
+        print(ready_line(envoy, ", ".join(f"{h}:{p}" for h, p in xds)), flush=True)
         while not stopping.wait(POLL_INTERVAL):
             if not envoy.running() and not stopping.is_set():
                 raise RuntimeFailure(f"the gateway's Envoy exited; log {envoy.log_path}")

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,8 @@ class RunOptions:
     service: str
     group: str
     command: list[str]
-    server: str  # the control plane's HTTP URL, for its host when xDS listens on a wildcard
+    # The control plane replicas' xDS addresses (xds_addresses): Envoy spreads over them all.
+    xds: tuple[tuple[str, int], ...]
     host: str = "127.0.0.1"  # where other sidecars reach this instance
     port: int | None = None  # the app's port; None picks a free one
     delta: bool = True  # False: state of the world, the whole mesh's config
@@ -145,11 +146,9 @@ class _Run:
         self.options, self.api, self.signals = options, api, signals
 
     def run(self) -> int:
-        status = self.api("GET", "/api/v1/status", None)
-        xds = xds_address(self.options.server, status, self.options.tls)
         self._check_group()
         for _ in range(PORT_ATTEMPTS):
-            code = self._run_on(xds, self._pick_ports())
+            code = self._run_on(self._pick_ports())
             if code is not None:
                 return code
             log.warning("a port picked for this instance was taken first: trying others")
@@ -160,13 +159,13 @@ class _Run:
         app_port = self.options.port or _distinct_ports(1, (egress, inbound, admin))[0]
         return _Ports(egress, inbound, admin, app_port)
 
-    def _run_on(self, xds: tuple[str, int], ports: _Ports) -> int | None:
+    def _run_on(self, ports: _Ports) -> int | None:
         """Run the instance on these ports until it ends; its exit code, or None when Envoy
         or the app could not bind a port picked for them because another process took it."""
         instance_id = f"{self.options.host}-{ports.inbound}"
         with contextlib.ExitStack() as stack:
             work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tasklane-")))
-            envoy = self._start_envoy(stack, xds, ports, instance_id, work_dir)
+            envoy = self._start_envoy(stack, ports, instance_id, work_dir)
             if envoy is None:
                 return None
             app = self._start_app(stack, ports, instance_id)
@@ -206,7 +205,6 @@ class _Run:
     def _start_envoy(
         self,
         stack: contextlib.ExitStack,
-        xds: tuple[str, int],
         ports: _Ports,
         instance_id: str,
         work_dir: Path,
@@ -218,12 +216,14 @@ class _Run:
         connection to the control plane names the cause (EnvoyProcess.config_failure, e.g. a
         certificate from another CA, nothing listening), else after READY_TIMEOUT. Other
         ports would not help then, so none are tried."""
+        (xds_host, xds_port), *more_xds = self.options.xds
         envoy = EnvoyProcess(
             node_id=GroupKey(self.options.service, self.options.group).node_id(instance_id),
             service=self.options.service,
             group=self.options.group,
-            xds_host=xds[0],
-            xds_port=xds[1],
+            xds_host=xds_host,
+            xds_port=xds_port,
+            more_xds=more_xds,
             admin_port=ports.admin,
             delta=self.options.delta,
             work_dir=work_dir,
@@ -245,7 +245,7 @@ class _Run:
                 lambda: envoy.ready_state() == "LIVE",
                 lambda: envoy.config_failure() if envoy.running() else "Envoy exited",
                 f"Envoy (admin :{ports.admin}) got no config from the control plane at "
-                f"{xds[0]}:{xds[1]}",
+                + ", ".join(f"{host}:{port}" for host, port in self.options.xds),
                 envoy.last_complaint,
             )
         except RuntimeFailure:
@@ -467,6 +467,29 @@ def xds_address(server: str, status: Any, tls: TlsFiles | None) -> tuple[str, in
     if host in _WILDCARDS:
         host = urllib.parse.urlsplit(server if "://" in server else f"http://{server}").hostname
     return (host or "127.0.0.1").strip("[]"), number
+
+
+def xds_addresses(
+    servers: Sequence[str], status_of: Callable[[str], Any], tls: TlsFiles | None
+) -> tuple[tuple[str, int], ...]:
+    """The xDS address of every control-plane replica in `servers` (HTTP URLs) that answers
+    `status_of` (its /api/v1/status), in order: a sidecar spreads over them all, and when one
+    dies its streams move to the others. A replica down now is left out with a warning (its
+    sidecars would only fail over to it); TasklaneError when none answers."""
+    found: dict[tuple[str, int], None] = {}
+    unreachable: list[TasklaneError] = []
+    for server in servers:
+        try:
+            status = status_of(server)
+        except TasklaneError as exc:
+            unreachable.append(exc)
+            continue
+        found[xds_address(server, status, tls)] = None
+    if not found:
+        raise unreachable[-1]
+    for exc in unreachable:
+        log.warning("left out of the xDS addresses: %s", exc)
+    return tuple(found)
 
 
 def _kill_group(pgid: int) -> None:

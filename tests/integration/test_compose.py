@@ -208,3 +208,19 @@ def test_the_sidecar_command_line() -> None:
     for bad in (["--announce", "fund-facade:15006"], ["--announce", "172.30.0.31"]):
         with pytest.raises(SystemExit):
             compose.parse(["--service", "s", "--xds", "cp:18000", *bad])
+
+
+def test_the_sidecar_spreads_over_control_plane_replicas() -> None:
+    sidecar = compose.parse(
+        ["--service", "s", "--announce", "172.30.0.31:15006", "--xds", "cp-0:18000,cp-1:18001"]
+    )
+    (xds,) = (c for c in yaml.safe_load(sidecar.bootstrap())["static_resources"]["clusters"]
+              if c["name"] == "xds")  # fmt: skip
+    (locality,) = xds["load_assignment"]["endpoints"]
+    dialled = [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]]
+    assert dialled == [
+        {"address": "cp-0", "port_value": 18000},
+        {"address": "cp-1", "port_value": 18001},
+    ]
+    with pytest.raises(SystemExit):
+        compose.parse(["--service", "s", "--announce", "172.30.0.31:15006", "--xds", "cp:1,"])

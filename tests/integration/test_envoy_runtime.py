@@ -55,6 +55,21 @@ def _sidecar(tmp_path: Path, **overrides: object) -> EnvoyProcess:
     return EnvoyProcess(**settings)
 
 
+def _validate(tmp_path: Path, text: str) -> str:
+    """Envoy's validate mode on a bootstrap: its output, after asserting it passed."""
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(text)
+    result = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
 @pytest.mark.parametrize(
     ("delta", "xds_host", "api_type", "cluster_type"),
     [
@@ -81,18 +96,42 @@ def test_bootstrap_passes_envoy_validate(
     assert doc["dynamic_resources"]["ads_config"]["api_type"] == api_type
     assert doc["static_resources"]["clusters"][0]["type"] == cluster_type
 
-    path = tmp_path / "bootstrap.yaml"
-    path.write_text(text)
-    result = subprocess.run(
-        [str(envoy_binary()), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    output = _validate(tmp_path, text)
     assert "OK" in output
     assert "warning" not in output  # e.g. the unbounded-connections warning stays silenced
+
+
+@pytest.mark.parametrize(
+    ("more_xds", "cluster_type"),
+    [
+        ((("127.0.0.2", 18001),), "STATIC"),
+        ((("localhost", 18000), ("127.0.0.1", 18000)), "STRICT_DNS"),
+    ],
+)
+def test_bootstrap_with_replicas_passes_envoy_validate(
+    tmp_path: Path, more_xds: tuple[tuple[str, int], ...], cluster_type: str
+) -> None:
+    """Every control plane replica is an endpoint of the `xds` cluster (a repeated one once),
+    picked at random per stream and ejected at its first refused connection."""
+    text = render_bootstrap(
+        node_id="fund-facade|task|1",
+        service="fund-facade",
+        group="task",
+        xds_host="127.0.0.1",
+        xds_port=18000,
+        admin_port=15000,
+        delta=False,
+        more_xds=more_xds,
+    )
+    (xds,) = yaml.safe_load(text)["static_resources"]["clusters"]
+    assert (xds["type"], xds["lb_policy"]) == (cluster_type, "RANDOM")
+    assert xds["outlier_detection"]["consecutive_local_origin_failure"] == 1
+    (locality,) = xds["load_assignment"]["endpoints"]
+    dialled = [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]]
+    expected = dict.fromkeys([("127.0.0.1", 18000), *more_xds])
+    assert [(a["address"], a["port_value"]) for a in dialled] == list(expected)
+    output = _validate(tmp_path, text)
+    assert "OK" in output and "warning" not in output
 
 
 def test_envoy_without_control_plane_is_live_but_not_ready(tmp_path: Path) -> None:

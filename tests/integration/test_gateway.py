@@ -376,8 +376,9 @@ def test_cli_gateway_serves_until_sigterm(mesh: Mesh, tmp_path: Path) -> None:
     port = free_port()
     (tmp_path / "secret").write_text(SECRET)
     with fake_api(mesh) as server:
+        down = f"http://127.0.0.1:{free_port()}"  # a replica that is down is left out
         proc = _tasklane(
-            "--port", str(port), "--host", "127.0.0.1", "--server", server,
+            "--port", str(port), "--host", "127.0.0.1", "--server", f"{down},{server}",
             "--trusted-cidr", "10.0.0.0/8", "--trust-header", SECRET_HEADER,
             "--trust-secret-file", str(tmp_path / "secret"), "--state-dir", str(tmp_path / "state"),
             cwd=tmp_path,
@@ -385,6 +386,7 @@ def test_cli_gateway_serves_until_sigterm(mesh: Mesh, tmp_path: Path) -> None:
         try:
             ready = _first_line(proc)
             assert f"127.0.0.1:{port}" in ready and "loses the dyes of every chain" in ready
+            assert f"xDS at 127.0.0.1:{mesh.ads.port}, admin" in ready
             _wait_until_served(port, {SECRET_HEADER: SECRET})
             assert _echo(port, {"x-batch-dye": "nightly"})[0] == "default"
             assert _echo(port, {"x-batch-dye": "nightly", SECRET_HEADER: SECRET})[0] == "task"

@@ -78,12 +78,14 @@ def launch(
     *,
     etcd: str | None = None,
     options: Sequence[str] = (),
+    state_dir: Path | None = None,
 ) -> Up:
-    """Start `tasklane up` on the given ports with a state dir of its own under tmp_path, and
-    any more `options` (e.g. --tls-dir DIR)."""
+    """Start `tasklane up` on the given ports with a state dir of its own under tmp_path
+    (or `state_dir`, e.g. another replica's, for its API token), and any more `options`
+    (e.g. --tls-dir DIR)."""
     run_dir = Path(os.path.realpath(tmp_path)) / f"up-{ports['xds']}-{time.monotonic_ns()}"
     run_dir.mkdir()
-    state_dir = run_dir / "state"
+    state_dir = state_dir or run_dir / "state"
     args = [
         *command,
         "up",
@@ -116,10 +118,18 @@ def wait_ready(up: Up, timeout: float = READY_TIMEOUT) -> bool:
     raise AssertionError(f"tasklane up not ready within {timeout:g}s; stderr:\n{up.stderr()}")
 
 
-def start_up(tmp_path: Path, *, etcd: str | None = None, options: Sequence[str] = ()) -> Up:
+def start_up(
+    tmp_path: Path,
+    *,
+    etcd: str | None = None,
+    options: Sequence[str] = (),
+    state_dir: Path | None = None,
+) -> Up:
     """A ready `tasklane up`; retries on fresh ports if another xdist worker took one."""
     for _ in range(START_ATTEMPTS):
-        up = launch(TASKLANE, tmp_path, free_ports(), etcd=etcd, options=options)
+        up = launch(
+            TASKLANE, tmp_path, free_ports(), etcd=etcd, options=options, state_dir=state_dir
+        )
         if wait_ready(up):
             return up
         up.kill()

@@ -33,6 +33,7 @@ from controlplane.inject.pod import (
     InjectOptions,
     inject_pod,
     parse_xds_address,
+    parse_xds_addresses,
 )
 from controlplane.inject.webhook import BadReview, review
 from controlplane.inject.workloads import inject_text
@@ -346,6 +347,35 @@ def test_xds_address(text: str, expected: tuple[str, int]) -> None:
 def test_bad_xds_address(text: str) -> None:
     with pytest.raises(InjectError, match="--xds-address: .* is not HOST:PORT"):
         parse_xds_address(text)
+
+
+def test_xds_addresses_of_replicas_reach_the_bootstrap() -> None:
+    """Replicas not behind one Service: each is an endpoint of the sidecar's `xds` cluster,
+    and whichever answers must hold a certificate naming the host dialled."""
+    replicas = parse_xds_addresses("cp-0.cp:18000, 10.0.0.2:18000")
+    assert replicas == (("cp-0.cp", 18000), ("10.0.0.2", 18000))
+    (host, port), *more = replicas
+    template = {
+        "metadata": {"labels": {"tasklane.io/service": "a", "tasklane.io/group": "b"}},
+        "spec": {"containers": [{"name": "app", "image": "x", "ports": [{"containerPort": 80}]}]},
+    }
+    options = InjectOptions(xds_host=host, xds_port=port, more_xds=tuple(more), tls_secret="s")
+    (xds,) = (c for c in bootstrap_of(inject_pod(template, options))["static_resources"]["clusters"]
+              if c["name"] == "xds")  # fmt: skip
+    assert (xds["type"], xds["lb_policy"]) == ("STRICT_DNS", "RANDOM")
+    (locality,) = xds["load_assignment"]["endpoints"]
+    dialled = [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]]
+    assert dialled == [
+        {"address": "cp-0.cp", "port_value": 18000},
+        {"address": "10.0.0.2", "port_value": 18000},
+    ]
+    context = xds["transport_socket"]["typed_config"]["common_tls_context"]
+    assert context["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "cp-0.cp"}},
+        {"san_type": "IP_ADDRESS", "matcher": {"exact": "10.0.0.2"}},
+    ]
+    with pytest.raises(InjectError, match="^--xds-address: '' is not HOST:PORT"):
+        parse_xds_addresses("cp:1,")
 
 
 # --- JSON Patch ----------------------------------------------------------------------------
