@@ -18,8 +18,8 @@ from controlplane.store.etcd import Store
 from controlplane.store.rules import (
     GENERATIONS,
     HISTORY,
-    decode_rule,
     generation_documents,
+    generation_rules,
     read_generation,
     read_pointer,
 )
@@ -86,10 +86,7 @@ def revision_documents(store: Store, revision: int) -> list[Any]:
 
 def revision_rules(store: Store, revision: int) -> RuleSet:
     """The rules as they were at a kept revision (empty at revision 0)."""
-    if revision == 0:
-        return RuleSet.empty()
-    documents = generation_documents(store, _generation(store, revision))
-    return RuleSet.empty().with_rules(decode_rule(key, doc) for key, doc in documents)
+    return generation_rules(store, _generation(store, revision)) if revision else RuleSet.empty()
 
 
 def current_revision(store: Store) -> int:

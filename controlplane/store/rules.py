@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlplane.errors import RuleError, StoreError
-from controlplane.model.rules import Rule, RuleSet, from_document, to_document
+from controlplane.model.rules import KINDS, Rule, RuleSet, from_document, to_document
 from controlplane.store.etcd import PREFIX, Change, Lease, Store
 from controlplane.store.follow import Follower
 
@@ -62,6 +62,10 @@ BUCKETS = 256
 # A staged generation not flipped within this long is garbage (its apply died).
 STAGING_TTL = 60
 DEFAULT_HISTORY_LIMIT = 100
+# The generation of rules stored by tasklane before generations, one key per rule at
+# rules/<Kind>/<name> with an empty pointer: read as they are until the first apply, then
+# collected.
+LEGACY = "legacy"
 # A read that meets a generation collected under it (keep revisions flipped meanwhile)
 # starts again from the pointer this many times.
 READ_ATTEMPTS = 3
@@ -115,7 +119,7 @@ def _read_current(store: Store) -> tuple[RuleSet, Pointer, int]:
         value, mod_revision, read_at = store.entry(REVISION_KEY)
         pointer = _pointer(value, mod_revision)
         try:
-            return _generation_rules(store, pointer.generation), pointer, read_at
+            return generation_rules(store, pointer.generation), pointer, read_at
         except _Collected:
             if attempt == READ_ATTEMPTS - 1:
                 raise
@@ -144,7 +148,9 @@ def apply_rules(
     pointer = read_pointer(store)
     if pointer.mod_revision != expect_revision:
         raise _conflict(expect_revision)
-    base = set(read_generation(store, pointer.generation).chunks) if pointer.generation else set()
+    base = set()
+    if pointer.generation not in ("", LEGACY):
+        base = set(read_generation(store, pointer.generation).chunks)
     chunks = _chunks(new)
     record = {
         "at": time.time(),
@@ -226,6 +232,8 @@ def collect(store: Store, keep: int) -> None:
     kept_generations = {value.decode() for value in store.get_many(kept).values()}
     kept_generations.add(read_pointer(store).generation)
     deletes = history[: len(history) - len(kept)]
+    if LEGACY not in kept_generations:  # upgraded: the old layout's rules are history now
+        deletes += [key for key in keys if key.split("/")[1] in KINDS]
     deletes += [
         key
         for key in keys
@@ -247,6 +255,8 @@ def read_pointer(store: Store) -> Pointer:
 def _pointer(value: bytes | None, mod_revision: int) -> Pointer:
     if value is None:
         return Pointer(0, "", 0)
+    if value == b"":  # the marker of the layout before generations: its rules are current
+        return Pointer(0, LEGACY, mod_revision)
     try:
         data = json.loads(value)
         return Pointer(int(data["revision"]), str(data["generation"]), mod_revision)
@@ -317,10 +327,16 @@ class _Decoded:
 _decoded = _Decoded(4 * BUCKETS)
 
 
-def _generation_rules(store: Store, generation: str) -> RuleSet:
+def generation_rules(store: Store, generation: str) -> RuleSet:
     """The RuleSet of a generation; chunks decoded lately are not read again."""
     if not generation:
         return RuleSet.empty()
+    if generation == LEGACY:
+        items, _ = store.get_prefix(RULES)
+        legacy = [(key, value) for key, value in items.items() if key.split("/")[1] in KINDS]
+        return RuleSet.empty().with_rules(
+            decode_rule(key, _legacy_document(key, value)) for key, value in legacy
+        )
     chunks = read_generation(store, generation).chunks
     decoded = {chunk: _decoded.get(chunk) for chunk in chunks}
     values = store.get_many([CHUNKS + chunk for chunk, rules in decoded.items() if rules is None])
@@ -333,6 +349,13 @@ def _generation_rules(store: Store, generation: str) -> RuleSet:
             decoded[chunk] = tuple(decode_rule(key, doc) for doc in documents)
     _decoded.keep(decoded)  # type: ignore[arg-type]
     return RuleSet.empty().with_rules(rule for rules in decoded.values() for rule in rules or ())
+
+
+def _legacy_document(key: str, value: bytes) -> object:
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise StoreError(f"etcd key {PREFIX}{key} does not hold a valid rule: {exc}") from exc
 
 
 def decode_rule(key: str, document: object) -> Rule:
@@ -416,7 +439,7 @@ def _followed(store: Store, state: _Watched, change: Change) -> _Watched:
         pointer = _pointer(change.value, change.revision)
         if pointer.generation == state.generation:
             return state
-        return _Watched(_generation_rules(store, pointer.generation), pointer.generation)
+        return _Watched(generation_rules(store, pointer.generation), pointer.generation)
     except StoreError as exc:
         _log.warning("ignoring a change of the rules: %s", exc)
         return state

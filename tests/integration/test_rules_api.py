@@ -398,3 +398,22 @@ def test_watch_delivers_each_change_and_survives_an_etcd_restart(
         cancel()
         store.close()
         writer.close()
+
+
+def test_rules_stored_one_key_each_by_an_older_tasklane_are_read_then_collected(
+    plane: Plane,
+) -> None:
+    """The layout before generations: one JSON document per rule and an empty marker."""
+    old = validate_apply(RuleSet.empty(), load_files([GOOD]))
+    for rule in old.all():
+        document = json.dumps(to_document(rule))
+        plane.store.put(f"rules/{rule.kind}/{rule.name}", document)
+    plane.store.put(REVISION_KEY, b"")
+    assert load_rules(plane.store)[0] == old
+    assert plane.call("GET", "/api/v1/rules/svc/fund-facade")[0] == 200
+
+    status, body = plane.apply({"s.yaml": service_doc("ledger-svc")})
+    assert status == 200, body
+    assert body["revision"] == 1
+    assert set(stored_documents(plane.store)) == good_labels() | {"Service/ledger-svc"}
+    assert not [key for key in plane.snapshot()[0] if key.split("/")[:2] == ["rules", "Service"]]
