@@ -89,9 +89,11 @@ def yaml_documents(text: str, filename: str) -> Iterator[tuple[int, object]]:
     and document for YAML that cannot be read (syntax, depth, aliases: see _Loader).
 
     libyaml reads a 10,000-document file about 8x faster than the pure-Python parser (1 s
-    against 8.6 s here), so it reads first; text it refuses, or that holds characters the
-    Python reader refuses up front, is read again by the Python parser, whose messages (and
-    verdicts) are the ones users see.
+    against 8.6 s here), so it reads first; text it refuses or doubts (see _FastChecks), or
+    that holds characters the Python reader refuses up front, is read again by the Python
+    parser, whose messages are the ones users see. One verdict differs: libyaml takes nesting
+    up to its limit of 1,000 levels, where the Python parser's recursion may stop sooner; the
+    rule's own checks then refuse such a document, in one line as well.
     """
     if _FAST is not None and not yaml.reader.Reader.NON_PRINTABLE.search(text):
         try:
