@@ -92,7 +92,6 @@ class Pointer:
 class Generation:
     """One stored generation: its chunks' hashes and its history record."""
 
-    id: str
     chunks: tuple[str, ...]
     record: dict[str, Any]
 
@@ -100,11 +99,6 @@ class Generation:
 def rule_label(rule: Rule) -> str:
     """'Service/foo': how history records name a rule."""
     return f"{rule.kind}/{rule.name}"
-
-
-def encode(rule: Rule) -> bytes:
-    """The stored form: the canonical document as compact JSON."""
-    return _json(to_document(rule))
 
 
 def load_rules(store: Store) -> tuple[RuleSet, int]:
@@ -274,7 +268,7 @@ def read_generation(store: Store, generation: str) -> Generation:
         raise _Collected(f"etcd key {PREFIX}{GENERATIONS}{generation} is missing")
     try:
         record = json.loads(value)
-        return Generation(generation, tuple(record.pop("chunks")), record)
+        return Generation(tuple(record.pop("chunks")), record)
     except (ValueError, KeyError, TypeError) as exc:
         raise StoreError(f"etcd key {PREFIX}{GENERATIONS}{generation} is not a generation") from exc
 
