@@ -225,6 +225,4 @@ class _FastChecks:
 
 
 _MERGE = "tag:yaml.org,2002:merge"
-_FAST = (
-    type("_FastLoader", (_FastChecks, yaml.CSafeLoader), {}) if yaml.__with_libyaml__ else None
-)
+_FAST = type("_FastLoader", (_FastChecks, yaml.CSafeLoader), {}) if yaml.__with_libyaml__ else None
