@@ -30,7 +30,7 @@ from controlplane.store.rules import (
     watch_rules,
 )
 from tests.support.plane import Plane
-from tests.support.rules import mesh
+from tests.support.rules import chain, mesh, service
 from tests.support.stored import stored_documents
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,6 +137,32 @@ def test_10000_documents_apply_whole_and_a_bad_last_one_changes_nothing(
         reader.close()
 
 
+class HeldAfterStaging:
+    """Holds the apply whose history record creates `label` between its staging and its flip
+    until released (once): the window in which another control plane's apply lands."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, label: str) -> None:
+        self.staged, self.released = threading.Event(), threading.Event()
+        stage = rules_store.stage
+
+        def held(*args: Any, **kwargs: Any) -> int:
+            marker = stage(*args, **kwargs)
+            if label in args[4]["created"] and not self.released.is_set():
+                self.staged.set()
+                assert self.released.wait(30)
+            return marker
+
+        monkeypatch.setattr(rules_store, "stage", held)
+
+
+def in_background(plane: Plane, files: dict[str, str]) -> tuple[threading.Thread, list[Any]]:
+    """An apply running in a thread; its (status, body) lands in the list."""
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(plane.apply_files(files)))
+    thread.start()
+    return thread, results
+
+
 def test_concurrent_applies_serialise(
     etcd_server: EmbeddedEtcd, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,28 +170,14 @@ def test_concurrent_applies_serialise(
     again against the other's rules and applies after it. Nobody sees a part of either."""
     first, second = Plane(etcd_server.endpoint), Plane(etcd_server.endpoint)
     a, b = mesh(280, 20, prefix="a"), mesh(280, 20, prefix="b")
-    staged_a, b_done = threading.Event(), threading.Event()
-    stage = rules_store.stage
-
-    def stage_then_wait(*args: Any, **kwargs: Any) -> int:
-        marker = stage(*args, **kwargs)
-        if "Service/a-00000" in args[4]["created"] and not b_done.is_set():
-            staged_a.set()
-            assert b_done.wait(30)  # b flips while a is staged
-        return marker
-
-    monkeypatch.setattr(rules_store, "stage", stage_then_wait)
+    held = HeldAfterStaging(monkeypatch, "Service/a-00000")
     watched = Watched(first.store)
-    results: list[tuple[int, Any]] = []
-    applying_a = threading.Thread(
-        target=lambda: results.append(first.apply_files({"a.yaml": "".join(a)}))
-    )
     try:
-        applying_a.start()
-        assert staged_a.wait(60)
+        applying_a, results = in_background(first, {"a.yaml": "".join(a)})
+        assert held.staged.wait(60)
         status, body = second.apply_files({"b.yaml": "".join(b)})
         assert status == 200, body
-        b_done.set()
+        held.released.set()
         applying_a.join(60)
         assert results[0][0] == 200, results
         assert results[0][1]["revision"] == 2
@@ -182,8 +194,42 @@ def test_concurrent_applies_serialise(
         assert set(stored_documents(first.store)) == labels(a) | labels(b)
         assert not first.store.keys(STAGING)
     finally:
-        b_done.set()
+        held.released.set()
         watched.cancel()
+        first.stop()
+        second.stop()
+
+
+def test_an_apply_that_loses_the_race_and_no_longer_validates_changes_nothing(
+    etcd_server: EmbeddedEtcd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a chain using ledger-svc is staged, another control plane deletes ledger-svc
+    (no stored rule refers to it yet): validated again, the staged apply is refused whole."""
+    first, second = Plane(etcd_server.endpoint), Plane(etcd_server.endpoint)
+    held = HeldAfterStaging(monkeypatch, "TaskChain/ledger")
+    try:
+        assert first.apply_files({"s.yaml": service("ledger-svc")})[0] == 200
+        documents = [*mesh(280, 20), chain("ledger", "[{service: ledger-svc, group: task}]")]
+        applying, results = in_background(first, {"a.yaml": "".join(documents)})
+        assert held.staged.wait(60)
+        assert second.request("DELETE", "/api/v1/rules/svc/ledger-svc")[0] == 200
+        held.released.set()
+        applying.join(60)
+        assert results == [
+            (
+                400,
+                {
+                    "error": "a.yaml: document 301 (TaskChain ledger): spec.hops[0].service: "
+                    "unknown service 'ledger-svc'"
+                },
+            )
+        ]
+        assert stored_documents(first.store) == {}
+        status, history = first.request("GET", "/api/v1/history")
+        assert [item["action"] for item in history["items"]] == ["delete", "apply"]
+        assert not first.store.keys(STAGING)
+    finally:
+        held.released.set()
         first.stop()
         second.stop()
 

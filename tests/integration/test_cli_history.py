@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from controlplane.store.rules import CHUNKS, GENERATIONS, HISTORY
 from tests.integration.test_cli_rules import GOOD, Cli, ok
 from tests.support.stored import stored_documents
-from tests.support.up import Up, assert_one_line_error
+from tests.support.up import TASKLANE, Up, assert_one_line_error
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,3 +140,14 @@ def test_a_revision_that_no_longer_validates_is_refused_whole(cli: Cli) -> None:
     )
     assert cli.snapshot() == before
     assert set(stored_documents(cli.store)) == GOOD_LABELS - {"ScheduledTask/weekday-batch-debit"}
+
+
+def test_a_history_limit_below_one_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*TASKLANE, "up", "--state-dir", str(tmp_path), "--history-limit", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "--history-limit must be at least 1, got 0")
