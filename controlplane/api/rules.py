@@ -101,17 +101,18 @@ def document_diff(
 
 def ruleset_diff(old: RuleSet, new: RuleSet, labels: tuple[str, str]) -> str:
     """The diff of every rule that differs between two rule sets, in kind and name order."""
-    keys = sorted({(r.kind, r.name) for r in (*old.all(), *new.all())}, key=_kind_order)
-    diffs = []
-    for kind, name in keys:
+    return "".join(document_diff(before, after, labels) for before, after in _differing(old, new))
+
+
+def _differing(old: RuleSet, new: RuleSet) -> list[tuple[Rule | None, Rule | None]]:
+    """(before, after) of every rule that differs, in kind and name order; None: absent."""
+    keys = {(r.kind, r.name) for r in (*old.all(), *new.all())}
+    pairs = []
+    for kind, name in sorted(keys, key=lambda key: (KINDS.index(key[0]), key[1])):
         before, after = old.get(kind, name), new.get(kind, name)
         if before != after:
-            diffs.append(document_diff(before, after, labels))
-    return "".join(diffs)
-
-
-def _kind_order(key: tuple[str, str]) -> tuple[int, str]:
-    return KINDS.index(key[0]), key[1]
+            pairs.append((before, after))
+    return pairs
 
 
 class Writer:
@@ -189,13 +190,12 @@ def rollback(store: Store, revision: int, writer: Writer) -> dict[str, Any]:
 
 def _actions(old: RuleSet, new: RuleSet) -> list[tuple[str, str, str]]:
     """(kind, name, created|configured|deleted) of every rule that differs."""
-    keys = sorted({(r.kind, r.name) for r in (*old.all(), *new.all())}, key=_kind_order)
     actions = []
-    for kind, name in keys:
-        before, after = old.get(kind, name), new.get(kind, name)
-        if before != after:
-            action = "created" if before is None else "deleted" if after is None else "configured"
-            actions.append((kind, name, action))
+    for before, after in _differing(old, new):
+        rule = after or before
+        assert rule is not None
+        action = "created" if before is None else "deleted" if after is None else "configured"
+        actions.append((rule.kind, rule.name, action))
     return actions
 
 
