@@ -1,15 +1,20 @@
 """Applies of any size, still all-or-nothing, on an etcd that keeps its default limit of 128
 operations per transaction: readers and watchers see all of an apply or none of it, a bad
 document anywhere changes nothing, concurrent applies serialise, and a writer killed between
-staging and flip leaves nothing visible (and its staging is collected)."""
+staging and flip (a store-level writer, and a real `tasklane up`) leaves nothing visible, its
+staging collected."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,7 @@ from controlplane.errors import StoreError
 from controlplane.model.rules import RuleSet
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.store import rules as rules_store
-from controlplane.store.etcd import Store
+from controlplane.store.etcd import Change, Store
 from controlplane.store.rules import (
     CHUNKS,
     GENERATIONS,
@@ -29,9 +34,10 @@ from controlplane.store.rules import (
     load_rules,
     watch_rules,
 )
-from tests.support.plane import Plane
+from tests.support.plane import Plane, api_opener
 from tests.support.rules import chain, mesh, service
 from tests.support.stored import stored_documents
+from tests.support.up import Up, start_up
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = REPO / "tests" / "rules" / "good" / "fund-yield.yaml"
@@ -298,3 +304,64 @@ def test_a_writer_killed_between_staging_and_flip_leaves_nothing_visible(
         assert len(stored_documents(plane.store)) == 7
     finally:
         watched.cancel()
+
+
+def up_call(up: Up, method: str, path: str, body: object = None) -> tuple[int, Any]:
+    """(status, JSON body) of one API call to a `tasklane up`, writes with its token."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Authorization": f"Bearer {up.token}"} if method != "GET" else {}
+    request = urllib.request.Request(up.url(path), data, headers, method=method)
+    try:
+        with api_opener.open(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_control_plane_killed_mid_apply_shows_the_rules_before_it_after_restart(
+    etcd_server: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    """`tasklane up` is SIGKILLed the moment its 10,000-document apply starts staging; the
+    restarted control plane (and etcd) holds the rules as they were, whole."""
+    store = Store.connect(etcd_server.endpoint)
+    up = start_up(tmp_path, etcd=etcd_server.endpoint)
+    killed = threading.Event()
+
+    def kill_at_staging(changes: list[Change]) -> None:
+        if any(change.value is not None for change in changes) and not killed.is_set():
+            os.kill(up.proc.pid, signal.SIGKILL)
+            killed.set()
+
+    restarted = None
+    cancel = None
+    try:
+        files = [{"name": "rules.yaml", "text": GOOD.read_text()}]
+        assert up_call(up, "POST", "/api/v1/apply", {"files": files})[0] == 200
+        before = stored_documents(store)
+        cancel = store.watch_prefix(STAGING, None, kill_at_staging)
+        files = [{"name": "mesh.yaml", "text": "".join(mesh(9_800, 200))}]
+        applying = threading.Thread(
+            target=lambda: pytest.raises(
+                OSError, up_call, up, "POST", "/api/v1/apply", {"files": files}
+            )
+        )
+        applying.start()
+        assert killed.wait(60), "the apply never started staging"
+        up.kill()
+        applying.join(60)
+        assert store.keys(STAGING)  # killed mid-way: its staging is still there, unflipped
+
+        restarted = start_up(tmp_path, etcd=etcd_server.endpoint)
+        assert stored_documents(store) == before
+        status, services = up_call(restarted, "GET", "/api/v1/rules/svc")
+        assert status == 200
+        assert len(services["items"]) == 3
+        status, history = up_call(restarted, "GET", "/api/v1/history")
+        assert [item["revision"] for item in history["items"]] == [1]
+    finally:
+        if cancel is not None:
+            cancel()
+        up.kill()
+        if restarted is not None:
+            restarted.kill()
+        store.close()
