@@ -276,14 +276,20 @@ def read_generation(store: Store, generation: str) -> Generation:
 def generation_documents(store: Store, generation: str) -> list[tuple[str, Any]]:
     """(etcd key, document) of every rule of a generation, as stored (not yet checked)."""
     chunks = read_generation(store, generation).chunks
-    values = store.get_many([CHUNKS + h for h in chunks])
-    documents = []
-    for h in chunks:
-        key = CHUNKS + h
+    fetched = _fetch(store, chunks)
+    return [(CHUNKS + chunk, doc) for chunk in chunks for doc in fetched[chunk]]
+
+
+def _fetch(store: Store, chunks: tuple[str, ...] | list[str]) -> dict[str, list[Any]]:
+    """The documents of each chunk, read from etcd; _Collected when one is gone."""
+    values = store.get_many([CHUNKS + chunk for chunk in chunks])
+    fetched = {}
+    for chunk in chunks:
+        key = CHUNKS + chunk
         if key not in values:
             raise _Collected(f"etcd key {PREFIX}{key} is missing")
-        documents.extend((key, doc) for doc in _chunk_documents(key, values[key]))
-    return documents
+        fetched[chunk] = _chunk_documents(key, values[key])
+    return fetched
 
 
 def _chunk_documents(key: str, value: bytes) -> list[Any]:
@@ -332,17 +338,16 @@ def generation_rules(store: Store, generation: str) -> RuleSet:
             decode_rule(key, _legacy_document(key, value)) for key, value in legacy
         )
     chunks = read_generation(store, generation).chunks
-    decoded = {chunk: _decoded.get(chunk) for chunk in chunks}
-    values = store.get_many([CHUNKS + chunk for chunk, rules in decoded.items() if rules is None])
-    for chunk, rules in decoded.items():
-        if rules is None:
-            key = CHUNKS + chunk
-            if key not in values:
-                raise _Collected(f"etcd key {PREFIX}{key} is missing")
-            documents = _chunk_documents(key, values[key])
-            decoded[chunk] = tuple(decode_rule(key, doc) for doc in documents)
-    _decoded.keep(decoded)  # type: ignore[arg-type]
-    return RuleSet.empty().with_rules(rule for rules in decoded.values() for rule in rules or ())
+    cached = {chunk: _decoded.get(chunk) for chunk in chunks}
+    fetched = _fetch(store, [chunk for chunk, rules in cached.items() if rules is None])
+    decoded = {
+        chunk: rules
+        if rules is not None
+        else tuple(decode_rule(CHUNKS + chunk, doc) for doc in fetched[chunk])
+        for chunk, rules in cached.items()
+    }
+    _decoded.keep(decoded)
+    return RuleSet.empty().with_rules(rule for rules in decoded.values() for rule in rules)
 
 
 def _legacy_document(key: str, value: bytes) -> object:
