@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/dataplane.py
 	$(BIN)/python bench/scaler.py
 	$(BIN)/python bench/resume.py
+	$(BIN)/python bench/apply.py
 
 # The long one: 10 minutes of mixed load on the demo chain, is RSS flat? (bench/soak.py)
 soak: $(STAMP)

@@ -52,6 +52,7 @@ from controlplane.scaler.policy import PolicyConfig
 from controlplane.scaler.reconcile import Scaler
 from controlplane.store.etcd import Store
 from controlplane.store.leader import Leadership
+from controlplane.store.rules import DEFAULT_HISTORY_LIMIT
 from controlplane.store.scope import ScopeRecorder, expire_sightings
 from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
@@ -116,6 +117,7 @@ class ControlPlane:
         registration_grace: float = REGISTRATION_GRACE,
         outbound_policy: str = ALLOW_ANY,
         scope_idle: float = DEFAULT_IDLE,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
     ) -> None:
         """`actuator` makes the one the scaler drives once the API is up (a local one needs
         its address); None runs no scaler. Only the elected leader among replicas scales.
@@ -128,7 +130,8 @@ class ControlPlane:
         API, so that `tasklane run` instances register again after a restart first.
         `outbound_policy` says what sidecars do with hosts outside the mesh
         (translate/egress.py). A service a role's sidecars called leaves the role's scope
-        after `scope_idle` seconds without a call (model/scope.py)."""
+        after `scope_idle` seconds without a call (model/scope.py). The rules'
+        history keeps the last `history_limit` revisions."""
         self.scope_idle = scope_idle
         self.scope_recorder: ScopeRecorder | None = None
         self._scope_sweeper: asyncio.Task | None = None
@@ -177,7 +180,7 @@ class ControlPlane:
         self.api_token = ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
         self.http_app.middlewares.append(auth.middleware(self.api_token))
-        self.http_app.add_routes(rules_api.routes(self))
+        self.http_app.add_routes(rules_api.routes(self, history_limit))
         self.http_app.add_routes(instances_api.routes(self))
         self.http_app.add_routes(tasks_api.routes(self))
         self.http_app.add_routes(profile_api.routes(self))

@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from controlplane.api.context import ApiContext
 from controlplane.errors import RuleError, StoreError, TasklaneError
+from controlplane.store.history import RevisionNotKept
 from controlplane.store.rules import ConcurrentChange
 from controlplane.store.runs import RunConflict, RunError, RunNotFound, UnknownTask
 
@@ -49,6 +50,7 @@ STATUS_OF_ERROR: tuple[tuple[type[TasklaneError], int], ...] = (
     (RunNotFound, 404),
     (RunConflict, 409),
     (RunError, 400),
+    (RevisionNotKept, 404),
     (RuleError, 400),
     (ConcurrentChange, 409),
     (StoreError, 503),

@@ -15,7 +15,14 @@ from collections.abc import Sequence
 
 from controlplane.cli.inject import add_inject
 from controlplane.cli.k8s import add_k8s
-from controlplane.cli.rules import add_apply, add_delete, add_diff, add_get
+from controlplane.cli.rules import (
+    add_apply,
+    add_delete,
+    add_diff,
+    add_get,
+    add_history,
+    add_rollback,
+)
 from controlplane.cli.tasks import add_simulate, add_task
 from controlplane.cli.tls import add_tls
 from controlplane.cli.up import add_demo, add_up
@@ -33,6 +40,8 @@ COMMANDS = (
     add_diff,
     add_get,
     add_delete,
+    add_history,
+    add_rollback,
     add_run,
     add_gateway,
     add_demo,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import http.client
 import json
 import os
+import socket
 import sys
 import urllib.error
 import urllib.parse
@@ -23,6 +25,8 @@ SERVER_ENV = "TASKLANE_SERVER"
 # Bounds a hung server only: an apply is one validation and one etcd transaction.
 REQUEST_TIMEOUT = 60.0
 OUTPUTS = ("table", "yaml", "json")
+# Sent with every request; the rules' history records it (api/rules.py).
+CLIENT_HEADER = "X-Tasklane-Client"
 STDIN = "-"
 
 # Straight to the control plane: apps (and tests) set http_proxy for the mesh's egress.
@@ -101,6 +105,7 @@ def _call_one(server: str, method: str, path: str, body: object, token: str | No
     base = (server if "://" in server else f"http://{server}").rstrip("/")
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if data is not None else {}
+    headers[CLIENT_HEADER] = _client_name()
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     try:
@@ -119,6 +124,15 @@ def _call_one(server: str, method: str, path: str, body: object, token: str | No
         raise TasklaneError(
             f"{base} did not answer with JSON: is it a tasklane control plane?"
         ) from None
+
+
+def _client_name() -> str:
+    """'user@host': who the rules' history says made a change (with the client's address)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no $USER: a bare container
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 def _unreachable(

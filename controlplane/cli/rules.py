@@ -1,4 +1,5 @@
-"""`tasklane apply / diff / get / delete`: clients of the rules API (and the profile view)."""
+"""`tasklane apply / diff / get / delete / history / rollback`: clients of the rules API (and
+the profile view)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import urllib.parse
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
@@ -202,6 +204,110 @@ def delete(args: argparse.Namespace) -> int:
     path = f"/api/v1/rules/{quote_segment(args.kind)}/{quote_segment(args.name)}"
     body = call(args.server, "DELETE", path, None, api_token(args))
     output(f"{body['kind'].lower()}/{body['name']} {body['action']}\n")
+    return 0
+
+
+def add_history(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane history [KIND [NAME]] [--revision N] [-o table|yaml|json]`."""
+    p = commands.add_parser(
+        "history",
+        parents=[common, server_option()],
+        help="list the revisions of the rules, or show one",
+        description="Every apply, delete and rollback is a revision of the rules: when, who "
+        "and which rules it created, configured or deleted, newest first. KIND (and NAME) "
+        "lists only the revisions that changed such rules; --revision N shows the diff of "
+        "revision N's documents against the revision before it.",
+    )
+    p.add_argument("kind", metavar="KIND", nargs="?", help="service, taskchain or scheduledtask")
+    p.add_argument("name", metavar="NAME", nargs="?", help="one rule of KIND")
+    p.add_argument("--revision", type=int, metavar="N", help="show revision N as a diff")
+    p.add_argument(
+        "-o", "--output", choices=OUTPUTS, default="table", help="output format (default: table)"
+    )
+    p.set_defaults(handler=history)
+
+
+def history(args: argparse.Namespace) -> int:
+    if args.revision is not None:
+        if args.kind is not None:
+            raise TasklaneError("tasklane history: give KIND [NAME] or --revision N, not both")
+        body = call(args.server, "GET", f"/api/v1/history/{args.revision}")
+        if args.output != "table":
+            output(_structured(body, args.output))
+        else:
+            output(_revision_line(body) + "\n" + body["diff"])
+        return 0
+    query = {key: value for key, value in (("kind", args.kind), ("name", args.name)) if value}
+    path = "/api/v1/history" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    body = call(args.server, "GET", path)
+    if args.output != "table":
+        output(_structured(body, args.output))
+    elif body["items"]:
+        output(table([_history_row(item) for item in body["items"]]) + "\n")
+    else:
+        print("No revisions" + (" of such rules" if query else "") + " in the history.",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _structured(body: dict[str, Any], form: str) -> str:
+    if form == "json":
+        return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
+    return yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
+
+
+def _history_row(item: dict[str, Any]) -> dict[str, str]:
+    changed = [
+        f"{sign}{label.lower()}"
+        for sign, key in (("+", "created"), ("~", "configured"), ("-", "deleted"))
+        for label in item[key]
+    ]
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return {
+        "REVISION": str(item["revision"]),
+        "AT (UTC)": _when(item["at"]),
+        "WHO": item["who"],
+        "ACTION": item["action"],
+        "CHANGES": shown,
+    }
+
+
+def _revision_line(item: dict[str, Any]) -> str:
+    counts = ", ".join(f"{len(item[key])} {key}" for key in ("created", "configured", "deleted"))
+    return (
+        f"# revision {item['revision']}: {item['action']} by {item['who']} "
+        f"at {_when(item['at'])} UTC ({counts})"
+    )
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def add_rollback(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane rollback N`: the rules as they were at revision N, as a new revision."""
+    p = commands.add_parser(
+        "rollback",
+        parents=[common, server_option()],
+        help="return the rules to an earlier revision",
+        description="Make the rules what they were at revision N (see `tasklane history`): "
+        "checked again like an apply of all of them, written all or nothing, and recorded "
+        "as a new revision. A revision that no longer validates is refused and changes "
+        "nothing.",
+    )
+    p.add_argument("revision", type=int, metavar="N")
+    p.set_defaults(handler=rollback)
+
+
+def rollback(args: argparse.Namespace) -> int:
+    body = call(args.server, "POST", "/api/v1/rollback", {"revision": args.revision},
+                api_token(args))  # fmt: skip
+    lines = [f"{r['kind'].lower()}/{r['name']} {r['action']}\n" for r in body["results"]]
+    if "revision" in body:
+        lines.append(f"rolled back to revision {args.revision} as revision {body['revision']}\n")
+    else:
+        lines.append(f"the rules are already those of revision {args.revision}\n")
+    output("".join(lines))
     return 0
 
 

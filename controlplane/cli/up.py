@@ -19,6 +19,7 @@ from controlplane.model.cron import format_duration, parse_duration
 from controlplane.model.scope import DEFAULT_IDLE
 from controlplane.scaler.actuators import Actuator, DryRunActuator
 from controlplane.scaler.policy import PolicyConfig
+from controlplane.store.rules import DEFAULT_HISTORY_LIMIT
 from controlplane.xds.names import ALLOW_ANY, OUTBOUND_POLICIES
 
 if TYPE_CHECKING:
@@ -126,6 +127,14 @@ def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser
         "on demand) stays in the role's scope until it goes uncalled this long, e.g. 90m "
         f"(default: {format_duration(int(DEFAULT_IDLE))})",
     )
+    p.add_argument(
+        "--history-limit",
+        type=int,
+        default=DEFAULT_HISTORY_LIMIT,
+        metavar="N",
+        help="how many revisions of the rules `tasklane history` and `tasklane rollback` keep "
+        f"(at least 1; default: {DEFAULT_HISTORY_LIMIT})",
+    )
     add_sidecar_options(p, prefix="sidecar-")
     p.set_defaults(handler=up)
 
@@ -161,6 +170,8 @@ def up(args: argparse.Namespace) -> int:
             f"{', '.join(OUTBOUND_POLICIES)}"
         )
     scope_idle = _scope_idle(args.scope_idle)
+    if args.history_limit < 1:
+        raise TasklaneError(f"--history-limit must be at least 1, got {args.history_limit}")
     if args.tls_dir is not None and args.actuator == "local":
         pki.client_files(args.tls_dir)  # its `tasklane run` children need them: check now
         os.environ[pki.TLS_DIR_ENV] = str(args.tls_dir.resolve())  # what they inherit
@@ -184,6 +195,7 @@ def up(args: argparse.Namespace) -> int:
         inject_options=sidecar_options(args, prefix="sidecar-"),
         outbound_policy=args.outbound_traffic_policy,
         scope_idle=scope_idle,
+        history_limit=args.history_limit,
     )
     asyncio.run(_run_until_signalled(control_plane))
     return 0

@@ -20,6 +20,11 @@ from pyetcd.exceptions import Etcd3Exception, RevisionCompactedError
 from controlplane.errors import StoreError
 
 PREFIX = "/tasklane/v1/"
+# etcd's defaults, which an external etcd may keep: --max-txn-ops 128 operations per
+# transaction and --max-request-bytes 1.5 MiB per request. Batches stay under both (the byte
+# budget leaves room for keys and framing).
+MAX_TXN_OPS = 128
+MAX_TXN_BYTES = 1024 * 1024
 
 _log = logging.getLogger(__name__)
 
@@ -128,6 +133,34 @@ class Store:
             value, meta = self._client.get(PREFIX + key)
         return (value, meta.mod_revision) if value is not None else (None, 0)
 
+    def entry(self, key: str) -> tuple[bytes | None, int, int]:
+        """(value or None, its mod revision or 0, the revision the read was made at)."""
+        with self._errors(f"get {key}"):
+            resp = self._client.get_response(PREFIX + key)
+        if not resp.kvs:
+            return None, 0, resp.header.revision
+        return resp.kvs[0].value, resp.kvs[0].mod_revision, resp.header.revision
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The values of the keys that exist, read MAX_TXN_OPS at a time (so not at one
+        revision: for keys whose values never change, like content-addressed ones)."""
+        tx = self._client.transactions
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), MAX_TXN_OPS):
+            ops = [tx.get(PREFIX + key) for key in keys[start : start + MAX_TXN_OPS]]
+            with self._errors(f"get {len(ops)} keys"):
+                _, responses = self._client.transaction(compare=[], success=ops, failure=[])
+            for kvs in responses:
+                for value, meta in kvs:
+                    found[_relative(meta.key)] = value
+        return found
+
+    def keys(self, prefix: str) -> list[str]:
+        """The keys under prefix, without their values, in key order."""
+        with self._errors(f"get {prefix}* keys"):
+            resp = self._client.get_prefix_response(PREFIX + prefix, keys_only=True)
+        return [_relative(kv.key) for kv in resp.kvs]
+
     def get_prefix(self, prefix: str) -> tuple[dict[str, bytes], int]:
         """All keys under prefix, plus the revision they were read at (watch from rev + 1)."""
         with self._errors(f"get {prefix}*"):
@@ -159,6 +192,33 @@ class Store:
         with self._errors("transaction"):
             succeeded, _ = self._client.transaction(compare=compare, success=ops, failure=[])
         return bool(succeeded)
+
+    def txn_batches(
+        self,
+        puts: dict[str, bytes],
+        deletes: list[str],
+        expect_revisions: dict[str, int] | None = None,
+    ) -> bool:
+        """Write puts and deletes in as many transactions as etcd's limits need, each one
+        guarded by expect_revisions: atomic per batch, not as a whole. False at the first
+        batch whose guard failed (later batches are not sent)."""
+        guard = expect_revisions or {}
+        ops: list[tuple[str, bytes | None]] = [*puts.items(), *((key, None) for key in deletes)]
+        batch: list[tuple[str, bytes | None]] = []
+        size = 0
+        for key, value in ops:
+            cost = len(key) + len(value or b"")
+            if batch and (len(batch) == MAX_TXN_OPS or size + cost > MAX_TXN_BYTES):
+                if not self._txn_batch(batch, guard):
+                    return False
+                batch, size = [], 0
+            batch.append((key, value))
+            size += cost
+        return not batch or self._txn_batch(batch, guard)
+
+    def _txn_batch(self, batch: list[tuple[str, bytes | None]], guard: dict[str, int]) -> bool:
+        puts = {key: value for key, value in batch if value is not None}
+        return self.txn(puts, [key for key, value in batch if value is None], guard)
 
     def lease(self, ttl: int) -> Lease:
         """Grant a lease of ttl seconds (for instance registration and leader election)."""

@@ -3,6 +3,7 @@ what changed, refuse conflicts and stale reads; deletes respect references; watc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import re
@@ -15,24 +16,26 @@ from typing import Any
 import pytest
 
 from controlplane.api import rules as rules_api
-from controlplane.errors import RuleError, StoreError
+from controlplane.errors import StoreError
 from controlplane.model.load import load_files, load_text
 from controlplane.model.rules import RuleSet, to_document
 from controlplane.model.validate import apply as validate_apply
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.store.etcd import PREFIX, Store
 from controlplane.store.rules import (
-    MAX_CHANGES,
+    CHUNKS,
+    GENERATIONS,
+    HISTORY,
     REVISION_KEY,
+    STAGING_GUARD,
     ConcurrentChange,
     apply_rules,
-    encode,
     load_rules,
-    rule_key,
     watch_rules,
 )
 from tests.support.plane import Plane as BasePlane
 from tests.support.plane import api_opener
+from tests.support.stored import stored_documents
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,8 +74,8 @@ def plane(etcd_server: EmbeddedEtcd) -> Iterator[Plane]:  # noqa: F811
         running.stop()
 
 
-def good_keys() -> set[str]:
-    return {rule_key(p.kind, p.name) for p in load_files([GOOD])}
+def good_labels() -> set[str]:
+    return {f"{p.kind}/{p.name}" for p in load_files([GOOD])}
 
 
 def service_doc(name: str, task_max: int = 4) -> str:
@@ -92,9 +95,9 @@ def test_apply_writes_exactly_the_rules_and_only_changes(plane: Plane) -> None:
     assert "--- /dev/null\n+++ new/TaskChain/fund-yield\n" in body["diff"]
 
     items, revision = plane.snapshot()
-    assert set(items) == good_keys() | {REVISION_KEY}
-    for p in parsed:
-        assert json.loads(items[rule_key(p.kind, p.name)]) == to_document(p.rule)
+    assert stored_documents(plane.store) == {
+        f"{p.kind}/{p.name}": to_document(p.rule) for p in parsed
+    }
     status, chains = plane.call("GET", "/api/v1/rules/chains")
     assert status == 200
     assert chains["kind"] == "TaskChain"
@@ -107,7 +110,8 @@ def test_apply_writes_exactly_the_rules_and_only_changes(plane: Plane) -> None:
     assert body["diff"] == ""
     assert plane.snapshot() == (items, revision)
 
-    # One chain changed: one transaction writing that key (and the revision marker) only.
+    # One chain changed: one new chunk (its bucket's), the generation naming it, and the
+    # flip: one transaction writing the pointer and the history entry.
     changed = GOOD.read_text().replace("weight: 80", "weight: 60")
     status, body = plane.apply({"rules.yaml": changed})
     assert status == 200
@@ -116,11 +120,22 @@ def test_apply_writes_exactly_the_rules_and_only_changes(plane: Plane) -> None:
     assert set(actions.values()) == {"unchanged"}
     assert body["diff"].startswith("--- live/TaskChain/batch-debit\n+++ new/TaskChain/batch-debit")
     assert "-    weight: 80\n+    weight: 60\n" in body["diff"]
-    after, new_revision = plane.snapshot()
-    assert new_revision == revision + 1
-    written = {key for key, rev in plane.mod_revisions().items() if rev == new_revision}
-    assert written == {rule_key("TaskChain", "batch-debit"), REVISION_KEY}
-    assert load_rules(plane.store)[1] == new_revision
+    after, _ = plane.snapshot()
+    added = set(after) - set(items)
+    assert {key.rpartition("/")[0] + "/" for key in added} == {CHUNKS, GENERATIONS, HISTORY}
+    assert len(added) == 3
+    assert {key for key in items if after.get(key) != items[key]} == {
+        REVISION_KEY,
+        STAGING_GUARD,
+    }
+    mod_revisions = plane.mod_revisions()
+    flip = mod_revisions[REVISION_KEY]
+    assert {key for key, rev in mod_revisions.items() if rev == flip} == {
+        REVISION_KEY,
+        f"{HISTORY}{2:010d}",
+    }
+    assert load_rules(plane.store)[1] == flip
+    assert stored_documents(plane.store)["TaskChain/batch-debit"]["spec"]["hops"][0]["weight"] == 60
 
 
 def test_dry_run_shows_the_diff_and_writes_nothing(plane: Plane) -> None:
@@ -234,34 +249,17 @@ def test_delete_respects_references(plane: Plane) -> None:
 
     assert plane.call("DELETE", "/api/v1/rules/task/nightly-fund-yield") == (
         200,
-        {"kind": "ScheduledTask", "name": "nightly-fund-yield", "action": "deleted"},
+        {"kind": "ScheduledTask", "name": "nightly-fund-yield", "action": "deleted", "revision": 2},
     )
     assert plane.call("DELETE", "/api/v1/rules/chain/fund-yield")[0] == 200
-    items, _ = plane.snapshot()
-    assert set(items) == good_keys() - {
-        rule_key("ScheduledTask", "nightly-fund-yield"),
-        rule_key("TaskChain", "fund-yield"),
-    } | {REVISION_KEY}
+    assert set(stored_documents(plane.store)) == good_labels() - {
+        "ScheduledTask/nightly-fund-yield",
+        "TaskChain/fund-yield",
+    }
     assert plane.call("DELETE", "/api/v1/rules/chain/fund-yield") == (
         404,
         {"error": "TaskChain 'fund-yield' not found"},
     )
-
-
-def test_too_many_changes_are_refused_whole(plane: Plane) -> None:
-    def services(count: int, prefix: str) -> str:
-        return "---\n".join(service_doc(f"{prefix}-{i}") for i in range(count))
-
-    status, body = plane.apply({"many.yaml": services(MAX_CHANGES + 1, "a")})
-    assert status == 400
-    assert body["error"].startswith(
-        f"too many changes in one apply ({MAX_CHANGES + 1} > {MAX_CHANGES}): "
-    )
-    assert plane.apply({"many.yaml": services(MAX_CHANGES + 1, "a")}, dry_run=True)[0] == 400
-    assert plane.snapshot()[0] == {}
-    status, body = plane.apply({"most.yaml": services(MAX_CHANGES, "b")})
-    assert status == 200, body
-    assert len(plane.snapshot()[0]) == MAX_CHANGES + 1  # the rules and the revision marker
 
 
 def test_stale_writer_is_refused(plane: Plane) -> None:
@@ -309,11 +307,7 @@ def test_api_retries_once_after_a_concurrent_change(
         assert status == 409
         assert body["error"].startswith("rules changed concurrently")
         assert len(reads) == 2
-        assert set(plane.snapshot()[0]) == {
-            rule_key("Service", "racer-1"),
-            rule_key("Service", "racer-2"),
-            REVISION_KEY,
-        }
+        assert set(stored_documents(plane.store)) == {"Service/racer-1", "Service/racer-2"}
 
         # Racing only once: the second attempt writes; it sees the racer's own rule.
         def race_once(store: Store) -> tuple[RuleSet, int]:
@@ -326,7 +320,7 @@ def test_api_retries_once_after_a_concurrent_change(
         status, body = plane.apply({"rules.yaml": service_doc("racer-3", task_max=5)})
         assert status == 200, body
         assert body["results"] == [{"kind": "Service", "name": "racer-3", "action": "configured"}]
-        assert json.loads(plane.store.get(rule_key("Service", "racer-3")))["spec"]["groups"][1] == {
+        assert stored_documents(plane.store)["Service/racer-3"]["spec"]["groups"][1] == {
             "name": "task",
             "minReplicas": 0,
             "maxReplicas": 5,
@@ -335,23 +329,24 @@ def test_api_retries_once_after_a_concurrent_change(
         other.close()
 
 
+def plant(store: Store, chunk: bytes) -> str:
+    """Make a generation of one chunk current by hand, as a foreign or broken writer would;
+    returns the chunk's key."""
+    name = hashlib.sha256(chunk).hexdigest()
+    record = {"chunks": [name], "at": 0, "who": "", "action": "", "created": []}
+    store.put(CHUNKS + name, chunk)
+    store.put(f"{GENERATIONS}planted-{name[:8]}", json.dumps(record))
+    store.put(REVISION_KEY, json.dumps({"revision": 9, "generation": f"planted-{name[:8]}"}))
+    return CHUNKS + name
+
+
 def test_load_names_a_key_that_holds_no_rule(plane: Plane) -> None:
-    plane.store.put(rule_key("Service", "junk"), b"{not json")
-    with pytest.raises(StoreError, match=f"etcd key {PREFIX}rules/Service/junk does not hold"):
+    chunk = plant(plane.store, b"{not json")
+    with pytest.raises(StoreError, match=f"etcd key {PREFIX}{chunk} does not hold rules"):
         load_rules(plane.store)
-    rules = validate_apply(RuleSet.empty(), load_text(service_doc("real"), "s.yaml"))
-    plane.store.put(rule_key("Service", "other"), encode(rules.services["real"]))
-    plane.store.delete(rule_key("Service", "junk"))
-    with pytest.raises(StoreError, match="holds Service real, not the rule its key names"):
+    chunk = plant(plane.store, b'[{"kind": "Service"}]')
+    with pytest.raises(StoreError, match=f"etcd key {PREFIX}{chunk} does not hold a valid rule"):
         load_rules(plane.store)
-
-
-def test_apply_rules_refuses_too_many_changes_itself(plane: Plane) -> None:
-    docs = "---\n".join(service_doc(f"s-{i}") for i in range(MAX_CHANGES + 1))
-    new = validate_apply(RuleSet.empty(), load_text(docs, "many.yaml"))
-    with pytest.raises(RuleError, match=r"too many changes in one apply \(128 > 127\)"):
-        apply_rules(plane.store, new, RuleSet.empty(), 0)
-    assert plane.snapshot()[0] == {}
 
 
 # --- watch_rules ---------------------------------------------------------------------------
@@ -403,3 +398,22 @@ def test_watch_delivers_each_change_and_survives_an_etcd_restart(
         cancel()
         store.close()
         writer.close()
+
+
+def test_rules_stored_one_key_each_by_an_older_tasklane_are_read_then_collected(
+    plane: Plane,
+) -> None:
+    """The layout before generations: one JSON document per rule and an empty marker."""
+    old = validate_apply(RuleSet.empty(), load_files([GOOD]))
+    for rule in old.all():
+        document = json.dumps(to_document(rule))
+        plane.store.put(f"rules/{rule.kind}/{rule.name}", document)
+    plane.store.put(REVISION_KEY, b"")
+    assert load_rules(plane.store)[0] == old
+    assert plane.call("GET", "/api/v1/rules/svc/fund-facade")[0] == 200
+
+    status, body = plane.apply({"s.yaml": service_doc("ledger-svc")})
+    assert status == 200, body
+    assert body["revision"] == 1
+    assert set(stored_documents(plane.store)) == good_labels() | {"Service/ledger-svc"}
+    assert not [key for key in plane.snapshot()[0] if key.split("/")[:2] == ["rules", "Service"]]

@@ -34,3 +34,20 @@ spec:
   fallback: {fallback}
   hops: {hops}
 """
+
+
+def mesh(services: int, chains: int, prefix: str = "svc", task_max: int = 4) -> list[str]:
+    """A generated mesh as one document per rule: `services` Services (svc-00000...) and
+    `chains` TaskChains (svc-chain-00000...) of three hops over them; join with "" for a file."""
+    documents = [
+        f"---\napiVersion: tasklane.io/v1\nkind: Service\nmetadata: {{name: {prefix}-{n:05d}}}\n"
+        "spec: {groups: [{name: default, minReplicas: 1, maxReplicas: 4},"
+        f" {{name: task, minReplicas: 0, maxReplicas: {task_max}}}]}}\n"
+        for n in range(services)
+    ]
+    for c in range(chains):
+        hops = ", ".join(
+            f"{{service: {prefix}-{(c * 3 + h) % services:05d}, group: task}}" for h in (0, 1, 2)
+        )
+        documents.append(chain(f"{prefix}-chain-{c:05d}", f"[{hops}]"))
+    return documents

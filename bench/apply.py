@@ -1,0 +1,152 @@
+"""Apply benchmark: 10,000 rules through `tasklane apply` against a real `tasklane up`.
+
+The mesh of bench/mesh.py at 9,800 Services and 200 TaskChains (10,000 documents, 2.8 MB of
+YAML), applied with the CLI as a user runs it (the process's whole run is timed) to a
+`tasklane up` with its embedded etcd, which keeps etcd's default limit of 128 operations per
+transaction. Then the translator's rebuild after the apply, as /api/v1/status reports it.
+
+    .venv/bin/python bench/apply.py [--services 9800] [--chains 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from common import machine  # bench/ is the script's directory
+from mesh import make_rules
+
+from controlplane.model.rules import to_document
+from controlplane.runtime.ports import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKLANE = [sys.executable, "-m", "controlplane"]
+TARGET_APPLY_S = 10.0
+TARGET_DRY_RUN_S = 5.0
+TARGET_REBUILD_S = 2.0
+READY_TIMEOUT = 60.0
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def status(http: str) -> dict:
+    with _opener.open(f"{http}/api/v1/status", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def run(args: list[str], env: dict[str, str], ok: tuple[int, ...] = (0,)) -> float:
+    """Seconds one CLI command takes, start to exit."""
+    start = time.perf_counter()
+    done = subprocess.run([*TASKLANE, *args], env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode not in ok:
+        raise SystemExit(f"tasklane {' '.join(args)} failed: {done.stderr.strip()}")
+    return elapsed
+
+
+def wait_rebuilt(http: str, rules: int, after: float, timeout: float = 60.0) -> dict:
+    """The sync's status once a build with `rules` rules was published after `after`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sync = status(http)["sync"]
+        if sync.get("rules") == rules and sync.get("last_build_at", 0) >= after:
+            return sync
+        time.sleep(0.02)
+    raise SystemExit(f"no build of {rules} rules within {timeout:g}s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--services", type=int, default=9_800)
+    parser.add_argument("--chains", type=int, default=200)
+    args = parser.parse_args(argv)
+    rules = make_rules(args.services, args.chains, seed=1)
+    documents = [to_document(rule) for rule in rules.all()]
+    total = len(documents)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    work = Path(tempfile.mkdtemp(prefix="tasklane-bench-apply-"))
+    mesh = work / "mesh.yaml"
+    mesh.write_text(yaml.dump_all(documents, Dumper=dumper, sort_keys=False))
+    size_mb = mesh.stat().st_size / 1e6
+    # One hop weight changed: what a routine edit of a big mesh looks like.
+    edited = work / "edited.yaml"
+    edited.write_text(mesh.read_text().replace("weight: 90\n", "weight: 91\n", 1))
+
+    ports = {name: free_port() for name in ("xds", "http", "etcd_client", "etcd_peer")}
+    http = f"http://127.0.0.1:{ports['http']}"
+    up = subprocess.Popen(
+        [
+            *TASKLANE,
+            "up",
+            "--state-dir",
+            str(work / "state"),
+            "--xds-port",
+            str(ports["xds"]),
+            "--http-port",
+            str(ports["http"]),
+            "--etcd-client-port",
+            str(ports["etcd_client"]),
+            "--etcd-peer-port",
+            str(ports["etcd_peer"]),
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=work,
+    )
+    try:
+        assert up.stdout is not None
+        if not up.stdout.readline().startswith("tasklane up: "):
+            raise SystemExit("tasklane up did not start")
+        env = {
+            **os.environ,
+            "TASKLANE_SERVER": http,
+            "TASKLANE_TOKEN": (work / "state" / "api-token").read_text().strip(),
+        }
+        rows = [
+            ("dry run, 10,000 new (diff of all)", run(["apply", "-f", str(mesh), "--dry-run"], env),
+             TARGET_DRY_RUN_S),
+        ]  # fmt: skip
+        applied_at = time.time()
+        rows.append(("apply, 10,000 new", run(["apply", "-f", str(mesh)], env), TARGET_APPLY_S))
+        sync = wait_rebuilt(http, total, applied_at)
+        rows.append(
+            ("  translator rebuild after it", sync["last_build_ms"] / 1000, TARGET_REBUILD_S)
+        )
+        rows.append(("  apply start -> snapshots published", sync["last_build_at"] - applied_at, 0))
+        rows += [
+            ("diff, 1 of 10,000 changed", run(["diff", "-f", str(edited)], env, ok=(1,)),
+             TARGET_DRY_RUN_S),
+            ("apply, 1 of 10,000 changed", run(["apply", "-f", str(edited)], env), TARGET_APPLY_S),
+            ("apply, 10,000 unchanged", run(["apply", "-f", str(edited)], env), TARGET_APPLY_S),
+            ("rollback to revision 1 (1 change)", run(["rollback", "1"], env), TARGET_APPLY_S),
+        ]  # fmt: skip
+    finally:
+        up.terminate()
+        up.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)  # its etcd's data: ~70 MB
+
+    print(f"# tasklane apply at scale: {total:,} documents ({size_mb:.1f} MB)")
+    print(f"# {machine()}")
+    print("# each row: one run of the CLI command, process start to exit (wall)")
+    print(f"{'case':<38}{'seconds':>9}{'target':>9}  verdict")
+    for case, seconds, target in rows:
+        if not target:  # shown for context, no target of its own
+            print(f"{case:<38}{seconds:>9.2f}{'-':>9}")
+            continue
+        verdict = "pass" if seconds <= target else "MISS"
+        print(f"{case:<38}{seconds:>9.2f}{target:>9.1f}  {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
