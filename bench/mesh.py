@@ -2,7 +2,10 @@
 
 Seeded synthetic rules: N services x 3 groups (`default` + 2 task groups), M chains of 3-6
 hops over random services (exact dyes plus one prefix each; some `loose`, some weights under
-100, some rate limits); every dye is unique so `check` accepts them.
+100, some rate limits); every dye is unique so `check` accepts them. Each service declares
+the services its app calls (`spec.calls`, 4 by default), drawn with Zipf weights as in a real
+mesh, where a few services (accounts, pricing) are called by many; its chains' later hops
+join its scope too, so a role's scope averages ~5-6 services.
 """
 
 from __future__ import annotations
@@ -31,12 +34,18 @@ def service_names(services: int) -> list[str]:
     return [f"svc-{i:04d}" for i in range(services)]
 
 
-def make_rules(services: int, chains: int, seed: int) -> RuleSet:
+def make_rules(services: int, chains: int, seed: int, calls: int = 4) -> RuleSet:
     """Seeded synthetic rules, accepted by `check`."""
     rng = random.Random(seed)
     names = service_names(services)
     groups = (Group(DEFAULT_GROUP, 1, 4), *(Group(g, 0, 4) for g in TASK_GROUPS))
-    service_rules = [Service(name=n, protocol="http", groups=groups) for n in names]
+    zipf = [1 / (rank + 1) for rank in range(services)]
+    service_rules = []
+    for n in names:
+        callees = {c for c in rng.choices(names, weights=zipf, k=calls) if c != n}
+        service_rules.append(
+            Service(name=n, protocol="http", groups=groups, calls=tuple(sorted(callees)))
+        )
     chain_rules = []
     for c in range(chains):
         hops = []
@@ -69,6 +78,16 @@ def make_endpoints(rules: RuleSet, per_group: int) -> dict[tuple[str, str], list
                 (f"10.{s // 250}.{s % 250}.{g * 10 + i}", 15006) for i in range(per_group)
             ]
     return out
+
+
+def busiest_chain(rules: RuleSet) -> str:
+    """The chain whose first hop (the one change_weight changes) the most services call: a
+    change there reaches the most scoped sidecars."""
+    callers: dict[str, int] = {}
+    for service in rules.services.values():
+        for callee in service.calls:
+            callers[callee] = callers.get(callee, 0) + 1
+    return max(sorted(rules.chains), key=lambda c: callers.get(rules.chains[c].hops[0].service, 0))
 
 
 def change_weight(rules: RuleSet, chain_name: str, rep: int) -> RuleSet:

@@ -3,19 +3,25 @@ to reach them all, and what they cost the server.
 
 One process runs the real `AdsServer` (this file with `--serve`) fed by the real
 `Translator` on the generated mesh of bench/mesh.py (default 1000 services x 3 groups, 200
-chains); a few processes hold the N streams (`--client`, grpc.aio); this controller drives
-them. Each stream plays one sidecar of a (service, group) of the mesh, with the node metadata
-of templates/bootstrap.yaml, subscribes as a sidecar does (CDS and LDS wildcard, EDS of every
-group cluster, RDS `egress` and `inbound`), and by default has its own TCP connection, as real
-sidecars do (`--per-channel 100`: streams share connections, a labelled option only).
+chains, each service declaring ~4 callees); a few processes hold the N streams (`--client`,
+grpc.aio); this controller drives them. Each stream plays one sidecar of a (service, group)
+of the mesh, with the node metadata of templates/bootstrap.yaml, subscribes as a sidecar
+does, and by default has its own TCP connection, as real sidecars do (`--per-channel 100`:
+streams share connections, a labelled option only):
+- `sotw`: the full view, the whole mesh (CDS and LDS wildcard, EDS of every group cluster,
+  RDS `egress` and `inbound`), as every sidecar held it before scoping;
+- `delta`: the role's scoped view (CDS, LDS and VHDS wildcard, RDS `egress` and `inbound`,
+  and, as Envoy does, EDS of each cluster it is sent, asked before it ACKs the clusters).
 
-A change is one chain's first hop weight, rebuilt by the translator and published with
-`SnapshotCache.set_snapshots`, as `Sync` does. Every latency is measured inside the server on
-one clock: from the changed rules (before the build) to the ACK that brings a stream to its
-role's new versions of every type. A stream that has not got there within --change-timeout
-did not converge: it counts as a failure in the table and as infinitely late in the
-percentiles. Initial sync is the same measure from the first stream's open to the last
-stream's full ACK.
+A change is the weight of the first hop of the chain whose first hop most services call,
+rebuilt by the translator and published with `SnapshotCache.set_snapshots`, as `Sync` does.
+It reaches the streams whose role's snapshot it changes: every stream in `sotw`, the roles
+holding that service in `delta` (the "reached" column). Every latency is measured inside
+the server on one clock: from the changed rules (before the build) to the ACK that brings a
+reached stream to its role's new versions of every type. A stream that has not got there
+within --change-timeout did not converge: it counts as a failure in the table and as
+infinitely late in the percentiles. Initial sync is the same measure from the first stream's
+open to the last stream's full ACK.
 
     .venv/bin/python bench/xds_push.py --streams 1000 --modes sotw,delta --changes 3
 
@@ -52,10 +58,11 @@ import grpc
 from common import machine  # bench/ is the script's directory
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from mesh import GROUPS, change_weight, make_endpoints, make_rules, service_names
+from mesh import GROUPS, busiest_chain, change_weight, make_endpoints, make_rules, service_names
 
+from controlplane.model.group import GroupKey
 from controlplane.runtime.memory import collect_young, tune_gc
-from controlplane.translate import Translator
+from controlplane.translate import Scopes, Translator
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.names import (
     EGRESS_ROUTE,
@@ -64,16 +71,23 @@ from controlplane.xds.names import (
     META_SERVICE,
     STATIC_CLUSTERS,
     cluster_name,
+    full_view,
+    view_role,
 )
 from controlplane.xds.server import AdsServer, Observer, serve
 from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot, state_version
 from controlplane.xds.status import NodeStatus, StatusBoard
 from controlplane.xds.stream import Push
-from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, VIRTUAL_HOST
 
 ROOT = Path(__file__).resolve().parent.parent
-# What a sidecar subscribes to (ECDS is the gateway's only), in the order it asks.
-SIDECAR_TYPES = (CLUSTER, LISTENER, ENDPOINT, ROUTE)
+# What a sidecar subscribes to (ECDS is the gateway's only), in the order it asks: the full
+# view over SotW, the scoped one over Delta (EDS as its clusters come, see delta_stream).
+SIDECAR_TYPES = {
+    "sotw": (CLUSTER, LISTENER, ENDPOINT, ROUTE),
+    "delta": (CLUSTER, LISTENER, ROUTE, VIRTUAL_HOST),
+}
+ACKED_TYPES = {"sotw": SIDECAR_TYPES["sotw"], "delta": (*SIDECAR_TYPES["delta"], ENDPOINT)}
 TARGETS_P99_S = {1000: 0.300, 5000: 1.5}  # one-chain change reaches N sidecars, p99
 TARGET_SYNC_S = {1000: 5.0}  # first sync of N sidecars
 TARGET_KB_PER_STREAM = 64.0
@@ -97,16 +111,22 @@ def raise_fd_limit() -> None:
 # --- server process -----------------------------------------------------------------------
 
 
-def expected_versions(snapshots: Mapping[str, Snapshot]) -> dict[str, dict[str, str]]:
+def expected_versions(snapshots: Mapping[str, Snapshot], mode: str) -> dict[str, dict[str, str]]:
     """role -> type -> the version a sidecar stream of the role ACKs once it holds the whole
-    snapshot (its subscription names every resource of its role). Roles share their maps,
-    so each map's version is computed once."""
+    snapshot of its view (its subscriptions name every resource of it; a type the view has
+    nothing of, such as EDS of a scope without clusters, is never asked). Roles share their
+    maps, so each map's version is computed once."""
     memo: dict[int, str] = {}
     out = {}
-    for role, snapshot in snapshots.items():
+    for key, snapshot in snapshots.items():
+        role, full = view_role(key)
+        if (mode == "sotw") != full:
+            continue
         wanted = {}
-        for type_url in SIDECAR_TYPES:
+        for type_url in ACKED_TYPES[mode]:
             resources = snapshot.resources(type_url)
+            if type_url == ENDPOINT and not resources:
+                continue
             if id(resources) not in memo:
                 memo[id(resources)] = state_version(resources.values())
             wanted[type_url] = memo[id(resources)]
@@ -121,6 +141,7 @@ class AckRecorder(Observer):
 
     def __init__(self) -> None:
         self.expected: dict[str, dict[str, str]] = {}  # role -> type -> version
+        self.roles: dict[str, str] = {}  # node id -> role, of the open streams
         self.acks: dict[str, float] = {}  # node id -> when it converged
         self.last_push = 0.0
         self.payload_bytes = 0  # resource payloads written since arm()
@@ -128,13 +149,25 @@ class AckRecorder(Observer):
         self.wanted = 0
         self.done = asyncio.Event()
 
-    def arm(self, expected: dict[str, dict[str, str]], streams: int) -> None:
-        self.expected, self.wanted = expected, streams
+    def arm(self, expected: dict[str, dict[str, str]], streams: int | None = None) -> int:
+        """Wait for `streams` (default: the open streams whose role's versions change) to
+        reach `expected`; returns how many that is."""
+        before, self.expected = self.expected, expected
+        if streams is None:
+            streams = sum(before.get(r) != expected.get(r) for r in self.roles.values())
+        self.wanted = streams
         self.acks, self.last_push, self.payload_bytes = {}, 0.0, 0
         self.done.clear()
+        if not streams:
+            self.done.set()
+        return streams
 
     def opened(self, node: NodeStatus, identity: base_pb2.Node) -> None:
         self.first_open = self.first_open or time.time()
+        self.roles[node.node_id] = node.role
+
+    def closed(self, node: NodeStatus) -> None:
+        self.roles.pop(node.node_id, None)
 
     def pushed(self, node: NodeStatus, push: Push) -> None:
         self.payload_bytes += sum(len(r.payload) for r in push.resources)
@@ -184,14 +217,20 @@ class BenchServer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.rules = make_rules(args.services, args.chains, args.seed)
         self.endpoints = make_endpoints(self.rules, args.instances)
-        self.chain = sorted(self.rules.chains)[len(self.rules.chains) // 2]  # the one changed
+        self.chain = busiest_chain(self.rules)  # the one changed
         self.streams = args.count  # streams the bench holds
+        self.mode = args.mode
+        self.scopes = Scopes(
+            full=frozenset(GroupKey(s, g) for s in self.rules.services for g in GROUPS)
+            if args.mode == "sotw"
+            else frozenset()
+        )
         self.translator = Translator()
         self.cache = SnapshotCache(STATIC_CLUSTERS)
         self.board = StatusBoard()
         self.recorder = AckRecorder()
         tune_gc()  # as ControlPlane.start does
-        self.ads = AdsServer(self.cache, self.board, self.recorder)
+        self.ads = AdsServer(self.cache, self.board, self.recorder, sotw_view=full_view)
         self.profile_path = args.cprofile_out
         self.gc_clock = GcClock()
         self.gc_freeze = args.gc_freeze
@@ -202,20 +241,24 @@ class BenchServer:
 
             self.profiler = cProfile.Profile()
 
-    async def publish(self, change: int) -> tuple[float, int]:
+    async def publish(self, change: int) -> tuple[float, int, int]:
         """Build the rules after `change` edits (0: the base rules) and publish them, arming
-        the recorder in between. Returns when the build started and the roles whose
-        snapshot changed."""
+        the recorder in between. Returns when the build started, the roles whose snapshot
+        changed and the streams that are to converge (all of them for the first build)."""
         rules = change_weight(self.rules, self.chain, change) if change else self.rules
         started = time.time()
-        snapshots = await asyncio.to_thread(self.translator.build, rules, self.endpoints)
-        self.recorder.arm(expected_versions(snapshots), self.streams)
+        snapshots = await asyncio.to_thread(
+            self.translator.build, rules, self.endpoints, self.scopes
+        )
+        reached = self.recorder.arm(
+            expected_versions(snapshots, self.mode), None if change else self.streams
+        )
         changed = 0
         for role, outcome in self.cache.set_snapshots(snapshots).items():
             if isinstance(outcome, InconsistentSnapshot):
                 raise RuntimeError(f"snapshot of {role} refused: {outcome}")
             changed += bool(outcome)
-        return started, changed
+        return started, changed, reached
 
     async def run(self) -> None:
         server, port = await serve(self.ads, "127.0.0.1:0")
@@ -276,7 +319,7 @@ class BenchServer:
         self.gc_clock.reset()
         if self.profiler is not None:
             self.profiler.enable()
-        t0, roles_changed = await self.publish(change)
+        t0, roles_changed, reached = await self.publish(change)
         published = time.time()
         with contextlib.suppress(TimeoutError):  # the bound counts from the changed rules
             await asyncio.wait_for(self.recorder.done.wait(), max(0.0, t0 + timeout - published))
@@ -288,10 +331,11 @@ class BenchServer:
             "latencies": [round(s, 6) for s in latencies],
             "build_publish": published - t0,
             "roles_changed": roles_changed,
+            "reached": reached,
             "last_push": max(recorder.last_push - t0, 0.0),
             "payload_bytes": recorder.payload_bytes,
             "cpu": time.process_time() - cpu0,
-            "missing": self.streams - len(latencies),
+            "missing": reached - len(latencies),
             "gc": self.gc_clock.seconds,
             "gc_collections": self.gc_clock.collections,
         }
@@ -349,7 +393,7 @@ async def sotw_stream(
     every response by echoing version_info, nonce and the subscribed names. Resources stay
     packed. Returns the number of responses seen."""
     call = stub.StreamAggregatedResources()
-    for i, type_url in enumerate(SIDECAR_TYPES):
+    for i, type_url in enumerate(SIDECAR_TYPES["sotw"]):
         request = discovery_pb2.DiscoveryRequest(
             type_url=type_url, resource_names=subscribed.get(type_url, ())
         )
@@ -375,9 +419,11 @@ async def delta_stream(
     node: base_pb2.Node,
     subscribed: dict[str, list[str]],
 ) -> int:
-    """The incremental variant: subscribe once (wildcard for CDS/LDS), ACK with the nonce."""
+    """The incremental variant: subscribe once (wildcard for CDS, LDS and VHDS), then, as
+    Envoy does, ask for the endpoints of each cluster it is sent (an aggregate has none)
+    before ACKing the clusters; ACK with the nonce."""
     call = stub.DeltaAggregatedResources()
-    for i, type_url in enumerate(SIDECAR_TYPES):
+    for i, type_url in enumerate(SIDECAR_TYPES["delta"]):
         request = discovery_pb2.DeltaDiscoveryRequest(
             type_url=type_url, resource_names_subscribe=subscribed.get(type_url, ())
         )
@@ -387,6 +433,17 @@ async def delta_stream(
     seen = 0
     while (response := await call.read()) is not grpc.aio.EOF:
         seen += 1
+        if response.type_url == CLUSTER:
+            added = [r.name for r in response.resources if not r.name.endswith("|loose")]
+            gone = [n for n in response.removed_resources if not n.endswith("|loose")]
+            if added or gone:
+                await call.write(
+                    discovery_pb2.DeltaDiscoveryRequest(
+                        type_url=ENDPOINT,
+                        resource_names_subscribe=added,
+                        resource_names_unsubscribe=gone,
+                    )
+                )
         ack = discovery_pb2.DeltaDiscoveryRequest(
             type_url=response.type_url, response_nonce=response.nonce
         )
@@ -402,7 +459,7 @@ async def client_run(args: argparse.Namespace) -> None:
     subchannel pool per channel gives each its own TCP connection (grpc would otherwise
     share one connection among channels with equal arguments)."""
     services = service_names(args.services)
-    eds = [cluster_name(s, g) for s in services for g in GROUPS]
+    eds = [cluster_name(s, g) for s in services for g in GROUPS] if args.mode == "sotw" else []
     subscribed = {ENDPOINT: eds, ROUTE: [EGRESS_ROUTE, INBOUND_ROUTE]}
     run = delta_stream if args.mode == "delta" else sotw_stream
     channels = [
@@ -466,6 +523,7 @@ class Row:
     client_cpu: list[float] = field(default_factory=list)
     server_gc: list[float] = field(default_factory=list)
     change_bytes: list[int] = field(default_factory=list)  # payload bytes written per change
+    reached: list[int] = field(default_factory=list)  # streams each change is to reach
     roles_changed: int = 0
     mesh: dict[str, Any] = field(default_factory=dict)  # the server's "ready": roles, chain
     gc_full: int = 0  # most full (gen 2) collections in one change
@@ -568,7 +626,7 @@ async def _run_case(mode: str, streams: int, args: argparse.Namespace, server_lo
     mesh = ["--services", str(args.services)]
     server_cmd = [sys.executable, me, "--serve", *mesh, "--chains", str(args.chains)]
     server_cmd += ["--instances", str(args.instances), "--seed", str(args.seed)]
-    server_cmd += ["--count", str(streams)]
+    server_cmd += ["--count", str(streams), "--mode", mode]
     server_cmd += ["--gc-freeze"] * args.gc_freeze + ["--verbose"] * args.verbose
     for option in args.server_option:
         server_cmd += ["--server-option", option]
@@ -630,6 +688,7 @@ async def _run_case(mode: str, streams: int, args: argparse.Namespace, server_lo
             row.last_push.append(result["last_push"])
             row.change_bytes.append(result["payload_bytes"])
             row.roles_changed = result["roles_changed"]
+            row.reached.append(result["reached"])
             row.server_cpu.append(result["cpu"])
             row.server_gc.append(result["gc"])
             row.gc_full = max(row.gc_full, result["gc_collections"][2])
@@ -682,7 +741,8 @@ def print_table(rows: list[Row], changes: int, change_timeout: float) -> None:
     """The required columns first (with the targets), then the ones that say where the time
     went."""
     header = (
-        f"{'mode':<6}{'conn':<9}{'N':>6}{'sync s':>8}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}"
+        f"{'mode':<6}{'conn':<9}{'N':>6}{'reached':>8}{'sync s':>8}{'p50 ms':>8}"
+        f"{'p99 ms':>8}{'max ms':>8}"
         f"{'FAILED':>8}{'KB/stream':>10}{'config KB':>10}  {'sync tgt':<10}{'p99 tgt':<12}"
         f"{'mem tgt':<10}|{'all ACKed ms':>20}{'build+pub':>10}{'last push':>10}{'change KB':>10}"
         f"{'srv CPU':>8}{'srv GC':>7}{'cli CPU':>8}{'reopen':>7}{'RSS MB':>7}{'load':>6}"
@@ -704,9 +764,11 @@ def print_table(rows: list[Row], changes: int, change_timeout: float) -> None:
         p99_target = f"<={ms(p99_limit)} {verdict(p99, p99_limit)}" if p99_limit else "-"
         failed = row.unsynced + row.missing
         per_sidecar = row.config_bytes / 1024 / max(1, row.streams - row.unsynced)
-        change_kb = statistics.median(row.change_bytes) / 1024 / row.streams
+        reached = statistics.median(row.reached)
+        change_kb = statistics.median(row.change_bytes) / 1024 / max(1, reached)
         print(
-            f"{row.mode:<6}{connection(row.per_channel):<9}{row.streams:>6}{row.sync_s:>8.1f}"
+            f"{row.mode:<6}{connection(row.per_channel):<9}{row.streams:>6}{reached:>8.0f}"
+            f"{row.sync_s:>8.1f}"
             f"{ms(percentile(samples, 50)):>8}{ms(p99):>8}{ms(max(samples)):>8}{failed:>8}"
             f"{kb:>10.0f}{per_sidecar:>10.0f}  {sync_target:<10}{p99_target:<12}"
             f"{'<=64 ' + verdict(kb, TARGET_KB_PER_STREAM):<10}|"
@@ -765,8 +827,10 @@ async def controller(args: argparse.Namespace) -> int:
         "latency: server-side, from the changed rules (before the build) to the ACK that "
         "brings a stream to its role's new versions, one clock; sync s: first stream opened -> "
         "last stream holds its whole first snapshot; KB/stream: server RSS growth / N; "
-        "config KB: resource bytes one sidecar receives at sync; change KB: resource bytes "
-        "one sidecar receives per change; all ACKed: each change; build+pub, last push "
+        "config KB: resource bytes one sidecar receives at sync; reached: streams whose "
+        "role's snapshot a change changes (median), the ones the percentiles are over; "
+        "change KB: resource bytes one reached sidecar receives per change; all ACKed: each "
+        "change; build+pub, last push "
         "(median ms); srv CPU / srv GC / cli CPU: s per change (median); reopen: client "
         "streams the server refused or cut; RSS MB: server after sync; load: 1-min load"
     )

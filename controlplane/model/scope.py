@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from controlplane.model.group import GroupKey
-from controlplane.model.rules import RuleSet
+from controlplane.model.rules import RuleSet, TaskChain
 
 DECLARED, CHAIN, LEARNED, ON_DEMAND = "declared", "chain", "learned", "on-demand"
 SIGHTING_REASONS = (ON_DEMAND, LEARNED)
@@ -60,13 +60,20 @@ def rule_scopes(rules: RuleSet) -> dict[str, dict[str, Entry]]:
         if service.calls:
             out[service.name] = {c: Entry(c, DECLARED) for c in service.calls}
     for name in sorted(rules.chains):
-        hops = rules.chains[name].hops
-        for index, hop in enumerate(hops):
-            mine = out.setdefault(hop.service, {})
-            for later in hops[index + 1 :]:
-                if later.service != hop.service:
-                    mine.setdefault(later.service, Entry(later.service, CHAIN, name))
+        for service, later in chain_callees(rules.chains[name]).items():
+            mine = out.setdefault(service, {})
+            for callee in later:
+                mine.setdefault(callee, Entry(callee, CHAIN, name))
     return out
+
+
+def chain_callees(chain: TaskChain) -> dict[str, tuple[str, ...]]:
+    """service of each hop -> the services of the chain's later hops (CHAIN entries)."""
+    services = [hop.service for hop in chain.hops]
+    return {
+        service: tuple(s for s in services[index + 1 :] if s != service)
+        for index, service in enumerate(services)
+    }
 
 
 def role_scope(

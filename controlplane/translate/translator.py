@@ -11,9 +11,9 @@ from typing import TypeVar
 
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 
-from controlplane.model.group import DEFAULT_GROUP, GroupKey
+from controlplane.model.group import DEFAULT_GROUP, SEPARATOR, GroupKey
 from controlplane.model.rules import RuleSet, Service
-from controlplane.model.scope import rule_scopes
+from controlplane.model.scope import chain_callees
 from controlplane.translate.clusters import group_cluster, load_assignment, loose_cluster
 from controlplane.translate.common import Address, ChainHop, Endpoints
 from controlplane.translate.egress import egress_virtual_host, outside_mesh_host
@@ -29,6 +29,7 @@ from controlplane.xds.names import (
     full_view,
     loose_cluster_name,
     role_name,
+    view_role,
 )
 from controlplane.xds.snapshot import Resource, ResourceMap, Snapshot, references
 from controlplane.xds.types import (
@@ -44,6 +45,9 @@ T = TypeVar("T")
 
 
 _EMPTY = ResourceMap()
+# Pieces of services, roles and scopes that are gone are forgotten when the services change,
+# and every this many builds (scopes also change with what sidecars ask for).
+_SWEEP_EVERY = 64
 
 
 def hops_by_service(rules: RuleSet) -> dict[str, tuple[ChainHop, ...]]:
@@ -57,16 +61,15 @@ def hops_by_service(rules: RuleSet) -> dict[str, tuple[ChainHop, ...]]:
 
 
 class _Memo:
-    """Last (key, value) per name: a piece is rebuilt only when its inputs changed. Names not
-    asked for during a build are forgotten at its end (`sweep`)."""
+    """Last (key, value) per name: a piece is rebuilt only when its inputs changed. A name
+    is a string (a global piece, or a cluster `service|group...`) or a tuple whose second
+    item owns it (a service, a role, a scope); `sweep` forgets the pieces of owners gone."""
 
     def __init__(self) -> None:
         self._entries: dict[object, tuple[object, object]] = {}
-        self._used: set[object] = set()
 
     def get(self, name: object, key: object, build: Callable[..., T], *args: object) -> T:
         """The value built last time for `name` if `key` is unchanged, else build(*args)."""
-        self._used.add(name)
         entry = self._entries.get(name)
         if entry is not None and entry[0] == key:
             return entry[1]
@@ -74,10 +77,17 @@ class _Memo:
         self._entries[name] = (key, value)
         return value
 
-    def sweep(self) -> None:
-        for name in self._entries.keys() - self._used:
-            del self._entries[name]
-        self._used = set()
+    def sweep(self, live: set[object]) -> None:
+        """Forget the pieces whose owner is not in `live` (global pieces stay)."""
+        for name in list(self._entries):
+            if isinstance(name, tuple):
+                owner = name[1]
+            elif SEPARATOR in name:
+                owner = name.partition(SEPARATOR)[0]
+            else:
+                continue
+            if owner not in live:
+                del self._entries[name]
 
 
 @dataclass(frozen=True)
@@ -108,37 +118,72 @@ class Translator:
         self._vhds_egress = vhds_route_config()
         self._memo = _Memo()  # every piece, by a name that says what it is
         self._stripped = DyeNames.of(())
-        self._rules: tuple[RuleSet, dict, dict] | None = None
+        self._rules: tuple | None = None  # (rules, what _from_rules derived from them)
+        self._chains: dict[str, tuple] = {}  # name -> (chain, its ChainHops, chain_callees)
+        self._services: dict[str, tuple[tuple, _Pieces]] = {}  # name -> (inputs, pieces)
+        # service -> (its callees by the rules, {role: snapshot} of its groups' scoped views,
+        # the scopes and outside hosts those are memoised by)
+        self._views: dict[str, tuple[tuple[str, ...], dict[str, Snapshot], list]] = {}
+        self._builds = 0
 
     def build(
         self, rules: RuleSet, endpoints: Endpoints, scopes: Scopes | None = None
     ) -> dict[str, Snapshot]:
         """{snapshot key: snapshot}: every (service, group) of the rules' scoped view, the
-        full views `scopes.full` asks for, and the gateway's."""
+        full views `scopes.full` asks for, and the gateway's.
+
+        Incremental: a service whose inputs (rule, chains' hops, endpoints) are unchanged
+        keeps its pieces; a role whose scope and inbound route are unchanged and holds no
+        changed service keeps its snapshot, without looking at its pieces. So a one-chain
+        change costs the chain's services and the roles that hold them, plus one pass over
+        the services (a 10,000-service mesh: bench/translate.py)."""
         scopes = scopes or Scopes()
         memo = self._memo
-        hops, static_scopes = self._from_rules(rules)
-        pieces = {
-            name: self._pieces(rules.services[name], hops.get(name, ()), endpoints)
-            for name in sorted(rules.services)
-        }
-        every = tuple(pieces.values())
-        ids = _ids(every, "inline_host")
-        cds = memo.get(CLUSTER, _ids(every, "clusters"), _map_of, every, "clusters")
-        eds = memo.get(ENDPOINT, _ids(every, "endpoints"), _map_of, every, "endpoints")
-
-        by_group: dict[GroupKey, list[ChainHop]] = {}
-        for service_hops in hops.values():
-            for entry in service_hops:
-                by_group.setdefault(GroupKey(entry.hop.service, entry.hop.group), []).append(entry)
-        snapshots: dict[str, Snapshot] = {}
-        for name in pieces:
+        services_before = self._rules[2].keys() if self._rules is not None else None
+        hops, static, by_group = self._from_rules(rules)
+        pieces: dict[str, _Pieces] = {}
+        changed: set[str] = set()  # services whose pieces are new
+        moved: set[str] = set()  # services whose inputs changed (their inbound routes may)
+        for name in static:
             service = rules.services[name]
-            declared = static_scopes.get(name, {}).keys()
+            inputs = (
+                service,
+                hops.get(name, ()),
+                *(endpoints.get(GroupKey(name, g.name)) for g in service.groups),
+            )
+            last = self._services.get(name)
+            if last is not None and last[0] == inputs:
+                pieces[name] = last[1]
+                continue
+            built = self._pieces(service, inputs[1], endpoints)
+            self._services[name] = (inputs, built)
+            pieces[name] = built
+            moved.add(name)
+            if last is None or last[1] is not built:
+                changed.add(name)
+        every = tuple(pieces.values())
+        dynamic = {k.service for k in scopes.sighted} | {k.service for k in scopes.outside}
+        dynamic |= {k.service for k in scopes.full}
+        snapshots: dict[str, Snapshot] = {}
+        for name, callees in static.items():
+            views = self._views.get(name)
+            if (
+                views is not None
+                and name not in moved
+                and name not in dynamic
+                and views[0] == callees
+                and changed.isdisjoint(callees)
+            ):
+                snapshots.update(views[1])
+                continue
+            service = rules.services[name]
+            views_now: dict[str, Snapshot] = {}
+            owners: list[tuple[str, ...]] = [callees, ()]  # the scopes its maps are kept by
+            shared = None  # the maps of its groups whose sidecars asked for nothing
             for group in service.groups:
                 key = GroupKey(name, group.name)
                 role = role_name(name, group.name)
-                mine = tuple(by_group.get(key, ()))
+                mine = by_group.get(key, ())
                 count = len(endpoints.get(key, ()))
                 inbound = memo.get(
                     ("inbound", role),
@@ -149,42 +194,89 @@ class Translator:
                     mine,
                     count,
                 )
-                callees = tuple(
-                    sorted(c for c in {*declared, *scopes.sighted.get(key, ())} if c in pieces)
+                sighted = scopes.sighted.get(key)
+                scope = (
+                    tuple(sorted({*callees, *(c for c in sighted if c in pieces)}))
+                    if sighted
+                    else callees
                 )
-                snapshots[role] = self._scoped(
-                    role, callees, pieces, inbound, scopes.outside.get(key, ())
+                outside = scopes.outside.get(key, ())
+                if sighted or outside:
+                    maps = self._scope_maps(scope, pieces, outside)
+                    owners += [scope, outside]
+                else:
+                    maps = shared = shared or self._scope_maps(callees, pieces, ())
+                routes = memo.get(
+                    ("routes", role), id(inbound), ResourceMap, (self._vhds_egress, inbound)
+                )
+                views_now[role] = memo.get(
+                    ("snapshot", role), (id(maps), id(routes)), _snapshot, *maps, routes
                 )
                 if key in scopes.full:
-                    egress = memo.get(EGRESS_ROUTE, ids, self._full_egress, every, True)
-                    routes = memo.get(
-                        ("routes", full_view(role)),
-                        (id(egress), id(inbound)),
-                        ResourceMap,
-                        (egress, inbound),
-                    )
-                    snapshots[full_view(role)] = memo.get(
-                        ("snapshot", full_view(role)),
-                        (id(cds), id(eds), id(routes)),
-                        _snapshot,
-                        cds,
-                        eds,
-                        routes,
-                        _EMPTY,
-                    )
-        gateway = snapshots[GATEWAY_ROLE] = self._gateway(rules, every, ids, cds, eds)
-        if GroupKey.parse(GATEWAY_ROLE) in scopes.full:  # the gateway holds the mesh either way
-            snapshots[full_view(GATEWAY_ROLE)] = gateway
-        memo.sweep()
+                    snapshots[full_view(role)] = self._full(role, every, inbound)
+            self._views[name] = (callees, views_now, owners)
+            snapshots.update(views_now)
+        snapshots[GATEWAY_ROLE] = self._gateway(rules, every)
+        if GroupKey.parse(GATEWAY_ROLE) in scopes.full:
+            snapshots[full_view(GATEWAY_ROLE)] = self._gateway(rules, every, full=True)
+        self._builds += 1
+        if services_before != static.keys() or self._builds % _SWEEP_EVERY == 0:
+            self._sweep(snapshots)
         return snapshots
+
+    def _sweep(self, snapshots: Mapping[str, Snapshot]) -> None:
+        """Forget what belongs to services, roles and scopes no longer built."""
+        live: set[object] = {*snapshots, *(view_role(key)[0] for key in snapshots)}
+        live.update(self._rules[2])  # the services
+        for gone in self._services.keys() - live:
+            del self._services[gone]
+        for gone in self._views.keys() - live:
+            del self._views[gone]
+        for views in self._views.values():
+            live.update(views[2])
+        self._memo.sweep(live)
 
     # --- pieces ------------------------------------------------------------------------------
 
-    def _from_rules(self, rules: RuleSet) -> tuple[dict, dict]:
-        """What depends on the rules alone, once per RuleSet (instances change more often)."""
-        if self._rules is None or self._rules[0] is not rules:
-            self._rules = (rules, hops_by_service(rules), rule_scopes(rules))
-        return self._rules[1], self._rules[2]
+    def _from_rules(
+        self, rules: RuleSet
+    ) -> tuple[dict[str, tuple[ChainHop, ...]], dict[str, tuple[str, ...]], dict]:
+        """What depends on the rules alone, once per RuleSet (instances change more often):
+        each service's chain hops, its callees by the rules (model/scope.py; in name order,
+        services in name order), and each group's chain hops. Per chain, what it adds is
+        kept while the chain is the same object: a change of one chain redoes that chain."""
+        if self._rules is not None and self._rules[0] is rules:
+            return self._rules[1], self._rules[2], self._rules[3]
+        hops: dict[str, list[ChainHop]] = {}
+        by_group: dict[GroupKey, list[ChainHop]] = {}
+        callees = {name: set(s.calls) for name, s in rules.services.items() if s.calls}
+        chains = {}
+        for name in sorted(rules.chains):
+            chain_ = rules.chains[name]
+            known = self._chains.get(name)
+            if known is None or known[0] is not chain_:
+                entries = tuple(ChainHop(chain_, hop) for hop in chain_.hops)
+                known = (chain_, entries, chain_callees(chain_))
+            chains[name] = known
+            for entry in known[1]:
+                hops.setdefault(entry.hop.service, []).append(entry)
+                key = GroupKey(entry.hop.service, entry.hop.group)
+                by_group.setdefault(key, []).append(entry)
+            for service, later in known[2].items():
+                callees.setdefault(service, set()).update(later)
+        self._chains = chains
+        services = rules.services
+        static = {
+            name: tuple(sorted(c for c in callees.get(name, ()) if c in services))
+            for name in sorted(services)
+        }
+        self._rules = (
+            rules,
+            {service: tuple(entries) for service, entries in hops.items()},
+            static,
+            {key: tuple(entries) for key, entries in by_group.items()},
+        )
+        return self._rules[1], self._rules[2], self._rules[3]
 
     def _pieces(
         self, service: Service, hops: tuple[ChainHop, ...], endpoints: Endpoints
@@ -233,41 +325,83 @@ class Translator:
         assignments_t = memo.get(
             ("assignments", name), tuple(map(id, assignments)), tuple, assignments
         )
-        inline = memo.get(("inline", name), id(host), _encode, host)
-        scoped = memo.get(("vhds", name), id(host), vhds_host, host)
-        return _Pieces(clusters_t, assignments_t, inline, scoped)
+        # Keyed by content: a chain's change rebuilds the hosts of all its services, and only
+        # those whose routes really changed are new pieces (their callers' views move).
+        content = memo.get(("content", name), id(host), _serialized, host)
+        inline = memo.get(("inline", name), content, _encode, host)
+        scoped = memo.get(("vhds", name), content, vhds_host, host)
+        return memo.get(
+            ("pieces", name),
+            (id(clusters_t), id(assignments_t), id(inline), id(scoped)),
+            _Pieces,
+            clusters_t,
+            assignments_t,
+            inline,
+            scoped,
+        )
 
-    def _scoped(
-        self,
-        role: str,
-        callees: tuple[str, ...],
-        pieces: Mapping[str, _Pieces],
-        inbound: Resource,
-        outside: tuple[str, ...],
-    ) -> Snapshot:
-        """A Delta sidecar's snapshot: its scope's clusters, endpoints and hosts. Maps are
-        memoised by scope, so the roles that call the same services share them."""
+    def _scope_maps(
+        self, scope: tuple[str, ...], pieces: Mapping[str, _Pieces], outside: tuple[str, ...]
+    ) -> tuple[ResourceMap, ResourceMap, ResourceMap]:
+        """(clusters, endpoints, hosts) of a scoped view. Memoised by scope, so the roles
+        that call the same services share them, and each map by its own pieces: a host's
+        change keeps the clusters and endpoints maps."""
         memo = self._memo
-        mine = tuple(pieces[c] for c in callees)
-        cds = memo.get(("cds", callees), _ids(mine, "clusters"), _map_of, mine, "clusters")
-        eds = memo.get(("eds", callees), _ids(mine, "endpoints"), _map_of, mine, "endpoints")
+        mine = tuple(pieces[c] for c in scope)
         outside_res = memo.get(
             ("outside", outside), None, outside_host, self.outbound_policy, outside
         )
+        return memo.get(
+            ("scope", scope, outside),
+            (tuple(map(id, mine)), id(outside_res)),
+            self._new_scope_maps,
+            scope,
+            mine,
+            outside,
+            outside_res,
+        )
+
+    def _new_scope_maps(
+        self,
+        scope: tuple[str, ...],
+        mine: tuple[_Pieces, ...],
+        outside: tuple[str, ...],
+        outside_res: Resource,
+    ) -> tuple[ResourceMap, ResourceMap, ResourceMap]:
+        memo = self._memo
+        cds = memo.get(("cds", scope), _ids(mine, "clusters"), _map_of, mine, "clusters")
+        eds = memo.get(("eds", scope), _ids(mine, "endpoints"), _map_of, mine, "endpoints")
         hosts = memo.get(
-            ("vhds", callees, outside),
+            ("vhds", scope, outside),
             (_ids(mine, "vhds_host"), id(outside_res)),
             lambda: ResourceMap([*(p.vhds_host for p in mine), outside_res]),
         )
-        routes = memo.get(("routes", role), id(inbound), ResourceMap, (self._vhds_egress, inbound))
+        return cds, eds, hosts
+
+    def _everything(self, every: tuple[_Pieces, ...]) -> tuple[ResourceMap, ResourceMap]:
+        """(clusters, endpoints) of the whole mesh: full views and the gateway."""
+        memo = self._memo
+        cds = memo.get(CLUSTER, _ids(every, "clusters"), _map_of, every, "clusters")
+        eds = memo.get(ENDPOINT, _ids(every, "endpoints"), _map_of, every, "endpoints")
+        return cds, eds
+
+    def _full(self, role: str, every: tuple[_Pieces, ...], inbound: Resource) -> Snapshot:
+        """A state-of-the-world sidecar's snapshot: the whole mesh, as before scoping."""
+        memo = self._memo
+        cds, eds = self._everything(every)
+        ids = _ids(every, "inline_host")
+        egress = memo.get(EGRESS_ROUTE, ids, self._full_egress, every, True)
+        routes = memo.get(
+            ("routes", full_view(role)), (id(egress), id(inbound)), ResourceMap, (egress, inbound)
+        )
         return memo.get(
-            ("snapshot", role),
-            (id(cds), id(eds), id(routes), id(hosts)),
+            ("snapshot", full_view(role)),
+            (id(cds), id(eds), id(routes)),
             _snapshot,
             cds,
             eds,
+            _EMPTY,
             routes,
-            hosts,
         )
 
     def _full_egress(self, every: Sequence[_Pieces], outside: bool) -> Resource:
@@ -279,32 +413,43 @@ class Translator:
         refs = frozenset().union(*(h.cluster_refs for h in hosts))
         return Resource.encoded(ROUTE, EGRESS_ROUTE, payload, refs)
 
-    def _gateway(
-        self,
-        rules: RuleSet,
-        every: tuple[_Pieces, ...],
-        ids: tuple[int, ...],
-        cds: ResourceMap,
-        eds: ResourceMap,
-    ) -> Snapshot:
+    def _gateway(self, rules: RuleSet, every: tuple[_Pieces, ...], full: bool = False) -> Snapshot:
+        """The gateway: the whole mesh and the dye filter, no inbound. Its `egress` names
+        every service's host and nothing outside the mesh (callers from outside must not
+        reach past it): over VHDS for a Delta gateway, inline in its full view."""
         memo = self._memo
-        egress = memo.get(("egress", GATEWAY_ROLE), ids, self._full_egress, every, False)
-        routes = memo.get(("routes", GATEWAY_ROLE), id(egress), ResourceMap, (egress,))
+        cds, eds = self._everything(every)
+        if full:
+            ids = _ids(every, "inline_host")
+            egress = memo.get(("egress", GATEWAY_ROLE), ids, self._full_egress, every, False)
+            routes = memo.get(
+                ("routes", full_view(GATEWAY_ROLE)), id(egress), ResourceMap, (egress,)
+            )
+            hosts = _EMPTY
+        else:
+            routes = memo.get(("routes", GATEWAY_ROLE), None, ResourceMap, (self._vhds_egress,))
+            hosts = memo.get(
+                ("vhds", GATEWAY_ROLE),
+                _ids(every, "vhds_host"),
+                lambda: ResourceMap(p.vhds_host for p in every),
+            )
         # The filter strips every carrier a chain has used while this process ran (each replica
         # keeps its own), not only the current ones: it goes out before the routes
         # (make-before-break), so a deleted chain's header would otherwise reach routes that
         # still honour it for a round trip.
         names = self._stripped = self._stripped.union(DyeNames.of(rules.chains.values()))
         filters = memo.get(EXTENSION_CONFIG, names, _gateway_filters, names)
+        key = full_view(GATEWAY_ROLE) if full else GATEWAY_ROLE
         return memo.get(
-            ("snapshot", GATEWAY_ROLE),
-            (id(cds), id(eds), id(routes), id(filters)),
+            ("snapshot", key),
+            (id(cds), id(eds), id(routes), id(hosts), id(filters)),
             lambda: Snapshot(
                 {
                     CLUSTER: cds,
                     ENDPOINT: eds,
                     LISTENER: _EMPTY,
                     ROUTE: routes,
+                    VIRTUAL_HOST: hosts,
                     EXTENSION_CONFIG: filters,
                 }
             ),
@@ -321,7 +466,7 @@ def _map_of(pieces: Sequence[_Pieces], kind: str) -> ResourceMap:
 
 
 def _snapshot(
-    cds: ResourceMap, eds: ResourceMap, routes: ResourceMap, hosts: ResourceMap
+    cds: ResourceMap, eds: ResourceMap, hosts: ResourceMap, routes: ResourceMap
 ) -> Snapshot:
     return Snapshot(
         {CLUSTER: cds, ENDPOINT: eds, LISTENER: _EMPTY, ROUTE: routes, VIRTUAL_HOST: hosts}
@@ -342,6 +487,10 @@ def _assignment_resource(service: str, group: str, addresses: Sequence[Address])
 
 def _inbound_resource(service: Service, group: str, hops: Sequence[ChainHop], n: int) -> Resource:
     return Resource.of(inbound_route(service, group, hops, n))
+
+
+def _serialized(host: route_pb2.VirtualHost) -> bytes:
+    return host.SerializeToString(deterministic=True)
 
 
 def _encode(host: route_pb2.VirtualHost) -> _EncodedHost:

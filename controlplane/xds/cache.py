@@ -67,15 +67,19 @@ class SnapshotCache:
         checked_against = None
         outcomes: dict[str, frozenset[str] | InconsistentSnapshot] = {}
         for role, snapshot in snapshots.items():
+            previous = self._snapshots.get(role)
+            if snapshot is previous:  # the translator kept it: nothing to check or tell
+                outcomes[role] = frozenset()
+                continue
             clusters = snapshot.resources(CLUSTER)
             if clusters is not checked_against:  # verified ids hold for one clusters map
                 verified, checked_against = set(), clusters
             try:
-                snapshot.check_consistent(self.static_clusters, verified)
+                snapshot.check_consistent(self.static_clusters, verified, previous)
             except InconsistentSnapshot as exc:
                 outcomes[role] = exc
                 continue
-            changed = snapshot.changed_types(self._snapshots.get(role), compared)
+            changed = snapshot.changed_types(previous, compared)
             self._snapshots[role] = snapshot
             if changed:
                 for watcher in tuple(self._watchers.get(role, ())):

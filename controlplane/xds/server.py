@@ -34,6 +34,7 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 # writer waits for it, and later versions are coalesced (never queued) meanwhile.
 SLOW_WRITE_SECONDS = 10.0
 
+
 class OnDemand(Protocol):
     """Hears of the hosts Delta sidecars ask for on demand (sync.Sync)."""
 

@@ -323,7 +323,10 @@ class Snapshot:
         return frozenset(changed)
 
     def check_consistent(
-        self, static_clusters: frozenset[str] = frozenset(), verified: set[int] | None = None
+        self,
+        static_clusters: frozenset[str] = frozenset(),
+        verified: set[int] | None = None,
+        previous: Snapshot | None = None,
     ) -> None:
         """Raise InconsistentSnapshot if a listener, route or cluster names a missing resource
         (other than the sidecar's own static clusters).
@@ -332,11 +335,22 @@ class Snapshot:
         would otherwise warm forever or 503 on the dangling name. `verified` (valid while this
         snapshot's clusters and routes maps are alive, e.g. for one publish of many roles that
         share them) holds ids of maps and resources already found consistent with them.
+        `previous`, a published (so consistent) snapshot of the same role: the maps it shares
+        with this one are consistent still while the clusters and routes they name are the
+        same maps.
         """
         clusters, routes = self._by_type[CLUSTER], self._by_type[ROUTE]
         known = clusters.known(static_clusters)
+        same = (
+            previous is not None
+            and previous._by_type[CLUSTER] is clusters
+            and previous._by_type[ROUTE] is routes
+        )
         problems = []
-        for resources in (self._by_type[t] for t in (LISTENER, ROUTE, VIRTUAL_HOST, CLUSTER)):
+        for t in (LISTENER, ROUTE, VIRTUAL_HOST, CLUSTER):
+            resources = self._by_type[t]
+            if same and previous._by_type[t] is resources:
+                continue
             if verified is not None and id(resources) in verified:
                 continue
             for res in resources.values():
