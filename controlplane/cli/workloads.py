@@ -130,7 +130,11 @@ def add_gateway(commands: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument(
         "--trust-secret-file", type=Path, metavar="FILE", help="the secret of --trust-header"
     )
-    p.add_argument("--delta", action="store_true", help="use incremental (delta) xDS")
+    p.add_argument(
+        "--sotw",
+        action="store_true",
+        help="state-of-the-world xDS (default: incremental, every service's host sent apart)",
+    )
     p.add_argument(
         "--admin-port", type=int, help="Envoy admin port on 127.0.0.1 (default: a free one)"
     )
@@ -152,7 +156,7 @@ def gateway(args: argparse.Namespace) -> int:
         trusted_cidrs=tuple(args.trusted_cidr),
         trust_header=args.trust_header,
         trust_secret_file=args.trust_secret_file,
-        delta=args.delta,
+        delta=not args.sotw,
         admin_port=args.admin_port,
         state_dir=args.state_dir,
         tls=tls,

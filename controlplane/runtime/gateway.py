@@ -257,7 +257,7 @@ class GatewayOptions:
     trusted_cidrs: tuple[str, ...] = ()
     trust_header: str | None = None
     trust_secret_file: Path | None = None
-    delta: bool = False
+    delta: bool = True  # False: state of the world
     admin_port: int | None = None
     state_dir: Path = Path(".tasklane")
     tls: TlsFiles | None = None  # the client files (pki.client_files) when xDS is TLS

@@ -45,6 +45,9 @@ T = TypeVar("T")
 
 
 _EMPTY = ResourceMap()
+_KINDS = ("clusters", "endpoints", "inline_host", "vhds_host")  # the fields of _Pieces
+# Rules changed beyond this many (chains + services) are derived afresh, not service by service.
+_INCREMENTAL_LIMIT = 64
 # Pieces of services, roles and scopes that are gone are forgotten when the services change,
 # and every this many builds (scopes also change with what sidecars ask for).
 _SWEEP_EVERY = 64
@@ -120,11 +123,15 @@ class Translator:
         self._stripped = DyeNames.of(())
         self._rules: tuple | None = None  # (rules, what _from_rules derived from them)
         self._chains: dict[str, tuple] = {}  # name -> (chain, its ChainHops, chain_callees)
+        self._chains_of: dict[str, set[str]] = {}  # service -> chains with a hop on it
         self._services: dict[str, tuple[tuple, _Pieces]] = {}  # name -> (inputs, pieces)
         # service -> (its callees by the rules, {role: snapshot} of its groups' scoped views,
         # the scopes and outside hosts those are memoised by)
         self._views: dict[str, tuple[tuple[str, ...], dict[str, Snapshot], list]] = {}
         self._builds = 0
+        # Whole-mesh maps (the gateway's, full views) are keyed on a generation per kind of
+        # piece, bumped when a service's piece of that kind is new: no pass over every piece.
+        self._generation = dict.fromkeys(_KINDS, 0)
 
     def build(
         self, rules: RuleSet, endpoints: Endpoints, scopes: Scopes | None = None
@@ -144,12 +151,14 @@ class Translator:
         pieces: dict[str, _Pieces] = {}
         changed: set[str] = set()  # services whose pieces are new
         moved: set[str] = set()  # services whose inputs changed (their inbound routes may)
+        if services_before != static.keys():
+            self._generation.update((kind, self._generation[kind] + 1) for kind in _KINDS)
         for name in static:
             service = rules.services[name]
             inputs = (
                 service,
                 hops.get(name, ()),
-                *(endpoints.get(GroupKey(name, g.name)) for g in service.groups),
+                *(endpoints.get((name, g.name)) for g in service.groups),
             )
             last = self._services.get(name)
             if last is not None and last[0] == inputs:
@@ -161,6 +170,9 @@ class Translator:
             moved.add(name)
             if last is None or last[1] is not built:
                 changed.add(name)
+                for kind in _KINDS:
+                    if last is None or getattr(last[1], kind) is not getattr(built, kind):
+                        self._generation[kind] += 1
         every = tuple(pieces.values())
         dynamic = {k.service for k in scopes.sighted} | {k.service for k in scopes.outside}
         dynamic |= {k.service for k in scopes.full}
@@ -243,40 +255,69 @@ class Translator:
     ) -> tuple[dict[str, tuple[ChainHop, ...]], dict[str, tuple[str, ...]], dict]:
         """What depends on the rules alone, once per RuleSet (instances change more often):
         each service's chain hops, its callees by the rules (model/scope.py; in name order,
-        services in name order), and each group's chain hops. Per chain, what it adds is
-        kept while the chain is the same object: a change of one chain redoes that chain."""
+        services in name order), and each group's chain hops. Redone for the services the
+        change touched when the services stay and a few rules changed (the usual apply)."""
         if self._rules is not None and self._rules[0] is rules:
             return self._rules[1], self._rules[2], self._rules[3]
-        hops: dict[str, list[ChainHop]] = {}
-        by_group: dict[GroupKey, list[ChainHop]] = {}
-        callees = {name: set(s.calls) for name, s in rules.services.items() if s.calls}
-        chains = {}
-        for name in sorted(rules.chains):
-            chain_ = rules.chains[name]
-            known = self._chains.get(name)
-            if known is None or known[0] is not chain_:
-                entries = tuple(ChainHop(chain_, hop) for hop in chain_.hops)
-                known = (chain_, entries, chain_callees(chain_))
-            chains[name] = known
-            for entry in known[1]:
-                hops.setdefault(entry.hop.service, []).append(entry)
-                key = GroupKey(entry.hop.service, entry.hop.group)
-                by_group.setdefault(key, []).append(entry)
-            for service, later in known[2].items():
-                callees.setdefault(service, set()).update(later)
-        self._chains = chains
-        services = rules.services
-        static = {
-            name: tuple(sorted(c for c in callees.get(name, ()) if c in services))
-            for name in sorted(services)
-        }
-        self._rules = (
-            rules,
-            {service: tuple(entries) for service, entries in hops.items()},
-            static,
-            {key: tuple(entries) for key, entries in by_group.items()},
+        before = self._rules[0] if self._rules is not None else None
+        touched = _touched(before, rules) if before is not None else None
+        if touched is None or len(touched[0]) + len(touched[1]) > _INCREMENTAL_LIMIT:
+            self._chains, self._chains_of = {}, {}
+            hops, static, by_group = {}, {}, {}
+            chains, services = set(rules.chains), set(rules.services)
+        else:  # the same services: every dict keeps its order (services by name)
+            hops, static, by_group = self._rules[1], self._rules[2], self._rules[3]
+            chains, services = touched
+            for name in chains:  # the services the old version of a changed chain had
+                for entry in self._chains.pop(name, (None, ()))[1]:
+                    services.add(entry.hop.service)
+                    self._chains_of[entry.hop.service].discard(name)
+        for name in chains:
+            chain_ = rules.chains.get(name)
+            if chain_ is None:
+                continue
+            entries = tuple(ChainHop(chain_, hop) for hop in chain_.hops)
+            self._chains[name] = (chain_, entries, chain_callees(chain_))
+            for entry in entries:
+                self._chains_of.setdefault(entry.hop.service, set()).add(name)
+                services.add(entry.hop.service)
+        for name in sorted(services):
+            self._derive(rules, name, hops, static, by_group)
+        self._rules = (rules, hops, static, by_group)
+        return hops, static, by_group
+
+    def _derive(
+        self,
+        rules: RuleSet,
+        name: str,
+        hops: dict[str, tuple[ChainHop, ...]],
+        static: dict[str, tuple[str, ...]],
+        by_group: dict[GroupKey, tuple[ChainHop, ...]],
+    ) -> None:
+        """One service's chain hops (in chain-name order), callees and groups' hops."""
+        service = rules.services.get(name)
+        chain_names = sorted(self._chains_of.get(name, ()))
+        entries = tuple(
+            entry
+            for chain_name in chain_names
+            for entry in self._chains[chain_name][1]
+            if entry.hop.service == name
         )
-        return self._rules[1], self._rules[2], self._rules[3]
+        for entry in hops.pop(name, ()):
+            by_group.pop(GroupKey(name, entry.hop.group), None)
+        if service is None:
+            static.pop(name, None)
+            return
+        if entries:
+            hops[name] = entries
+            grouped: dict[GroupKey, list[ChainHop]] = {}
+            for entry in entries:
+                grouped.setdefault(GroupKey(name, entry.hop.group), []).append(entry)
+            by_group.update((key, tuple(found)) for key, found in grouped.items())
+        callees = set(service.calls)
+        for chain_name in chain_names:
+            callees.update(self._chains[chain_name][2].get(name, ()))
+        static[name] = tuple(sorted(c for c in callees if c in rules.services))
 
     def _pieces(
         self, service: Service, hops: tuple[ChainHop, ...], endpoints: Endpoints
@@ -381,15 +422,16 @@ class Translator:
     def _everything(self, every: tuple[_Pieces, ...]) -> tuple[ResourceMap, ResourceMap]:
         """(clusters, endpoints) of the whole mesh: full views and the gateway."""
         memo = self._memo
-        cds = memo.get(CLUSTER, _ids(every, "clusters"), _map_of, every, "clusters")
-        eds = memo.get(ENDPOINT, _ids(every, "endpoints"), _map_of, every, "endpoints")
+        generation = self._generation
+        cds = memo.get(CLUSTER, generation["clusters"], _map_of, every, "clusters")
+        eds = memo.get(ENDPOINT, generation["endpoints"], _map_of, every, "endpoints")
         return cds, eds
 
     def _full(self, role: str, every: tuple[_Pieces, ...], inbound: Resource) -> Snapshot:
         """A state-of-the-world sidecar's snapshot: the whole mesh, as before scoping."""
         memo = self._memo
         cds, eds = self._everything(every)
-        ids = _ids(every, "inline_host")
+        ids = self._generation["inline_host"]
         egress = memo.get(EGRESS_ROUTE, ids, self._full_egress, every, True)
         routes = memo.get(
             ("routes", full_view(role)), (id(egress), id(inbound)), ResourceMap, (egress, inbound)
@@ -420,7 +462,7 @@ class Translator:
         memo = self._memo
         cds, eds = self._everything(every)
         if full:
-            ids = _ids(every, "inline_host")
+            ids = self._generation["inline_host"]
             egress = memo.get(("egress", GATEWAY_ROLE), ids, self._full_egress, every, False)
             routes = memo.get(
                 ("routes", full_view(GATEWAY_ROLE)), id(egress), ResourceMap, (egress,)
@@ -430,7 +472,7 @@ class Translator:
             routes = memo.get(("routes", GATEWAY_ROLE), None, ResourceMap, (self._vhds_egress,))
             hosts = memo.get(
                 ("vhds", GATEWAY_ROLE),
-                _ids(every, "vhds_host"),
+                self._generation["vhds_host"],
                 lambda: ResourceMap(p.vhds_host for p in every),
             )
         # The filter strips every carrier a chain has used while this process ran (each replica
@@ -454,6 +496,17 @@ class Translator:
                 }
             ),
         )
+
+
+def _touched(before: RuleSet, rules: RuleSet) -> tuple[set[str], set[str]] | None:
+    """(chains, services) that differ between two rule sets with the same services; None
+    when services came or went (everything is derived again)."""
+    if before.services.keys() != rules.services.keys():
+        return None
+    services = {n for n, s in rules.services.items() if before.services[n] is not s}
+    names = before.chains.keys() | rules.chains.keys()
+    chains = {n for n in names if before.chains.get(n) is not rules.chains.get(n)}
+    return chains, services
 
 
 def _ids(pieces: Sequence[_Pieces], kind: str) -> tuple[int, ...]:

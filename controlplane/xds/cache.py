@@ -46,7 +46,7 @@ class SnapshotCache:
     def set_snapshot(self, role: str, snapshot: Snapshot) -> frozenset[str]:
         """Publish a consistent snapshot; only the streams of this role hear of it, and only
         of the types whose content changed. Returns those types."""
-        outcome = self.set_snapshots({role: snapshot})[role]
+        outcome = self.set_snapshots({role: snapshot}).get(role, frozenset())
         if isinstance(outcome, InconsistentSnapshot):
             raise outcome
         return outcome
@@ -54,8 +54,9 @@ class SnapshotCache:
     def set_snapshots(
         self, snapshots: Mapping[str, Snapshot]
     ) -> dict[str, frozenset[str] | InconsistentSnapshot]:
-        """Publish one translation's snapshots: per role, the changed types, or why it was
-        refused (an inconsistent snapshot is never published; the role keeps its last one).
+        """Publish one translation's snapshots: per role given a new snapshot, the changed
+        types, or why it was refused (an inconsistent snapshot is never published; the role
+        keeps its last one). A role given the very snapshot it has is left out.
 
         Roles share their clusters, endpoints and egress routes, so the consistency checks and
         comparisons of those shared maps are made once per call, not once per role (3000 roles:
@@ -66,10 +67,10 @@ class SnapshotCache:
         compared: dict[tuple[int, int], tuple] = {}
         checked_against = None
         outcomes: dict[str, frozenset[str] | InconsistentSnapshot] = {}
+        known = self._snapshots
         for role, snapshot in snapshots.items():
-            previous = self._snapshots.get(role)
+            previous = known.get(role)
             if snapshot is previous:  # the translator kept it: nothing to check or tell
-                outcomes[role] = frozenset()
                 continue
             clusters = snapshot.resources(CLUSTER)
             if clusters is not checked_against:  # verified ids hold for one clusters map

@@ -349,12 +349,15 @@ class Snapshot:
         problems = []
         for t in (LISTENER, ROUTE, VIRTUAL_HOST, CLUSTER):
             resources = self._by_type[t]
-            if same and previous._by_type[t] is resources:
+            held = previous._by_type[t] if same else _EMPTY
+            if held is resources:
                 continue
             if verified is not None and id(resources) in verified:
                 continue
             for res in resources.values():
                 if verified is not None and id(res) in verified:
+                    continue
+                if held.get(res.name) is res:  # checked with the same clusters and routes
                     continue
                 missing = [("cluster", c) for c in res.cluster_refs - known]
                 missing += [("route", r) for r in res.route_refs - routes.names]
