@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,14 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
-from common import machine  # bench/ is the script's directory
+from common import TASKLANE, machine, tasklane_up  # bench/ is the script's directory
 from mesh import make_rules
 
 from controlplane.model.rules import to_document
-from controlplane.runtime.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKLANE = [sys.executable, "-m", "controlplane"]
 TARGET_APPLY_S = 10.0
 TARGET_DRY_RUN_S = 5.0
 TARGET_REBUILD_S = 2.0
@@ -81,58 +78,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     edited = work / "edited.yaml"
     edited.write_text(mesh.read_text().replace("weight: 90\n", "weight: 91\n", 1))
 
-    ports = {name: free_port() for name in ("xds", "http", "etcd_client", "etcd_peer")}
-    http = f"http://127.0.0.1:{ports['http']}"
-    up = subprocess.Popen(
-        [
-            *TASKLANE,
-            "up",
-            "--state-dir",
-            str(work / "state"),
-            "--xds-port",
-            str(ports["xds"]),
-            "--http-port",
-            str(ports["http"]),
-            "--etcd-client-port",
-            str(ports["etcd_client"]),
-            "--etcd-peer-port",
-            str(ports["etcd_peer"]),
-        ],  # fmt: skip
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=work,
-    )
     try:
-        assert up.stdout is not None
-        if not up.stdout.readline().startswith("tasklane up: "):
-            raise SystemExit("tasklane up did not start")
-        env = {
-            **os.environ,
-            "TASKLANE_SERVER": http,
-            "TASKLANE_TOKEN": (work / "state" / "api-token").read_text().strip(),
-        }
-        rows = [
-            ("dry run, 10,000 new (diff of all)", run(["apply", "-f", str(mesh), "--dry-run"], env),
-             TARGET_DRY_RUN_S),
-        ]  # fmt: skip
-        applied_at = time.time()
-        rows.append(("apply, 10,000 new", run(["apply", "-f", str(mesh)], env), TARGET_APPLY_S))
-        sync = wait_rebuilt(http, total, applied_at)
-        rows.append(
-            ("  translator rebuild after it", sync["last_build_ms"] / 1000, TARGET_REBUILD_S)
-        )
-        rows.append(("  apply start -> snapshots published", sync["last_build_at"] - applied_at, 0))
-        rows += [
-            ("diff, 1 of 10,000 changed", run(["diff", "-f", str(edited)], env, ok=(1,)),
-             TARGET_DRY_RUN_S),
-            ("apply, 1 of 10,000 changed", run(["apply", "-f", str(edited)], env), TARGET_APPLY_S),
-            ("apply, 10,000 unchanged", run(["apply", "-f", str(edited)], env), TARGET_APPLY_S),
-            ("rollback to revision 1 (1 change)", run(["rollback", "1"], env), TARGET_APPLY_S),
-        ]  # fmt: skip
+        with tasklane_up(work) as (http, env):
+            mesh_s, edited_s = str(mesh), str(edited)
+            dry = run(["apply", "-f", mesh_s, "--dry-run"], env)
+            rows = [("dry run, 10,000 new (diff of all)", dry, TARGET_DRY_RUN_S)]
+            applied_at = time.time()
+            rows.append(("apply, 10,000 new", run(["apply", "-f", mesh_s], env), TARGET_APPLY_S))
+            sync = wait_rebuilt(http, total, applied_at)
+            rebuild = sync["last_build_ms"] / 1000
+            rows.append(("  translator rebuild after it", rebuild, TARGET_REBUILD_S))
+            published = sync["last_build_at"] - applied_at
+            rows.append(("  apply start -> snapshots published", published, 0))
+            diff = run(["diff", "-f", edited_s], env, ok=(1,))
+            rows += [
+                ("diff, 1 of 10,000 changed", diff, TARGET_DRY_RUN_S),
+                ("apply, 1 of 10,000 changed", run(["apply", "-f", edited_s], env), TARGET_APPLY_S),
+                ("apply, 10,000 unchanged", run(["apply", "-f", edited_s], env), TARGET_APPLY_S),
+                ("rollback to revision 1 (1 change)", run(["rollback", "1"], env), TARGET_APPLY_S),
+            ]
     finally:
-        up.terminate()
-        up.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)  # its etcd's data: ~70 MB
 
     print(f"# tasklane apply at scale: {total:,} documents ({size_mb:.1f} MB)")

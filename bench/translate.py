@@ -44,7 +44,7 @@ from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.types import PUSH_ORDER, SHORT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET_FULL_S = 2.0
+TARGET_FULL_S = {1000: 2.0}  # a fresh build of every role, at 1,000 services
 # A one-chain change or an instance, rebuilt and published: at 1,000 services, and at 10,000.
 TARGET_REBUILD_S = {1000: 0.050, 10000: 0.100}
 
@@ -135,6 +135,8 @@ def peak_rss_mb() -> float:
 
 
 def verdict(value: float, limit: float) -> str:
+    if math.isinf(limit):
+        return "-"
     return "pass" if value <= limit else "MISS"
 
 
@@ -200,7 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     target = TARGET_REBUILD_S.get(args.services, math.inf)
     rows = [
-        ("full build (fresh Translator)", median_timing(full), TARGET_FULL_S, len(full)),
+        (
+            "full build (fresh Translator)",
+            median_timing(full),
+            TARGET_FULL_S.get(args.services, math.inf),
+            len(full),
+        ),
         (
             f"hop weight ({reached[chain_name]} roles)",
             median_timing(weight),
@@ -223,9 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for name, t, limit, n in rows:
+        shown = "<= " + ms(limit) if math.isfinite(limit) else "-"
         print(
             f"{name:<30}{n:>3}{ms(t.build):>10}{ms(t.publish):>12}{ms(t.total):>10}"
-            f"{ms(t.cpu):>8}{'<= ' + ms(limit):>11}  {verdict(t.total, limit)}"
+            f"{ms(t.cpu):>8}{shown:>11}  {verdict(t.total, limit)}"
         )
     print()
     roles = [s for key, s in snapshots.items() if key != GATEWAY_ROLE]

@@ -63,18 +63,16 @@ class SnapshotCache:
         ~350 ms -> ~10 ms, bench/translate.py). The memos live only during this call, while
         every map they name is held by `snapshots`.
         """
-        verified: set[int] = set()
+        verified_by: dict[int, set[int]] = {}
         compared: dict[tuple[int, int], tuple] = {}
-        checked_against = None
         outcomes: dict[str, frozenset[str] | InconsistentSnapshot] = {}
         known = self._snapshots
         for role, snapshot in snapshots.items():
             previous = known.get(role)
             if snapshot is previous:  # the translator kept it: nothing to check or tell
                 continue
-            clusters = snapshot.resources(CLUSTER)
-            if clusters is not checked_against:  # verified ids hold for one clusters map
-                verified, checked_against = set(), clusters
+            # verified ids hold for one clusters map (alive while `snapshots` is)
+            verified = verified_by.setdefault(id(snapshot.resources(CLUSTER)), set())
             try:
                 snapshot.check_consistent(self.static_clusters, verified, previous)
             except InconsistentSnapshot as exc:

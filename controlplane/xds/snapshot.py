@@ -192,6 +192,9 @@ class ResourceMap(Mapping[str, Resource]):
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
+    def get(self, name: str, default: Resource | None = None) -> Resource | None:
+        return self._items.get(name, default)
+
     def keys(self) -> KeysView[str]:
         return self._items.keys()
 
