@@ -49,7 +49,7 @@ import grpc
 import yaml
 from common import machine  # bench/ is the script's directory
 from envoy.service.discovery.v3 import ads_pb2_grpc
-from mesh import GROUPS, change_weight, make_rules, service_names
+from mesh import GROUPS, busiest_chain, change_weight, make_rules, service_names
 from xds_push import (
     cpu_seconds,
     delta_stream,
@@ -108,8 +108,10 @@ async def client_run(args: argparse.Namespace) -> None:
     with how many streams got a response at or after T and the latest, the failures, and with
     `full` each stream's last response at or after T."""
     services = service_names(args.services)
-    subscribed = {
-        ENDPOINT: [cluster_name(s, g) for s in services for g in GROUPS],
+    subscribed = {  # a Delta stream asks for endpoints as its clusters come (delta_stream)
+        ENDPOINT: [cluster_name(s, g) for s in services for g in GROUPS]
+        if args.mode == "sotw"
+        else [],
         ROUTE: [EGRESS_ROUTE, INBOUND_ROUTE],
     }
     run = delta_stream if args.mode == "delta" else sotw_stream
@@ -300,7 +302,7 @@ async def run_case(
         await asyncio.sleep(1.0)
         row.load = os.getloadavg()[0]
         rules = make_rules(args.services, args.chains, args.seed)
-        chain = sorted(rules.chains)[len(rules.chains) // 2]
+        chain = busiest_chain(rules)  # the one whose change reaches the most scoped sidecars
         for change in range(first_change, first_change + args.changes):
             changed = change_weight(rules, chain, change).chains[chain]
             http_ports = [http for _, http in ports]
@@ -415,9 +417,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--mode",
         choices=("sotw", "delta"),
-        default="sotw",
-        help="sotw (default): every stream holds the whole mesh and gets every change; delta: "
-        "scoped, a change reaches only the roles whose scope holds the chain",
+        default="delta",
+        help="delta (default, as sidecars run): scoped, a change reaches only the roles whose "
+        "scope holds the changed host; sotw: every stream holds the whole mesh",
     )
     parser.add_argument("--changes", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2, help="client processes per replica")
