@@ -31,6 +31,7 @@ from tests.support.chain import (
     ONLINE,
     STOP_TIMEOUT,
     TASK,
+    XDS_TYPES,
     Load,
     Plane,
     Run,
@@ -55,10 +56,6 @@ from tests.support.wait import wait_until
 pytestmark = pytest.mark.timeout(240)
 
 GROUPS = ("default", "task")
-# What every sidecar is sent on every stream (wildcards answer even when empty). The others
-# count when they were sent: a Delta sidecar is sent endpoints only for the clusters of its
-# scope, and after a reconnect only what changed (it says what it holds).
-XDS_TYPES = ("cds", "lds")
 RESYNC_LIMIT = 5.0
 RULE_KINDS = ("Service", "TaskChain", "ScheduledTask")
 

@@ -39,6 +39,7 @@ from tests.support.chain import (
     ONLINE,
     STOP_TIMEOUT,
     TASK,
+    XDS_TYPES,
     Load,
     Plane,
     Run,
@@ -57,10 +58,6 @@ pytestmark = pytest.mark.timeout(240)
 
 RULES = Path(__file__).with_name("rules.yaml")
 GROUPS = ("default", "task")
-# What every sidecar is sent on every stream (wildcards answer even when empty). The others
-# count when they were sent: a Delta sidecar is sent endpoints only for the clusters of its
-# scope, and after a reconnect only what changed (it says what it holds).
-XDS_TYPES = ("cds", "lds")
 # An endpoint of a run killed hard leaves EDS when its lease expires (DEFAULT_TTL after the
 # last keep-alive), plus the control plane's build and push: this much more at most.
 EDS_MARGIN = 2.0
@@ -481,9 +478,7 @@ def test_rule_changes_under_load(mesh: Mesh, tmp_path: Path) -> None:
             sidecar that holds none of the changed hosts is sent nothing."""
             now = mesh.in_sync(count)
             way_in = [n for n in now or () if n.startswith("nav-pricing|default|")]
-            return bool(way_in) and all(
-                now[n].get("vhds") != before[n].get("vhds") for n in way_in
-            )
+            return bool(way_in) and all(now[n].get("vhds") != before[n].get("vhds") for n in way_in)
 
         wait_until(moved, SYNC_TIMEOUT, f"every sidecar has {name}")
         synced_after.append(time.monotonic() - started)

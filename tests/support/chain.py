@@ -36,6 +36,11 @@ TASK = [(service, "task") for service in NEXT]
 ONLINE = [(service, "default") for service in NEXT]
 REQUEST_TIMEOUT = 10.0
 
+# What every sidecar is sent on every stream (wildcards answer even when empty). The others
+# count when they were sent: a Delta sidecar is sent endpoints only for the clusters of its
+# scope, and after a reconnect only what changed (it says what it holds).
+XDS_TYPES = ("cds", "lds")
+
 
 @dataclass
 class Run:
