@@ -54,13 +54,8 @@ _SWEEP_EVERY = 64
 
 
 def hops_by_service(rules: RuleSet) -> dict[str, tuple[ChainHop, ...]]:
-    """service -> the chains with a hop on it, in chain-name order."""
-    out: dict[str, list[ChainHop]] = {}
-    for name in sorted(rules.chains):
-        chain_ = rules.chains[name]
-        for hop in chain_.hops:
-            out.setdefault(hop.service, []).append(ChainHop(chain_, hop))
-    return {service: tuple(entries) for service, entries in out.items()}
+    """service -> the chains with a hop on it, in chain-name order: what a build derives."""
+    return Translator()._from_rules(rules)[0]
 
 
 class _Memo:
@@ -183,6 +178,7 @@ class Translator:
                 views is not None
                 and name not in moved
                 and name not in dynamic
+                and views[2] == [callees, ()]  # built from the rules alone, last time too
                 and views[0] == callees
                 and changed.isdisjoint(callees)
             ):

@@ -588,3 +588,15 @@ def test_rebuilding_change_after_change_gives_what_a_fresh_build_gives() -> None
     for step in steps:
         rules = step(rules)
         assert routing(translator.build(rules, eps)) == routing(Translator().build(rules, eps))
+
+
+def test_a_scope_that_shrinks_back_to_the_rules_is_rebuilt() -> None:
+    # pricing's sidecars asked for front, then nothing (their sidecars reconnected): the
+    # next build holds what the rules say again, not the last build's view.
+    translator, rules = Translator(), ruleset(SERVICES, YIELD, DEBIT)
+    asked = Scopes(sighted={GroupKey("pricing", "default"): frozenset({"front"})})
+    assert "front|default" in translator.build(rules, NO_ENDPOINTS, asked)[
+        "pricing|default"
+    ].resources(CLUSTER)
+    again = translator.build(rules, NO_ENDPOINTS)["pricing|default"]
+    assert "front|default" not in again.resources(CLUSTER)
