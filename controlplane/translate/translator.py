@@ -25,6 +25,7 @@ from controlplane.xds.names import (
     ALLOW_ANY,
     EGRESS_ROUTE,
     GATEWAY_ROLE,
+    LOCAL_APP_CLUSTER,
     cluster_name,
     full_view,
     loose_cluster_name,
@@ -46,6 +47,9 @@ T = TypeVar("T")
 
 _EMPTY = ResourceMap()
 _KINDS = ("clusters", "endpoints", "inline_host", "vhds_host")  # the fields of _Pieces
+# References of the pieces whose shape says them (Resource.of walks the others).
+_NO_REFS: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
+_TO_APP = (frozenset({LOCAL_APP_CLUSTER}), frozenset())
 # Rules changed beyond this many (chains + services) are derived afresh, not service by service.
 _INCREMENTAL_LIMIT = 64
 # Pieces of services, roles and scopes that are gone are forgotten when the services change,
@@ -365,8 +369,8 @@ class Translator:
         # Keyed by content: a chain's change rebuilds the hosts of all its services, and only
         # those whose routes really changed are new pieces (their callers' views move).
         content = memo.get(("content", name), id(host), _serialized, host)
-        inline = memo.get(("inline", name), content, _encode, host)
         scoped = memo.get(("vhds", name), content, vhds_host, host)
+        inline = memo.get(("inline", name), content, _inline, content, scoped)
         return memo.get(
             ("pieces", name),
             (id(clusters_t), id(assignments_t), id(inline), id(scoped)),
@@ -523,7 +527,9 @@ def _snapshot(
 
 
 def _cluster_resource(build: Callable, service: str, group: str) -> Resource:
-    return Resource.of(build(service, group))
+    cluster = build(service, group)
+    children = cluster.cluster_type.typed_config  # an aggregate names its children
+    return Resource.of(cluster, None if children.type_url else _NO_REFS)
 
 
 def _gateway_filters(names: DyeNames) -> ResourceMap:
@@ -531,15 +537,21 @@ def _gateway_filters(names: DyeNames) -> ResourceMap:
 
 
 def _assignment_resource(service: str, group: str, addresses: Sequence[Address]) -> Resource:
-    return Resource.of(load_assignment(service, group, addresses))
+    return Resource.of(load_assignment(service, group, addresses), _NO_REFS)
 
 
 def _inbound_resource(service: Service, group: str, hops: Sequence[ChainHop], n: int) -> Resource:
-    return Resource.of(inbound_route(service, group, hops, n))
+    """An inbound route only ever leads to the sidecar's own app (or answers itself)."""
+    return Resource.of(inbound_route(service, group, hops, n), _TO_APP)
 
 
 def _serialized(host: route_pb2.VirtualHost) -> bytes:
     return host.SerializeToString(deterministic=True)
+
+
+def _inline(content: bytes, scoped: Resource) -> _EncodedHost:
+    """A host's entry in a full `egress`: its bytes, naming what its VHDS twin names."""
+    return _EncodedHost(wire.field(2, content), scoped.cluster_refs)
 
 
 def _encode(host: route_pb2.VirtualHost) -> _EncodedHost:

@@ -98,10 +98,15 @@ class Resource:
     route_refs: frozenset[str]
 
     @classmethod
-    def of(cls, message: Message) -> Resource:
+    def of(
+        cls, message: Message, refs: tuple[frozenset[str], frozenset[str]] | None = None
+    ) -> Resource:
+        """`refs`, (clusters, route configs) the message names, when the caller knows them:
+        walking a big message for them costs more than building it (the translator's
+        inbound routes; tests/unit/test_translator_build.py checks what it declares)."""
         type_url = type_url_of(message)
         name = message.name if type_url != ENDPOINT else message.cluster_name
-        clusters, routes = references(message)
+        clusters, routes = refs if refs is not None else references(message)
         return cls.encoded(
             type_url, name, message.SerializeToString(deterministic=True), clusters, routes
         )
