@@ -22,7 +22,6 @@ import pytest
 
 from controlplane.model.instance import DEFAULT_TTL
 from controlplane.runtime.ports import free_port
-from controlplane.store.etcd import Store
 from demo.chain_app import serve_in_thread
 from tests.support.chain import (
     GOOD,
@@ -35,6 +34,7 @@ from tests.support.chain import (
     cluster_hosts,
     get,
     hops,
+    running_plane,
     stop_run,
 )
 from tests.support.procs import wait_gone
@@ -42,7 +42,6 @@ from tests.support.up import (
     TASKLANE,
     assert_one_line_error,
     get_json,
-    start_up,
 )
 from tests.support.wait import wait_until
 
@@ -70,24 +69,7 @@ sys.exit(3)
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     """`tasklane up` with the fund-yield rules applied by `tasklane apply`."""
-    up = start_up(tmp_path_factory.mktemp("up"))
-    try:
-        store = Store.connect(f"127.0.0.1:{up.ports['etcd_client']}")
-    except BaseException:
-        up.kill()
-        raise
-    running = Plane(up, store, tmp_path_factory.mktemp("runs"))
-    try:
-        applied = running.tasklane("apply", "-f", str(GOOD))
-        assert applied.returncode == 0, applied.stderr
-        yield running
-    finally:
-        store.close()
-        running.up.proc.send_signal(signal.SIGTERM)  # restart_up() may have replaced it
-        try:
-            assert running.up.proc.wait(timeout=STOP_TIMEOUT) == 0
-        finally:
-            running.up.kill()
+    yield from running_plane(tmp_path_factory, GOOD)
 
 
 @dataclass

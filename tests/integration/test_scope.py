@@ -7,7 +7,6 @@ and it survives a restart of the control plane."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -18,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from controlplane.model.scope import LEARNED, ON_DEMAND
-from controlplane.store.etcd import Store
 from controlplane.store.scope import load_sightings
-from tests.support.chain import STOP_TIMEOUT, Plane, Run, get, stop_run
+from tests.support.chain import Plane, Run, get, running_plane, stop_run
 from tests.support.rules import service
-from tests.support.up import TASKLANE, assert_one_line_error, get_json, start_up
+from tests.support.up import TASKLANE, assert_one_line_error, get_json
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,26 +41,9 @@ def echo_app(name: str) -> list[str]:
 @pytest.fixture
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     """`tasklane up --scope-idle 4s` with the rules applied by `tasklane apply`."""
-    up = start_up(tmp_path_factory.mktemp("up"), options=["--scope-idle", f"{IDLE_S}s"])
-    try:
-        store = Store.connect(f"127.0.0.1:{up.ports['etcd_client']}")
-    except BaseException:
-        up.kill()
-        raise
-    running = Plane(up, store, tmp_path_factory.mktemp("runs"))
-    rules = running.logs / "rules.yaml"
+    rules = tmp_path_factory.mktemp("rules") / "rules.yaml"
     rules.write_text(RULES)
-    try:
-        applied = running.tasklane("apply", "-f", str(rules))
-        assert applied.returncode == 0, applied.stderr
-        yield running
-    finally:
-        store.close()
-        running.up.proc.send_signal(signal.SIGTERM)  # restart_up() may have replaced it
-        try:
-            assert running.up.proc.wait(timeout=STOP_TIMEOUT) == 0
-        finally:
-            running.up.kill()
+    yield from running_plane(tmp_path_factory, rules, ["--scope-idle", f"{IDLE_S}s"])
 
 
 @pytest.fixture

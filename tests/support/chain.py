@@ -16,15 +16,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from controlplane.model.instance import Instance
 from controlplane.runtime.process import dying_with_parent
 from controlplane.store.etcd import PREFIX, Store
 from controlplane.store.registry import list_instances
-from tests.support.up import TASKLANE, Up, wait_ready
+from tests.support.up import TASKLANE, Up, start_up, wait_ready
 from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -140,6 +142,31 @@ class Plane:
             )
         self.up = Up(proc, ports, self.up.state_dir, out, err)
         assert wait_ready(self.up), self.up.stderr()
+
+
+def running_plane(
+    tmp_path_factory: pytest.TempPathFactory, rules: Path, options: Sequence[str] = ()
+) -> Iterator[Plane]:
+    """A fixture's body: `tasklane up` (with `options`), `rules` applied by `tasklane
+    apply`; stopped afterwards (the process restart_up() left, if any)."""
+    up = start_up(tmp_path_factory.mktemp("up"), options=list(options))
+    try:
+        store = Store.connect(f"127.0.0.1:{up.ports['etcd_client']}")
+    except BaseException:
+        up.kill()
+        raise
+    running = Plane(up, store, tmp_path_factory.mktemp("runs"))
+    try:
+        applied = running.tasklane("apply", "-f", str(rules))
+        assert applied.returncode == 0, applied.stderr
+        yield running
+    finally:
+        store.close()
+        running.up.proc.send_signal(signal.SIGTERM)
+        try:
+            assert running.up.proc.wait(timeout=STOP_TIMEOUT) == 0
+        finally:
+            running.up.kill()
 
 
 def parent_of(pid: int) -> int | None:
