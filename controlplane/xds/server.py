@@ -39,11 +39,11 @@ class OnDemand(Protocol):
     """Hears of the hosts Delta sidecars ask for on demand (sync.Sync)."""
 
     def asked(self, node: str, role: str, authority: str) -> bool:
-        """A sidecar asked for a host its scope lacks: whether one will come (False: it is
-        answered "not found" now)."""
+        """A sidecar's stream (`node`: its node id and stream) asked for a host its scope
+        lacks: whether one will come (False: it is answered "not found" now)."""
 
     def gone(self, node: str) -> None:
-        """The stream of a sidecar that asked for hosts ended."""
+        """That stream ended."""
 
 
 def role_of(node: base_pb2.Node) -> str:
@@ -154,7 +154,7 @@ class _Stream:
             reader.cancel()
             cache.unwatch(self.view, self)
             if self.asked:
-                self.server.on_demand.gone(self.status.node_id)
+                self.server.on_demand.gone(self._asker())
             board.disconnect(self.status)
             self.server.observer.closed(self.status)
             log.info("stream closed: node %s (%s)", first.node.id, self.role)
@@ -231,7 +231,7 @@ class _Stream:
     def _ask_on_demand(self) -> None:
         """Hosts asked for on demand that the snapshot lacks: the control plane adds them to
         the role's scope (they come with a later snapshot) or says they never will."""
-        on_demand, node = self.server.on_demand, self.status.node_id
+        on_demand, node = self.server.on_demand, self._asker()
         missing = []
         for name in self.state.unresolved(self.server.cache.snapshot(self.view)):
             if on_demand is None or not on_demand.asked(node, self.role, authority_of(name)):
@@ -239,6 +239,11 @@ class _Stream:
             self.asked = on_demand is not None
         if missing:
             self.state.declare_missing(missing)
+
+    def _asker(self) -> str:
+        """Who asked, for OnDemand: this stream (a reconnecting sidecar's old stream may end
+        after its new one asked again)."""
+        return f"{self.status.node_id}#{self.status.stream_id}"
 
     def _log_absent(self, type_url: str, new_names: set[str]) -> None:
         """Newly requested names the role's snapshot lacks: sent when they appear (delta

@@ -20,7 +20,6 @@ from .types import (
     ROUTE,
     ROUTING,
     VIRTUAL_HOST,
-    WILDCARD_WHEN_EMPTY,
 )
 
 WILDCARD = "*"
@@ -120,7 +119,7 @@ class StreamState:
             state.wildcard = (
                 WILDCARD in subscribe
                 or type_url == VIRTUAL_HOST
-                or (type_url in WILDCARD_WHEN_EMPTY and not subscribe)
+                or (type_url in FULL_STATE and not subscribe)
             )
             state.sent.update(initial_versions)
             state.unknown = set(initial_versions)

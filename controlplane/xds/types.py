@@ -29,9 +29,6 @@ ROUTING: frozenset[str] = frozenset({LISTENER, ROUTE, VIRTUAL_HOST})
 # In the state-of-the-world protocol, LDS and CDS responses carry every resource and an
 # absent name means "removed"; RDS and EDS are requested by name and sent one by one.
 FULL_STATE: frozenset[str] = frozenset({CLUSTER, LISTENER})
-# Types whose first Delta request with no names subscribes to everything (Envoy's VHDS asks
-# for every virtual host of its route config that way, and by name only on demand).
-WILDCARD_WHEN_EMPTY: frozenset[str] = FULL_STATE | {VIRTUAL_HOST}
 
 SHORT_NAME: dict[str, str] = {
     CLUSTER: "cds",
