@@ -245,7 +245,11 @@ def test_keep_alive_parks_the_newest_and_resumes_it(plane: Plane) -> None:
         # Down to 1: the newest is parked, deregistered first, then stopped; its run lives.
         actuator.scale(*FACADE_TASK, 1, "metric")
         wait_observed(actuator, FACADE_TASK, GroupReplicas(ready=1, starting=0, parked=1))
-        assert [item["id"] for item in plane.instances(FACADE_TASK)] == [older["id"]]
+        wait_until(  # the run deregisters on being told to park, a moment after the ask
+            lambda: [item["id"] for item in plane.instances(FACADE_TASK)] == [older["id"]],
+            timeout=5,
+            what="only the older instance registered",
+        )
         [run] = [pid for pid in run_processes() if newer["pid"] in children_of(pid)]
         parked = children_of(run)  # its app and its Envoy
         wait_until(
