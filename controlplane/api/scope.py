@@ -40,15 +40,17 @@ def service_scopes(
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """service -> group -> the scope's entries, for each of `services` (of the rules)."""
     static = rule_scopes(rules)
+    by_role: dict[GroupKey, list[Sighting]] = {}  # each role looks at its own sightings only
+    for sighting in sightings:
+        by_role.setdefault(sighting.role, []).append(sighting)
     return {
         name: {
             group.name: [
                 entry_json(entry)
-                for entry in role_scope(
-                    rules, GroupKey(name, group.name), sightings, static
-                ).values()
+                for entry in role_scope(rules, key, by_role.get(key, ()), static).values()
             ]
             for group in rules.services[name].groups
+            for key in (GroupKey(name, group.name),)
         }
         for name in services
     }

@@ -124,9 +124,9 @@ class Translator:
         self._chains: dict[str, tuple] = {}  # name -> (chain, its ChainHops, chain_callees)
         self._chains_of: dict[str, set[str]] = {}  # service -> chains with a hop on it
         self._services: dict[str, tuple[tuple, _Pieces]] = {}  # name -> (inputs, pieces)
-        # service -> (its callees by the rules, {role: snapshot} of its groups' scoped views,
-        # the scopes and outside hosts those are memoised by)
-        self._views: dict[str, tuple[tuple[str, ...], dict[str, Snapshot], list]] = {}
+        # service -> (the scopes and outside hosts its groups' scoped views are memoised by,
+        # the rules' callees and no outside host first; {role: snapshot} of those views)
+        self._views: dict[str, tuple[list[tuple[str, ...]], dict[str, Snapshot]]] = {}
         self._builds = 0
         # Whole-mesh maps (the gateway's, full views) are keyed on a generation per kind of
         # piece, bumped when a service's piece of that kind is new: no pass over every piece.
@@ -182,8 +182,7 @@ class Translator:
                 views is not None
                 and name not in moved
                 and name not in dynamic
-                and views[2] == [callees, ()]  # built from the rules alone, last time too
-                and views[0] == callees
+                and views[0] == [callees, ()]  # built from the rules alone, last time too
                 and changed.isdisjoint(callees)
             ):
                 snapshots.update(views[1])
@@ -226,7 +225,7 @@ class Translator:
                 )
                 if key in scopes.full:
                     snapshots[full_view(role)] = self._full(role, every, inbound)
-            self._views[name] = (callees, views_now, owners)
+            self._views[name] = (owners, views_now)
             snapshots.update(views_now)
         snapshots[GATEWAY_ROLE] = self._gateway(rules, every)
         if GroupKey.parse(GATEWAY_ROLE) in scopes.full:
@@ -245,7 +244,7 @@ class Translator:
         for gone in self._views.keys() - live:
             del self._views[gone]
         for views in self._views.values():
-            live.update(views[2])
+            live.update(views[0])
         self._memo.sweep(live)
 
     # --- pieces ------------------------------------------------------------------------------

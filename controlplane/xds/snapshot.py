@@ -130,9 +130,7 @@ class Resource:
             version=version,
             payload=payload,
             sotw_entry=wire.field(2, any_bytes),
-            delta_entry=wire.field(
-                2, wire.text(1, version) + wire.field(2, any_bytes) + wire.text(3, name)
-            ),
+            delta_entry=_delta_entry(version, any_bytes, name),
             cluster_refs=frozenset(cluster_refs),
             route_refs=frozenset(route_refs),
         )
@@ -140,20 +138,15 @@ class Resource:
     def aliased(self, alias: str) -> Resource:
         """This resource as the answer to an on-demand request for `alias` (Delta only):
         Envoy resumes the requests waiting on that name when the reply lists it."""
-        body = (
-            wire.text(1, self.version)
-            + wire.field(2, wire.any_message(self.type_url, self.payload))
-            + wire.text(3, self.name)
-            + wire.text(4, alias)
-        )
-        return replace(self, delta_entry=wire.field(2, body))
+        any_bytes = wire.any_message(self.type_url, self.payload)
+        return replace(self, delta_entry=_delta_entry(self.version, any_bytes, self.name, alias))
 
     @classmethod
     def not_found(cls, type_url: str, alias: str) -> Resource:
         """The answer to an on-demand request for a name that will not exist: the name as
         its own alias and no resource, so Envoy stops waiting (a 404) rather than hanging,
         as it does on a `removed` entry."""
-        entry = wire.field(2, wire.text(1, "0") + wire.text(3, alias) + wire.text(4, alias))
+        entry = _delta_entry("0", b"", alias, alias)
         return cls(type_url, alias, "", b"", b"", entry, frozenset(), frozenset())
 
 
@@ -264,6 +257,15 @@ class ResourceMap(Mapping[str, Resource]):
             if kind is not None
         ]
         return min(wildcards, key=lambda w: (w[0], -w[1]))[2] if wildcards else None
+
+
+def _delta_entry(version: str, any_bytes: bytes, name: str, alias: str = "") -> bytes:
+    """DeltaDiscoveryResponse.resources[] entry: Resource{version = 1, resource = 2 (none
+    for "not found"), name = 3, aliases = 4}."""
+    resource = wire.field(2, any_bytes) if any_bytes else b""
+    return wire.field(
+        2, wire.text(1, version) + resource + wire.text(3, name) + wire.text(4, alias)
+    )
 
 
 def _wildcard_kind(domain: str, authority: str) -> int | None:
