@@ -349,19 +349,31 @@ def _lead_bound(start_durations: Mapping[GroupKey, Sequence[float]], config: Pol
 def _predictive(spans: list[_Span], now: float, hold: float) -> tuple[int, int, _Span | None]:
     """(replicas the spans need now, the most they need at once within the next `hold`, the
     first span starting within it). Open runs count as lasting: their end is unknown."""
-    level = sum(span.window.replicas for span in spans if span.start <= now < span.end)
+    level = _need(spans, now, lasting=False)
     upcoming = [span for span in spans if now < span.start <= now + hold]
     if not upcoming:
         return level, level, None
-    soon = max(
-        sum(
-            span.window.replicas
-            for span in spans
-            if span.start <= moment and (span.window.open or moment < span.end)
-        )
-        for moment in {span.start for span in upcoming}
-    )
+    soon = max(_need(spans, moment, lasting=True) for moment in {span.start for span in upcoming})
     return level, max(level, soon), min(upcoming, key=lambda span: span.start)
+
+
+def _need(spans: list[_Span], moment: float, lasting: bool) -> int:
+    """Replicas the spans need at `moment` (open runs never end when `lasting`). Tasks add
+    up; within a task, a run's drain is served by the instances of the task's other spans
+    (the next run's pre-warm, an overrun), so it adds nothing when one of those is active:
+    the same instances stay, they are not started twice."""
+    running: dict[str, int] = {}
+    draining: dict[str, int] = {}
+    for span in spans:
+        window = span.window
+        if span.start > moment or not (moment < span.end or (lasting and window.open)):
+            continue
+        drained = not window.open and window.end <= moment
+        into = draining if drained else running
+        into[window.task] = into.get(window.task, 0) + window.replicas
+    return sum(running.values()) + sum(
+        count for task, count in draining.items() if task not in running
+    )
 
 
 def _explain(

@@ -167,6 +167,19 @@ def test_capacity_needed_again_within_the_window_is_kept_not_restarted() -> None
     assert account[-1].reason == "keep for task debit: due within 315s"
 
 
+def test_a_runs_drain_does_not_stack_on_the_same_tasks_next_pre_warm() -> None:
+    """Every 15 minutes, a run finishing 60 s before the next fire: its drain (30 s) and
+    the next run's pre-warm (65 s) overlap, and the same instances serve both (was 3 -> 6)."""
+    ruleset = rules(task("quarter", "*/15 * * * *", "UTC", hours=10 / 60))
+    fire = at(2026, 6, 1, 18)
+    runs = [
+        Run("quarter", f"r{n}", fire + 900 * n + 2, fire + 900 * n + 840, "succeeded")
+        for n in range(3)
+    ]
+    decisions = replay(Policy(), ruleset, fire - 300, fire + 2700, runs)
+    assert max(replicas for _, replicas in changes(decisions, ACCOUNT)) == 3
+
+
 def test_no_decrease_within_the_scale_down_window_of_an_increase() -> None:
     run = Run("nightly", "abc", FIRE, FIRE + 60)  # a one-minute run
     decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 900, [run])
