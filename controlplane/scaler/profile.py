@@ -246,6 +246,22 @@ def _task_windows(
     return [span for span in spans if span[0] < end and span[1] > start]
 
 
+def extra_runs(task: ScheduledTask, runs: Sequence[Run]) -> tuple[Run, ...]:
+    """The runs of `task` that no cron fire claims (manual or extra runs), by the same claim
+    rule as `windows`. Cached: the policy asks every sync period, the history changes only
+    when a run is reported."""
+    return _extra(task, tuple(sorted(runs, key=lambda run: run.started_at)))
+
+
+@lru_cache(maxsize=4096)
+def _extra(task: ScheduledTask, runs: tuple[Run, ...]) -> tuple[Run, ...]:
+    if not runs:
+        return ()
+    low, high = runs[0].started_at, runs[-1].started_at + 1
+    spans = _task_windows(task, list(runs), low, high, high)
+    return tuple(run for _, _, fire, run in spans if fire is None and run is not None)
+
+
 def profile(
     rules: RuleSet,
     history: Sequence[Run],

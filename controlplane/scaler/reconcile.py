@@ -4,12 +4,15 @@ decide, make the actuator converge, and record every decision with its reason in
 It runs the same `Policy` as the simulator, fed with the groups' requests in flight read from
 their sidecars (`inflight`). Actuators are idempotent, so every period the
 latest desired count of every managed group is re-asserted (an instance that crashed is
-replaced), while only changes are recorded as decisions.
+replaced), while only changes are recorded as decisions. A run reported started or finished
+wakes it before the period is over: an extra run no cron announced is served from the
+parked pool at once, not up to a period later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +27,7 @@ from controlplane.scaler.profile import managed_groups
 from controlplane.store.decisions import record_decisions
 from controlplane.store.etcd import Store
 from controlplane.store.registry import list_instances
-from controlplane.store.runs import list_runs
+from controlplane.store.runs import list_runs, watch_runs
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +48,19 @@ class Scaler:
         self._is_leader = is_leader
         self._policy: Policy | None = None
         self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._unwatch: Callable[[], None] | None = None
         self._status: dict[str, Any] = {"actuator": actuator.name, "ticks": 0, "error": None}
 
     def start(self, store: Store) -> None:
+        loop = asyncio.get_running_loop()
+        self._unwatch = watch_runs(store, lambda *_: loop.call_soon_threadsafe(self._wake.set))
         self._task = asyncio.create_task(self._run(store))
 
     async def stop(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -75,7 +85,9 @@ class Scaler:
             except Exception as exc:  # a failed tick must not stop scaling for good
                 log.exception("scaler tick failed")
                 self._status["error"] = str(exc)
-            await asyncio.sleep(self.config.sync_period_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.sync_period_s)
+            self._wake.clear()
 
     def tick(self, store: Store, now: float) -> list[Decision]:
         """One period: decide, record what changed, converge every group. Blocking."""

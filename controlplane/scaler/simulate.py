@@ -67,6 +67,7 @@ HPA_WINDOW_S = 300.0
 KEDA_STARTUP_PERCENTILE = 95  # the lead an operator reads off the measured start-ups
 KEDA_COOLDOWN_S = 300.0
 FLAP_WINDOW_S = 300.0
+RESUME_S = 0.1  # a parked instance serving again (bench/resume.py: p50 90 ms, p95 96 ms)
 START_SAMPLES = 100  # recent start-to-ready durations per group handed to the policy
 LOAD_RANGE = (0.9, 1.0)
 TARGET_IN_FLIGHT = PolicyConfig().target_in_flight
@@ -93,7 +94,7 @@ class PolicyResult:
     """What one policy cost and how often it let a run start on too little capacity."""
 
     policy: str
-    replica_hours: float
+    replica_hours: float  # running, plus parked ones at the workload's parked cost
     shortfalls: tuple[float, ...]  # per fired run started in the measured days: seconds short
     extra_shortfalls: tuple[float, ...]  # the same for extra runs, which no cron predicts
     missing_replica_hours: float  # needed but not ready while runs were open
@@ -101,6 +102,7 @@ class PolicyResult:
     run_groups: int  # (run, task group) pairs the scale events are divided by
     flaps: int
     forced_flaps: int  # of which the reversal was a scale-up for an extra run
+    parked_hours: float = 0.0  # the part of replica_hours parked instances cost
 
     @property
     def shortfall_p50(self) -> float:
@@ -164,6 +166,7 @@ class Report:
             "fires not short",
             "extra short p50",
             "missing rep-h",
+            "parked rep-h",
             "events/run/group",
             "flaps",
             "by extra runs",
@@ -181,6 +184,7 @@ class Report:
                     f"{100 * r.share_without_shortfall:.1f}%",
                     f"{percentile(r.extra_shortfalls, 50) if r.extra_shortfalls else 0:.0f}s",
                     f"{r.missing_replica_hours:.1f}",
+                    f"{r.parked_hours:.1f}",
                     f"{r.events_per_run_group:.2f}",
                     str(r.flaps),
                     str(r.forced_flaps),
@@ -403,9 +407,15 @@ def _flaps(changes: Sequence[tuple[float, int, bool]]) -> list[bool]:
 
 @dataclass
 class _Instance:
-    requested: float
+    requested: float  # started, or resumed
     ready: bool = False
     stopped: bool = False
+    resumed: bool = False  # a resume is no start-up: not measured as one
+
+
+@dataclass(frozen=True)
+class _Parked:
+    since: float
 
 
 @dataclass
@@ -417,6 +427,7 @@ class _Group:
     high: int
     startup: Callable[[], float]
     instances: list[_Instance] = field(default_factory=list)
+    parked: list[_Parked] = field(default_factory=list)  # oldest first
     desired: int = 0
     ready: int = 0
     need: int = 0
@@ -474,9 +485,15 @@ class _View:
 
 
 class _Controller(Protocol):
+    wakes_on_reports: bool  # decides again when a run is reported, not only each period
+
     def initial(self, group: _Group) -> int: ...
 
     def tick(self, now: float, view: _View) -> Mapping[GroupKey, int]: ...
+
+    def pools(self) -> Mapping[GroupKey, int]:
+        """Instances each group keeps parked instead of stopping them."""
+        ...
 
 
 def _replay(
@@ -503,6 +520,7 @@ def _replay(
         heapq.heappush(queue, (moment, kind, next(order), item))
 
     seconds = 0.0
+    parked_seconds = 0.0
     missing = 0.0
 
     def stop(group: _Group, instance: _Instance, now: float) -> None:
@@ -512,17 +530,32 @@ def _replay(
         if instance.ready:
             group.ready -= 1
 
-    def scale(group: _Group, count: int, now: float) -> None:
+    def unpark(group: _Group, now: float, newest: bool) -> None:
+        nonlocal parked_seconds
+        parked = group.parked.pop(-1 if newest else 0)
+        parked_seconds += clock.overlap(parked.since, now)
+
+    def scale(group: _Group, count: int, pool: int, now: float) -> None:
         while len(group.instances) < count:
-            instance = _Instance(now)
+            if group.parked:  # resume the most recently parked one: its caches are warmest
+                unpark(group, now, newest=True)
+                instance = _Instance(now, resumed=True)
+                push(now + RESUME_S, _READY, (group, instance))
+            else:
+                instance = _Instance(now)
+                push(now + group.startup(), _READY, (group, instance))
             group.instances.append(instance)
-            push(now + group.startup(), _READY, (group, instance))
         if len(group.instances) > count:
-            # stop starting instances first, newest first: they serve nothing yet
+            # stop starting instances first, newest first: they serve nothing yet; park
+            # ready ones while the pool has room
             ranked = sorted(group.instances, key=lambda i: (i.ready, -i.requested))
             for instance in ranked[: len(group.instances) - count]:
+                if instance.ready and len(group.parked) < pool:
+                    group.parked.append(_Parked(now))
                 stop(group, instance, now)
             group.instances = [i for i in group.instances if not i.stopped]
+        while len(group.parked) > pool:
+            unpark(group, now, newest=False)
 
     for group in groups.values():
         group.desired = controller.initial(group)
@@ -534,9 +567,23 @@ def _replay(
     push(clock.begin, _TICK, None)
     pending: dict[SimRun, None] = {}
     shortfalls: dict[SimRun, float] = {}
+
+    def control(now: float) -> None:
+        pools = controller.pools()
+        for key, count in controller.tick(now, view).items():
+            group = groups[key]
+            if count != group.desired:
+                if clock.measured(now):
+                    up = count > group.desired
+                    forced = up and now - group.extra_started <= SYNC_PERIOD_S
+                    group.changes.append((now, 1 if up else -1, forced))
+                group.desired = count
+            scale(group, count, pools.get(key, 0), now)
+
     last = clock.begin
     while queue and queue[0][0] < clock.end:
         now = queue[0][0]
+        reported = False
         span = clock.overlap(last, now)
         if span:
             missing += span * sum(max(0, g.need - g.ready) for g in groups.values())
@@ -547,14 +594,16 @@ def _replay(
                 if not instance.stopped:
                     instance.ready = True
                     group.ready += 1
-                    group.starts.append(now - instance.requested)
-                    view.measured_start()
+                    if not instance.resumed:
+                        group.starts.append(now - instance.requested)
+                        view.measured_start()
             elif kind == _FINISH:
                 run = item  # type: ignore[assignment]
                 for key, count in run.needs:
                     groups[key].need -= count
                     groups[key].demand -= count * run.load * TARGET_IN_FLIGHT
                 view.report_finish(run)
+                reported = True
                 if run in pending:
                     del pending[run]
                     shortfalls[run] = run.end - run.start
@@ -566,19 +615,15 @@ def _replay(
                     if run.fire is None:
                         groups[key].extra_started = now
                 view.report_start(run)
+                reported = True
                 if clock.measured(run.start):
                     pending[run] = None
             else:
-                for key, count in controller.tick(now, view).items():
-                    group = groups[key]
-                    if count != group.desired:
-                        if clock.measured(now):
-                            up = count > group.desired
-                            forced = up and now - group.extra_started <= SYNC_PERIOD_S
-                            group.changes.append((now, 1 if up else -1, forced))
-                        group.desired = count
-                    scale(group, count, now)
+                control(now)
+                reported = False
                 push(now + SYNC_PERIOD_S, _TICK, None)
+        if reported and controller.wakes_on_reports:
+            control(now)
         for run in [
             run for run in pending if all(groups[k].ready >= groups[k].need for k, _ in run.needs)
         ]:
@@ -592,10 +637,14 @@ def _replay(
     for group in groups.values():
         for instance in group.instances:
             stop(group, instance, clock.end)
+        while group.parked:
+            unpark(group, clock.end, newest=False)
     measured = [run for run in runs if clock.measured(run.start)]
+    parked_hours = workload.parked_cost * parked_seconds / 3600
     return PolicyResult(
         policy=name,
-        replica_hours=seconds / 3600,
+        replica_hours=seconds / 3600 + parked_hours,
+        parked_hours=parked_hours,
         shortfalls=tuple(s for run, s in shortfalls.items() if run.fire is not None),
         extra_shortfalls=tuple(s for run, s in shortfalls.items() if run.fire is None),
         missing_replica_hours=missing / 3600,
@@ -606,7 +655,16 @@ def _replay(
     )
 
 
-class _Static:
+class _Baseline:
+    """What the baselines share: they act each period only and never park."""
+
+    wakes_on_reports = False
+
+    def pools(self) -> Mapping[GroupKey, int]:
+        return {}
+
+
+class _Static(_Baseline):
     """static-peak: the peak from the start, never changed."""
 
     def __init__(self, peak: Mapping[GroupKey, int]) -> None:
@@ -619,7 +677,7 @@ class _Static:
         return {}
 
 
-class _Hpa:
+class _Hpa(_Baseline):
     """The Kubernetes HPA on in-flight requests per ready instance; at least one instance."""
 
     def __init__(self) -> None:
@@ -655,7 +713,7 @@ def keda_lead(startups: Sequence[float]) -> float:
     )
 
 
-class _KedaCron:
+class _KedaCron(_Baseline):
     """One KEDA cron trigger per task: fire - lead to fire + p95 duration, then cooldown.
     The leads come from the start-ups measured in the warm-up (from the workload's start-up
     p95 until then), so the triggers are laid out again once, when the measured days begin."""
@@ -723,7 +781,10 @@ def _sum_steps(spans: Sequence[tuple[float, float, int]]) -> list[tuple[float, i
 
 
 class _Tasklane:
-    """The live scaler's Policy, unchanged, at the simulator's sync period."""
+    """The live scaler's Policy, unchanged, at the simulator's sync period and whenever a
+    run is reported (the live scaler watches the runs in etcd)."""
+
+    wakes_on_reports = True
 
     def __init__(self, workload: Workload, config: PolicyConfig) -> None:
         self.rules = workload.rules
@@ -737,6 +798,9 @@ class _Tasklane:
             now, self.rules, view.history(), view.observations(), view.start_durations()
         )
         return {(d.service, d.group): d.replicas for d in decisions}
+
+    def pools(self) -> Mapping[GroupKey, int]:
+        return self.policy.pools
 
 
 def _controller(

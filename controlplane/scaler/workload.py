@@ -10,6 +10,7 @@ One YAML document, a `Workload`, that embeds the same rule documents `tasklane a
       start: 2026-03-29T00:00:00Z  # measured days start here (an ISO time with offset)
       warmup: 24h                  # simulated before `start`, not measured: history builds up
       seed: 1
+      parkedCost: 0.25             # a parked instance's cost per hour, in replica-hours
       defaults:                    # for every task and group unless overridden
         startup: {median: 40s, p95: 70s}   # start-to-ready of one instance
         skip: 0.02                 # share of fires with no run
@@ -23,6 +24,12 @@ One YAML document, a `Workload`, that embeds the same rule documents `tasklane a
       rules: [ ...Service, TaskChain and ScheduledTask documents... ]
 
 A task without `duration` runs a median of 80 % of its `expectedDuration` with p95 at it.
+
+`parkedCost` prices a parked (keep-alive) instance against a running one. A parked instance
+is stopped (SIGSTOP): it holds its memory but uses no CPU, so it costs memory's share of an
+instance's price. 0.25 is that share for an instance of 1 vCPU and 3 GiB at cloud list prices
+where a GiB-hour costs about a ninth of a vCPU-hour. On Kubernetes a paused pod keeps its
+whole CPU request reserved unless the request is lowered while it is parked: set 1 there.
 Every error is one line naming the file and the field, like a rule file's.
 """
 
@@ -51,6 +58,7 @@ KIND = "Workload"
 _Z95 = 1.6448536269514722  # standard normal quantile of 0.95
 _DEFAULT_WARMUP_S = 86400.0
 _DEFAULT_MEDIAN_SHARE = 0.8
+_DEFAULT_PARKED_COST = 0.25
 _BEHAVIOUR = ("duration", "skip", "extraRunsPerDay", "overrun", "startDelay")
 
 
@@ -93,6 +101,7 @@ class Workload:
     seed: int
     tasks: Mapping[str, TaskBehaviour]
     startup: Mapping[GroupKey, Spread]
+    parked_cost: float = _DEFAULT_PARKED_COST  # replica-hours per hour parked
 
 
 def load_workload(path: Path) -> Workload:
@@ -167,7 +176,7 @@ class _Reader:
         spec = self.fields(
             top.get("spec"),
             "spec",
-            ("start", "warmup", "seed", "defaults", "groups", "tasks", "rules"),
+            ("start", "warmup", "seed", "parkedCost", "defaults", "groups", "tasks", "rules"),
         )
         rules = self.rules(spec.get("rules"))
         defaults = self.fields(
@@ -186,6 +195,7 @@ class _Reader:
             seed=seed,
             tasks=self.tasks(spec.get("tasks", {}), defaults, rules),
             startup=self.groups(spec.get("groups", {}), defaults, rules),
+            parked_cost=self.number(spec, "spec", "parkedCost", _DEFAULT_PARKED_COST, 0, 1),
         )
 
     def rules(self, value: object) -> RuleSet:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.scaler.actuators import DryRunActuator
 from controlplane.scaler.actuators.local import LocalActuator
 from controlplane.scaler.policy import PolicyConfig
 from controlplane.store.decisions import list_decisions
@@ -130,3 +131,24 @@ def dyed_request(egress_port: int) -> list[tuple[str, str]] | None:
     finally:
         conn.close()
     return [(hop["service"], hop["group"]) for hop in body.get("hops", [])]
+
+
+def test_a_reported_extra_run_is_decided_at_once_not_a_period_later(etcd_server) -> None:
+    """A run nobody announced (its cron fires hours away) is reported: the scaler decides
+    for it within seconds, although its sync period is a minute."""
+    fire = datetime.now(UTC) + timedelta(hours=6)
+    config = PolicyConfig(sync_period_s=60)
+    plane = Plane(etcd_server.endpoint, actuator=lambda cp: DryRunActuator(), scaler_config=config)
+    try:
+        assert plane.apply_files({"rules.yaml": rules(fire)})[0] == 200
+
+        def decided() -> list[dict]:
+            return list_decisions(plane.store, "nav-pricing", "task")
+
+        assert plane.request("POST", "/api/v1/tasks/nightly/runs", {})[0] == 201
+        reasons = wait_until(
+            lambda: [d["reason"] for d in decided() if d["replicas"] == 2], 10, "up for the run"
+        )
+        assert reasons == [reasons[0]] and "open" in reasons[0], reasons
+    finally:
+        plane.stop()
