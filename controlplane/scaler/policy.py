@@ -105,6 +105,9 @@ class PolicyConfig:
     # runs a day in their history: no cron announces those runs, a resume takes ~0.1 s
     # where a start takes minutes, and a parked instance holds memory but no CPU.
     park_min_extra_per_day: float = 1.0
+    # Capacity needed again within the scale-down window plus this is kept: a pre-warm's
+    # start moves by tens of seconds as new start-ups are measured (2-5 minute JVM starts).
+    keep_margin_s: float = 60
 
 
 def hpa_recommendation(
@@ -245,7 +248,7 @@ class Policy:
         config = self.config
         groups = managed_groups(rules)
         self._pools = keep_alive_pools(rules, history, now, config.park_min_extra_per_day)
-        hold = config.scale_down_window_s + config.sync_period_s
+        hold = config.scale_down_window_s + config.sync_period_s + config.keep_margin_s
         horizon = hold + _lead_bound(start_durations, config)
         spans = self._spans(
             rules,
@@ -353,39 +356,32 @@ class Policy:
         return count, text
 
 
-MIN_EXTRA_RUNS = 2
+MIN_EXTRA_RUNS = 3
 
 
 def keep_alive_pools(
     rules: RuleSet, history: Sequence[Run], now: float, min_per_day: float
 ) -> dict[GroupKey, int]:
-    """Per managed group, the instances to keep parked for extra runs: the most replicas an
-    extra run of one of its tasks needs there, when its tasks together had at least
-    `min_per_day` extra runs a day over their history (at least a day of it) and at least
-    `MIN_EXTRA_RUNS` of them: one extra run is no habit. Other groups get 0."""
+    """Per managed group, the instances to keep parked for extra runs: the most replicas
+    one extra run needs there, of the tasks that had at least `min_per_day` extra runs a
+    day over their history (at least a day of it) and at least `MIN_EXTRA_RUNS` of them:
+    one or two extra runs are no habit, and a task that is run by hand once a month does not keep
+    its capacity parked all month. Other groups get 0."""
     runs_of: dict[str, list[Run]] = {}
     for run in history:
         runs_of.setdefault(run.task, []).append(run)
-    rate: dict[GroupKey, float] = {}
-    seen: dict[GroupKey, int] = {}
-    size: dict[GroupKey, int] = {}
+    pools = dict.fromkeys(managed_groups(rules), 0)
     for name, runs in runs_of.items():
         task = rules.tasks.get(name)
         extra = extra_runs(task, runs) if task is not None else ()
-        if not extra:
+        if len(extra) < MIN_EXTRA_RUNS:
             continue
         days = max(1.0, (now - min(run.started_at for run in runs)) / _DAY_S)
+        if len(extra) / days < min_per_day - _EPSILON:
+            continue
         for service, group, replicas in task_hops(rules, task):
-            key = (service, group)
-            rate[key] = rate.get(key, 0.0) + len(extra) / days
-            seen[key] = seen.get(key, 0) + len(extra)
-            size[key] = max(size.get(key, 0), replicas)
-    return {
-        key: size[key]
-        if seen.get(key, 0) >= MIN_EXTRA_RUNS and rate[key] >= min_per_day - _EPSILON
-        else 0
-        for key in managed_groups(rules)
-    }
+            pools[service, group] = max(pools[service, group], replicas)
+    return pools
 
 
 def _lead_bound(start_durations: Mapping[GroupKey, Sequence[float]], config: PolicyConfig) -> float:

@@ -411,6 +411,7 @@ class _Instance:
     ready: bool = False
     stopped: bool = False
     resumed: bool = False  # a resume is no start-up: not measured as one
+    to_park: bool = False  # started to fill the parked pool, parked once ready
 
 
 @dataclass(frozen=True)
@@ -428,6 +429,7 @@ class _Group:
     startup: Callable[[], float]
     instances: list[_Instance] = field(default_factory=list)
     parked: list[_Parked] = field(default_factory=list)  # oldest first
+    filling: int = 0  # instances starting to be parked
     desired: int = 0
     ready: int = 0
     need: int = 0
@@ -556,6 +558,9 @@ def _replay(
             group.instances = [i for i in group.instances if not i.stopped]
         while len(group.parked) > pool:
             unpark(group, now, newest=False)
+        while len(group.parked) + group.filling < pool:  # the pool is kept full
+            group.filling += 1
+            push(now + group.startup(), _READY, (group, _Instance(now, to_park=True)))
 
     for group in groups.values():
         group.desired = controller.initial(group)
@@ -591,7 +596,13 @@ def _replay(
             _, kind, _, item = heapq.heappop(queue)
             if kind == _READY:
                 group, instance = item  # type: ignore[misc]
-                if not instance.stopped:
+                if instance.to_park:
+                    group.filling -= 1
+                    group.parked.append(_Parked(now))
+                    seconds += clock.overlap(instance.requested, now)
+                    group.starts.append(now - instance.requested)
+                    view.measured_start()
+                elif not instance.stopped:
                     instance.ready = True
                     group.ready += 1
                     if not instance.resumed:

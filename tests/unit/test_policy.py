@@ -156,7 +156,8 @@ def test_capacity_needed_again_within_the_window_is_kept_not_restarted() -> None
     run = Run("nightly", "abc", FIRE, FIRE + 150)
     decisions = replay(Policy(), ruleset, FIRE - 300, FIRE + 1200, [run])
     # nightly ends at +150 s, down at +240 s (a flap guard: 300 s after going up); debit's
-    # pre-warm is due at +535 s, so account-svc keeps 2 of its 3 instead of 0, then 2 again
+    # pre-warm is due at +535 s (within the window and the keep margin, 375 s), so
+    # account-svc keeps 2 of its 3 instead of 0, then 2 again
     assert changes(decisions, FACADE) == [(FIRE - 300, 0), (FIRE - 60, 4), (FIRE + 240, 0)]
     account = [d for d in decisions if (d.service, d.group) == ACCOUNT]
     assert [(d.at, d.replicas) for d in account] == [
@@ -164,7 +165,7 @@ def test_capacity_needed_again_within_the_window_is_kept_not_restarted() -> None
         (FIRE - 60, 3),
         (FIRE + 240, 2),
     ]
-    assert account[-1].reason == "keep for task debit: due within 315s"
+    assert account[-1].reason == "keep for task debit: due within 375s"
 
 
 def test_a_runs_drain_does_not_stack_on_the_same_tasks_next_pre_warm() -> None:

@@ -4,6 +4,7 @@ Policy) beats static peak, and bad workload files are refused with one clear lin
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import yaml
 from bench.scaler import WEEK, make_workload, render
 from controlplane.errors import RuleError, TasklaneError
 from controlplane.scaler import policy as policy_module
+from controlplane.scaler.policy import PolicyConfig
+from controlplane.scaler.profile import percentile
 from controlplane.scaler.simulate import POLICIES, Report, plan_runs, simulate
 from controlplane.scaler.workload import load_workload, parse_workload
 
@@ -232,3 +235,22 @@ def test_keda_cron_adds_overlapping_tasks_and_leads_by_the_measured_startup() ->
     keda = report.result("keda-cron")
     assert keda.shortfalls and keda.share_without_shortfall == 1.0
     assert report.below_oracle() == []
+
+
+def test_frequent_extra_runs_start_from_the_parked_pool_costed_as_memory() -> None:
+    """A task run by hand about four times a day: once its history shows the habit, its
+    groups keep a parked pool, so extra runs start within a sync period, not after a cold
+    start; the pool's hours are priced at the workload's parkedCost."""
+    doc = document()
+    doc["spec"]["tasks"]["nightly-fund-yield"]["extraRunsPerDay"] = 4
+    doc["spec"]["parkedCost"] = 0.25
+    config = PolicyConfig(sync_period_s=15)
+    pooled = simulate(parse(doc), days=3, policy="tasklane", config=config).result("tasklane")
+    config.park_min_extra_per_day = math.inf
+    cold = simulate(parse(doc), days=3, policy="tasklane", config=config).result("tasklane")
+    assert percentile(cold.extra_shortfalls, 50) > 30
+    assert percentile(pooled.extra_shortfalls, 50) <= 10
+    assert cold.parked_hours == 0 < pooled.parked_hours
+    doc["spec"]["parkedCost"] = 0.5
+    dearer = simulate(parse(doc), days=3, policy="tasklane").result("tasklane")
+    assert dearer.parked_hours == pytest.approx(2 * pooled.parked_hours)
