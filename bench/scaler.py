@@ -1,41 +1,52 @@
-"""Scaler benchmark: every policy on one realistic synthetic week, against the issue's targets.
+"""Scaler benchmark: every policy on three synthetic weeks of different shapes, with the same
+default policy settings, against the issue's targets.
 
-The workload (seeded, built by `make_workload`; `bench/workloads/week.yaml` is its output
-for the default seed) is a bank's batch estate: 12 services with 13 task groups, 7 chains,
-60 cron tasks in 6 time zones. Statements and nightly yields pile up around 01:00-02:30
-Shanghai on shared groups, weekday debits are staggered 10 minutes apart, pricing runs every
-two hours on London weekdays, reconciliations follow each region's close, archives run on
-Sunday. Run times are log-normal (p95 1.2-1.6 x median) with 3 % overruns (x1.5-3); 2 % of
-fires are skipped; each task gets an extra (manual) run every ~20 days on average. Start-ups
-are log-normal per group, from 20 s median (a Go service) to 90 s median with a p95 of 180 s
-(a JVM one). The week starts on 2026-03-29 00:00 UTC: Berlin springs forward an hour later
-(02:30 tasks run at 03:00 CEST) and Sydney falls back on 2026-04-05 local (a 02:30 task runs
-once, a `*/20 2 * * *` one twice as often for an hour). A day of warm-up before the week
-builds the history (run durations, start-up times) that the measured week starts with.
+Each workload is seeded and built here; `bench/workloads/*.yaml` are their outputs for the
+default seed (`--write` renews them):
 
-    .venv/bin/python bench/scaler.py [--days 7] [--seed 1] [--write bench/workloads/week.yaml]
+- bank (`make_workload`, week.yaml): a bank's batch estate, 12 services with 13 task groups,
+  7 chains, 60 cron tasks in 6 time zones. Statements and nightly yields pile up around
+  01:00-02:30 Shanghai on shared groups, weekday debits are staggered 10 minutes apart,
+  pricing runs every two hours on London weekdays, reconciliations follow each region's
+  close, archives run on Sunday. 3 % overruns (x1.5-3), 2 % of fires skipped, an extra
+  (manual) run every ~20 days per task. Start-ups from 20 s median (a Go service) to 90 s
+  median with a p95 of 180 s (a JVM one). The week starts on 2026-03-29 00:00 UTC: Berlin
+  springs forward an hour later and Sydney falls back on 2026-04-05 local.
+- shop (`make_shop`, shop-week.yaml): an online shop, 15-minute and hourly tasks all day,
+  JVM start-ups of 2-5 minutes, extra runs several times a day (re-syncs), 8 % overruns
+  (x2-3), a Friday flash sale at 4x capacity on the day of the month-end close.
+- etl (`make_etl`, etl-week.yaml): long overlapping nightly ETL (2-4 h extracts, 1.5-3.5 h
+  transforms), hourly incremental loads over them on the same groups, an 8-hour weekly
+  compaction, backfills run only by hand (~3 a day), and the US spring-forward.
 
-Prints the `tasklane simulate` table for all policies plus tasklane with its lead at the
-chain's p95 (the issue's first ask), then the issue's targets for both.
+Run times are log-normal (p95 1.2-1.6 x median). A day of warm-up before each week builds
+the history (run durations, start-up times, extra runs) that the measured week starts with.
+
+    .venv/bin/python bench/scaler.py [--workload bank|shop|etl|all] [--days 7] [--seed 1]
+    .venv/bin/python bench/scaler.py --write    # renew bench/workloads/*.yaml
+
+Prints the `tasklane simulate` table of every workload, tasklane's targets and whether the
+oracle is a lower bound there (exit 1 when it is not).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from controlplane.model.cron import format_duration
-from controlplane.scaler.policy import PolicyConfig
-from controlplane.scaler.simulate import SYNC_PERIOD_S, PolicyResult, Report, simulate
+from controlplane.scaler.profile import percentile
+from controlplane.scaler.simulate import PolicyResult, Report, simulate
 from controlplane.scaler.workload import parse_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,10 +175,207 @@ def make_tasks(rng: random.Random) -> list[tuple[str, str, str, str, int, dict[s
 
 
 def make_workload(seed: int) -> dict[str, Any]:
-    """The workload document (rules embedded) for one seed."""
+    """The bank week's workload document (rules embedded) for one seed."""
     rng = random.Random(seed)
+    return assemble(
+        Shape(
+            name=f"bank-week-{seed}",
+            start="2026-03-29T00:00:00Z",
+            services={s: {g: MAX_REPLICAS for g in groups} for s, groups in SERVICES.items()},
+            chains=CHAINS,
+            startup=STARTUP,
+            defaults={
+                "startup": {"median": "40s", "p95": "70s"},
+                "skip": 0.02,
+                "extraRunsPerDay": 0.05,
+                "overrun": {"probability": 0.03, "factor": 2},
+                "startDelay": "5s",
+            },
+        ),
+        [(*task, {}) for task in make_tasks(rng)],
+        seed,
+        rng,
+    )
+
+
+SHOP_CHAINS: dict[str, list[tuple[str, str]]] = {
+    "order-export": [("order-svc", "task"), ("warehouse-svc", "task"), ("mail-svc", "batch")],
+    "inventory-sync": [("inventory-svc", "task"), ("catalog-svc", "task")],
+    "price-update": [
+        ("pricing-svc", "task"),
+        ("catalog-svc", "task"),
+        ("search-indexer", "batch"),
+        ("mail-svc", "default"),
+    ],
+    "flash-sale": [
+        ("pricing-svc", "task"),
+        ("inventory-svc", "task"),
+        ("order-svc", "task"),
+        ("payment-svc", "batch"),
+    ],
+    "month-end": [("ledger-svc", "batch"), ("payment-svc", "batch"), ("order-svc", "task")],
+    "search-reindex": [("search-indexer", "batch"), ("catalog-svc", "task")],
+    "newsletter": [("mail-svc", "batch"), ("catalog-svc", "task")],
+}
+# JVM services: 2-5 minutes from start to ready
+SHOP_STARTUP: dict[str, tuple[int, int]] = {
+    "order-svc/task": (150, 240),
+    "warehouse-svc/task": (180, 300),
+    "mail-svc/batch": (120, 180),
+    "inventory-svc/task": (160, 260),
+    "catalog-svc/task": (140, 220),
+    "pricing-svc/task": (130, 200),
+    "search-indexer/batch": (200, 300),
+    "payment-svc/batch": (170, 280),
+    "ledger-svc/batch": (150, 240),
+}
+
+
+def make_shop(seed: int) -> dict[str, Any]:
+    """An online shop's week, unlike the bank's: 15-minute order exports and hourly inventory
+    and price syncs all day, JVM start-ups of 2-5 minutes, frequent unannounced extra runs
+    (re-syncs after stock and price errors), 8 % overruns, a Friday flash sale that needs
+    several times the usual capacity, and the month-end close on the same Friday (1 May)."""
+    rng = random.Random(seed)
+    tasks: list[TaskSpec] = []
+
+    def add(
+        name: str, chain: str, schedule: str, zone: str, minutes: float, scale: int = 1, **own: Any
+    ) -> None:
+        replicas = {
+            s: scale * rng.randint(1, 3) for s, group in SHOP_CHAINS[chain] if group != "default"
+        }
+        tasks.append((name, chain, schedule, zone, int(minutes * 60), replicas, own))
+
+    for region, zone in (("eu", "Europe/Berlin"), ("us", "America/New_York")):
+        add(f"order-export-{region}", "order-export", "*/15 * * * *", zone, rng.uniform(4, 7))
+    for index, warehouse in enumerate(("north", "south", "east")):
+        add(
+            f"inventory-sync-{warehouse}",
+            "inventory-sync",
+            f"{5 + 20 * index} * * * *",
+            "Europe/Berlin",
+            rng.uniform(12, 18),
+            extraRunsPerDay=3,
+        )
+    add("price-update", "price-update", "50 * * * *", "Europe/Berlin", 8, extraRunsPerDay=4)
+    add("flash-sale", "flash-sale", "0 12 * * fri", "Europe/Berlin", 120, scale=4)
+    add("month-end-close", "month-end", "0 1 1 * *", "Europe/Berlin", 180, scale=2)
+    add("search-reindex", "search-reindex", "30 2 * * *", "Europe/Berlin", 70)
+    add("newsletter", "newsletter", "0 7 * * *", "Europe/Berlin", 30, extraRunsPerDay=0.5)
+    shape = Shape(
+        name=f"shop-week-{seed}",
+        start="2026-04-26T00:00:00Z",
+        services={
+            service: {group: MAX_REPLICAS}
+            for service, group in (key.split("/") for key in SHOP_STARTUP)
+        },
+        chains=SHOP_CHAINS,
+        startup=SHOP_STARTUP,
+        defaults={
+            "startup": {"median": "150s", "p95": "240s"},
+            "skip": 0.01,
+            "extraRunsPerDay": 0.2,
+            "overrun": {"probability": 0.08, "factor": 2},
+            "startDelay": "10s",
+        },
+        overrun=(0.08, 2.0, 3.0),
+    )
+    return assemble(shape, tasks, seed, rng)
+
+
+ETL_CHAINS: dict[str, list[tuple[str, str]]] = {
+    "extract": [("extractor", "etl"), ("staging-db", "etl"), ("warehouse-loader", "etl")],
+    "transform": [("spark-driver", "etl"), ("warehouse-loader", "etl")],
+    "incremental": [("extractor", "etl"), ("warehouse-loader", "etl")],
+    "compaction": [("warehouse-loader", "etl"), ("object-store-gw", "etl")],
+    "backfill": [("extractor", "etl"), ("spark-driver", "etl"), ("warehouse-loader", "etl")],
+}
+ETL_STARTUP: dict[str, tuple[int, int]] = {
+    "extractor/etl": (30, 50),
+    "staging-db/etl": (60, 110),
+    "warehouse-loader/etl": (45, 80),
+    "spark-driver/etl": (90, 150),
+    "object-store-gw/etl": (15, 25),
+}
+
+
+def make_etl(seed: int) -> dict[str, Any]:
+    """A data team's week, unlike both others: few groups shared by long nightly ETL runs of
+    3-6 hours that overlap each other, hourly incremental loads on top of them, a weekly
+    8-hour compaction, backfills started by hand in bursts, and the US spring-forward
+    (Sunday 8 March 2026: 02:30 Chicago does not exist that night)."""
+    rng = random.Random(seed)
+    tasks: list[TaskSpec] = []
+
+    def add(name: str, chain: str, schedule: str, zone: str, minutes: float, **own: Any) -> None:
+        replicas = {s: rng.randint(1, 4) for s, _ in ETL_CHAINS[chain]}
+        tasks.append((name, chain, schedule, zone, int(minutes * 60), replicas, own))
+
+    sources = ("crm", "billing", "web", "mobile", "erp", "support")
+    for index, source in enumerate(sources):
+        zone = ("America/New_York", "America/Chicago")[index % 2]
+        add(
+            f"extract-{source}",
+            "extract",
+            f"{15 * (index % 4)} 1 * * *",
+            zone,
+            rng.uniform(120, 240),
+        )
+        add(f"transform-{source}", "transform", "30 2 * * *", zone, rng.uniform(90, 200))
+        add(
+            f"incremental-{source}",
+            "incremental",
+            f"{10 * index} * * * *",
+            zone,
+            rng.uniform(15, 35),
+        )
+    add("compaction-weekly", "compaction", "0 0 * * sun", "America/Chicago", 480)
+    add("backfill", "backfill", "0 4 1 1 *", "America/New_York", 90, extraRunsPerDay=3)
+    shape = Shape(
+        name=f"etl-week-{seed}",
+        start="2026-03-07T00:00:00Z",
+        services={
+            service: {group: MAX_REPLICAS}
+            for service, group in (key.split("/") for key in ETL_STARTUP)
+        },
+        chains=ETL_CHAINS,
+        startup=ETL_STARTUP,
+        defaults={
+            "startup": {"median": "45s", "p95": "80s"},
+            "skip": 0.03,
+            "extraRunsPerDay": 0.1,
+            "overrun": {"probability": 0.05, "factor": 2},
+            "startDelay": "30s",
+        },
+        overrun=(0.05, 1.5, 2.5),
+    )
+    return assemble(shape, tasks, seed, rng)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a generated workload is made of besides its tasks."""
+
+    name: str
+    start: str
+    services: dict[str, dict[str, int]]  # service -> task group -> maxReplicas
+    chains: dict[str, list[tuple[str, str]]]
+    startup: dict[str, tuple[int, int]]  # service/group -> (median, p95) seconds
+    defaults: dict[str, Any]
+    overrun: tuple[float, float, float] = (0.03, 1.5, 3.0)  # probability, factor range
+
+
+TaskSpec = tuple[str, str, str, str, int, dict[str, int], dict[str, Any]]
+
+
+def assemble(shape: Shape, tasks: list[TaskSpec], seed: int, rng: random.Random) -> dict[str, Any]:
+    """The workload document: Services (a default group plus the task groups), chains,
+    ScheduledTasks with an author's expectedDuration (p95 x 1.1 rounded up to 5 minutes), and
+    each task's run times (log-normal, p95 1.2-1.6 x median) and overruns. A task's own
+    behaviour (the last field of its spec) overrides the shape's defaults."""
     rules: list[dict[str, Any]] = []
-    for service, groups in SERVICES.items():
+    for service, groups in shape.services.items():
         rules.append(
             _doc(
                 "Service",
@@ -176,14 +384,14 @@ def make_workload(seed: int) -> dict[str, Any]:
                     "groups": [
                         {"name": "default", "minReplicas": 2, "maxReplicas": 6},
                         *(
-                            {"name": group, "minReplicas": 0, "maxReplicas": MAX_REPLICAS}
-                            for group in groups
+                            {"name": group, "minReplicas": 0, "maxReplicas": most}
+                            for group, most in groups.items()
                         ),
                     ]
                 },
             )
         )
-    for chain, hops in CHAINS.items():
+    for chain, hops in shape.chains.items():
         rules.append(
             _doc(
                 "TaskChain",
@@ -195,7 +403,8 @@ def make_workload(seed: int) -> dict[str, Any]:
             )
         )
     behaviour: dict[str, Any] = {}
-    for name, chain, schedule, zone, median, replicas in make_tasks(rng):
+    probability, low, high = shape.overrun
+    for name, chain, schedule, zone, median, replicas, own in tasks:
         p95 = int(median * rng.uniform(1.2, 1.6))
         declared = 300 * -(-int(p95 * 1.1) // 300)  # what an author writes: p95 rounded up
         rules.append(
@@ -213,26 +422,21 @@ def make_workload(seed: int) -> dict[str, Any]:
         )
         behaviour[name] = {
             "duration": {"median": format_duration(median), "p95": format_duration(p95)},
-            "overrun": {"probability": 0.03, "factor": round(rng.uniform(1.5, 3.0), 1)},
+            "overrun": {"probability": probability, "factor": round(rng.uniform(low, high), 1)},
+            **own,
         }
     return {
         "apiVersion": API,
         "kind": "Workload",
-        "metadata": {"name": f"bank-week-{seed}"},
+        "metadata": {"name": shape.name},
         "spec": {
-            "start": "2026-03-29T00:00:00Z",
+            "start": shape.start,
             "warmup": "24h",
             "seed": seed,
-            "defaults": {
-                "startup": {"median": "40s", "p95": "70s"},
-                "skip": 0.02,
-                "extraRunsPerDay": 0.05,
-                "overrun": {"probability": 0.03, "factor": 2},
-                "startDelay": "5s",
-            },
+            "defaults": shape.defaults,
             "groups": {
                 key: {"startup": {"median": f"{low}s", "p95": f"{high}s"}}
-                for key, (low, high) in STARTUP.items()
+                for key, (low, high) in shape.startup.items()
             },
             "tasks": behaviour,
             "rules": rules,
@@ -244,16 +448,31 @@ def _doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": API, "kind": kind, "metadata": {"name": name}, "spec": spec}
 
 
-def render(document: dict[str, Any]) -> str:
+@dataclass(frozen=True)
+class Generated:
+    """One committed workload: its generator and the file it writes for the default seed."""
+
+    make: Callable[[int], dict[str, Any]]
+    path: Path
+    what: str
+
+
+WORKLOADS = {
+    "bank": Generated(make_workload, WEEK, "a bank's batch tasks"),
+    "shop": Generated(make_shop, ROOT / "bench" / "workloads" / "shop-week.yaml", "an online shop"),
+    "etl": Generated(make_etl, ROOT / "bench" / "workloads" / "etl-week.yaml", "a data team's ETL"),
+}
+
+
+def render(document: dict[str, Any], generated: Generated | None = None) -> str:
     """The YAML of a workload, with a header saying where it comes from."""
+    generated = generated or WORKLOADS["bank"]
+    name = generated.path.relative_to(ROOT)
     header = (
-        "# Generated by bench/scaler.py --write (seeded): a synthetic week of a bank's batch\n"
-        "# tasks for `tasklane simulate --workload bench/workloads/week.yaml --days 7`.\n"
+        f"# Generated by bench/scaler.py --write (seeded): a synthetic week of {generated.what}\n"
+        f"# for `tasklane simulate --workload {name} --days 7`.\n"
     )
     return header + yaml.safe_dump(document, sort_keys=False, width=100, default_flow_style=None)
-
-
-VARIANT = "tasklane lead p95"
 
 
 @dataclass(frozen=True)
@@ -264,78 +483,95 @@ class Target:
     shown: str
 
 
+def _extra_p50(result: PolicyResult) -> float:
+    shortfalls = result.extra_shortfalls
+    return percentile(shortfalls, 50) if shortfalls else 0.0
+
+
 TARGETS = (
     Target(
-        "<= 40% of static-peak replica-hours",
-        lambda report, r: r.replica_hours / report.static_peak_hours,
-        lambda v: v <= 0.40,
-        "{:.1%}",
-    ),
-    Target(
-        "<= 1.15 x oracle replica-hours",
+        "<= 1.10 x oracle replica-hours",
         lambda report, r: r.replica_hours / report.oracle_hours,
-        lambda v: v <= 1.15,
+        lambda v: v <= 1.10,
         "{:.2f}x",
     ),
     Target(
-        "no shortfall at >= 99% of fires",
+        "no shortfall at >= 99.5% of fires",
         lambda report, r: r.share_without_shortfall,
-        lambda v: v >= 0.99,
+        lambda v: v >= 0.995,
         "{:.1%}",
     ),
+    Target("0 flaps", lambda report, r: r.flaps, lambda v: v == 0, "{:.0f}"),
     Target(
         "<= 2 scale events per run per group",
         lambda report, r: r.events_per_run_group,
         lambda v: v <= 2,
         "{:.2f}",
     ),
-    Target("0 flaps", lambda report, r: r.flaps, lambda v: v == 0, "{:.0f}"),
+    Target(
+        "extra runs short p50 <= 10 s",
+        lambda report, r: _extra_p50(r),
+        lambda v: v <= 10,
+        "{:.1f}s",
+    ),
 )
 
 
-def verdicts(report: Report, policies: Sequence[str]) -> str:
-    """The issue's targets, one line each, a column per tasklane variant."""
-    lines = [f"{'target':<38}" + "".join(f"{name:>22}" for name in policies)]
+def verdicts(report: Report, policy: str = "tasklane") -> tuple[str, bool]:
+    """The issue's targets for one policy, one line each, and whether all were met."""
+    lines = [f"targets for {policy} on {report.workload}:"]
+    passed = True
     for target in TARGETS:
-        cells = []
-        for name in policies:
-            value = target.value(report, report.result(name))
-            cells.append(
-                f"{target.shown.format(value):>17} {'ok' if target.met(value) else 'MISS':>4}"
-            )
-        lines.append(f"{target.text:<38}" + "".join(cells))
-    return "\n".join(lines)
+        value = target.value(report, report.result(policy))
+        met = target.met(value)
+        passed = passed and met
+        lines.append(
+            f"  {target.text:<38}{target.shown.format(value):>10}  {'ok' if met else 'MISS'}"
+        )
+    below = report.below_oracle()
+    lines.append(
+        "  oracle is a lower bound                     "
+        + ("yes" if not below else f"NO: {', '.join(below)} cost less without shortfall")
+    )
+    return "\n".join(lines), passed and not below
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--days", type=float, default=7)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--write", type=Path, help="write the workload YAML here and exit")
+    parser.add_argument(
+        "--workload", choices=[*WORKLOADS, "all"], default="all", help="which generated week"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="write the workload files (default seed) and exit"
+    )
     args = parser.parse_args(argv)
-    text = render(make_workload(args.seed))
+    chosen = WORKLOADS if args.workload == "all" else {args.workload: WORKLOADS[args.workload]}
     if args.write:
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text(text, encoding="utf-8")
-        print(f"wrote {args.write}")
+        for generated in chosen.values():
+            generated.path.parent.mkdir(parents=True, exist_ok=True)
+            generated.path.write_text(render(generated.make(args.seed), generated), "utf-8")
+            print(f"wrote {generated.path.relative_to(ROOT)}")
         return 0
-    workload = parse_workload(text, f"<seed {args.seed}>")
-    began = time.perf_counter()
-    report = simulate(workload, args.days)
-    # the same policy with the lead at the chain's p95 (the issue's) instead of the default p99
-    strict = PolicyConfig(sync_period_s=SYNC_PERIOD_S, lead_percentile=95)
-    variant = simulate(workload, args.days, "tasklane", config=strict).result("tasklane")
-    report = replace(report, results=(*report.results, replace(variant, policy=VARIANT)))
-    elapsed = time.perf_counter() - began
-    tasks = len(workload.rules.tasks)
-    chains = len(workload.rules.chains)
-    print(f"scaler benchmark: {tasks} tasks over {chains} chains, {len(workload.startup)} groups")
-    print(f"python {platform.python_version()}, simulated in {elapsed:.1f}s")
-    print()
-    print(report.table())
-    print()
-    print(verdicts(report, ("tasklane", VARIANT)))
-    return 0
+    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores")
+    bound = True
+    for generated in chosen.values():
+        text = render(generated.make(args.seed), generated)
+        workload = parse_workload(text, f"<{generated.path.name}, seed {args.seed}>")
+        began = time.perf_counter()
+        report = simulate(workload, args.days)
+        elapsed = time.perf_counter() - began
+        print()
+        print(
+            f"{len(workload.rules.tasks)} tasks over {len(workload.rules.chains)} chains, "
+            f"{len(workload.startup)} groups, simulated in {elapsed:.1f}s"
+        )
+        print(report.table())
+        shown, _ = verdicts(report)
+        print(shown)
+        bound = bound and not report.below_oracle()
+    return 0 if bound else 1
 
 
 if __name__ == "__main__":
