@@ -5,6 +5,8 @@ dashboard).
     GET /api/v1/profile/{service}?minutes=1440  -> 200 {"service", "start", "minutes",
                                                         "groups": {group: [replicas, ...]},
                                                         "decisions": [...]}
+    GET /api/v1/workload                        -> 200 {"workload": a Workload document
+                                                        from the stored history, "notes": [...]}
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from aiohttp import web
 
 from controlplane.api.context import ApiContext
 from controlplane.api.http import ApiError
+from controlplane.scaler.export import export_workload
 from controlplane.scaler.profile import profile
 from controlplane.store.decisions import list_decisions
 from controlplane.store.runs import list_runs
+from controlplane.store.startups import list_startups
 
 MAX_MINUTES = 7 * 1440
 
@@ -40,6 +44,13 @@ def service_profile(context: ApiContext, service: str, minutes: int) -> dict[str
     }
 
 
+def history_workload(context: ApiContext) -> dict[str, Any]:
+    """Blocking (etcd reads): the rules, runs and measured start-ups as a workload."""
+    store = context.store
+    exported = export_workload(context.rules(), list_runs(store), list_startups(store), time.time())
+    return {"workload": exported.document, "notes": list(exported.notes)}
+
+
 def routes(context: ApiContext) -> list[web.RouteDef]:
     async def get_profile(request: web.Request) -> web.Response:
         service = request.match_info["service"]
@@ -54,4 +65,12 @@ def routes(context: ApiContext) -> list[web.RouteDef]:
         body = await asyncio.to_thread(service_profile, context, service, minutes)
         return web.json_response(body)
 
-    return [web.get("/api/v1/profile/{service}", get_profile)]
+    async def get_workload(request: web.Request) -> web.Response:
+        if not context.rules().tasks:
+            raise ApiError(404, "no ScheduledTask: no history to export")
+        return web.json_response(await asyncio.to_thread(history_workload, context))
+
+    return [
+        web.get("/api/v1/profile/{service}", get_profile),
+        web.get("/api/v1/workload", get_workload),
+    ]

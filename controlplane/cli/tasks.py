@@ -14,6 +14,7 @@ from controlplane.cli.client import (
     server_option,
 )
 from controlplane.cli.views import table
+from controlplane.errors import TasklaneError
 from controlplane.model.run import format_time
 
 # --- tasklane task: report and list runs of scheduled tasks -------------------------------
@@ -128,7 +129,7 @@ def add_simulate(commands: argparse._SubParsersAction, common: argparse.Argument
 
     p = commands.add_parser(
         "simulate",
-        parents=[common],
+        parents=[common, server_option()],
         help="replay a workload of scheduled tasks under scaling policies and compare them",
         description="A discrete-event replay, on a virtual clock, of the runs of a workload "
         "file (rules plus run and start-up behaviour; see bench/workloads/week.yaml) under "
@@ -144,6 +145,12 @@ def add_simulate(commands: argparse._SubParsersAction, common: argparse.Argument
         help="one policy, or all (default)",
     )
     p.add_argument("--seed", type=int, help="random seed (default: the workload's)")
+    p.add_argument(
+        "--from-history",
+        action="store_true",
+        help="first write FILE from the control plane's stored history (rules, runs, measured "
+        "start-ups; see --server), then replay it",
+    )
     p.set_defaults(handler=simulate_workload)
 
 
@@ -151,6 +158,24 @@ def simulate_workload(args: argparse.Namespace) -> int:
     from controlplane.scaler.simulate import simulate
     from controlplane.scaler.workload import load_workload
 
+    if args.from_history:
+        write_history_workload(args.server, args.workload)
     report = simulate(load_workload(args.workload), args.days, args.policy, args.seed)
     output(report.table() + "\n")
     return 0
+
+
+def write_history_workload(server: str, path: Path) -> None:
+    """The server's history as a workload file at `path`; what it left out goes to stderr."""
+    import yaml
+
+    body = call(server, "GET", "/api/v1/workload")
+    for note in body["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    header = f"# Exported by `tasklane simulate --from-history` from {server}\n"
+    text = yaml.safe_dump(body["workload"], sort_keys=False, width=100, default_flow_style=None)
+    try:
+        path.write_text(header + text, encoding="utf-8")
+    except OSError as error:
+        raise TasklaneError(f"{path}: cannot write: {error.strerror or error}") from None
+    print(f"wrote {path}", file=sys.stderr)

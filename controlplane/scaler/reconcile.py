@@ -28,6 +28,7 @@ from controlplane.store.decisions import record_decisions
 from controlplane.store.etcd import Store
 from controlplane.store.registry import list_instances
 from controlplane.store.runs import list_runs, watch_runs
+from controlplane.store.startups import record_startups
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Scaler:
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._unwatch: Callable[[], None] | None = None
+        self._recorded: dict[GroupKey, list[float]] = {}  # start-ups last stored in etcd
         self._status: dict[str, Any] = {"actuator": actuator.name, "ticks": 0, "error": None}
 
     def start(self, store: Store) -> None:
@@ -101,9 +103,14 @@ class Scaler:
             key: Observation(key[0], key[1], got.ready, got.starting, got.parked, metrics.get(key))
             for key, got in seen.items()
         }
-        decisions = self._policy.decide(
-            now, rules, list_runs(store), observed, self.actuator.start_durations()
-        )
+        starts = self.actuator.start_durations()
+        decisions = self._policy.decide(now, rules, list_runs(store), observed, starts)
+        changed = {
+            key: values for key, values in starts.items() if self._recorded.get(key) != values
+        }
+        if changed:
+            record_startups(store, changed)
+            self._recorded.update(changed)
         for decision in decisions:
             log.info(
                 "scale %s|%s to %d: %s",
