@@ -182,6 +182,10 @@ BAD = [
     ),
     (lambda d: d.update(kind="Workloads"), "small.yaml: kind: expected 'Workload'"),
     (
+        lambda d: d["spec"].update(parkedCost=2),
+        "small.yaml: spec.parkedCost: must be between 0 and 1, got 2",
+    ),
+    (
         lambda d: d["spec"].update(
             rules=[r for r in d["spec"]["rules"] if r["kind"] != "ScheduledTask"]
         ),
