@@ -19,9 +19,10 @@ For the same reason a group never goes down within the scale-down window after i
 (a short run, or one task's pre-warm just before another task's run ends); a lowered
 maxReplicas still applies at once.
 
-*Reactive* is the Kubernetes HPA rule on in-flight requests per ready instance (and CPU
-when known): ceil(ready x metric / target) outside the tolerance, the current count inside
-it; scale-up at once, scale-down to the highest recommendation of the last
+*Reactive* is the Kubernetes HPA rule on each signal known: in-flight requests per ready
+instance, CPU and memory per instance, the app's own saturation gauge: ceil(ready x metric /
+target) outside the tolerance, the current count inside it, the highest of the signals
+(named in the reason); scale-up at once, scale-down to the highest recommendation of the last
 `scale_down_window_s`. Recommendations made before the group's last run ended are dropped:
 they measured traffic that is known to be over, and keeping them would hold a finished
 run's capacity for another window.
@@ -62,9 +63,10 @@ _DAY_S = 86400.0
 @dataclass(frozen=True)
 class Observation:
     """What the actuator and telemetry see of a group now. `in_flight` is the mean number
-    of in-flight requests per ready instance, `cpu` the mean CPU use per ready instance as a
-    fraction of its request; None when unknown. Parked (keep-alive) instances serve nothing
-    and count as neither ready nor starting."""
+    of in-flight requests per ready instance, `cpu` and `memory` the mean use per ready
+    instance as a fraction of its request, `saturation` the mean of the app's own saturation
+    gauge (e.g. its thread pool's busy ratio, 0-1); None when unknown. Parked (keep-alive)
+    instances serve nothing and count as neither ready nor starting."""
 
     service: str
     group: str
@@ -73,6 +75,8 @@ class Observation:
     parked: int = 0
     in_flight: float | None = None
     cpu: float | None = None
+    memory: float | None = None
+    saturation: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class PolicyConfig:
     # replica-hours, so p99 it is.
     lead_percentile: float = 99
     target_cpu: float = 0.7
+    target_memory: float = 0.8
+    target_saturation: float = 0.8
     # A group keeps a parked (keep-alive) pool when its tasks had at least this many extra
     # runs a day in their history: no cron announces those runs, a resume takes ~0.1 s
     # where a start takes minutes, and a parked instance holds memory but no CPU.
@@ -332,6 +338,8 @@ class Policy:
             metrics = (
                 ("in-flight", observation.in_flight, config.target_in_flight, "{:.1f}"),
                 ("cpu", observation.cpu, config.target_cpu, "{:.2f}"),
+                ("memory", observation.memory, config.target_memory, "{:.2f}"),
+                ("saturation", observation.saturation, config.target_saturation, "{:.2f}"),
             )
             for name, usage, target, shown in metrics:
                 if usage is None:

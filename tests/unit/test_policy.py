@@ -256,6 +256,23 @@ def test_in_flight_above_target_scales_beyond_the_prediction() -> None:
     assert [(d.replicas, d.reason) for d in account] == [(6, "metric: in-flight 16.0 > target 8")]
 
 
+def test_the_signal_that_drives_the_decision_is_named() -> None:
+    """In-flight within its target, CPU low, memory and the app's thread pool saturated: the
+    highest recommendation wins and its reason names the signal behind it."""
+    run = Run("nightly", "abc", FIRE, FIRE + 3600)
+
+    def seen(now: float) -> dict[GroupKey, Observation]:
+        return {
+            ACCOUNT: Observation(
+                *ACCOUNT, ready=3, starting=0, in_flight=8.0, cpu=0.3, memory=1.0, saturation=1.6
+            )
+        }
+
+    decisions = replay(Policy(), rules(task("nightly")), FIRE + 60, FIRE + 90, [run], seen)
+    account = [(d.replicas, d.reason) for d in decisions if (d.service, d.group) == ACCOUNT]
+    assert account == [(6, "metric: saturation 1.60 > target 0.8")]
+
+
 def test_within_tolerance_the_metric_changes_nothing() -> None:
     run = Run("nightly", "abc", FIRE, FIRE + 3600)
     decisions = replay(

@@ -1,0 +1,70 @@
+"""Reactive signals of one instance besides in-flight requests: its process's CPU and memory
+(from /proc, for instances the local actuator runs) and the app's own saturation gauge read
+from its Prometheus endpoint (e.g. a thread pool's busy ratio).
+
+Each reader answers None when it cannot tell (process gone, endpoint down, no such gauge):
+a signal that is not known must not drive a scale-down.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+GAUGE_TIMEOUT_S = 2.0
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def read_gauge(url: str, name: str, timeout: float = GAUGE_TIMEOUT_S) -> float | None:
+    """The mean of the samples of gauge `name` at a Prometheus text endpoint, or None."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 direct
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            text = response.read().decode("utf-8", "replace")
+        values = [
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == name
+            for sample in family.samples
+            if sample.name == name
+        ]
+    except (OSError, ValueError):
+        return None
+    return sum(values) / len(values) if values else None
+
+
+@dataclass(frozen=True)
+class _Mark:
+    ticks: int
+    at: float
+
+
+class ProcessSampler:
+    """CPU (cores busy since the previous sample) and resident memory of processes by pid."""
+
+    def __init__(self) -> None:
+        self._marks: dict[int, _Mark] = {}
+
+    def sample(self, pid: int) -> tuple[float | None, int | None]:
+        """(CPU in cores since this pid's previous sample, None on the first; RSS in bytes),
+        both None when the process is gone."""
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
+                resident = int(statm.read().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            self._marks.pop(pid, None)
+            return None, None
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15 of stat)
+        now = time.monotonic()
+        previous = self._marks.get(pid)
+        self._marks[pid] = _Mark(ticks, now)
+        if previous is None or now <= previous.at:
+            return None, resident
+        return (ticks - previous.ticks) / _TICKS / (now - previous.at), resident
