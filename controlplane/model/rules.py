@@ -47,6 +47,7 @@ NAME_RULE = (
 _HEADER_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 # Set by `tasklane run` for every instance; a Service's own value would be silently replaced.
 _RUN_ENV_RESERVED = frozenset({"PORT", *proxy_env("").keys()})
 _RUN_ENV_RESERVED_PREFIX = "TASKLANE_"
@@ -118,6 +119,9 @@ class Service:
     # Services this one's app calls (Istio's Sidecar egress hosts): its sidecars get their
     # config from the start instead of learning it on the first call (model/scope.py).
     calls: tuple[str, ...] = ()
+    # A gauge the app exports at /metrics (Prometheus text), e.g. its thread pool's busy
+    # ratio: the scaler's reactive half scales task groups on it. None: not read.
+    saturation_gauge: str | None = None
 
     def group(self, name: str) -> Group | None:
         """The group called `name`, or None: hops name groups that may not exist."""
@@ -256,6 +260,8 @@ def _spec_document(rule: Rule) -> dict[str, Any]:
             document["retries"] = _retries_document(rule.retries)
         if rule.calls:
             document["calls"] = list(rule.calls)
+        if rule.saturation_gauge is not None:
+            document["saturationGauge"] = rule.saturation_gauge
         return document
     if isinstance(rule, TaskChain):
         return {
@@ -362,7 +368,9 @@ def _label(doc: object) -> str:
 
 
 def _service(reader: _Reader, name: str, spec: object) -> Service:
-    fields = reader.fields(spec, "spec", ("protocol", "groups", "run", "retries", "calls"))
+    fields = reader.fields(
+        spec, "spec", ("protocol", "groups", "run", "retries", "calls", "saturationGauge")
+    )
     protocol = reader.choice(fields, "spec", "protocol", PROTOCOLS, "http")
     groups: list[Group] = []
     seen: dict[str, int] = {}
@@ -388,6 +396,11 @@ def _service(reader: _Reader, name: str, spec: object) -> Service:
     calls: dict[str, None] = {}  # in the order written, once each
     for index, item in enumerate(reader.items(fields, "spec", "calls", [])):
         calls[reader.label(item, f"spec.calls[{index}]", "service name")] = None
+    gauge = None
+    if "saturationGauge" in fields:
+        gauge = reader.string(fields, "spec", "saturationGauge")
+        if not _METRIC_NAME.fullmatch(gauge):
+            reader.fail("spec.saturationGauge", f"{quote(gauge)} is not a Prometheus metric name")
     return Service(
         name=name,
         protocol=protocol,
@@ -395,6 +408,7 @@ def _service(reader: _Reader, name: str, spec: object) -> Service:
         run=run,
         retries=retries,
         calls=tuple(calls),
+        saturation_gauge=gauge,
     )
 
 

@@ -2,7 +2,8 @@
 decide, make the actuator converge, and record every decision with its reason in etcd.
 
 It runs the same `Policy` as the simulator, fed with the groups' requests in flight read from
-their sidecars (`inflight`). Actuators are idempotent, so every period the
+their sidecars (`inflight`) and, for services that name one, the app's saturation gauge
+(`signals`). Actuators are idempotent, so every period the
 latest desired count of every managed group is re-asserted (an instance that crashed is
 replaced), while only changes are recorded as decisions. A run reported started or finished
 wakes it before the period is over: an extra run no cron announced is served from the
@@ -24,6 +25,7 @@ from controlplane.scaler.actuators import Actuator
 from controlplane.scaler.inflight import in_flight
 from controlplane.scaler.policy import Decision, Observation, Policy, PolicyConfig
 from controlplane.scaler.profile import managed_groups
+from controlplane.scaler.signals import saturation
 from controlplane.store.decisions import record_decisions
 from controlplane.store.etcd import Store
 from controlplane.store.registry import list_instances
@@ -98,9 +100,24 @@ class Scaler:
         seen = self.actuator.observe()
         rules = self._rules()
         instances, _ = list_instances(store)
-        metrics = in_flight(instances, set(managed_groups(rules)))
+        managed = set(managed_groups(rules))
+        metrics = in_flight(instances, managed)
+        gauges = {
+            name: service.saturation_gauge
+            for name, service in rules.services.items()
+            if service.saturation_gauge is not None
+        }
+        saturated = saturation(instances, managed, gauges) if gauges else {}
         observed = {
-            key: Observation(key[0], key[1], got.ready, got.starting, got.parked, metrics.get(key))
+            key: Observation(
+                key[0],
+                key[1],
+                got.ready,
+                got.starting,
+                got.parked,
+                metrics.get(key),
+                saturation=saturated.get(key),
+            )
             for key, got in seen.items()
         }
         starts = self.actuator.start_durations()

@@ -11,9 +11,13 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from controlplane.model.group import GroupKey
+from controlplane.model.instance import Instance
 
 GAUGE_TIMEOUT_S = 2.0
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -36,6 +40,25 @@ def read_gauge(url: str, name: str, timeout: float = GAUGE_TIMEOUT_S) -> float |
     except (OSError, ValueError):
         return None
     return sum(values) / len(values) if values else None
+
+
+def saturation(
+    instances: Iterable[Instance], groups: set[GroupKey], gauges: Mapping[str, str]
+) -> dict[GroupKey, float]:
+    """Mean of each service's saturation gauge (`gauges`: service -> gauge name, from
+    `spec.saturationGauge`) over the readable instances of each of `groups`: those on this
+    host whose app port is known, as `inflight` reads only local sidecars."""
+    readings: dict[GroupKey, list[float]] = {}
+    for instance in instances:
+        key = (instance.service, instance.group)
+        name = gauges.get(instance.service)
+        if key not in groups or name is None or not instance.app_port:
+            continue
+        if instance.host in ("127.0.0.1", "localhost"):
+            value = read_gauge(f"http://{instance.host}:{instance.app_port}/metrics", name)
+            if value is not None:
+                readings.setdefault(key, []).append(value)
+    return {key: sum(values) / len(values) for key, values in readings.items()}
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,20 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from controlplane.runtime.ports import free_port
-from controlplane.scaler.policy import Observation, Policy
+from controlplane.scaler.actuators import DryRunActuator
+from controlplane.scaler.policy import Observation, Policy, PolicyConfig
 from controlplane.scaler.signals import ProcessSampler, read_gauge
+from controlplane.store.decisions import list_decisions
+from tests.support.plane import Plane
 from tests.support.profiles import at, rules, task
 from tests.support.wait import wait_until
 
@@ -30,13 +36,34 @@ def get(url: str) -> bytes:
         return response.read()
 
 
-def test_a_saturated_pool_and_a_busy_process_drive_the_decision() -> None:
+@pytest.fixture
+def gauge_app() -> Iterator[tuple[subprocess.Popen, int]]:
+    """The app with a pool of 4 workers, each request holding one for 2 s."""
     port = free_port()
     app = subprocess.Popen(
         [sys.executable, "-m", "tests.support.gauge_app", "--port", str(port)]
         + ["--workers", "4", "--hold", "2"],
         cwd=REPO,
     )
+    try:
+        yield app, port
+    finally:
+        app.terminate()
+        app.wait(10)
+
+
+def load(port: int, requests: int = 4) -> list[threading.Thread]:
+    threads = [
+        threading.Thread(target=get, args=(f"http://127.0.0.1:{port}/work",), daemon=True)
+        for _ in range(requests)
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_a_saturated_pool_and_a_busy_process_drive_the_decision(gauge_app) -> None:
+    app, port = gauge_app
     metrics = f"http://127.0.0.1:{port}/metrics"
     sampler = ProcessSampler()
     try:
@@ -44,20 +71,16 @@ def test_a_saturated_pool_and_a_busy_process_drive_the_decision() -> None:
         assert read_gauge(metrics, "pool_busy_ratio") == 0.0 and idle
         assert read_gauge(metrics, "no_such_gauge") is None
         sampler.sample(app.pid)
-        load = [
-            threading.Thread(target=get, args=(f"http://127.0.0.1:{port}/work",)) for _ in range(4)
-        ]
-        for thread in load:
-            thread.start()
+        threads = load(port)
         saturation = wait_until(
             lambda: (read_gauge(metrics, "pool_busy_ratio") or 0) >= 1.0 and 1.0, 5, "busy"
         )
         cpu, resident = sampler.sample(app.pid)
-        for thread in load:
+        for thread in threads:
             thread.join()
     finally:
         app.terminate()
-        app.wait(10)
+        app.wait(10)  # the fixture's wait returns at once
     assert cpu is not None and cpu > 0.3  # spinning workers (the GIL: about one core)
     assert resident is not None and resident > 5_000_000
     assert sampler.sample(app.pid) == (None, None)  # gone
@@ -69,3 +92,65 @@ def test_a_saturated_pool_and_a_busy_process_drive_the_decision() -> None:
     assert [(d.replicas, d.reason) for d in account] == [
         (4, "metric: saturation 1.00 > target 0.8")
     ]
+
+
+def test_the_live_scaler_reads_the_gauge_the_service_names(etcd_server, gauge_app) -> None:
+    """A Service naming `pool_busy_ratio` as its saturation gauge: once its registered
+    instance's pool is full, the live scaler adds instances and says why."""
+    app, port = gauge_app
+    now = datetime.now(UTC)
+    rules_yaml = f"""
+apiVersion: tasklane.io/v1
+kind: Service
+metadata: {{name: ledger-svc}}
+spec:
+  groups: [{{name: default}}, {{name: batch, minReplicas: 0, maxReplicas: 4}}]
+  saturationGauge: pool_busy_ratio
+---
+apiVersion: tasklane.io/v1
+kind: TaskChain
+metadata: {{name: close}}
+spec:
+  dye: {{values: [close]}}
+  hops: [{{service: ledger-svc, group: batch}}]
+---
+apiVersion: tasklane.io/v1
+kind: ScheduledTask
+metadata: {{name: close}}
+spec:
+  chain: close
+  schedule: "{now.minute} {now.hour} * * *"
+  timezone: UTC
+  expectedDuration: 30m
+  replicas: {{ledger-svc: 2}}
+"""
+    plane = Plane(
+        etcd_server.endpoint,
+        actuator=lambda cp: DryRunActuator(),
+        scaler_config=PolicyConfig(sync_period_s=1),
+    )
+    try:
+        assert plane.apply_files({"rules.yaml": rules_yaml})[0] == 200
+        instance = {
+            "id": "ledger-1", "service": "ledger-svc", "group": "batch", "host": "127.0.0.1",
+            "inbound_port": free_port(), "app_port": port, "admin_port": free_port(),
+            "egress_port": free_port(), "pid": app.pid, "started_at": time.time(),
+        }  # fmt: skip
+        assert plane.request("POST", "/api/v1/instances", instance)[0] == 200
+
+        def reasons() -> list[tuple[int, str]]:
+            return [
+                (d["replicas"], d["reason"])
+                for d in list_decisions(plane.store, "ledger-svc", "batch")
+            ]
+
+        wait_until(lambda: (2, "task close fired") in [(r, t[:16]) for r, t in reasons()], 10, "2")
+        threads = load(port, 8)
+        up = wait_until(
+            lambda: [d for d in reasons() if d[1].startswith("metric: saturation")], 10, "up"
+        )
+        for thread in threads:
+            thread.join()
+    finally:
+        plane.stop()
+    assert up[0] == (3, "metric: saturation 1.00 > target 0.8")
