@@ -16,7 +16,7 @@ Per task, from its recorded runs (the open ones and the last finished ones etcd 
 
 Left out, each with a note: a run that finished before it started (clock skew), and a run
 open for longer than `NEVER_FINISHED` x the task's expected duration (a scheduler that never
-reported the end; the scaler keeps its chain up, the replay would only repeat the mistake).
+reported the end; the scaler stops holding it then too).
 
 Per task group: median and p95 of the measured start-to-ready seconds; groups with none
 take every measured group's pooled figures, or `FALLBACK_STARTUP` when nothing was measured.
@@ -36,6 +36,7 @@ from controlplane.model.rules import RuleSet, ScheduledTask, to_document
 from controlplane.model.run import Run
 from controlplane.scaler.profile import (
     CLAIM_EARLY_S,
+    NEVER_FINISHED,
     expected_duration,
     extra_runs,
     fire_times,
@@ -43,7 +44,6 @@ from controlplane.scaler.profile import (
     percentile,
 )
 
-NEVER_FINISHED = 10  # x expected duration: an open run older than this is left out
 FALLBACK_STARTUP = (30.0, 60.0)  # median, p95 seconds, when no start-up was measured
 MIN_FINISHED = 2
 _DAY_S = 86400.0

@@ -54,7 +54,14 @@ from zoneinfo import ZoneInfo
 from controlplane.model.group import GroupKey
 from controlplane.model.rules import RuleSet
 from controlplane.model.run import Run
-from controlplane.scaler.profile import Window, extra_runs, managed_groups, task_hops, windows
+from controlplane.scaler.profile import (
+    NEVER_FINISHED,
+    Window,
+    extra_runs,
+    managed_groups,
+    task_hops,
+    windows,
+)
 
 _EPSILON = 1e-9
 _DAY_S = 86400.0
@@ -450,6 +457,11 @@ def _explain(
 
 
 def _ended(window: Window, drain: float) -> str:
+    if window.stuck:
+        return (
+            f"run {window.task}/{window.run} still open after {NEVER_FINISHED} x the task's "
+            "expected duration: no longer held (its finish was never reported?)"
+        )
     if window.run is None:
         return (
             f"task {window.task}: no run reported by its expected end; down after drain {drain:g}s"
@@ -460,6 +472,8 @@ def _ended(window: Window, drain: float) -> str:
 def _active(rules: RuleSet, window: Window, now: float) -> str:
     if window.open:
         return f"run {window.task}/{window.run} open"
+    if window.stuck:
+        return _ended(window, 0)
     if window.run is not None:
         return f"run {window.task}/{window.run} finished, draining"
     when = _local(rules, window.task, window.start)

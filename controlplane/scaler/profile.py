@@ -9,9 +9,10 @@ A run is predicted at each cron fire (in the task's time zone, DST rules as in
 prediction: a reported run *claims* the fire it belongs to (the latest fire at most
 `CLAIM_EARLY_S` after its start, if the run started before that fire's expected end), and
 then its real start and finish replace the guess. An open run never ends in the profile: its
-window reaches at least `now + OPEN_MARGIN_S`, whatever the predicted end. A fire no run
-claims keeps its predicted window, so a skipped run holds its capacity for the expected
-duration and no longer. A run that claims no fire (a manual or extra run) gets a window of
+window reaches at least `now + OPEN_MARGIN_S`, whatever the predicted end, until it has been
+open for `NEVER_FINISHED` x the expected duration (then it is taken as never reported).
+A fire no run claims keeps its predicted window, so a skipped run holds its capacity for the
+expected duration and no longer. A run that claims no fire (a manual or extra run) gets a window of
 its own.
 
 Only task groups are profiled: a hop in a `default` group is online capacity, sized by
@@ -41,6 +42,10 @@ HISTORY_RUNS = 20  # finished runs a task's expected duration is learned from
 DURATION_PERCENTILE = 90
 CLAIM_EARLY_S = 60.0  # a run reported this much before its fire still belongs to it
 OPEN_MARGIN_S = 60.0  # an open run's window reaches at least this far past `now`
+# An open run is held at most this many times its task's expected duration: past that, its
+# finish was surely never reported (a crashed scheduler), and holding it for good would pile
+# up capacity run after run (a 15-minute task would add its replicas every 15 minutes).
+NEVER_FINISHED = 10
 UNLISTED_HOP_REPLICAS = 1  # a task group hop missing from spec.replicas still needs one
 _DAY_S = 86400
 
@@ -62,6 +67,7 @@ class Window:
     fire: float | None = None
     run: str | None = None
     open: bool = False
+    stuck: bool = False  # an open run no longer held: open past NEVER_FINISHED x expected
 
 
 def percentile(values: Iterable[float], q: float) -> float:
@@ -201,7 +207,8 @@ def windows(
                     end=high,
                     fire=fire,
                     run=None if run is None else run.id,
-                    open=run is not None and run.open,
+                    open=run is not None and run.open and high > now,
+                    stuck=run is not None and run.open and high <= now,
                 )
                 for service, group, replicas in hops
             )
@@ -236,6 +243,7 @@ def _task_windows(
             finish = run.finished_at
         else:
             finish = max(run.started_at + duration, now + OPEN_MARGIN_S)
+            finish = min(finish, run.started_at + NEVER_FINISHED * duration)
         begin = run.started_at if fire is None else min(fire, run.started_at)
         spans.append((begin, finish, fire, run))
     spans.extend(

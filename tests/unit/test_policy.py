@@ -181,6 +181,41 @@ def test_a_runs_drain_does_not_stack_on_the_same_tasks_next_pre_warm() -> None:
     assert max(replicas for _, replicas in changes(decisions, ACCOUNT)) == 3
 
 
+def test_runs_never_reported_finished_do_not_pile_up_capacity() -> None:
+    """An hourly 5-minute task whose scheduler reports starts but never a finish: each open
+    run is held for 10 x its expected duration, then let go with a reason, so six hours of
+    such runs hold at most two runs' replicas (was all six, up to the group's maximum)."""
+    ruleset = rules(
+        task("hourly", "0 * * * *", "UTC", hours=5 / 60, replicas=(("account-svc", 1),))
+    )
+    fire = at(2026, 6, 1, 18)
+    runs = [Run("hourly", f"r{n}", fire + 3600 * n + 5) for n in range(6)]
+    decisions = replay(Policy(), ruleset, fire - 300, fire + 6 * 3600, runs)
+    assert max(replicas for _, replicas in changes(decisions, ACCOUNT)) <= 2
+    assert (
+        "run hourly/r0 still open after 10 x the task's expected duration: no longer held "
+        "(its finish was never reported?)"
+    ) in {d.reason for d in decisions}
+
+
+def test_always_overrunning_runs_reported_by_a_skewed_clock_hold_what_they_need() -> None:
+    """A 15-minute task whose runs all take 25 minutes, reported by a scheduler whose clock
+    is 30 s behind (each run seems to start before its fire): two runs are open at a time,
+    so the group holds two runs' replicas, no more, and no run counts as an extra one."""
+    ruleset = rules(
+        task("quarter", "*/15 * * * *", "UTC", hours=10 / 60, replicas=(("account-svc", 1),))
+    )
+    fire = at(2026, 6, 1, 18)
+    runs = [
+        Run("quarter", f"r{n}", fire + 900 * n - 30, fire + 900 * n - 30 + 1500, "succeeded")
+        for n in range(12)
+    ]
+    policy = Policy()
+    decisions = replay(policy, ruleset, fire - 300, fire + 3 * 3600, runs)
+    assert max(replicas for _, replicas in changes(decisions, ACCOUNT)) == 2
+    assert policy.pools == {FACADE: 0, ACCOUNT: 0}
+
+
 def test_no_decrease_within_the_scale_down_window_of_an_increase() -> None:
     run = Run("nightly", "abc", FIRE, FIRE + 60)  # a one-minute run
     decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 900, [run])
