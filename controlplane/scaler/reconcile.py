@@ -137,6 +137,7 @@ class Scaler:
                 decision.reason,
             )
         record_decisions(store, decisions)
+        self.actuator.keep(self._policy.pools)
         # Re-assert every managed group (and the last word on groups no longer managed).
         targets = {**self._policy.desired, **{(d.service, d.group): d for d in decisions}}
         for (service, group), decision in targets.items():

@@ -300,6 +300,23 @@ def test_keep_alive_parks_the_newest_and_resumes_it(plane: Plane) -> None:
     assert "parked: app" in logs and "resumed in" in logs and "Traceback" not in logs
 
 
+def test_the_policys_pool_parks_beyond_the_keep_alive(plane: Plane) -> None:
+    """--keep-alive 0, but the policy keeps a pool of 2 for a group whose task is run by
+    hand every day: going down parks both instances instead of stopping them."""
+    actuator = plane.actuator(keep_alive=0)
+    try:
+        actuator.keep({FACADE_TASK: 2})
+        actuator.scale(*FACADE_TASK, 2, "run open")
+        wait_observed(actuator, FACADE_TASK, GroupReplicas(ready=2, starting=0))
+        actuator.scale(*FACADE_TASK, 0, "run finished")
+        wait_observed(actuator, FACADE_TASK, GroupReplicas(ready=0, starting=0, parked=2))
+        actuator.scale(*FACADE_TASK, 1, "extra run open")  # a resume, not a cold start
+        wait_observed(actuator, FACADE_TASK, GroupReplicas(ready=1, starting=0, parked=1))
+    finally:
+        actuator.close()
+    assert not run_processes()
+
+
 def test_scale_refuses_what_it_cannot_start(plane: Plane, tmp_path: Path) -> None:
     rules = apply(
         plane.rules,

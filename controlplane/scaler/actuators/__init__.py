@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +64,12 @@ class Actuator(Protocol):
         policy's lead); groups without a measured start are absent."""
         ...
 
+    def keep(self, pools: Mapping[GroupKey, int]) -> None:
+        """How many instances each group may keep parked when it goes down, beyond the
+        actuator's own keep-alive (the policy's pools for extra runs). Actuators that cannot
+        park ignore it."""
+        ...
+
     def close(self) -> None:
         """Stop everything this actuator started (a no-op where it owns nothing)."""
         ...
@@ -106,6 +112,9 @@ class DryRunActuator:
 
     def start_durations(self) -> dict[GroupKey, list[float]]:
         return {}
+
+    def keep(self, pools: Mapping[GroupKey, int]) -> None:
+        """Nothing to park."""
 
     def close(self) -> None:
         """Nothing was started."""

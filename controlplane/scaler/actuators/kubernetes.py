@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +145,9 @@ class KubernetesActuator:
     def start_durations(self) -> dict[GroupKey, list[float]]:
         with self._lock:
             return {key: list(durations) for key, durations in self._durations.items()}
+
+    def keep(self, pools: Mapping[GroupKey, int]) -> None:
+        """The scale subresource cannot park a pod: groups simply go down."""
 
     def close(self) -> None:
         """Deployments stay as they are: Kubernetes, not this process, runs their pods."""

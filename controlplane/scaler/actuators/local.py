@@ -34,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +128,7 @@ class LocalActuator:
         self.rules_provider = rules_provider
         self.work_dir = Path(work_dir)
         self.keep_alive = keep_alive
+        self._pools: dict[GroupKey, int] = {}  # the policy's, per group, above keep_alive
         self._api_token = api_token
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -171,6 +172,10 @@ class LocalActuator:
                 log.info("%s|%s -> %d replicas: %s", service, group, replicas, reason)
             self._desired[service, group] = replicas
         self._wake.set()
+
+    def keep(self, pools: Mapping[GroupKey, int]) -> None:
+        with self._lock:
+            self._pools = dict(pools)
 
     def start_durations(self) -> dict[GroupKey, list[float]]:
         """Cold starts only (`tasklane run` started -> registered): a resume is far faster
@@ -317,8 +322,10 @@ class LocalActuator:
                     self._start(key)
         elif missing < 0:
             kept = len(parked) + len(parking)
+            with self._lock:
+                limit = max(self.keep_alive, self._pools.get(key, 0))
             for instance in reversed(active[missing:]):  # the newest first
-                if instance.state is State.READY and kept < self.keep_alive:
+                if instance.state is State.READY and kept < limit:
                     log.info("%s: parking (SIGUSR1)", _label(instance))
                     instance.move(State.PARKING, signal.SIGUSR1)
                     kept += 1
