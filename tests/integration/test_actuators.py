@@ -301,17 +301,23 @@ def test_keep_alive_parks_the_newest_and_resumes_it(plane: Plane) -> None:
 
 
 def test_the_policys_pool_parks_beyond_the_keep_alive(plane: Plane) -> None:
-    """--keep-alive 0, but the policy keeps a pool of 2 for a group whose task is run by
-    hand every day: going down parks both instances instead of stopping them."""
+    """--keep-alive 0, but the policy keeps a pool for a group whose task is run by hand
+    every day: the pool is filled (cold starts, parked once registered) and kept full while
+    runs come and go; an extra run resumes from it."""
     actuator = plane.actuator(keep_alive=0)
     try:
+        actuator.keep({FACADE_TASK: 1})
+        actuator.scale(*FACADE_TASK, 0, "idle")
+        wait_observed(actuator, FACADE_TASK, GroupReplicas(ready=0, starting=0, parked=1))
+        wait_until(lambda: not plane.instances(FACADE_TASK), what="the filler deregistered")
         actuator.keep({FACADE_TASK: 2})
-        actuator.scale(*FACADE_TASK, 2, "run open")
-        wait_observed(actuator, FACADE_TASK, GroupReplicas(ready=2, starting=0))
-        actuator.scale(*FACADE_TASK, 0, "run finished")
+        actuator.scale(*FACADE_TASK, 2, "run open")  # one resumed, one cold, two to refill
+        wait_observed(actuator, FACADE_TASK, GroupReplicas(ready=2, starting=0, parked=2))
+        actuator.scale(*FACADE_TASK, 0, "run finished")  # the pool is full: these stop
         wait_observed(actuator, FACADE_TASK, GroupReplicas(ready=0, starting=0, parked=2))
-        actuator.scale(*FACADE_TASK, 1, "extra run open")  # a resume, not a cold start
-        wait_observed(actuator, FACADE_TASK, GroupReplicas(ready=1, starting=0, parked=1))
+        actuator.scale(*FACADE_TASK, 1, "extra run open")
+        wait_observed(actuator, FACADE_TASK, GroupReplicas(ready=1, starting=0, parked=2))
+        assert len(actuator.start_durations()[FACADE_TASK]) == 5  # resumes are not starts
     finally:
         actuator.close()
     assert not run_processes()

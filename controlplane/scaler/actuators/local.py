@@ -8,9 +8,11 @@ is registered (GET /api/v1/instances): `tasklane run` registers only after the s
 the app healthy, and the API answers only once callers were told.
 
 Scaling down takes the newest instances first (the oldest have proven themselves and hold
-warm caches). Up to `keep_alive` of them per group are parked instead of stopped (SIGUSR1:
-deregistered, then app and Envoy SIGSTOPped, see runtime/sidecar.py) and scaling up resumes
-parked ones (SIGUSR2) before starting new ones. The rest get SIGTERM: `tasklane run`
+warm caches). Up to `keep_alive` of them per group (or the policy's pool for the group, see
+keep(), when larger) are parked instead of stopped (SIGUSR1: deregistered, then app and Envoy
+SIGSTOPped, see runtime/sidecar.py) and scaling up resumes parked ones (SIGUSR2) before
+starting new ones. A group whose pool is not full starts instances cold and parks them once
+registered, so an extra run no cron announced finds them. The rest get SIGTERM: `tasklane run`
 deregisters first, then stops its app and Envoy.
 
 All processes are started, signalled and reaped by one worker thread that lives until
@@ -94,6 +96,7 @@ class _Instance:
     state: State = State.STARTING
     since: float = field(default_factory=time.monotonic)  # when `state` was entered
     instance_id: str | None = None  # its registry id, once seen registered
+    to_park: bool = False  # started to fill the group's pool: parked once registered
 
     def move(self, state: State, signum: int | None = None) -> None:
         if signum is not None:
@@ -284,8 +287,13 @@ class LocalActuator:
                         now - instance.started
                     )
                     self._retry_at.pop(instance.key, None)
-                    instance.move(State.READY)
                     log.info("%s ready in %.2fs", _label(instance), now - instance.started)
+                    if instance.to_park:
+                        log.info("%s: parking for the pool (SIGUSR1)", _label(instance))
+                        instance.to_park = False
+                        instance.move(State.PARKING, signal.SIGUSR1)
+                    else:
+                        instance.move(State.READY)
                 elif instance.state is State.RESUMING and is_registered:
                     log.info("%s resumed in %.2fs", _label(instance), now - instance.since)
                     instance.move(State.READY)
@@ -305,33 +313,45 @@ class LocalActuator:
     def _reconcile(self, key: GroupKey, replicas: int) -> None:
         with self._lock:
             mine = sorted((i for i in self._instances if i.key == key), key=lambda i: i.seq)
-        active = [i for i in mine if i.state in _ACTIVE]
+        filling = [i for i in mine if i.to_park and i.state is State.STARTING]
+        active = [i for i in mine if i.state in _ACTIVE and i not in filling]
         parked = [i for i in mine if i.state is State.PARKED]
         parking = [i for i in mine if i.state is State.PARKING]
         missing = replicas - len(active)
+        parked_now = 0
+        with self._lock:
+            not_before, _ = self._retry_at.get(key, (0.0, 0.0))
+            pool = self._pools.get(key, 0)
         if missing > 0:
             for instance in reversed(parked[-missing:]):  # the newest first
                 log.info("%s: resuming (SIGUSR2)", _label(instance))
                 instance.move(State.RESUMING, signal.SIGUSR2)
+                parked.remove(instance)
                 missing -= 1
             missing -= len(parking)  # resumed once their deregistration is seen
-            with self._lock:
-                not_before, _ = self._retry_at.get(key, (0.0, 0.0))
+            for instance in filling[: max(0, missing)]:  # needed now: not parked after all
+                instance.to_park = False
+                filling.remove(instance)
+                missing -= 1
             if missing > 0 and time.monotonic() >= not_before:
                 for _ in range(missing):
                     self._start(key)
         elif missing < 0:
-            kept = len(parked) + len(parking)
-            with self._lock:
-                limit = max(self.keep_alive, self._pools.get(key, 0))
+            kept = len(parked) + len(parking) + len(filling)
+            limit = max(self.keep_alive, pool)
             for instance in reversed(active[missing:]):  # the newest first
                 if instance.state is State.READY and kept < limit:
                     log.info("%s: parking (SIGUSR1)", _label(instance))
                     instance.move(State.PARKING, signal.SIGUSR1)
                     kept += 1
+                    parked_now += 1
                 else:
                     log.info("%s: stopping (SIGTERM)", _label(instance))
                     instance.move(State.STOPPING, signal.SIGTERM)
+        short = pool - len(parked) - len(parking) - len(filling) - parked_now
+        if missing <= 0 and short > 0 and time.monotonic() >= not_before:
+            for _ in range(short):  # the pool is kept full: started cold, parked when ready
+                self._start(key, to_park=True)
 
     def _run_spec(self, service: str, group: str) -> RunSpec:
         rule = self.rules_provider().services.get(service)
@@ -345,7 +365,7 @@ class LocalActuator:
             )
         return rule.run
 
-    def _start(self, key: GroupKey) -> None:
+    def _start(self, key: GroupKey, to_park: bool = False) -> None:
         service, group = key
         try:
             spec = self._run_spec(service, group)
@@ -369,7 +389,7 @@ class LocalActuator:
                 env={**os.environ, **dict(spec.env), "PATH": path, TOKEN_ENV: self._api_token},
                 process_group=0,  # a terminal's Ctrl-C is ours to handle, not the instance's
             )
-        instance = _Instance(seq, key, proc, log_path, started=time.monotonic())
+        instance = _Instance(seq, key, proc, log_path, started=time.monotonic(), to_park=to_park)
         with self._lock:
             self._instances.append(instance)
         log.info("%s: started (pid %d), log %s", _label(instance), proc.pid, log_path)
