@@ -19,7 +19,12 @@ starting instances before ready ones). The policies:
   task's p95 duration after it, plus the 300 s cooldown. Triggers of tasks that overlap on a
   group add up (one ScaledObject per task, each asking for its own replicas);
 - `tasklane`: the real `controlplane.scaler.policy.Policy`, fed run reports as a scheduler
-  would send them and the start-to-ready durations measured in this replay;
+  would send them and the start-to-ready durations measured in this replay, deciding each
+  period and whenever a run is reported (as the live scaler, which watches the runs). Its
+  keep-alive pools are kept full as the local actuator does: started cold, parked once
+  ready; a scale-up resumes a parked instance (`RESUME_S`) before starting one, a
+  scale-down parks ready ones while the pool has room. A parked hour costs the workload's
+  `parkedCost` in replica-hours (memory held, no CPU);
 - `oracle`: the lower bound. It knows the future: every instance starts exactly its own
   start-up time before it is needed and stops the moment it is not, and is kept through a
   gap shorter than a restart would take. It is not clamped to the groups' maximum. The
