@@ -48,6 +48,8 @@ _HEADER_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_QUANTITY = re.compile(r"(\d+)(Ki|Mi|Gi)?")
+_BINARY = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
 # Set by `tasklane run` for every instance; a Service's own value would be silently replaced.
 _RUN_ENV_RESERVED = frozenset({"PORT", *proxy_env("").keys()})
 _RUN_ENV_RESERVED_PREFIX = "TASKLANE_"
@@ -122,10 +124,21 @@ class Service:
     # A gauge the app exports at /metrics (Prometheus text), e.g. its thread pool's busy
     # ratio: the scaler's reactive half scales task groups on it. None: not read.
     saturation_gauge: str | None = None
+    # What one instance is given (Kubernetes' resources.requests): the scaler's reactive half
+    # reads CPU and memory use as a share of them. None: those signals are not read.
+    requests: Requests | None = None
 
     def group(self, name: str) -> Group | None:
         """The group called `name`, or None: hops name groups that may not exist."""
         return next((group for group in self.groups if group.name == name), None)
+
+
+@dataclass(frozen=True)
+class Requests:
+    """One instance's CPU (cores) and memory (bytes) request."""
+
+    cpu: float
+    memory: int
 
 
 @dataclass(frozen=True)
@@ -262,6 +275,8 @@ def _spec_document(rule: Rule) -> dict[str, Any]:
             document["calls"] = list(rule.calls)
         if rule.saturation_gauge is not None:
             document["saturationGauge"] = rule.saturation_gauge
+        if rule.requests is not None:
+            document["requests"] = {"cpu": rule.requests.cpu, "memory": rule.requests.memory}
         return document
     if isinstance(rule, TaskChain):
         return {
@@ -369,7 +384,9 @@ def _label(doc: object) -> str:
 
 def _service(reader: _Reader, name: str, spec: object) -> Service:
     fields = reader.fields(
-        spec, "spec", ("protocol", "groups", "run", "retries", "calls", "saturationGauge")
+        spec,
+        "spec",
+        ("protocol", "groups", "run", "retries", "calls", "saturationGauge", "requests"),
     )
     protocol = reader.choice(fields, "spec", "protocol", PROTOCOLS, "http")
     groups: list[Group] = []
@@ -401,6 +418,7 @@ def _service(reader: _Reader, name: str, spec: object) -> Service:
         gauge = reader.string(fields, "spec", "saturationGauge")
         if not _METRIC_NAME.fullmatch(gauge):
             reader.fail("spec.saturationGauge", f"{quote(gauge)} is not a Prometheus metric name")
+    requests = _requests(reader, fields["requests"]) if "requests" in fields else None
     return Service(
         name=name,
         protocol=protocol,
@@ -409,7 +427,25 @@ def _service(reader: _Reader, name: str, spec: object) -> Service:
         retries=retries,
         calls=tuple(calls),
         saturation_gauge=gauge,
+        requests=requests,
     )
+
+
+def _requests(reader: _Reader, value: object) -> Requests:
+    """`{cpu: 0.5, memory: 256Mi}`: cores, and bytes (a whole number with Ki, Mi or Gi)."""
+    fields = reader.fields(value, "spec.requests", ("cpu", "memory"))
+    cpu = reader.required(fields, "spec.requests", "cpu")
+    if isinstance(cpu, bool) or not isinstance(cpu, int | float) or not 0 < cpu < math.inf:
+        reader.fail("spec.requests.cpu", f"expected a number of cores > 0, got {describe(cpu)}")
+    memory = reader.required(fields, "spec.requests", "memory")
+    text = str(memory) if isinstance(memory, int) and not isinstance(memory, bool) else memory
+    found = _QUANTITY.fullmatch(text) if isinstance(text, str) else None
+    if found is None or int(found[1]) == 0:
+        reader.fail(
+            "spec.requests.memory",
+            f"expected bytes > 0 with Ki, Mi or Gi or none (e.g. 512Mi), got {describe(memory)}",
+        )
+    return Requests(cpu=float(cpu), memory=int(found[1]) * _BINARY[found[2]])
 
 
 def _run(reader: _Reader, value: object) -> RunSpec:

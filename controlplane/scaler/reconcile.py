@@ -2,12 +2,12 @@
 decide, make the actuator converge, and record every decision with its reason in etcd.
 
 It runs the same `Policy` as the simulator, fed with the groups' requests in flight read from
-their sidecars (`inflight`) and, for services that name one, the app's saturation gauge
-(`signals`). Actuators are idempotent, so every period the
-latest desired count of every managed group is re-asserted (an instance that crashed is
-replaced), while only changes are recorded as decisions. A run reported started or finished
-wakes it before the period is over: an extra run no cron announced is served from the
-parked pool at once, not up to a period later.
+their sidecars (`inflight`) and, for services that declare them, the app's saturation gauge
+and its process's CPU and memory against `spec.requests` (`signals`). Actuators are
+idempotent, so every period the latest desired count of every managed group is re-asserted
+(an instance that crashed is replaced), while only changes are recorded as decisions. A
+run reported started or finished wakes it before the period is over: an extra run no cron
+announced is served from the parked pool at once, not up to a period later.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from controlplane.scaler.actuators import Actuator
 from controlplane.scaler.inflight import in_flight
 from controlplane.scaler.policy import Decision, Observation, Policy, PolicyConfig
 from controlplane.scaler.profile import managed_groups
-from controlplane.scaler.signals import saturation
+from controlplane.scaler.signals import ProcessSampler, saturation, usage
 from controlplane.store.decisions import record_decisions
 from controlplane.store.etcd import Store
 from controlplane.store.registry import list_instances
@@ -54,6 +54,7 @@ class Scaler:
         self._wake = asyncio.Event()
         self._unwatch: Callable[[], None] | None = None
         self._recorded: dict[GroupKey, list[float]] = {}  # start-ups last stored in etcd
+        self._sampler = ProcessSampler()  # CPU is a rate: the previous tick's sample per pid
         self._status: dict[str, Any] = {"actuator": actuator.name, "ticks": 0, "error": None}
 
     def start(self, store: Store) -> None:
@@ -108,6 +109,12 @@ class Scaler:
             if service.saturation_gauge is not None
         }
         saturated = saturation(instances, managed, gauges) if gauges else {}
+        requests = {
+            name: service.requests
+            for name, service in rules.services.items()
+            if service.requests is not None
+        }
+        used = usage(instances, managed, requests, self._sampler) if requests else {}
         observed = {
             key: Observation(
                 key[0],
@@ -116,6 +123,8 @@ class Scaler:
                 got.starting,
                 got.parked,
                 metrics.get(key),
+                cpu=used[key][0] if key in used else None,
+                memory=used[key][1] if key in used else None,
                 saturation=saturated.get(key),
             )
             for key, got in seen.items()

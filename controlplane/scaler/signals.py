@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.model.group import GroupKey
 from controlplane.model.instance import Instance
+from controlplane.model.rules import Requests
 
 GAUGE_TIMEOUT_S = 2.0
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -59,6 +60,34 @@ def saturation(
             if value is not None:
                 readings.setdefault(key, []).append(value)
     return {key: sum(values) / len(values) for key, values in readings.items()}
+
+
+def usage(
+    instances: Iterable[Instance],
+    groups: set[GroupKey],
+    requests: Mapping[str, Requests],
+    sampler: ProcessSampler,
+) -> dict[GroupKey, tuple[float, float]]:
+    """Mean (CPU, memory) of each of `groups`' instances on this host as a share of their
+    Service's `spec.requests`, from their app processes (the registered pid). A group
+    appears once one of its instances has been sampled twice (CPU is a rate)."""
+    readings: dict[GroupKey, list[tuple[float, float]]] = {}
+    for instance in instances:
+        key = (instance.service, instance.group)
+        request = requests.get(instance.service)
+        if key not in groups or request is None or instance.pid <= 0:
+            continue
+        if instance.host in ("127.0.0.1", "localhost"):
+            cpu, resident = sampler.sample(instance.pid)
+            if cpu is not None and resident is not None:
+                readings.setdefault(key, []).append((cpu / request.cpu, resident / request.memory))
+    return {
+        key: (
+            sum(cpu for cpu, _ in values) / len(values),
+            sum(memory for _, memory in values) / len(values),
+        )
+        for key, values in readings.items()
+    }
 
 
 @dataclass(frozen=True)
