@@ -72,15 +72,18 @@ def usage(
     Service's `spec.requests`, from their app processes (the registered pid). A group
     appears once one of its instances has been sampled twice (CPU is a rate)."""
     readings: dict[GroupKey, list[tuple[float, float]]] = {}
+    sampled: set[int] = set()
     for instance in instances:
         key = (instance.service, instance.group)
         request = requests.get(instance.service)
         if key not in groups or request is None or instance.pid <= 0:
             continue
         if instance.host in ("127.0.0.1", "localhost"):
+            sampled.add(instance.pid)
             cpu, resident = sampler.sample(instance.pid)
             if cpu is not None and resident is not None:
                 readings.setdefault(key, []).append((cpu / request.cpu, resident / request.memory))
+    sampler.forget_all_but(sampled)
     return {
         key: (
             sum(cpu for cpu, _ in values) / len(values),
@@ -101,6 +104,10 @@ class ProcessSampler:
 
     def __init__(self) -> None:
         self._marks: dict[int, _Mark] = {}
+
+    def forget_all_but(self, pids: set[int]) -> None:
+        """Drop the marks of processes no longer asked about (instances gone)."""
+        self._marks = {pid: mark for pid, mark in self._marks.items() if pid in pids}
 
     def sample(self, pid: int) -> tuple[float | None, int | None]:
         """(CPU in cores since this pid's previous sample, None on the first; RSS in bytes),
