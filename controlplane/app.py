@@ -31,12 +31,14 @@ from controlplane.api import dashboard as dashboard_api
 from controlplane.api import instances as instances_api
 from controlplane.api import isolation as isolation_api
 from controlplane.api import profile as profile_api
+from controlplane.api import rollout as rollout_api
 from controlplane.api import rules as rules_api
 from controlplane.api import scope as scope_api
 from controlplane.api import tasks as tasks_api
 from controlplane.api.http import build_app
 from controlplane.api.task_service import TaskService
 from controlplane.api.token import ApiToken
+from controlplane.canary import Cohorts, Judge
 from controlplane.errors import RuntimeFailure, StoreError
 from controlplane.inject.pod import InjectOptions
 from controlplane.inject.webhook import server_ssl_context, start_webhook
@@ -52,7 +54,7 @@ from controlplane.scaler.policy import PolicyConfig
 from controlplane.scaler.reconcile import Scaler
 from controlplane.store.etcd import Store
 from controlplane.store.leader import Leadership
-from controlplane.store.rules import DEFAULT_HISTORY_LIMIT
+from controlplane.store.rules import DEFAULT_HISTORY_LIMIT, Candidate
 from controlplane.store.scope import ScopeRecorder, expire_sightings
 from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
@@ -158,8 +160,14 @@ class ControlPlane:
         self.etcd_endpoint = etcd_endpoint
         # A sidecar of a role no rule defines gets listeners that answer 503 and say why.
         self.cache = SnapshotCache(STATIC_CLUSTERS, fallback=lambda key: self.sync.fallback(key))
-        self.sync = Sync(self.cache, Translator(outbound_policy), on_sighted=self._asked)
+        self.sync = Sync(
+            self.cache,
+            Translator(outbound_policy),
+            on_sighted=self._asked,
+            on_rollout=self._rollout_published,
+        )
         self.status_board = StatusBoard()
+        self.cohorts = Cohorts(self.status_board)  # a staged rollout's canaries (canary.py)
         # Access logs, isolation accounting and Prometheus metrics (xDS events come through
         # the ADS server's observer; ALS shares the xDS gRPC port).
         self.telemetry = Telemetry(
@@ -175,8 +183,14 @@ class ControlPlane:
         if self.announcements is not None:  # unless announcements need the stream events too
             observer = Observers(observer, self.announcements)
         self.ads = AdsServer(
-            self.cache, self.status_board, observer, self.sync, sotw_view=full_view
+            self.cache,
+            self.status_board,
+            observer,
+            self.sync,
+            sotw_view=full_view,
+            canary=self.cohorts.canary,
         )
+        self.judge = Judge(self.cohorts, lambda: self.telemetry.canary.tallies, history_limit)
         self.api_token = ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
         self.http_app.middlewares.append(auth.middleware(self.api_token))
@@ -186,6 +200,7 @@ class ControlPlane:
         self.http_app.add_routes(profile_api.routes(self))
         self.http_app.add_routes(isolation_api.routes(self))
         self.http_app.add_routes(scope_api.routes(self))
+        self.http_app.add_routes(rollout_api.routes(self, history_limit))
         self.http_app.add_routes(dashboard_api.routes())
         self.task_service = TaskService(self)
         self._store: Store | None = None
@@ -229,6 +244,7 @@ class ControlPlane:
             self.scope_recorder.start()
             self._scope_sweeper = asyncio.create_task(self._sweep_scopes(self._store))
             await self.sync.start(self._store)  # the first snapshots exist before xDS serves
+            self.judge.start(self._store)
             leadership = Leadership(self._store, SCALER)
             await asyncio.to_thread(leadership.start)
             self._leadership = leadership
@@ -338,6 +354,25 @@ class ControlPlane:
         except (OSError, RuntimeError) as exc:
             raise RuntimeFailure(f"cannot serve xDS on {address}: {exc}") from exc
 
+    def rollout(self) -> dict[str, Any] | None:
+        return self.judge.status()
+
+    def _rollout_published(self, candidate: Candidate | None) -> None:
+        """Sync published the views of `candidate` (None: no rollout): follow it."""
+        rollout = candidate.rollout if candidate is not None else None
+        if not self.cohorts.start(rollout):
+            return
+        if candidate is None:
+            self.telemetry.canary.stop()
+        else:
+            self.telemetry.canary.start(
+                candidate.rollout.generation,
+                self.sync.rules,
+                candidate.rules,
+                self.cohorts.is_canary,
+            )
+        self.ads.rekey()
+
     def _registered(self) -> dict[GroupKey, int]:
         """Instances per (service, group) in the last published build, from their registry
         keys (`.../<service>/<group>/<id>`); recounted only when the build changed them."""
@@ -414,6 +449,7 @@ class ControlPlane:
         if self._grpc is not None:
             await self._grpc.stop(GRPC_STOP_GRACE)
             self._grpc = None
+        await self.judge.stop()
         await self.sync.stop()
         if self.scope_recorder is not None:
             await asyncio.to_thread(self.scope_recorder.stop)

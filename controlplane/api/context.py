@@ -39,3 +39,7 @@ class ApiContext(Protocol):
     def metrics(self) -> tuple[bytes, str]:
         """GET /metrics: the Prometheus exposition and its content type."""
         ...
+
+    def rollout(self) -> dict[str, Any] | None:
+        """The rollout in progress as this replica judges it (canary.py), None without one."""
+        ...

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from controlplane.cli.inject import add_inject
 from controlplane.cli.k8s import add_k8s
+from controlplane.cli.rollout import add_rollout
 from controlplane.cli.rules import (
     add_apply,
     add_delete,
@@ -42,6 +43,7 @@ COMMANDS = (
     add_delete,
     add_history,
     add_rollback,
+    add_rollout,
     add_run,
     add_gateway,
     add_demo,

@@ -13,6 +13,7 @@ from controlplane.model.group import GroupKey
 from controlplane.model.rules import RuleSet
 from controlplane.telemetry.accounting import Accounting, LogEntry
 from controlplane.telemetry.als import AccessLogServer
+from controlplane.telemetry.canary import CanaryTallies
 from controlplane.telemetry.learn import Learner, Sink
 from controlplane.telemetry.metrics import Metrics
 from controlplane.xds.status import StatusBoard
@@ -32,6 +33,7 @@ class Telemetry:
         """`registered` counts the registered instances per (service, group); `learned`
         is handed each (role, callee) the egress logs show (learn.py)."""
         self.accounting = Accounting(rules, registered)
+        self.canary = CanaryTallies()  # a rollout's cohorts (controlplane/canary.py)
         self.learner = None if learned is None else Learner(rules, learned)
         self.access_logs = AccessLogServer(self._ingest)
         self.metrics = Metrics(
@@ -42,3 +44,4 @@ class Telemetry:
         if self.learner is not None:
             self.learner.ingest(entries)
         self.accounting.ingest(entries)
+        self.canary.ingest(entries)
