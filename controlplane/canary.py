@@ -47,6 +47,7 @@ class Cohorts:
         self.rollout: Rollout | None = None
         self._canaries: dict[str, frozenset[str]] = {}
         self._nodes: frozenset[str] = frozenset()  # every role's canaries
+        self._assigned_at: dict[str, int] = {}  # role -> board.changes when last assigned
 
     def start(self, rollout: Rollout | None) -> bool:
         """Follow `rollout` (None: none runs); whether that changed anything."""
@@ -54,23 +55,27 @@ class Cohorts:
         if same:
             return False
         self.rollout, self._canaries, self._nodes = rollout, {}, frozenset()
+        self._assigned_at = {}
         return True
 
     def canary(self, node: str, role: str) -> bool:
-        """The ADS server's question for a connected stream (xds/server.py)."""
+        """The ADS server's question for a connected stream (xds/server.py). A role is
+        assigned again only when the connected sidecars changed since (rekey asks for every
+        stream at once)."""
         if self.rollout is None:
             return False
-        connected = [n.node_id for n in self.board.nodes() if n.role == role]
-        chosen = assign(
-            connected,
-            self._canaries.get(role, frozenset()),
-            self.rollout.percent,
-            self.rollout.generation,
-        )
-        if chosen != self._canaries.get(role):
-            self._canaries[role] = chosen
-            self._nodes = frozenset().union(*self._canaries.values())
-        return node in chosen
+        if self._assigned_at.get(role) != self.board.changes:
+            chosen = assign(
+                self.board.role_nodes(role),
+                self._canaries.get(role, frozenset()),
+                self.rollout.percent,
+                self.rollout.generation,
+            )
+            self._assigned_at[role] = self.board.changes
+            if chosen != self._canaries.get(role):
+                self._canaries[role] = chosen
+                self._nodes = frozenset().union(*self._canaries.values())
+        return node in self._canaries.get(role, frozenset())
 
     def is_canary(self, node: str) -> bool:
         """Whether a node's access logs count for the canary (telemetry/canary.py)."""
