@@ -14,12 +14,15 @@ from collections.abc import Callable
 import aio_pika
 import pika
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane import propagation, queues
 from controlplane.model import RuleSet, apply, load_text
-from controlplane.model.queues import LOOSE_WAIT_MS, QueueLanes, queue_plan
+from controlplane.model.queues import LOOSE_WAIT_MS, QueueLanes, plan_from_document, queue_plan
+from tests.support.plane import Plane, api_opener
 from tests.support.rabbit import Broker, rabbit  # noqa: F401 (the session fixture)
 from tests.support.rules import chain, service
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,7 +43,14 @@ def plan(fallback: str = "strict") -> QueueLanes:
 class Consumer:
     """One group's consumer on its own connection: what it handled, with the dye current."""
 
-    def __init__(self, broker: Broker, lanes: QueueLanes, group: str, **options: object):
+    def __init__(
+        self,
+        broker: Broker,
+        lanes: QueueLanes,
+        group: str,
+        forward: Callable[[queues.Delivery], None] | None = None,
+        **options: object,
+    ):
         self.connection = pika.BlockingConnection(broker.parameters())
         self.handled: list[tuple[bytes, str | None]] = []
         self.deliveries: list[queues.Delivery] = []
@@ -50,9 +60,12 @@ class Consumer:
         def handle(body: bytes) -> None:
             self.handled.append((body, propagation.current_dye()))
 
-        queues.consume(
-            channel, lanes, handle, group=group, report=self.deliveries.append, **options
-        )
+        def report(delivery: queues.Delivery) -> None:
+            self.deliveries.append(delivery)
+            if forward is not None:
+                forward(delivery)
+
+        queues.consume(channel, lanes, handle, group=group, report=report, **options)
 
     def run_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -188,3 +201,92 @@ def test_aio_pika_publishes_and_consumes_in_lanes(rabbit: Broker) -> None:  # no
         ],
         key=repr,
     )
+
+
+def test_queue_hops_are_accounted_by_the_control_plane(
+    rabbit: Broker,  # noqa: F811
+    etcd_endpoint_module: str,
+) -> None:
+    """A real control plane serves the plan from the applied TaskChain, takes the consumers'
+    reports and shows leaks, fallbacks, broken dyes and rates per queue hop."""
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    hop = "[{service: ledger, group: %s, queue: " + queue + "}]"
+    text = (
+        service("ledger", groups=("default", "task", "batch"))
+        + chain("fund-yield", hop % "task")
+        + chain("pricing", hop % "batch", fallback="loose", dye="{values: [pricing]}")
+    )
+    plane = Plane(etcd_endpoint_module)
+    try:
+        assert plane.apply_files({"rules.yaml": text})[0] == 200
+        status, document = wait_until(
+            lambda: (answer := plane.request("GET", "/api/v1/queues"))[1]["queues"] and answer,
+            timeout=10,
+            what="the plan served",
+        )
+        lanes = plan_from_document(document)[queue]
+        # a malformed report is refused whole, in one line, and counts nothing
+        bad = {"deliveries": [{"queue": queue, "service": "ledger", "group": "task"}, {"queue": 5}]}
+        assert plane.request("POST", "/api/v1/deliveries", bad) == (
+            400,
+            {"error": "deliveries[0].fell_back: missing required field"},
+        )
+        assert plane.request("POST", "/api/v1/deliveries", bad, headers={})[0] == 401
+        reporter = queues.DeliveryReporter(plane.url, interval=0.1, token=plane.token)
+        task = Consumer(rabbit, lanes, "task", reporter)
+        online = Consumer(rabbit, lanes, "default", reporter)
+        messages = [*MIXED, (b"loose", "pricing")]  # no batch consumer: pricing falls back
+        publish_all(rabbit, lanes, messages)
+        channel = online.connection.channel()
+        channel.basic_publish(
+            queue, "", b"bad", pika.BasicProperties(headers={"x-task-dye": "a b"})
+        )
+        want_online = 3 + 2 + 1  # undyed and no-chain, pricing twice, the bad one
+        deadline = time.monotonic() + LOOSE_WAIT_MS / 1000 + 10
+        while time.monotonic() < deadline and (
+            len(task.handled) < 2 or len(online.handled) < want_online
+        ):
+            task.run_for(0.05)
+            online.run_for(0.05)
+        task.close()
+        online.close()
+        # a task-group consumer wired to the default queue by hand: its online message leaks
+        publish_all(rabbit, lanes, [(b"online-3", None)])
+        connection = pika.BlockingConnection(rabbit.parameters())
+        _, properties, _ = wait_until(
+            lambda: (got := connection.channel().basic_get(queue, auto_ack=True))[0] and got,
+            timeout=10,
+            what="the online message",
+        )
+        connection.close()
+        reporter(queues.receive(lanes, "task", properties.headers))
+        reporter.close()
+        report = wait_until(
+            lambda: (
+                (r := plane.request("GET", "/api/v1/isolation")[1])["totals"]["queue_messages"] >= 9
+                and r
+            ),
+            timeout=10,
+            what="every delivery accounted",
+        )
+        with api_opener.open(plane.url + "/metrics", timeout=10) as answer:
+            metrics = {
+                (sample.name, sample.labels.get("chain"), sample.labels.get("group")): sample.value
+                for family in text_string_to_metric_families(answer.read().decode())
+                for sample in family.samples
+                if sample.labels.get("queue") == queue
+            }
+    finally:
+        plane.stop()
+    rows = {(r["chain"], r["group"]): r for r in report["queues"] if r["queue"] == queue}
+    assert rows[("fund-yield", "task")]["messages"] == 2
+    assert rows[("fund-yield", "task")]["leaks"] == 0
+    assert rows[("pricing", "default")]["fallbacks"] == {"no_consumer": 2}
+    assert rows[("pricing", "default")]["leaks"] == 0
+    assert rows[("", "task")]["leaks"] == 1
+    assert rows[("", "default")]["bad_dyes"] == 1
+    totals = report["totals"]
+    assert (totals["queue_leaks"], totals["queue_fallbacks"], totals["queue_bad_dyes"]) == (1, 2, 1)
+    assert metrics[("tasklane_queue_leaks_total", "", "task")] == 1
+    assert metrics[("tasklane_queue_fallbacks_total", "pricing", "default")] == 2
+    assert metrics[("tasklane_queue_messages_total", "fund-yield", "task")] == 2
