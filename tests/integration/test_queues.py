@@ -19,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from controlplane import propagation, queues
 from controlplane.model import RuleSet, apply, load_text
 from controlplane.model.queues import LOOSE_WAIT_MS, QueueLanes, plan_from_document, queue_plan
+from testkit.rabbit import Broker
 from tests.support.plane import Plane, api_opener
-from tests.support.rabbit import Broker, rabbit  # noqa: F401 (the session fixture)
+from tests.support.rabbit import rabbit  # noqa: F401 (the session fixture)
 from tests.support.rules import chain, service
 from tests.support.wait import wait_until
 
