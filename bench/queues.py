@@ -3,9 +3,10 @@ against plain consumption on the same broker, side by side in one run.
 
 One `rabbitmq-server` node (Debian's, testkit/rabbit.py) on this machine. Each round publishes
 `--messages` persistent messages, a mix of undyed ones, a strict chain's (exact dye and per-run
-dyes it claims by prefix), a loose chain's and dyes of no chain. Consumers are up before the first message is published; a round's time runs from the first
-publish to the last message handled (end to end), while the publisher's own rate is timed
-apart; publisher and consumers share this one Python process. Modes:
+dyes it claims by prefix), a loose chain's and dyes of no chain. Consumers are up before the
+first message is published; a round's time runs from the first publish to the last message
+handled (end to end), while the publisher's own rate is timed apart; publisher and consumers
+share this one Python process. Modes:
 
 * lanes: `controlplane.queues` (headers exchange, lane queue per chain, alternate exchange to
   the default queue); one consumer per group (default, task, batch), each on its own
