@@ -42,7 +42,7 @@ from controlplane import propagation, queues  # noqa: E402
 from controlplane.model import RuleSet, apply, load_text  # noqa: E402
 from controlplane.model.queues import QueueLanes, queue_plan  # noqa: E402
 from controlplane.telemetry.queues import QueueAccounting  # noqa: E402
-from testkit.rabbit import Broker  # noqa: E402
+from testkit.rabbit import SERVER, Broker  # noqa: E402
 
 GROUPS = ("default", "task", "batch")
 DRAIN_TIMEOUT = 300.0
@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    if not SERVER.exists():
+        raise SystemExit(f"no {SERVER}: apt-get install rabbitmq-server (as root)")
     messages = mixed(args.messages)
     print(f"# message-queue lanes: {machine()}")
     with tempfile.TemporaryDirectory(prefix="tasklane-bench-rabbit-") as home:
