@@ -52,9 +52,6 @@ class Lane:
     exact: tuple[str, ...]
     prefixes: tuple[str, ...]
 
-    def claims(self, dye: str) -> bool:
-        return dye in self.exact or any(dye.startswith(p) for p in self.prefixes)
-
 
 @dataclass(frozen=True)
 class QueueLanes:
@@ -73,7 +70,8 @@ class QueueLanes:
 
     def lane_of(self, headers: Mapping[str, object]) -> Lane | None:
         """The lane a message with these headers belongs to, as the exchange routes it: an
-        exact dye, the chain name the publisher set, then the longest prefix."""
+        exact dye, else the chain name the publisher set; else the lane claiming the dye by
+        prefix (validation keeps chains' dyes disjoint, so at most one does)."""
         for lane in self.lanes:
             value = headers.get(lane.header)
             if isinstance(value, str) and value in lane.exact:
@@ -82,15 +80,11 @@ class QueueLanes:
         found = next((lane for lane in self.lanes if lane.chain == named), None)
         if found is not None:
             return found
-        best: tuple[int, Lane] | None = None
         for lane in self.lanes:
             value = headers.get(lane.header)
-            if not isinstance(value, str):
-                continue
-            for prefix in lane.prefixes:
-                if value.startswith(prefix) and (best is None or len(prefix) > best[0]):
-                    best = (len(prefix), lane)
-        return None if best is None else best[1]
+            if isinstance(value, str) and any(value.startswith(p) for p in lane.prefixes):
+                return lane
+        return None
 
     def queues_for(self, group: str) -> list[str]:
         """The queues a consumer in `group` consumes."""
