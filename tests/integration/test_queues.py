@@ -7,9 +7,12 @@ publisher, rejected, and never stop the consumer. Both pika and aio-pika."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
+from wsgiref.simple_server import make_server
 
 import aio_pika
 import pika
@@ -291,3 +294,41 @@ def test_queue_hops_are_accounted_by_the_control_plane(
     assert metrics[("tasklane_queue_leaks_total", "", "task")] == 1
     assert metrics[("tasklane_queue_fallbacks_total", "pricing", "default")] == 2
     assert metrics[("tasklane_queue_messages_total", "fund-yield", "task")] == 2
+
+
+def test_a_dyed_request_publishes_a_dyed_message(rabbit: Broker) -> None:  # noqa: F811
+    """An HTTP app behind the propagation middleware publishes while serving: the request's
+    dye reaches the message headers and the lane, an undyed request's message the default
+    queue."""
+    lanes = plan()
+    publisher = pika.BlockingConnection(rabbit.parameters())
+    channel = publisher.channel()
+    channel.confirm_delivery()
+    queues.declare(channel, lanes)
+
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        queues.publish(channel, lanes, environ["PATH_INFO"].encode())
+        start_response("204 No Content", [])
+        return []
+
+    server = make_server("127.0.0.1", 0, propagation.WsgiMiddleware(app))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for path, headers in (("/dyed", {"x-task-dye": "fund-yield@r7"}), ("/online", {})):
+            request = urllib.request.Request(f"http://127.0.0.1:{server.server_port}{path}")
+            for name, value in headers.items():
+                request.add_header(name, value)
+            with api_opener.open(request, timeout=10) as answer:
+                assert answer.status == 204
+    finally:
+        server.shutdown()
+        server.server_close()
+        publisher.close()
+    groups = {group: Consumer(rabbit, lanes, group) for group in ("default", "task")}
+    for consumer in groups.values():
+        consumer.run_until(lambda c=consumer: len(c.handled) >= 1)
+        consumer.run_for(0.2)
+        consumer.close()
+    assert groups["task"].handled == [(b"/dyed", "fund-yield@r7")]
+    assert groups["default"].handled == [(b"/online", None)]
