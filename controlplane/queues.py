@@ -203,9 +203,12 @@ def receive(
         problem = _dye_problem(headers[name])
         if problem is None:
             dye = headers[name]
-            dye = dye.decode("ascii") if isinstance(dye, bytes) else dye
+            dye = headers[name] = dye.decode("ascii") if isinstance(dye, bytes) else dye
             break
         headers.pop(name)
+    chain = headers.get(CHAIN_HEADER)
+    if isinstance(chain, bytes):  # pika hands a header that is not UTF-8 over as bytes
+        headers[CHAIN_HEADER] = chain.decode("ascii", "replace")
     lane = lanes.lane_of(headers) if dye is not None else None
     return Delivery(
         queue=lanes.queue,

@@ -174,6 +174,8 @@ def test_broken_dyes_are_stripped_or_rejected_and_counted(rabbit: Broker) -> Non
 def test_aio_pika_publishes_and_consumes_in_lanes(rabbit: Broker) -> None:  # noqa: F811
     lanes = plan()
 
+    reported: list[queues.Delivery] = []
+
     async def scenario() -> list[tuple[str, bytes, str | None]]:
         connection = await aio_pika.connect(rabbit.url)
         got: list[tuple[str, bytes, str | None]] = []
@@ -185,7 +187,9 @@ def test_aio_pika_publishes_and_consumes_in_lanes(rabbit: Broker) -> None:  # no
                 async def handle(body: bytes, group: str = group) -> None:
                     got.append((group, body, propagation.current_dye()))
 
-                await queues.consume_async(channel, lanes, handle, group=group)
+                await queues.consume_async(
+                    channel, lanes, handle, group=group, report=reported.append
+                )
             for body, dye in MIXED[:3]:
                 with propagation.dye_scope(dye):
                     await queues.publish_async(channel, lanes, body)
@@ -205,6 +209,11 @@ def test_aio_pika_publishes_and_consumes_in_lanes(rabbit: Broker) -> None:  # no
         ],
         key=repr,
     )
+    assert sorted((d.group, d.chain) for d in reported) == [
+        ("default", None),
+        ("task", "fund-yield"),
+        ("task", "fund-yield"),
+    ]
 
 
 def test_queue_hops_are_accounted_by_the_control_plane(

@@ -62,6 +62,8 @@ def test_a_consumer_reads_only_dyes_that_are_dyes() -> None:
         return got.dye, got.bad_dye, got.rejected
 
     assert judged(b"fund-yield@r1") == ("fund-yield@r1", None, False)
+    as_bytes = receive(LANES, "task", {"x-task-dye": b"fund-yield@r1", CHAIN_HEADER: b"fund-yield"})
+    assert as_bytes.chain == "fund-yield"
     assert judged("a b")[0:1] == (None,) and judged("a b")[1]
     assert judged("x" * 300)[1] == "300 characters; a dye is at most 256"
     assert judged("caf\xe9".encode("latin-1"))[1] == "not ASCII"
