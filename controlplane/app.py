@@ -31,6 +31,7 @@ from controlplane.api import dashboard as dashboard_api
 from controlplane.api import instances as instances_api
 from controlplane.api import isolation as isolation_api
 from controlplane.api import profile as profile_api
+from controlplane.api import queues as queues_api
 from controlplane.api import rollout as rollout_api
 from controlplane.api import rules as rules_api
 from controlplane.api import scope as scope_api
@@ -46,6 +47,7 @@ from controlplane.model.group import GroupKey
 from controlplane.model.instance import KEEPALIVE_INTERVAL, group_key_of
 from controlplane.model.rules import RuleSet
 from controlplane.model.scope import DEFAULT_IDLE, LEARNED, ON_DEMAND
+from controlplane.queues import Delivery
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.memory import collect_young, tune_gc
 from controlplane.runtime.ports import port_in_use
@@ -199,6 +201,7 @@ class ControlPlane:
         self.http_app.add_routes(tasks_api.routes(self))
         self.http_app.add_routes(profile_api.routes(self))
         self.http_app.add_routes(isolation_api.routes(self))
+        self.http_app.add_routes(queues_api.routes(self))
         self.http_app.add_routes(scope_api.routes(self))
         self.http_app.add_routes(rollout_api.routes(self, history_limit))
         self.http_app.add_routes(dashboard_api.routes())
@@ -296,7 +299,10 @@ class ControlPlane:
         }
 
     def isolation(self) -> dict[str, Any]:
-        return isolation_report(self.telemetry.accounting)
+        return isolation_report(self.telemetry.accounting, self.telemetry.queues)
+
+    def deliveries(self, deliveries: list[Delivery]) -> None:
+        self.telemetry.queues.ingest(deliveries)
 
     def metrics(self) -> tuple[bytes, str]:
         return self.telemetry.metrics.render()

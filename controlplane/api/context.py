@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from controlplane.model.rules import RuleSet
+from controlplane.queues import Delivery
 from controlplane.store.etcd import Store
 
 
@@ -34,6 +35,10 @@ class ApiContext(Protocol):
 
     def isolation(self) -> dict[str, Any]:
         """GET /api/v1/isolation: the isolation accounting (telemetry/accounting.py)."""
+        ...
+
+    def deliveries(self, deliveries: list[Delivery]) -> None:
+        """POST /api/v1/deliveries: account what queue consumers received."""
         ...
 
     def metrics(self) -> tuple[bytes, str]:

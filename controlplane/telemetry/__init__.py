@@ -6,6 +6,7 @@ xDS gRPC server, its `metrics.xds` is the ADS server's observer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from controlplane.telemetry.als import AccessLogServer
 from controlplane.telemetry.canary import CanaryTallies
 from controlplane.telemetry.learn import Learner, Sink
 from controlplane.telemetry.metrics import Metrics
+from controlplane.telemetry.queues import QueueAccounting
 from controlplane.xds.status import StatusBoard
 
 
@@ -39,6 +41,9 @@ class Telemetry:
         self.metrics = Metrics(
             self.accounting, lambda: self.access_logs.streams, status, scaler_status, registered
         )
+        # Queue hops: deliveries the consumers report (POST /api/v1/deliveries).
+        self.queues = QueueAccounting(rules, time.time)
+        self.metrics.registry.register(self.queues)
 
     def _ingest(self, entries: Sequence[LogEntry]) -> None:
         if self.learner is not None:

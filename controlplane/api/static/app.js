@@ -298,6 +298,7 @@ function render() {
   renderSummary();
   renderWarnings();
   renderChains();
+  renderQueues();
   renderSidecars();
 }
 
@@ -434,6 +435,29 @@ function renderChains() {
 }
 
 // The list of chains: one row each, the numbers a person scans 20 chains for.
+function renderQueues() {
+  const queues = (state.isolation && state.isolation.queues) || [];
+  dom.queues.hidden = queues.length === 0;
+  const rows = queues.map((q) => {
+    const fallbacks = sum(q.fallbacks);
+    return h("tr", { "data-queue-row": `${q.queue}|${q.chain}|${q.group}` },
+      h("th", { scope: "row" }, q.queue),
+      h("td", {}, q.chain || h("span", { class: "muted" }, "online")),
+      h("td", {}, q.service),
+      h("td", { class: q.hop_group ? "" : "muted" }, q.group),
+      h("td", { class: "num" }, `${rate(q.rate)} (${q.messages})`),
+      h("td", { class: `num ${fallbacks ? "warn" : ""}`, title: describe(q.fallbacks) },
+        String(fallbacks)),
+      h("td", { class: `num ${q.bad_dyes ? "warn" : ""}` }, String(q.bad_dyes)),
+      h("td", { class: `num ${q.leaks ? "bad" : ""}` }, h("strong", {}, String(q.leaks))),
+    );
+  });
+  const signature = JSON.stringify(rows.map((row) => row.textContent));
+  if (signature === dom.queueTable.dataset.sig) return;
+  dom.queueTable.dataset.sig = signature;
+  dom.queueTable.replaceChildren(...rows);
+}
+
 function renderChainTable(shown, ready) {
   const rows = shown.map((chain) => {
     let readySum = 0;
@@ -754,6 +778,8 @@ function start() {
   dom.chainCount = document.getElementById("chain-count");
   dom.chainTable = document.querySelector("#chain-table tbody");
   dom.chains = document.getElementById("chains");
+  dom.queues = document.getElementById("queues");
+  dom.queueTable = document.querySelector("#queue-table tbody");
   dom.window = document.getElementById("window");
   dom.sidecarFilter = document.getElementById("sidecar-filter");
   dom.sidecarCount = document.getElementById("sidecar-count");
