@@ -44,6 +44,7 @@ const state = {
   isolation: undefined, // undefined: not asked yet; null: the endpoint does not exist (404)
   isolationError: null,
   scope: null, // {services: {service: {group: [entry, ...]}}}; null: unknown (older control plane)
+  rollout: null, // {current, last} of GET /api/v1/rollout; null: unknown
   chains: [],
   services: new Map(), // name -> spec
   rulesAt: 0,
@@ -157,12 +158,21 @@ function loadProfile(service) {
     });
 }
 
+async function loadRollout() {
+  try {
+    state.rollout = await getJSON("/api/v1/rollout");
+  } catch (_) {
+    state.rollout = null; // an older control plane: no rollout to show
+  }
+}
+
 async function poll() {
   const started = Date.now();
-  const jobs = [getJSON("/api/v1/status"), getJSON("/api/v1/instances"), loadIsolation(), loadScope()];
+  const jobs = [getJSON("/api/v1/status"), getJSON("/api/v1/instances"), loadIsolation(), loadScope(),
+    loadRollout()];
   const rulesDue = started - state.rulesAt >= RULES_EVERY_MS;
   if (rulesDue) jobs.push(loadRules());
-  const [status, instances, , , rules] = await Promise.allSettled(jobs);
+  const [status, instances, , , , rules] = await Promise.allSettled(jobs);
   const errors = [status, instances, rules]
     .filter((r) => r && r.status === "rejected")
     .map((r) => (r.reason instanceof HttpError ? r.reason.message : "the control plane does not answer"));
@@ -297,6 +307,7 @@ function render() {
   renderLive();
   renderSummary();
   renderWarnings();
+  renderRollout();
   renderChains();
   renderQueues();
   renderSidecars();
@@ -432,6 +443,38 @@ function renderChains() {
     if (visible) updateChainView(view, chain, ready);
   }
   renderTimelines();
+}
+
+// A staged rollout (tasklane apply --canary): the one in progress with both cohorts side by
+// side, else how the last one ended.
+function renderRollout() {
+  const { current, last } = state.rollout || {};
+  const blocks = [];
+  if (current) {
+    const cohorts = Object.entries(current.cohorts || {});
+    blocks.push(h("div", { class: "warning", role: "note", "data-rollout": "current" },
+      h("h3", { text: `Rollout of revision ${current.revision}: ${current.percent}% of each role's `
+        + `sidecars, window ${current.window}` }),
+      h("p", { "data-verdict": current.verdict.action,
+        text: `verdict so far: ${current.verdict.action}: ${current.verdict.reason}` }),
+      h("table", {},
+        h("thead", {}, h("tr", {}, ["cohort", "requests", "5xx", "rejected", "fallbacks", "leaks"]
+          .map((label) => h("th", { scope: "col", text: label })))),
+        h("tbody", {}, cohorts.map(([name, t]) => h("tr", { "data-cohort": name },
+          h("th", { scope: "row", text: name }),
+          [t.requests, t.errors, t.rejected, t.fallbacks, t.leaks].map((value) =>
+            h("td", { class: "num", text: String(value) })))))),
+    ));
+  } else if (last) {
+    blocks.push(h("p", { class: "muted", "data-rollout": "last", "data-outcome": last.outcome,
+      text: `Last rollout: revision ${last.rollout.revision} ${last.outcome} `
+        + `${clock(last.at * 1000)} by ${last.by}: ${last.reason}` }));
+  }
+  const signature = JSON.stringify([current, last]);
+  if (dom.rollout.dataset.sig !== signature) {
+    dom.rollout.dataset.sig = signature;
+    dom.rollout.replaceChildren(...blocks);
+  }
 }
 
 // The list of chains: one row each, the numbers a person scans 20 chains for.
@@ -774,6 +817,7 @@ function start() {
   dom.live = document.getElementById("live");
   dom.summary = document.getElementById("summary");
   dom.warnings = document.getElementById("warnings");
+  dom.rollout = document.getElementById("rollout");
   dom.chainFilter = document.getElementById("chain-filter");
   dom.chainCount = document.getElementById("chain-count");
   dom.chainTable = document.querySelector("#chain-table tbody");
