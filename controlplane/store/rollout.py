@@ -30,6 +30,7 @@ from controlplane.store.rules import (
     Pointer,
     collect,
     compact_json,
+    decode_rollout,
     flip_puts,
     housekeeping,
     lost_race,
@@ -83,7 +84,7 @@ def read_rollout(store: Store) -> tuple[Rollout, int] | None:
     value, mod_revision = store.get_versioned(CANDIDATE_KEY)
     if value is None:
         return None
-    return Rollout.from_json(json.loads(value)), mod_revision
+    return decode_rollout(value), mod_revision
 
 
 def last_outcome(store: Store) -> dict[str, Any] | None:

@@ -276,7 +276,7 @@ def collect(store: Store, keep: int) -> None:
     kept_generations.add(read_pointer(store).generation)
     candidate = store.get(CANDIDATE_KEY)
     if candidate is not None:  # a rollout's candidate is kept while it runs
-        kept_generations.add(Rollout.from_json(json.loads(candidate)).generation)
+        kept_generations.add(decode_rollout(candidate).generation)
     deletes = history[: len(history) - len(kept)]
     if LEGACY not in kept_generations:  # upgraded: the old layout's rules are history now
         deletes += [key for key in keys if key.split("/")[1] in KINDS]
@@ -504,10 +504,19 @@ def watch_rules(store: Store, callback: RulesCallback) -> Callable[[], None]:
     return Follower(store, REVISION_KEY, read, fold, deliver).start()
 
 
+def decode_rollout(value: bytes) -> Rollout:
+    """The rollout a candidate key holds; StoreError naming the key if it holds another thing."""
+    try:
+        return Rollout.from_json(json.loads(value))
+    except (ValueError, KeyError, TypeError, RuleError) as exc:
+        where = f"etcd key {PREFIX}{CANDIDATE_KEY}"
+        raise StoreError(f"{where} does not hold a rollout: {exc}") from exc
+
+
 def _candidate(store: Store, value: bytes | None) -> Candidate | None:
     if value is None:
         return None
-    rollout = Rollout.from_json(json.loads(value))
+    rollout = decode_rollout(value)
     return Candidate(rollout, generation_rules(store, rollout.generation))
 
 
