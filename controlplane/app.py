@@ -30,6 +30,7 @@ from controlplane.api import auth
 from controlplane.api import dashboard as dashboard_api
 from controlplane.api import instances as instances_api
 from controlplane.api import isolation as isolation_api
+from controlplane.api import probe as probe_api
 from controlplane.api import profile as profile_api
 from controlplane.api import queues as queues_api
 from controlplane.api import rollout as rollout_api
@@ -60,6 +61,7 @@ from controlplane.store.rules import DEFAULT_HISTORY_LIMIT, Candidate
 from controlplane.store.scope import ScopeRecorder, expire_sightings
 from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
+from controlplane.telemetry.probe import Probes
 from controlplane.telemetry.report import isolation_report
 from controlplane.translate import Translator
 from controlplane.xds.cache import SnapshotCache
@@ -204,6 +206,7 @@ class ControlPlane:
         self.http_app.add_routes(queues_api.routes(self))
         self.http_app.add_routes(scope_api.routes(self))
         self.http_app.add_routes(rollout_api.routes(self, history_limit))
+        self.http_app.add_routes(probe_api.routes(self))
         self.http_app.add_routes(dashboard_api.routes())
         self.task_service = TaskService(self)
         self._store: Store | None = None
@@ -306,6 +309,10 @@ class ControlPlane:
 
     def metrics(self) -> tuple[bytes, str]:
         return self.telemetry.metrics.render()
+
+    @property
+    def probes(self) -> Probes:
+        return self.telemetry.probes
 
     @property
     def xds_tls(self) -> bool:

@@ -2,10 +2,11 @@
 
 Every request is answered with the instance that served it (service, group, instance) followed
 by the answers of the next services it calls through its sidecar's egress listener, with the
-dye carried over by `controlplane.propagation`. Isolation is then counted from what actually
-happened at every hop, not from the configuration. Its online work (a stand-in for a queue
-listener or scheduler) starts only in `default`, through `controlplane.lanes.online_only`, and
-each answer says whether it runs there.
+dye carried over by `controlplane.propagation` and the `x-request-id` forwarded (as tracing
+asks of apps: every hop's access logs then name the same request, which `tasklane probe`
+follows). Isolation is then counted from what actually happened at every hop, not from the
+configuration. Its online work (a stand-in for a queue listener or scheduler) starts only in
+`default`, through `controlplane.lanes.online_only`, and each answer says whether it runs there.
 
     python -m demo.chain_app --service fund-facade --group task --instance 1 --port 9001 \
         --next account-svc          # egress from $TASKLANE_EGRESS (host:port)
@@ -22,6 +23,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from controlplane import lanes, propagation
+
+REQUEST_ID = "x-request-id"
 
 
 class ChainHandler(BaseHTTPRequestHandler):
@@ -44,7 +47,7 @@ class ChainHandler(BaseHTTPRequestHandler):
         status, hops = 200, [me]
         with propagation.dye_scope(dye):
             for service in app.next_services:
-                code, answer = app.call(service, self.path)
+                code, answer = app.call(service, self.path, self.headers.get(REQUEST_ID))
                 hops += answer.get("hops", [])
                 if code != 200:
                     status = code
@@ -84,13 +87,17 @@ class ChainApp:
         """Start the online-only work: in a task group it would take online jobs."""
         self.online_work = _online_ticker()
 
-    def call(self, service: str, path: str) -> tuple[int, dict]:
-        """GET `path` on `service` through the sidecar (Host: service), carrying the dye."""
+    def call(self, service: str, path: str, request_id: str | None = None) -> tuple[int, dict]:
+        """GET `path` on `service` through the sidecar (Host: service), carrying the dye and
+        the served request's id."""
         if self.egress is None:
             return 502, {"error": "no egress listener (TASKLANE_EGRESS is not set)"}
+        headers = (
+            {"Host": service} if request_id is None else {"Host": service, REQUEST_ID: request_id}
+        )
         conn = http.client.HTTPConnection(*self.egress, timeout=10)
         try:
-            conn.request("GET", path, headers=propagation.inject({"Host": service}))
+            conn.request("GET", path, headers=propagation.inject(headers))
             resp = conn.getresponse()
             body = resp.read().decode(errors="replace")
         except (OSError, http.client.HTTPException) as exc:  # e.g. an answer cut short

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from controlplane.model.rules import RuleSet
 from controlplane.queues import Delivery
 from controlplane.store.etcd import Store
+from controlplane.telemetry.probe import Probes
 
 
 class ApiContext(Protocol):
@@ -47,4 +48,9 @@ class ApiContext(Protocol):
 
     def rollout(self) -> dict[str, Any] | None:
         """The rollout in progress as this replica judges it (canary.py), None without one."""
+        ...
+
+    @property
+    def probes(self) -> Probes:
+        """The propagation probes in flight and the last report per chain (api/probe.py)."""
         ...

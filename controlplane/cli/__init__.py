@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from controlplane.cli.inject import add_inject
 from controlplane.cli.k8s import add_k8s
+from controlplane.cli.probe import add_probe
 from controlplane.cli.rollout import add_rollout
 from controlplane.cli.rules import (
     add_apply,
@@ -51,6 +52,7 @@ COMMANDS = (
     add_simulate,
     add_status,
     add_top,
+    add_probe,
     add_inject,
     add_tls,
     add_k8s,

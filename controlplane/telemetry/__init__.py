@@ -17,6 +17,7 @@ from controlplane.telemetry.als import AccessLogServer
 from controlplane.telemetry.canary import CanaryTallies
 from controlplane.telemetry.learn import Learner, Sink
 from controlplane.telemetry.metrics import Metrics
+from controlplane.telemetry.probe import Probes
 from controlplane.telemetry.queues import QueueAccounting
 from controlplane.xds.status import StatusBoard
 
@@ -36,6 +37,7 @@ class Telemetry:
         is handed each (role, callee) the egress logs show (learn.py)."""
         self.accounting = Accounting(rules, registered)
         self.canary = CanaryTallies()  # a rollout's cohorts (controlplane/canary.py)
+        self.probes = Probes()  # the propagation probes in flight (api/probe.py)
         self.learner = None if learned is None else Learner(rules, learned)
         self.access_logs = AccessLogServer(self._ingest)
         self.metrics = Metrics(
@@ -50,3 +52,4 @@ class Telemetry:
             self.learner.ingest(entries)
         self.accounting.ingest(entries)
         self.canary.ingest(entries)
+        self.probes.ingest(entries)
