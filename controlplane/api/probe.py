@@ -47,7 +47,10 @@ def routes(context: ApiContext) -> list[web.RouteDef]:
 
     async def run(request: web.Request) -> web.Response:
         chain = chain_named(request)
-        body = await request.json() if request.can_read_body else {}
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError as exc:
+            raise ApiError(400, f"the probe's body is not JSON: {exc}") from None
         path = _path(body)
         instances, _ = await asyncio.to_thread(list_instances, context.store)
         return web.json_response(await probe(context, chain, target(chain, instances), path))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from urllib.parse import quote
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 

@@ -345,6 +345,12 @@ def test_demo_chain_renders_and_updates_live(
         )
         mesh.stop("nav-pricing-task-2")
         tab.wait_value(ready, lambda n: n == 1, "the instance gone again")
+        # A propagation probe (`tasklane probe`): its verdict and each hop's group show live.
+        code, report = mesh.request("POST", "/api/v1/probe/fund-yield", {})
+        assert (code, report["ok"]) == (200, True), report
+        probe = chain.locator('.probe[data-ok="true"]')
+        probe.wait_for()
+        assert "fund-facade task → account-svc task → nav-pricing task" in probe.inner_text()
         assert page.evaluate("window.__sameDocument === true")
         assert page.locator("#live").get_attribute("data-state") == "ok"
         assert tab.errors == []

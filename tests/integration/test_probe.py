@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +30,8 @@ from tests.support.wait import wait_until
 pytestmark = pytest.mark.timeout(180)
 
 EXIT_PROBLEM = 1
+# Straight to the API even when http_proxy is set in the environment.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 DROPPER = [
     "sh",
     "-c",
@@ -87,10 +91,41 @@ def test_probe_of_a_healthy_chain_names_each_hops_group(plane: Plane) -> None:
         assert "ok: the dye reached every hop" in table.stdout
     finally:
         stopped(runs)
+    bad_path = plane.tasklane("probe", "fund-yield", "--path", "no-slash")
+    assert bad_path.returncode == 2
+    (line,) = bad_path.stderr.splitlines()
+    assert "path: 'no-slash' is not a URL path" in line, line
     unknown = plane.tasklane("probe", "fund-yeild")
     assert unknown.returncode == 2
     (line,) = unknown.stderr.splitlines()
     assert "TaskChain" in line and "fund-yeild" in line and "not found" in line, line
+
+
+def api(plane: Plane, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(plane.server + path, data=body, method=method)
+    request.add_header("Authorization", f"Bearer {plane.up.token}")
+    try:
+        with OPENER.open(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+BAD_BODIES = (
+    (b"{not json", "the probe's body is not JSON"),
+    (b"[]", "the probe's body must be a JSON object"),
+    (b'{"path": 5}', "path: '5' is not a URL path"),
+    (b'{"path": "/a b"}', "path: '/a b' is not a URL path"),
+    (b'{"path": "/", "via": "x"}', "unknown field 'via' in the probe's body"),
+)
+
+
+def test_bad_probe_requests_are_refused_and_send_nothing(plane: Plane) -> None:
+    for body, error in BAD_BODIES:
+        code, answer = api(plane, "POST", "/api/v1/probe/fund-yield", body)
+        assert (code, answer["error"].startswith(error)) == (400, True), (body, answer)
+    assert api(plane, "GET", "/api/v1/probe/fund-yield")[0] == 404  # no probe was sent
+    assert api(plane, "GET", "/api/v1/probe") == (200, {"probes": []})
 
 
 def test_probe_names_the_hop_that_lost_the_dye(plane: Plane) -> None:

@@ -5,6 +5,7 @@
 //   /api/v1/instances        ready instances per service and group
 //   /api/v1/isolation        traffic per chain x hop x group (a 404 shows "no traffic data yet")
 //   /api/v1/scope            the services each role's sidecars hold the config of, and why
+//   /api/v1/probe            the last propagation probe of each chain (`tasklane probe`)
 //   /api/v1/rules/{kind}     chains and services (every RULES_EVERY_MS)
 //   /api/v1/profile/{svc}    next 24 h of desired replicas and the scaler's decisions, fetched
 //                            only for chains whose timeline is open (every PROFILE_EVERY_MS)
@@ -45,6 +46,7 @@ const state = {
   isolationError: null,
   scope: null, // {services: {service: {group: [entry, ...]}}}; null: unknown (older control plane)
   rollout: null, // {current, last} of GET /api/v1/rollout; null: unknown
+  probes: new Map(), // chain -> the report of its last propagation probe
   chains: [],
   services: new Map(), // name -> spec
   rulesAt: 0,
@@ -138,6 +140,15 @@ async function loadScope() {
   }
 }
 
+async function loadProbes() {
+  try {
+    const body = await getJSON("/api/v1/probe");
+    state.probes = new Map((body.probes || []).map((report) => [report.chain, report]));
+  } catch (_) {
+    state.probes = new Map(); // an older control plane: no probe line, the rest of the page stays
+  }
+}
+
 function loadProfile(service) {
   const entry = state.profiles.get(service) || {};
   if (entry.loading || (entry.at && Date.now() - entry.at < PROFILE_EVERY_MS)) return;
@@ -169,10 +180,10 @@ async function loadRollout() {
 async function poll() {
   const started = Date.now();
   const jobs = [getJSON("/api/v1/status"), getJSON("/api/v1/instances"), loadIsolation(), loadScope(),
-    loadRollout()];
+    loadRollout(), loadProbes()];
   const rulesDue = started - state.rulesAt >= RULES_EVERY_MS;
   if (rulesDue) jobs.push(loadRules());
-  const [status, instances, , , , rules] = await Promise.allSettled(jobs);
+  const [status, instances, , , , , rules] = await Promise.allSettled(jobs);
   const errors = [status, instances, rules]
     .filter((r) => r && r.status === "rejected")
     .map((r) => (r.reason instanceof HttpError ? r.reason.message : "the control plane does not answer"));
@@ -568,7 +579,8 @@ function createChainView(chain) {
 function updateChainView(view, chain, ready) {
   const id = `chain-${slug(chain.name)}`;
   const hopData = chain.hops.map((hop, index) => hopGroups(chain, hop, index, ready));
-  const signature = JSON.stringify([chain, hopData, state.isolation === null, state.isolationError]);
+  const probe = state.probes.get(chain.name) || null;
+  const signature = JSON.stringify([chain, hopData, state.isolation === null, state.isolationError, probe]);
   if (signature === view.sig) return;
   view.sig = signature;
   const leaks = chainLeaks(chain);
@@ -581,8 +593,20 @@ function updateChainView(view, chain, ready) {
       leaks === null ? null : [" · ", h("span", { class: `badge ${leaks ? "bad" : "good"}` },
         leaks ? `${leaks} leaks` : "no leaks")],
     ),
+    probe ? renderProbe(probe) : null,
   );
   view.graph.replaceChildren(...chain.hops.map((hop, index) => renderHop(chain, hop, hopData[index])));
+}
+
+// The last `tasklane probe` of a chain: when, the verdict, and each hop's serving group.
+function renderProbe(probe) {
+  const hops = probe.hops.map((hop, i) => [i ? " → " : null,
+    h("span", { class: hop.verdict === "ok" ? null : "bad", title: hop.detail || hop.verdict },
+      `${hop.service} ${hop.servedBy || "–"}${hop.dyed === false ? " (undyed)" : ""}`)]);
+  return h("p", { class: "probe", "data-ok": String(probe.ok) },
+    `last probe ${clock(probe.at * 1000)}: `,
+    h("span", { class: `badge ${probe.ok ? "good" : "bad"}` }, probe.ok ? "dye reached every hop" : probe.problem),
+    " · ", hops);
 }
 
 // The groups a hop box shows: the chain's group, the service's online group, and any other
