@@ -101,7 +101,7 @@ async def probe(
 ) -> dict[str, Any]:
     """Send the probe to `instance` (None: the first hop has none to send it to), wait for the
     logs, judge them; the report is also the chain's last."""
-    request_id = str(uuid.uuid4())
+    request_id, started = str(uuid.uuid4()), time.monotonic()
     first = chain.hops[0]
     dye = probe_dye(chain)
     sent: dict[str, Any] = {"at": time.time(), "dye": dye, "header": chain.dye.header, "path": path}
@@ -109,11 +109,12 @@ async def probe(
         sent["sentTo"] = None
         sent["answer"] = f"no registered instance of {first.service}|{first.group} to send it to"
     else:
-        sent["sentTo"] = {"instance": instance.key, "address": f"{instance.host}:"
-                          f"{instance.inbound_port}"}  # fmt: skip
+        host = f"[{instance.host}]" if ":" in instance.host else instance.host  # IPv6
+        address = f"{host}:{instance.inbound_port}"
+        sent["sentTo"] = {"instance": instance.key, "address": address}
         context.probes.start(request_id)
         headers = {"Host": first.service, chain.dye.header: dye, "x-request-id": request_id}
-        url = f"http://{instance.host}:{instance.inbound_port}{path}"
+        url = f"http://{address}{path}"
         timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S)
         try:
             async with (
@@ -130,5 +131,6 @@ async def probe(
                 break
             await asyncio.sleep(POLL_S)
     report = trace(context.rules(), chain, request_id, context.probes.entries(request_id), sent)
+    report["tookMs"] = round((time.monotonic() - started) * 1000)  # answer and logs
     context.probes.finish(request_id, report)
     return report
