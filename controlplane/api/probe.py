@@ -47,6 +47,12 @@ def routes(context: ApiContext) -> list[web.RouteDef]:
 
     async def run(request: web.Request) -> web.Response:
         chain = chain_named(request)
+        if chain.hops[0].queue:
+            raise ApiError(
+                400,
+                f"TaskChain {chain.name} starts with a queue hop (queue {chain.hops[0].queue}): "
+                "the probe sends an HTTP request, and a message carries no x-request-id to follow",
+            )
         try:
             body = await request.json() if request.can_read_body else {}
         except ValueError as exc:

@@ -11,6 +11,7 @@ import yaml
 
 from controlplane.cli.client import OUTPUTS, api_token, call, output, server_option
 from controlplane.cli.views import table
+from controlplane.telemetry.probe import NOT_FOLLOWED
 
 EXIT_PROBLEM = 1  # the probe found a hop that lost the dye, was not reached or misrouted
 
@@ -68,5 +69,7 @@ def render(report: dict[str, Any]) -> str:
         ),
     ]
     lines += [f"hop {hop['hop']}: {hop['detail']}" for hop in report["hops"] if "detail" in hop]
-    lines.append("ok: the dye reached every hop" if report["ok"] else report["problem"])
+    behind = any(hop["verdict"] == NOT_FOLLOWED for hop in report["hops"])
+    passed = "ok: the dye reached every hop" + (" before the queue" if behind else "")
+    lines.append(passed if report["ok"] else report["problem"])
     return "\n".join(lines) + "\n"

@@ -21,6 +21,9 @@ How each hop is judged, in the chain's order (the probe is sent dyed into the fi
   logs cannot tell which. A caller's egress entry with no instance behind it (a strict 503)
   is also `not reached`, with what the caller's sidecar answered.
 - **undyed**: a hop after the one where the dye was lost (what follows from that loss).
+- **not followed**: a queue hop and every hop after it. A message carries no x-request-id that
+  the access logs could follow; the queue hops' own accounting (deliveries by chain and group,
+  in /api/v1/isolation) covers them. A chain that starts with a queue hop cannot be probed.
 
 Every probe request is a real request: the isolation accounting counts it like any other.
 """
@@ -34,18 +37,19 @@ from typing import Any
 from controlplane.model.dye import DyeIndex
 from controlplane.model.group import DEFAULT_GROUP
 from controlplane.model.instance import Instance
-from controlplane.model.rules import RuleSet, TaskChain
+from controlplane.model.rules import Hop, RuleSet, TaskChain
 from controlplane.telemetry.accounting import INBOUND, LogEntry, destination, may_serve
 
-OK, FALLBACK, WRONG_GROUP, DYE_LOST, NOT_REACHED, UNDYED = (
+OK, FALLBACK, WRONG_GROUP, DYE_LOST, NOT_REACHED, UNDYED, NOT_FOLLOWED = (
     "ok",
     "fallback",
     "wrong group",
     "dye lost",
     "not reached",
     "undyed",
+    "not followed",
 )
-PASSING = frozenset({OK, FALLBACK})
+PASSING = frozenset({OK, FALLBACK, NOT_FOLLOWED})
 IN_FLIGHT_MAX = 64  # probes whose entries are kept at once; the oldest is dropped first
 PROBE_VALUE = "probe"  # appended to a prefix dye when a chain has no exact value
 
@@ -100,10 +104,16 @@ def target(chain: TaskChain, instances: Sequence[Instance]) -> Instance | None:
     return None
 
 
+def followed(chain: TaskChain) -> tuple[Hop, ...]:
+    """The hops an HTTP request reaches: those before the first queue hop."""
+    queued = next((i for i, hop in enumerate(chain.hops) if hop.queue), len(chain.hops))
+    return chain.hops[:queued]
+
+
 def reached(chain: TaskChain, entries: Sequence[LogEntry]) -> bool:
-    """Whether every hop has its inbound entry: nothing more is to come."""
+    """Whether every followed hop has its inbound entry: nothing more is to come."""
     served = {e.service for e in entries if e.direction == INBOUND}
-    return all(hop.service in served for hop in chain.hops)
+    return all(hop.service in served for hop in followed(chain))
 
 
 def trace(
@@ -123,6 +133,7 @@ def trace(
     ordered = sorted(entries, key=lambda e: e.at)
     hops: list[dict[str, Any]] = []
     problem: str | None = None
+    http_hops = len(followed(chain))
     for index, hop in enumerate(chain.hops, start=1):
         row: dict[str, Any] = {
             "hop": index,
@@ -133,6 +144,11 @@ def trace(
             "dyed": None,
             "status": None,
         }
+        if index > http_hops:
+            queue = chain.hops[http_hops].queue
+            row["verdict"], row["detail"] = NOT_FOLLOWED, f"behind queue {queue}"
+            hops.append(row)
+            continue
         inbound = next(
             (e for e in ordered if e.direction == INBOUND and e.service == hop.service), None
         )

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ from tests.support.chain import (
     running_plane,
     stop_run,
 )
+from tests.support.rules import chain, service
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -120,10 +122,20 @@ BAD_BODIES = (
 )
 
 
-def test_bad_probe_requests_are_refused_and_send_nothing(plane: Plane) -> None:
+def test_bad_probe_requests_are_refused_and_send_nothing(plane: Plane, tmp_path: Path) -> None:
     for body, error in BAD_BODIES:
         code, answer = api(plane, "POST", "/api/v1/probe/fund-yield", body)
         assert (code, answer["error"].startswith(error)) == (400, True), (body, answer)
+    # A chain entered through a queue: the probe's request would be HTTP, with no id to follow.
+    queued = tmp_path / "queued.yaml"
+    queued.write_text(
+        service("ledger") + chain("entries", "[{service: ledger, group: task, queue: q}]")
+    )
+    assert plane.tasklane("apply", "-f", str(queued)).returncode == 0
+    refused = plane.tasklane("probe", "entries")
+    assert refused.returncode == 2
+    (line,) = refused.stderr.splitlines()
+    assert "TaskChain entries starts with a queue hop (queue q)" in line, line
     assert api(plane, "GET", "/api/v1/probe/fund-yield")[0] == 404  # no probe was sent
     assert api(plane, "GET", "/api/v1/probe") == (200, {"probes": []})
 

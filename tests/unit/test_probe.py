@@ -17,8 +17,8 @@ ID = "probe-1"
 HOPS = "[{service: a, group: task}, {service: b, group: task}, {service: c, group: task}]"
 
 
-def rules(fallback: str) -> RuleSet:
-    text = service("a") + service("b") + service("c") + chain("x", HOPS, fallback=fallback)
+def rules(fallback: str, hops: str = HOPS) -> RuleSet:
+    text = service("a") + service("b") + service("c") + chain("x", hops, fallback=fallback)
     return apply(RuleSet.empty(), load_text(text, "rules.yaml"))
 
 
@@ -62,3 +62,16 @@ def test_verdicts(
     report = trace(ruleset, ruleset.chains["x"], ID, probes.entries(ID), {})
     assert [hop["verdict"] for hop in report["hops"]] == verdicts
     assert (report["ok"], report["problem"]) == (problem is None, problem)
+
+
+def test_hops_behind_a_queue_are_not_followed() -> None:
+    """A message carries no x-request-id: the probe stops at the first queue hop and passes."""
+    hops = HOPS.replace("{service: c, group: task}", "{service: c, group: task, queue: q}")
+    ruleset = rules("strict", hops)
+    report = trace(ruleset, ruleset.chains["x"], ID, [served("a", "task"), served("b", "task")], {})
+    assert [(h["verdict"], h.get("detail")) for h in report["hops"]] == [
+        ("ok", None),
+        ("ok", None),
+        ("not followed", "behind queue q"),
+    ]
+    assert (report["ok"], report["problem"]) == (True, None)
