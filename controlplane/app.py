@@ -194,7 +194,11 @@ class ControlPlane:
             sotw_view=full_view,
             canary=self.cohorts.canary,
         )
-        self.judge = Judge(self.cohorts, lambda: self.telemetry.canary.tallies, history_limit)
+        self.judge = Judge(
+            self.cohorts,
+            lambda: (self.telemetry.canary.tallies, self.telemetry.canary.since),
+            history_limit,
+        )
         self.api_token = ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
         self.http_app.middlewares.append(auth.middleware(self.api_token))
@@ -370,8 +374,12 @@ class ControlPlane:
     def rollout(self) -> dict[str, Any] | None:
         return self.judge.status()
 
-    def _rollout_published(self, candidate: Candidate | None) -> None:
-        """Sync published the views of `candidate` (None: no rollout): follow it."""
+    def _rollout_published(self, candidate: Candidate | None, problem: str) -> None:
+        """Sync published the views of `candidate` (None: no rollout): follow it, or, when
+        its views could not be served, have it aborted and keep every sidecar as it is."""
+        if candidate is not None and problem:
+            self.judge.unbuildable[candidate.rollout.generation] = f"not served: {problem}"
+            candidate = None
         rollout = candidate.rollout if candidate is not None else None
         if not self.cohorts.start(rollout):
             return
@@ -382,7 +390,8 @@ class ControlPlane:
                 candidate.rollout.generation,
                 self.sync.rules,
                 candidate.rules,
-                self.cohorts.is_canary,
+                self.cohorts.cohort_of,
+                time.time(),
             )
         self.ads.rekey()
 

@@ -28,7 +28,7 @@ from controlplane.store.scope import watch_sightings
 from controlplane.translate import Asked, Endpoints, Scopes, Translator
 from controlplane.translate.unknown import unknown_role_snapshot
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.names import canary_view, view_role
+from controlplane.xds.names import canary_view, split_canary, view_role
 from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,15 @@ class Sync:
         translator: Translator | None = None,
         debounce: float = DEBOUNCE,
         on_sighted: Callable[[GroupKey, str], None] | None = None,
-        on_rollout: Callable[[Candidate | None], None] | None = None,
+        on_rollout: Callable[[Candidate | None, str], None] | None = None,
     ) -> None:
         """`on_sighted(role, service)`: a service joined a role's scope on demand; it is to
         be stored as a sighting (store/scope.py), which keeps it there from then on.
-        `on_rollout(candidate)` is told after each publish which rollout's candidate (or None)
-        the published canary views hold, before the views of a rollout that ended go: the
-        canary sidecars are moved then (canary.py)."""
+        `on_rollout(candidate, problem)` is told after each publish which rollout's candidate
+        (or None) the published canary views hold, before the views of a rollout that ended
+        go: the canary sidecars are moved then (canary.py). `problem` says why the candidate's
+        views could not be built or were refused ("" when they were published): no sidecar
+        is then to be moved to them, and the rollout is to be aborted."""
         self.cache = cache
         self.on_sighted = on_sighted
         self.on_rollout = on_rollout
@@ -84,6 +86,7 @@ class Sync:
         self._rules: RuleSet | None = None
         self._candidate: Candidate | None = None  # a rollout's, built under canary views
         self._canary: tuple[str, Translator] | None = None  # (its generation, its translator)
+        self._canary_problem = ""  # why the last build has no views of the candidate
         self._instances: dict[str, Instance] | None = None
         self._instances_revision = 0
         self._asked = Asked()  # hosts asked for on demand (translate/scope.py)
@@ -275,13 +278,19 @@ class Sync:
         """Every view of the rules, and of a rollout's candidate under canary views (its own
         translator, so that each keeps what it built before)."""
         snapshots = self.translator.build(rules, endpoints, scopes)
+        self._canary_problem = ""
         if candidate is None:
             self._canary = None
             return snapshots
         generation = candidate.rollout.generation
         if self._canary is None or self._canary[0] != generation:
             self._canary = (generation, Translator(self.translator.outbound_policy))
-        canary = self._canary[1].build(candidate.rules, endpoints, scopes)
+        try:
+            canary = self._canary[1].build(candidate.rules, endpoints, scopes)
+        except Exception as exc:  # a translator bug on the candidate must not stop the rest
+            log.exception("building the rollout's candidate failed")
+            self._canary, self._canary_problem = None, f"its build failed: {exc}"
+            return snapshots
         return snapshots | {canary_view(key): snapshot for key, snapshot in canary.items()}
 
     def _publish(
@@ -293,8 +302,13 @@ class Sync:
             if isinstance(outcome, InconsistentSnapshot):
                 log.error("snapshot of %s refused, its sidecars keep theirs: %s", role, outcome)
                 refused[role] = str(outcome)
+        problem = self._canary_problem or next(
+            (f"its view {key} was refused: {why}" for key, why in refused.items()
+             if split_canary(key)[1]),
+            "",
+        )  # fmt: skip
         if self.on_rollout is not None:
-            self.on_rollout(candidate)
+            self.on_rollout(candidate, problem)
         for role in self._roles - snapshots.keys():
             self.cache.clear_snapshot(role)
         self._roles = frozenset(snapshots)

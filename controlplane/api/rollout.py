@@ -4,6 +4,9 @@
     POST /api/v1/rollout/promote  -> 200 {"outcome": "promoted", "revision": N}   (writes)
     POST /api/v1/rollout/abort    -> 200 {"outcome": "aborted", "revision": N}    (writes)
 
+`revision` names the rollout by the revision its promotion makes (or made); an aborted one's
+never exists. It is null for a candidate that could not be read, which abort removes.
+
 A rollout starts with an apply that asks for it (api/rules.py, `"canary": {...}`).
 `current` is what this replica judges: its canary and stable sidecars' tallies, the
 canaries per role, and the verdict so far; `last` is how the last rollout ended, from etcd.
@@ -32,7 +35,8 @@ def routes(context: ApiContext, keep: int = DEFAULT_HISTORY_LIMIT) -> list[web.R
         step = promote if outcome == PROMOTED else abort
         reason = f"{'promoted' if outcome == PROMOTED else 'aborted'} by hand"
         rollout = await asyncio.to_thread(step, context.store, reason, who(request), None, keep)
-        body: dict[str, Any] = {"outcome": outcome, "revision": rollout.revision}
+        revision = rollout.revision if rollout is not None else None  # None: unreadable
+        body: dict[str, Any] = {"outcome": outcome, "revision": revision}
         return web.json_response(body)
 
     async def promote_it(request: web.Request) -> web.Response:

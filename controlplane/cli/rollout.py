@@ -35,7 +35,8 @@ def add_rollout(commands: argparse._SubParsersAction, common: argparse.ArgumentP
 def rollout(args: argparse.Namespace) -> int:
     if args.action != "status":
         body = call(args.server, "POST", f"/api/v1/rollout/{args.action}", {}, api_token(args))
-        output(f"rollout of revision {body['revision']} {body['outcome']}\n")
+        which = f" of revision {body['revision']}" if body["revision"] is not None else ""
+        output(f"rollout{which} {body['outcome']}\n")
         return 0
     body = call(args.server, "GET", "/api/v1/rollout")
     if args.output == "json":

@@ -11,15 +11,13 @@ the current rules: a change may move a hop to another group on purpose, and that
 What a change must not do is make its sidecars' requests fail, be rejected, fall back or leak
 more often than the same roles' stable sidecars do over the same window.
 
-Pure: the store keeps the `Rollout`, sync assigns sidecars with `assign`, telemetry counts a
-`Tally` per cohort, and `verdict` decides.
+Pure: the store keeps the `Rollout`, canary.py admits sidecars with `admits`, telemetry
+counts a `Tally` per cohort, and `verdict` decides.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,14 +28,18 @@ CANARY, STABLE = "canary", "stable"
 DEFAULT_WINDOW_S = 60
 DEFAULT_MIN_REQUESTS = 20
 PROMOTED, ABORTED = "promoted", "aborted"
-# (signal, how much higher than the stable sidecars' rate the canary's may be, absolute).
-# One leak is one too many; the others allow for the noise of a few requests.
+# (signal, its label, and how the canary's rate may exceed the stable sidecars': up to
+# `factor` times theirs plus `margin`, absolute). No more leaks than the stable sidecars have;
+# the others allow for the noise of a few requests.
 SIGNALS = (
-    ("leaks", "leaks", 0.0),
-    ("rejected", "strict rejections", 0.01),
-    ("errors", "5xx", 0.01),
-    ("fallbacks", "fallbacks", 0.05),
+    ("leaks", "leaks", 1.0, 0.0),
+    ("rejected", "strict rejections", 2.0, 0.01),
+    ("errors", "5xx", 2.0, 0.01),
+    ("fallbacks", "fallbacks", 2.0, 0.05),
 )
+# A rollout whose canaries get too few requests to judge is aborted after this many windows,
+# so that it does not hold every other change of the rules for ever.
+WINDOWS_TO_WAIT = 3
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,6 @@ class Rollout:
     who: str
     base: int  # the rules revision it was staged on: promotion needs it still current
     revision: int  # the revision number promotion makes
-    changed: tuple[str, ...] = ()  # "created Service/x", ... for status
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,7 +65,6 @@ class Rollout:
             "who": self.who,
             "base": self.base,
             "revision": self.revision,
-            "changed": list(self.changed),
         }
 
     @staticmethod
@@ -78,7 +78,6 @@ class Rollout:
             who=str(data["who"]),
             base=int(data["base"]),
             revision=int(data["revision"]),
-            changed=tuple(str(c) for c in data.get("changed", ())),
         )
 
 
@@ -110,20 +109,13 @@ def canary_count(sidecars: int, percent: int) -> int:
     return min(math.ceil(sidecars * percent / 100), sidecars - 1)
 
 
-def assign(connected: Sequence[str], current: Set[str], percent: int, seed: str) -> frozenset[str]:
-    """The canary sidecars of one role among the `connected` node ids.
-
-    Sticky: a canary stays one while it is connected (a sidecar flipping between two configs
-    would be judged on both), so the share may run over when sidecars leave; new ones are
-    picked by a hash of the rollout and the node id, the same pick on every replica.
-    """
-    kept = [node for node in connected if node in current]
-    fresh = sorted(
-        (node for node in connected if node not in current),
-        key=lambda node: hashlib.sha256(f"{seed}/{node}".encode()).digest(),
-    )
-    want = canary_count(len(connected), percent)
-    return frozenset(kept + fresh[: max(0, want - len(kept))])
+def admits(canaries: int, sidecars: int, percent: int) -> bool:
+    """Whether a sidecar connecting to a role of `sidecars` (itself included), `canaries` of
+    them canaries already, becomes one. Decided once, when its stream opens (or when the
+    rollout starts), and kept while it is connected: a sidecar is never moved between the
+    two configs in the middle of a rollout, so its requests are judged on the config they
+    ran with."""
+    return canaries < canary_count(sidecars, percent)
 
 
 @dataclass
@@ -159,13 +151,13 @@ def _rate(count: int, requests: int) -> float:
 def verdict(rollout: Rollout, canary: Tally, stable: Tally, now: float) -> Verdict:
     """Abort as soon as the canary is worse on any signal; promote once the window is over
     with enough canary requests seen; else wait."""
-    for attr, label, margin in SIGNALS:
+    for attr, label, factor, margin in SIGNALS:
         bad = getattr(canary, attr)
         enough = canary.requests >= (1 if attr == "leaks" else rollout.min_requests)
         if not bad or not enough:
             continue
         mine, theirs = _rate(bad, canary.requests), _rate(getattr(stable, attr), stable.requests)
-        if mine > 2 * theirs + margin:
+        if mine > factor * theirs + margin:
             return Verdict(
                 ABORTED,
                 f"canary {label} {mine:.1%} ({bad} of {canary.requests}) against "
@@ -174,10 +166,21 @@ def verdict(rollout: Rollout, canary: Tally, stable: Tally, now: float) -> Verdi
             )
     left = rollout.started_at + rollout.window_s - now
     if canary.requests < rollout.min_requests:
+        if now >= rollout.started_at + WINDOWS_TO_WAIT * rollout.window_s:
+            return Verdict(
+                ABORTED,
+                f"too few canary requests to judge in {WINDOWS_TO_WAIT} windows "
+                f"({canary.requests} of {rollout.min_requests}); nothing changed",
+            )
         return Verdict(
             "wait",
             f"{canary.requests} of {rollout.min_requests} canary requests seen"
-            + ("" if left > 0 else "; the window is over: promote or abort by hand, or wait"),
+            + (
+                ""
+                if left > 0
+                else f"; the window is over: promote or abort by hand, or it is aborted "
+                f"after {WINDOWS_TO_WAIT} windows"
+            ),
         )
     if left > 0:
         return Verdict("wait", f"no worse than the stable sidecars so far; {left:.0f} s left")

@@ -27,6 +27,8 @@ from controlplane.store.rules import (
     GENERATIONS,
     REVISION_KEY,
     STAGING,
+    STAGING_GUARD,
+    ConcurrentChange,
     Pointer,
     collect,
     compact_json,
@@ -102,20 +104,33 @@ def promote(
     pointer = read_pointer(store)
     puts = flip_puts(pointer, rollout.generation)
     puts[LAST_KEY] = _outcome(rollout, PROMOTED, reason, by)
+    puts[STAGING_GUARD] = rollout.generation.encode()  # a collection under way stops
     guard = {CANDIDATE_KEY: mod_revision, REVISION_KEY: rollout.base}
     if not store.txn(puts, [CANDIDATE_KEY], guard):
-        if read_rollout(store) is None:
+        if store.mod_revision(CANDIDATE_KEY) != mod_revision:
             raise NoRollout()
-        raise StoreError("the rules changed under the rollout; abort it and start again")
+        raise ConcurrentChange(
+            f"the rules changed under the rollout (it was staged on rules revision "
+            f"{rollout.base}); abort it and start again"
+        )
     housekeeping(lambda: collect(store, keep))
     return rollout
 
 
 def abort(
     store: Store, reason: str, by: str, expect: str | None = None, keep: int = DEFAULT_HISTORY_LIMIT
-) -> Rollout:
-    """Drop the candidate: every sidecar goes back to the current rules. NoRollout when gone."""
-    rollout, mod_revision = _current(store, expect)
+) -> Rollout | None:
+    """Drop the candidate: every sidecar goes back to the current rules. NoRollout when gone.
+    A candidate key that holds no rollout is removed too (None), unless `expect` names one."""
+    try:
+        rollout, mod_revision = _current(store, expect)
+    except NoRollout:
+        raise
+    except StoreError:
+        value, mod_revision = store.get_versioned(CANDIDATE_KEY)
+        if expect is not None or not store.txn({}, [CANDIDATE_KEY], {CANDIDATE_KEY: mod_revision}):
+            raise
+        return None
     puts = {LAST_KEY: _outcome(rollout, ABORTED, reason, by)}
     deletes = [CANDIDATE_KEY, GENERATIONS + rollout.generation]
     if not store.txn(puts, deletes, {CANDIDATE_KEY: mod_revision}):

@@ -22,14 +22,15 @@ small transaction that rewrites the pointer, guarded by the pointer's mod revisi
                              mid-way leaves a marker that expires. The flip compares it: a
                              generation whose marker expired can never be made current.
     meta/rules-staging       rewritten by each staging start; collection's deletes compare it
-    meta/rules-revision+canary   a *candidate* generation under a staged rollout
+    meta/rules-candidate     a *candidate* generation under a staged rollout
                              (model/rollout.py, store/rollout.py): staged like an apply, but
                              parked here instead of flipped; its promotion is the flip. While
                              it exists an apply's flip fails (one change in flight at a time).
 
 Readers (load_rules, watch_rules, other replicas) go through the pointer, so they see a
 whole generation or the one before, never a part; a watch follows only the pointer and the
-candidate (one prefix: a promotion changes both in one revision, so they arrive together).
+candidate (one prefix, WATCHED: a promotion changes both in one revision, so they arrive
+together).
 Collection (after every apply) keeps the last `keep` revisions
 and removes older ones, and generations, chunks and markers nothing kept refers to: staged
 generations that never got their flip included. History entries are current keys, not old
@@ -57,7 +58,11 @@ from controlplane.store.follow import Follower
 
 RULES = "rules/"
 REVISION_KEY = "meta/rules-revision"
-CANDIDATE_KEY = f"{REVISION_KEY}+canary"  # under the pointer's prefix: watched with it
+CANDIDATE_KEY = "meta/rules-candidate"
+# What the rules watch follows: the pointer and the candidate (and the staging guard, which
+# it skips). Not the pointer's own prefix: a replica of an older tasklane follows that, and
+# must never read a candidate as a pointer.
+WATCHED = "meta/rules-"
 STAGING_GUARD = "meta/rules-staging"
 CHUNKS = f"{RULES}chunks/"
 GENERATIONS = f"{RULES}generations/"
@@ -273,10 +278,12 @@ def collect(store: Store, keep: int) -> None:
     history = sorted(key for key in keys if key.startswith(HISTORY))
     kept = history[-keep:] if keep > 0 else []
     kept_generations = {value.decode() for value in store.get_many(kept).values()}
-    kept_generations.add(read_pointer(store).generation)
+    # The candidate before the pointer: a promotion between the two reads then shows its
+    # generation in one or the other (promotions also rewrite STAGING_GUARD).
     candidate = store.get(CANDIDATE_KEY)
     if candidate is not None:  # a rollout's candidate is kept while it runs
         kept_generations.add(decode_rollout(candidate).generation)
+    kept_generations.add(read_pointer(store).generation)
     deletes = history[: len(history) - len(kept)]
     if LEGACY not in kept_generations:  # upgraded: the old layout's rules are history now
         deletes += [key for key in keys if key.split("/")[1] in KINDS]
@@ -498,10 +505,15 @@ def watch_rules(store: Store, callback: RulesCallback) -> Callable[[], None]:
             state = _followed(store, state, change)
         return state
 
+    delivered: list[_Watched] = []
+
     def deliver(state: _Watched, _: object) -> None:
+        if delivered and delivered[0] is state:  # e.g. the staging guard moved
+            return
+        delivered[:] = [state]
         callback(state.rules, state.candidate)
 
-    return Follower(store, REVISION_KEY, read, fold, deliver).start()
+    return Follower(store, WATCHED, read, fold, deliver).start()
 
 
 def decode_rollout(value: bytes) -> Rollout:
@@ -514,10 +526,16 @@ def decode_rollout(value: bytes) -> Rollout:
 
 
 def _candidate(store: Store, value: bytes | None) -> Candidate | None:
+    """The candidate a key holds; one that cannot be read is logged and followed as none
+    (`tasklane rollout abort` removes it), so the current rules are still served."""
     if value is None:
         return None
-    rollout = decode_rollout(value)
-    return Candidate(rollout, generation_rules(store, rollout.generation))
+    try:
+        rollout = decode_rollout(value)
+        return Candidate(rollout, generation_rules(store, rollout.generation))
+    except StoreError as exc:
+        _log.error("the rollout's candidate is ignored: %s", exc)
+        return None
 
 
 def _followed(store: Store, state: _Watched, change: Change) -> _Watched:

@@ -62,20 +62,23 @@ class CanaryTallies:
     def __init__(self) -> None:
         self.generation = ""  # the rollout's candidate; "" when none runs
         self.tallies = {CANARY: Tally(), STABLE: Tally()}
+        self.since = 0.0  # when the counting started
         self._judged: dict[str, list[tuple[RuleSet, DyeIndex]]] = {}
-        self._is_canary: Callable[[str], bool] = lambda node: False
+        self._cohort_of: Callable[[str], str | None] = lambda node: None
 
     def start(
         self,
         generation: str,
         current: RuleSet,
         candidate: RuleSet,
-        is_canary: Callable[[str], bool],
+        cohort_of: Callable[[str], str | None],
+        now: float,
     ) -> None:
-        """Count from zero for a new rollout (the same one again keeps its counts)."""
+        """Count from zero for a new rollout (the same one again keeps its counts).
+        `cohort_of(node)`: CANARY, STABLE, or None for a node whose logs are left out."""
         if generation == self.generation:
             return
-        self.generation, self._is_canary = generation, is_canary
+        self.generation, self._cohort_of, self.since = generation, cohort_of, now
         self.tallies = {CANARY: Tally(), STABLE: Tally()}
         now = (current, DyeIndex(current.chains))
         self._judged = {CANARY: [(candidate, DyeIndex(candidate.chains)), now], STABLE: [now]}
@@ -88,5 +91,6 @@ class CanaryTallies:
             return
         for entry in entries:
             if entry.direction in (EGRESS, GATEWAY):
-                cohort = CANARY if self._is_canary(entry.node) else STABLE
-                tally(self.tallies[cohort], self._judged[cohort], entry)
+                cohort = self._cohort_of(entry.node)
+                if cohort is not None:
+                    tally(self.tallies[cohort], self._judged[cohort], entry)

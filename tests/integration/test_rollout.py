@@ -185,6 +185,9 @@ def test_a_good_change_is_promoted_after_its_window(mesh) -> None:
         },
     )
     assert code == 200, body
+    wait_until(lambda: rollout(plane)["current"] is not None, timeout=10, what="rollout followed")
+    canaries = {node for r in rollout(plane)["current"]["roles"] for node in r["canaries"]}
+    assert len(canaries) == 2, canaries
     ended = threading.Event()
     threads = load(sidecars, ended, seconds=40)
     try:
@@ -195,6 +198,14 @@ def test_a_good_change_is_promoted_after_its_window(mesh) -> None:
             thread.join(10)
     last = rollout(plane)["last"]
     assert last["outcome"] == "promoted", last
+    ended_at = last["at"] - time.time() + time.monotonic()  # on the answers' clock
+    # Before the promotion, the canaries ran the candidate and the others did not.
+    for sidecar in sidecars:
+        before = {group for at, status, group in sidecar.answers if at < ended_at - 0.5}
+        assert before == ({"task2"} if sidecar.node in canaries else {"task"}), (
+            sidecar.node,
+            before,
+        )
     rules, _ = load_rules(plane.store)
     assert rules.chains["nightly"].hops[0].group == "task2"
     code, history = plane.request("GET", "/api/v1/history")

@@ -3,17 +3,22 @@ routing decision is tallied against the rules its sidecar holds, and the verdict
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from controlplane.canary import Cohorts
 from controlplane.errors import RuleError
 from controlplane.model.dye import DyeIndex
 from controlplane.model.load import load_text
 from controlplane.model.rollout import (
     ABORTED,
+    CANARY,
     PROMOTED,
+    STABLE,
     Rollout,
     Tally,
-    assign,
+    admits,
     canary_count,
     parse_percent,
     parse_window,
@@ -23,6 +28,7 @@ from controlplane.model.rules import RuleSet
 from controlplane.model.validate import apply
 from controlplane.telemetry.accounting import EGRESS, LogEntry
 from controlplane.telemetry.canary import tally
+from controlplane.xds.status import StatusBoard
 from tests.support.rules import chain, service
 
 SERVICES = service("front", groups=("default",)) + service(
@@ -72,18 +78,13 @@ def test_a_role_keeps_a_stable_sidecar_and_one_sidecar_is_never_a_canary() -> No
     assert canary_count(20, 99) == 19
 
 
-def test_assignment_is_sticky_and_the_same_on_every_replica() -> None:
-    nodes = [f"n{i}" for i in range(10)]
-    first = assign(nodes, frozenset(), 30, "gen-a")
-    assert len(first) == 3
-    assert assign(list(reversed(nodes)), frozenset(), 30, "gen-a") == first  # order-free
-    grown = assign([*nodes, "n10", "n11"], first, 30, "gen-a")
-    assert first <= grown and len(grown) == 4  # canaries stay; one more for 12 sidecars
-    gone = sorted(first)[0]
-    refilled = assign([n for n in nodes if n != gone], first, 30, "gen-a")
-    assert first - {gone} < refilled and len(refilled) == 3  # another takes the share
-    shrunk = assign(nodes[:4], first | {"n0", "n1", "n2"}, 30, "gen-a")
-    assert shrunk == frozenset({"n0", "n1", "n2"}) | (first & set(nodes[:4]))  # none dropped
+def test_sidecars_are_admitted_as_they_come_up_to_the_share() -> None:
+    admitted = 0
+    for sidecars in range(1, 11):  # ten sidecars of a role connect one by one, at 30 %
+        admitted += admits(admitted, sidecars, 30)
+    assert admitted == canary_count(10, 30) == 3
+    assert not admits(3, 10, 30) and admits(2, 10, 30)
+    assert not admits(0, 1, 99)  # a role's only sidecar stays on the current rules
 
 
 def test_a_decision_the_current_rules_explain_is_no_leak_of_the_change() -> None:
@@ -120,6 +121,9 @@ def test_verdict_aborts_at_once_when_the_canary_is_worse() -> None:
     )
     leak = verdict(ROLLOUT, Tally(requests=1, leaks=1), stable, now=1001.0)
     assert leak.action == ABORTED and leak.reason.startswith("canary leaks")
+    # More leaks than the stable sidecars see is worse, however few.
+    leakier = verdict(ROLLOUT, Tally(requests=100, leaks=2), Tally(requests=100, leaks=1), 1001)
+    assert leakier.action == ABORTED
 
 
 def test_verdict_tolerates_what_the_stable_sidecars_see_too() -> None:
@@ -129,8 +133,40 @@ def test_verdict_tolerates_what_the_stable_sidecars_see_too() -> None:
 
 
 def test_verdict_waits_for_enough_canary_requests_even_after_the_window() -> None:
-    late = verdict(ROLLOUT, Tally(requests=3), Tally(requests=50), now=2000.0)
+    late = verdict(ROLLOUT, Tally(requests=3), Tally(requests=50), now=1000.0 + 2 * 60)
     assert late.action == "wait"
     assert late.reason == (
-        "3 of 20 canary requests seen; the window is over: promote or abort by hand, or wait"
+        "3 of 20 canary requests seen; the window is over: promote or abort by hand, or it is "
+        "aborted after 3 windows"
     )
+    given_up = verdict(ROLLOUT, Tally(requests=3), Tally(requests=50), now=1000.0 + 3 * 60)
+    assert given_up.action == ABORTED
+    assert given_up.reason.startswith("too few canary requests to judge in 3 windows (3 of 20)")
+
+
+def test_the_cohort_of_a_sidecar_is_what_its_stream_was_told() -> None:
+    """Sidecars connect, leave and come back during a rollout: a sidecar counts as a canary
+    exactly while the stream it has was told to take the candidate."""
+    board, told = StatusBoard(), {}
+    cohorts = Cohorts(board)
+    cohorts.start(replace(ROLLOUT, percent=50))
+    statuses = {}
+
+    def connect(node: str) -> None:
+        statuses[node] = board.connect(node, "front|default", "delta")
+        told[node] = cohorts.canary(node, "front|default")
+
+    def leave(node: str) -> None:
+        board.disconnect(statuses.pop(node))
+        told.pop(node)
+
+    for n in range(6):
+        connect(f"f{n}")
+    leave("f0")
+    leave("f1")
+    connect("f6")
+    connect("f0")  # back, on a new stream
+    for node in told:
+        assert cohorts.cohort_of(node) == (CANARY if told[node] else STABLE), node
+    assert 0 < sum(told.values()) < len(told)
+    assert cohorts.cohort_of("elsewhere") is None  # connected to another replica
