@@ -66,7 +66,7 @@ class Watched:
         self.sets: list[frozenset[str]] = []
         self.cancel = watch_rules(store, self._seen)
 
-    def _seen(self, rules: RuleSet) -> None:
+    def _seen(self, rules: RuleSet, candidate: object) -> None:
         self.sets.append(frozenset(f"{r.kind}/{r.name}" for r in rules.all()))
 
     def until(self, size: int, timeout: float = 20.0) -> None:
