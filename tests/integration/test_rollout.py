@@ -114,12 +114,25 @@ def rollout(plane: Plane) -> dict:
     return body
 
 
-def load(sidecars: list[Sidecar], until: threading.Event, seconds: float) -> list[threading.Thread]:
-    """Dyed requests through every sidecar, ~20/s each, until `until` is set (bounded)."""
+def staged(plane: Plane, text: str, canary: dict) -> set[str]:
+    """Apply `text` as a rollout; its canaries once the control plane follows it."""
+    body = {"files": [{"name": "change.yaml", "text": text}], "canary": canary}
+    code, answer = plane.request("POST", "/api/v1/apply", body)
+    assert code == 200, answer
+    wait_until(lambda: rollout(plane)["current"] is not None, timeout=10, what="rollout followed")
+    roles = {r["role"]: r for r in rollout(plane)["current"]["roles"]}
+    assert roles[ROLE]["sidecars"] == SIDECARS
+    return set(roles[ROLE]["canaries"])
+
+
+def until_ended(plane: Plane, sidecars: list[Sidecar]) -> dict:
+    """Dyed requests through every sidecar, ~20/s each, until the rollout ends (at most
+    30 s); how it ended."""
+    ended = threading.Event()
 
     def send(sidecar: Sidecar) -> None:
-        deadline = time.monotonic() + seconds
-        while not until.is_set() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 40
+        while not ended.is_set() and time.monotonic() < deadline:
             status, group = ask(sidecar.egress_port)
             sidecar.answers.append((time.monotonic(), status, group))
             time.sleep(0.05)
@@ -127,38 +140,24 @@ def load(sidecars: list[Sidecar], until: threading.Event, seconds: float) -> lis
     threads = [threading.Thread(target=send, args=(s,), daemon=True) for s in sidecars]
     for thread in threads:
         thread.start()
-    return threads
-
-
-def test_a_bad_change_is_aborted_and_never_reaches_the_stable_sidecars(mesh) -> None:
-    plane, sidecars = mesh
-    code, body = plane.request(
-        "POST",
-        "/api/v1/apply",
-        {
-            "files": [{"name": "bad.yaml", "text": moved_to("batch")}],
-            "canary": {"percent": "50%", "window": "60s", "minRequests": 10},
-        },
-    )
-    assert code == 200, body
-    assert body["rollout"]["percent"] == 50
-    wait_until(lambda: rollout(plane)["current"] is not None, timeout=10, what="rollout followed")
-    roles = {r["role"]: r for r in rollout(plane)["current"]["roles"]}
-    canaries = set(roles[ROLE]["canaries"])
-    assert len(canaries) == 2 and roles[ROLE]["sidecars"] == SIDECARS
-
-    ended = threading.Event()
-    threads = load(sidecars, ended, seconds=40)
     try:
         wait_until(lambda: rollout(plane)["last"] is not None, timeout=30, what="rollout ended")
     finally:
         ended.set()
         for thread in threads:
             thread.join(10)
-    last = rollout(plane)["last"]
+    wait_until(lambda: rollout(plane)["current"] is None, timeout=5, what="the end followed")
+    return rollout(plane)["last"]
+
+
+def test_a_bad_change_is_aborted_and_never_reaches_the_stable_sidecars(mesh) -> None:
+    plane, sidecars = mesh
+    canaries = staged(plane, moved_to("batch"), {"percent": "50%", "window": "60s",
+                                                 "minRequests": 10})  # fmt: skip
+    assert len(canaries) == 2
+    last = until_ended(plane, sidecars)
     assert last["outcome"] == "aborted", last
     assert "strict rejections" in last["reason"], last
-    assert rollout(plane)["current"] is None
 
     for sidecar in sidecars:
         seen = Counter((status, group) for _, status, group in sidecar.answers)
@@ -176,27 +175,9 @@ def test_a_bad_change_is_aborted_and_never_reaches_the_stable_sidecars(mesh) -> 
 
 def test_a_good_change_is_promoted_after_its_window(mesh) -> None:
     plane, sidecars = mesh
-    code, body = plane.request(
-        "POST",
-        "/api/v1/apply",
-        {
-            "files": [{"name": "good.yaml", "text": moved_to("task2")}],
-            "canary": {"percent": 50, "window": "4s", "minRequests": 5},
-        },
-    )
-    assert code == 200, body
-    wait_until(lambda: rollout(plane)["current"] is not None, timeout=10, what="rollout followed")
-    canaries = {node for r in rollout(plane)["current"]["roles"] for node in r["canaries"]}
-    assert len(canaries) == 2, canaries
-    ended = threading.Event()
-    threads = load(sidecars, ended, seconds=40)
-    try:
-        wait_until(lambda: rollout(plane)["last"] is not None, timeout=30, what="rollout ended")
-    finally:
-        ended.set()
-        for thread in threads:
-            thread.join(10)
-    last = rollout(plane)["last"]
+    canaries = staged(plane, moved_to("task2"), {"percent": 50, "window": "4s", "minRequests": 5})
+    assert len(canaries) == 2
+    last = until_ended(plane, sidecars)
     assert last["outcome"] == "promoted", last
     ended_at = last["at"] - time.time() + time.monotonic()  # on the answers' clock
     # Before the promotion, the canaries ran the candidate and the others did not.
