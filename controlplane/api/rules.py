@@ -19,10 +19,11 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from controlplane.api import auth
 from controlplane.api.context import ApiContext
 from controlplane.api.http import ApiError
 from controlplane.errors import RuleError
-from controlplane.model.load import Parsed, load_text
+from controlplane.model.load import Parsed, read_rules
 from controlplane.model.rules import KINDS, Rule, RuleSet, from_document, to_document
 from controlplane.model.text import byte_size, quote
 from controlplane.model.validate import apply as validate_apply
@@ -129,12 +130,10 @@ def apply_files(
 
     files are (name, text) pairs; name is how messages refer to the file.
     """
-    parsed = [item for name, text in files for item in load_text(text, name)]
-    if not parsed:
-        raise RuleError(f"no rules in {', '.join(name for name, _ in files)}")
+    parsed, unread = read_rules(files)
 
     def plan(current: RuleSet) -> tuple[RuleSet, dict[str, Any]]:
-        new = validate_apply(current, parsed)
+        new = validate_apply(current, parsed, unread)
         results, diffs = [], []
         for item in parsed:
             before = current.get(item.kind, item.name)
@@ -350,6 +349,7 @@ def routes(context: ApiContext, keep: int = DEFAULT_HISTORY_LIMIT) -> list[web.R
             raise ApiError(413, too_large(request.content_length, MAX_APPLY_BODY)) from None
         if dry_run:
             return await run(apply_files, files, True)
+        auth.require_token(request)
         async with writing:
             return await run(apply_files, files, False, Writer(who(request), keep))
 
@@ -385,7 +385,7 @@ def routes(context: ApiContext, keep: int = DEFAULT_HISTORY_LIMIT) -> list[web.R
             return await run(rollback, target, Writer(who(request), keep))
 
     return [
-        web.post("/api/v1/apply", apply),
+        web.post("/api/v1/apply", auth.writes_on_request(apply)),
         web.get("/api/v1/rules/{kind}", list_kind),
         web.get("/api/v1/rules/{kind}/{name}", get_one),
         web.delete("/api/v1/rules/{kind}/{name}", delete),

@@ -3,7 +3,7 @@
 Each subcommand is one `add_<name>` function (its parser, with `handler=` set to the function
 that runs it) listed in COMMANDS, grouped in modules by what they drive. Handlers return the
 exit code; any TasklaneError they raise becomes one `tasklane: error: <message>` line on stderr
-and exit code 2, never a traceback.
+and exit code 2, never a traceback (a RuleError naming several problems is one such line each).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from controlplane.cli.rules import (
     add_get,
     add_history,
     add_rollback,
+    add_validate,
 )
 from controlplane.cli.tasks import add_simulate, add_task
 from controlplane.cli.tls import add_tls
@@ -38,6 +39,7 @@ COMMANDS = (
     add_up,
     add_apply,
     add_diff,
+    add_validate,
     add_get,
     add_delete,
     add_history,
@@ -81,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except TasklaneError as exc:
-        print(f"tasklane: error: {exc}", file=sys.stderr)
+    except TasklaneError as exc:  # several problems (a rule file's) are one line each
+        for line in str(exc).split("\n"):
+            print(f"tasklane: error: {line}", file=sys.stderr)
         return EXIT_ERROR

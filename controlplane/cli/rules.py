@@ -28,8 +28,10 @@ from controlplane.cli.client import (
 from controlplane.cli.scope import get_scope
 from controlplane.cli.views import table
 from controlplane.errors import RuleError, TasklaneError
-from controlplane.model.load import RULE_SUFFIXES
+from controlplane.model.load import RULE_SUFFIXES, read_rules
+from controlplane.model.rules import RuleSet
 from controlplane.model.text import byte_size
+from controlplane.model.validate import apply as validate_apply
 
 
 def _add_filename(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +67,32 @@ def apply(args: argparse.Namespace) -> int:
     suffix = " (dry run)" if args.dry_run else ""
     lines = [f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}\n" for r in body["results"]]
     output("".join(lines) + (body["diff"] if args.dry_run else ""))
+    return 0
+
+
+def add_validate(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane validate -f FILE|DIR`: the apply's checks, offline (pre-commit, CI)."""
+    p = commands.add_parser(
+        "validate",
+        parents=[common],
+        help="check rule files offline, with no control plane",
+        description="Check rule files with the same validator and messages as an apply, "
+        "without a control plane: each document, then the references between the files' "
+        "rules (so give every file the rules refer to). Every problem is one line on stderr; "
+        "exit status 0 when valid, 2 otherwise. For pre-commit hooks and CI.",
+    )
+    _add_filename(p)
+    p.set_defaults(handler=validate)
+
+
+def validate(args: argparse.Namespace) -> int:
+    files = _rule_files(args.filename)
+    parsed, unread = read_rules([(file["name"], file["text"]) for file in files])
+    rules = validate_apply(RuleSet.empty(), parsed, unread)
+    counts = [(len(rules.services), "Service"), (len(rules.chains), "TaskChain"),
+              (len(rules.tasks), "ScheduledTask")]  # fmt: skip
+    shown = ", ".join(f"{count} {kind}" for count, kind in counts)
+    output(f"valid: {shown} ({len(files)} file{'s' if len(files) != 1 else ''})\n")
     return 0
 
 
@@ -350,8 +378,9 @@ def _apply_files(
     args: argparse.Namespace, files: list[dict[str, str]], *, dry_run: bool
 ) -> dict[str, Any]:
     body = {"files": files, "dryRun": dry_run}
+    token = None if dry_run else api_token(args)  # a dry run writes nothing: no token needed
     try:
-        return call(args.server, "POST", "/api/v1/apply", body, api_token(args))
+        return call(args.server, "POST", "/api/v1/apply", body, token)
     except ApiError as exc:
         if exc.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
             raise
