@@ -24,8 +24,15 @@ from controlplane.api.context import ApiContext
 from controlplane.api.http import ApiError
 from controlplane.errors import RuleError
 from controlplane.model.load import Parsed, read_rules
-from controlplane.model.rules import KINDS, Rule, RuleSet, from_document, to_document
-from controlplane.model.text import byte_size, quote
+from controlplane.model.rules import (
+    KIND_ALIASES,
+    KINDS,
+    Rule,
+    RuleSet,
+    from_document,
+    to_document,
+)
+from controlplane.model.text import byte_size, did_you_mean, quote
 from controlplane.model.validate import apply as validate_apply
 from controlplane.model.validate import check_delete
 from controlplane.store import history
@@ -39,20 +46,6 @@ from controlplane.store.rules import (
 
 log = logging.getLogger(__name__)
 
-# What a user may type for a kind, lower-cased (like `kubectl get svc`).
-KIND_ALIASES = {
-    "service": "Service",
-    "services": "Service",
-    "svc": "Service",
-    "taskchain": "TaskChain",
-    "taskchains": "TaskChain",
-    "chain": "TaskChain",
-    "chains": "TaskChain",
-    "scheduledtask": "ScheduledTask",
-    "scheduledtasks": "ScheduledTask",
-    "task": "ScheduledTask",
-    "tasks": "ScheduledTask",
-}
 # Another writer (a second control plane) changing the rules between our read and write is
 # rare; one retry re-validates against their rules, a second conflict goes to the user.
 RETRIES = 1
@@ -67,11 +60,10 @@ def resolve_kind(text: str) -> str:
     """The canonical kind for a name, alias or plural in any case; 404 for anything else."""
     kind = KIND_ALIASES.get(text.lower())
     if kind is None:
-        raise ApiError(
-            404,
-            f"unknown kind {quote(text)} (expected one of: {', '.join(KINDS)}, "
-            "or svc, chain, task and their plurals)",
+        hint = did_you_mean(text, KIND_ALIASES) or (
+            f" (expected one of: {', '.join(KINDS)}, or svc, chain, task and their plurals)"
         )
+        raise ApiError(404, f"unknown kind {quote(text)}{hint}")
     return kind
 
 

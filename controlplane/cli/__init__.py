@@ -13,13 +13,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from controlplane.cli.completion import add_completion
+from controlplane.cli.get import add_get
 from controlplane.cli.inject import add_inject
 from controlplane.cli.k8s import add_k8s
 from controlplane.cli.rules import (
     add_apply,
     add_delete,
     add_diff,
-    add_get,
     add_history,
     add_rollback,
     add_validate,
@@ -27,6 +28,7 @@ from controlplane.cli.rules import (
 from controlplane.cli.tasks import add_simulate, add_task
 from controlplane.cli.tls import add_tls
 from controlplane.cli.up import add_demo, add_up
+from controlplane.cli.version import VersionFlag, add_version
 from controlplane.cli.views import add_status, add_top
 from controlplane.cli.workloads import add_gateway, add_run
 from controlplane.errors import TasklaneError
@@ -54,6 +56,8 @@ COMMANDS = (
     add_inject,
     add_tls,
     add_k8s,
+    add_version,
+    add_completion,
 )
 
 
@@ -66,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tasklane",
         description="Service-mesh traffic steering for scheduled batch tasks.",
+    )
+    parser.add_argument(
+        "--version", action=VersionFlag, help="print the versions of tasklane, Envoy and etcd"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:

@@ -31,6 +31,20 @@ from controlplane.model.text import describe, did_you_mean, quote
 
 API_VERSION = "tasklane.io/v1"
 KINDS = ("Service", "TaskChain", "ScheduledTask")
+# What a user may type for a kind, lower-cased (like `kubectl get svc`).
+KIND_ALIASES = {
+    "service": "Service",
+    "services": "Service",
+    "svc": "Service",
+    "taskchain": "TaskChain",
+    "taskchains": "TaskChain",
+    "chain": "TaskChain",
+    "chains": "TaskChain",
+    "scheduledtask": "ScheduledTask",
+    "scheduledtasks": "ScheduledTask",
+    "task": "ScheduledTask",
+    "tasks": "ScheduledTask",
+}
 PROTOCOLS = ("http", "grpc")
 FALLBACKS = ("strict", "loose")
 DEFAULT_TIMEZONE = "UTC"
