@@ -234,6 +234,24 @@ def test_status_top_and_profile_print_json_and_yaml(running_up: Up) -> None:
     as_json = json.loads(ok(tasklane("get", "profile", "account-svc", "-o", "json", up=up)))
     assert as_json["groups"] == shown["groups"]
 
+    # Empty parts say why they are empty.
+    table = ok(tasklane("get", "profile", "account-svc", up=up))
+    assert table.endswith(
+        "recent decisions:\nnone: this control plane runs no scaler; it runs only when "
+        "`tasklane up` is started with --actuator local|kubernetes|dry-run\n"
+    )
+    lone = "apiVersion: tasklane.io/v1\nkind: Service\nmetadata: {name: ledger-svc}\nspec: {}\n"
+    applied = subprocess.run(
+        [*TASKLANE, "apply", "-f", "-"], input=lone, capture_output=True, text=True,
+        env={**os.environ, "TASKLANE_SERVER": up.url(""), "TASKLANE_TOKEN": up.token},
+    )  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+    lines = ok(tasklane("get", "profile", "ledger-svc", up=up)).splitlines()
+    assert lines[1] == (
+        "none: no ScheduledTask drives a chain with a task-group hop on ledger-svc (only the "
+        "groups of such hops are scaled from the tasks' crons)"
+    )
+
 
 def _minute(iso: str, start: float) -> int:
     return round((calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")) - start) / 60)
