@@ -40,8 +40,9 @@ def writes_on_request(handler: Handler) -> Handler:
 
 
 def require_token(request: web.Request) -> None:
-    """TokenRequired unless the request carried this control plane's token."""
-    if not request.get(_TOKEN_ACCEPTED, False):
+    """TokenRequired unless the request carried this control plane's token (an app served
+    without the middleware guards no write, this one neither)."""
+    if not request.get(_TOKEN_ACCEPTED, True):
         raise TokenRequired
 
 
