@@ -1,7 +1,6 @@
 """A hypothesis fuzz of the rule loader: whatever the text, `read_texts` plus `validate.apply`
 either succeed or raise a RuleError of one line per problem naming the file; never another
-exception, and
-never slowly (alias bombs, deep nesting and huge scalars included)."""
+exception, and never slowly (alias bombs, deep nesting and huge scalars included)."""
 
 from __future__ import annotations
 
