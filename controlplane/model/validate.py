@@ -11,9 +11,9 @@ trip; a name that is close to a known one is suggested (model/text.py did_you_me
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
-from controlplane.errors import RuleError, rule_errors
+from controlplane.errors import MAX_PROBLEMS_SHOWN, RuleError, rule_errors
 from controlplane.model.dye import DyeClaims
 from controlplane.model.load import Key, Parsed, Unread
 from controlplane.model.rules import Rule, RuleSet, ScheduledTask, Service, TaskChain
@@ -129,6 +129,11 @@ class _Report:
         suffix = f" (changed by {cause.where})" if cause is not None else ""
         self.problems.append(f"stored {rule.kind} {rule.name}: {path}: {problem}{suffix}")
 
+    def did_you_mean(self, word: str, options: Iterable[str]) -> str:
+        """model.text.did_you_mean() for the problems shown only: each costs a pass over
+        `options` (10,000 services, say), and thousands of problems must stay fast."""
+        return did_you_mean(word, options) if len(self.problems) < MAX_PROBLEMS_SHOWN else ""
+
     def first_time(self, *claims: tuple[str, str]) -> bool:
         """False when one of these (chain, dye value) claims is in a conflict reported
         already: the other chain of a conflict would otherwise report it again."""
@@ -149,7 +154,7 @@ def _check_calls(service: Service, ruleset: RuleSet, report: _Report) -> None:
             report.fail(
                 service,
                 f"spec.calls[{index}]",
-                f"unknown service {quote(callee)}{did_you_mean(callee, ruleset.services)}",
+                f"unknown service {quote(callee)}{report.did_you_mean(callee, ruleset.services)}",
                 (("Service", callee),),
             )
 
@@ -163,12 +168,12 @@ def _check_chain(chain: TaskChain, ruleset: RuleSet, claims: DyeClaims, report: 
                 chain,
                 f"{path}.service",
                 f"unknown service {quote(hop.service)}"
-                + did_you_mean(hop.service, ruleset.services),
+                + report.did_you_mean(hop.service, ruleset.services),
                 (("Service", hop.service),),
             )
         elif service.group(hop.group) is None:
             names = [group.name for group in service.groups]
-            hint = did_you_mean(hop.group, names)
+            hint = report.did_you_mean(hop.group, names)
             if not hint:
                 hint = f" (it has: {', '.join(names)})"
             report.fail(
@@ -200,7 +205,7 @@ def _check_task(task: ScheduledTask, ruleset: RuleSet, report: _Report) -> None:
         report.fail(
             task,
             "spec.chain",
-            f"unknown chain {quote(task.chain)}{did_you_mean(task.chain, ruleset.chains)}",
+            f"unknown chain {quote(task.chain)}{report.did_you_mean(task.chain, ruleset.chains)}",
             (("TaskChain", task.chain),),
         )
         return
@@ -213,7 +218,7 @@ def _check_task(task: ScheduledTask, ruleset: RuleSet, report: _Report) -> None:
                 task,
                 path,
                 f"service {service_name} is not a hop of TaskChain {chain.name}"
-                + (did_you_mean(service_name, hops) or f" (its hops: {', '.join(hops)})"),
+                + (report.did_you_mean(service_name, hops) or f" (its hops: {', '.join(hops)})"),
                 (("TaskChain", chain.name),),
             )
             continue
