@@ -17,6 +17,8 @@ from controlplane.cli.completion import add_completion
 from controlplane.cli.get import add_get
 from controlplane.cli.inject import add_inject
 from controlplane.cli.k8s import add_k8s
+from controlplane.cli.probe import add_probe
+from controlplane.cli.rollout import add_rollout
 from controlplane.cli.rules import (
     add_apply,
     add_delete,
@@ -46,6 +48,7 @@ COMMANDS = (
     add_delete,
     add_history,
     add_rollback,
+    add_rollout,
     add_run,
     add_gateway,
     add_demo,
@@ -53,6 +56,7 @@ COMMANDS = (
     add_simulate,
     add_status,
     add_top,
+    add_probe,
     add_inject,
     add_tls,
     add_k8s,

@@ -26,6 +26,12 @@ from controlplane.cli.client import (
 from controlplane.cli.views import table
 from controlplane.errors import RuleError, TasklaneError
 from controlplane.model.load import RULE_SUFFIXES, read_rules
+from controlplane.model.rollout import (
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_WINDOW_S,
+    parse_percent,
+    parse_window,
+)
 from controlplane.model.rules import RuleSet
 from controlplane.model.text import byte_size
 from controlplane.model.validate import apply as validate_apply
@@ -55,14 +61,48 @@ def add_apply(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
     )
     _add_filename(p)
     p.add_argument("--dry-run", action="store_true", help="check and show the diff without writing")
+    p.add_argument(
+        "--canary",
+        metavar="PERCENT",
+        help="stage the change as a rollout: serve it to PERCENT (1-99%%) of each role's "
+        "sidecars first, compare them with the rest, then promote it or revert it "
+        "automatically (see `tasklane rollout`)",
+    )
+    p.add_argument(
+        "--canary-window",
+        metavar="DURATION",
+        default=f"{DEFAULT_WINDOW_S}s",
+        help=f"how long the canary is watched before promotion (default: {DEFAULT_WINDOW_S}s)",
+    )
+    p.add_argument(
+        "--canary-min-requests",
+        type=int,
+        metavar="N",
+        default=DEFAULT_MIN_REQUESTS,
+        help="canary requests needed to judge it (default: %(default)s)",
+    )
     p.set_defaults(handler=apply)
 
 
 def apply(args: argparse.Namespace) -> int:
     """One line per document, as kubectl prints them; a dry run adds the diff."""
-    body = _apply_files(args, _rule_files(args.filename), dry_run=args.dry_run)
+    canary = None
+    if args.canary is not None:  # checked here too, before sending 10,000 documents
+        canary = {
+            "percent": parse_percent(args.canary),
+            "window": f"{parse_window(args.canary_window)}s",
+            "minRequests": args.canary_min_requests,
+        }
+    body = _apply_files(args, _rule_files(args.filename), dry_run=args.dry_run, canary=canary)
     suffix = " (dry run)" if args.dry_run else ""
     lines = [f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}\n" for r in body["results"]]
+    rollout = body.get("rollout")
+    if rollout is not None:
+        lines.append(
+            f"rollout of revision {rollout['revision']} started: {rollout['percent']}% of each "
+            f"role's sidecars first, judged over {rollout['window']} "
+            "(tasklane rollout status)\n"
+        )
     output("".join(lines) + (body["diff"] if args.dry_run else ""))
     return 0
 
@@ -271,9 +311,15 @@ def _decode(name: str, data: bytes) -> str:
 
 
 def _apply_files(
-    args: argparse.Namespace, files: list[dict[str, str]], *, dry_run: bool
+    args: argparse.Namespace,
+    files: list[dict[str, str]],
+    *,
+    dry_run: bool,
+    canary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    body = {"files": files, "dryRun": dry_run}
+    body: dict[str, Any] = {"files": files, "dryRun": dry_run}
+    if canary is not None:
+        body["canary"] = canary
     token = None if dry_run else api_token(args)  # a dry run writes nothing: no token needed
     try:
         return call(args.server, "POST", "/api/v1/apply", body, token)

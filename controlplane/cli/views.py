@@ -121,7 +121,7 @@ def _status_header(status: dict[str, Any], now: float) -> str:
 def render_top(isolation: dict[str, Any]) -> str:
     """Per chain, one row per hop and group: dyed and online request rates, requests, 5xx,
     latency, leaks, fallbacks by reason and rate-limited requests; then the uncovered hops,
-    the propagation breaks and the totals."""
+    the propagation breaks, the queue hops and the totals (queue leaks and fallbacks in them)."""
     blocks = [_chain_block(chain) for chain in isolation["chains"]] or ["no chain is defined"]
     uncovered = [
         f"  {u['chain']}: {u['service']}/{u['group']}, {u['requests']} requests ({u['rate']:.1f}/s)"
@@ -137,10 +137,28 @@ def render_top(isolation: dict[str, Any]) -> str:
     ]
     if breaks:
         blocks.append("\n".join(["propagation breaks:", *breaks]))
+    if isolation.get("queues"):
+        rows = [_queue_row(row) for row in isolation["queues"]]
+        blocks.append("\n".join(["queue hops (messages consumed):", table(rows)]))
     totals = isolation["totals"]
     counts = [f"{name.replace('_', ' ')} {totals[name]}" for name in TOTALS if name in totals]
     blocks.append("totals: " + ", ".join(counts))
     return "\n\n".join(blocks)
+
+
+def _queue_row(row: dict[str, Any]) -> dict[str, str]:
+    fallbacks = ",".join(f"{reason}:{n}" for reason, n in sorted(row["fallbacks"].items()) if n)
+    return {
+        "QUEUE": row["queue"],
+        "CHAIN": row["chain"] or "(online)",
+        "SERVICE": row["service"],
+        "GROUP": row["group"],
+        "MSG/S": f"{row['rate']:.1f}",
+        "MESSAGES": str(row["messages"]),
+        "LEAKS": str(row["leaks"]) + (" !" if row["leaks"] else ""),
+        "FALLBACKS": fallbacks or "-",
+        "BAD DYES": str(row["bad_dyes"]),
+    }
 
 
 def _chain_block(chain: dict[str, Any]) -> str:

@@ -148,13 +148,17 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class Hop:
-    """Where a chain's dyed requests to `service` go: `weight`% to `group`, the rest default."""
+    """Where a chain's dyed requests to `service` go: `weight`% to `group`, the rest default.
+
+    A queue hop (`queue` set) is reached through a message queue the service consumes, not over
+    HTTP: its dyed messages all go to `group` (see `model/queues.py`)."""
 
     service: str
     group: str
     weight: int
     rate_limit: RateLimit | None
     retries: Retries | None = None  # None: the service's own (if any) apply
+    queue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -305,6 +309,8 @@ def _hop_document(hop: Hop) -> dict[str, Any]:
         }
     if hop.retries is not None:
         document["retries"] = _retries_document(hop.retries)
+    if hop.queue is not None:
+        document["queue"] = hop.queue
     return document
 
 
@@ -464,7 +470,9 @@ def _chain(reader: _Reader, name: str, spec: object) -> TaskChain:
     seen: dict[str, int] = {}
     for index, item in enumerate(hop_items):
         path = f"spec.hops[{index}]"
-        hop = reader.fields(item, path, ("service", "group", "weight", "rateLimit", "retries"))
+        hop = reader.fields(
+            item, path, ("service", "group", "weight", "rateLimit", "retries", "queue")
+        )
         service = reader.name(hop, path, "service", "service name")
         if service in seen:
             reader.fail(
@@ -478,10 +486,32 @@ def _chain(reader: _Reader, name: str, spec: object) -> TaskChain:
         if "rateLimit" in hop:
             rate_limit = _rate_limit(reader, hop["rateLimit"], f"{path}.rateLimit")
         retries = _retries(reader, hop["retries"], f"{path}.retries") if "retries" in hop else None
+        queue = _queue(reader, hop, path) if "queue" in hop else None
         hops.append(
-            Hop(service=service, group=group, weight=weight, rate_limit=rate_limit, retries=retries)
+            Hop(
+                service=service,
+                group=group,
+                weight=weight,
+                rate_limit=rate_limit,
+                retries=retries,
+                queue=queue,
+            )
         )
     return TaskChain(name=name, dye=dye, fallback=fallback, hops=tuple(hops))
+
+
+def _queue(reader: _Reader, hop: dict[Any, Any], path: str) -> str:
+    """The queue a hop's service consumes; its messages all go to the hop's group."""
+    queue = reader.name(hop, path, "queue", "queue name")
+    if hop.get("weight", 100) != 100:
+        reader.fail(
+            f"{path}.weight",
+            "a queue hop takes all of its chain's messages; weight applies to HTTP hops only",
+        )
+    for field in ("rateLimit", "retries"):
+        if field in hop:
+            reader.fail(f"{path}.{field}", "applies to HTTP hops only, not to a queue hop")
+    return queue
 
 
 def _dye(reader: _Reader, value: object) -> Dye:

@@ -63,11 +63,13 @@ def _problems(
     its own checks: it is reported already, and missing here only because of them)."""
     report = _Report(origins, claimed)
     claims = DyeClaims(ruleset.chains.values())
+    consumers = _queue_consumers(ruleset)
     for rule in _check_order(ruleset, report.origins):
         if isinstance(rule, Service):
             _check_calls(rule, ruleset, report)
         elif isinstance(rule, TaskChain):
             _check_chain(rule, ruleset, claims, report)
+            _check_queue_hops(rule, consumers, report)
         elif isinstance(rule, ScheduledTask):
             _check_task(rule, ruleset, report)
     return report.problems
@@ -197,6 +199,35 @@ def _check_chain(chain: TaskChain, ruleset: RuleSet, claims: DyeClaims, report: 
                     f"both would claim dye {quote(sample)}"
                 )
             report.fail(chain, "spec.dye.values", problem, (("TaskChain", other),))
+
+
+def _queue_consumers(ruleset: RuleSet) -> dict[str, tuple[str, int, str]]:
+    """The first (chain, hop index, service) naming each queue, chains by name."""
+    consumers: dict[str, tuple[str, int, str]] = {}
+    for name in sorted(ruleset.chains):
+        for index, hop in enumerate(ruleset.chains[name].hops):
+            if hop.queue is not None:
+                consumers.setdefault(hop.queue, (name, index, hop.service))
+    return consumers
+
+
+def _check_queue_hops(
+    chain: TaskChain, consumers: Mapping[str, tuple[str, int, str]], report: _Report
+) -> None:
+    """A queue is a work queue of one service: its lanes and default queue are that service's."""
+    for index, hop in enumerate(chain.hops):
+        if hop.queue is None:
+            continue
+        other, other_index, service = consumers[hop.queue]
+        if service != hop.service:
+            where = report.describe("TaskChain", other)
+            report.fail(
+                chain,
+                f"spec.hops[{index}].queue",
+                f"queue {quote(hop.queue)} is consumed by service {service} "
+                f"({where}, spec.hops[{other_index}]); a queue has one consuming service",
+                (("TaskChain", other),),
+            )
 
 
 def _check_task(task: ScheduledTask, ruleset: RuleSet, report: _Report) -> None:
