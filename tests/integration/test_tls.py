@@ -217,11 +217,12 @@ def test_gateway_over_tls_routes_a_request(
         wait_until(lambda: get(port, "fund-facade", {})[0] == 200, what="gateway routes")
         status, answer = get(port, "fund-facade", {})
         assert (status, hops(answer)) == (200, ONLINE), answer
+        bootstrap = (tmp_path / f"gateway-{port}" / "bootstrap.yaml").read_text()
+        assert str(tls_dir / "client.key") in bootstrap  # Envoy reads the key; the YAML names it
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=STOP_TIMEOUT) == 0, out.read_text()
-    bootstrap = (tmp_path / f"gateway-{port}" / "bootstrap.yaml").read_text()
-    assert str(tls_dir / "client.key") in bootstrap  # Envoy reads the key; the YAML names it
+    assert not (tmp_path / f"gateway-{port}").exists()  # its state goes with it
 
 
 # ---------------------------------------------------------------------------- refusals
