@@ -20,10 +20,11 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from controlplane.api import auth
 from controlplane.api.context import ApiContext
 from controlplane.api.http import ApiError
 from controlplane.errors import RuleError
-from controlplane.model.load import Parsed, load_text
+from controlplane.model.load import Parsed, read_rules
 from controlplane.model.rollout import (
     DEFAULT_MIN_REQUESTS,
     DEFAULT_WINDOW_S,
@@ -31,8 +32,15 @@ from controlplane.model.rollout import (
     parse_percent,
     parse_window,
 )
-from controlplane.model.rules import KINDS, Rule, RuleSet, from_document, to_document
-from controlplane.model.text import byte_size, quote
+from controlplane.model.rules import (
+    KIND_ALIASES,
+    KINDS,
+    Rule,
+    RuleSet,
+    from_document,
+    to_document,
+)
+from controlplane.model.text import byte_size, did_you_mean, quote
 from controlplane.model.validate import apply as validate_apply
 from controlplane.model.validate import check_delete
 from controlplane.store import history
@@ -48,20 +56,6 @@ from controlplane.store.rules import (
 
 log = logging.getLogger(__name__)
 
-# What a user may type for a kind, lower-cased (like `kubectl get svc`).
-KIND_ALIASES = {
-    "service": "Service",
-    "services": "Service",
-    "svc": "Service",
-    "taskchain": "TaskChain",
-    "taskchains": "TaskChain",
-    "chain": "TaskChain",
-    "chains": "TaskChain",
-    "scheduledtask": "ScheduledTask",
-    "scheduledtasks": "ScheduledTask",
-    "task": "ScheduledTask",
-    "tasks": "ScheduledTask",
-}
 # Another writer (a second control plane) changing the rules between our read and write is
 # rare; one retry re-validates against their rules, a second conflict goes to the user.
 RETRIES = 1
@@ -76,11 +70,10 @@ def resolve_kind(text: str) -> str:
     """The canonical kind for a name, alias or plural in any case; 404 for anything else."""
     kind = KIND_ALIASES.get(text.lower())
     if kind is None:
-        raise ApiError(
-            404,
-            f"unknown kind {quote(text)} (expected one of: {', '.join(KINDS)}, "
-            "or svc, chain, task and their plurals)",
+        hint = did_you_mean(text, KIND_ALIASES) or (
+            f" (expected one of: {', '.join(KINDS)}, or svc, chain, task and their plurals)"
         )
+        raise ApiError(404, f"unknown kind {quote(text)}{hint}")
     return kind
 
 
@@ -142,12 +135,10 @@ def apply_files(
 
     files are (name, text) pairs; name is how messages refer to the file.
     """
-    parsed = [item for name, text in files for item in load_text(text, name)]
-    if not parsed:
-        raise RuleError(f"no rules in {', '.join(name for name, _ in files)}")
+    parsed, unread = read_rules(files)
 
     def plan(current: RuleSet) -> tuple[RuleSet, dict[str, Any]]:
-        new = validate_apply(current, parsed)
+        new = validate_apply(current, parsed, unread)
         results, diffs = [], []
         for item in parsed:
             before = current.get(item.kind, item.name)
@@ -403,6 +394,7 @@ def routes(context: ApiContext, keep: int = DEFAULT_HISTORY_LIMIT) -> list[web.R
         rollout = None if canary is None else canary_settings(canary, who(request))
         if dry_run:
             return await run(apply_files, files, True)
+        auth.require_token(request)
         async with writing:
             return await run(apply_files, files, False, Writer(who(request), keep, rollout))
 
@@ -438,7 +430,7 @@ def routes(context: ApiContext, keep: int = DEFAULT_HISTORY_LIMIT) -> list[web.R
             return await run(rollback, target, Writer(who(request), keep))
 
     return [
-        web.post("/api/v1/apply", apply),
+        web.post("/api/v1/apply", auth.writes_on_request(apply)),
         web.get("/api/v1/rules/{kind}", list_kind),
         web.get("/api/v1/rules/{kind}/{name}", get_one),
         web.delete("/api/v1/rules/{kind}/{name}", delete),

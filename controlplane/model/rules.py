@@ -27,10 +27,24 @@ from controlplane.model.dye import (
 )
 from controlplane.model.group import DEFAULT_GROUP
 from controlplane.model.instance import proxy_env
-from controlplane.model.text import describe, quote
+from controlplane.model.text import describe, did_you_mean, quote
 
 API_VERSION = "tasklane.io/v1"
 KINDS = ("Service", "TaskChain", "ScheduledTask")
+# What a user may type for a kind, lower-cased (like `kubectl get svc`).
+KIND_ALIASES = {
+    "service": "Service",
+    "services": "Service",
+    "svc": "Service",
+    "taskchain": "TaskChain",
+    "taskchains": "TaskChain",
+    "chain": "TaskChain",
+    "chains": "TaskChain",
+    "scheduledtask": "ScheduledTask",
+    "scheduledtasks": "ScheduledTask",
+    "task": "ScheduledTask",
+    "tasks": "ScheduledTask",
+}
 PROTOCOLS = ("http", "grpc")
 FALLBACKS = ("strict", "loose")
 DEFAULT_TIMEZONE = "UTC"
@@ -228,7 +242,12 @@ class RuleSet:
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise RuleError(f"unknown kind {quote(str(kind))} (expected one of: {', '.join(KINDS)})")
+        raise RuleError(f"unknown kind {quote(str(kind))}{_kinds_hint(kind)}")
+
+
+def _kinds_hint(kind: object) -> str:
+    """' (did you mean TaskChain?)', or the list of kinds when none is close."""
+    return did_you_mean(kind, KINDS) or f" (expected one of: {', '.join(KINDS)})"
 
 
 # --- documents --------------------------------------------------------------------------
@@ -342,7 +361,7 @@ def from_document(doc: object, where: str) -> Rule:
         reader.fail("apiVersion", f"expected {API_VERSION!r}, got {describe(api_version)}")
     kind = reader.string(top, "", "kind")
     if kind not in KINDS:
-        reader.fail("kind", f"unknown kind {quote(kind)} (expected one of: {', '.join(KINDS)})")
+        reader.fail("kind", f"unknown kind {quote(kind)}{_kinds_hint(kind)}")
     metadata = reader.fields(reader.required(top, "", "metadata"), "metadata", ("name",))
     name = reader.name(metadata, "metadata", "name", "name")
     spec = reader.required(top, "", "spec")
@@ -569,7 +588,9 @@ def _retries(reader: _Reader, value: object, path: str) -> Retries:
             codes.append(item)
         elif item not in RETRY_ON:
             reader.fail(
-                where, f"{quote(item)} is not one of: {', '.join(RETRY_ON)}, or a status code"
+                where,
+                f"{quote(item)} is not one of: {', '.join(RETRY_ON)}, or a status code"
+                + did_you_mean(item, RETRY_ON),
             )
         else:
             conditions.append(item)
@@ -665,9 +686,8 @@ class _Reader:
             self.fail(path, f"expected a mapping, got {describe(value)}")
         for key in value:
             if key not in allowed:
-                self.fail(
-                    _join(path, key), f"unknown field (expected one of: {', '.join(allowed)})"
-                )
+                hint = did_you_mean(key, allowed) or f" (expected one of: {', '.join(allowed)})"
+                self.fail(_join(path, key), f"unknown field{hint}")
         return value
 
     def required(self, fields: dict[Any, Any], path: str, key: str) -> object:
@@ -700,7 +720,10 @@ class _Reader:
     ) -> str:
         value = self.string(fields, path, key, default)
         if value not in options:
-            self.fail(_join(path, key), f"{quote(value)} is not one of: {', '.join(options)}")
+            self.fail(
+                _join(path, key),
+                f"{quote(value)} is not one of: {', '.join(options)}{did_you_mean(value, options)}",
+            )
         return value
 
     def integer(

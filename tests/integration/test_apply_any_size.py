@@ -136,7 +136,7 @@ def test_10000_documents_apply_whole_and_a_bad_last_one_changes_nothing(
         assert status == 400
         assert body == {
             "error": "mesh.yaml: document 10000 (TaskChain svc-chain-00199): "
-            "spec.hops[2].group: service svc-00599 has no group 'nope'"
+            "spec.hops[2].group: service svc-00599 has no group 'nope' (it has: default, task)"
         }
         assert snapshot(reader) == before
     finally:

@@ -168,7 +168,7 @@ def test_refused_apply_writes_nothing_of_any_file(plane: Plane) -> None:
     assert status == 400
     assert body == {
         "error": "b.yaml: document 1 (TaskChain ledger): spec.hops[0].group: "
-        "service ledger-svc has no group 'batch'"
+        "service ledger-svc has no group 'batch' (it has: default, task)"
     }
     assert plane.snapshot() == before
 
