@@ -146,6 +146,13 @@ def add_simulate(commands: argparse._SubParsersAction, common: argparse.Argument
     )
     p.add_argument("--seed", type=int, help="random seed (default: the workload's)")
     p.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default="table",
+        help="table (default: two tables within 100 columns and a legend) or json",
+    )
+    p.add_argument(
         "--from-history",
         action="store_true",
         help="first write FILE from the control plane's stored history (rules, runs, measured "
@@ -155,13 +162,14 @@ def add_simulate(commands: argparse._SubParsersAction, common: argparse.Argument
 
 
 def simulate_workload(args: argparse.Namespace) -> int:
+    from controlplane.cli.simulation import as_json, render
     from controlplane.scaler.simulate import simulate
     from controlplane.scaler.workload import load_workload
 
     if args.from_history:
         write_history_workload(args.server, args.workload)
     report = simulate(load_workload(args.workload), args.days, args.policy, args.seed)
-    output(report.table() + "\n")
+    output(as_json(report) if args.output == "json" else render(report) + "\n")
     return 0
 
 

@@ -328,7 +328,7 @@ class Accounting:
             self._dyed_in.put(key, (chain.name, service, group), now)
 
     def _out_of_lane(self, chain: TaskChain, hop: Hop, entry: LogEntry, now: float) -> None:
-        if not _may_serve(chain, hop, entry.group):
+        if not may_serve(chain, hop, entry.group):
             self._stats(chain.name, entry.service, entry.group).leaks += 1
             return
         parked = _Parked(chain.name, entry.service, entry.group)
@@ -371,7 +371,7 @@ class Accounting:
                 self._picked.put(key, picked, now)
                 for parked in self._parked.pop(key) or ():
                     self._judge(parked, picked)
-            if hop is not None and picked == DEFAULT_GROUP and _falls_back(chain, hop):
+            if hop is not None and picked == DEFAULT_GROUP and falls_back(chain, hop):
                 self._stats(chain.name, service, hop.group).fallbacks[self._reason(hop)] += 1
         elif entry.request_id:
             key = (entry.node, entry.request_id)
@@ -455,12 +455,12 @@ def host_of(entry: LogEntry) -> str:
     return entry.authority.rsplit(":", 1)[0] if entry.authority else ""
 
 
-def _may_serve(chain: TaskChain, hop: Hop, group: str) -> bool:
+def may_serve(chain: TaskChain, hop: Hop, group: str) -> bool:
     """Whether the config itself sends some of the hop's requests to `group`: the share of a
     weight under 100, or a loose chain's fallback, both to `default`."""
     return group == DEFAULT_GROUP and (hop.weight < 100 or chain.fallback == "loose")
 
 
-def _falls_back(chain: TaskChain, hop: Hop) -> bool:
+def falls_back(chain: TaskChain, hop: Hop) -> bool:
     """Whether a request of this hop sent to `default` can only be a loose fallback."""
     return chain.fallback == "loose" and hop.group != DEFAULT_GROUP and hop.weight >= 100

@@ -71,13 +71,23 @@ def _with_retries(action: route_pb2.RouteAction, retries: Retries | None) -> rou
     return action
 
 
+def _target(service: Service, entry: ChainHop) -> str:
+    """The cluster a hop's dyed requests go to (but the share a weight leaves `default`)."""
+    hop = entry.hop
+    if entry.chain.fallback == "loose" and hop.group != DEFAULT_GROUP:
+        return loose_cluster_name(service.name, hop.group)
+    return cluster_name(service.name, hop.group)
+
+
+def host_clusters(service: Service, hops: Sequence[ChainHop]) -> frozenset[str]:
+    """The clusters egress_virtual_host(service, hops) routes to, known without walking it."""
+    targets = {_target(service, entry) for entry in hops if entry.hop.weight > 0}
+    return frozenset({cluster_name(service.name, DEFAULT_GROUP), *targets})
+
+
 def _hop_action(service: Service, entry: ChainHop) -> route_pb2.RouteAction:
     hop, default = entry.hop, cluster_name(service.name, DEFAULT_GROUP)
-    target = (
-        loose_cluster_name(service.name, hop.group)
-        if entry.chain.fallback == "loose" and hop.group != DEFAULT_GROUP
-        else cluster_name(service.name, hop.group)
-    )
+    target = _target(service, entry)
     action = service_action(service)
     if hop.weight >= 100 or target == default:
         action.cluster = target
