@@ -18,7 +18,7 @@ from google.protobuf import wrappers_pb2
 from controlplane.model.group import DEFAULT_GROUP
 from controlplane.model.rules import Hop, Retries, Service
 from controlplane.translate.common import ChainHop, duration, named_route, packed, service_action
-from controlplane.translate.matcher import dye_matcher
+from controlplane.translate.matcher import dye_host
 from controlplane.xds.names import (
     ALLOW_ANY,
     BLACK_HOLE_ROUTE,
@@ -102,7 +102,7 @@ def egress_virtual_host(service: Service, hops: Sequence[ChainHop]) -> route_pb2
         host.routes.append(online)
         return host
     entries = [(e.chain, named_route(e.chain.name, _hop_action(service, e))) for e in hops]
-    host.matcher.CopyFrom(dye_matcher(entries, online))
+    dye_host(host, entries, online)
     return host
 
 

@@ -4,6 +4,7 @@ limits and the inbound guard of task groups, counted from what the apps actually
 from __future__ import annotations
 
 import http.client
+import json
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.xds.names import BAGGAGE_DYE_HEADER
+from tests.support.echo_app import start_echo
 from tests.support.mesh import Mesh, request, served_by
 from tests.support.rules import chain, service
 from tests.support.wait import wait_until
@@ -86,6 +89,51 @@ def test_every_hop_stays_in_its_chain_group(tmp_path: Path, delta: bool) -> None
                 for status, hops in many(port, headers, 200 if not delta else 50)
             )
             assert results == {(200, tuple(expected)): sum(results.values())}, headers
+
+
+def test_a_baggage_dye_is_read_once_into_a_header_no_app_can_send(tmp_path: Path) -> None:
+    """The `baggage` dye is looked up in the same maps as the dye header (no regex per chain),
+    from the header the sidecar's baggage filter fills in: decoded as OpenTelemetry forwards
+    it, other members untouched, and the header as an app sends it neither trusted nor
+    passed on."""
+    rules = SERVICES + chain("fund-yield", "[{service: nav-pricing, group: task}]")
+    with Mesh(tmp_path, rules) as mesh:
+        for group in ("default", "task"):
+            mesh.add("nav-pricing", group, start_app=lambda name, _: start_echo(name))
+        client = mesh.add("fund-facade", "default")
+
+        def answer(headers: dict[str, str]) -> tuple[int, str, dict[str, str]]:
+            status, echo = request(client.egress_port, "nav-pricing", headers=headers)
+            return status, echo.get("name", "/?").split("/")[1], echo.get("headers", {})
+
+        wait_until(lambda: answer(DYED)[1] == "task", what="the task group serves")
+        run = "20261203T075400Z-a1b2c3"
+        for baggage in (
+            "task-dye=fund-yield",
+            f"task-dye=fund-yield%40{run}",  # a per-run dye as OpenTelemetry forwards it
+            f"tenant=7, task-dye = fund-yield%40{run}%3Bsrc%3Dcron,sampled=1",
+            f"task-dye=fund-yield@{run};src=cron",
+            "task-dye=bad dye,task-dye=fund-yield",  # the first member that holds a dye
+        ):
+            status, group, seen = answer({"baggage": baggage})
+            assert (status, group) == (200, "task"), baggage
+            assert seen.get("baggage") == baggage and BAGGAGE_DYE_HEADER not in seen, seen
+        for headers in (
+            {BAGGAGE_DYE_HEADER: "task-dye=fund-yield"},
+            {BAGGAGE_DYE_HEADER: "task-dye=fund-yield", "baggage": "task-dye=other"},
+            {"baggage": "task-dye=fund-yieldx,other=fund-yield"},
+        ):
+            status, group, seen = answer(headers)
+            assert (status, group) == (200, "default"), headers
+            assert BAGGAGE_DYE_HEADER not in seen, seen
+        # The task group's own sidecar does not take the header as a dye either.
+        task = next(i for i in mesh.instances if i.group == "task")
+        status, body = request(
+            task.inbound_port, "nav-pricing", headers={BAGGAGE_DYE_HEADER: "task-dye=fund-yield"}
+        )
+        assert status == 403, body
+        assert "safe_regex" not in json.dumps(client.envoy.config_dump())
+        assert not mesh.nacks()
 
 
 def test_weight_steers_that_share_into_the_group(tmp_path: Path) -> None:
