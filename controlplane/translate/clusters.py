@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import (
     address_pb2,
+    base_pb2,
     health_check_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -21,6 +22,7 @@ from controlplane.model.group import DEFAULT_GROUP
 from controlplane.translate.common import Address, ads_source, duration, packed
 from controlplane.xds.names import (
     HEALTH_PATH,
+    TASKLANE_METADATA,
     cluster_name,
     loose_cluster_name,
 )
@@ -109,9 +111,12 @@ def loose_cluster(service: str, group: str) -> cluster_pb2.Cluster:
 
 
 def load_assignment(service: str, group: str, addresses: Sequence[Address]):
-    """The endpoints of (service, group): the inbound listeners of its instances."""
+    """The endpoints of (service, group): the inbound listeners of its instances, each
+    labelled with its group (a loose route's fallback header asks which group served)."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(service, group))
     if addresses:
+        label = base_pb2.Metadata()
+        label.filter_metadata[TASKLANE_METADATA].update({"group": group})
         locality = cla.endpoints.add()
         for host, port in addresses:
             locality.lb_endpoints.append(
@@ -120,7 +125,8 @@ def load_assignment(service: str, group: str, addresses: Sequence[Address]):
                         address=address_pb2.Address(
                             socket_address=address_pb2.SocketAddress(address=host, port_value=port)
                         )
-                    )
+                    ),
+                    metadata=label,
                 )
             )
     return cla

@@ -30,6 +30,11 @@ GATEWAY_TRUST_METADATA = "tasklane.gateway"
 # is also the route metadata namespace that tells it which baggage keys a host reads.
 BAGGAGE_DYE_HEADER = "x-tasklane-baggage-dye"
 BAGGAGE_FILTER = "tasklane.baggage"
+# Fallbacks the caller sees: the response header saying why a dyed request was not served by
+# its hop's group (a loose fallback to `default`, or no healthy instance at all), and the
+# metadata namespace of the routes and endpoints it is decided from (templates/sidecar.yaml).
+FALLBACK_HEADER = "x-tasklane-fallback"
+TASKLANE_METADATA = "tasklane"
 LOCAL_RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 # Node metadata of every sidecar (templates/bootstrap.yaml): its role, and optionally the inbound
 # address ("host:port") it asks to be registered at while its xDS stream lasts (announce.py).

@@ -23,6 +23,7 @@ from controlplane.xds.names import (
     BAGGAGE_DYE_HEADER,
     BAGGAGE_FILTER,
     EGRESS_ROUTE,
+    FALLBACK_HEADER,
     GATEWAY_ROLE,
     INBOUND_ROUTE,
     LOCAL_APP_CLUSTER,
@@ -436,12 +437,9 @@ def test_a_chain_turning_loose_adds_its_aggregates_and_moves_its_routes() -> Non
 def test_new_endpoints_change_only_that_groups_assignment() -> None:
     translator = Translator()
     rules = ruleset(SERVICES, YIELD, DEBIT)
-    before = full(translator, rules, endpoints(instance("account", "task", 7001)))
-    after = full(
-        translator,
-        rules,
-        endpoints(instance("account", "task", 7001), instance("account", "debit", 7003)),
-    )
+    first = (instance("account", "task", 7001), instance("account", "debit", 7002))
+    before = full(translator, rules, endpoints(*first))
+    after = full(translator, rules, endpoints(*first, instance("account", "debit", 7003)))
     # account|debit's inbound route is rebuilt (a hop's rate limit is split by the instance
     # count) but no hop there has one: same content, same version. Only the group's EDS moves.
     assert short(changed(before, after)) == {
@@ -451,6 +449,27 @@ def test_new_endpoints_change_only_that_groups_assignment() -> None:
         assert after[role].resources(CLUSTER) is before[role].resources(CLUSTER)
         before_routes, after_routes = before[role].resources(ROUTE), after[role].resources(ROUTE)
         assert after_routes[EGRESS_ROUTE] is before_routes[EGRESS_ROUTE]
+
+
+def test_a_loose_group_that_empties_changes_its_fallback_reason() -> None:
+    """The callers are told `no_instance` rather than `unhealthy` once the loose chain's group
+    has no instance left: the host's routes say it, its clusters stay."""
+    translator = Translator()
+    rules = ruleset(SERVICES, YIELD, DEBIT)
+    before = full(translator, rules, endpoints(instance("account", "debit", 7002)))
+    after = full(translator, rules, NO_ENDPOINTS)
+    assert short(changed(before, after)) == {
+        (role, kind, name)
+        for role in ROLES | {GATEWAY_ROLE}
+        for kind, name in [
+            ("RouteConfiguration", EGRESS_ROUTE),
+            ("ClusterLoadAssignment", "account|debit"),
+        ]
+    }
+    for snapshot, reason in ((before, "unhealthy"), (after, "no_instance")):
+        route = dye_routes(virtual_host(snapshot["front|default"], "account"))[("x-debit", "debit")]
+        [header] = route.response_headers_to_add
+        assert header.header.key == FALLBACK_HEADER and f"'{reason}'" in header.header.value
 
 
 def test_a_removed_group_leaves_its_role_cluster_and_assignment() -> None:
