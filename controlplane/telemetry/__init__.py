@@ -31,7 +31,7 @@ class Telemetry:
     ) -> None:
         """`registered` counts the registered instances per (service, group); `learned`
         is handed each (role, callee) the egress logs show (learn.py)."""
-        self.accounting = Accounting(rules, registered)
+        self.accounting = Accounting(rules)
         self.learner = None if learned is None else Learner(rules, learned)
         self.access_logs = AccessLogServer(self._ingest)
         self.metrics = Metrics(
