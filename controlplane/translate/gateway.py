@@ -67,8 +67,8 @@ def lua_string(text: str | None) -> str:
 _LUA_BODY = r"""
 -- A baggage header is a comma-separated list of `key=value;properties` members, with optional
 -- whitespace around each (W3C). Returns the list without the members whose key is a dye key,
--- each kept member untouched, and whether any member was dropped. Lua's %s is a superset of the
--- \s that the mesh's baggage route regex allows around a key, so what routes is what goes.
+-- each kept member untouched, and whether any member was dropped. A key is read as the
+-- baggage filter reads it (translate/baggage.py), so what routes is what goes.
 local function without_dye_members(baggage)
   local kept, dropped = {}, false
   for member in string.gmatch(baggage, "[^,]+") do
