@@ -19,6 +19,7 @@ its requests must have reached the cluster the case expects. Everything stays on
 every child is stopped on exit.
 
     .venv/bin/python bench/dataplane.py [--duration 5] [--connections 8] [--rounds 3]
+        [--case NAME ...]   # only these cases, e.g. more rounds of `--case baggage`
 """
 
 from __future__ import annotations
@@ -514,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all cases")
     parser.add_argument("--python-client", action="store_true", help="even if wrk is there")
+    parser.add_argument(
+        "--case", action="append", default=[], help="only cases whose name contains this"
+    )
     args = parser.parse_args(argv)
 
     print(f"machine: {machine()}")
@@ -554,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f":{backend.port}; {args.connections} connections, {args.warmup:g} s warm-up + "
             f"{args.duration:g} s per run, {args.rounds} rounds; load tool: {load.name}"
         )
-        results = [Result(case) for case in cases()]
+        wanted = [c for c in cases() if not args.case or any(w in c.name for w in args.case)]
+        results = [Result(case) for case in wanted]
         for number in range(args.rounds):
             started = time.monotonic()
             for result in results:
