@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scaler.py
 	$(BIN)/python bench/resume.py
 	$(BIN)/python bench/apply.py
+	$(BIN)/python bench/queues.py
 
 # The long one: 10 minutes of mixed load on the demo chain, is RSS flat? (bench/soak.py)
 soak: $(STAMP)

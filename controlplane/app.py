@@ -30,13 +30,17 @@ from controlplane.api import auth
 from controlplane.api import dashboard as dashboard_api
 from controlplane.api import instances as instances_api
 from controlplane.api import isolation as isolation_api
+from controlplane.api import probe as probe_api
 from controlplane.api import profile as profile_api
+from controlplane.api import queues as queues_api
+from controlplane.api import rollout as rollout_api
 from controlplane.api import rules as rules_api
 from controlplane.api import scope as scope_api
 from controlplane.api import tasks as tasks_api
 from controlplane.api.http import build_app
 from controlplane.api.task_service import TaskService
 from controlplane.api.token import ApiToken
+from controlplane.canary import Cohorts, Judge
 from controlplane.errors import RuntimeFailure, StoreError
 from controlplane.inject.pod import InjectOptions
 from controlplane.inject.webhook import server_ssl_context, start_webhook
@@ -44,6 +48,7 @@ from controlplane.model.group import GroupKey
 from controlplane.model.instance import KEEPALIVE_INTERVAL, group_key_of
 from controlplane.model.rules import RuleSet
 from controlplane.model.scope import DEFAULT_IDLE, LEARNED, ON_DEMAND
+from controlplane.queues import Delivery
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.runtime.memory import collect_young, tune_gc
 from controlplane.runtime.ports import port_in_use
@@ -52,10 +57,11 @@ from controlplane.scaler.policy import PolicyConfig
 from controlplane.scaler.reconcile import Scaler
 from controlplane.store.etcd import Store
 from controlplane.store.leader import Leadership
-from controlplane.store.rules import DEFAULT_HISTORY_LIMIT
+from controlplane.store.rules import DEFAULT_HISTORY_LIMIT, Candidate
 from controlplane.store.scope import ScopeRecorder, expire_sightings
 from controlplane.sync import Sync
 from controlplane.telemetry import Telemetry
+from controlplane.telemetry.probe import Probes
 from controlplane.telemetry.report import isolation_report
 from controlplane.translate import Translator
 from controlplane.xds.cache import SnapshotCache
@@ -158,8 +164,14 @@ class ControlPlane:
         self.etcd_endpoint = etcd_endpoint
         # A sidecar of a role no rule defines gets listeners that answer 503 and say why.
         self.cache = SnapshotCache(STATIC_CLUSTERS, fallback=lambda key: self.sync.fallback(key))
-        self.sync = Sync(self.cache, Translator(outbound_policy), on_sighted=self._asked)
+        self.sync = Sync(
+            self.cache,
+            Translator(outbound_policy),
+            on_sighted=self._asked,
+            on_rollout=self._rollout_published,
+        )
         self.status_board = StatusBoard()
+        self.cohorts = Cohorts(self.status_board)  # a staged rollout's canaries (canary.py)
         # Access logs, isolation accounting and Prometheus metrics (xDS events come through
         # the ADS server's observer; ALS shares the xDS gRPC port).
         self.telemetry = Telemetry(
@@ -175,7 +187,17 @@ class ControlPlane:
         if self.announcements is not None:  # unless announcements need the stream events too
             observer = Observers(observer, self.announcements)
         self.ads = AdsServer(
-            self.cache, self.status_board, observer, self.sync, sotw_view=full_view
+            self.cache,
+            self.status_board,
+            observer,
+            self.sync,
+            sotw_view=full_view,
+            canary=self.cohorts.canary,
+        )
+        self.judge = Judge(
+            self.cohorts,
+            lambda: (self.telemetry.canary.tallies, self.telemetry.canary.since),
+            history_limit,
         )
         self.api_token = ApiToken(Path(state_dir))
         self.http_app: web.Application = build_app(self)
@@ -185,7 +207,10 @@ class ControlPlane:
         self.http_app.add_routes(tasks_api.routes(self))
         self.http_app.add_routes(profile_api.routes(self))
         self.http_app.add_routes(isolation_api.routes(self))
+        self.http_app.add_routes(queues_api.routes(self))
         self.http_app.add_routes(scope_api.routes(self))
+        self.http_app.add_routes(rollout_api.routes(self, history_limit))
+        self.http_app.add_routes(probe_api.routes(self))
         self.http_app.add_routes(dashboard_api.routes())
         self.task_service = TaskService(self)
         self._store: Store | None = None
@@ -229,6 +254,7 @@ class ControlPlane:
             self.scope_recorder.start()
             self._scope_sweeper = asyncio.create_task(self._sweep_scopes(self._store))
             await self.sync.start(self._store)  # the first snapshots exist before xDS serves
+            self.judge.start(self._store)
             leadership = Leadership(self._store, SCALER)
             await asyncio.to_thread(leadership.start)
             self._leadership = leadership
@@ -280,10 +306,17 @@ class ControlPlane:
         }
 
     def isolation(self) -> dict[str, Any]:
-        return isolation_report(self.telemetry.accounting)
+        return isolation_report(self.telemetry.accounting, self.telemetry.queues)
+
+    def deliveries(self, deliveries: list[Delivery]) -> None:
+        self.telemetry.queues.ingest(deliveries)
 
     def metrics(self) -> tuple[bytes, str]:
         return self.telemetry.metrics.render()
+
+    @property
+    def probes(self) -> Probes:
+        return self.telemetry.probes
 
     @property
     def xds_tls(self) -> bool:
@@ -337,6 +370,30 @@ class ControlPlane:
             )
         except (OSError, RuntimeError) as exc:
             raise RuntimeFailure(f"cannot serve xDS on {address}: {exc}") from exc
+
+    def rollout(self) -> dict[str, Any] | None:
+        return self.judge.status()
+
+    def _rollout_published(self, candidate: Candidate | None, problem: str) -> None:
+        """Sync published the views of `candidate` (None: no rollout): follow it, or, when
+        its views could not be served, have it aborted and keep every sidecar as it is."""
+        if candidate is not None and problem:
+            self.judge.unbuildable[candidate.rollout.generation] = f"not served: {problem}"
+            candidate = None
+        rollout = candidate.rollout if candidate is not None else None
+        if not self.cohorts.start(rollout):
+            return
+        if candidate is None:
+            self.telemetry.canary.stop()
+        else:
+            self.telemetry.canary.start(
+                candidate.rollout.generation,
+                self.sync.rules,
+                candidate.rules,
+                self.cohorts.cohort_of,
+                time.time(),
+            )
+        self.ads.rekey()
 
     def _registered(self) -> dict[GroupKey, int]:
         """Instances per (service, group) in the last published build, from their registry
@@ -414,6 +471,7 @@ class ControlPlane:
         if self._grpc is not None:
             await self._grpc.stop(GRPC_STOP_GRACE)
             self._grpc = None
+        await self.judge.stop()
         await self.sync.stop()
         if self.scope_recorder is not None:
             await asyncio.to_thread(self.scope_recorder.stop)

@@ -15,3 +15,16 @@ class StoreError(TasklaneError):
 
 class RuleError(TasklaneError):
     """A rule file is invalid; the message names file, document and field."""
+
+
+# So a file with hundreds of broken documents still gives a readable answer.
+MAX_PROBLEMS_SHOWN = 50
+
+
+def rule_errors(problems: list[str]) -> RuleError:
+    """One RuleError for several problems, one line each (the CLI prints each as its own
+    `tasklane: error:` line), the first MAX_PROBLEMS_SHOWN of them."""
+    shown = problems[:MAX_PROBLEMS_SHOWN]
+    if len(problems) > len(shown):
+        shown.append(f"... and {len(problems) - len(shown)} more problems")
+    return RuleError("\n".join(shown))

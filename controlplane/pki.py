@@ -203,6 +203,40 @@ def init_dir(directory: Path, hosts: Iterable[str] = DEFAULT_HOSTS) -> None:
         _write(directory / cert_name, pair.cert, private=False)
 
 
+def add_hosts(directory: Path, hosts: Iterable[str]) -> list[str]:
+    """Issue a new server certificate from `directory`'s own CA for the names of the current
+    one plus `hosts`, and return the names it has. The CA and the client certificate stay as
+    they are, so every sidecar that trusts the CA keeps working."""
+    ca_key = directory / CA_KEY
+    if not ca_key.is_file():
+        raise TlsError(f"{ca_key} missing: only the CA's key can issue a server certificate")
+    ca = KeyPair((directory / CA_CERT).read_bytes(), ca_key.read_bytes())
+    try:
+        current = server_names(
+            x509.load_pem_x509_certificate((directory / SERVER_CERT).read_bytes())
+        )
+    except (OSError, ValueError):  # none yet, or unreadable: start from the defaults
+        current = list(DEFAULT_HOSTS)
+    names = list(dict.fromkeys([*current, *hosts]))
+    server = issue(ca, "tasklane control plane", hosts=names, server=True)
+    # Each file replaced whole, never half written; the control plane reads them at start.
+    for name, data, private in ((SERVER_KEY, server.key, True), (SERVER_CERT, server.cert, False)):
+        staged = directory / f".{name}.new"
+        _write(staged, data, private)
+        os.replace(staged, directory / name)
+    return names
+
+
+def server_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a server certificate is valid for."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    kinds = (x509.DNSName, x509.IPAddress)
+    return [str(name.value) for name in san if isinstance(name, kinds)]  # in their order
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """One end's files in a TLS directory: the CA to trust, and its own certificate/key."""

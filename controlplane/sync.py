@@ -23,12 +23,12 @@ from controlplane.model.rules import RuleSet
 from controlplane.model.scope import Sighting, sighted_by_role
 from controlplane.store.etcd import Store
 from controlplane.store.registry import watch_instances
-from controlplane.store.rules import watch_rules
+from controlplane.store.rules import Candidate, watch_rules
 from controlplane.store.scope import watch_sightings
 from controlplane.translate import Asked, Endpoints, Scopes, Translator
 from controlplane.translate.unknown import unknown_role_snapshot
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.names import view_role
+from controlplane.xds.names import canary_view, split_canary, view_role
 from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,25 @@ class Sync:
         translator: Translator | None = None,
         debounce: float = DEBOUNCE,
         on_sighted: Callable[[GroupKey, str], None] | None = None,
+        on_rollout: Callable[[Candidate | None, str], None] | None = None,
     ) -> None:
         """`on_sighted(role, service)`: a service joined a role's scope on demand; it is to
-        be stored as a sighting (store/scope.py), which keeps it there from then on."""
+        be stored as a sighting (store/scope.py), which keeps it there from then on.
+        `on_rollout(candidate, problem)` is told after each publish which rollout's candidate
+        (or None) the published canary views hold, before the views of a rollout that ended
+        go: the canary sidecars are moved then (canary.py). `problem` says why the candidate's
+        views could not be built or were refused ("" when they were published): no sidecar
+        is then to be moved to them, and the rollout is to be aborted."""
         self.cache = cache
         self.on_sighted = on_sighted
+        self.on_rollout = on_rollout
         self.translator = translator or Translator()
         self.debounce = debounce
         self.instance_keys: frozenset[str] = frozenset()  # in the last published build
         self._rules: RuleSet | None = None
+        self._candidate: Candidate | None = None  # a rollout's, built under canary views
+        self._canary: tuple[str, Translator] | None = None  # (its generation, its translator)
+        self._canary_problem = ""  # why the last build has no views of the candidate
         self._instances: dict[str, Instance] | None = None
         self._instances_revision = 0
         self._asked = Asked()  # hosts asked for on demand (translate/scope.py)
@@ -142,6 +152,11 @@ class Sync:
         """The rules as last read from etcd (what the last build used, or is about to)."""
         return self._rules if self._rules is not None else RuleSet.empty()
 
+    @property
+    def candidate(self) -> Candidate | None:
+        """The candidate of the rollout in progress, as last read from etcd."""
+        return self._candidate
+
     def status(self) -> dict[str, Any]:
         """The last build, for /api/v1/status."""
         return dict(self._status)
@@ -192,8 +207,8 @@ class Sync:
 
     # --- called on watch threads -------------------------------------------------------------
 
-    def _rules_changed(self, rules: RuleSet) -> None:
-        self._from_thread(self._set_rules, rules)
+    def _rules_changed(self, rules: RuleSet, candidate: Candidate | None) -> None:
+        self._from_thread(self._set_rules, rules, candidate)
 
     def _instances_changed(self, instances: dict[str, Instance], revision: int) -> None:
         self._from_thread(self._set_instances, instances, revision)
@@ -209,8 +224,8 @@ class Sync:
 
     # --- on the event loop -------------------------------------------------------------------
 
-    def _set_rules(self, rules: RuleSet) -> None:
-        self._rules = rules
+    def _set_rules(self, rules: RuleSet, candidate: Candidate | None) -> None:
+        self._rules, self._candidate = rules, candidate
         self._dirty.set()
 
     def _set_sightings(self, sighted: dict[GroupKey, frozenset[str]]) -> None:
@@ -229,19 +244,19 @@ class Sync:
 
     async def _build_and_publish(self) -> None:
         self._dirty.clear()
-        rules, instances = self._rules, self._instances
+        rules, instances, candidate = self._rules, self._instances, self._candidate
         revision = self._instances_revision
         assert rules is not None and instances is not None, "both watches deliver a first read"
         started = time.monotonic()
         try:
             snapshots = await asyncio.to_thread(
-                self.translator.build, rules, endpoints_of(instances.values()), self._scopes()
+                self._build, rules, candidate, endpoints_of(instances.values()), self._scopes()
             )
         except Exception as exc:  # a translator bug must not stop the sync
             log.exception("building the snapshots failed; the published ones stay")
             self._status["error"] = f"build failed: {exc}"
             return
-        refused = self._publish(snapshots)
+        refused = self._publish(snapshots, candidate)
         self.instance_keys = frozenset(instances)
         self._status.update(
             builds=self._status["builds"] + 1,
@@ -257,13 +272,43 @@ class Sync:
         async with self._published:
             self._published.notify_all()
 
-    def _publish(self, snapshots: dict[str, Snapshot]) -> dict[str, str]:
+    def _build(
+        self, rules: RuleSet, candidate: Candidate | None, endpoints: Endpoints, scopes: Scopes
+    ) -> dict[str, Snapshot]:
+        """Every view of the rules, and of a rollout's candidate under canary views (its own
+        translator, so that each keeps what it built before)."""
+        snapshots = self.translator.build(rules, endpoints, scopes)
+        self._canary_problem = ""
+        if candidate is None:
+            self._canary = None
+            return snapshots
+        generation = candidate.rollout.generation
+        if self._canary is None or self._canary[0] != generation:
+            self._canary = (generation, Translator(self.translator.outbound_policy))
+        try:
+            canary = self._canary[1].build(candidate.rules, endpoints, scopes)
+        except Exception as exc:  # a translator bug on the candidate must not stop the rest
+            log.exception("building the rollout's candidate failed")
+            self._canary, self._canary_problem = None, f"its build failed: {exc}"
+            return snapshots
+        return snapshots | {canary_view(key): snapshot for key, snapshot in canary.items()}
+
+    def _publish(
+        self, snapshots: dict[str, Snapshot], candidate: Candidate | None
+    ) -> dict[str, str]:
         """Set every role's snapshot, forget roles that are gone; {role: why} of refusals."""
         refused: dict[str, str] = {}
         for role, outcome in self.cache.set_snapshots(snapshots).items():
             if isinstance(outcome, InconsistentSnapshot):
                 log.error("snapshot of %s refused, its sidecars keep theirs: %s", role, outcome)
                 refused[role] = str(outcome)
+        problem = self._canary_problem or next(
+            (f"its view {key} was refused: {why}" for key, why in refused.items()
+             if split_canary(key)[1]),
+            "",
+        )  # fmt: skip
+        if self.on_rollout is not None:
+            self.on_rollout(candidate, problem)
         for role in self._roles - snapshots.keys():
             self.cache.clear_snapshot(role)
         self._roles = frozenset(snapshots)

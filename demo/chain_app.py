@@ -2,8 +2,11 @@
 
 Every request is answered with the instance that served it (service, group, instance) followed
 by the answers of the next services it calls through its sidecar's egress listener, with the
-dye carried over by `controlplane.propagation`. Isolation is then counted from what actually
-happened at every hop, not from the configuration.
+dye carried over by `controlplane.propagation` and the `x-request-id` forwarded (as tracing
+asks of apps: every hop's access logs then name the same request, which `tasklane probe`
+follows). Isolation is then counted from what actually happened at every hop, not from the
+configuration. Its online work (a stand-in for a queue listener or scheduler) starts only in
+`default`, through `controlplane.lanes.online_only`, and each answer says whether it runs there.
 
     python -m demo.chain_app --service fund-facade --group task --instance 1 --port 9001 \
         --next account-svc          # egress from $TASKLANE_EGRESS (host:port)
@@ -19,7 +22,9 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from controlplane import propagation
+from controlplane import lanes, propagation
+
+REQUEST_ID = "x-request-id"
 
 
 class ChainHandler(BaseHTTPRequestHandler):
@@ -32,11 +37,17 @@ class ChainHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         app: ChainApp = self.server.app  # type: ignore[attr-defined]
         dye = propagation.extract(self.headers.items())
-        me = {"service": app.service, "group": app.group, "instance": app.instance, "dye": dye}
+        me = {
+            "service": app.service,
+            "group": app.group,
+            "instance": app.instance,
+            "dye": dye,
+            "onlineWork": app.online_work is not None,
+        }
         status, hops = 200, [me]
         with propagation.dye_scope(dye):
             for service in app.next_services:
-                code, answer = app.call(service, self.path)
+                code, answer = app.call(service, self.path, self.headers.get(REQUEST_ID))
                 hops += answer.get("hops", [])
                 if code != 200:
                     status = code
@@ -70,14 +81,23 @@ class ChainApp:
         self.service, self.group, self.instance = service, group, instance
         self.next_services = next_services
         self.egress = egress
+        self.online_work: threading.Event | None = None
 
-    def call(self, service: str, path: str) -> tuple[int, dict]:
-        """GET `path` on `service` through the sidecar (Host: service), carrying the dye."""
+    def start_online_work(self) -> None:
+        """Start the online-only work: in a task group it would take online jobs."""
+        self.online_work = _online_ticker()
+
+    def call(self, service: str, path: str, request_id: str | None = None) -> tuple[int, dict]:
+        """GET `path` on `service` through the sidecar (Host: service), carrying the dye and
+        the served request's id."""
         if self.egress is None:
             return 502, {"error": "no egress listener (TASKLANE_EGRESS is not set)"}
+        headers = (
+            {"Host": service} if request_id is None else {"Host": service, REQUEST_ID: request_id}
+        )
         conn = http.client.HTTPConnection(*self.egress, timeout=10)
         try:
-            conn.request("GET", path, headers=propagation.inject({"Host": service}))
+            conn.request("GET", path, headers=propagation.inject(headers))
             resp = conn.getresponse()
             body = resp.read().decode(errors="replace")
         except (OSError, http.client.HTTPException) as exc:  # e.g. an answer cut short
@@ -94,6 +114,19 @@ class ChainApp:
         server.daemon_threads = True
         server.app = self  # type: ignore[attr-defined]
         return server
+
+
+@lanes.online_only
+def _online_ticker() -> threading.Event:
+    """A scheduler ticking until its event is set: the shape of an online job runner."""
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            pass  # an online job would run here
+
+    threading.Thread(target=tick, daemon=True).start()
+    return stop
 
 
 def start_in_thread(app: ChainApp) -> tuple[int, Callable[[], None]]:
@@ -123,8 +156,9 @@ def parse_egress(value: str | None) -> tuple[str, int] | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--service", required=True)
-    parser.add_argument("--group", default=os.environ.get("TASKLANE_GROUP", "default"))
+    service = lanes.current_service()
+    parser.add_argument("--service", default=service, required=service is None)
+    parser.add_argument("--group", default=lanes.current_group())
     parser.add_argument("--instance", default=str(os.getpid()))
     port = os.environ.get("PORT")  # set by `tasklane run`
     parser.add_argument("--port", type=int, default=port, required=port is None)
@@ -132,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--egress", default=os.environ.get("TASKLANE_EGRESS"))
     args = parser.parse_args(argv)
     app = ChainApp(args.service, args.group, args.instance, args.next, parse_egress(args.egress))
+    app.start_online_work()
     server = app.serve(args.port)
     try:
         server.serve_forever()

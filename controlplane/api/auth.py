@@ -3,7 +3,9 @@
 Reads stay open (the dashboard, status, rules, profiles): they change nothing and the
 dashboard must load without setup. Every write must carry `Authorization: Bearer <token>`:
 an HTTP request whose method is not GET/HEAD/OPTIONS, and a TaskService RPC that is not a
-Get*/List* (gRPC metadata `authorization`). New endpoints are guarded by default.
+Get*/List* (gRPC metadata `authorization`). New endpoints are guarded by default; one that
+only writes when its request asks to (an apply's `dryRun` does not) is marked `writes_on_request`
+and calls `require_token` before it writes, so a read-only or CI user can diff.
 
 The token itself and its file are api/token.py's.
 """
@@ -23,6 +25,25 @@ log = logging.getLogger(__name__)
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 READ_RPC_PREFIXES = ("Get", "List")
+_TOKEN_ACCEPTED = web.RequestKey("token_accepted", bool)  # set by the middleware
+_WRITES_ON_REQUEST = "_tasklane_writes_on_request"
+
+
+class TokenRequired(Exception):
+    """A handler marked `writes_on_request` is about to write without the token."""
+
+
+def writes_on_request(handler: Handler) -> Handler:
+    """Let `handler` in without the token: it calls require_token() before it writes."""
+    setattr(handler, _WRITES_ON_REQUEST, True)
+    return handler
+
+
+def require_token(request: web.Request) -> None:
+    """TokenRequired unless the request carried this control plane's token (an app served
+    without the middleware guards no write, this one neither)."""
+    if not request.get(_TOKEN_ACCEPTED, True):
+        raise TokenRequired
 
 
 def middleware(token: ApiToken) -> Middleware:
@@ -32,8 +53,14 @@ def middleware(token: ApiToken) -> Middleware:
     @web.middleware
     async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         authorization = request.headers.get("Authorization")
-        if request.method in READ_METHODS or token.accepts(authorization):
+        request[_TOKEN_ACCEPTED] = accepted = token.accepts(authorization)
+        if request.method in READ_METHODS or accepted:
             return await handler(request)
+        if getattr(request.match_info.handler, _WRITES_ON_REQUEST, False):
+            try:
+                return await handler(request)
+            except TokenRequired:
+                pass
         log.warning(
             "refused %s %s from %s: %s",
             request.method,

@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from controlplane.model.rules import RuleSet
+from controlplane.queues import Delivery
 from controlplane.store.etcd import Store
+from controlplane.telemetry.probe import Probes
 
 
 class ApiContext(Protocol):
@@ -36,6 +38,19 @@ class ApiContext(Protocol):
         """GET /api/v1/isolation: the isolation accounting (telemetry/accounting.py)."""
         ...
 
+    def deliveries(self, deliveries: list[Delivery]) -> None:
+        """POST /api/v1/deliveries: account what queue consumers received."""
+        ...
+
     def metrics(self) -> tuple[bytes, str]:
         """GET /metrics: the Prometheus exposition and its content type."""
+        ...
+
+    def rollout(self) -> dict[str, Any] | None:
+        """The rollout in progress as this replica judges it (canary.py), None without one."""
+        ...
+
+    @property
+    def probes(self) -> Probes:
+        """The propagation probes in flight and the last report per chain (api/probe.py)."""
         ...

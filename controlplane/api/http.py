@@ -19,7 +19,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from controlplane.api.context import ApiContext
 from controlplane.errors import RuleError, StoreError, TasklaneError
 from controlplane.store.history import RevisionNotKept
-from controlplane.store.rules import ConcurrentChange
+from controlplane.store.rollout import NoRollout
+from controlplane.store.rules import ConcurrentChange, RolloutRunning
 from controlplane.store.runs import RunConflict, RunError, RunNotFound, UnknownTask
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ STATUS_OF_ERROR: tuple[tuple[type[TasklaneError], int], ...] = (
     (RevisionNotKept, 404),
     (RuleError, 400),
     (ConcurrentChange, 409),
+    (RolloutRunning, 409),
+    (NoRollout, 404),
     (StoreError, 503),
 )
 

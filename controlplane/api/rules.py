@@ -13,45 +13,49 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import yaml
 from aiohttp import web
 
+from controlplane.api import auth
 from controlplane.api.context import ApiContext
 from controlplane.api.http import ApiError
 from controlplane.errors import RuleError
-from controlplane.model.load import Parsed, load_text
-from controlplane.model.rules import KINDS, Rule, RuleSet, from_document, to_document
-from controlplane.model.text import byte_size, quote
+from controlplane.model.load import Parsed, read_rules
+from controlplane.model.rollout import (
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_WINDOW_S,
+    Rollout,
+    parse_percent,
+    parse_window,
+)
+from controlplane.model.rules import (
+    KIND_ALIASES,
+    KINDS,
+    Rule,
+    RuleSet,
+    from_document,
+    to_document,
+)
+from controlplane.model.text import byte_size, did_you_mean, quote
 from controlplane.model.validate import apply as validate_apply
 from controlplane.model.validate import check_delete
 from controlplane.store import history
 from controlplane.store.etcd import Store
+from controlplane.store.rollout import read_rollout, start_rollout
 from controlplane.store.rules import (
     DEFAULT_HISTORY_LIMIT,
     ConcurrentChange,
+    RolloutRunning,
     apply_rules,
     load_rules,
 )
 
 log = logging.getLogger(__name__)
 
-# What a user may type for a kind, lower-cased (like `kubectl get svc`).
-KIND_ALIASES = {
-    "service": "Service",
-    "services": "Service",
-    "svc": "Service",
-    "taskchain": "TaskChain",
-    "taskchains": "TaskChain",
-    "chain": "TaskChain",
-    "chains": "TaskChain",
-    "scheduledtask": "ScheduledTask",
-    "scheduledtasks": "ScheduledTask",
-    "task": "ScheduledTask",
-    "tasks": "ScheduledTask",
-}
 # Another writer (a second control plane) changing the rules between our read and write is
 # rare; one retry re-validates against their rules, a second conflict goes to the user.
 RETRIES = 1
@@ -66,11 +70,10 @@ def resolve_kind(text: str) -> str:
     """The canonical kind for a name, alias or plural in any case; 404 for anything else."""
     kind = KIND_ALIASES.get(text.lower())
     if kind is None:
-        raise ApiError(
-            404,
-            f"unknown kind {quote(text)} (expected one of: {', '.join(KINDS)}, "
-            "or svc, chain, task and their plurals)",
+        hint = did_you_mean(text, KIND_ALIASES) or (
+            f" (expected one of: {', '.join(KINDS)}, or svc, chain, task and their plurals)"
         )
+        raise ApiError(404, f"unknown kind {quote(text)}{hint}")
     return kind
 
 
@@ -116,10 +119,13 @@ def _differing(old: RuleSet, new: RuleSet) -> list[tuple[Rule | None, Rule | Non
 
 
 class Writer:
-    """Who writes (for the history) and how many revisions are kept."""
+    """Who writes (for the history), how many revisions are kept, and for an apply that
+    stages a rollout, its settings (the change then goes to canary sidecars first)."""
 
-    def __init__(self, who: str, keep: int = DEFAULT_HISTORY_LIMIT) -> None:
-        self.who, self.keep = who, keep
+    def __init__(
+        self, who: str, keep: int = DEFAULT_HISTORY_LIMIT, canary: Rollout | None = None
+    ) -> None:
+        self.who, self.keep, self.canary = who, keep, canary
 
 
 def apply_files(
@@ -129,12 +135,10 @@ def apply_files(
 
     files are (name, text) pairs; name is how messages refer to the file.
     """
-    parsed = [item for name, text in files for item in load_text(text, name)]
-    if not parsed:
-        raise RuleError(f"no rules in {', '.join(name for name, _ in files)}")
+    parsed, unread = read_rules(files)
 
     def plan(current: RuleSet) -> tuple[RuleSet, dict[str, Any]]:
-        new = validate_apply(current, parsed)
+        new = validate_apply(current, parsed, unread)
         results, diffs = [], []
         for item in parsed:
             before = current.get(item.kind, item.name)
@@ -222,9 +226,15 @@ def _plan_and_write(
     writer: Writer | None,
     action: str,
 ) -> dict[str, Any]:
+    if writer is not None and read_rollout(store) is not None:
+        raise RolloutRunning()  # before validating 10,000 documents for nothing
     current, revision = load_rules(store)
     new, result = plan(current)
-    if writer is not None:
+    if writer is not None and writer.canary is not None:
+        rollout = start_rollout(store, new, current, revision, writer.canary, keep=writer.keep)
+        if rollout is not None:
+            result["rollout"] = rollout.to_json()
+    elif writer is not None:
         written = apply_rules(
             store, new, current, revision, who=writer.who, action=action, keep=writer.keep
         )
@@ -275,13 +285,22 @@ def get_rule(store: Store, kind_text: str, name: str) -> dict[str, Any]:
 MAX_FILE_NAME = 1024
 
 
-def _apply_request(body: object) -> tuple[list[tuple[str, str]], bool]:
-    """The (name, text) files and dryRun flag of an apply request; 400 for any other shape."""
-    shape = 'expected {"files": [{"name": "...", "text": "..."}, ...], "dryRun": false}'
-    if not isinstance(body, dict) or set(body) - {"files", "dryRun"}:
+def _apply_request(body: object) -> tuple[list[tuple[str, str]], bool, dict | None]:
+    """The (name, text) files, dryRun flag and canary settings of an apply request; 400 for
+    any other shape."""
+    shape = (
+        'expected {"files": [{"name": "...", "text": "..."}, ...], "dryRun": false, '
+        '"canary": {"percent": 10, "window": "60s", "minRequests": 20} (optional)}'
+    )
+    if not isinstance(body, dict) or set(body) - {"files", "dryRun", "canary"}:
         raise ApiError(400, f"bad apply request: {shape}")
     files, dry_run = body.get("files"), body.get("dryRun", False)
+    canary = body.get("canary")
     if not isinstance(files, list) or not files or not isinstance(dry_run, bool):
+        raise ApiError(400, f"bad apply request: {shape}")
+    if canary is not None and (
+        not isinstance(canary, dict) or set(canary) - {"percent", "window", "minRequests"}
+    ):
         raise ApiError(400, f"bad apply request: {shape}")
     pairs = []
     for file in files:
@@ -299,7 +318,31 @@ def _apply_request(body: object) -> tuple[list[tuple[str, str]], bool]:
                 400, f"bad apply request: a file name is 1-{MAX_FILE_NAME} printable characters"
             )
         pairs.append((name, file["text"]))
-    return pairs, dry_run
+    return pairs, dry_run, canary
+
+
+def canary_settings(canary: dict, who: str) -> Rollout:
+    """A rollout to stage from an apply's `canary` member; RuleError (400) when a setting is
+    out of range. The store fills in its generation and revisions."""
+    percent = canary.get("percent")
+    if isinstance(percent, bool) or not isinstance(percent, int | str):
+        raise RuleError("canary: percent is a share of 1-99 % (e.g. 10%)")
+    window = canary.get("window", f"{DEFAULT_WINDOW_S}s")
+    if not isinstance(window, str):
+        raise RuleError("canary window: a duration such as 60s or 5m")
+    least = canary.get("minRequests", DEFAULT_MIN_REQUESTS)
+    if isinstance(least, bool) or not isinstance(least, int) or not 1 <= least <= 1_000_000:
+        raise RuleError("canary minRequests: a whole number of 1-1000000")
+    return Rollout(
+        generation="",
+        percent=parse_percent(percent),
+        window_s=parse_window(window),
+        min_requests=least,
+        started_at=time.time(),
+        who=who,
+        base=0,
+        revision=0,
+    )
 
 
 def too_large(size: int | None, limit: int) -> str:
@@ -343,15 +386,17 @@ def routes(context: ApiContext, keep: int = DEFAULT_HISTORY_LIMIT) -> list[web.R
     async def apply(request: web.Request) -> web.Response:
         try:
             body = await request.clone(client_max_size=MAX_APPLY_BODY).json()
-            files, dry_run = _apply_request(body)
+            files, dry_run, canary = _apply_request(body)
         except ValueError as exc:  # JSONDecodeError, or a body that is not UTF-8
             raise ApiError(400, f"request body is not JSON: {exc}") from None
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, too_large(request.content_length, MAX_APPLY_BODY)) from None
+        rollout = None if canary is None else canary_settings(canary, who(request))
         if dry_run:
             return await run(apply_files, files, True)
+        auth.require_token(request)
         async with writing:
-            return await run(apply_files, files, False, Writer(who(request), keep))
+            return await run(apply_files, files, False, Writer(who(request), keep, rollout))
 
     async def list_kind(request: web.Request) -> web.Response:
         return await run(list_rules, request.match_info["kind"])
@@ -385,7 +430,7 @@ def routes(context: ApiContext, keep: int = DEFAULT_HISTORY_LIMIT) -> list[web.R
             return await run(rollback, target, Writer(who(request), keep))
 
     return [
-        web.post("/api/v1/apply", apply),
+        web.post("/api/v1/apply", auth.writes_on_request(apply)),
         web.get("/api/v1/rules/{kind}", list_kind),
         web.get("/api/v1/rules/{kind}/{name}", get_one),
         web.delete("/api/v1/rules/{kind}/{name}", delete),

@@ -3,7 +3,7 @@
 Each subcommand is one `add_<name>` function (its parser, with `handler=` set to the function
 that runs it) listed in COMMANDS, grouped in modules by what they drive. Handlers return the
 exit code; any TasklaneError they raise becomes one `tasklane: error: <message>` line on stderr
-and exit code 2, never a traceback.
+and exit code 2, never a traceback (a RuleError naming several problems is one such line each).
 """
 
 from __future__ import annotations
@@ -13,19 +13,24 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from controlplane.cli.completion import add_completion
+from controlplane.cli.get import add_get
 from controlplane.cli.inject import add_inject
 from controlplane.cli.k8s import add_k8s
+from controlplane.cli.probe import add_probe
+from controlplane.cli.rollout import add_rollout
 from controlplane.cli.rules import (
     add_apply,
     add_delete,
     add_diff,
-    add_get,
     add_history,
     add_rollback,
+    add_validate,
 )
 from controlplane.cli.tasks import add_simulate, add_task
 from controlplane.cli.tls import add_tls
 from controlplane.cli.up import add_demo, add_up
+from controlplane.cli.version import VersionFlag, add_version
 from controlplane.cli.views import add_status, add_top
 from controlplane.cli.workloads import add_gateway, add_run
 from controlplane.errors import TasklaneError
@@ -38,10 +43,12 @@ COMMANDS = (
     add_up,
     add_apply,
     add_diff,
+    add_validate,
     add_get,
     add_delete,
     add_history,
     add_rollback,
+    add_rollout,
     add_run,
     add_gateway,
     add_demo,
@@ -49,9 +56,12 @@ COMMANDS = (
     add_simulate,
     add_status,
     add_top,
+    add_probe,
     add_inject,
     add_tls,
     add_k8s,
+    add_version,
+    add_completion,
 )
 
 
@@ -64,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tasklane",
         description="Service-mesh traffic steering for scheduled batch tasks.",
+    )
+    parser.add_argument(
+        "--version", action=VersionFlag, help="print the versions of tasklane, Envoy and etcd"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
@@ -81,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except TasklaneError as exc:
-        print(f"tasklane: error: {exc}", file=sys.stderr)
+    except TasklaneError as exc:  # several problems (a rule file's) are one line each
+        for line in str(exc).split("\n"):
+            print(f"tasklane: error: {line}", file=sys.stderr)
         return EXIT_ERROR

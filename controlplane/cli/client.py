@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from controlplane.api.token import DEFAULT_TOKEN_PATH, client_token
 from controlplane.errors import TasklaneError
 
@@ -61,6 +63,13 @@ def output(text: str) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def structured(body: object, form: str) -> str:
+    """An API answer as `-o json` or `-o yaml` prints it."""
+    if form == "json":
+        return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
+    return yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
 
 def api_token(args: argparse.Namespace) -> str:

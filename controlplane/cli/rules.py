@@ -4,7 +4,6 @@ the profile view)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import urllib.parse
@@ -12,8 +11,6 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from controlplane.cli.client import (
     OUTPUTS,
@@ -24,12 +21,20 @@ from controlplane.cli.client import (
     output,
     quote_segment,
     server_option,
+    structured,
 )
-from controlplane.cli.scope import get_scope
 from controlplane.cli.views import table
 from controlplane.errors import RuleError, TasklaneError
-from controlplane.model.load import RULE_SUFFIXES
+from controlplane.model.load import RULE_SUFFIXES, read_rules
+from controlplane.model.rollout import (
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_WINDOW_S,
+    parse_percent,
+    parse_window,
+)
+from controlplane.model.rules import RuleSet
 from controlplane.model.text import byte_size
+from controlplane.model.validate import apply as validate_apply
 
 
 def _add_filename(parser: argparse.ArgumentParser) -> None:
@@ -56,15 +61,75 @@ def add_apply(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
     )
     _add_filename(p)
     p.add_argument("--dry-run", action="store_true", help="check and show the diff without writing")
+    p.add_argument(
+        "--canary",
+        metavar="PERCENT",
+        help="stage the change as a rollout: serve it to PERCENT (1-99%%) of each role's "
+        "sidecars first, compare them with the rest, then promote it or revert it "
+        "automatically (see `tasklane rollout`)",
+    )
+    p.add_argument(
+        "--canary-window",
+        metavar="DURATION",
+        default=f"{DEFAULT_WINDOW_S}s",
+        help=f"how long the canary is watched before promotion (default: {DEFAULT_WINDOW_S}s)",
+    )
+    p.add_argument(
+        "--canary-min-requests",
+        type=int,
+        metavar="N",
+        default=DEFAULT_MIN_REQUESTS,
+        help="canary requests needed to judge it (default: %(default)s)",
+    )
     p.set_defaults(handler=apply)
 
 
 def apply(args: argparse.Namespace) -> int:
     """One line per document, as kubectl prints them; a dry run adds the diff."""
-    body = _apply_files(args, _rule_files(args.filename), dry_run=args.dry_run)
+    canary = None
+    if args.canary is not None:  # checked here too, before sending 10,000 documents
+        canary = {
+            "percent": parse_percent(args.canary),
+            "window": f"{parse_window(args.canary_window)}s",
+            "minRequests": args.canary_min_requests,
+        }
+    body = _apply_files(args, _rule_files(args.filename), dry_run=args.dry_run, canary=canary)
     suffix = " (dry run)" if args.dry_run else ""
     lines = [f"{r['kind'].lower()}/{r['name']} {r['action']}{suffix}\n" for r in body["results"]]
+    rollout = body.get("rollout")
+    if rollout is not None:
+        lines.append(
+            f"rollout of revision {rollout['revision']} started: {rollout['percent']}% of each "
+            f"role's sidecars first, judged over {rollout['window']} "
+            "(tasklane rollout status)\n"
+        )
     output("".join(lines) + (body["diff"] if args.dry_run else ""))
+    return 0
+
+
+def add_validate(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`tasklane validate -f FILE|DIR`: the apply's checks, offline (pre-commit, CI)."""
+    p = commands.add_parser(
+        "validate",
+        parents=[common],
+        help="check rule files offline, with no control plane",
+        description="Check rule files with the same validator and messages as an apply, "
+        "without a control plane: each document, then the references between the files' "
+        "rules (so give every file the rules refer to). Every problem is one line on stderr; "
+        "exit status 0 when valid, 2 otherwise. For pre-commit hooks and CI.",
+    )
+    _add_filename(p)
+    p.set_defaults(handler=validate)
+
+
+def validate(args: argparse.Namespace) -> int:
+    files = _rule_files(args.filename)
+    parsed, unread = read_rules([(file["name"], file["text"]) for file in files])
+    rules = validate_apply(RuleSet.empty(), parsed, unread)
+    counts = [(len(rules.services), "Service"), (len(rules.chains), "TaskChain"),
+              (len(rules.tasks), "ScheduledTask")]  # fmt: skip
+    shown = ", ".join(f"{count} {kind}" for count, kind in counts)
+    output(f"valid: {shown} ({len(files)} file{'s' if len(files) != 1 else ''})\n")
     return 0
 
 
@@ -85,101 +150,6 @@ def diff(args: argparse.Namespace) -> int:
     body = _apply_files(args, _rule_files(args.filename), dry_run=True)
     output(body["diff"])
     return 1 if any(result["action"] != "unchanged" for result in body["results"]) else 0
-
-
-def add_get(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """`tasklane get KIND [NAME] [-o table|yaml|json]`."""
-    p = commands.add_parser(
-        "get",
-        parents=[common, server_option()],
-        help="show stored rules",
-        description="Show the stored rules of one kind, or one rule. `-o yaml` prints "
-        "documents that `tasklane apply -f -` takes back unchanged.",
-    )
-    p.add_argument(
-        "kind",
-        metavar="KIND",
-        help="service (svc), taskchain (chain) or scheduledtask (task), or a plural; "
-        "profile SERVICE or scope SERVICE (the services its sidecars hold, and why)",
-    )
-    p.add_argument("name", metavar="NAME", nargs="?", help="one rule (default: all of KIND)")
-    p.add_argument(
-        "-o", "--output", choices=OUTPUTS, default="table", help="output format (default: table)"
-    )
-    p.set_defaults(handler=get)
-
-
-def get(args: argparse.Namespace) -> int:
-    if args.kind in ("profile", "profiles"):
-        return _get_profile(args)
-    if args.kind == "scope":
-        return get_scope(args)
-    path = f"/api/v1/rules/{quote_segment(args.kind)}"
-    if args.name is not None:
-        path += f"/{quote_segment(args.name)}"
-    body = call(args.server, "GET", path)
-    documents = body["items"] if args.name is None else [body]
-    if args.output == "json":
-        output(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
-    elif args.output == "yaml":
-        # Every document starts with ---, so outputs of several gets can be concatenated.
-        output(
-            yaml.safe_dump_all(documents, explicit_start=True, sort_keys=False, allow_unicode=True)
-        )
-    elif documents:
-        output(table([_row(document) for document in documents]) + "\n")
-    else:
-        print(f"No {body['kind']} rules found.", file=sys.stderr)
-    return 0
-
-
-def _get_profile(args: argparse.Namespace) -> int:
-    """`tasklane get profile SERVICE`: when each task group of the service is wanted up (the
-    next 24 h, minute by minute, as spans) and the scaler's recent decisions and reasons."""
-    if args.name is None:
-        raise TasklaneError("tasklane get profile needs a SERVICE name")
-    body = call(args.server, "GET", f"/api/v1/profile/{quote_segment(args.name)}")
-    if args.output != "table":
-        text = json.dumps(body, indent=2) if args.output == "json" else yaml.safe_dump(body)
-        output(text + "\n")
-        return 0
-    rows = []
-    for group, counts in sorted(body["groups"].items()):
-        for first, last, replicas in _spans(counts):
-            rows.append(
-                {
-                    "GROUP": group,
-                    "FROM": _clock(body["start"] + first * 60),
-                    "UNTIL": _clock(body["start"] + (last + 1) * 60),
-                    "REPLICAS": str(replicas),
-                }
-            )
-    hours = body["minutes"] / 60
-    print(f"profile of {body['service']}, next {hours:g} h (UTC):")
-    print(table(rows) if rows else "no task group of this service is wanted up")
-    decisions = [
-        {"AT": _clock(d["at"]), "GROUP": d["group"], "REPLICAS": str(d["replicas"]),
-         "REASON": d["reason"]}
-        for d in body["decisions"][-10:]
-    ]  # fmt: skip
-    print("\nrecent decisions:")
-    print(table(decisions) if decisions else "none yet")
-    return 0
-
-
-def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(first minute, last minute, replicas) of each run of equal non-zero counts."""
-    spans: list[tuple[int, int, int]] = []
-    for minute, replicas in enumerate(counts):
-        if spans and spans[-1][1] == minute - 1 and spans[-1][2] == replicas:
-            spans[-1] = (spans[-1][0], minute, replicas)
-        elif replicas:
-            spans.append((minute, minute, replicas))
-    return spans
-
-
-def _clock(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%m-%d %H:%M")
 
 
 def add_delete(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -233,7 +203,7 @@ def history(args: argparse.Namespace) -> int:
             raise TasklaneError("tasklane history: give KIND [NAME] or --revision N, not both")
         body = call(args.server, "GET", f"/api/v1/history/{args.revision}")
         if args.output != "table":
-            output(_structured(body, args.output))
+            output(structured(body, args.output))
         else:
             output(_revision_line(body) + "\n" + body["diff"])
         return 0
@@ -241,19 +211,13 @@ def history(args: argparse.Namespace) -> int:
     path = "/api/v1/history" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     body = call(args.server, "GET", path)
     if args.output != "table":
-        output(_structured(body, args.output))
+        output(structured(body, args.output))
     elif body["items"]:
         output(table([_history_row(item) for item in body["items"]]) + "\n")
     else:
         print("No revisions" + (" of such rules" if query else "") + " in the history.",
               file=sys.stderr)  # fmt: skip
     return 0
-
-
-def _structured(body: dict[str, Any], form: str) -> str:
-    if form == "json":
-        return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
-    return yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
 
 def _history_row(item: dict[str, Any]) -> dict[str, str]:
@@ -347,11 +311,18 @@ def _decode(name: str, data: bytes) -> str:
 
 
 def _apply_files(
-    args: argparse.Namespace, files: list[dict[str, str]], *, dry_run: bool
+    args: argparse.Namespace,
+    files: list[dict[str, str]],
+    *,
+    dry_run: bool,
+    canary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    body = {"files": files, "dryRun": dry_run}
+    body: dict[str, Any] = {"files": files, "dryRun": dry_run}
+    if canary is not None:
+        body["canary"] = canary
+    token = None if dry_run else api_token(args)  # a dry run writes nothing: no token needed
     try:
-        return call(args.server, "POST", "/api/v1/apply", body, api_token(args))
+        return call(args.server, "POST", "/api/v1/apply", body, token)
     except ApiError as exc:
         if exc.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
             raise
@@ -363,30 +334,3 @@ def _largest(files: list[dict[str, str]], shown: int = 3) -> str:
     sizes = sorted(((len(f["text"].encode()), f["name"]) for f in files), reverse=True)
     names = ", ".join(f"{name} ({byte_size(size)})" for size, name in sizes[:shown])
     return names + (f" and {len(files) - shown} more files" if len(files) > shown else "")
-
-
-def _row(document: dict[str, Any]) -> dict[str, str]:
-    """The table columns of one rule: what one needs to recognise it at a glance."""
-    spec = document["spec"]
-    row = {"NAME": document["metadata"]["name"]}
-    if document["kind"] == "Service":
-        row["PROTOCOL"] = spec["protocol"]
-        row["GROUPS"] = ",".join(
-            f"{g['name']}:{g['minReplicas']}-{g['maxReplicas']}" for g in spec["groups"]
-        )
-    elif document["kind"] == "TaskChain":
-        row["DYES"] = ",".join(spec["dye"]["values"])
-        row["FALLBACK"] = spec["fallback"]
-        row["HOPS"] = ",".join(_hop(hop) for hop in spec["hops"])
-    elif document["kind"] == "ScheduledTask":
-        row["CHAIN"] = spec["chain"]
-        row["SCHEDULE"] = spec["schedule"]
-        row["TIMEZONE"] = spec["timezone"]
-        row["DURATION"] = spec["expectedDuration"]
-    return row
-
-
-def _hop(hop: dict[str, Any]) -> str:
-    """'account-svc/debit', with '(80%)' when only part of the dyed traffic goes there."""
-    share = f"({hop['weight']}%)" if hop["weight"] != 100 else ""
-    return f"{hop['service']}/{hop['group']}{share}"

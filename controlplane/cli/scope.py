@@ -4,13 +4,10 @@ and why (GET /api/v1/scope/{service}, model/scope.py)."""
 from __future__ import annotations
 
 import argparse
-import json
 from datetime import UTC, datetime
 from typing import Any
 
-import yaml
-
-from controlplane.cli.client import call, output, quote_segment
+from controlplane.cli.client import call, output, quote_segment, structured
 from controlplane.cli.views import _ago, table
 from controlplane.errors import TasklaneError
 from controlplane.model.group import GroupKey
@@ -50,10 +47,8 @@ def get_scope(args: argparse.Namespace) -> int:
     if args.name is None:
         raise TasklaneError("tasklane get scope needs a SERVICE name")
     body = call(args.server, "GET", f"/api/v1/scope/{quote_segment(args.name)}")
-    if args.output == "json":
-        output(json.dumps(body, indent=2) + "\n")
-    elif args.output == "yaml":
-        output(yaml.safe_dump(body, sort_keys=False))
+    if args.output in ("json", "yaml"):
+        output(structured(body, args.output))
     else:
         output(render_scope(body, datetime.now(UTC).timestamp()) + "\n")
     return 0

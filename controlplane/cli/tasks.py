@@ -144,13 +144,21 @@ def add_simulate(commands: argparse._SubParsersAction, common: argparse.Argument
         help="one policy, or all (default)",
     )
     p.add_argument("--seed", type=int, help="random seed (default: the workload's)")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default="table",
+        help="table (default: two tables within 100 columns and a legend) or json",
+    )
     p.set_defaults(handler=simulate_workload)
 
 
 def simulate_workload(args: argparse.Namespace) -> int:
+    from controlplane.cli.simulation import as_json, render
     from controlplane.scaler.simulate import simulate
     from controlplane.scaler.workload import load_workload
 
     report = simulate(load_workload(args.workload), args.days, args.policy, args.seed)
-    output(report.table() + "\n")
+    output(as_json(report) if args.output == "json" else render(report) + "\n")
     return 0

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from controlplane.cli.client import ApiError, call, output, server_option
+from controlplane.cli.client import OUTPUTS, ApiError, call, output, server_option, structured
 from controlplane.errors import TasklaneError
 from controlplane.model.group import GroupKey
 from controlplane.translate.unknown import UNKNOWN_STATUS, missing_rule
@@ -111,10 +111,8 @@ def _status_header(status: dict[str, Any], now: float) -> str:
             f"{_clock(sync['last_build_at'])} ({_ago(now - sync['last_build_at'])} ago, "
             f"{sync['last_build_ms']:g} ms)"
         )
-    return (
-        f"etcd {etcd['endpoint']} ({where}), xDS {status['xds']['address']}, "
-        f"leader {leader}, last build {build}"
-    )
+    xds = status["xds"]["address"] + (" (TLS)" if status["xds"].get("tls") else "")
+    return f"etcd {etcd['endpoint']} ({where}), xDS {xds}, leader {leader}, last build {build}"
 
 
 # --- tasklane top --------------------------------------------------------------------------
@@ -123,7 +121,7 @@ def _status_header(status: dict[str, Any], now: float) -> str:
 def render_top(isolation: dict[str, Any]) -> str:
     """Per chain, one row per hop and group: dyed and online request rates, requests, 5xx,
     latency, leaks, fallbacks by reason and rate-limited requests; then the uncovered hops,
-    the propagation breaks and the totals."""
+    the propagation breaks, the queue hops and the totals (queue leaks and fallbacks in them)."""
     blocks = [_chain_block(chain) for chain in isolation["chains"]] or ["no chain is defined"]
     uncovered = [
         f"  {u['chain']}: {u['service']}/{u['group']}, {u['requests']} requests ({u['rate']:.1f}/s)"
@@ -139,10 +137,28 @@ def render_top(isolation: dict[str, Any]) -> str:
     ]
     if breaks:
         blocks.append("\n".join(["propagation breaks:", *breaks]))
+    if isolation.get("queues"):
+        rows = [_queue_row(row) for row in isolation["queues"]]
+        blocks.append("\n".join(["queue hops (messages consumed):", table(rows)]))
     totals = isolation["totals"]
     counts = [f"{name.replace('_', ' ')} {totals[name]}" for name in TOTALS if name in totals]
     blocks.append("totals: " + ", ".join(counts))
     return "\n\n".join(blocks)
+
+
+def _queue_row(row: dict[str, Any]) -> dict[str, str]:
+    fallbacks = ",".join(f"{reason}:{n}" for reason, n in sorted(row["fallbacks"].items()) if n)
+    return {
+        "QUEUE": row["queue"],
+        "CHAIN": row["chain"] or "(online)",
+        "SERVICE": row["service"],
+        "GROUP": row["group"],
+        "MSG/S": f"{row['rate']:.1f}",
+        "MESSAGES": str(row["messages"]),
+        "LEAKS": str(row["leaks"]) + (" !" if row["leaks"] else ""),
+        "FALLBACKS": fallbacks or "-",
+        "BAD DYES": str(row["bad_dyes"]),
+    }
 
 
 def _chain_block(chain: dict[str, Any]) -> str:
@@ -226,12 +242,27 @@ def add_status(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
         "SYNCED (ACKed what it was sent), STALE (sent, not ACKed yet) or NACK (rejected; the "
         "message is shown below the table).",
     )
+    add_output(p)
     p.set_defaults(handler=status)
+
+
+def add_output(parser: argparse.ArgumentParser) -> None:
+    """-o table|yaml|json: the view, or the API's answer behind it."""
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=OUTPUTS,
+        default="table",
+        help="output format (default: table; yaml and json print the API's answer)",
+    )
 
 
 def status(args: argparse.Namespace) -> int:
     body = call(args.server, "GET", "/api/v1/status")
-    output(render_status(body, datetime.now(UTC).timestamp()) + "\n")
+    if args.output != "table":
+        output(structured(body, args.output))
+    else:
+        output(render_status(body, datetime.now(UTC).timestamp()) + "\n")
     return 0
 
 
@@ -252,13 +283,14 @@ def add_top(commands: argparse._SubParsersAction, common: argparse.ArgumentParse
         action="store_true",
         help=f"refresh every {TOP_INTERVAL:g} s until Ctrl-C",
     )
+    add_output(p)
     p.set_defaults(handler=top)
 
 
 def top(args: argparse.Namespace) -> int:
     def frame() -> str:
         try:
-            return render_top(call(args.server, "GET", "/api/v1/isolation"))
+            isolation = call(args.server, "GET", "/api/v1/isolation")
         except ApiError as exc:
             if exc.status != 404:
                 raise
@@ -266,6 +298,9 @@ def top(args: argparse.Namespace) -> int:
                 f"{args.server} has no isolation accounting (GET /api/v1/isolation: 404): "
                 "is it an older control plane?"
             ) from None
+        if args.output != "table":
+            return structured(isolation, args.output).rstrip("\n")
+        return render_top(isolation)
 
     def timed_frame() -> str:
         now = f"{datetime.now(UTC):%H:%M:%S} UTC"
@@ -274,4 +309,4 @@ def top(args: argparse.Namespace) -> int:
     if not args.watch:
         output(frame() + "\n")
         return 0
-    return watch(timed_frame, TOP_INTERVAL)
+    return watch(timed_frame if args.output == "table" else frame, TOP_INTERVAL)

@@ -113,7 +113,12 @@ def add_gateway(commands: argparse._SubParsersAction, common: argparse.ArgumentP
         "online traffic cannot reach a task group. Ctrl-C or SIGTERM stops it.",
     )
     p.add_argument("--port", type=int, required=True, help="port external callers connect to")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only, like `tasklane up`; "
+        "0.0.0.0 for every address)",
+    )
     p.add_argument(
         "--trusted-cidr",
         action="append",
@@ -142,7 +147,8 @@ def add_gateway(commands: argparse._SubParsersAction, common: argparse.ArgumentP
         "--state-dir",
         type=Path,
         default=Path(".tasklane"),
-        help="where the gateway's Envoy keeps its bootstrap and log (default: .tasklane)",
+        help="where the gateway's Envoy keeps its bootstrap and log, in gateway-<port>/, "
+        "removed on a clean stop (default: .tasklane)",
     )
     add_tls_dir(p)
     p.set_defaults(handler=gateway)

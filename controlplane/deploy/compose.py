@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import ClassVar, NoReturn
 
 from controlplane.inject.pod import ADMIN_PORT, EGRESS_PORT, pod_bootstrap
+from controlplane.inject.start import endpoints
 from controlplane.model.group import GroupKey
 from controlplane.runtime.envoy import envoy_binary
 
@@ -88,17 +89,6 @@ def _announce(text: str) -> str:
     return text
 
 
-def _endpoints(text: str) -> tuple[tuple[str, int], ...]:
-    """argparse type: HOST:PORT, or several (the control plane's replicas) comma-separated."""
-    found = []
-    for item in text.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"{item!r} is not HOST:PORT")
-        found.append((host, int(port)))
-    return tuple(found)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m controlplane.deploy.compose",
@@ -107,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--service", required=True)
     p.add_argument("--group", default="default")
     p.add_argument("--announce", required=True, type=_announce, metavar="IP:PORT")
-    p.add_argument("--xds", required=True, type=_endpoints, metavar="HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--xds", required=True, type=endpoints, metavar="HOST:PORT[,HOST:PORT...]")
     p.add_argument("--app-port", type=int, default=APP_PORT)
     return p
 

@@ -8,8 +8,10 @@ starts before the app containers, which the kubelet starts only once its startup
 
 Envoy runs the bootstrap `tasklane run` uses (render_bootstrap, sidecar.yaml) with fixed
 ports, since a pod has its own network namespace, plus pod.yaml: a listener on the pod IP that
-exposes only the admin's /ready, for the probes. The pod's name and IP come from the downward
-API: the kubelet expands `$(POD_NAME)` and `$(POD_IP)` in the container's args. The node id is
+exposes only the admin's /ready, for the probes. The container carries a few arguments, from
+which start.py renders that bootstrap when the pod starts (like Istio's agent), not the
+bootstrap itself. The pod's name and IP come from the downward API: the kubelet expands
+`$(POD_NAME)` and `$(POD_IP)` in the container's args. The node id is
 `<service>|<group>|<pod name>` and the sidecar announces `<pod IP>:15006`, so the control plane
 (`tasklane up --accept-announce`) registers the pod while its xDS stream lasts.
 
@@ -41,11 +43,10 @@ import yaml
 
 from controlplane.errors import TasklaneError
 from controlplane.inject.redirect import inbound_rules
-from controlplane.model.group import GroupKey
 from controlplane.model.instance import proxy_env
 from controlplane.model.rules import DNS_LABEL, NAME_RULE
 from controlplane.model.text import describe, quote
-from controlplane.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsFiles
+from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import render_bootstrap
 from controlplane.xds.names import HEALTH_PATH, LOCAL_APP_CLUSTER
 
@@ -68,6 +69,8 @@ READY_PORT = 15021  # 0.0.0.0: /ready only, for the kubelet's probes
 RESERVED_PORTS = frozenset({ADMIN_PORT, EGRESS_PORT, INBOUND_PORT, READY_PORT})
 # Envoy's uid in the pod: the redirect lets its connections through, so they reach the app.
 PROXY_UID = 1337
+# The sidecar's entry point (start.py): renders the bootstrap from its arguments, execs Envoy.
+START_MODULE = "controlplane.inject.start"
 # Two worker threads (without it Envoy starts one per core of the node); one Envoy per pod.
 ENVOY_FLAGS = ("--concurrency", "2", "--disable-hot-restart", "--log-level", "warning")
 # With a TLS Secret (ca.crt, client.crt, client.key: a client certificate of the control
@@ -75,9 +78,6 @@ ENVOY_FLAGS = ("--concurrency", "2", "--disable-hot-restart", "--log-level", "wa
 TLS_VOLUME = "tasklane-tls"
 DEFAULT_TLS_SECRET = "tasklane-sidecar-tls"  # made by `tasklane k8s manifests`
 SIDECAR_TLS_DIR = Path("/etc/tasklane/tls")
-SIDECAR_TLS = TlsFiles(
-    SIDECAR_TLS_DIR / CA_CERT, SIDECAR_TLS_DIR / CLIENT_CERT, SIDECAR_TLS_DIR / CLIENT_KEY
-)
 _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a DNS subdomain
 # Kubernetes expands these in the sidecar's args (env entries below, from the downward API).
 POD_NAME, POD_IP = "$(POD_NAME)", "$(POD_IP)"
@@ -415,12 +415,10 @@ def _sidecar(
     container = {
         "name": SIDECAR_NAME,
         "image": options.image,
-        "command": ["envoy"],
-        "args": [
-            "--config-yaml",
-            _bootstrap(service, group, app_port, app_health, options),
-            *ENVOY_FLAGS,
-        ],
+        # Renders the bootstrap from these few arguments at start (inject/start.py), so the
+        # pod spec stays readable instead of carrying the whole bootstrap.
+        "command": ["python", "-m", START_MODULE],
+        "args": _start_args(service, group, app_port, app_health, options),
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -556,28 +554,26 @@ def _tcp_check(path: str) -> dict[str, Any]:
     }
 
 
-def _bootstrap(
+def _start_args(
     service: str,
     group: str,
     app_port: int | None,
     app_health: tuple[tuple[str, str | None], ...],
     options: InjectOptions,
-) -> str:
-    """The sidecar's bootstrap with `$(POD_NAME)`/`$(POD_IP)` left for the kubelet; any other
-    `$` is doubled, which is how Kubernetes escapes it. Cached: the webhook renders the same few
-    (service, group, port) combinations again and again."""
-    text = pod_bootstrap(
-        node_id=GroupKey(service, group).node_id(POD_NAME),
-        service=service,
-        group=group,
-        host=POD_IP,
-        app_port=app_port,
-        xds_host=options.xds_host,
-        xds_port=options.xds_port,
-        more_xds=options.more_xds,
-        delta=options.delta,
-        tls=None if options.tls_secret is None else SIDECAR_TLS,
-        app_health=app_health,
-    )
-    escaped = text.replace("$", "$$")
-    return escaped.replace("$" + POD_NAME, POD_NAME).replace("$" + POD_IP, POD_IP)
+) -> list[str]:
+    """The sidecar's arguments to inject/start.py: `$(POD_NAME)`/`$(POD_IP)` for the kubelet
+    to expand; any other `$` is doubled, which is how Kubernetes escapes it."""
+    xds = [(options.xds_host, options.xds_port), *options.more_xds]
+    named: list[tuple[str, str]] = [("service", service), ("group", group)]
+    if app_port is not None:
+        named.append(("app-port", str(app_port)))
+    named.append(("xds", ",".join(f"{host}:{port}" for host, port in xds)))
+    if options.tls_secret is not None:
+        named.append(("tls-dir", str(SIDECAR_TLS_DIR)))
+    for path, app_path in app_health:
+        named.append(("app-health", path if app_path is None else f"{path}={app_path}"))
+    args = [f"--{name}={value.replace('$', '$$')}" for name, value in named]
+    args[2:2] = [f"--pod-name={POD_NAME}", f"--pod-ip={POD_IP}"]
+    if not options.delta:
+        args.append("--sotw")
+    return [*args, "--", *ENVOY_FLAGS]

@@ -9,7 +9,7 @@ The names below are the model's public API; the modules hold the details:
 from controlplane.model.cron import fires_between, next_fire, parse_cron, parse_duration
 from controlplane.model.dye import Dye
 from controlplane.model.group import DEFAULT_GROUP
-from controlplane.model.load import Parsed, load_files, load_text
+from controlplane.model.load import Parsed, Unread, load_files, load_text, read_texts
 from controlplane.model.rules import (
     API_VERSION,
     KINDS,
@@ -34,6 +34,7 @@ __all__ = [
     "Group",
     "Hop",
     "Parsed",
+    "Unread",
     "RateLimit",
     "Rule",
     "RuleSet",
@@ -47,6 +48,7 @@ __all__ = [
     "from_document",
     "load_files",
     "load_text",
+    "read_texts",
     "next_fire",
     "parse_cron",
     "parse_duration",

@@ -1,27 +1,30 @@
 """Reading rule files: YAML streams of documents into rules that remember where they came from.
 
-Every failure, whatever the bytes, is a one-line `RuleError` that names the file and the
+Every failure, whatever the bytes, is a one-line problem that names the file and the
 document ("rules.yaml: document 2: YAML syntax error at line 14, column 3: ..."), because
-this is what `tasklane apply` prints.
+this is what `tasklane apply` prints; a file's every broken document is reported, not only
+the first (a YAML syntax error ends what can be read of its file).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from controlplane.errors import RuleError
-from controlplane.model.rules import Rule, from_document
+from controlplane.errors import RuleError, rule_errors
+from controlplane.model.rules import KINDS, Rule, from_document
 from controlplane.model.text import quote
 
 RULE_SUFFIXES = (".yaml", ".yml")
 
 _DOCUMENT_START = re.compile(r"---(?:[ \t]|$)")
+
+Key = tuple[str, str]  # (kind, name)
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,35 @@ class Parsed:
         return f"{self.file}: document {self.document} ({self.kind} {self.name})"
 
 
+@dataclass
+class Unread:
+    """The documents of rule files that are no rule: one problem line each, and the (kind,
+    name) each meant, so that rules referring to them are not also told they are missing."""
+
+    problems: list[str] = field(default_factory=list)
+    claimed: set[Key] = field(default_factory=set)
+    complete: bool = True  # False: a YAML syntax error hid the rest of a file
+
+    def add(self, problem: str, doc: object = None) -> None:
+        self.problems.append(problem)
+        key = _claim(doc)
+        if key is not None:
+            self.claimed.add(key)
+
+
+def _claim(doc: object) -> Key | None:
+    """The (kind, name) a document that failed its checks meant to define, if it says."""
+    if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
+        return None
+    metadata = doc.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    return (doc["kind"], name) if isinstance(name, str) else None
+
+
 def load_files(paths: list[Path]) -> list[Parsed]:
     """Load rule files in order; a directory stands for its *.yaml and *.yml files, sorted
-    by name (not recursive, like `kubectl apply -f DIR`)."""
-    parsed: list[Parsed] = []
+    by name (not recursive, like `kubectl apply -f DIR`). RuleError names every problem."""
+    files: list[tuple[str, str]] = []
     for path in paths:
         for file in _expand(path):
             try:
@@ -60,7 +88,10 @@ def load_files(paths: list[Path]) -> list[Parsed]:
                 text = data.decode("utf-8-sig")
             except UnicodeDecodeError as error:
                 raise RuleError(f"{file}: not UTF-8 text (byte {error.start})") from None
-            parsed.extend(load_text(text, str(file)))
+            files.append((str(file), text))
+    parsed, unread = read_texts(files)
+    if unread.problems:
+        raise rule_errors(unread.problems)
     return parsed
 
 
@@ -76,12 +107,48 @@ def _expand(path: Path) -> list[Path]:
 
 
 def load_text(text: str, filename: str) -> list[Parsed]:
-    """Load every non-empty document of one YAML stream; `filename` is used in messages."""
-    return [
-        Parsed(from_document(doc, f"{filename}: document {number}"), filename, number)
-        for number, doc in yaml_documents(text, filename)
-        if doc is not None
-    ]
+    """Load every non-empty document of one YAML stream; `filename` is used in messages.
+    RuleError names every document that is no rule."""
+    parsed, unread = read_texts([(filename, text)])
+    if unread.problems:
+        raise rule_errors(unread.problems)
+    return parsed
+
+
+def read_rules(files: list[tuple[str, str]]) -> tuple[list[Parsed], Unread]:
+    """read_texts() of what an apply (or `tasklane validate`) was given: RuleError when the
+    files hold no document at all."""
+    parsed, unread = read_texts(files)
+    if not parsed and not unread.problems:
+        raise RuleError(f"no rules in {', '.join(name for name, _ in files)}")
+    return parsed, unread
+
+
+def read_texts(files: Iterable[tuple[str, str]]) -> tuple[list[Parsed], Unread]:
+    """The rules of (name, text) files, and what is wrong with the documents that are none:
+    every problem is collected, so a user fixes a file in one round trip."""
+    parsed: list[Parsed] = []
+    unread = Unread()
+    for filename, text in files:
+        documents = yaml_documents(text, filename)
+        while True:
+            try:
+                number, doc = next(documents)
+            except StopIteration:
+                break
+            except RuleError as error:  # YAML syntax: nothing after it can be read
+                unread.add(str(error))
+                unread.complete = False
+                break
+            if doc is None:
+                continue
+            try:
+                parsed.append(
+                    Parsed(from_document(doc, f"{filename}: document {number}"), filename, number)
+                )
+            except RuleError as error:
+                unread.add(str(error), doc)
+    return parsed, unread
 
 
 def yaml_documents(text: str, filename: str) -> Iterator[tuple[int, object]]:

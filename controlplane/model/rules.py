@@ -28,10 +28,24 @@ from controlplane.model.dye import (
 )
 from controlplane.model.group import DEFAULT_GROUP
 from controlplane.model.instance import proxy_env
-from controlplane.model.text import describe, quote
+from controlplane.model.text import describe, did_you_mean, quote
 
 API_VERSION = "tasklane.io/v1"
 KINDS = ("Service", "TaskChain", "ScheduledTask")
+# What a user may type for a kind, lower-cased (like `kubectl get svc`).
+KIND_ALIASES = {
+    "service": "Service",
+    "services": "Service",
+    "svc": "Service",
+    "taskchain": "TaskChain",
+    "taskchains": "TaskChain",
+    "chain": "TaskChain",
+    "chains": "TaskChain",
+    "scheduledtask": "ScheduledTask",
+    "scheduledtasks": "ScheduledTask",
+    "task": "ScheduledTask",
+    "tasks": "ScheduledTask",
+}
 PROTOCOLS = ("http", "grpc")
 FALLBACKS = ("strict", "loose")
 DEFAULT_TIMEZONE = "UTC"
@@ -135,13 +149,17 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class Hop:
-    """Where a chain's dyed requests to `service` go: `weight`% to `group`, the rest default."""
+    """Where a chain's dyed requests to `service` go: `weight`% to `group`, the rest default.
+
+    A queue hop (`queue` set) is reached through a message queue the service consumes, not over
+    HTTP: its dyed messages all go to `group` (see `model/queues.py`)."""
 
     service: str
     group: str
     weight: int
     rate_limit: RateLimit | None
     retries: Retries | None = None  # None: the service's own (if any) apply
+    queue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +243,12 @@ class RuleSet:
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise RuleError(f"unknown kind {quote(str(kind))} (expected one of: {', '.join(KINDS)})")
+        raise RuleError(f"unknown kind {quote(str(kind))}{_kinds_hint(kind)}")
+
+
+def _kinds_hint(kind: object) -> str:
+    """' (did you mean TaskChain?)', or the list of kinds when none is close."""
+    return did_you_mean(kind, KINDS) or f" (expected one of: {', '.join(KINDS)})"
 
 
 # --- documents --------------------------------------------------------------------------
@@ -287,6 +310,8 @@ def _hop_document(hop: Hop) -> dict[str, Any]:
         }
     if hop.retries is not None:
         document["retries"] = _retries_document(hop.retries)
+    if hop.queue is not None:
+        document["queue"] = hop.queue
     return document
 
 
@@ -337,7 +362,7 @@ def from_document(doc: object, where: str) -> Rule:
         reader.fail("apiVersion", f"expected {API_VERSION!r}, got {describe(api_version)}")
     kind = reader.string(top, "", "kind")
     if kind not in KINDS:
-        reader.fail("kind", f"unknown kind {quote(kind)} (expected one of: {', '.join(KINDS)})")
+        reader.fail("kind", f"unknown kind {quote(kind)}{_kinds_hint(kind)}")
     metadata = reader.fields(reader.required(top, "", "metadata"), "metadata", ("name",))
     name = reader.name(metadata, "metadata", "name", "name")
     spec = reader.required(top, "", "spec")
@@ -446,7 +471,9 @@ def _chain(reader: _Reader, name: str, spec: object) -> TaskChain:
     seen: dict[str, int] = {}
     for index, item in enumerate(hop_items):
         path = f"spec.hops[{index}]"
-        hop = reader.fields(item, path, ("service", "group", "weight", "rateLimit", "retries"))
+        hop = reader.fields(
+            item, path, ("service", "group", "weight", "rateLimit", "retries", "queue")
+        )
         service = reader.name(hop, path, "service", "service name")
         if service in seen:
             reader.fail(
@@ -460,10 +487,32 @@ def _chain(reader: _Reader, name: str, spec: object) -> TaskChain:
         if "rateLimit" in hop:
             rate_limit = _rate_limit(reader, hop["rateLimit"], f"{path}.rateLimit")
         retries = _retries(reader, hop["retries"], f"{path}.retries") if "retries" in hop else None
+        queue = _queue(reader, hop, path) if "queue" in hop else None
         hops.append(
-            Hop(service=service, group=group, weight=weight, rate_limit=rate_limit, retries=retries)
+            Hop(
+                service=service,
+                group=group,
+                weight=weight,
+                rate_limit=rate_limit,
+                retries=retries,
+                queue=queue,
+            )
         )
     return TaskChain(name=name, dye=dye, fallback=fallback, hops=tuple(hops))
+
+
+def _queue(reader: _Reader, hop: dict[Any, Any], path: str) -> str:
+    """The queue a hop's service consumes; its messages all go to the hop's group."""
+    queue = reader.name(hop, path, "queue", "queue name")
+    if hop.get("weight", 100) != 100:
+        reader.fail(
+            f"{path}.weight",
+            "a queue hop takes all of its chain's messages; weight applies to HTTP hops only",
+        )
+    for field in ("rateLimit", "retries"):
+        if field in hop:
+            reader.fail(f"{path}.{field}", "applies to HTTP hops only, not to a queue hop")
+    return queue
 
 
 def _dye(reader: _Reader, value: object) -> Dye:
@@ -545,7 +594,9 @@ def _retries(reader: _Reader, value: object, path: str) -> Retries:
             codes.append(item)
         elif item not in RETRY_ON:
             reader.fail(
-                where, f"{quote(item)} is not one of: {', '.join(RETRY_ON)}, or a status code"
+                where,
+                f"{quote(item)} is not one of: {', '.join(RETRY_ON)}, or a status code"
+                + did_you_mean(item, RETRY_ON),
             )
         else:
             conditions.append(item)
@@ -641,9 +692,8 @@ class _Reader:
             self.fail(path, f"expected a mapping, got {describe(value)}")
         for key in value:
             if key not in allowed:
-                self.fail(
-                    _join(path, key), f"unknown field (expected one of: {', '.join(allowed)})"
-                )
+                hint = did_you_mean(key, allowed) or f" (expected one of: {', '.join(allowed)})"
+                self.fail(_join(path, key), f"unknown field{hint}")
         return value
 
     def required(self, fields: dict[Any, Any], path: str, key: str) -> object:
@@ -676,7 +726,10 @@ class _Reader:
     ) -> str:
         value = self.string(fields, path, key, default)
         if value not in options:
-            self.fail(_join(path, key), f"{quote(value)} is not one of: {', '.join(options)}")
+            self.fail(
+                _join(path, key),
+                f"{quote(value)} is not one of: {', '.join(options)}{did_you_mean(value, options)}",
+            )
         return value
 
     def integer(

@@ -6,7 +6,13 @@ user-written value goes through these helpers before it reaches a message.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 _MAX_SHOWN = 60
+# difflib's ratio from which a name counts as a likely typo of another (its default, 0.6,
+# also matches unrelated short names such as 'task' and 'fast').
+_CLOSE = 0.75
 
 
 def quote(text: str) -> str:
@@ -41,3 +47,13 @@ def byte_size(size: int) -> str:
     if size < 2**20:
         return f"{size / 1024:.0f} KiB"
     return f"{size / 2**20:.1f} MiB"
+
+
+def did_you_mean(word: object, options: Iterable[str]) -> str:
+    """' (did you mean TaskChain?)' when `word` is close to one of `options` (case aside), else
+    '': a typo is the usual cause of an unknown name, and a round trip per guess is slow."""
+    if not isinstance(word, str) or not word:
+        return ""
+    by_lower = {option.lower(): option for option in options}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=_CLOSE)
+    return f" (did you mean {by_lower[close[0]]}?)" if close else ""

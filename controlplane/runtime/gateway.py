@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -266,7 +267,8 @@ class GatewayOptions:
 def run_gateway(options: GatewayOptions, find_xds: Callable[[], Sequence[tuple[str, int]]]) -> int:
     """Check the options, learn the control plane replicas' xDS addresses (`find_xds`, e.g.
     sidecar.xds_addresses), then run the gateway's Envoy, spread over them, until
-    SIGTERM/SIGINT; 0 after a clean stop.
+    SIGTERM/SIGINT; 0 after a clean stop, which removes the gateway's state (bootstrap, log).
+    A gateway that fails keeps it: its one-line error names the log.
 
     Envoy is started from the calling (main) thread, which lives as long as Envoy should: the
     parent-death signal that stops an orphaned Envoy is tied to the thread that started it.
@@ -307,6 +309,7 @@ def run_gateway(options: GatewayOptions, find_xds: Callable[[], Sequence[tuple[s
         envoy.stop()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    shutil.rmtree(envoy.work_dir, ignore_errors=True)
     return 0
 
 

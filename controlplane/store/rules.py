@@ -22,10 +22,16 @@ small transaction that rewrites the pointer, guarded by the pointer's mod revisi
                              mid-way leaves a marker that expires. The flip compares it: a
                              generation whose marker expired can never be made current.
     meta/rules-staging       rewritten by each staging start; collection's deletes compare it
+    meta/rules-candidate     a *candidate* generation under a staged rollout
+                             (model/rollout.py, store/rollout.py): staged like an apply, but
+                             parked here instead of flipped; its promotion is the flip. While
+                             it exists an apply's flip fails (one change in flight at a time).
 
 Readers (load_rules, watch_rules, other replicas) go through the pointer, so they see a
-whole generation or the one before, never a part; a watch follows only the pointer and hands
-over one RuleSet per flip. Collection (after every apply) keeps the last `keep` revisions
+whole generation or the one before, never a part; a watch follows only the pointer and the
+candidate (one prefix, WATCHED: a promotion changes both in one revision, so they arrive
+together).
+Collection (after every apply) keeps the last `keep` revisions
 and removes older ones, and generations, chunks and markers nothing kept refers to: staged
 generations that never got their flip included. History entries are current keys, not old
 etcd revisions, so etcd's compaction does not touch them.
@@ -41,16 +47,22 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from controlplane.errors import RuleError, StoreError
+from controlplane.model.rollout import Rollout
 from controlplane.model.rules import KINDS, Rule, RuleSet, from_document, to_document
 from controlplane.store.etcd import PREFIX, Change, Lease, Store
 from controlplane.store.follow import Follower
 
 RULES = "rules/"
 REVISION_KEY = "meta/rules-revision"
+CANDIDATE_KEY = "meta/rules-candidate"
+# What the rules watch follows: the pointer and the candidate (and the staging guard, which
+# it skips). Not the pointer's own prefix: a replica of an older tasklane follows that, and
+# must never read a candidate as a pointer.
+WATCHED = "meta/rules-"
 STAGING_GUARD = "meta/rules-staging"
 CHUNKS = f"{RULES}chunks/"
 GENERATIONS = f"{RULES}generations/"
@@ -71,11 +83,19 @@ LEGACY = "legacy"
 READ_ATTEMPTS = 3
 _log = logging.getLogger(__name__)
 
-RulesCallback = Callable[[RuleSet], None]
-
 
 class ConcurrentChange(StoreError):
     """The rules changed between reading them and writing; read again and redo the change."""
+
+
+class RolloutRunning(StoreError):
+    """A staged rollout holds a candidate: the rules change only through it until it ends."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a rollout is in progress: see `tasklane rollout status`, then `tasklane rollout "
+            "promote` or `abort` before changing the rules"
+        )
 
 
 @dataclass(frozen=True)
@@ -134,8 +154,30 @@ def apply_rules(
 
     Returns the new revision number, 0 when there was nothing to write (and nothing was
     written). Raises ConcurrentChange when another writer changed the rules since `old` was
-    read. `who` and `action` go into the history record; the last `keep` revisions are kept.
+    read, RolloutRunning while a rollout holds a candidate. `who` and `action` go into the
+    history record; the last `keep` revisions are kept.
     """
+    return stage_change(store, new, old, expect_revision, _flip, who=who, action=action, keep=keep)
+
+
+# What makes a staged generation count: the flip, or parking it as a rollout's candidate.
+# Called with (store, the pointer read, the generation, its staging marker's mod revision).
+Finish = Callable[[Store, "Pointer", str, int], None]
+
+
+def stage_change(
+    store: Store,
+    new: RuleSet,
+    old: RuleSet,
+    expect_revision: int,
+    finish: Finish,
+    *,
+    who: str,
+    action: str,
+    keep: int,
+) -> int:
+    """Stage `new` as a generation and `finish` it; the revision number it is (or will be
+    when promoted), 0 when nothing changed."""
     created, configured, deleted = _changes(new, old)
     if not (created or configured or deleted):
         return 0
@@ -159,11 +201,11 @@ def apply_rules(
     try:
         values = {chunk: value for chunk, (value, _) in chunks.items()}
         marker = stage(store, generation, values, base, record, lease)
-        _flip(store, pointer, generation, marker)
+        finish(store, pointer, generation, marker)
         _decoded.keep({chunk: members for chunk, (_, members) in chunks.items()})
     finally:
-        _quietly(lease.revoke)  # the marker is gone with a flip; this frees the lease
-    _quietly(lambda: collect(store, keep))
+        housekeeping(lease.revoke)  # the marker is gone when finished; this frees the lease
+    housekeeping(lambda: collect(store, keep))
     return pointer.revision + 1
 
 
@@ -181,31 +223,43 @@ def stage(
     marker = store.put(STAGING + generation, b"", lease)
     store.put(STAGING_GUARD, generation)
     store.txn_batches({CHUNKS + h: v for h, v in chunks.items() if h not in base}, [])
-    store.put(GENERATIONS + generation, _json({"chunks": sorted(chunks), **record}))
+    store.put(GENERATIONS + generation, compact_json({"chunks": sorted(chunks), **record}))
     return marker
 
 
 def _flip(store: Store, pointer: Pointer, generation: str, marker: int) -> None:
     """The one transaction that makes `generation` current; on a lost race the staged record
     is removed at once (its chunks wait for collection)."""
-    revision = pointer.revision + 1
     flipped = store.txn(
-        {
-            REVISION_KEY: _json({"revision": revision, "generation": generation}),
-            f"{HISTORY}{revision:010d}": generation.encode(),
-        },
+        flip_puts(pointer, generation),
         [STAGING + generation],
-        {REVISION_KEY: pointer.mod_revision, STAGING + generation: marker},
+        {REVISION_KEY: pointer.mod_revision, STAGING + generation: marker, CANDIDATE_KEY: 0},
     )
-    if flipped:
-        return
+    if not flipped:
+        lost_race(store, pointer, generation)
+
+
+def lost_race(store: Store, pointer: Pointer, generation: str) -> None:
+    """Why a guarded finish of a staged generation failed, raised; the staged record is
+    removed at once (its chunks wait for collection)."""
     store.txn({}, [GENERATIONS + generation, STAGING + generation])
     if store.mod_revision(REVISION_KEY) != pointer.mod_revision:
         raise _conflict(pointer.mod_revision)
+    if store.mod_revision(CANDIDATE_KEY):
+        raise RolloutRunning()
     raise StoreError(
         f"the apply was not made current within {STAGING_TTL} s of staging it, so its staged "
         "rules expired; nothing changed, retry"
     )
+
+
+def flip_puts(pointer: Pointer, generation: str) -> dict[str, bytes]:
+    """The puts that make `generation` the revision after `pointer`'s."""
+    revision = pointer.revision + 1
+    return {
+        REVISION_KEY: compact_json({"revision": revision, "generation": generation}),
+        f"{HISTORY}{revision:010d}": generation.encode(),
+    }
 
 
 def _conflict(expect_revision: int) -> ConcurrentChange:
@@ -224,6 +278,11 @@ def collect(store: Store, keep: int) -> None:
     history = sorted(key for key in keys if key.startswith(HISTORY))
     kept = history[-keep:] if keep > 0 else []
     kept_generations = {value.decode() for value in store.get_many(kept).values()}
+    # The candidate before the pointer: a promotion between the two reads then shows its
+    # generation in one or the other (promotions also rewrite STAGING_GUARD).
+    candidate = store.get(CANDIDATE_KEY)
+    if candidate is not None:  # a rollout's candidate is kept while it runs
+        kept_generations.add(decode_rollout(candidate).generation)
     kept_generations.add(read_pointer(store).generation)
     deletes = history[: len(history) - len(kept)]
     if LEGACY not in kept_generations:  # upgraded: the old layout's rules are history now
@@ -375,7 +434,7 @@ def _chunks(rules: RuleSet) -> dict[str, tuple[bytes, tuple[Rule, ...]]]:
     chunks = {}
     for members in buckets.values():
         members.sort(key=lambda rule: (rule.kind, rule.name))
-        value = _json([to_document(rule) for rule in members])
+        value = compact_json([to_document(rule) for rule in members])
         chunks[hashlib.sha256(value).hexdigest()] = (value, tuple(members))
     return chunks
 
@@ -393,11 +452,11 @@ def _changes(new: RuleSet, old: RuleSet) -> tuple[list[str], list[str], list[str
     return created, configured, deleted
 
 
-def _json(value: object) -> bytes:
+def compact_json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _quietly(step: Callable[[], object]) -> None:
+def housekeeping(step: Callable[[], object]) -> None:
     """Housekeeping after the change is made (or refused): a failure is logged, not raised."""
     try:
         step()
@@ -406,39 +465,93 @@ def _quietly(step: Callable[[], object]) -> None:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A rollout's candidate rules, as the watch hands them over."""
+
+    rollout: Rollout
+    rules: RuleSet
+
+
+# (current rules, the candidate of a rollout in progress or None)
+RulesCallback = Callable[[RuleSet, Candidate | None], None]
+
+
+@dataclass(frozen=True)
 class _Watched:
     rules: RuleSet
     generation: str
+    candidate: Candidate | None = None
 
 
 def watch_rules(store: Store, callback: RulesCallback) -> Callable[[], None]:
-    """Call `callback` with the current RuleSet now and with the new one after each change.
+    """Call `callback` with the current rules (and a rollout's candidate) now and after each
+    change.
 
-    Only the pointer is watched, so each call is one whole generation. Returns a cancel
-    function. If the watch breaks (etcd restarted, history compacted) the rules are read
-    again, passed to `callback`, and watched from there, retrying until etcd answers or the
-    watch is cancelled. Callbacks come from one thread at a time; keep them short.
-    StoreError if etcd does not answer the first read.
+    Only the pointer and the candidate are watched, so each call is one whole generation;
+    a promotion (both change in one revision) is one call. Returns a cancel function. If the
+    watch breaks (etcd restarted, history compacted) the rules are read again, passed to
+    `callback`, and watched from there, retrying until etcd answers or the watch is
+    cancelled. Callbacks come from one thread at a time; keep them short. StoreError if etcd
+    does not answer the first read.
     """
 
     def read(store: Store) -> tuple[_Watched, int]:
         rules, pointer, read_at = _read_current(store)
-        return _Watched(rules, pointer.generation), read_at
+        value, _ = store.get_versioned(CANDIDATE_KEY)
+        return _Watched(rules, pointer.generation, _candidate(store, value)), read_at
 
     def fold(state: _Watched, batch: list[Change]) -> _Watched:
-        return _followed(store, state, batch[-1])
+        for change in batch:
+            state = _followed(store, state, change)
+        return state
 
-    return Follower(store, REVISION_KEY, read, fold, lambda w, _: callback(w.rules)).start()
+    delivered: list[_Watched] = []
+
+    def deliver(state: _Watched, _: object) -> None:
+        if delivered and delivered[0] is state:  # e.g. the staging guard moved
+            return
+        delivered[:] = [state]
+        callback(state.rules, state.candidate)
+
+    return Follower(store, WATCHED, read, fold, deliver).start()
+
+
+def decode_rollout(value: bytes) -> Rollout:
+    """The rollout a candidate key holds; StoreError naming the key if it holds another thing."""
+    try:
+        return Rollout.from_json(json.loads(value))
+    except (ValueError, KeyError, TypeError, RuleError) as exc:
+        where = f"etcd key {PREFIX}{CANDIDATE_KEY}"
+        raise StoreError(f"{where} does not hold a rollout: {exc}") from exc
+
+
+def _candidate(store: Store, value: bytes | None) -> Candidate | None:
+    """The candidate a key holds; one that cannot be read is logged and followed as none
+    (`tasklane rollout abort` removes it), so the current rules are still served."""
+    if value is None:
+        return None
+    try:
+        rollout = decode_rollout(value)
+        return Candidate(rollout, generation_rules(store, rollout.generation))
+    except StoreError as exc:
+        _log.error("the rollout's candidate is ignored: %s", exc)
+        return None
 
 
 def _followed(store: Store, state: _Watched, change: Change) -> _Watched:
-    """The state after a flip; a flip that cannot be read is logged and skipped rather than
-    stopping every later update (a broken watch re-reads everything)."""
+    """The state after a flip or a rollout's start or end; a change that cannot be read is
+    logged and skipped rather than stopping every later update (a broken watch re-reads
+    everything)."""
     try:
+        if change.key == CANDIDATE_KEY:
+            return replace(state, candidate=_candidate(store, change.value))
+        if change.key != REVISION_KEY:
+            return state
         pointer = _pointer(change.value, change.revision)
         if pointer.generation == state.generation:
             return state
-        return _Watched(generation_rules(store, pointer.generation), pointer.generation)
-    except StoreError as exc:
+        rules = generation_rules(store, pointer.generation)
+        return replace(state, rules=rules, generation=pointer.generation)
+    except (StoreError, ValueError, KeyError, TypeError) as exc:
         _log.warning("ignoring a change of the rules: %s", exc)
         return state

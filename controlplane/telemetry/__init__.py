@@ -6,6 +6,7 @@ xDS gRPC server, its `metrics.xds` is the ADS server's observer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,8 +14,11 @@ from controlplane.model.group import GroupKey
 from controlplane.model.rules import RuleSet
 from controlplane.telemetry.accounting import Accounting, LogEntry
 from controlplane.telemetry.als import AccessLogServer
+from controlplane.telemetry.canary import CanaryTallies
 from controlplane.telemetry.learn import Learner, Sink
 from controlplane.telemetry.metrics import Metrics
+from controlplane.telemetry.probe import Probes
+from controlplane.telemetry.queues import QueueAccounting
 from controlplane.xds.status import StatusBoard
 
 
@@ -32,13 +36,20 @@ class Telemetry:
         """`registered` counts the registered instances per (service, group); `learned`
         is handed each (role, callee) the egress logs show (learn.py)."""
         self.accounting = Accounting(rules)
+        self.canary = CanaryTallies()  # a rollout's cohorts (controlplane/canary.py)
+        self.probes = Probes()  # the propagation probes in flight (api/probe.py)
         self.learner = None if learned is None else Learner(rules, learned)
         self.access_logs = AccessLogServer(self._ingest)
         self.metrics = Metrics(
             self.accounting, lambda: self.access_logs.streams, status, scaler_status, registered
         )
+        # Queue hops: deliveries the consumers report (POST /api/v1/deliveries).
+        self.queues = QueueAccounting(rules, time.time)
+        self.metrics.registry.register(self.queues)
 
     def _ingest(self, entries: Sequence[LogEntry]) -> None:
         if self.learner is not None:
             self.learner.ingest(entries)
         self.accounting.ingest(entries)
+        self.canary.ingest(entries)
+        self.probes.ingest(entries)

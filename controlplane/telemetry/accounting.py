@@ -334,7 +334,7 @@ class Accounting:
             self._dyed_in.put(key, (chain.name, service, group), now)
 
     def _out_of_lane(self, chain: TaskChain, hop: Hop, entry: LogEntry, now: float) -> None:
-        if not _may_serve(chain, hop, entry.group):
+        if not may_serve(chain, hop, entry.group):
             self._stats(chain.name, entry.service, entry.group).leaks += 1
             return
         parked = _Parked(chain.name, entry.service, entry.group)
@@ -456,7 +456,7 @@ def host_of(entry: LogEntry) -> str:
     return entry.authority.rsplit(":", 1)[0] if entry.authority else ""
 
 
-def _may_serve(chain: TaskChain, hop: Hop, group: str) -> bool:
+def may_serve(chain: TaskChain, hop: Hop, group: str) -> bool:
     """Whether the config itself sends some of the hop's requests to `group`: the share of a
     weight under 100, or a loose chain's fallback, both to `default`."""
     return group == DEFAULT_GROUP and (hop.weight < 100 or chain.fallback == "loose")

@@ -16,10 +16,13 @@
                              "last_at"}],
      "outside_mesh": [{"service", "group", "requests", "refused", "errors_5xx", "rate",
                        "last_at"}],
+     "queues": [{"queue", "chain", "service", "group", "hop_group", "messages", "leaks",
+                 "fallbacks": {reason: n}, "bad_dyes", "rejected", "rate", "last_at"}],
      "totals": {"entries", "entries_by_direction", "requests", "dyed", "online", "errors_5xx",
                 "leaks", "fallbacks", "rate_limited", "refused", "uncovered",
                 "propagation_breaks", "outside_mesh", "outside_mesh_refused", "rate_dyed",
-                "rate_online", "pending", "unmatched"}}
+                "rate_online", "pending", "unmatched", "queue_messages", "queue_leaks",
+                "queue_fallbacks", "queue_bad_dyes"}}
 
 Counts are since the control plane started; rates are per second over the last `window_s`
 complete seconds; p50/p99 are of the last requests (telemetry/accounting.py says how each
@@ -33,10 +36,14 @@ from typing import Any
 from controlplane.model.group import DEFAULT_GROUP, GroupKey
 from controlplane.model.rules import TaskChain
 from controlplane.telemetry.accounting import RATE_WINDOW_S, Accounting, Stats, percentiles
+from controlplane.telemetry.queues import QueueAccounting
 
 
-def isolation_report(accounting: Accounting) -> dict[str, Any]:
-    """The JSON of GET /api/v1/isolation (the shape is in this module's docstring)."""
+def isolation_report(
+    accounting: Accounting, queues: QueueAccounting | None = None
+) -> dict[str, Any]:
+    """The JSON of GET /api/v1/isolation (the shape is in this module's docstring); queue
+    hops from `queues`, whose leaks and fallbacks count in the totals too."""
     rules, now = accounting.settle(), accounting.now()
     chains = [_chain_json(accounting, rules.chains[name], now) for name in sorted(rules.chains)]
     dyed_at: dict[GroupKey, list[Stats]] = {}
@@ -103,7 +110,8 @@ def isolation_report(accounting: Accounting) -> dict[str, Any]:
             }
             for (service, group), stats in sorted(accounting.outside.items())
         ],
-        "totals": _totals(accounting, now),
+        "queues": [] if queues is None else queues.report(now),
+        "totals": _totals(accounting, queues, now),
     }
 
 
@@ -172,11 +180,11 @@ def _group_json(
     }
 
 
-def _totals(accounting: Accounting, now: float) -> dict[str, Any]:
+def _totals(accounting: Accounting, queues: QueueAccounting | None, now: float) -> dict[str, Any]:
     dyed = [s for (c, _, _), s in accounting.stats.items() if c] + [*accounting.uncovered.values()]
     online = [s for (c, _, _), s in accounting.stats.items() if not c]
     every = [*dyed, *online]
-    return {
+    totals = {
         "entries": sum(accounting.entries.values()),
         "entries_by_direction": dict(accounting.entries),
         "requests": sum(s.requests for s in every),
@@ -196,3 +204,8 @@ def _totals(accounting: Accounting, now: float) -> dict[str, Any]:
         "pending": accounting.pending(),
         "unmatched": accounting.unmatched,
     }
+    if queues is not None:
+        totals.update(queues.totals())
+        totals["leaks"] += totals["queue_leaks"]
+        totals["fallbacks"] += totals["queue_fallbacks"]
+    return totals

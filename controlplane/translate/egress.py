@@ -73,6 +73,20 @@ def _with_retries(action: route_pb2.RouteAction, retries: Retries | None) -> rou
     return action
 
 
+def _target(service: Service, entry: ChainHop) -> str:
+    """The cluster a hop's dyed requests go to (but the share a weight leaves `default`)."""
+    hop = entry.hop
+    if entry.chain.fallback == "loose" and hop.group != DEFAULT_GROUP:
+        return loose_cluster_name(service.name, hop.group)
+    return cluster_name(service.name, hop.group)
+
+
+def host_clusters(service: Service, hops: Sequence[ChainHop]) -> frozenset[str]:
+    """The clusters egress_virtual_host(service, hops) routes to, known without walking it."""
+    targets = {_target(service, entry) for entry in hops if entry.hop.weight > 0}
+    return frozenset({cluster_name(service.name, DEFAULT_GROUP), *targets})
+
+
 def _fallback_header(reason: str) -> base_pb2.HeaderValueOption:
     """FALLBACK_HEADER: `reason` on a response that a loose cluster's `default` member served
     (its endpoints say their group: clusters.load_assignment); on any other, no header."""
@@ -114,11 +128,7 @@ def _hop_route(service: Service, entry: ChainHop, empty: frozenset[str]) -> rout
     chain, hop and group (the listeners' local reply reads the route's metadata)."""
     hop, default = entry.hop, cluster_name(service.name, DEFAULT_GROUP)
     loose = entry.chain.fallback == "loose" and hop.group != DEFAULT_GROUP
-    target = (
-        loose_cluster_name(service.name, hop.group)
-        if loose
-        else cluster_name(service.name, hop.group)
-    )
+    target = _target(service, entry)
     action = service_action(service)
     route = named_route(entry.chain.name)
     route.metadata.filter_metadata[TASKLANE_METADATA].CopyFrom(_unreached(entry))

@@ -16,15 +16,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.config.route.v3 import route_pb2 as route_config_pb2
 
 from controlplane.model.group import GroupKey
 from controlplane.model.rules import RuleSet
 from controlplane.translate.common import ads_source
 from controlplane.translate.egress import outside_mesh_host
+from controlplane.xds import wire
 from controlplane.xds.names import EGRESS_ROUTE
 from controlplane.xds.snapshot import Resource
+from controlplane.xds.types import VIRTUAL_HOST
 
 # An outside-mesh host must name a domain; before any is asked for, it names one that never
 # resolves (RFC 2606). It also keeps the first VHDS answer from being empty, which Envoy
@@ -139,13 +140,12 @@ def vhds_name(host: str) -> str:
     return f"{EGRESS_ROUTE}/@{host}"
 
 
-def vhds_host(host: route_pb2.VirtualHost) -> Resource:
-    """A service's virtual host as a VHDS resource: Envoy names (and removes) it by the
-    route config's name and the host's."""
-    scoped = route_pb2.VirtualHost()
-    scoped.CopyFrom(host)
-    scoped.name = vhds_name(host.name)
-    return Resource.of(scoped)
+def vhds_host(name: str, content: bytes, clusters: frozenset[str]) -> Resource:
+    """A service's virtual host (`content`, serialised deterministically, so its name, field
+    1, comes first) as a VHDS resource: Envoy names (and removes) it by the route config's
+    name and the host's. `clusters`: what its routes name."""
+    payload = wire.text(1, vhds_name(name)) + content[len(wire.text(1, name)) :]
+    return Resource.encoded(VIRTUAL_HOST, vhds_name(name), payload, clusters)
 
 
 def outside_host(policy: str, authorities: Sequence[str]) -> Resource:

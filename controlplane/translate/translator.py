@@ -14,9 +14,13 @@ from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from controlplane.model.group import DEFAULT_GROUP, SEPARATOR, GroupKey
 from controlplane.model.rules import RuleSet, Service
 from controlplane.model.scope import chain_callees
-from controlplane.translate.clusters import group_cluster, load_assignment, loose_cluster
+from controlplane.translate.clusters import (
+    group_cluster_bytes,
+    load_assignment_bytes,
+    loose_cluster,
+)
 from controlplane.translate.common import Address, ChainHop, Endpoints
-from controlplane.translate.egress import egress_virtual_host, outside_mesh_host
+from controlplane.translate.egress import egress_virtual_host, host_clusters, outside_mesh_host
 from controlplane.translate.gateway import DyeNames, dye_filter
 from controlplane.translate.inbound import inbound_route
 from controlplane.translate.scope import Scopes, outside_host, vhds_host, vhds_route_config
@@ -48,7 +52,6 @@ T = TypeVar("T")
 _EMPTY = ResourceMap()
 _KINDS = ("clusters", "endpoints", "inline_host", "vhds_host")  # the fields of _Pieces
 # References of the pieces whose shape says them (Resource.of walks the others).
-_NO_REFS: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
 _TO_APP = (frozenset({LOCAL_APP_CLUSTER}), frozenset())
 # Rules changed beyond this many (chains + services) are derived afresh, not service by service.
 _INCREMENTAL_LIMIT = 64
@@ -325,9 +328,7 @@ class Translator:
         clusters = []
         for group in service.groups:
             cname = cluster_name(name, group.name)
-            clusters.append(
-                memo.get(cname, None, _cluster_resource, group_cluster, name, group.name)
-            )
+            clusters.append(memo.get(cname, None, _group_cluster_resource, name, group.name))
         loose = sorted(
             {
                 e.hop.group
@@ -340,8 +341,7 @@ class Translator:
                 memo.get(
                     loose_cluster_name(name, group_name),
                     None,
-                    _cluster_resource,
-                    loose_cluster,
+                    _loose_cluster_resource,
                     name,
                     group_name,
                 )
@@ -373,7 +373,8 @@ class Translator:
         # Keyed by content: a chain's change rebuilds the hosts of all its services, and only
         # those whose routes really changed are new pieces (their callers' views move).
         content = memo.get(("content", name), id(host), _serialized, host)
-        scoped = memo.get(("vhds", name), content, vhds_host, host)
+        refs = host_clusters(service, hops)
+        scoped = memo.get(("vhds", name), content, vhds_host, name, content, refs)
         inline = memo.get(("inline", name), content, _inline, content, scoped)
         return memo.get(
             ("pieces", name),
@@ -530,10 +531,8 @@ def _snapshot(
     )
 
 
-def _cluster_resource(build: Callable, service: str, group: str) -> Resource:
-    cluster = build(service, group)
-    children = cluster.cluster_type.typed_config  # an aggregate names its children
-    return Resource.of(cluster, None if children.type_url else _NO_REFS)
+def _loose_cluster_resource(service: str, group: str) -> Resource:
+    return Resource.of(loose_cluster(service, group))  # an aggregate: its children are walked
 
 
 def _gateway_filters(names: DyeNames) -> ResourceMap:
@@ -541,7 +540,13 @@ def _gateway_filters(names: DyeNames) -> ResourceMap:
 
 
 def _assignment_resource(service: str, group: str, addresses: Sequence[Address]) -> Resource:
-    return Resource.of(load_assignment(service, group, addresses), _NO_REFS)
+    payload = load_assignment_bytes(service, group, addresses)
+    return Resource.encoded(ENDPOINT, cluster_name(service, group), payload)
+
+
+def _group_cluster_resource(service: str, group: str) -> Resource:
+    payload = group_cluster_bytes(service, group)
+    return Resource.encoded(CLUSTER, cluster_name(service, group), payload)
 
 
 def _inbound_resource(service: Service, group: str, hops: Sequence[ChainHop], n: int) -> Resource:

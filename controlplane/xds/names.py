@@ -61,14 +61,29 @@ def role_name(service: str, group: str) -> str:
 # The snapshot key of a role's state-of-the-world sidecars: they cannot ask for a host on
 # demand (VHDS is Delta only), so they hold the whole mesh's config, as before scoping.
 _FULL_VIEW = f"{SEPARATOR}full"
+# The snapshot key of a rollout's canary sidecars (model/rollout.py): either view above, built
+# from the candidate rules. Roles have one separator, so a suffix never makes another role.
+_CANARY_VIEW = f"{SEPARATOR}canary"
 
 
 def full_view(role: str) -> str:
     return role + _FULL_VIEW
 
 
+def canary_view(key: str) -> str:
+    return key + _CANARY_VIEW
+
+
+def split_canary(key: str) -> tuple[str, bool]:
+    """(the view's key without the canary suffix, whether it had one)."""
+    if key.endswith(_CANARY_VIEW) and key.count(SEPARATOR) >= 2:
+        return key[: -len(_CANARY_VIEW)], True
+    return key, False
+
+
 def view_role(key: str) -> tuple[str, bool]:
-    """(role, whether it is the full view) of a snapshot key."""
+    """(role, whether it is the full view) of a snapshot key, canary or not."""
+    key = split_canary(key)[0]
     if key.endswith(_FULL_VIEW) and key.count(SEPARATOR) == 2:
         return key[: -len(_FULL_VIEW)], True
     return key, False

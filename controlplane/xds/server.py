@@ -22,10 +22,10 @@ from controlplane.model.group import DEFAULT_GROUP, GroupKey
 
 from . import wire
 from .cache import SnapshotCache
-from .names import META_GROUP, META_SERVICE
+from .names import META_GROUP, META_SERVICE, canary_view
 from .status import NodeStatus, StatusBoard
 from .stream import Push, StreamState, authority_of
-from .types import MESSAGE_CLASS, SHORT_NAME, VIRTUAL_HOST
+from .types import MESSAGE_CLASS, PUSH_ORDER, SHORT_NAME, VIRTUAL_HOST
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,9 @@ class _Stream:
                 grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry a node with an id"
             )
         self.role = role_of(first.node)
-        self.view = self.role if self.delta else self.server.sotw_view(self.role)
         cache, board = self.server.cache, self.server.status
         self.status = board.connect(first.node.id, self.role, "delta" if self.delta else "sotw")
+        self.view = self.server.view_of(self)
         cache.watch(self.view, self)
         self.server.observer.opened(self.status, first.node)
         reader = asyncio.create_task(self._read(first, requests))
@@ -320,17 +320,40 @@ class AdsServer:
         observer: Observer | None = None,
         on_demand: OnDemand | None = None,
         sotw_view: Callable[[str], str] = str,
+        canary: Callable[[str, str], bool] = lambda node, role: False,
     ) -> None:
         """`on_demand` hears of hosts Delta streams ask for on demand; `sotw_view(role)` is
         the snapshot key state-of-the-world streams of a role watch (names.full_view when the
-        Delta streams' snapshots are scoped; by default the same key)."""
+        Delta streams' snapshots are scoped; by default the same key). `canary(node, role)`
+        says whether a node (just connected) is one of a rollout's canaries, which watch
+        their view's names.canary_view: asked when a stream opens and by `rekey`."""
         self.cache = cache
         self.status = status or StatusBoard()
         self.observer = observer or Observer()
         self.on_demand = on_demand
         self.sotw_view = sotw_view
+        self.canary = canary
         self._streams: set[_Stream] = set()
         self._watchdog: asyncio.TimerHandle | None = None
+
+    def view_of(self, stream: _Stream) -> str:
+        """The snapshot key a stream watches."""
+        view = stream.role if stream.delta else self.sotw_view(stream.role)
+        assert stream.status is not None, "asked once the stream is connected"
+        return canary_view(view) if self.canary(stream.status.node_id, stream.role) else view
+
+    def rekey(self) -> None:
+        """Move every stream whose view changed (a rollout started or ended) to its new
+        snapshot; it is sent what differs, in the usual make-before-break order."""
+        for stream in list(self._streams):
+            if stream.status is None or stream.closed:
+                continue
+            view = self.view_of(stream)
+            if view != stream.view:
+                self.cache.unwatch(stream.view, stream)
+                stream.view = view
+                self.cache.watch(view, stream)
+                stream.snapshot_changed(frozenset(PUSH_ORDER))
 
     async def _serve(self, stream: _Stream, requests: AsyncIterator) -> None:
         self._streams.add(stream)

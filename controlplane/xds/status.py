@@ -72,17 +72,37 @@ class StatusBoard:
 
     def __init__(self) -> None:
         self._nodes: dict[str, NodeStatus] = {}
+        self._by_role: dict[str, set[str]] = {}
         self._ids = itertools.count(1)
+        self.changes = 0  # bumped whenever the connected nodes change
 
     def connect(self, node_id: str, role: str, protocol: str) -> NodeStatus:
         status = NodeStatus(node_id, role, protocol, time.time(), next(self._ids))
+        older = self._nodes.get(node_id)
+        if older is not None:
+            self._leave(older)
         self._nodes[node_id] = status
+        self._by_role.setdefault(role, set()).add(node_id)
+        self.changes += 1
         return status
 
     def disconnect(self, status: NodeStatus) -> None:
         current = self._nodes.get(status.node_id)
         if current is not None and current.stream_id == status.stream_id:
             del self._nodes[status.node_id]
+            self._leave(current)
+            self.changes += 1
+
+    def _leave(self, status: NodeStatus) -> None:
+        nodes = self._by_role.get(status.role)
+        if nodes is not None:
+            nodes.discard(status.node_id)
+            if not nodes:
+                del self._by_role[status.role]
+
+    def role_nodes(self, role: str) -> list[str]:
+        """The node ids connected in `role`."""
+        return list(self._by_role.get(role, ()))
 
     def get(self, node_id: str) -> NodeStatus | None:
         return self._nodes.get(node_id)

@@ -9,7 +9,15 @@ This keeps the per-stream cost of a push at a few byte copies, whatever the reso
 _LEN = 2  # wire type "length-delimited"
 
 
+_ONE_BYTE = tuple(bytes((value,)) for value in range(0x80))
+
+
 def varint(value: int) -> bytes:
+    # Tags and most lengths fit one or two bytes: a rebuild encodes millions of them.
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while True:
         low = value & 0x7F

@@ -345,6 +345,12 @@ def test_demo_chain_renders_and_updates_live(
         )
         mesh.stop("nav-pricing-task-2")
         tab.wait_value(ready, lambda n: n == 1, "the instance gone again")
+        # A propagation probe (`tasklane probe`): its verdict and each hop's group show live.
+        code, report = mesh.request("POST", "/api/v1/probe/fund-yield", {})
+        assert (code, report["ok"]) == (200, True), report
+        probe = chain.locator('.probe[data-ok="true"]')
+        probe.wait_for()
+        assert "fund-facade task → account-svc task → nav-pricing task" in probe.inner_text()
         assert page.evaluate("window.__sameDocument === true")
         assert page.locator("#live").get_attribute("data-state") == "ok"
         assert tab.errors == []
@@ -674,3 +680,40 @@ def test_sidecars_show_their_scope_and_why(
         tab.next_poll()  # an open cell stays open across polls
         assert learned.locator("details").get_attribute("open") is not None
         assert tab.errors == []
+
+
+def test_a_staged_rollout_and_how_it_ended_show(
+    plane: Mesh, dashboard: Callable[[str], Page]
+) -> None:
+    """A rollout in progress shows its verdict and both cohorts; once aborted, the outcome."""
+    loose = DEMO_RULES.read_text().replace("fallback: strict", "fallback: loose")
+    code, body = plane.request(
+        "POST",
+        "/api/v1/apply",
+        {"files": [{"name": "loose.yaml", "text": loose}], "canary": {"percent": 25}},
+    )
+    assert code == 200 and "rollout" in body, body
+    tab = dashboard(plane.url + "/")
+    current = tab.page.locator('[data-rollout="current"]')
+    current.wait_for()
+    assert (
+        current.locator("h3")
+        .inner_text()
+        .startswith(
+            f"Rollout of revision {body['rollout']['revision']}: 25% of each role's sidecars"
+        )
+    )
+    assert (
+        current.locator('[data-verdict="wait"]')
+        .inner_text()
+        .startswith("verdict so far: wait: 0 of 20 canary requests seen")
+    )
+    assert current.locator("tbody tr").all_inner_texts() == [
+        "canary\t0\t0\t0\t0\t0",
+        "stable\t0\t0\t0\t0\t0",
+    ]
+    assert plane.request("POST", "/api/v1/rollout/abort", {})[0] == 200
+    last = tab.page.locator('[data-rollout="last"][data-outcome="aborted"]')
+    last.wait_for()
+    assert "aborted" in last.inner_text() and "aborted by hand" in last.inner_text()
+    assert current.count() == 0 and tab.errors == []

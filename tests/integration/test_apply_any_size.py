@@ -66,7 +66,7 @@ class Watched:
         self.sets: list[frozenset[str]] = []
         self.cancel = watch_rules(store, self._seen)
 
-    def _seen(self, rules: RuleSet) -> None:
+    def _seen(self, rules: RuleSet, candidate: object) -> None:
         self.sets.append(frozenset(f"{r.kind}/{r.name}" for r in rules.all()))
 
     def until(self, size: int, timeout: float = 20.0) -> None:
@@ -136,7 +136,7 @@ def test_10000_documents_apply_whole_and_a_bad_last_one_changes_nothing(
         assert status == 400
         assert body == {
             "error": "mesh.yaml: document 10000 (TaskChain svc-chain-00199): "
-            "spec.hops[2].group: service svc-00599 has no group 'nope'"
+            "spec.hops[2].group: service svc-00599 has no group 'nope' (it has: default, task)"
         }
         assert snapshot(reader) == before
     finally:

@@ -109,7 +109,6 @@ def writes(instance_id: str) -> list[tuple[str, str, object]]:
     changed = RULES.read_text().replace("fallback: strict", "fallback: loose")
     return [
         ("POST", "/api/v1/apply", {"files": [{"name": "r.yaml", "text": changed}]}),
-        ("POST", "/api/v1/apply", {"files": [{"name": "r.yaml", "text": changed}], "dryRun": True}),
         ("DELETE", f"/api/v1/rules/task/{TASK}", None),
         ("POST", "/api/v1/instances", instance("nav-pricing", 40011)),
         ("POST", f"/api/v1/instances/{instance_id}/keepalive", None),
@@ -284,7 +283,6 @@ def cli(
     "args",
     [
         ("apply", "-f", str(RULES)),
-        ("diff", "-f", str(RULES)),
         ("delete", "task", TASK),
         ("task", "start", TASK),
         ("task", "finish", TASK),
@@ -308,6 +306,38 @@ def test_cli_writes_without_a_token_fail_in_one_line(
     assert_one_line_error(wrong.stderr, "the API token is not this control plane's")
     gone = cli(mine, tmp_path, *args, "--token-file", str(tmp_path / "nope"))
     assert_one_line_error(gone.stderr, f"cannot read the API token: {tmp_path / 'nope'}: ")
+    assert mine.snapshot() == before
+
+
+def test_a_dry_run_needs_no_token_and_a_real_apply_still_does(
+    planes: tuple[Plane, Plane],
+) -> None:
+    """A read-only or CI user diffs; the same request without dryRun is refused, unwritten."""
+    mine, _ = planes
+    changed = RULES.read_text().replace("fallback: strict", "fallback: loose")
+    files = [{"name": "r.yaml", "text": changed}]
+    before = mine.snapshot()
+    for headers in ({}, {"Authorization": f"Bearer {WRONG}"}):
+        status, answer = mine.request("POST", "/api/v1/apply", {"files": files, "dryRun": True},
+                                      headers)  # fmt: skip
+        assert status == 200, answer
+        assert "-  fallback: strict\n+  fallback: loose" in answer["diff"]
+        status, answer = mine.request("POST", "/api/v1/apply", {"files": files}, headers)
+        assert status == 401 and "API token" in answer["error"], answer
+    assert mine.snapshot() == before
+
+
+def test_cli_diff_and_dry_run_need_no_token(planes: tuple[Plane, Plane], tmp_path: Path) -> None:
+    mine, _ = planes
+    changed = tmp_path / "rules.yaml"
+    changed.write_text(RULES.read_text().replace("fallback: strict", "fallback: loose"))
+    before = mine.snapshot()
+    diff = cli(mine, tmp_path, "diff", "-f", str(changed))
+    assert diff.returncode == 1, diff.stderr
+    assert "+  fallback: loose" in diff.stdout
+    dry = cli(mine, tmp_path, "apply", "--dry-run", "-f", str(changed))
+    assert dry.returncode == 0, dry.stderr
+    assert "taskchain/fund-yield configured (dry run)" in dry.stdout
     assert mine.snapshot() == before
 
 

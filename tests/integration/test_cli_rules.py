@@ -177,6 +177,57 @@ def test_bad_file_among_good_ones_writes_nothing(cli: Cli) -> None:
     assert cli.snapshot() == before
 
 
+SEVERAL_PROBLEMS = """\
+apiVersion: tasklane.io/v1
+kind: Taskchain
+metadata: {name: ledger-chain}
+spec: {dye: {values: [ledger]}, hops: [{service: account-svc, group: task}]}
+---
+apiVersion: tasklane.io/v1
+kind: TaskChain
+metadata: {name: ledger}
+spec:
+  dye: {values: [ledger]}
+  hops:
+    - {service: acount-svc, group: task}
+    - {service: account-svc, group: batch}
+"""
+
+
+def test_every_problem_at_once_and_validate_offline_says_the_same(cli: Cli) -> None:
+    """`tasklane validate` needs no control plane (the server is told to be nowhere) and
+    prints exactly what an apply of the same files prints: every problem, one line each."""
+    (cli.cwd / "several.yaml").write_text(SEVERAL_PROBLEMS)
+    offline = {**cli.env, "TASKLANE_SERVER": f"http://127.0.0.1:{free_port()}"}
+    offline.pop("TASKLANE_TOKEN")
+    before = cli.snapshot()
+    for path in [Path("several.yaml"), *CORPUS[::8]]:
+        applied = cli("apply", "-f", str(GOOD_DIR), "-f", str(path))
+        checked = subprocess.run(
+            [*TASKLANE, "validate", "-f", str(GOOD_DIR), "-f", str(path)],
+            capture_output=True, text=True, env=offline, cwd=cli.cwd, timeout=CLI_TIMEOUT,
+        )  # fmt: skip
+        assert applied.returncode == checked.returncode == 2, path.name
+        assert checked.stderr == applied.stderr and checked.stdout == "", path.name
+        if path.name == "several.yaml":
+            lines = applied.stderr.splitlines()
+    assert cli.snapshot() == before
+    assert lines == [
+        "tasklane: error: several.yaml: document 1 (unknown kind, name ledger-chain): kind: "
+        "unknown kind 'Taskchain' (did you mean TaskChain?)",
+        "tasklane: error: several.yaml: document 2 (TaskChain ledger): spec.hops[0].service: "
+        "unknown service 'acount-svc' (did you mean account-svc?)",
+        "tasklane: error: several.yaml: document 2 (TaskChain ledger): spec.hops[1].group: "
+        "service account-svc has no group 'batch' (it has: default, task, debit)",
+    ]
+    good = subprocess.run(
+        [*TASKLANE, "validate", "-f", str(GOOD_DIR)],
+        capture_output=True, text=True, env=offline, cwd=cli.cwd, timeout=CLI_TIMEOUT,
+    )  # fmt: skip
+    assert good.returncode == 0, good.stderr
+    assert good.stdout == "valid: 3 Service, 2 TaskChain, 2 ScheduledTask (1 file)\n"
+
+
 def test_delete_refuses_a_referenced_rule_and_removes_a_free_one(cli: Cli) -> None:
     ok(cli("apply", "-f", str(GOOD)))
     before = cli.snapshot()

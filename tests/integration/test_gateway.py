@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -385,12 +386,13 @@ def _first_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
 
 
 def test_cli_gateway_serves_until_sigterm(mesh: Mesh, tmp_path: Path) -> None:
+    """On 127.0.0.1 unless told (like `tasklane up`), and its state goes when it stops."""
     port = free_port()
     (tmp_path / "secret").write_text(SECRET)
     with fake_api(mesh) as server:
         down = f"http://127.0.0.1:{free_port()}"  # a replica that is down is left out
         proc = _tasklane(
-            "--port", str(port), "--host", "127.0.0.1", "--server", f"{down},{server}",
+            "--port", str(port), "--server", f"{down},{server}",
             "--trusted-cidr", "10.0.0.0/8", "--trust-header", SECRET_HEADER,
             "--trust-secret-file", str(tmp_path / "secret"), "--state-dir", str(tmp_path / "state"),
             cwd=tmp_path,
@@ -402,12 +404,20 @@ def test_cli_gateway_serves_until_sigterm(mesh: Mesh, tmp_path: Path) -> None:
             _wait_until_served(port, {SECRET_HEADER: SECRET})
             assert _echo(port, {"x-batch-dye": "nightly"})[0] == "default"
             assert _echo(port, {"x-batch-dye": "nightly", SECRET_HEADER: SECRET})[0] == "task"
-            bootstrap = next((tmp_path / "state").glob("gateway-*/bootstrap.yaml"))
+            bootstrap = tmp_path / "state" / f"gateway-{port}" / "bootstrap.yaml"
             assert bootstrap.parent.stat().st_mode & 0o077 == 0  # it holds the secret
+            admin = int(ready.split("admin on 127.0.0.1:")[1].split(";")[0])
+            direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            url = f"http://127.0.0.1:{admin}/listeners?format=json"
+            with direct.open(url, timeout=10) as answer:
+                listeners = json.loads(answer.read())["listener_statuses"]
+            bound = [x["local_address"]["socket_address"] for x in listeners]
+            assert bound == [{"address": "127.0.0.1", "port_value": port}], bound
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(15)
     assert code == 0, proc.stderr.read()
+    assert list((tmp_path / "state").iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -171,3 +171,7 @@ def test_its_steps_build_an_image_that_runs_tasklane_and_envoy(tmp_path: Path) -
     assert DEFAULT_IMAGE in injected
     assert len([d for d in yaml.safe_load_all(injected) if d]) > 1
     in_image("python", "-c", "import controlplane.inject.redirect, controlplane.api.proto_gen")
+    # The sidecar's entry point renders its bootstrap there and becomes the image's Envoy.
+    start = ["python", "-m", "controlplane.inject.start", "--service=a", "--group=b"]
+    start += ["--pod-name=p", "--pod-ip=10.0.0.9", "--app-port=8080", "--xds=127.0.0.1:18000"]
+    assert "OK" in in_image(*start, "--", "--mode", "validate")

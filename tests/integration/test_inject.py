@@ -18,6 +18,7 @@ from tests.support.k8s import (
     BAD,
     KUBERNETES,
     WORKLOADS,
+    bootstrap_of,
     envoy_validate,
     objects,
     pod_template,
@@ -75,6 +76,61 @@ def test_every_output_object_is_valid_kubernetes_and_every_sidecar_valid_envoy(
         envoy_validate(template, f"pod-{index}", f"10.244.0.{index + 10}", tls=tmp_path / "tls")
 
 
+SMALL_DEPLOYMENT = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: account-svc-task
+  namespace: default
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: account-svc, group: task}
+  template:
+    metadata:
+      labels:
+        app: account-svc
+        group: task
+        tasklane.io/service: account-svc
+        tasklane.io/group: task
+    spec:
+      containers:
+        - name: app
+          image: registry.example.com/account-svc:1.0
+          ports:
+            - {name: http, containerPort: 8080}
+          readinessProbe:
+            httpGet: {path: /healthz, port: 8080}
+          livenessProbe:
+            tcpSocket: {port: 8080}
+          resources:
+            requests: {cpu: 100m, memory: 128Mi}
+"""
+
+
+def test_an_injected_deployment_stays_readable_and_renders_the_bootstrap_at_start(
+    tmp_path: Path,
+) -> None:
+    """No bootstrap in the pod spec (it was ~300 lines of `args`): a few arguments from which
+    the sidecar renders it when the pod starts; the object is valid Kubernetes and what the
+    sidecar renders is valid Envoy, TLS files read."""
+    done = tasklane("inject", "-f", "-", stdin=SMALL_DEPLOYMENT.encode())
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    (deployment,) = yaml.safe_load_all(text)
+    assert kubernetes_validate.validate(deployment, KUBERNETES, strict=True) == KUBERNETES
+    (template,) = injected_templates(text)
+    sidecar = sidecar_of(template)
+    assert len(yaml.safe_dump(sidecar).splitlines()) < 80, yaml.safe_dump(sidecar)
+    assert all(len(arg) < 80 and "\n" not in arg for arg in sidecar["args"]), sidecar["args"]
+    assert "--config-yaml" not in sidecar["args"]
+    bootstrap = bootstrap_of(template, "account-svc-task-0", "10.244.0.9")
+    assert bootstrap["node"]["id"] == "account-svc|task|account-svc-task-0"
+    assert bootstrap["node"]["metadata"]["tasklane.announce"] == "10.244.0.9:15006"
+    init_dir(tmp_path / "tls")
+    envoy_validate(template, "account-svc-task-0", "10.244.0.9", tls=tmp_path / "tls")
+
+
 def test_image_and_xds_address_options() -> None:
     done = tasklane(
         "inject", "-f", str(WORKLOADS),
@@ -89,8 +145,7 @@ def test_image_and_xds_address_options() -> None:
         "registry.example.com/envoy:v1.40.0"
     ] * 2
     assert "volumeMounts" not in sidecar_of(template)
-    args = sidecar_of(template)["args"]
-    bootstrap = yaml.safe_load(args[args.index("--config-yaml") + 1])
+    bootstrap = bootstrap_of(template)
     xds = bootstrap["static_resources"]["clusters"][0]
     assert xds["type"] == "STATIC"
     endpoint = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]

@@ -30,9 +30,8 @@ from controlplane.inject.pod import (
     inject_pod,
 )
 from controlplane.pki import init_dir
-from controlplane.runtime.envoy import envoy_binary
 from controlplane.runtime.process import stop_process
-from tests.support.k8s import kubelet_expand, mount_tls, sidecar_of
+from tests.support.k8s import mount_tls, sidecar_command
 from tests.support.system import require_command
 from tests.support.up import TASKLANE, launch, wait_ready
 
@@ -172,10 +171,7 @@ def test_injected_sidecar_in_a_pod_network_namespace(
             tls_secret=None if tls is None else "tasklane-sidecar-tls",
         ),
     )
-    args = [
-        kubelet_expand(a, {"POD_NAME": POD_NAME, "POD_IP": POD_IP})
-        for a in sidecar_of(template)["args"]
-    ]
+    sidecar = sidecar_command(template, POD_NAME, POD_IP)
     app_log, envoy_log = tmp_path / "app.log", tmp_path / "envoy.log"
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "index.html").write_text("hello from the app\n")
@@ -184,7 +180,7 @@ def test_injected_sidecar_in_a_pod_network_namespace(
         app_log,
         cwd=tmp_path / "www",
     )
-    envoy = pod.start([str(envoy_binary()), *args], envoy_log, pod.sidecar)
+    envoy = pod.start(sidecar, envoy_log, pod.sidecar)
     logs = [envoy_log, app_log]
 
     # No control plane yet: Envoy runs (its admin on 127.0.0.1 says it is initializing) but
@@ -288,10 +284,7 @@ def test_a_direct_call_to_the_app_port_meets_the_inbound_guard(tmp_path: Path) -
             InjectOptions(xds_host="127.0.0.1", xds_port=PLANE_PORTS["xds"], tls_secret=None),
         )
         (redirect,) = [c for c in template["spec"]["initContainers"] if c["name"] == REDIRECT_NAME]
-        args = [
-            kubelet_expand(a, {"POD_NAME": POD_NAME, "POD_IP": POD_IP})
-            for a in sidecar_of(template)["args"]
-        ]
+        sidecar = sidecar_command(template, POD_NAME, POD_IP)
         (tmp_path / "www").mkdir()
         (tmp_path / "www" / "index.html").write_text("hello from the app\n")
         app_log, envoy_log = tmp_path / "app.log", tmp_path / "envoy.log"
@@ -309,7 +302,7 @@ def test_a_direct_call_to_the_app_port_meets_the_inbound_guard(tmp_path: Path) -
             timeout=WAIT,
         )
         assert done.returncode == 0, done.stderr
-        pod.start([str(envoy_binary()), *args], envoy_log)
+        pod.start(sidecar, envoy_log)
         up = launch([*pod.prefix, *TASKLANE], tmp_path, PLANE_PORTS, options=["--accept-announce"])
         pod.procs.append(up.proc)
         assert wait_ready(up), up.stderr()

@@ -18,16 +18,19 @@ import pytest
 from controlplane.api import rules as rules_api
 from controlplane.errors import StoreError
 from controlplane.model.load import load_files, load_text
+from controlplane.model.rollout import Rollout
 from controlplane.model.rules import RuleSet, to_document
 from controlplane.model.validate import apply as validate_apply
 from controlplane.runtime.etcd import EmbeddedEtcd
 from controlplane.store.etcd import PREFIX, Store
+from controlplane.store.rollout import promote, start_rollout
 from controlplane.store.rules import (
     CHUNKS,
     GENERATIONS,
     HISTORY,
     REVISION_KEY,
     STAGING_GUARD,
+    Candidate,
     ConcurrentChange,
     apply_rules,
     load_rules,
@@ -165,7 +168,7 @@ def test_refused_apply_writes_nothing_of_any_file(plane: Plane) -> None:
     assert status == 400
     assert body == {
         "error": "b.yaml: document 1 (TaskChain ledger): spec.hops[0].group: "
-        "service ledger-svc has no group 'batch'"
+        "service ledger-svc has no group 'batch' (it has: default, task)"
     }
     assert plane.snapshot() == before
 
@@ -353,12 +356,15 @@ def test_load_names_a_key_that_holds_no_rule(plane: Plane) -> None:
 
 
 class Seen:
-    """Collects the RuleSets a rules watch delivers, for the test thread."""
+    """Collects what a rules watch delivers (rules, a rollout's candidate), for the test
+    thread."""
 
     def __init__(self) -> None:
         self.sets: queue.Queue[RuleSet] = queue.Queue()
+        self.delivered: list[tuple[RuleSet, Candidate | None]] = []  # in order
 
-    def __call__(self, rules: RuleSet) -> None:
+    def __call__(self, rules: RuleSet, candidate: Candidate | None) -> None:
+        self.delivered.append((rules, candidate))
         self.sets.put(rules)
 
     def until(self, check: Callable[[RuleSet], bool], timeout: float = 10.0) -> RuleSet:
@@ -394,6 +400,19 @@ def test_watch_delivers_each_change_and_survives_an_etcd_restart(
         more = validate_apply(current, load_text(service_doc("after-restart"), "s.yaml"))
         apply_rules(writer, more, current, revision)
         assert seen.until(lambda r: "after-restart" in r.services, timeout=20) == more
+
+        # A rollout's candidate comes beside the current rules; its promotion, both at once.
+        staged = more.without("ScheduledTask", "nightly-fund-yield")
+        settings = Rollout("", 10, 60, 20, started_at=0.0, who="t", base=0, revision=0)
+        started = start_rollout(writer, staged, more, load_rules(writer)[1], settings)
+        assert started is not None and started.revision == 4
+        seen.until(lambda r: seen.delivered[-1][1] is not None)
+        candidate = seen.delivered[-1][1]
+        assert candidate.rules == staged and candidate.rollout == started
+        promote(writer, "test", "me")
+        assert seen.until(lambda r: r == staged) == staged
+        # In the same delivery: the promoted rules are never current and candidate at once.
+        assert all(c is None for r, c in seen.delivered if r == staged)
     finally:
         cancel()
         store.close()

@@ -7,12 +7,10 @@ plane serves ALS on its xDS port and both endpoints on its HTTP port."""
 from __future__ import annotations
 
 import http.client
-import json
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from controlplane.runtime.ports import free_port
 from controlplane.telemetry.accounting import RATE_WINDOW_S
 from controlplane.xds.names import FALLBACK_HEADER, HEALTH_PATH
 from demo.chain_app import serve_in_thread
+from tests.support import dye_dropper
 from tests.support.mesh import Mesh, request, served_by
 from tests.support.plane import Plane, api_opener
 from tests.support.rules import chain, service
@@ -248,35 +247,8 @@ def test_fallbacks_counted_are_those_the_callers_were_told(tmp_path: Path) -> No
         assert (view["nav-pricing", "default"]["dyed"], snap["totals"]["leaks"]) == (count, 0)
 
 
-class _DropsTheDye(BaseHTTPRequestHandler):
-    """An app that forwards x-request-id to account-svc but not the dye (a broken client)."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        egress = self.server.egress  # type: ignore[attr-defined]
-        conn = http.client.HTTPConnection(*egress, timeout=10)
-        forwarded = {"Host": "account-svc", "x-request-id": self.headers["x-request-id"]}
-        try:
-            conn.request("GET", "/", headers=forwarded)
-            status = conn.getresponse().status
-        finally:
-            conn.close()
-        body = json.dumps({"downstream": status}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Silent."""
-
-
 def _dye_dropper(name: str, egress: tuple[str, int]) -> tuple[int, Callable[[], None]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _DropsTheDye)
-    server.daemon_threads = True
-    server.egress = egress  # type: ignore[attr-defined]
-    return serve_in_thread(server)
+    return serve_in_thread(dye_dropper.make_server("account-svc", egress))
 
 
 def test_dyed_request_called_on_undyed_is_a_propagation_break(tmp_path: Path) -> None:

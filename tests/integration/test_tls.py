@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import ssl
 import stat
 import subprocess
 import time
@@ -215,11 +217,12 @@ def test_gateway_over_tls_routes_a_request(
         wait_until(lambda: get(port, "fund-facade", {})[0] == 200, what="gateway routes")
         status, answer = get(port, "fund-facade", {})
         assert (status, hops(answer)) == (200, ONLINE), answer
+        bootstrap = (tmp_path / f"gateway-{port}" / "bootstrap.yaml").read_text()
+        assert str(tls_dir / "client.key") in bootstrap  # Envoy reads the key; the YAML names it
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=STOP_TIMEOUT) == 0, out.read_text()
-    bootstrap = (tmp_path / f"gateway-{port}" / "bootstrap.yaml").read_text()
-    assert str(tls_dir / "client.key") in bootstrap  # Envoy reads the key; the YAML names it
+    assert not (tmp_path / f"gateway-{port}").exists()  # its state goes with it
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -419,10 +422,54 @@ def test_tls_init_writes_private_keys_and_refuses_to_overwrite(tls_dir: Path) ->
         "ca.key": 0o600, "server.key": 0o600, "client.key": 0o600,
     }  # fmt: skip
     ca = (tls_dir / "ca.crt").read_bytes()
-    again = tasklane("tls", "init", str(tls_dir), "--host", "cp.example")
+    again = tasklane("tls", "init", str(tls_dir))
     assert again.returncode == 2
     assert_one_line_error(again.stderr, f"{tls_dir / 'ca.crt'} exists: not overwriting a CA")
     assert (tls_dir / "ca.crt").read_bytes() == ca
+
+
+def handshake(port: int, directory: Path, name: str) -> None:
+    """A TLS handshake with the xDS port as a sidecar makes it (DIR's client certificate, h2),
+    checking that the server's certificate names `name`; ssl.SSLError otherwise."""
+    context = ssl.create_default_context(cafile=directory / "ca.crt")
+    context.load_cert_chain(directory / "client.crt", directory / "client.key")
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+        context.wrap_socket(sock, server_hostname=name) as tls,
+    ):
+        assert tls.selected_alpn_protocol() == "h2"
+
+
+def test_tls_init_host_adds_a_name_to_an_existing_ca(tmp_path: Path) -> None:
+    """A new server certificate from the same CA: the CA and the clients' files stay, the
+    control plane then answers a handshake for the new name (and the old ones), and `tasklane
+    status` says xDS is on TLS."""
+    directory = tmp_path / "tls"
+    assert tasklane("tls", "init", str(directory)).returncode == 0
+    kept = {
+        n: (directory / n).read_bytes() for n in ("ca.crt", "ca.key", "client.crt", "client.key")
+    }
+    server = (directory / "server.crt").read_bytes()
+    added = tasklane(
+        "tls", "init", str(directory), "--host", "cp.example.test", "--host", "10.9.8.7"
+    )
+    assert added.returncode == 0, added.stderr
+    assert "localhost, 127.0.0.1, ::1, cp.example.test, 10.9.8.7" in added.stdout
+    assert {n: (directory / n).read_bytes() for n in kept} == kept
+    assert (directory / "server.crt").read_bytes() != server
+    assert stat.S_IMODE((directory / "server.key").stat().st_mode) == 0o600
+    up = start_up(tmp_path, options=["--tls-dir", str(directory)])
+    try:
+        for name in ("cp.example.test", "10.9.8.7", "localhost", "127.0.0.1"):
+            handshake(up.ports["xds"], directory, name)
+        with pytest.raises(ssl.SSLCertVerificationError, match="other.example.test"):
+            handshake(up.ports["xds"], directory, "other.example.test")
+        status = tasklane("status", "--server", up.url(""))
+        assert status.returncode == 0, status.stderr
+        assert f"xDS 127.0.0.1:{up.ports['xds']} (TLS), leader " in status.stdout.splitlines()[0]
+    finally:
+        up.kill()
 
 
 def test_up_with_a_missing_file_fails_with_one_line_and_starts_nothing(

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from controlplane.inject.pod import REDIRECT_NAME, SIDECAR_TLS_DIR, InjectOptions
+from controlplane.inject.start import bootstrap
 from controlplane.inject.workloads import TEMPLATE_PATHS, inject_text
 from controlplane.pki import CA_CERT, CLIENT_CERT, CLIENT_KEY
-from controlplane.runtime.envoy import envoy_binary
 
 ENVOY_TIMEOUT = 30.0
 K8S = Path(__file__).resolve().parents[1] / "data" / "k8s"
@@ -80,11 +81,20 @@ def sidecar_of(template: dict[str, Any]) -> dict[str, Any]:
     return sidecar
 
 
+def sidecar_command(
+    template: dict[str, Any], pod_name: str = "web-0", pod_ip: str = "10.1.2.3"
+) -> list[str]:
+    """The sidecar's command line as the kubelet starts it, the image's `python` being this
+    one (which has tasklane and the Envoy wheel installed, as the image has)."""
+    sidecar = sidecar_of(template)
+    assert sidecar["command"] == ["python", "-m", "controlplane.inject.start"], sidecar["command"]
+    args = [kubelet_expand(a, {"POD_NAME": pod_name, "POD_IP": pod_ip}) for a in sidecar["args"]]
+    return [sys.executable, "-m", "controlplane.inject.start", *args]
+
+
 def bootstrap_of(template: dict[str, Any], pod_name: str = "web-0", pod_ip: str = "10.1.2.3"):
-    """The sidecar's bootstrap as Envoy gets it from the kubelet."""
-    args = sidecar_of(template)["args"]
-    text = args[args.index("--config-yaml") + 1]
-    return yaml.safe_load(kubelet_expand(text, {"POD_NAME": pod_name, "POD_IP": pod_ip}))
+    """The bootstrap the sidecar renders when the pod starts, and gives Envoy."""
+    return yaml.safe_load(bootstrap(sidecar_command(template, pod_name, pod_ip)[3:]))
 
 
 def local_app_port(bootstrap: dict[str, Any]) -> int:
@@ -116,12 +126,8 @@ def envoy_validate(
     """Envoy run with the sidecar's args as the kubelet passes them, in validate mode: the
     bootstrap is parsed and every static resource built (TLS files read), nothing is bound or
     started. `tls`: a TLS directory whose client files the sidecar's Secret holds."""
-    args = [
-        kubelet_expand(arg, {"POD_NAME": pod_name, "POD_IP": pod_ip})
-        for arg in sidecar_of(template)["args"]
-    ]
-    assert not any("$(" in arg for arg in args)
-    command = [str(envoy_binary()), *args, "--mode", "validate"]
+    command = [*sidecar_command(template, pod_name, pod_ip), "--mode", "validate"]
+    assert not any("$(" in arg for arg in command)
     if tls is not None:
         command = [
             "unshare",

@@ -119,13 +119,16 @@ class Plane:
         *,
         app_port: int | None = None,
         inbound_port: int | None = None,
+        egress_port: int | None = None,
         announce: str | None = None,
+        node_id: str = "",
     ) -> EnvoyProcess:
         """An Envoy sidecar of `role` fed by this control plane, not started; node id
-        `<role>|test`. With no `app_port`, no app is behind it: only its config matters."""
+        `<role>|test` unless given. With no `app_port`, no app is behind it: only its config
+        matters."""
         service, group = role.split("|")
         return EnvoyProcess(
-            node_id=f"{role}|test",
+            node_id=node_id or f"{role}|test",
             service=service,
             group=group,
             xds_host="127.0.0.1",
@@ -135,7 +138,7 @@ class Plane:
             work_dir=work_dir,
             parts={
                 "sidecar.yaml": {
-                    "egress_port": free_port(),
+                    "egress_port": egress_port or free_port(),
                     "inbound_host": "127.0.0.1",
                     "inbound_port": inbound_port or free_port(),
                     "app_port": app_port or free_port(),

@@ -21,6 +21,7 @@ from controlplane.model import (
     from_document,
     load_files,
     load_text,
+    read_texts,
     to_document,
 )
 
@@ -60,7 +61,7 @@ def test_message_shape_of_the_brief(stored: RuleSet) -> None:
         apply(stored, load_files([path]))
     assert str(caught.value) == (
         f"{path}: document 3 (TaskChain fund-ledger): spec.hops[1].group: "
-        "service account-svc has no group 'batch'"
+        "service account-svc has no group 'batch' (it has: default, task, debit)"
     )
 
 
@@ -212,6 +213,72 @@ def test_fuzz_text(stored: RuleSet) -> None:
                 text = "\n".join(lines)
         try:
             apply(stored, load_text(text, "fuzz.yaml"))
-        except RuleError as error:
-            assert "\n" not in str(error)
-            assert str(error).startswith("fuzz.yaml")
+        except RuleError as error:  # every problem, one line each, each naming the file
+            lines = str(error).split("\n")
+            assert all(line.startswith("fuzz.yaml") for line in lines), lines
+
+
+SEVERAL_PROBLEMS = """\
+apiVersion: tasklane.io/v1
+kind: Taskchain
+metadata: {name: ledger-chain}
+spec: {dye: {values: [ledger]}, hops: [{service: account-svc, group: task}]}
+---
+apiVersion: tasklane.io/v1
+kind: Service
+metadata: {name: ledger-svc}
+spec:
+  protocl: http
+---
+apiVersion: tasklane.io/v1
+kind: TaskChain
+metadata: {name: fund-ledger}
+spec:
+  dye: {values: [fund-ledger]}
+  hops:
+    - {service: acount-svc, group: task}
+    - {service: account-svc, group: batch}
+    - {service: ledger-svc, group: task}
+---
+apiVersion: tasklane.io/v1
+kind: ScheduledTask
+metadata: {name: nightly-ledger}
+spec: {chain: fund-ledgr, schedule: "0 2 * * *", expectedDuration: 1h}
+"""
+
+
+def test_every_problem_of_a_file_at_once_with_suggestions(stored: RuleSet) -> None:
+    """One line per problem, each naming its document, with the likely name; a document that
+    failed its own checks (ledger-svc) is not also called missing by the chain using it."""
+    with pytest.raises(RuleError) as caught:
+        apply(stored, *read_texts([("r.yaml", SEVERAL_PROBLEMS)]))
+    assert str(caught.value).split("\n") == [
+        "r.yaml: document 1 (unknown kind, name ledger-chain): kind: unknown kind 'Taskchain' "
+        "(did you mean TaskChain?)",
+        "r.yaml: document 2 (Service ledger-svc): spec.protocl: unknown field "
+        "(did you mean protocol?)",
+        "r.yaml: document 3 (TaskChain fund-ledger): spec.hops[0].service: unknown service "
+        "'acount-svc' (did you mean account-svc?)",
+        "r.yaml: document 3 (TaskChain fund-ledger): spec.hops[1].group: service account-svc "
+        "has no group 'batch' (it has: default, task, debit)",
+        "r.yaml: document 4 (ScheduledTask nightly-ledger): spec.chain: unknown chain "
+        "'fund-ledgr' (did you mean fund-ledger?)",
+    ]
+
+
+def test_a_yaml_syntax_error_keeps_the_problems_before_it(stored: RuleSet) -> None:
+    text = SEVERAL_PROBLEMS.split("---\n")[1] + "---\nkind: [\n"
+    with pytest.raises(RuleError) as caught:
+        apply(stored, *read_texts([("r.yaml", text)]))
+    lines = str(caught.value).split("\n")
+    assert len(lines) == 2
+    assert "spec.protocl: unknown field (did you mean protocol?)" in lines[0]
+    assert lines[1].startswith("r.yaml: document 2: YAML syntax error")
+
+
+def test_problems_shown_are_bounded(stored: RuleSet) -> None:
+    bad = "apiVersion: tasklane.io/v1\nkind: Servce\nmetadata: {name: x}\nspec: {}\n"
+    with pytest.raises(RuleError) as caught:
+        apply(stored, *read_texts([("r.yaml", "---\n".join([bad] * 80))]))
+    lines = str(caught.value).split("\n")
+    assert len(lines) == 51 and lines[-1] == "... and 30 more problems"

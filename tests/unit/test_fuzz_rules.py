@@ -1,6 +1,6 @@
-"""A hypothesis fuzz of the rule loader: whatever the text, `load_text` plus `validate.apply`
-either succeed or raise a one-line RuleError naming the file; never another exception, and
-never slowly (alias bombs, deep nesting and huge scalars included)."""
+"""A hypothesis fuzz of the rule loader: whatever the text, `read_texts` plus `validate.apply`
+either succeed or raise a RuleError of one line per problem naming the file; never another
+exception, and never slowly (alias bombs, deep nesting and huge scalars included)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.errors import RuleError
-from controlplane.model import RuleSet, apply, load_files, load_text
+from controlplane.model import RuleSet, apply, load_files, load_text, read_texts
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
 GOOD_TEXT = (RULES / "good" / "fund-yield.yaml").read_text(encoding="utf-8")
@@ -141,15 +141,16 @@ def dump(docs: list[object]) -> str:
 
 
 def check(stored: RuleSet, text: str) -> None:
-    """The property: success, or a one-line RuleError starting with the file name, quickly
-    (in CPU time: on a loaded machine wall time also counts other processes' turns)."""
+    """The property: success, or a RuleError of one line per problem, each starting with the
+    file name, quickly (in CPU time: on a loaded machine wall time also counts other
+    processes' turns)."""
     started = time.process_time()
     try:
-        apply(stored, load_text(text, FILE))
+        apply(stored, *read_texts([(FILE, text)]))
     except RuleError as error:
-        message = str(error)
-        assert "\n" not in message and "\r" not in message, message
-        assert message.startswith(f"{FILE}:"), message
+        lines = str(error).split("\n")
+        assert "\r" not in str(error) and all(lines), lines
+        assert all(line.startswith(f"{FILE}:") for line in lines), lines
     assert time.process_time() - started < 2.0
 
 

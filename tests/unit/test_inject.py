@@ -69,7 +69,8 @@ def test_every_kind_gets_a_native_sidecar_and_the_rest_passes_through() -> None:
         assert annotations[ANNOTATION_INJECTED] == OPTIONS.version
         sidecar = sidecar_of(template)
         assert sidecar["restartPolicy"] == "Always"
-        assert sidecar["image"] == DEFAULT_IMAGE and sidecar["command"] == ["envoy"]
+        assert sidecar["image"] == DEFAULT_IMAGE
+        assert sidecar["command"] == ["python", "-m", "controlplane.inject.start"]
         assert sidecar["securityContext"]["runAsUser"] == PROXY_UID
         for probe in ("startupProbe", "readinessProbe"):
             assert sidecar[probe]["httpGet"] == {"path": "/ready", "port": READY_PORT}

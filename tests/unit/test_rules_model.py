@@ -376,7 +376,8 @@ def test_check_names_stored_rules_without_origins(stored: RuleSet) -> None:
     with pytest.raises(RuleError) as caught:
         check(broken)
     assert str(caught.value) == (
-        "stored TaskChain fund-yield: spec.hops[2].group: service nav-pricing has no group 'task'"
+        "stored TaskChain fund-yield: spec.hops[2].group: service nav-pricing has no group 'task' "
+        "(it has: default)"
     )
     check(stored)
 

@@ -5,6 +5,7 @@
 //   /api/v1/instances        ready instances per service and group
 //   /api/v1/isolation        traffic per chain x hop x group (a 404 shows "no traffic data yet")
 //   /api/v1/scope            the services each role's sidecars hold the config of, and why
+//   /api/v1/probe            the last propagation probe of each chain (`tasklane probe`)
 //   /api/v1/rules/{kind}     chains and services (every RULES_EVERY_MS)
 //   /api/v1/profile/{svc}    next 24 h of desired replicas and the scaler's decisions, fetched
 //                            only for chains whose timeline is open (every PROFILE_EVERY_MS)
@@ -44,6 +45,8 @@ const state = {
   isolation: undefined, // undefined: not asked yet; null: the endpoint does not exist (404)
   isolationError: null,
   scope: null, // {services: {service: {group: [entry, ...]}}}; null: unknown (older control plane)
+  rollout: null, // {current, last} of GET /api/v1/rollout; null: unknown
+  probes: new Map(), // chain -> the report of its last propagation probe
   chains: [],
   services: new Map(), // name -> spec
   rulesAt: 0,
@@ -137,6 +140,15 @@ async function loadScope() {
   }
 }
 
+async function loadProbes() {
+  try {
+    const body = await getJSON("/api/v1/probe");
+    state.probes = new Map((body.probes || []).map((report) => [report.chain, report]));
+  } catch (_) {
+    state.probes = new Map(); // an older control plane: no probe line, the rest of the page stays
+  }
+}
+
 function loadProfile(service) {
   const entry = state.profiles.get(service) || {};
   if (entry.loading || (entry.at && Date.now() - entry.at < PROFILE_EVERY_MS)) return;
@@ -157,12 +169,21 @@ function loadProfile(service) {
     });
 }
 
+async function loadRollout() {
+  try {
+    state.rollout = await getJSON("/api/v1/rollout");
+  } catch (_) {
+    state.rollout = null; // an older control plane: no rollout to show
+  }
+}
+
 async function poll() {
   const started = Date.now();
-  const jobs = [getJSON("/api/v1/status"), getJSON("/api/v1/instances"), loadIsolation(), loadScope()];
+  const jobs = [getJSON("/api/v1/status"), getJSON("/api/v1/instances"), loadIsolation(), loadScope(),
+    loadRollout(), loadProbes()];
   const rulesDue = started - state.rulesAt >= RULES_EVERY_MS;
   if (rulesDue) jobs.push(loadRules());
-  const [status, instances, , , rules] = await Promise.allSettled(jobs);
+  const [status, instances, , , , , rules] = await Promise.allSettled(jobs);
   const errors = [status, instances, rules]
     .filter((r) => r && r.status === "rejected")
     .map((r) => (r.reason instanceof HttpError ? r.reason.message : "the control plane does not answer"));
@@ -297,7 +318,9 @@ function render() {
   renderLive();
   renderSummary();
   renderWarnings();
+  renderRollout();
   renderChains();
+  renderQueues();
   renderSidecars();
 }
 
@@ -433,7 +456,62 @@ function renderChains() {
   renderTimelines();
 }
 
+// A staged rollout (tasklane apply --canary): the one in progress with both cohorts side by
+// side, else how the last one ended.
+function renderRollout() {
+  const { current, last } = state.rollout || {};
+  const blocks = [];
+  if (current) {
+    const cohorts = Object.entries(current.cohorts || {});
+    blocks.push(h("div", { class: "warning", role: "note", "data-rollout": "current" },
+      h("h3", { text: `Rollout of revision ${current.revision}: ${current.percent}% of each role's `
+        + `sidecars, window ${current.window}` }),
+      h("p", { "data-verdict": current.verdict.action,
+        text: `verdict so far: ${current.verdict.action}: ${current.verdict.reason}` }),
+      h("table", {},
+        h("thead", {}, h("tr", {}, ["cohort", "requests", "5xx", "rejected", "fallbacks", "leaks"]
+          .map((label) => h("th", { scope: "col", text: label })))),
+        h("tbody", {}, cohorts.map(([name, t]) => h("tr", { "data-cohort": name },
+          h("th", { scope: "row", text: name }),
+          [t.requests, t.errors, t.rejected, t.fallbacks, t.leaks].map((value) =>
+            h("td", { class: "num", text: String(value) })))))),
+    ));
+  } else if (last) {
+    blocks.push(h("p", { class: "muted", "data-rollout": "last", "data-outcome": last.outcome,
+      text: `Last rollout: revision ${last.rollout.revision} ${last.outcome} `
+        + `${clock(last.at * 1000)} by ${last.by}: ${last.reason}` }));
+  }
+  const signature = JSON.stringify([current, last]);
+  if (dom.rollout.dataset.sig !== signature) {
+    dom.rollout.dataset.sig = signature;
+    dom.rollout.replaceChildren(...blocks);
+  }
+}
+
 // The list of chains: one row each, the numbers a person scans 20 chains for.
+function renderQueues() {
+  const queues = (state.isolation && state.isolation.queues) || [];
+  dom.queues.hidden = queues.length === 0;
+  const rows = queues.map((q) => {
+    const fallbacks = sum(q.fallbacks);
+    return h("tr", { "data-queue-row": `${q.queue}|${q.chain}|${q.group}` },
+      h("th", { scope: "row" }, q.queue),
+      h("td", {}, q.chain || h("span", { class: "muted" }, "online")),
+      h("td", {}, q.service),
+      h("td", { class: q.hop_group ? "" : "muted" }, q.group),
+      h("td", { class: "num" }, `${rate(q.rate)} (${q.messages})`),
+      h("td", { class: `num ${fallbacks ? "warn" : ""}`, title: describe(q.fallbacks) },
+        String(fallbacks)),
+      h("td", { class: `num ${q.bad_dyes ? "warn" : ""}` }, String(q.bad_dyes)),
+      h("td", { class: `num ${q.leaks ? "bad" : ""}` }, h("strong", {}, String(q.leaks))),
+    );
+  });
+  const signature = JSON.stringify(rows.map((row) => row.textContent));
+  if (signature === dom.queueTable.dataset.sig) return;
+  dom.queueTable.dataset.sig = signature;
+  dom.queueTable.replaceChildren(...rows);
+}
+
 function renderChainTable(shown, ready) {
   const rows = shown.map((chain) => {
     let readySum = 0;
@@ -501,7 +579,8 @@ function createChainView(chain) {
 function updateChainView(view, chain, ready) {
   const id = `chain-${slug(chain.name)}`;
   const hopData = chain.hops.map((hop, index) => hopGroups(chain, hop, index, ready));
-  const signature = JSON.stringify([chain, hopData, state.isolation === null, state.isolationError]);
+  const probe = state.probes.get(chain.name) || null;
+  const signature = JSON.stringify([chain, hopData, state.isolation === null, state.isolationError, probe]);
   if (signature === view.sig) return;
   view.sig = signature;
   const leaks = chainLeaks(chain);
@@ -514,8 +593,20 @@ function updateChainView(view, chain, ready) {
       leaks === null ? null : [" · ", h("span", { class: `badge ${leaks ? "bad" : "good"}` },
         leaks ? `${leaks} leaks` : "no leaks")],
     ),
+    probe ? renderProbe(probe) : null,
   );
   view.graph.replaceChildren(...chain.hops.map((hop, index) => renderHop(chain, hop, hopData[index])));
+}
+
+// The last `tasklane probe` of a chain: when, the verdict, and each hop's serving group.
+function renderProbe(probe) {
+  const hops = probe.hops.map((hop, i) => [i ? " → " : null,
+    h("span", { class: hop.verdict === "ok" ? null : "bad", title: hop.detail || hop.verdict },
+      `${hop.service} ${hop.servedBy || "–"}${hop.dyed === false ? " (undyed)" : ""}`)]);
+  return h("p", { class: "probe", "data-ok": String(probe.ok) },
+    `last probe ${clock(probe.at * 1000)}: `,
+    h("span", { class: `badge ${probe.ok ? "good" : "bad"}` }, probe.ok ? "dye reached every hop" : probe.problem),
+    " · ", hops);
 }
 
 // The groups a hop box shows: the chain's group, the service's online group, and any other
@@ -750,10 +841,13 @@ function start() {
   dom.live = document.getElementById("live");
   dom.summary = document.getElementById("summary");
   dom.warnings = document.getElementById("warnings");
+  dom.rollout = document.getElementById("rollout");
   dom.chainFilter = document.getElementById("chain-filter");
   dom.chainCount = document.getElementById("chain-count");
   dom.chainTable = document.querySelector("#chain-table tbody");
   dom.chains = document.getElementById("chains");
+  dom.queues = document.getElementById("queues");
+  dom.queueTable = document.querySelector("#queue-table tbody");
   dom.window = document.getElementById("window");
   dom.sidecarFilter = document.getElementById("sidecar-filter");
   dom.sidecarCount = document.getElementById("sidecar-count");

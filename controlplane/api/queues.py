@@ -1,0 +1,69 @@
+"""Queue hops: `GET /api/v1/queues` (the lanes plan apps declare and publish by,
+model/queues.py) and `POST /api/v1/deliveries` (what consumers received, for the accounting;
+`controlplane.queues.DeliveryReporter` posts it). A malformed report is refused whole with a
+one-line 400 and counts nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from aiohttp import web
+
+from controlplane.api.context import ApiContext
+from controlplane.api.http import error_response
+from controlplane.model.queues import plan_document, queue_plan
+from controlplane.queues import Delivery
+
+MAX_DELIVERIES = 10_000  # per report; the reporter sends every half second
+_TYPES = {"queue": str, "service": str, "group": str, "fell_back": bool, "rejected": bool}
+_OPTIONAL = {"dye": str, "chain": str, "bad_dye": str}
+
+
+def _delivery(item: object, index: int) -> Delivery:
+    """One reported delivery, or ValueError naming what is wrong with it."""
+    where = f"deliveries[{index}]"
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected an object")
+    known = {f.name for f in fields(Delivery)}
+    unknown = sorted(set(item) - known)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown field")
+    for name, kind in _TYPES.items():
+        if name in item and not isinstance(item[name], kind):
+            raise ValueError(f"{where}.{name}: expected a {kind.__name__}")
+    for name in ("queue", "service", "group", "fell_back"):
+        if name not in item:
+            raise ValueError(f"{where}.{name}: missing required field")
+    for name, kind in _OPTIONAL.items():
+        if item.get(name) is not None and not isinstance(item[name], kind):
+            raise ValueError(f"{where}.{name}: expected a string or null")
+    return Delivery(**{name: item.get(name) for name in _OPTIONAL} | item)
+
+
+def routes(context: ApiContext) -> list[web.RouteDef]:
+    async def plan(request: web.Request) -> web.Response:
+        return web.json_response(plan_document(queue_plan(context.rules())))
+
+    async def deliveries(request: web.Request) -> web.Response:
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            return error_response(400, "the body is not JSON")
+        items = body.get("deliveries") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            return error_response(400, "deliveries: expected a list")
+        if len(items) > MAX_DELIVERIES:
+            return error_response(400, f"deliveries: at most {MAX_DELIVERIES} per report")
+        try:
+            parsed = [_delivery(item, index) for index, item in enumerate(items)]
+        except ValueError as error:
+            return error_response(400, str(error))
+        context.deliveries(parsed)
+        return web.json_response({"accepted": len(parsed)})
+
+    return [
+        web.get("/api/v1/queues", plan),
+        web.post("/api/v1/deliveries", deliveries),
+    ]

@@ -1,0 +1,340 @@
+"""Carry the dye through a message queue and keep each chain's messages in its lane (RabbitMQ,
+with `pika` or `aio-pika`). The plan and its design are in `controlplane.model.queues`.
+
+    lanes = plan["ledger-entries"]                    # from /api/v1/queues
+    queues.declare(channel, lanes)                    # idempotent; any app may call it
+    queues.publish(channel, lanes, body)              # the current dye goes in the headers
+    queues.consume(channel, lanes, handle)            # this group's queues; handle(body) runs
+                                                      # with the message's dye current
+
+Every delivery is judged from its headers before the handler runs (`receive`): a dye that is
+not a dye (malformed, longer than a dye may be) is stripped, and the message is handled as
+undyed, unless its publisher is trusted (its broker-checked `user_id` is in `trusted_users`),
+whose message is rejected with the reason instead: a trusted publisher sending a broken dye is
+a bug to see, not to route around. Nothing a header holds can crash the consumer. Each
+delivery's facts go to `report` (e.g. a `DeliveryReporter` posting them to the control plane,
+whose accounting judges leaks and fallbacks per queue hop).
+
+The broker libraries are imported only by the functions that use them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.request
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from controlplane import lanes as app_lanes
+from controlplane import propagation
+from controlplane.model.dye import value_problem
+from controlplane.model.queues import CHAIN_HEADER, LOOSE_WAIT_MS, QueueLanes
+
+__all__ = [
+    "Delivery",
+    "DeliveryReporter",
+    "consume",
+    "consume_async",
+    "declare",
+    "declare_async",
+    "publish",
+    "publish_async",
+    "publish_headers",
+    "receive",
+]
+
+log = logging.getLogger(__name__)
+Report = Callable[["Delivery"], None]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What one consumer received: the facts the accounting judges."""
+
+    queue: str  # the work queue (the hop's `queue`)
+    service: str
+    group: str  # the consumer's group
+    dye: str | None  # a valid dye, or None
+    chain: str | None  # the lane the message's headers name, if any
+    fell_back: bool  # dead-lettered from a loose lane after waiting (x-death)
+    bad_dye: str | None = None  # why the dye header was dropped
+    rejected: bool = False  # not handled: a trusted publisher's bad dye
+
+
+# ---------------------------------------------------------------- topology
+
+
+def _lane_arguments(lanes: QueueLanes, fallback: str) -> dict[str, Any]:
+    if fallback != "loose":
+        return {}
+    return {"x-message-ttl": LOOSE_WAIT_MS, "x-dead-letter-exchange": lanes.default_exchange}
+
+
+def _bindings(lanes: QueueLanes) -> list[tuple[str, dict[str, Any]]]:
+    """(lane queue, binding arguments) for every binding of the queue's headers exchange."""
+    out = []
+    for lane in lanes.lanes:
+        queue = lanes.lane_queue(lane)
+        out.append((queue, {"x-match": "all-with-x", CHAIN_HEADER: lane.chain}))
+        out += [(queue, {"x-match": "all-with-x", lane.header: value}) for value in lane.exact]
+    return out
+
+
+def declare(channel: Any, lanes: QueueLanes) -> None:
+    """Declare the queue's exchanges, default queue and lanes on a pika channel (durable)."""
+    channel.exchange_declare(lanes.default_exchange, "fanout", durable=True)
+    channel.exchange_declare(
+        lanes.queue,
+        "headers",
+        durable=True,
+        arguments={"alternate-exchange": lanes.default_exchange},
+    )
+    channel.queue_declare(lanes.queue, durable=True)
+    channel.queue_bind(lanes.queue, lanes.default_exchange)
+    for lane in lanes.lanes:
+        channel.queue_declare(
+            lanes.lane_queue(lane), durable=True, arguments=_lane_arguments(lanes, lane.fallback)
+        )
+    for queue, arguments in _bindings(lanes):
+        channel.queue_bind(queue, lanes.queue, arguments=arguments)
+
+
+async def declare_async(channel: Any, lanes: QueueLanes) -> None:
+    """`declare` on an aio-pika channel."""
+    import aio_pika
+
+    fallback = await channel.declare_exchange(
+        lanes.default_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    exchange = await channel.declare_exchange(
+        lanes.queue,
+        aio_pika.ExchangeType.HEADERS,
+        durable=True,
+        arguments={"alternate-exchange": lanes.default_exchange},
+    )
+    default = await channel.declare_queue(lanes.queue, durable=True)
+    await default.bind(fallback)
+    queues = {}
+    for lane in lanes.lanes:
+        name = lanes.lane_queue(lane)
+        queues[name] = await channel.declare_queue(
+            name, durable=True, arguments=_lane_arguments(lanes, lane.fallback)
+        )
+    for queue, arguments in _bindings(lanes):
+        await queues[queue].bind(exchange, arguments=arguments)
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def publish_headers(
+    lanes: QueueLanes, headers: Mapping[str, Any] | None = None, dye: str | None = None
+) -> dict[str, Any]:
+    """The message headers to publish with: `headers` plus the dye (default: the current one)
+    under each lane's dye header, and the chain it names when a lane claims it by prefix."""
+    out = dict(headers or {})
+    dye = propagation.current_dye() if dye is None else dye
+    if dye is None:
+        return out
+    for header in {lane.header for lane in lanes.lanes} or {propagation.DYE_HEADER}:
+        out[header] = dye
+    lane = lanes.lane_of(out)
+    if lane is not None and dye not in lane.exact:
+        out[CHAIN_HEADER] = lane.chain
+    return out
+
+
+def publish(
+    channel: Any, lanes: QueueLanes, body: bytes, properties: Any = None, dye: str | None = None
+) -> None:
+    """Publish `body` to the queue's exchange with the dye in its headers (pika); persistent
+    unless `properties` say otherwise. Use a confirming channel for no loss across restarts."""
+    import pika
+
+    properties = properties or pika.BasicProperties(delivery_mode=2)
+    properties.headers = publish_headers(lanes, properties.headers, dye)
+    channel.basic_publish(lanes.queue, "", body, properties)
+
+
+async def publish_async(
+    channel: Any, lanes: QueueLanes, body: bytes, dye: str | None = None, **message: Any
+) -> None:
+    """`publish` on an aio-pika channel; `message` are `aio_pika.Message` arguments."""
+    import aio_pika
+
+    message.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
+    message["headers"] = publish_headers(lanes, message.get("headers"), dye)
+    exchange = await channel.get_exchange(lanes.queue, ensure=False)
+    await exchange.publish(aio_pika.Message(body, **message), routing_key="")
+
+
+# ---------------------------------------------------------------- consuming
+
+
+def _dye_problem(value: object) -> str | None:
+    """Why a dye header's value cannot be a dye, by the rules' grammar; None if it can."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return "not ASCII"
+    if not isinstance(value, str):
+        return f"a {type(value).__name__}, not a string"
+    return value_problem(value)
+
+
+def receive(
+    lanes: QueueLanes,
+    group: str,
+    headers: Mapping[str, Any] | None,
+    user_id: str | None = None,
+    trusted_users: frozenset[str] = frozenset(),
+) -> Delivery:
+    """Judge one delivery's headers (pure): its dye, lane, fallback and what was wrong."""
+    headers = dict(headers or {})
+    dye_headers = {lane.header for lane in lanes.lanes} or {propagation.DYE_HEADER}
+    dye, problem = None, None
+    for name in sorted(dye_headers):
+        if name not in headers:
+            continue
+        problem = _dye_problem(headers[name])
+        if problem is None:
+            dye = headers[name]
+            dye = headers[name] = dye.decode("ascii") if isinstance(dye, bytes) else dye
+            break
+        headers.pop(name)
+    chain = headers.get(CHAIN_HEADER)
+    if isinstance(chain, bytes):  # pika hands a header that is not UTF-8 over as bytes
+        headers[CHAIN_HEADER] = chain.decode("ascii", "replace")
+    lane = lanes.lane_of(headers) if dye is not None else None
+    return Delivery(
+        queue=lanes.queue,
+        service=lanes.service,
+        group=group,
+        dye=dye,
+        chain=None if lane is None else lane.chain,
+        fell_back="x-death" in headers,
+        bad_dye=problem if dye is None else None,
+        rejected=dye is None and problem is not None and user_id in trusted_users,
+    )
+
+
+def _admit(delivery: Delivery, report: Report | None) -> bool:
+    """Report a delivery; True if its handler may run, False if it is rejected."""
+    if report is not None:
+        try:
+            report(delivery)
+        except Exception:  # the accounting must not stop the work
+            log.exception("could not report a delivery")
+    if delivery.rejected:
+        log.warning("rejected a message on %s: its dye is %s", delivery.queue, delivery.bad_dye)
+        return False
+    return True
+
+
+def consume(
+    channel: Any,
+    lanes: QueueLanes,
+    handler: Callable[[bytes], None],
+    *,
+    group: str | None = None,
+    report: Report | None = None,
+    trusted_users: frozenset[str] = frozenset(),
+    prefetch: int = 50,
+) -> list[str]:
+    """Consume this group's queues on a pika channel (manual acks); returns the consumer tags.
+    `group` defaults to the instance's own (`TASKLANE_GROUP`)."""
+    group = group or app_lanes.current_group()
+    channel.basic_qos(prefetch_count=prefetch)
+
+    def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+        delivery = receive(lanes, group, properties.headers, properties.user_id, trusted_users)
+        if not _admit(delivery, report):
+            ch.basic_reject(method.delivery_tag, requeue=False)
+            return
+        with propagation.dye_scope(delivery.dye):
+            handler(body)
+        ch.basic_ack(method.delivery_tag)
+
+    return [channel.basic_consume(queue, on_message) for queue in lanes.queues_for(group)]
+
+
+async def consume_async(
+    channel: Any,
+    lanes: QueueLanes,
+    handler: Callable[[bytes], Awaitable[None]],
+    *,
+    group: str | None = None,
+    report: Report | None = None,
+    trusted_users: frozenset[str] = frozenset(),
+    prefetch: int = 50,
+) -> list[str]:
+    """`consume` on an aio-pika channel with an async handler."""
+    group = group or app_lanes.current_group()
+    await channel.set_qos(prefetch_count=prefetch)
+
+    async def on_message(message: Any) -> None:
+        delivery = receive(lanes, group, message.headers, message.user_id, trusted_users)
+        if not _admit(delivery, report):
+            await message.reject(requeue=False)
+            return
+        with propagation.dye_scope(delivery.dye):
+            await handler(message.body)
+        await message.ack()
+
+    tags = []
+    for name in lanes.queues_for(group):
+        queue = await channel.get_queue(name, ensure=False)
+        tags.append(await queue.consume(on_message))
+    return tags
+
+
+# ---------------------------------------------------------------- reporting
+
+
+class DeliveryReporter:
+    """Sends deliveries to the control plane (`POST /api/v1/deliveries`) in batches from a
+    background thread, so a consumer never waits on the accounting; `close()` flushes."""
+
+    def __init__(self, api: str, interval: float = 0.5, token: str | None = None) -> None:
+        self.url = api.rstrip("/") + "/api/v1/deliveries"
+        self.token = token
+        self.interval = interval
+        self._pending: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def __call__(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._pending.append(asdict(delivery))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(
+            self.url, json.dumps({"deliveries": batch}).encode(), headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                answer.read()
+        except OSError:
+            log.warning("could not report %d deliveries to %s", len(batch), self.url)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.flush()

@@ -1,0 +1,343 @@
+"""Message-queue lanes on a real RabbitMQ (Debian's rabbitmq-server, one node per session):
+dyed messages published from a dyed request carry the dye; each chain's lane consumers get only
+that chain's messages, `default` only undyed ones; a strict chain's messages wait for their
+group while a loose chain's go to `default`; broken dyes are stripped or, from a trusted
+publisher, rejected, and never stop the consumer. Both pika and aio-pika."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from wsgiref.simple_server import make_server
+
+import aio_pika
+import pika
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from controlplane import propagation, queues
+from controlplane.model import RuleSet, apply, load_text
+from controlplane.model.queues import LOOSE_WAIT_MS, QueueLanes, plan_from_document, queue_plan
+from testkit.rabbit import Broker
+from tests.support.plane import Plane, api_opener
+from tests.support.rabbit import rabbit  # noqa: F401 (the session fixture)
+from tests.support.rules import chain, service
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def plan(fallback: str = "strict") -> QueueLanes:
+    """A queue `qNNNN` consumed by `ledger`; chain fund-yield's lane in `task` (its
+    `fallback`), chain pricing's (loose) in `batch`. Unique names: the broker is shared."""
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    hop = "[{service: ledger, group: %s, queue: " + queue + "}]"
+    text = (
+        service("ledger", groups=("default", "task", "batch"))
+        + chain("fund-yield", hop % "task", fallback=fallback)
+        + chain("pricing", hop % "batch", fallback="loose", dye="{values: [pricing]}")
+    )
+    return queue_plan(apply(RuleSet.empty(), load_text(text, "test.yaml")))[queue]
+
+
+class Consumer:
+    """One group's consumer on its own connection: what it handled, with the dye current."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        lanes: QueueLanes,
+        group: str,
+        forward: Callable[[queues.Delivery], None] | None = None,
+        **options: object,
+    ):
+        self.connection = pika.BlockingConnection(broker.parameters())
+        self.handled: list[tuple[bytes, str | None]] = []
+        self.deliveries: list[queues.Delivery] = []
+        channel = self.connection.channel()
+        queues.declare(channel, lanes)
+
+        def handle(body: bytes) -> None:
+            self.handled.append((body, propagation.current_dye()))
+
+        def report(delivery: queues.Delivery) -> None:
+            self.deliveries.append(delivery)
+            if forward is not None:
+                forward(delivery)
+
+        queues.consume(channel, lanes, handle, group=group, report=report, **options)
+
+    def run_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            self.connection.process_data_events(time_limit=0.05)
+
+    def run_for(self, seconds: float) -> None:
+        self.run_until(lambda: False, seconds)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def publish_all(broker: Broker, lanes: QueueLanes, messages: list[tuple[bytes, str | None]]):
+    """Publish each body from a request carrying its dye (None: undyed), confirmed."""
+    connection = pika.BlockingConnection(broker.parameters())
+    channel = connection.channel()
+    channel.confirm_delivery()
+    queues.declare(channel, lanes)
+    for body, dye in messages:
+        with propagation.dye_scope(dye):
+            queues.publish(channel, lanes, body)
+    connection.close()
+
+
+MIXED = [
+    (b"online-1", None),
+    (b"task-exact", "fund-yield"),
+    (b"task-run", "fund-yield@r42"),  # claimed by prefix: routed by the chain header
+    (b"batch", "pricing"),
+    (b"unknown-dye", "no-chain"),  # a dye of no chain is online traffic, as over HTTP
+    (b"online-2", None),
+]
+
+
+def test_each_lane_gets_only_its_chains_messages(rabbit: Broker) -> None:  # noqa: F811
+    lanes = plan()
+    groups = {group: Consumer(rabbit, lanes, group) for group in ("default", "task", "batch")}
+    publish_all(rabbit, lanes, MIXED)
+    want = {
+        "default": {(b"online-1", None), (b"online-2", None), (b"unknown-dye", "no-chain")},
+        "task": {(b"task-exact", "fund-yield"), (b"task-run", "fund-yield@r42")},
+        "batch": {(b"batch", "pricing")},
+    }
+    for group, consumer in groups.items():
+        consumer.run_until(lambda c=consumer, g=group: len(c.handled) >= len(want[g]))
+    for consumer in groups.values():
+        consumer.run_for(0.3)  # nothing more arrives
+    try:
+        assert {group: set(c.handled) for group, c in groups.items()} == want
+        chains = {d.chain for d in groups["task"].deliveries}
+        assert chains == {"fund-yield"} and not any(d.fell_back for d in groups["task"].deliveries)
+    finally:
+        for consumer in groups.values():
+            consumer.close()
+
+
+def test_strict_messages_wait_and_loose_ones_fall_back(rabbit: Broker) -> None:  # noqa: F811
+    lanes = plan(fallback="strict")
+    online = Consumer(rabbit, lanes, "default")  # no task or batch consumer is up
+    publish_all(rabbit, lanes, [(b"strict", "fund-yield@r1"), (b"loose", "pricing")])
+    online.run_until(lambda: len(online.handled) >= 1, timeout=LOOSE_WAIT_MS / 1000 + 10)
+    online.run_for(LOOSE_WAIT_MS / 1000 + 0.5)
+    assert online.handled == [(b"loose", "pricing")]
+    (delivery,) = online.deliveries
+    assert (delivery.chain, delivery.fell_back, delivery.group) == ("pricing", True, "default")
+    online.close()
+    # the strict chain's message waited for its group, which now takes it
+    task = Consumer(rabbit, lanes, "task")
+    task.run_until(lambda: len(task.handled) >= 1)
+    task.close()
+    assert task.handled == [(b"strict", "fund-yield@r1")]
+
+
+def test_broken_dyes_are_stripped_or_rejected_and_counted(rabbit: Broker) -> None:  # noqa: F811
+    lanes = plan()
+    broken = ["a b", "x" * 300, "café", 7, "50%"]
+    connection = pika.BlockingConnection(rabbit.parameters())
+    channel = connection.channel()
+    channel.confirm_delivery()
+    queues.declare(channel, lanes)
+    for trusted in (False, True):
+        for value in broken:
+            # user_id is checked by the broker: it is the publisher's own login
+            properties = pika.BasicProperties(
+                headers={"x-task-dye": value}, user_id="guest" if trusted else None
+            )
+            channel.basic_publish(lanes.queue, "", f"{trusted}:{value}".encode(), properties)
+    with propagation.dye_scope(None):
+        queues.publish(channel, lanes, b"after")
+    connection.close()
+    online = Consumer(rabbit, lanes, "default", trusted_users=frozenset({"guest"}))
+    online.run_until(lambda: len(online.deliveries) >= 2 * len(broken) + 1)
+    online.close()
+    # untrusted: handled as undyed; trusted: rejected with the reason; the consumer went on
+    assert online.handled == [(f"False:{v}".encode(), None) for v in broken] + [(b"after", None)]
+    rejected = [d for d in online.deliveries if d.rejected]
+    assert len(rejected) == len(broken) and all(d.bad_dye for d in rejected)
+    assert sum(1 for d in online.deliveries if d.bad_dye) == 2 * len(broken)
+
+
+def test_aio_pika_publishes_and_consumes_in_lanes(rabbit: Broker) -> None:  # noqa: F811
+    lanes = plan()
+
+    reported: list[queues.Delivery] = []
+
+    async def scenario() -> list[tuple[str, bytes, str | None]]:
+        connection = await aio_pika.connect(rabbit.url)
+        got: list[tuple[str, bytes, str | None]] = []
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await queues.declare_async(channel, lanes)
+            for group in ("default", "task"):
+
+                async def handle(body: bytes, group: str = group) -> None:
+                    got.append((group, body, propagation.current_dye()))
+
+                await queues.consume_async(
+                    channel, lanes, handle, group=group, report=reported.append
+                )
+            for body, dye in MIXED[:3]:
+                with propagation.dye_scope(dye):
+                    await queues.publish_async(channel, lanes, body)
+            for _ in range(200):
+                if len(got) >= 3:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+        return got
+
+    got = asyncio.run(scenario())
+    assert sorted(got, key=repr) == sorted(
+        [
+            ("default", b"online-1", None),
+            ("task", b"task-exact", "fund-yield"),
+            ("task", b"task-run", "fund-yield@r42"),
+        ],
+        key=repr,
+    )
+    assert sorted((d.group, d.chain) for d in reported) == [
+        ("default", None),
+        ("task", "fund-yield"),
+        ("task", "fund-yield"),
+    ]
+
+
+def test_queue_hops_are_accounted_by_the_control_plane(
+    rabbit: Broker,  # noqa: F811
+    etcd_endpoint_module: str,
+) -> None:
+    """A real control plane serves the plan from the applied TaskChain, takes the consumers'
+    reports and shows leaks, fallbacks, broken dyes and rates per queue hop."""
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    hop = "[{service: ledger, group: %s, queue: " + queue + "}]"
+    text = (
+        service("ledger", groups=("default", "task", "batch"))
+        + chain("fund-yield", hop % "task")
+        + chain("pricing", hop % "batch", fallback="loose", dye="{values: [pricing]}")
+    )
+    plane = Plane(etcd_endpoint_module)
+    try:
+        assert plane.apply_files({"rules.yaml": text})[0] == 200
+        status, document = wait_until(
+            lambda: (answer := plane.request("GET", "/api/v1/queues"))[1]["queues"] and answer,
+            timeout=10,
+            what="the plan served",
+        )
+        lanes = plan_from_document(document)[queue]
+        # a malformed report is refused whole, in one line, and counts nothing
+        bad = {"deliveries": [{"queue": queue, "service": "ledger", "group": "task"}, {"queue": 5}]}
+        assert plane.request("POST", "/api/v1/deliveries", bad) == (
+            400,
+            {"error": "deliveries[0].fell_back: missing required field"},
+        )
+        assert plane.request("POST", "/api/v1/deliveries", bad, headers={})[0] == 401
+        reporter = queues.DeliveryReporter(plane.url, interval=0.1, token=plane.token)
+        task = Consumer(rabbit, lanes, "task", reporter)
+        online = Consumer(rabbit, lanes, "default", reporter)
+        messages = [*MIXED, (b"loose", "pricing")]  # no batch consumer: pricing falls back
+        publish_all(rabbit, lanes, messages)
+        channel = online.connection.channel()
+        channel.basic_publish(
+            queue, "", b"bad", pika.BasicProperties(headers={"x-task-dye": "a b"})
+        )
+        want_online = 3 + 2 + 1  # undyed and no-chain, pricing twice, the bad one
+        deadline = time.monotonic() + LOOSE_WAIT_MS / 1000 + 10
+        while time.monotonic() < deadline and (
+            len(task.handled) < 2 or len(online.handled) < want_online
+        ):
+            task.run_for(0.05)
+            online.run_for(0.05)
+        task.close()
+        online.close()
+        # a task-group consumer wired to the default queue by hand: its online message leaks
+        publish_all(rabbit, lanes, [(b"online-3", None)])
+        connection = pika.BlockingConnection(rabbit.parameters())
+        _, properties, _ = wait_until(
+            lambda: (got := connection.channel().basic_get(queue, auto_ack=True))[0] and got,
+            timeout=10,
+            what="the online message",
+        )
+        connection.close()
+        reporter(queues.receive(lanes, "task", properties.headers))
+        reporter.close()
+        report = wait_until(
+            lambda: (
+                (r := plane.request("GET", "/api/v1/isolation")[1])["totals"]["queue_messages"] >= 9
+                and r
+            ),
+            timeout=10,
+            what="every delivery accounted",
+        )
+        with api_opener.open(plane.url + "/metrics", timeout=10) as answer:
+            metrics = {
+                (sample.name, sample.labels.get("chain"), sample.labels.get("group")): sample.value
+                for family in text_string_to_metric_families(answer.read().decode())
+                for sample in family.samples
+                if sample.labels.get("queue") == queue
+            }
+    finally:
+        plane.stop()
+    rows = {(r["chain"], r["group"]): r for r in report["queues"] if r["queue"] == queue}
+    assert rows[("fund-yield", "task")]["messages"] == 2
+    assert rows[("fund-yield", "task")]["leaks"] == 0
+    assert rows[("pricing", "default")]["fallbacks"] == {"no_consumer": 2}
+    assert rows[("pricing", "default")]["leaks"] == 0
+    assert rows[("", "task")]["leaks"] == 1
+    assert rows[("", "default")]["bad_dyes"] == 1
+    totals = report["totals"]
+    assert (totals["queue_leaks"], totals["queue_fallbacks"], totals["queue_bad_dyes"]) == (1, 2, 1)
+    assert metrics[("tasklane_queue_leaks_total", "", "task")] == 1
+    assert metrics[("tasklane_queue_fallbacks_total", "pricing", "default")] == 2
+    assert metrics[("tasklane_queue_messages_total", "fund-yield", "task")] == 2
+
+
+def test_a_dyed_request_publishes_a_dyed_message(rabbit: Broker) -> None:  # noqa: F811
+    """An HTTP app behind the propagation middleware publishes while serving: the request's
+    dye reaches the message headers and the lane, an undyed request's message the default
+    queue."""
+    lanes = plan()
+    publisher = pika.BlockingConnection(rabbit.parameters())
+    channel = publisher.channel()
+    channel.confirm_delivery()
+    queues.declare(channel, lanes)
+
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        queues.publish(channel, lanes, environ["PATH_INFO"].encode())
+        start_response("204 No Content", [])
+        return []
+
+    server = make_server("127.0.0.1", 0, propagation.WsgiMiddleware(app))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for path, headers in (("/dyed", {"x-task-dye": "fund-yield@r7"}), ("/online", {})):
+            request = urllib.request.Request(f"http://127.0.0.1:{server.server_port}{path}")
+            for name, value in headers.items():
+                request.add_header(name, value)
+            with api_opener.open(request, timeout=10) as answer:
+                assert answer.status == 204
+    finally:
+        server.shutdown()
+        server.server_close()
+        publisher.close()
+    groups = {group: Consumer(rabbit, lanes, group) for group in ("default", "task")}
+    for consumer in groups.values():
+        consumer.run_until(lambda c=consumer: len(c.handled) >= 1)
+        consumer.run_for(0.2)
+        consumer.close()
+    assert groups["task"].handled == [(b"/dyed", "fund-yield@r7")]
+    assert groups["default"].handled == [(b"/online", None)]
