@@ -1,9 +1,9 @@
 """The dye: its grammar, how it reads in a W3C `baggage` member, and which chain a dye belongs
 to. One definition for every part that recognises a dye: the rules (what a value may be),
-validation (which values overlap), the translator's Envoy regexes, the gateway and the
-accounting (which chain a request's dye names). The app library
-`controlplane.propagation` imports nothing of tasklane, so it repeats `member_dye` in its
-`_baggage_dye`; tests/unit/test_dye.py holds them to the same answers.
+validation (which values overlap), the sidecars' and the gateway's Lua (translate/baggage.py
+reads a member as `member_dye` does) and the accounting (which chain a request's dye names).
+The app library `controlplane.propagation` imports nothing of tasklane, so it repeats
+`member_dye` in its `_baggage_dye`; tests/unit/test_dye.py holds them to the same answers.
 
 Baggage values are percent-encoded (https://www.w3.org/TR/baggage/#value), and OpenTelemetry
 re-encodes what it forwards: its Python propagator quotes every character but letters, digits
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import re
-import string
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +30,8 @@ if TYPE_CHECKING:
 
 DEFAULT_DYE_HEADER = "x-task-dye"
 DEFAULT_BAGGAGE_KEY = "task-dye"
+# Headers the mesh sets itself (e.g. the baggage dye the sidecars read): never a chain's dye.
+MESH_HEADER_PREFIX = "x-tasklane-"
 # Dyes ride on every request of a task (header and baggage member, which W3C caps at 8 KB).
 MAX_DYE_LENGTH = 256
 PREFIX_MARK = "*"  # a value written `batch-*` claims every dye starting with `batch-`
@@ -38,10 +39,6 @@ PREFIX_MARK = "*"  # a value written `batch-*` claims every dye starting with `b
 # W3C baggage-octet: printable ASCII except space, '"', ',', ';' and '\'.
 BAGGAGE_OCTETS = r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]"
 _VALUE = re.compile(BAGGAGE_OCTETS + "*")
-# Never escaped by any encoder seen (Python's quote, Java's URLEncoder, JavaScript's
-# encodeURIComponent, Go): RFC 3986's unreserved set less '~', which Java escapes. Matching
-# only their literal form keeps each regex small (a dye is mostly letters and digits).
-_LITERAL = frozenset(string.ascii_letters + string.digits + "-._")
 _OWS = " \t"
 # W3C baggage-octets less '%': a dye value must read the same in the header and in the member.
 _DYE_CHAR = re.compile(BAGGAGE_OCTETS)
@@ -80,26 +77,6 @@ def value_problem(value: str) -> str | None:
     if value == PREFIX_MARK:
         return "'*' alone would claim every request; put a prefix before the '*'"
     return None
-
-
-def _char_pattern(char: str) -> str:
-    if char in _LITERAL:
-        return re.escape(char)
-    high, low = f"{ord(char):02X}"
-    hexes = "".join(f"[{h}{h.lower()}]" if h.isalpha() else h for h in (high, low))
-    return f"(?:{re.escape(char)}|%{hexes})"
-
-
-def value_pattern(dye: str, *, prefix: bool = False) -> str:
-    """An RE2 fragment matching the raw baggage values that carry `dye` (any value starting with
-    it when `prefix`): each character as written or, but for letters, digits and `-._`,
-    percent-encoded (either case of hex); then, for an exact dye, nothing but percent-encoded
-    properties (`%3B...`). What follows the value unencoded (`;props`, `,` and the next member)
-    is for the caller's regex to allow."""
-    body = "".join(map(_char_pattern, dye))
-    if prefix:
-        return body + BAGGAGE_OCTETS + "*"
-    return body + f"(?:%3[Bb]{BAGGAGE_OCTETS}*)?"
 
 
 def member_dye(value: str) -> str | None:

@@ -21,6 +21,7 @@ from controlplane.model.cron import format_duration, parse_cron, parse_duration
 from controlplane.model.dye import (
     DEFAULT_BAGGAGE_KEY,
     DEFAULT_DYE_HEADER,
+    MESH_HEADER_PREFIX,
     PREFIX_MARK,
     Dye,
     value_problem,
@@ -569,6 +570,11 @@ def _dye(reader: _Reader, value: object) -> Dye:
     header = reader.string(fields, "spec.dye", "header", DEFAULT_DYE_HEADER)
     if not _HEADER_TOKEN.fullmatch(header):
         reader.fail("spec.dye.header", f"{quote(header)} is not a lower-case HTTP header name")
+    if header.startswith(MESH_HEADER_PREFIX):
+        reader.fail(
+            "spec.dye.header",
+            f"{quote(header)}: headers starting with {MESH_HEADER_PREFIX} are the mesh's own",
+        )
     baggage_key = reader.string(fields, "spec.dye", "baggageKey", DEFAULT_BAGGAGE_KEY)
     if not _TOKEN.fullmatch(baggage_key):
         reader.fail(

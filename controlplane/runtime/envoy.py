@@ -18,6 +18,7 @@ from controlplane.errors import RuntimeFailure
 from controlplane.pki import TlsFiles, is_ip
 from controlplane.runtime.process import dying_with_parent, stop_process
 from controlplane.runtime.xds_link import STATS_FILTER, XDS_CLUSTER, config_failure
+from controlplane.translate.baggage import baggage_script
 from controlplane.xds.names import META_ANNOUNCE
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"  # package data: a wheel ships them
@@ -47,7 +48,9 @@ def envoy_binary() -> Path:
 
 
 def _template(name: str, variables: Mapping[str, str | int]) -> dict:
-    """templates/<name> rendered with `variables` (strings JSON-quoted) and parsed."""
+    """templates/<name> rendered with `variables` (strings JSON-quoted) and parsed; every
+    template may use `baggage_lua`, the baggage filter's script."""
+    variables = {"baggage_lua": baggage_script(), **variables}
     quoted = {k: json.dumps(v) if isinstance(v, str) else int(v) for k, v in variables.items()}
     return yaml.safe_load(string.Template((TEMPLATES / name).read_text()).substitute(quoted))
 

@@ -35,7 +35,7 @@ class Telemetry:
     ) -> None:
         """`registered` counts the registered instances per (service, group); `learned`
         is handed each (role, callee) the egress logs show (learn.py)."""
-        self.accounting = Accounting(rules, registered)
+        self.accounting = Accounting(rules)
         self.canary = CanaryTallies()  # a rollout's cohorts (controlplane/canary.py)
         self.probes = Probes()  # the propagation probes in flight (api/probe.py)
         self.learner = None if learned is None else Learner(rules, learned)

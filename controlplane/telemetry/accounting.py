@@ -11,14 +11,16 @@ Where each number comes from (one count per request per hop):
   (the inbound `refused` route: a task group's 403 to traffic of no chain of its) count here.
 - **never reached an instance** -- the *egress* (or gateway) entry with a flag saying so
   (UH no healthy upstream, UF, UO, NR, NC, URX, DF): counted under the group of the cluster
-  it was sent to, since no inbound entry will ever come. A strict chain's 503 UH is the
-  fallback reason `strict_reject`; a loose chain's (neither the group nor `default` had a
-  healthy host) is `unavailable`.
-- **fallback** -- an egress entry of a `loose` chain's hop whose upstream cluster is
-  `<service>|default` (Envoy logs the aggregate's member cluster that served): the reason is
-  `no_instance` when the group has no registered instance, else `unhealthy`. With a hop
-  weight under 100 the weight's share also goes to `default` and looks the same in the log,
-  so such hops count no fallbacks.
+  it was sent to, since no inbound entry will ever come. A dyed request's 503 UH is a
+  fallback whose reason is what the caller was told in `x-tasklane-fallback`:
+  `strict_reject` for a strict chain, `unavailable` for a loose one (neither the group nor
+  `default` had a healthy host).
+- **fallback** -- an egress entry of a chain's hop whose upstream cluster is
+  `<service>|default` (Envoy logs the aggregate's member cluster that served) and whose
+  response told the caller why in `x-tasklane-fallback`: `no_instance` when the group had no
+  registered instance, else `unhealthy`. The egress routes decide it (a loose cluster's
+  `default` member served it: translate/egress.py), so the weight's own share to `default`,
+  which looks the same in the log otherwise, counts no fallbacks.
 - **chain of a request** -- the route name when it names a chain (Envoy matched its dye), else
   the dye read from the logged `x-task-dye` header and `baggage` member (percent-decoded, as
   `model.dye` reads it) with the same precedence as the routes. A chain with its own dye
@@ -47,7 +49,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -62,6 +64,11 @@ UNKNOWN_SERVICE = "(unknown)"
 # Flags of a request the egress side answered itself: no instance ever saw it.
 UNREACHED = frozenset({"UH", "UF", "UO", "NR", "NC", "URX", "DF"})
 OUTSIDE_MESH_ROUTES = frozenset({PASSTHROUGH_CLUSTER, BLACK_HOLE_ROUTE})
+
+# x-tasklane-fallback values (translate/egress.py): served by `default` instead of the group,
+# and not served at all (a 503 UH on a dyed route).
+FALLEN_BACK = frozenset({"no_instance", "unhealthy"})
+NOT_SERVED = frozenset({"strict_reject", "unavailable"})
 
 RATE_WINDOW_S = 10  # per-second rates: the mean over the last complete seconds
 LATENCY_SAMPLES = 512  # p50/p99 of the last this many requests per key
@@ -87,6 +94,7 @@ class LogEntry:
     request_id: str = ""
     dye: str = ""  # x-task-dye ("" when absent)
     baggage: str = ""  # the whole baggage header ("" when absent)
+    fallback: str = ""  # x-tasklane-fallback of the response: why the hop's group did not serve
     status: int = 0  # response code (0 when no response was sent)
     flags: frozenset[str] = frozenset()  # response flags by short code, e.g. {"UH"}
     duration_ms: float = 0.0  # start of the request to the last byte sent downstream
@@ -229,18 +237,16 @@ class Accounting:
     """Counts access-log entries per chain x hop x group and judges isolation.
 
     `rules` returns the current RuleSet (re-read on each batch; a new set rebuilds the dye
-    index and forgets chains that are gone); `instances` the number of registered instances
-    per (service, group), to tell a fallback's `no_instance` from `unhealthy`.
+    index and forgets chains that are gone).
     """
 
     def __init__(
         self,
         rules: Callable[[], RuleSet],
-        instances: Callable[[], Mapping[GroupKey, int]] = dict,
         clock: Callable[[], float] = time.time,
         settle_s: float = SETTLE_S,
     ) -> None:
-        self._rules_source, self._instances, self._clock = rules, instances, clock
+        self._rules_source, self._clock = rules, clock
         self.started_at = clock()
         self._rules: RuleSet | None = None
         self._dyes = DyeIndex({})
@@ -371,8 +377,8 @@ class Accounting:
                 self._picked.put(key, picked, now)
                 for parked in self._parked.pop(key) or ():
                     self._judge(parked, picked)
-            if hop is not None and picked == DEFAULT_GROUP and falls_back(chain, hop):
-                self._stats(chain.name, service, hop.group).fallbacks[self._reason(hop)] += 1
+            if hop is not None and picked == DEFAULT_GROUP and entry.fallback in FALLEN_BACK:
+                self._stats(chain.name, service, hop.group).fallbacks[entry.fallback] += 1
         elif entry.request_id:
             key = (entry.node, entry.request_id)
             received = self._dyed_in.get(key)
@@ -399,13 +405,8 @@ class Accounting:
             return
         stats = self._stats(chain.name if chain is not None else "", service, group)
         stats.count(entry, now)
-        if chain is not None and hop is not None and "UH" in entry.flags:
-            reason = "strict_reject" if chain.fallback == "strict" else "unavailable"
-            stats.fallbacks[reason] += 1
-
-    def _reason(self, hop: Hop) -> str:
-        registered = self._instances().get((hop.service, hop.group), 0)
-        return "no_instance" if registered == 0 else "unhealthy"
+        if hop is not None and "UH" in entry.flags and entry.fallback in NOT_SERVED:
+            stats.fallbacks[entry.fallback] += 1
 
     def _break(
         self, chain: str, service: str, group: str, target: str, request_id: str, now: float
@@ -460,7 +461,3 @@ def may_serve(chain: TaskChain, hop: Hop, group: str) -> bool:
     weight under 100, or a loose chain's fallback, both to `default`."""
     return group == DEFAULT_GROUP and (hop.weight < 100 or chain.fallback == "loose")
 
-
-def falls_back(chain: TaskChain, hop: Hop) -> bool:
-    """Whether a request of this hop sent to `default` can only be a loose fallback."""
-    return chain.fallback == "loose" and hop.group != DEFAULT_GROUP and hop.weight >= 100

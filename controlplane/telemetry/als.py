@@ -25,6 +25,7 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from controlplane.model.group import GroupKey
 from controlplane.telemetry.accounting import LogEntry
+from controlplane.xds.names import FALLBACK_HEADER
 from controlplane.xds.server import role_of
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def parse_entry(source: Source, entry: accesslog_pb2.HTTPAccessLogEntry) -> LogE
         request_id=request.request_id or headers.get(REQUEST_ID, ""),
         dye=headers.get(DYE_HEADER, ""),
         baggage=headers.get(BAGGAGE, ""),
+        fallback=entry.response.response_headers.get(FALLBACK_HEADER, ""),
         status=entry.response.response_code.value,
         flags=_flags(common.response_flags),
         duration_ms=total.ToNanoseconds() / 1e6,

@@ -17,11 +17,11 @@ from controlplane.model.rollout import CANARY, STABLE, Tally
 from controlplane.model.rules import RuleSet
 from controlplane.telemetry.accounting import (
     EGRESS,
+    FALLEN_BACK,
     GATEWAY,
     OUTSIDE_MESH_ROUTES,
     LogEntry,
     destination,
-    falls_back,
     may_serve,
 )
 
@@ -49,7 +49,7 @@ def _routed(rules: RuleSet, dyes: DyeIndex, entry: LogEntry) -> str:
         return "leak" if chain is None and picked not in ("", DEFAULT_GROUP) else "ok"
     if "UH" in entry.flags:
         return "rejected" if chain.fallback == "strict" else "fallback"
-    if picked == DEFAULT_GROUP and falls_back(chain, hop):
+    if picked == DEFAULT_GROUP and entry.fallback in FALLEN_BACK:  # the caller was told
         return "fallback"
     if picked and picked != hop.group and not may_serve(chain, hop, picked):
         return "leak"

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import (
     address_pb2,
+    base_pb2,
     health_check_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -22,6 +23,7 @@ from controlplane.translate.common import Address, ads_source, duration, packed
 from controlplane.xds import wire
 from controlplane.xds.names import (
     HEALTH_PATH,
+    TASKLANE_METADATA,
     cluster_name,
     loose_cluster_name,
 )
@@ -109,10 +111,18 @@ def loose_cluster(service: str, group: str) -> cluster_pb2.Cluster:
     )
 
 
+def _group_label(group: str) -> base_pb2.Metadata:
+    label = base_pb2.Metadata()
+    label.filter_metadata[TASKLANE_METADATA].update({"group": group})
+    return label
+
+
 def load_assignment(service: str, group: str, addresses: Sequence[Address]):
-    """The endpoints of (service, group): the inbound listeners of its instances."""
+    """The endpoints of (service, group): the inbound listeners of its instances, each
+    labelled with its group (a loose route's fallback header asks which group served)."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(service, group))
     if addresses:
+        label = _group_label(group)
         locality = cla.endpoints.add()
         for host, port in addresses:
             locality.lb_endpoints.append(
@@ -121,7 +131,8 @@ def load_assignment(service: str, group: str, addresses: Sequence[Address]):
                         address=address_pb2.Address(
                             socket_address=address_pb2.SocketAddress(address=host, port_value=port)
                         )
-                    )
+                    ),
+                    metadata=label,
                 )
             )
     return cla
@@ -184,12 +195,15 @@ def group_cluster_bytes(service: str, group: str) -> bytes:
 def load_assignment_bytes(service: str, group: str, addresses: Sequence[Address]) -> bytes:
     """load_assignment(service, group, addresses), serialised: ClusterLoadAssignment
     {cluster_name = 1, endpoints = 2 {lb_endpoints = 2 {endpoint = 1 {address = 1
-    {socket_address = 1 {address = 2, port_value = 3}}}}}}."""
+    {socket_address = 1 {address = 2, port_value = 3}}}, metadata = 3}}}."""
     out = wire.text(1, cluster_name(service, group))
     if not addresses:
         return out
+    label = wire.field(3, _group_label(group).SerializeToString(deterministic=True))
     endpoints = b"".join(
-        wire.field(2, wire.field(1, wire.field(1, wire.field(1, _socket_address(host, port)))))
+        wire.field(
+            2, wire.field(1, wire.field(1, wire.field(1, _socket_address(host, port)))) + label
+        )
         for host, port in addresses
     )
     return out + wire.field(2, endpoints)

@@ -13,19 +13,21 @@ from envoy.config.core.v3 import (
 )
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
-from google.protobuf import wrappers_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
 
 from controlplane.model.group import DEFAULT_GROUP
 from controlplane.model.rules import Hop, Retries, Service
 from controlplane.translate.common import ChainHop, duration, named_route, packed, service_action
-from controlplane.translate.matcher import dye_matcher
+from controlplane.translate.matcher import dye_host
 from controlplane.xds.names import (
     ALLOW_ANY,
     BLACK_HOLE_ROUTE,
+    FALLBACK_HEADER,
     OUTBOUND_POLICIES,
     PASSTHROUGH_CLUSTER,
     PASSTHROUGH_HEADER,
     REGISTRY_ONLY,
+    TASKLANE_METADATA,
     cluster_name,
     loose_cluster_name,
 )
@@ -85,34 +87,85 @@ def host_clusters(service: Service, hops: Sequence[ChainHop]) -> frozenset[str]:
     return frozenset({cluster_name(service.name, DEFAULT_GROUP), *targets})
 
 
-def _hop_action(service: Service, entry: ChainHop) -> route_pb2.RouteAction:
+def _fallback_header(reason: str) -> base_pb2.HeaderValueOption:
+    """FALLBACK_HEADER: `reason` on a response that a loose cluster's `default` member served
+    (its endpoints say their group: clusters.load_assignment); on any other, no header."""
+    by_default = (
+        f"xds.upstream_host_metadata.filter_metadata['{TASKLANE_METADATA}']['group']"
+        f" == '{DEFAULT_GROUP}'"
+    )
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(
+            key=FALLBACK_HEADER, value=f"%CEL({by_default} ? '{reason}' : '')%"
+        ),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        keep_empty_value=False,
+    )
+
+
+def _unreached(entry: ChainHop) -> struct_pb2.Struct:
+    """Route metadata for the listeners' local reply when the route's cluster has no healthy
+    host (templates/sidecar.yaml): FALLBACK_HEADER's value and the hop and group the 503's
+    body names."""
+    hop, chain = entry.hop, entry.chain
+    group = hop.group
+    if hop.weight <= 0:
+        group = DEFAULT_GROUP
+    elif hop.weight < 100 and hop.group != DEFAULT_GROUP:
+        group = f"{hop.group} ({hop.weight} %) or {DEFAULT_GROUP}"
+    elif chain.fallback == "loose" and hop.group != DEFAULT_GROUP:
+        group = f"{hop.group}, then {DEFAULT_GROUP}"
+    reason = "strict_reject" if chain.fallback == "strict" else "unavailable"
+    metadata = struct_pb2.Struct()
+    metadata.update({"unreached": reason, "hop": hop.service, "group": group})
+    return metadata
+
+
+def _hop_route(service: Service, entry: ChainHop, empty: frozenset[str]) -> route_pb2.Route:
+    """Where a chain's dyed requests to `service` go, and what the caller is told when its
+    hop's group did not serve them: a loose fallback's reason (`no_instance` when the group
+    has no registered instance, else `unhealthy`) in FALLBACK_HEADER, or a 503 naming the
+    chain, hop and group (the listeners' local reply reads the route's metadata)."""
     hop, default = entry.hop, cluster_name(service.name, DEFAULT_GROUP)
+    loose = entry.chain.fallback == "loose" and hop.group != DEFAULT_GROUP
     target = _target(service, entry)
     action = service_action(service)
+    route = named_route(entry.chain.name)
+    route.metadata.filter_metadata[TASKLANE_METADATA].CopyFrom(_unreached(entry))
+    told = route  # where the fallback header goes: the route, or the loose cluster's share
     if hop.weight >= 100 or target == default:
         action.cluster = target
     elif hop.weight <= 0:
         action.cluster = default
+        loose = False
     else:
-        action.weighted_clusters.clusters.add(
+        told = action.weighted_clusters.clusters.add(
             name=target, weight=wrappers_pb2.UInt32Value(value=hop.weight)
         )
         action.weighted_clusters.clusters.add(
             name=default, weight=wrappers_pb2.UInt32Value(value=100 - hop.weight)
         )
-    return _with_retries(action, route_retries(service, hop))
+    if loose:  # an app's own header of that name is not the mesh's word
+        told.response_headers_to_remove.append(FALLBACK_HEADER)
+        reason = "no_instance" if hop.group in empty else "unhealthy"
+        told.response_headers_to_add.append(_fallback_header(reason))
+    route.route.CopyFrom(_with_retries(action, route_retries(service, hop)))
+    return route
 
 
-def egress_virtual_host(service: Service, hops: Sequence[ChainHop]) -> route_pb2.VirtualHost:
-    """How every sidecar reaches `service`: by `Host: <service>` or as an HTTP proxy."""
+def egress_virtual_host(
+    service: Service, hops: Sequence[ChainHop], empty: frozenset[str] = frozenset()
+) -> route_pb2.VirtualHost:
+    """How every sidecar reaches `service`: by `Host: <service>` or as an HTTP proxy. `empty`:
+    the service's groups with no registered instance (a loose fallback's reason)."""
     online = named_route("online", _with_retries(service_action(service), route_retries(service)))
     online.route.cluster = cluster_name(service.name, DEFAULT_GROUP)
     host = route_pb2.VirtualHost(name=service.name, domains=[service.name, f"{service.name}:*"])
     if not hops:
         host.routes.append(online)
         return host
-    entries = [(e.chain, named_route(e.chain.name, _hop_action(service, e))) for e in hops]
-    host.matcher.CopyFrom(dye_matcher(entries, online))
+    entries = [(e.chain, _hop_route(service, e, empty)) for e in hops]
+    dye_host(host, entries, online)
     return host
 
 

@@ -21,6 +21,7 @@ from google.protobuf import any_pb2
 
 from controlplane.model.dye import DEFAULT_BAGGAGE_KEY, DEFAULT_DYE_HEADER, MAX_DYE_LENGTH
 from controlplane.model.rules import TaskChain
+from controlplane.translate.baggage import DYE_LUA
 from controlplane.xds.names import GATEWAY_DYE_FILTER, GATEWAY_TRUST_METADATA
 from controlplane.xds.snapshot import Resource
 
@@ -60,13 +61,14 @@ def lua_string(text: str | None) -> str:
 
 
 # The script's fixed part; dye_script() puts its configuration (the `local` constants it reads)
-# in front. Envoy runs envoy_on_request before the router, after the gateway's trust filter;
-# header names given to `headers` are case-insensitive.
+# and the shared dye functions (member_dye, dye_problem: translate/baggage.py) in front. Envoy
+# runs envoy_on_request before the router, after the gateway's trust filter; header names
+# given to `headers` are case-insensitive.
 _LUA_BODY = r"""
 -- A baggage header is a comma-separated list of `key=value;properties` members, with optional
 -- whitespace around each (W3C). Returns the list without the members whose key is a dye key,
--- each kept member untouched, and whether any member was dropped. Lua's %s is a superset of the
--- \s that the mesh's baggage route regex allows around a key, so what routes is what goes.
+-- each kept member untouched, and whether any member was dropped. A key is read as the
+-- baggage filter reads it (translate/baggage.py), so what routes is what goes.
 local function without_dye_members(baggage)
   local kept, dropped = {}, false
   for member in string.gmatch(baggage, "[^,]+") do
@@ -78,35 +80,6 @@ local function without_dye_members(baggage)
     end
   end
   return table.concat(kept, ","), dropped
-end
-
--- The dye a baggage member's value carries, as controlplane/model/dye.py reads it:
--- percent-decoded, then cut at the first ';' (OpenTelemetry encodes properties into the value).
-local function member_dye(value)
-  local decoded = string.gsub(value, "%%(%x%x)", function(hex)
-    return string.char(tonumber(hex, 16))
-  end)
-  return string.match(decoded, "^[^;]*")
-end
-
--- Why `value` cannot be a dye (nil when it can): a trusted caller's dye must be one the rules
--- could claim, 1 to MAX_DYE characters of the W3C baggage-octet set (printable ASCII but
--- space, '"', ',', ';' and '\') but '%'. A repeated dye header arrives joined with ",": refused
--- too.
-local function dye_problem(value)
-  if value == nil or #value == 0 then
-    return "is empty"
-  end
-  if #value > MAX_DYE then
-    return "is longer than " .. MAX_DYE .. " characters"
-  end
-  for i = 1, #value do
-    local b = string.byte(value, i)
-    if b < 33 or b > 126 or b == 34 or b == 37 or b == 44 or b == 59 or b == 92 then
-      return "has a character a dye cannot carry (byte " .. b .. " at " .. i .. ")"
-    end
-  end
-  return nil
 end
 
 -- A trusted caller's dyes: nil when every dye header and dye member of `baggage` holds a
@@ -188,7 +161,7 @@ def dye_script(names: DyeNames) -> str:
             f"local MAX_DYE = {MAX_DYE_LENGTH}  -- characters of a dye value, as in the rules",
         ]
     )
-    return config + "\n" + _LUA_BODY
+    return config + "\n" + DYE_LUA + _LUA_BODY
 
 
 def dye_filter(names: DyeNames) -> Resource:

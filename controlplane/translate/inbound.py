@@ -21,7 +21,7 @@ from google.protobuf import wrappers_pb2
 from controlplane.model.group import DEFAULT_GROUP
 from controlplane.model.rules import Hop, Service
 from controlplane.translate.common import ChainHop, duration, named_route, packed, service_action
-from controlplane.translate.matcher import bounded_parts, dye_matcher
+from controlplane.translate.matcher import bounded_parts, dye_host
 from controlplane.xds.names import (
     INBOUND_ROUTE,
     LOCAL_APP_CLUSTER,
@@ -117,7 +117,7 @@ def inbound_route(
         )
     host = route_pb2.VirtualHost(name=INBOUND_ROUTE, domains=["*"])
     if entries:
-        host.matcher.CopyFrom(dye_matcher(entries, otherwise))
+        dye_host(host, entries, otherwise)
     else:
         host.routes.append(otherwise)
     return route_config_pb2.RouteConfiguration(name=INBOUND_ROUTE, virtual_hosts=[host])

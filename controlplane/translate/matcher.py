@@ -1,28 +1,22 @@
-"""The dye matcher: which chain a request's dye names, as a `VirtualHost.matcher` tree
-(exact and prefix maps on each dye header, then a bounded regex per chain on the `baggage`
-member), so lookup cost does not grow with the number of chains.
+"""The dye matcher: which chain a request's dye names, as a `VirtualHost.matcher` tree of
+exact and prefix maps on each dye header and on the baggage filter's header (the `baggage`
+member, read once per request: translate/baggage.py), so lookup cost does not grow with the
+number of chains.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from envoy.config.route.v3 import route_components_pb2 as route_pb2
 from envoy.type.matcher.v3 import http_inputs_pb2
 from xds.core.v3 import extension_pb2
-from xds.type.matcher.v3 import matcher_pb2, regex_pb2, string_pb2
+from xds.type.matcher.v3 import matcher_pb2, string_pb2
 
-from controlplane.model.dye import value_pattern
 from controlplane.model.rules import TaskChain
+from controlplane.translate.baggage import baggage_carried, keys_metadata
 from controlplane.translate.common import packed
-
-# RE2 refuses a pattern whose compiled program outgrows its memory budget: Envoy 1.40 NACKs
-# "pattern too large - compile failed" from ~700 KB of baggage regex (passes at ~400 KB). A
-# chain's dye values are split so that each regex's alternation stays within this. (The
-# program-size check, runtime `re2.max_program_size.error_level` = 100, applies to route-level
-# `safe_regex` only, not to these matcher-tree regexes: checked with the level set to 10.)
-MAX_REGEX_TEXT = 64 * 1024
+from controlplane.xds.names import BAGGAGE_DYE_HEADER
 
 
 def _header_input(header: str) -> extension_pb2.TypedExtensionConfig:
@@ -34,18 +28,6 @@ def _on_route(route: route_pb2.Route) -> matcher_pb2.Matcher.OnMatch:
     return matcher_pb2.Matcher.OnMatch(
         action=extension_pb2.TypedExtensionConfig(name=route.name, typed_config=packed(route))
     )
-
-
-def baggage_regexes(chain: TaskChain) -> list[str]:
-    """RE2s matching a `baggage` header whose member `<key>` has one of the chain's dyes: one,
-    unless the chain has so many values that they must be split (`MAX_REGEX_TEXT`)."""
-    values = [value_pattern(v) for v in chain.dye.exact]
-    values += [value_pattern(p, prefix=True) for p in chain.dye.prefixes]
-    key = re.escape(chain.dye.baggage_key)
-    return [
-        rf"(?:^|.*,)\s*{key}\s*=\s*(?:{'|'.join(part)})\s*(?:[;,].*)?"
-        for part in bounded_parts(values, MAX_REGEX_TEXT, separator="|")
-    ]
 
 
 def bounded_parts(items: Sequence[str], budget: int, separator: str) -> list[list[str]]:
@@ -87,54 +69,56 @@ def _step(
     )
 
 
+def dye_host(
+    host: route_pb2.VirtualHost,
+    entries: Sequence[tuple[TaskChain, route_pb2.Route]],
+    otherwise: route_pb2.Route,
+) -> None:
+    """Make `host` route by dye (dye_matcher); the baggage filter's header stops here."""
+    host.matcher.CopyFrom(dye_matcher(entries, otherwise))
+    host.request_headers_to_remove.append(BAGGAGE_DYE_HEADER)
+
+
 def dye_matcher(
     entries: Sequence[tuple[TaskChain, route_pb2.Route]], otherwise: route_pb2.Route
 ) -> matcher_pb2.Matcher:
-    """Route a request by its dye: header trees first (exact, then prefix maps, per header
-    name), then the baggage carrier, then `otherwise`.
+    """Route a request by its dye: exact, then prefix maps per dye header name, then the same
+    on the baggage dye (BAGGAGE_DYE_HEADER, `<baggage key>=<dye>`), then `otherwise`.
 
     The steps are one flat list whose nested matchers have no `on_no_match`: one that finds
     nothing falls through to the next step (xds `Matcher.OnMatch.matcher`). Nesting each step
     in the previous one's `on_no_match` instead made the depth grow with the number of header
     names: past ~20 Envoy's JSON parser and past ~24 protobuf (upb, depth 100) refused it.
 
-    A baggage member cannot be looked up in a map, so each chain has a regex; they sit behind
-    a cheap `contains <key>` guard per baggage key, so online requests that carry unrelated
-    baggage (OpenTelemetry) do not pay for every chain's regex (bench/dataplane.py).
+    `otherwise` carries the baggage keys of the entries' chains in its metadata: the baggage
+    filter, which runs after Envoy's first lookup, reads them there and fills in the header
+    (a request whose dye header matched has a chain's route and needs no second lookup).
     """
-    steps = matcher_pb2.Matcher.MatcherList()
-    by_header: dict[str, list[tuple[TaskChain, route_pb2.Route]]] = {}
+    OnMatch = matcher_pb2.Matcher.OnMatch
+    tables: dict[str, tuple[dict[str, OnMatch], dict[str, OnMatch]]] = {}
     for chain, route in entries:
-        by_header.setdefault(chain.dye.header, []).append((chain, route))
-    for header in sorted(by_header):
-        prefix_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
-        exact_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
-        for chain, route in by_header[header]:
-            for value in chain.dye.prefixes:
-                prefix_map[value] = _on_route(route)
+        on_match = _on_route(route)  # packed once, copied into each map
+        baggage = baggage_carried(chain.dye.baggage_key, "")
+        for header, lead in ((chain.dye.header, ""), (BAGGAGE_DYE_HEADER, baggage)):
+            exact, prefix = tables.setdefault(header, ({}, {}))
             for value in chain.dye.exact:
-                exact_map[value] = _on_route(route)
-        for kind, table in (("exact_match_map", exact_map), ("prefix_match_map", prefix_map)):
+                exact[lead + value] = on_match
+            for value in chain.dye.prefixes:
+                prefix[lead + value] = on_match
+    steps = matcher_pb2.Matcher.MatcherList()
+    headers = sorted(tables.keys() - {BAGGAGE_DYE_HEADER})
+    for header in [*headers, BAGGAGE_DYE_HEADER]:
+        for kind, table in zip(
+            ("exact_match_map", "prefix_match_map"), tables[header], strict=True
+        ):
             if not table:
                 continue
             tree = matcher_pb2.Matcher.MatcherTree(input=_header_input(header))
             for value, on_match in table.items():
                 getattr(tree, kind).map[value].CopyFrom(on_match)
             steps.matchers.append(_step(_any_value(header), matcher_pb2.Matcher(matcher_tree=tree)))
-    by_key: dict[str, list[tuple[TaskChain, route_pb2.Route]]] = {}
-    for chain, route in entries:
-        by_key.setdefault(chain.dye.baggage_key, []).append((chain, route))
-    for key in sorted(by_key):
-        regexes = matcher_pb2.Matcher.MatcherList()
-        for chain, route in by_key[key]:
-            for pattern in baggage_regexes(chain):
-                regex = regex_pb2.RegexMatcher(regex=pattern, google_re2={})
-                regexes.matchers.add(
-                    predicate=_single_predicate(
-                        "baggage", string_pb2.StringMatcher(safe_regex=regex)
-                    ),
-                    on_match=_on_route(route),
-                )
-        guard = _single_predicate("baggage", string_pb2.StringMatcher(contains=key))
-        steps.matchers.append(_step(guard, matcher_pb2.Matcher(matcher_list=regexes)))
-    return matcher_pb2.Matcher(matcher_list=steps, on_no_match=_on_route(otherwise))
+    fallthrough = route_pb2.Route()
+    fallthrough.CopyFrom(otherwise)
+    namespace, keys = keys_metadata(chain.dye.baggage_key for chain, _ in entries)
+    fallthrough.metadata.filter_metadata[namespace].CopyFrom(keys)
+    return matcher_pb2.Matcher(matcher_list=steps, on_no_match=_on_route(fallthrough))

@@ -359,7 +359,12 @@ class Translator:
                     addresses,
                 )
             )
-        host = memo.get(("host", name), (service, hops), egress_virtual_host, service, hops)
+        # A loose fallback says whether its group had no instance at all: the host changes
+        # when one of those groups empties or fills, not with every instance.
+        empty = frozenset(g for g in loose if not endpoints.get(GroupKey(name, g)))
+        host = memo.get(
+            ("host", name), (service, hops, empty), egress_virtual_host, service, hops, empty
+        )
         # The tuples are memoised too: maps keyed on them survive a change of the host alone.
         clusters_t = memo.get(("clusters", name), tuple(map(id, clusters)), tuple, clusters)
         assignments_t = memo.get(

@@ -25,6 +25,16 @@ GATEWAY_ROLE = "@gateway|default"  # never a service name: names are DNS labels
 # dynamic metadata namespace in which its trust filter marks a trusted request.
 GATEWAY_DYE_FILTER = "tasklane.gateway.dyes"
 GATEWAY_TRUST_METADATA = "tasklane.gateway"
+# The `baggage` dye, read once per request by the baggage filter (translate/baggage.py) into
+# this header as `<baggage key>=<dye>`, on which the dye matcher looks it up; the filter's name
+# is also the route metadata namespace that tells it which baggage keys a host reads.
+BAGGAGE_DYE_HEADER = "x-tasklane-baggage-dye"
+BAGGAGE_FILTER = "tasklane.baggage"
+# Fallbacks the caller sees: the response header saying why a dyed request was not served by
+# its hop's group (a loose fallback to `default`, or no healthy instance at all), and the
+# metadata namespace of the routes and endpoints it is decided from (templates/sidecar.yaml).
+FALLBACK_HEADER = "x-tasklane-fallback"
+TASKLANE_METADATA = "tasklane"
 LOCAL_RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 # Node metadata of every sidecar (templates/bootstrap.yaml): its role, and optionally the inbound
 # address ("host:port") it asks to be registered at while its xDS stream lasts (announce.py).

@@ -442,7 +442,7 @@ def judge_weighted(kind: str, status: int, answer: dict) -> str:
 def judge_probe(kind: str, status: int, answer: dict) -> str:
     """nav-pricing with the probe's dye: "ok-burst" (the chain's group), "ok-default" (no
     chain), "rejected" (strict: the chain's group has no healthy instance)."""
-    if status == 503 and "no healthy upstream" in answer.get("error", ""):
+    if status == 503 and "no healthy instance (strict_reject)" in answer.get("error", ""):
         return "rejected"
     if status != 200:
         return "failed"

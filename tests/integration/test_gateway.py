@@ -29,6 +29,7 @@ import pytest
 
 from controlplane.runtime.gateway import GatewayEnvoy, Trust
 from controlplane.runtime.ports import free_port
+from controlplane.xds.names import BAGGAGE_DYE_HEADER
 from tests.support import rules
 from tests.support.echo_app import start_echo
 from tests.support.grpc_app import call, dial, grpc_chain_app
@@ -283,6 +284,17 @@ def test_trusted_source_keeps_custom_dyes_and_still_drops_the_secret(inside: int
 def test_trusted_source_online_traffic_stays_online(inside: int) -> None:
     status, answer = request(inside, "front")
     assert status == 200 and served_by(answer) == ALL_DEFAULT
+
+
+@pytest.mark.parametrize("gateway", ["outside", "inside"])
+def test_the_baggage_filters_header_is_never_a_callers(
+    request: pytest.FixtureRequest, gateway: str
+) -> None:
+    """x-tasklane-baggage-dye is the gateway's own reading of `baggage`: sent by any caller,
+    trusted or not, it routes nothing and goes no further."""
+    port = request.getfixturevalue(gateway)
+    group, seen = _echo(port, {BAGGAGE_DYE_HEADER: "task-dye=fund-yield"})
+    assert group == "default" and BAGGAGE_DYE_HEADER not in seen, seen
 
 
 # --- gRPC, and a gateway with no trust at all ------------------------------------------------

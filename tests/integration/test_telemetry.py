@@ -6,6 +6,7 @@ plane serves ALS on its xDS port and both endpoints on its HTTP port."""
 
 from __future__ import annotations
 
+import http.client
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.telemetry.accounting import RATE_WINDOW_S
-from controlplane.xds.names import HEALTH_PATH
+from controlplane.xds.names import FALLBACK_HEADER, HEALTH_PATH
 from demo.chain_app import serve_in_thread
 from tests.support import dye_dropper
 from tests.support.mesh import Mesh, request, served_by
@@ -217,6 +218,33 @@ def test_loose_fallback_is_counted_as_a_fallback_not_a_leak(tmp_path: Path) -> N
         assert (
             samples(fallbacks, service="nav-pricing", group="task", reason="no_instance") == count
         )
+
+
+def test_fallbacks_counted_are_those_the_callers_were_told(tmp_path: Path) -> None:
+    """A loose hop with a weight under 100 and no task instance: its own share to `default`
+    is no fallback, the group's share is; the accounting counts exactly the responses that
+    said so (x-tasklane-fallback, from the egress access log)."""
+    rules = SERVICES + chain(
+        "fund-yield", "[{service: nav-pricing, group: task, weight: 50}]", fallback="loose"
+    )
+    with Mesh(tmp_path, rules) as mesh:
+        mesh.add("nav-pricing", "default")
+        client = mesh.add("fund-facade", "default")
+        wait_healthy(mesh)
+        told: Counter[str | None] = Counter()
+        for _ in range(count := 40):
+            conn = http.client.HTTPConnection("127.0.0.1", client.egress_port, timeout=10)
+            conn.request("GET", "/", headers={"Host": "nav-pricing", **DYED})
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            assert resp.status == 200
+            told[resp.getheader(FALLBACK_HEADER)] += 1
+        assert set(told) == {None, "no_instance"} and told["no_instance"] >= 5, told
+        snap = settled(mesh, requests=count)
+        view = groups(snap, "fund-yield")
+        assert view["nav-pricing", "task"]["fallbacks"] == {"no_instance": told["no_instance"]}
+        assert (view["nav-pricing", "default"]["dyed"], snap["totals"]["leaks"]) == (count, 0)
 
 
 def _dye_dropper(name: str, egress: tuple[str, int]) -> tuple[int, Callable[[], None]]:

@@ -67,13 +67,12 @@ class Clock:
 
 
 class Book:
-    """An Accounting with a virtual clock and settable registered instances."""
+    """An Accounting with a virtual clock."""
 
     def __init__(self, rules: RuleSet | None = None) -> None:
         self.rules = rules or ruleset()
         self.clock = Clock()
-        self.registered: dict[tuple[str, str], int] = {}
-        self.accounting = Accounting(lambda: self.rules, lambda: self.registered, self.clock)
+        self.accounting = Accounting(lambda: self.rules, self.clock)
 
     def feed(self, *entries: LogEntry) -> None:
         self.accounting.ingest(entries)
@@ -202,14 +201,15 @@ def test_dyed_request_outside_its_strict_group_is_a_leak() -> None:
     assert book.snap()["totals"]["leaks"] == 1
 
 
-@pytest.mark.parametrize("registered, reason", [(0, "no_instance"), (2, "unhealthy")])
-def test_loose_fallback_to_default_is_a_fallback_not_a_leak(registered: int, reason: str) -> None:
+@pytest.mark.parametrize("reason", ["no_instance", "unhealthy"])
+def test_loose_fallback_to_default_is_a_fallback_not_a_leak(reason: str) -> None:
     book = Book()
-    book.registered[("account-svc", "task")] = registered
     for _ in range(4):
         request_id = rid()
-        # The caller's router picked `account-svc|default` (the aggregate's member) ...
-        book.feed(egress(*CALL, "default", "batch-debit", request_id=request_id, **BD))
+        # The caller's router picked `account-svc|default` (the aggregate's member), and
+        # told the caller why ...
+        fell = egress(*CALL, "default", "batch-debit", request_id=request_id, fallback=reason, **BD)
+        book.feed(fell)
         # ... and an instance of `default` served it.
         book.feed(inbound("account-svc", "default", request_id=request_id, **BD))
     book.clock.now += 5
@@ -258,14 +258,27 @@ def test_weight_share_to_default_is_neither_leak_nor_fallback() -> None:
     assert book.group("pricing", "nav-pricing", "task")["fallbacks"] == {}
 
 
+def test_fallbacks_are_what_the_caller_was_told() -> None:
+    """The egress routes decide a fallback (x-tasklane-fallback): a loose hop's weight share
+    that fell back counts, its plain share to `default` does not, and a header an app set on
+    a response its hop's group served is no fallback."""
+    hops = "[{service: account-svc, group: task, weight: 50}]"
+    book = Book(ruleset(SERVICES + chain("split", hops, fallback="loose")))
+    split = {"dye": "split"}
+    book.feed(egress(*CALL, "default", "split", fallback="unhealthy", **split))
+    book.feed(egress(*CALL, "default", "split", **split))  # the weight's share
+    book.feed(egress(*CALL, "task", "split", fallback="no_instance", **split))  # the app's word
+    assert book.group("split", "account-svc", "task")["fallbacks"] == {"unhealthy": 1}
+
+
 def test_requests_that_reach_no_instance_count_from_the_egress_log() -> None:
     book = Book()
     # strict: the group has no healthy host -> 503 UH, no inbound entry ever comes
     no_host = {"status": 503, "flags": frozenset({"UH"}), "upstream": ""}
     for _ in range(2):
-        book.feed(egress(*CALL, "task", "fund-yield", **no_host, **FY))
+        book.feed(egress(*CALL, "task", "fund-yield", fallback="strict_reject", **no_host, **FY))
     # loose, and default has no healthy host either
-    book.feed(egress(*CALL, "task", "batch-debit", **no_host, **BD))
+    book.feed(egress(*CALL, "task", "batch-debit", fallback="unavailable", **no_host, **BD))
     # online, connection failure; and a Host no route knows, from the gateway
     book.feed(egress(*PRICE, "default", status=503, flags=frozenset({"UF"})))
     unknown = {"status": 404, "flags": frozenset({"NR"}), "upstream": "", "direction": GATEWAY}
@@ -490,7 +503,7 @@ def test_metrics_page_carries_accounting_xds_and_scaler() -> None:
     book = Book()
     book.feed(inbound("fund-facade", "task", "fund-yield", **FY), inbound("account-svc", "task"))
     no_host = {"status": 503, "flags": frozenset({"UH"}), "upstream": ""}
-    book.feed(egress(*CALL, "task", "fund-yield", **no_host, **FY))
+    book.feed(egress(*CALL, "task", "fund-yield", fallback="strict_reject", **no_host, **FY))
     board = StatusBoard()
     node = board.connect("fund-facade/default/1", "fund-facade|default", "delta")
     scaler = {"ticks": 3, "desired": {"fund-facade|task": 2}}

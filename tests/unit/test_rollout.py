@@ -45,12 +45,13 @@ def judged(*sets: RuleSet) -> list[tuple[RuleSet, DyeIndex]]:
     return [(each, DyeIndex(each.chains)) for each in sets]
 
 
-def routed(cluster: str, dye: str = "nightly", status: int = 200, flags: frozenset = frozenset()):
+def routed(cluster: str, dye: str = "nightly", status: int = 200, flags: frozenset = frozenset(),
+           fallback: str = ""):  # fmt: skip
     return LogEntry(
         node="front-0", service="front", group="default", direction=EGRESS,
         route="nightly" if dye else "online", cluster=cluster,
         upstream="127.0.0.1:1" if not flags else "", authority="ledger", dye=dye,
-        status=status, flags=flags,
+        status=status, flags=flags, fallback=fallback,
     )  # fmt: skip
 
 
@@ -101,7 +102,7 @@ def test_tallies_of_rejections_fallbacks_errors_and_online_leaks() -> None:
     counts = Tally()
     tally(counts, judged(strict), routed("ledger|batch", status=503, flags=frozenset({"UH"})))
     tally(counts, judged(loose), routed("ledger|batch", status=503, flags=frozenset({"UH"})))
-    tally(counts, judged(loose), routed("ledger|default"))  # a loose fallback
+    tally(counts, judged(loose), routed("ledger|default", fallback="no_instance"))  # loose
     tally(counts, judged(strict), routed("ledger|task", dye=""))  # online to a task group
     tally(counts, judged(strict), routed("ledger|default", dye="", status=502))
     assert counts.to_json() == {

@@ -20,7 +20,10 @@ from controlplane.model.instance import Instance
 from controlplane.sync import endpoints_of
 from controlplane.translate import Endpoints, Scopes, Translator
 from controlplane.xds.names import (
+    BAGGAGE_DYE_HEADER,
+    BAGGAGE_FILTER,
     EGRESS_ROUTE,
+    FALLBACK_HEADER,
     GATEWAY_ROLE,
     INBOUND_ROUTE,
     LOCAL_APP_CLUSTER,
@@ -117,15 +120,16 @@ def _route(on_match) -> Route:
     return route
 
 
-def dye_routes(host: VirtualHost) -> dict[tuple[str, str], Route]:
+def dye_routes(host: VirtualHost, baggage: bool = False) -> dict[tuple[str, str], Route]:
     """(header, value) -> the route a request carrying that dye header takes: the exact and
-    prefix (value written with its '*') maps of the host's dye matcher."""
+    prefix (value written with its '*') maps of the host's dye matcher; `baggage` the header
+    the baggage filter fills in."""
     found: dict[tuple[str, str], Route] = {}
     for step in host.matcher.matcher_list.matchers:
         tree = step.on_match.matcher.matcher_tree
-        if not tree.HasField("input"):
-            continue  # a baggage step
         header = tree.input.name
+        if (header == BAGGAGE_DYE_HEADER) != baggage:
+            continue
         for value, on_match in tree.exact_match_map.map.items():
             found[header, value] = _route(on_match)
         for value, on_match in tree.prefix_match_map.map.items():
@@ -133,15 +137,9 @@ def dye_routes(host: VirtualHost) -> dict[tuple[str, str], Route]:
     return found
 
 
-def baggage_routes(host: VirtualHost) -> dict[str, list[str]]:
-    """baggage key (its `contains` guard) -> names of the routes behind its regexes."""
-    found: dict[str, list[str]] = {}
-    for step in host.matcher.matcher_list.matchers:
-        predicate = step.predicate.single_predicate
-        if predicate.input.name == "baggage":
-            regexes = step.on_match.matcher.matcher_list.matchers
-            found[predicate.value_match.contains] = [_route(r.on_match).name for r in regexes]
-    return found
+def baggage_routes(host: VirtualHost) -> dict[str, str]:
+    """`<baggage key>=<dye>` -> the route name a request with that baggage dye takes."""
+    return {value: route.name for (_, value), route in dye_routes(host, baggage=True).items()}
 
 
 def otherwise(host: VirtualHost) -> Route:
@@ -273,7 +271,15 @@ def test_a_loose_dye_goes_to_the_aggregate_and_a_default_hop_to_default(
 
 def test_the_baggage_carrier_routes_to_the_same_chains(built: dict[str, Snapshot]) -> None:
     host = virtual_host(built["front|default"], "account")
-    assert baggage_routes(host) == {"debit": ["debit"], "task-dye": ["yield"]}
+    assert baggage_routes(host) == {
+        "debit=debit": "debit",
+        "task-dye=yield": "yield",
+        "task-dye=yield@*": "yield",
+    }
+    # The baggage filter reads the keys from the route it finds first, the undyed one's.
+    keys = otherwise(host).metadata.filter_metadata[BAGGAGE_FILTER]
+    assert set(keys["keys"]) == {"debit", "task-dye"}
+    assert list(host.request_headers_to_remove) == [BAGGAGE_DYE_HEADER]
 
 
 def test_undyed_traffic_goes_to_default_and_unchained_services_have_no_matcher(
@@ -431,12 +437,9 @@ def test_a_chain_turning_loose_adds_its_aggregates_and_moves_its_routes() -> Non
 def test_new_endpoints_change_only_that_groups_assignment() -> None:
     translator = Translator()
     rules = ruleset(SERVICES, YIELD, DEBIT)
-    before = full(translator, rules, endpoints(instance("account", "task", 7001)))
-    after = full(
-        translator,
-        rules,
-        endpoints(instance("account", "task", 7001), instance("account", "debit", 7003)),
-    )
+    first = (instance("account", "task", 7001), instance("account", "debit", 7002))
+    before = full(translator, rules, endpoints(*first))
+    after = full(translator, rules, endpoints(*first, instance("account", "debit", 7003)))
     # account|debit's inbound route is rebuilt (a hop's rate limit is split by the instance
     # count) but no hop there has one: same content, same version. Only the group's EDS moves.
     assert short(changed(before, after)) == {
@@ -446,6 +449,27 @@ def test_new_endpoints_change_only_that_groups_assignment() -> None:
         assert after[role].resources(CLUSTER) is before[role].resources(CLUSTER)
         before_routes, after_routes = before[role].resources(ROUTE), after[role].resources(ROUTE)
         assert after_routes[EGRESS_ROUTE] is before_routes[EGRESS_ROUTE]
+
+
+def test_a_loose_group_that_empties_changes_its_fallback_reason() -> None:
+    """The callers are told `no_instance` rather than `unhealthy` once the loose chain's group
+    has no instance left: the host's routes say it, its clusters stay."""
+    translator = Translator()
+    rules = ruleset(SERVICES, YIELD, DEBIT)
+    before = full(translator, rules, endpoints(instance("account", "debit", 7002)))
+    after = full(translator, rules, NO_ENDPOINTS)
+    assert short(changed(before, after)) == {
+        (role, kind, name)
+        for role in ROLES | {GATEWAY_ROLE}
+        for kind, name in [
+            ("RouteConfiguration", EGRESS_ROUTE),
+            ("ClusterLoadAssignment", "account|debit"),
+        ]
+    }
+    for snapshot, reason in ((before, "unhealthy"), (after, "no_instance")):
+        route = dye_routes(virtual_host(snapshot["front|default"], "account"))[("x-debit", "debit")]
+        [header] = route.response_headers_to_add
+        assert header.header.key == FALLBACK_HEADER and f"'{reason}'" in header.header.value
 
 
 def test_a_removed_group_leaves_its_role_cluster_and_assignment() -> None:
@@ -513,7 +537,15 @@ def test_a_scoped_host_routes_dyes_as_the_full_one(
 ) -> None:
     host = decoded(scoped["front|default"], VIRTUAL_HOST)["egress/@account"]
     assert dye_routes(host) == dye_routes(virtual_host(built["front|default"], "account"))
-    assert baggage_routes(host) == {"debit": ["debit"], "task-dye": ["yield"]}
+    assert baggage_routes(host) == {
+        "debit=debit": "debit",
+        "task-dye=yield": "yield",
+        "task-dye=yield@*": "yield",
+    }
+    # The baggage filter reads the keys from the route it finds first, the undyed one's.
+    keys = otherwise(host).metadata.filter_metadata[BAGGAGE_FILTER]
+    assert set(keys["keys"]) == {"debit", "task-dye"}
+    assert list(host.request_headers_to_remove) == [BAGGAGE_DYE_HEADER]
 
 
 def test_declared_calls_sightings_and_outside_hosts_join_a_scope() -> None:
