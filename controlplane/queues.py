@@ -25,7 +25,7 @@ import logging
 import threading
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from controlplane import lanes as app_lanes
@@ -62,6 +62,7 @@ class Delivery:
     fell_back: bool  # dead-lettered from a loose lane after waiting (x-death)
     bad_dye: str | None = None  # why the dye header was dropped
     rejected: bool = False  # not handled: a trusted publisher's bad dye
+    failed: bool = False  # the handler raised: dead-lettered, not requeued
 
 
 # ---------------------------------------------------------------- topology
@@ -222,17 +223,21 @@ def receive(
     )
 
 
-def _admit(delivery: Delivery, report: Report | None) -> bool:
-    """Report a delivery; True if its handler may run, False if it is rejected."""
+def _settle(delivery: Delivery, error: Exception | None, report: Report | None) -> bool:
+    """Report a delivery once its fate is known; True to ack it, False to dead-letter it (not
+    requeued: a message its handler cannot take would come back forever, and with prefetch
+    full of them the consumer would stall)."""
+    if error is not None:
+        log.error("the handler failed on a message of %s", delivery.queue, exc_info=error)
+        delivery = replace(delivery, failed=True)
+    elif delivery.rejected:
+        log.warning("rejected a message on %s: its dye is %s", delivery.queue, delivery.bad_dye)
     if report is not None:
         try:
             report(delivery)
         except Exception:  # the accounting must not stop the work
             log.exception("could not report a delivery")
-    if delivery.rejected:
-        log.warning("rejected a message on %s: its dye is %s", delivery.queue, delivery.bad_dye)
-        return False
-    return True
+    return not (delivery.rejected or delivery.failed)
 
 
 def consume(
@@ -252,12 +257,17 @@ def consume(
 
     def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
         delivery = receive(lanes, group, properties.headers, properties.user_id, trusted_users)
-        if not _admit(delivery, report):
+        error = None
+        if not delivery.rejected:
+            with propagation.dye_scope(delivery.dye):
+                try:
+                    handler(body)
+                except Exception as exc:
+                    error = exc
+        if _settle(delivery, error, report):
+            ch.basic_ack(method.delivery_tag)
+        else:
             ch.basic_reject(method.delivery_tag, requeue=False)
-            return
-        with propagation.dye_scope(delivery.dye):
-            handler(body)
-        ch.basic_ack(method.delivery_tag)
 
     return [channel.basic_consume(queue, on_message) for queue in lanes.queues_for(group)]
 
@@ -278,12 +288,17 @@ async def consume_async(
 
     async def on_message(message: Any) -> None:
         delivery = receive(lanes, group, message.headers, message.user_id, trusted_users)
-        if not _admit(delivery, report):
+        error = None
+        if not delivery.rejected:
+            with propagation.dye_scope(delivery.dye):
+                try:
+                    await handler(message.body)
+                except Exception as exc:
+                    error = exc
+        if _settle(delivery, error, report):
+            await message.ack()
+        else:
             await message.reject(requeue=False)
-            return
-        with propagation.dye_scope(delivery.dye):
-            await handler(message.body)
-        await message.ack()
 
     tags = []
     for name in lanes.queues_for(group):

@@ -17,7 +17,14 @@ from controlplane.model.queues import plan_document, queue_plan
 from controlplane.queues import Delivery
 
 MAX_DELIVERIES = 10_000  # per report; the reporter sends every half second
-_TYPES = {"queue": str, "service": str, "group": str, "fell_back": bool, "rejected": bool}
+_TYPES = {
+    "queue": str,
+    "service": str,
+    "group": str,
+    "fell_back": bool,
+    "rejected": bool,
+    "failed": bool,
+}
 _OPTIONAL = {"dye": str, "chain": str, "bad_dye": str}
 
 

@@ -5,7 +5,7 @@ entries, per (queue, chain or "" for online, group that consumed).
 A leak is an undyed message consumed by a task group, or a chain's message consumed outside
 its hop's group without a fallback reason; a loose lane's message that waited out its group and
 was dead-lettered to `default` is a fallback (`no_consumer`). Broken dyes are counted per
-queue, and how many were rejected.
+queue, and how many were rejected; messages whose handler raised are counted as failed.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class QueueStats:
     fallbacks: int = 0
     bad_dyes: int = 0
     rejected: int = 0
+    failed: int = 0  # the handler raised: dead-lettered
     rate: Rate = field(default_factory=Rate)
     last_at: float = 0.0
 
@@ -69,6 +70,7 @@ class QueueAccounting(Collector):
             stats.messages += 1
             stats.bad_dyes += delivery.bad_dye is not None
             stats.rejected += delivery.rejected
+            stats.failed += delivery.failed
             stats.rate.add(now)
             stats.last_at = now
             if delivery.rejected:
@@ -102,6 +104,7 @@ class QueueAccounting(Collector):
                     "fallbacks": {NO_CONSUMER: stats.fallbacks} if stats.fallbacks else {},
                     "bad_dyes": stats.bad_dyes,
                     "rejected": stats.rejected,
+                    "failed": stats.failed,
                     "rate": round(stats.rate.per_second(now), 3),
                     "last_at": stats.last_at,
                 }
@@ -139,6 +142,11 @@ class QueueAccounting(Collector):
                 "Messages whose dye header was malformed or too long (stripped or rejected)",
                 labels=labels,
             ),
+            "failed": CounterMetricFamily(
+                "tasklane_queue_failed",
+                "Messages whose handler raised (dead-lettered, not requeued)",
+                labels=labels,
+            ),
         }
         for (chain, queue, service, group), stats in sorted(self.stats.items()):
             values = [queue, chain, service, group]
@@ -146,4 +154,5 @@ class QueueAccounting(Collector):
             families["leaks"].add_metric(values, stats.leaks)
             families["fallbacks"].add_metric([*values, NO_CONSUMER], stats.fallbacks)
             families["bad_dyes"].add_metric(values, stats.bad_dyes)
+            families["failed"].add_metric(values, stats.failed)
         yield from families.values()

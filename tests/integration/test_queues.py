@@ -53,6 +53,7 @@ class Consumer:
         lanes: QueueLanes,
         group: str,
         forward: Callable[[queues.Delivery], None] | None = None,
+        fail_on: frozenset[bytes] = frozenset(),
         **options: object,
     ):
         self.connection = pika.BlockingConnection(broker.parameters())
@@ -62,6 +63,8 @@ class Consumer:
         queues.declare(channel, lanes)
 
         def handle(body: bytes) -> None:
+            if body in fail_on:
+                raise RuntimeError(f"cannot handle {body!r}")
             self.handled.append((body, propagation.current_dye()))
 
         def report(delivery: queues.Delivery) -> None:
@@ -169,6 +172,62 @@ def test_broken_dyes_are_stripped_or_rejected_and_counted(rabbit: Broker) -> Non
     rejected = [d for d in online.deliveries if d.rejected]
     assert len(rejected) == len(broken) and all(d.bad_dye for d in rejected)
     assert sum(1 for d in online.deliveries if d.bad_dye) == 2 * len(broken)
+
+
+def waiting(broker: Broker, queue: str) -> int:
+    """How many messages `queue` holds (ready), as the broker says."""
+    connection = pika.BlockingConnection(broker.parameters())
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+def test_a_failing_handler_dead_letters_its_message_and_goes_on(rabbit: Broker) -> None:  # noqa: F811
+    """pika: the handler's exception does not escape the consume loop, the message is not
+    redelivered (no poison loop), the next one is handled and the failure is reported."""
+    lanes = plan()
+    online = Consumer(rabbit, lanes, "default", fail_on=frozenset({b"poison"}))
+    publish_all(rabbit, lanes, [(b"poison", None), (b"after", None)])
+    online.run_until(lambda: len(online.deliveries) >= 2)
+    online.run_for(0.3)  # a redelivery would show up here
+    online.close()
+    assert online.handled == [(b"after", None)]
+    assert [(d.failed, d.rejected) for d in online.deliveries] == [(True, False), (False, False)]
+    assert waiting(rabbit, lanes.queue) == 0
+
+
+def test_a_failing_async_handler_does_not_stall_the_consumer(rabbit: Broker) -> None:  # noqa: F811
+    """aio-pika with prefetch 1: a handler that raised leaves no unacked message behind, so the
+    next message is still delivered."""
+    lanes = plan()
+    reported: list[queues.Delivery] = []
+
+    async def scenario() -> list[bytes]:
+        got: list[bytes] = []
+        async with await aio_pika.connect(rabbit.url) as connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await queues.declare_async(channel, lanes)
+
+            async def handle(body: bytes) -> None:
+                if body == b"poison":
+                    raise RuntimeError("cannot handle it")
+                got.append(body)
+
+            await queues.consume_async(
+                channel, lanes, handle, group="default", report=reported.append, prefetch=1
+            )
+            for body in (b"poison", b"after"):
+                await queues.publish_async(channel, lanes, body)
+            for _ in range(100):
+                if got:
+                    break
+                await asyncio.sleep(0.05)
+        return got
+
+    assert asyncio.run(scenario()) == [b"after"]
+    assert [d.failed for d in reported] == [True, False]
+    assert waiting(rabbit, lanes.queue) == 0
 
 
 def test_aio_pika_publishes_and_consumes_in_lanes(rabbit: Broker) -> None:  # noqa: F811
