@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -312,12 +313,26 @@ async def consume_async(
 
 class DeliveryReporter:
     """Sends deliveries to the control plane (`POST /api/v1/deliveries`) in batches from a
-    background thread, so a consumer never waits on the accounting; `close()` flushes."""
+    background thread, so a consumer never waits on the accounting; `close()` flushes.
 
-    def __init__(self, api: str, interval: float = 0.5, token: str | None = None) -> None:
+    What could not be sent (the control plane away) is kept and sent later, up to
+    `max_pending` deliveries; beyond that, and reports the control plane refuses (4xx), are
+    dropped and counted in `dropped`, so a long outage costs bounded memory, never the work."""
+
+    BATCH = 5_000  # deliveries per request: under the API's MAX_DELIVERIES and body limit
+
+    def __init__(
+        self,
+        api: str,
+        interval: float = 0.5,
+        token: str | None = None,
+        max_pending: int = 100_000,
+    ) -> None:
         self.url = api.rstrip("/") + "/api/v1/deliveries"
         self.token = token
         self.interval = interval
+        self.max_pending = max_pending
+        self.dropped = 0
         self._pending: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -326,28 +341,48 @@ class DeliveryReporter:
 
     def __call__(self, delivery: Delivery) -> None:
         with self._lock:
-            self._pending.append(asdict(delivery))
+            if len(self._pending) >= self.max_pending:
+                self.dropped += 1
+            else:
+                self._pending.append(asdict(delivery))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.flush()
 
     def flush(self) -> None:
+        """Send what is pending; on a failure the rest stays pending for the next flush."""
         with self._lock:
-            batch, self._pending = self._pending, []
-        if not batch:
-            return
+            pending, self._pending = self._pending, []
+        for start in range(0, len(pending), self.BATCH):
+            batch = pending[start : start + self.BATCH]
+            try:
+                self._send(batch)
+            except urllib.error.HTTPError as exc:
+                if exc.code >= 500:
+                    return self._keep(pending[start:], exc)
+                log.warning("%s refused %d deliveries: %s", self.url, len(batch), exc)
+                with self._lock:
+                    self.dropped += len(batch)
+            except Exception as exc:  # away, or anything else: the thread must go on
+                return self._keep(pending[start:], exc)
+
+    def _send(self, batch: list[dict[str, Any]]) -> None:
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(
             self.url, json.dumps({"deliveries": batch}).encode(), headers, method="POST"
         )
-        try:
-            with urllib.request.urlopen(request, timeout=5) as answer:
-                answer.read()
-        except OSError:
-            log.warning("could not report %d deliveries to %s", len(batch), self.url)
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            answer.read()
+
+    def _keep(self, unsent: list[dict[str, Any]], error: Exception) -> None:
+        log.warning("could not report %d deliveries to %s: %s", len(unsent), self.url, error)
+        with self._lock:
+            kept = (unsent + self._pending)[: self.max_pending]
+            self.dropped += len(unsent) + len(self._pending) - len(kept)
+            self._pending = kept
 
     def close(self) -> None:
         self._stop.set()

@@ -7,8 +7,10 @@ publisher, rejected, and never stop the consumer. Both pika and aio-pika."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -362,6 +364,35 @@ def test_queue_hops_are_accounted_by_the_control_plane(
     assert metrics[("tasklane_queue_leaks_total", "", "task")] == 1
     assert metrics[("tasklane_queue_fallbacks_total", "pricing", "default")] == 2
     assert metrics[("tasklane_queue_messages_total", "fund-yield", "task")] == 2
+
+
+def test_a_large_report_is_accounted_whole(etcd_endpoint_module: str) -> None:
+    """12,000 deliveries (over aiohttp's 1 MiB default body and MAX_DELIVERIES) from one
+    reporter flush all reach the accounting; a body that is not JSON gets the API's one
+    message for it."""
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    text = service("ledger", groups=("default", "task")) + chain(
+        "fund-yield", "[{service: ledger, group: task, queue: " + queue + "}]"
+    )
+    plane = Plane(etcd_endpoint_module)
+    try:
+        assert plane.apply_files({"rules.yaml": text})[0] == 200
+        request = urllib.request.Request(
+            plane.url + "/api/v1/deliveries", b"{", plane.auth_headers(), method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            api_opener.open(request, timeout=10)
+        error = json.loads(refused.value.read())["error"]
+        assert (refused.value.code, error.split(":")[0]) == (400, "request body is not JSON")
+        reporter = queues.DeliveryReporter(plane.url, interval=60, token=plane.token)
+        dye = "fund-yield@" + "r" * 200  # long dyes: a big body
+        for _ in range(12_000):
+            reporter(queues.Delivery(queue, "ledger", "task", dye, None, False))
+        reporter.close()
+        totals = plane.request("GET", "/api/v1/isolation")[1]["totals"]
+    finally:
+        plane.stop()
+    assert (totals["queue_messages"], reporter.dropped, reporter._pending) == (12_000, 0, [])
 
 
 def test_a_dyed_request_publishes_a_dyed_message(rabbit: Broker) -> None:  # noqa: F811
