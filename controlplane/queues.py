@@ -20,6 +20,7 @@ The broker libraries are imported only by the functions that use them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -59,10 +60,10 @@ class Delivery:
     service: str
     group: str  # the consumer's group
     dye: str | None  # a valid dye, or None
-    chain: str | None  # the lane the message's headers name, if any
-    fell_back: bool  # dead-lettered from a loose lane after waiting (x-death)
+    fell_back: bool  # expired from its own loose lane to `default` after waiting (x-death)
     bad_dye: str | None = None  # why the dye header was dropped
-    rejected: bool = False  # not handled: a trusted publisher's bad dye
+    rejected: bool = False  # not handled: a trusted publisher's bad dye, or misrouted
+    misrouted: bool = False  # in a lane its dye is not of, or refused there already
     failed: bool = False  # the handler raised: dead-lettered, not requeued
 
 
@@ -132,16 +133,32 @@ async def declare_async(channel: Any, lanes: QueueLanes) -> None:
 # ---------------------------------------------------------------- publishing
 
 
+# Headers RabbitMQ writes when it dead-letters a message: a republished message must not carry
+# them, or it would look dead-lettered from a lane it never waited in.
+_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+
+
+def _dye_headers(lanes: QueueLanes) -> set[str]:
+    return {lane.header for lane in lanes.lanes} or {propagation.DYE_HEADER}
+
+
 def publish_headers(
     lanes: QueueLanes, headers: Mapping[str, Any] | None = None, dye: str | None = None
 ) -> dict[str, Any]:
-    """The message headers to publish with: `headers` plus the dye (default: the current one)
-    under each lane's dye header, and the chain it names when a lane claims it by prefix."""
-    out = dict(headers or {})
+    """The message headers to publish with: `headers` without any dye, chain or dead-letter
+    header they carried (the headers of a message being passed on, say), plus the dye (default:
+    the current one) under each lane's dye header, and the chain it names when a lane claims it
+    by prefix. So an undyed context never publishes into a lane."""
+    lane_headers = _dye_headers(lanes) | {CHAIN_HEADER}
+    out = {
+        name: value
+        for name, value in (headers or {}).items()
+        if name not in lane_headers and not name.startswith(_DEATH_HEADERS)
+    }
     dye = propagation.current_dye() if dye is None else dye
     if dye is None:
         return out
-    for header in {lane.header for lane in lanes.lanes} or {propagation.DYE_HEADER}:
+    for header in _dye_headers(lanes):
         out[header] = dye
     lane = lanes.lane_of(out)
     if lane is not None and dye not in lane.exact:
@@ -188,18 +205,32 @@ def _dye_problem(value: object) -> str | None:
     return value_problem(value)
 
 
+def _last_death(headers: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(queue, reason) of the message's latest dead-lettering (RabbitMQ's `x-death`, newest
+    first), or None."""
+    deaths = headers.get("x-death")
+    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], Mapping):
+        return None
+    queue, reason = deaths[0].get("queue"), deaths[0].get("reason")
+    return (queue, reason) if isinstance(queue, str) and isinstance(reason, str) else None
+
+
 def receive(
     lanes: QueueLanes,
     group: str,
     headers: Mapping[str, Any] | None,
     user_id: str | None = None,
     trusted_users: frozenset[str] = frozenset(),
+    source: str | None = None,
 ) -> Delivery:
-    """Judge one delivery's headers (pure): its dye, lane, fallback and what was wrong."""
+    """Judge one delivery's headers (pure): its dye, fallback and what was wrong. `source` is
+    the queue it was consumed from: a lane queue hands over only its own chain's dyes (a chain
+    header alone, or stale next to another chain's dye, routes a message there too), and the
+    default queue does not handle a lane's message its lane refused (dead-lettered for a reason
+    other than waiting out a loose lane)."""
     headers = dict(headers or {})
-    dye_headers = {lane.header for lane in lanes.lanes} or {propagation.DYE_HEADER}
     dye, problem = None, None
-    for name in sorted(dye_headers):
+    for name in sorted(_dye_headers(lanes)):
         if name not in headers:
             continue
         problem = _dye_problem(headers[name])
@@ -208,19 +239,23 @@ def receive(
             dye = headers[name] = dye.decode("ascii") if isinstance(dye, bytes) else dye
             break
         headers.pop(name)
-    chain = headers.get(CHAIN_HEADER)
-    if isinstance(chain, bytes):  # pika hands a header that is not UTF-8 over as bytes
-        headers[CHAIN_HEADER] = chain.decode("ascii", "replace")
     lane = lanes.lane_of(headers) if dye is not None else None
+    own = None if lane is None else lanes.lane_queue(lane)
+    death = _last_death(headers)
+    lane_queues = {lanes.lane_queue(each) for each in lanes.lanes}
+    misrouted = (source is not None and source != lanes.queue and source != own) or (
+        death is not None and death[0] in lane_queues and death[1] != "expired"
+    )
+    rejected = dye is None and problem is not None and user_id in trusted_users
     return Delivery(
         queue=lanes.queue,
         service=lanes.service,
         group=group,
         dye=dye,
-        chain=None if lane is None else lane.chain,
-        fell_back="x-death" in headers,
+        fell_back=death is not None and death == (own, "expired"),
         bad_dye=problem if dye is None else None,
-        rejected=dye is None and problem is not None and user_id in trusted_users,
+        rejected=rejected or misrouted,
+        misrouted=misrouted,
     )
 
 
@@ -231,6 +266,10 @@ def _settle(delivery: Delivery, error: Exception | None, report: Report | None) 
     if error is not None:
         log.error("the handler failed on a message of %s", delivery.queue, exc_info=error)
         delivery = replace(delivery, failed=True)
+    elif delivery.misrouted:
+        log.warning(
+            "rejected a message on %s: not its lane's (dye %s)", delivery.queue, delivery.dye
+        )
     elif delivery.rejected:
         log.warning("rejected a message on %s: its dye is %s", delivery.queue, delivery.bad_dye)
     if report is not None:
@@ -256,8 +295,9 @@ def consume(
     group = group or app_lanes.current_group()
     channel.basic_qos(prefetch_count=prefetch)
 
-    def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
-        delivery = receive(lanes, group, properties.headers, properties.user_id, trusted_users)
+    def on_message(source: str, ch: Any, method: Any, properties: Any, body: bytes) -> None:
+        headers, user_id = properties.headers, properties.user_id
+        delivery = receive(lanes, group, headers, user_id, trusted_users, source)
         error = None
         if not delivery.rejected:
             with propagation.dye_scope(delivery.dye):
@@ -270,7 +310,10 @@ def consume(
         else:
             ch.basic_reject(method.delivery_tag, requeue=False)
 
-    return [channel.basic_consume(queue, on_message) for queue in lanes.queues_for(group)]
+    return [
+        channel.basic_consume(queue, functools.partial(on_message, queue))
+        for queue in lanes.queues_for(group)
+    ]
 
 
 async def consume_async(
@@ -287,8 +330,9 @@ async def consume_async(
     group = group or app_lanes.current_group()
     await channel.set_qos(prefetch_count=prefetch)
 
-    async def on_message(message: Any) -> None:
-        delivery = receive(lanes, group, message.headers, message.user_id, trusted_users)
+    async def on_message(source: str, message: Any) -> None:
+        headers, user_id = message.headers, message.user_id
+        delivery = receive(lanes, group, headers, user_id, trusted_users, source)
         error = None
         if not delivery.rejected:
             with propagation.dye_scope(delivery.dye):
@@ -304,7 +348,7 @@ async def consume_async(
     tags = []
     for name in lanes.queues_for(group):
         queue = await channel.get_queue(name, ensure=False)
-        tags.append(await queue.consume(on_message))
+        tags.append(await queue.consume(functools.partial(on_message, name)))
     return tags
 
 

@@ -28,8 +28,9 @@ _TYPES = {
     "fell_back": bool,
     "rejected": bool,
     "failed": bool,
+    "misrouted": bool,
 }
-_OPTIONAL = {"dye": str, "chain": str, "bad_dye": str}
+_OPTIONAL = {"dye": str, "bad_dye": str}
 
 
 def _delivery(item: object, index: int) -> Delivery:

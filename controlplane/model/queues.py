@@ -13,8 +13,11 @@ queue: Q}` of chain `C`):
   a headers exchange matches whole values only). `all-with-x` (RabbitMQ 3.10+) because plain
   `all` ignores every `x-` header, which would bind the lane to every message;
 * whatever matches no binding (undyed, or a dye of no chain) goes to `Q`'s *alternate
-  exchange* `Q.default`, a fanout to the default queue `Q`. So undyed messages never reach a
-  lane, and dyed ones never reach the default queue;
+  exchange* `Q.default`, a fanout to the default queue `Q`. So a message published through the
+  helper reaches its chain's lane and nothing else: the helper always recomputes the dye and
+  chain headers. A message published by hand with a dye a chain claims only by prefix and no
+  chain header reaches the default queue (and is counted as a leak there); one with a chain
+  header but not that chain's dye reaches the lane, whose consumer refuses it unhandled;
 * consumers in `default` consume `Q`; consumers in group `G` consume the lanes of the chains
   whose hop on `Q` names `G`;
 * `strict`: a lane queue keeps its messages until its group consumes them (a durable queue);
@@ -69,20 +72,14 @@ class QueueLanes:
         return f"{self.queue}.{lane.chain}"
 
     def lane_of(self, headers: Mapping[str, object]) -> Lane | None:
-        """The lane a message with these headers belongs to, as the exchange routes it: an
-        exact dye, else the chain name the publisher set; else the lane claiming the dye by
-        prefix (validation keeps chains' dyes disjoint, so at most one does)."""
+        """The lane whose chain claims the message's dye (exact or by prefix; validation keeps
+        chains' dyes disjoint, so at most one does). The exchange routes an exact dye by its
+        value and a prefix-claimed one by the chain header the publish helper sets from this."""
         for lane in self.lanes:
             value = headers.get(lane.header)
-            if isinstance(value, str) and value in lane.exact:
-                return lane
-        named = headers.get(CHAIN_HEADER)
-        found = next((lane for lane in self.lanes if lane.chain == named), None)
-        if found is not None:
-            return found
-        for lane in self.lanes:
-            value = headers.get(lane.header)
-            if isinstance(value, str) and any(value.startswith(p) for p in lane.prefixes):
+            if isinstance(value, str) and (
+                value in lane.exact or any(value.startswith(p) for p in lane.prefixes)
+            ):
                 return lane
         return None
 

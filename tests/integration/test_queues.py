@@ -125,8 +125,8 @@ def test_each_lane_gets_only_its_chains_messages(rabbit: Broker) -> None:  # noq
         consumer.run_for(0.3)  # nothing more arrives
     try:
         assert {group: set(c.handled) for group, c in groups.items()} == want
-        chains = {d.chain for d in groups["task"].deliveries}
-        assert chains == {"fund-yield"} and not any(d.fell_back for d in groups["task"].deliveries)
+        task = groups["task"].deliveries
+        assert not any(d.fell_back or d.rejected for d in task)
     finally:
         for consumer in groups.values():
             consumer.close()
@@ -140,7 +140,7 @@ def test_strict_messages_wait_and_loose_ones_fall_back(rabbit: Broker) -> None: 
     online.run_for(LOOSE_WAIT_MS / 1000 + 0.5)
     assert online.handled == [(b"loose", "pricing")]
     (delivery,) = online.deliveries
-    assert (delivery.chain, delivery.fell_back, delivery.group) == ("pricing", True, "default")
+    assert (delivery.dye, delivery.fell_back, delivery.group) == ("pricing", True, "default")
     online.close()
     # the strict chain's message waited for its group, which now takes it
     task = Consumer(rabbit, lanes, "task")
@@ -197,6 +197,60 @@ def test_a_failing_handler_dead_letters_its_message_and_goes_on(rabbit: Broker) 
     assert online.handled == [(b"after", None)]
     assert [(d.failed, d.rejected) for d in online.deliveries] == [(True, False), (False, False)]
     assert waiting(rabbit, lanes.queue) == 0
+
+
+def test_only_a_chains_own_dye_is_handled_in_its_lane(rabbit: Broker) -> None:  # noqa: F811
+    """A lane message passed on from an undyed context goes to `default` undyed (the helper
+    recomputes the headers); a chain header without that chain's dye, which the exchange routes
+    into the lane, is refused there unhandled; a prefix dye published by hand without the
+    chain header goes where the broker sends it, to the default queue."""
+    lanes = plan()
+    lane_message = {"x-task-dye": "fund-yield@r1", "x-tasklane-chain": "fund-yield"}
+    connection = pika.BlockingConnection(rabbit.parameters())
+    channel = connection.channel()
+    channel.confirm_delivery()
+    queues.declare(channel, lanes)
+    with propagation.dye_scope(None):
+        passed_on = pika.BasicProperties(headers=dict(lane_message), delivery_mode=2)
+        queues.publish(channel, lanes, b"passed-on", passed_on)
+    by_hand = {
+        b"chain-only": {"x-tasklane-chain": "fund-yield"},
+        b"stale-chain": {"x-task-dye": "pricing", "x-tasklane-chain": "fund-yield"},
+        b"prefix-only": {"x-task-dye": "fund-yield@r2"},
+    }
+    for body, headers in by_hand.items():
+        channel.basic_publish(lanes.queue, "", body, pika.BasicProperties(headers=headers))
+    connection.close()
+    groups = {group: Consumer(rabbit, lanes, group) for group in ("default", "task", "batch")}
+    want = {"default": 2, "task": 2, "batch": 1}
+    for group, consumer in groups.items():
+        consumer.run_until(lambda c=consumer, n=want[group]: len(c.deliveries) >= n)
+        consumer.run_for(0.3)
+        consumer.close()
+    assert sorted(groups["default"].handled) == [
+        (b"passed-on", None),
+        (b"prefix-only", "fund-yield@r2"),
+    ]
+    assert groups["task"].handled == [] and all(d.misrouted for d in groups["task"].deliveries)
+    assert len(groups["task"].deliveries) == 2  # chain-only and stale-chain, both refused
+    assert groups["batch"].handled == [(b"stale-chain", "pricing")]
+
+
+def test_a_lanes_refused_message_is_no_fallback_in_default(rabbit: Broker) -> None:  # noqa: F811
+    """A loose lane dead-letters what its consumer refused to `default` (RabbitMQ's x-death,
+    reason `rejected`): `default` neither handles it nor counts it as a fallback."""
+    lanes = plan()
+    batch = Consumer(rabbit, lanes, "batch", fail_on=frozenset({b"pricing"}))
+    online = Consumer(rabbit, lanes, "default")
+    publish_all(rabbit, lanes, [(b"pricing", "pricing")])
+    batch.run_until(lambda: len(batch.deliveries) >= 1)
+    online.run_until(lambda: len(online.deliveries) >= 1)
+    online.run_for(0.3)
+    batch.close()
+    online.close()
+    assert [d.failed for d in batch.deliveries] == [True]
+    assert online.handled == []
+    assert [(d.fell_back, d.rejected) for d in online.deliveries] == [(False, True)]
 
 
 def test_a_failing_async_handler_does_not_stall_the_consumer(rabbit: Broker) -> None:  # noqa: F811
@@ -270,10 +324,10 @@ def test_aio_pika_publishes_and_consumes_in_lanes(rabbit: Broker) -> None:  # no
         ],
         key=repr,
     )
-    assert sorted((d.group, d.chain) for d in reported) == [
-        ("default", None),
-        ("task", "fund-yield"),
-        ("task", "fund-yield"),
+    assert sorted((d.group, d.dye, d.rejected) for d in reported) == [
+        ("default", None, False),
+        ("task", "fund-yield", False),
+        ("task", "fund-yield@r42", False),
     ]
 
 
@@ -371,7 +425,7 @@ def test_a_large_report_is_accounted_whole(etcd_endpoint_module: str) -> None:
     reporter flush all reach the accounting; a body that is not JSON gets the API's one
     message for it."""
     queue = f"q{uuid.uuid4().hex[:8]}"
-    text = service("ledger", groups=("default", "task")) + chain(
+    text = service("ledger", groups=("default", "task", "batch")) + chain(
         "fund-yield", "[{service: ledger, group: task, queue: " + queue + "}]"
     )
     plane = Plane(etcd_endpoint_module)
@@ -387,7 +441,7 @@ def test_a_large_report_is_accounted_whole(etcd_endpoint_module: str) -> None:
         reporter = queues.DeliveryReporter(plane.url, interval=60, token=plane.token)
         dye = "fund-yield@" + "r" * 200  # long dyes: a big body
         for _ in range(12_000):
-            reporter(queues.Delivery(queue, "ledger", "task", dye, None, False))
+            reporter(queues.Delivery(queue, "ledger", "task", dye, False))
         reporter.close()
         totals = plane.request("GET", "/api/v1/isolation")[1]["totals"]
     finally:

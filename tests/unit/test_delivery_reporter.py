@@ -8,7 +8,7 @@ import time
 from controlplane.queues import Delivery, DeliveryReporter
 from controlplane.runtime.ports import free_port
 
-ONLINE = Delivery("entries", "ledger", "default", None, None, False)
+ONLINE = Delivery("entries", "ledger", "default", None, False)
 
 
 def test_unsent_deliveries_are_kept_up_to_the_bound_and_drops_counted() -> None:
