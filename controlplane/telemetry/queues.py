@@ -6,6 +6,10 @@ A leak is an undyed message consumed by a task group, or a chain's message consu
 its hop's group without a fallback reason; a loose lane's message that waited out its group and
 was dead-lettered to `default` is a fallback (`no_consumer`). Broken dyes are counted per
 queue, and how many were rejected; messages whose handler raised are counted as failed.
+
+The keys come from what consumers send, so only what the rules know is kept by name: a queue of
+a queue hop, its consuming service and one of that service's groups. Anything else is counted
+under one `unknown` row, so a buggy or hostile reporter cannot grow memory or metric series.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from prometheus_client.registry import Collector
 
 from controlplane.model.dye import DyeIndex
 from controlplane.model.group import DEFAULT_GROUP
+from controlplane.model.queues import QueueLanes, queue_plan
 from controlplane.model.rules import RuleSet
 from controlplane.queues import Delivery
 from controlplane.telemetry.accounting import Rate
 
+UNKNOWN = "unknown"  # the queue, service and group of a delivery the rules do not know
 NO_CONSUMER = "no_consumer"  # a loose lane's message its group did not take in time
 QueueKey = tuple[str, str, str, str]  # chain ("" online), queue, consuming service, group
 
@@ -49,13 +55,18 @@ class QueueAccounting(Collector):
         self._rules_source, self._clock = rules, clock
         self._rules: RuleSet | None = None
         self._dyes = DyeIndex({})
+        self._plan: dict[str, QueueLanes] = {}
         self.stats: dict[QueueKey, QueueStats] = {}
 
     def ingest(self, deliveries: Iterable[Delivery]) -> None:
         rules, now = self._rules_source(), self._clock()
         if rules is not self._rules:
             self._rules, self._dyes = rules, DyeIndex(rules.chains)
+            self._plan = queue_plan(rules)
         for delivery in deliveries:
+            if not self._known(rules, delivery):
+                self._count(("", UNKNOWN, UNKNOWN, UNKNOWN), delivery, now)
+                continue
             chain = self._dyes.chain_of(delivery.dye, "") if delivery.dye else None
             hop = None
             if chain is not None:
@@ -66,13 +77,7 @@ class QueueAccounting(Collector):
                 delivery.service,
                 delivery.group,
             )
-            stats = self.stats.get(key) or self.stats.setdefault(key, QueueStats())
-            stats.messages += 1
-            stats.bad_dyes += delivery.bad_dye is not None
-            stats.rejected += delivery.rejected
-            stats.failed += delivery.failed
-            stats.rate.add(now)
-            stats.last_at = now
+            stats = self._count(key, delivery, now)
             if delivery.rejected:
                 continue
             if chain is None or hop is None:  # online, or a chain without a hop on this queue
@@ -83,6 +88,24 @@ class QueueAccounting(Collector):
                     stats.fallbacks += 1
                 else:
                     stats.leaks += 1
+
+    def _known(self, rules: RuleSet, delivery: Delivery) -> bool:
+        """Whether the delivery's queue, service and group are the rules' own."""
+        lanes = self._plan.get(delivery.queue)
+        if lanes is None or lanes.service != delivery.service:
+            return False
+        service = rules.services.get(delivery.service)
+        return service is not None and service.group(delivery.group) is not None
+
+    def _count(self, key: QueueKey, delivery: Delivery, now: float) -> QueueStats:
+        stats = self.stats.get(key) or self.stats.setdefault(key, QueueStats())
+        stats.messages += 1
+        stats.bad_dyes += delivery.bad_dye is not None
+        stats.rejected += delivery.rejected
+        stats.failed += delivery.failed
+        stats.rate.add(now)
+        stats.last_at = now
+        return stats
 
     def report(self, now: float) -> list[dict[str, Any]]:
         """The `queues` list of `/api/v1/isolation`."""

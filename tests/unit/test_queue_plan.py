@@ -144,3 +144,19 @@ def test_the_accounting_judges_each_delivery() -> None:
         "queue_fallbacks": 1,
         "queue_bad_dyes": 0,
     }
+
+
+def test_the_accounting_keeps_by_name_only_what_the_rules_know() -> None:
+    book = QueueAccounting(lambda: RULES, lambda: 1000.0)
+    strangers = [Delivery(f"q{n}", "ledger", "default", None, False) for n in range(1000)]
+    strangers += [
+        Delivery("entries", "billing", "default", None, False),  # not the queue's consumer
+        Delivery("entries", "ledger", "nightly", None, False),  # not a group of ledger's
+        Delivery("entries", "ledger", "default", None, False, failed=True),
+    ]
+    book.ingest(strangers)
+    counted = {key: (s.messages, s.failed) for key, s in book.stats.items()}
+    assert counted == {
+        ("", "unknown", "unknown", "unknown"): (1002, 0),
+        ("", "entries", "ledger", "default"): (1, 1),
+    }
