@@ -38,6 +38,7 @@ from controlplane.model.queues import CHAIN_HEADER, LOOSE_WAIT_MS, QueueLanes
 __all__ = [
     "Delivery",
     "DeliveryReporter",
+    "TopologyMismatch",
     "consume",
     "consume_async",
     "declare",
@@ -70,64 +71,85 @@ class Delivery:
 # ---------------------------------------------------------------- topology
 
 
-def _lane_arguments(lanes: QueueLanes, fallback: str) -> dict[str, Any]:
-    if fallback != "loose":
-        return {}
-    return {"x-message-ttl": LOOSE_WAIT_MS, "x-dead-letter-exchange": lanes.default_exchange}
+class TopologyMismatch(RuntimeError):
+    """The broker holds a queue or exchange of this name declared with other arguments (made
+    by another version of this module, or by hand): RabbitMQ refuses to redeclare it."""
 
 
-def _bindings(lanes: QueueLanes) -> list[tuple[str, dict[str, Any]]]:
-    """(lane queue, binding arguments) for every binding of the queue's headers exchange."""
-    out = []
+Operation = tuple[str, str, str | None, dict[str, Any]]  # (what, name, exchange or kind, args)
+
+
+def _topology(lanes: QueueLanes) -> list[Operation]:
+    """What `declare` makes, in order: the fallback fanout and the headers exchange, the default
+    queue, the lane queues and their bindings. A lane's arguments are the same whatever its
+    chain's fallback (a loose chain's messages carry their wait as a per-message TTL), so a
+    chain going from strict to loose or back redeclares cleanly: RabbitMQ refuses to change a
+    queue's arguments. Every lane dead-letters to `default` (a loose message that waited out its
+    group; a refused one, which `default` then refuses too) and holds at most `max_waiting`
+    messages, refusing more (publishers with confirms get a nack)."""
+    default, headers = lanes.default_exchange, {"alternate-exchange": lanes.default_exchange}
+    operations: list[Operation] = [
+        ("exchange", default, "fanout", {}),
+        ("exchange", lanes.queue, "headers", headers),
+        ("queue", lanes.queue, None, {}),
+        ("bind", lanes.queue, default, {}),
+    ]
+    lane_arguments = {
+        "x-dead-letter-exchange": default,
+        "x-max-length": lanes.max_waiting,
+        "x-overflow": "reject-publish",
+    }
     for lane in lanes.lanes:
         queue = lanes.lane_queue(lane)
-        out.append((queue, {"x-match": "all-with-x", CHAIN_HEADER: lane.chain}))
-        out += [(queue, {"x-match": "all-with-x", lane.header: value}) for value in lane.exact]
-    return out
+        operations.append(("queue", queue, None, lane_arguments))
+        match = [{CHAIN_HEADER: lane.chain}] + [{lane.header: value} for value in lane.exact]
+        operations += [
+            ("bind", queue, lanes.queue, {"x-match": "all-with-x", **one}) for one in match
+        ]
+    return operations
+
+
+def _mismatch(what: str, name: str, reply: str) -> TopologyMismatch:
+    return TopologyMismatch(
+        f"{what} {name!r} exists on the broker with other arguments ({reply}); drain and "
+        "delete it (e.g. rabbitmqctl delete_queue) so that declare can make it anew"
+    )
 
 
 def declare(channel: Any, lanes: QueueLanes) -> None:
-    """Declare the queue's exchanges, default queue and lanes on a pika channel (durable)."""
-    channel.exchange_declare(lanes.default_exchange, "fanout", durable=True)
-    channel.exchange_declare(
-        lanes.queue,
-        "headers",
-        durable=True,
-        arguments={"alternate-exchange": lanes.default_exchange},
-    )
-    channel.queue_declare(lanes.queue, durable=True)
-    channel.queue_bind(lanes.queue, lanes.default_exchange)
-    for lane in lanes.lanes:
-        channel.queue_declare(
-            lanes.lane_queue(lane), durable=True, arguments=_lane_arguments(lanes, lane.fallback)
-        )
-    for queue, arguments in _bindings(lanes):
-        channel.queue_bind(queue, lanes.queue, arguments=arguments)
+    """Declare the queue's exchanges, default queue and lanes on a pika channel (durable);
+    TopologyMismatch if one exists with other arguments (the channel is closed then)."""
+    import pika.exceptions
+
+    for what, name, other, arguments in _topology(lanes):
+        try:
+            if what == "exchange":
+                channel.exchange_declare(name, other, durable=True, arguments=arguments)
+            elif what == "queue":
+                channel.queue_declare(name, durable=True, arguments=arguments)
+            else:
+                channel.queue_bind(name, other, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:  # PRECONDITION_FAILED
+                raise
+            raise _mismatch(what, name, exc.reply_text) from None
 
 
 async def declare_async(channel: Any, lanes: QueueLanes) -> None:
     """`declare` on an aio-pika channel."""
-    import aio_pika
+    import aiormq.exceptions
 
-    fallback = await channel.declare_exchange(
-        lanes.default_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-    )
-    exchange = await channel.declare_exchange(
-        lanes.queue,
-        aio_pika.ExchangeType.HEADERS,
-        durable=True,
-        arguments={"alternate-exchange": lanes.default_exchange},
-    )
-    default = await channel.declare_queue(lanes.queue, durable=True)
-    await default.bind(fallback)
-    queues = {}
-    for lane in lanes.lanes:
-        name = lanes.lane_queue(lane)
-        queues[name] = await channel.declare_queue(
-            name, durable=True, arguments=_lane_arguments(lanes, lane.fallback)
-        )
-    for queue, arguments in _bindings(lanes):
-        await queues[queue].bind(exchange, arguments=arguments)
+    made: dict[str, Any] = {}
+    for what, name, other, arguments in _topology(lanes):
+        try:
+            if what == "exchange":
+                await channel.declare_exchange(name, other, durable=True, arguments=arguments)
+            elif what == "queue":
+                made[name] = await channel.declare_queue(name, durable=True, arguments=arguments)
+            else:
+                await made[name].bind(other, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise _mismatch(what, name, str(exc)) from None
 
 
 # ---------------------------------------------------------------- publishing
@@ -166,15 +188,26 @@ def publish_headers(
     return out
 
 
+def _wait_ms(lanes: QueueLanes, headers: Mapping[str, Any]) -> int | None:
+    """How long a message with these headers may wait in its lane: a loose chain's wait, else
+    None (a strict chain's waits for its group; an online one is not in a lane)."""
+    lane = lanes.lane_of(headers)
+    return LOOSE_WAIT_MS if lane is not None and lane.fallback == "loose" else None
+
+
 def publish(
     channel: Any, lanes: QueueLanes, body: bytes, properties: Any = None, dye: str | None = None
 ) -> None:
     """Publish `body` to the queue's exchange with the dye in its headers (pika); persistent
-    unless `properties` say otherwise. Use a confirming channel for no loss across restarts."""
+    unless `properties` say otherwise. Use a confirming channel for no loss across restarts
+    (and to hear of a full lane: pika.exceptions.NackError)."""
     import pika
 
     properties = properties or pika.BasicProperties(delivery_mode=2)
     properties.headers = publish_headers(lanes, properties.headers, dye)
+    wait = _wait_ms(lanes, properties.headers)
+    if wait is not None:
+        properties.expiration = str(wait)
     channel.basic_publish(lanes.queue, "", body, properties)
 
 
@@ -186,6 +219,9 @@ async def publish_async(
 
     message.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
     message["headers"] = publish_headers(lanes, message.get("headers"), dye)
+    wait = _wait_ms(lanes, message["headers"])
+    if wait is not None:
+        message["expiration"] = wait / 1000  # seconds
     exchange = await channel.get_exchange(lanes.queue, ensure=False)
     await exchange.publish(aio_pika.Message(body, **message), routing_key="")
 

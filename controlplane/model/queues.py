@@ -21,9 +21,15 @@ queue: Q}` of chain `C`):
 * consumers in `default` consume `Q`; consumers in group `G` consume the lanes of the chains
   whose hop on `Q` names `G`;
 * `strict`: a lane queue keeps its messages until its group consumes them (a durable queue);
-  `loose`: a lane queue has a message TTL (`LOOSE_WAIT_MS`) and `Q.default` as its
-  dead-letter exchange, so a message its group did not take in time is served by `default`
-  and carries RabbitMQ's `x-death` header, which the consumer counts as a fallback.
+  `loose`: the publish helper gives a loose chain's messages a per-message TTL
+  (`LOOSE_WAIT_MS`) and every lane has `Q.default` as its dead-letter exchange, so a message its
+  group did not take in time is served by `default` and carries RabbitMQ's `x-death` header
+  (reason `expired`, the lane's queue), which the consumer counts as a fallback. The wait is
+  on the message, not the queue, so a chain may change its fallback without redeclaring its
+  lane (RabbitMQ refuses to change a queue's arguments); messages already waiting keep theirs;
+* a lane holds at most `max_waiting` messages (`x-max-length`, `x-overflow: reject-publish`):
+  with its group scaled to zero a strict lane does not grow without bound; a publisher with
+  confirms is refused (nack) past it.
 
 Kafka and RocketMQ follow the same plan with their own primitives: a lane is a topic (Kafka)
 or a tag/SQL92 property filter (RocketMQ) chosen from the same headers by the same rules, and
@@ -42,6 +48,7 @@ from controlplane.model.rules import RuleSet, TaskChain
 
 CHAIN_HEADER = "x-tasklane-chain"
 LOOSE_WAIT_MS = 1000  # how long a loose chain's message waits for its group
+MAX_WAITING = 100_000  # messages a lane holds before refusing more
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class QueueLanes:
     queue: str
     service: str
     lanes: tuple[Lane, ...]
+    max_waiting: int = MAX_WAITING  # per lane
 
     @property
     def default_exchange(self) -> str:

@@ -7,6 +7,7 @@ publisher, rejected, and never stop the consumer. Both pika and aio-pika."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ from wsgiref.simple_server import make_server
 
 import aio_pika
 import pika
+import pika.exceptions
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,10 +35,10 @@ from tests.support.wait import wait_until
 pytestmark = pytest.mark.timeout(120)
 
 
-def plan(fallback: str = "strict") -> QueueLanes:
+def plan(fallback: str = "strict", queue: str | None = None) -> QueueLanes:
     """A queue `qNNNN` consumed by `ledger`; chain fund-yield's lane in `task` (its
     `fallback`), chain pricing's (loose) in `batch`. Unique names: the broker is shared."""
-    queue = f"q{uuid.uuid4().hex[:8]}"
+    queue = queue or f"q{uuid.uuid4().hex[:8]}"
     hop = "[{service: ledger, group: %s, queue: " + queue + "}]"
     text = (
         service("ledger", groups=("default", "task", "batch"))
@@ -283,6 +285,67 @@ def test_a_failing_async_handler_does_not_stall_the_consumer(rabbit: Broker) -> 
 
     assert asyncio.run(scenario()) == [b"after"]
     assert [d.failed for d in reported] == [True, False]
+    assert waiting(rabbit, lanes.queue) == 0
+
+
+def test_a_chain_may_change_its_fallback(rabbit: Broker) -> None:  # noqa: F811
+    """A strict chain turned loose: every app's declare still works (pika and aio-pika) and the
+    chain's next message falls back to `default` after its wait."""
+    strict = plan("strict")
+    loose = plan("loose", strict.queue)
+    connection = pika.BlockingConnection(rabbit.parameters())
+    queues.declare(connection.channel(), strict)
+    queues.declare(connection.channel(), loose)
+    connection.close()
+
+    async def declare_async() -> None:
+        async with await aio_pika.connect(rabbit.url) as connection:
+            await queues.declare_async(await connection.channel(), strict)
+
+    asyncio.run(declare_async())
+    online = Consumer(rabbit, loose, "default")
+    publish_all(rabbit, loose, [(b"now-loose", "fund-yield@r1")])
+    online.run_until(lambda: len(online.handled) >= 1, timeout=LOOSE_WAIT_MS / 1000 + 10)
+    online.close()
+    assert online.handled == [(b"now-loose", "fund-yield@r1")]
+    assert [d.fell_back for d in online.deliveries] == [True]
+
+
+def test_a_lane_made_otherwise_is_a_one_line_error(rabbit: Broker) -> None:  # noqa: F811
+    lanes = plan()
+    lane = lanes.lane_queue(lanes.lanes[0])
+    connection = pika.BlockingConnection(rabbit.parameters())
+    connection.channel().queue_declare(lane, durable=True, arguments={"x-max-length": 5})
+    with pytest.raises(queues.TopologyMismatch) as mismatch:
+        queues.declare(connection.channel(), lanes)
+    connection.close()
+    message = str(mismatch.value)
+    assert message.startswith(f"queue '{lane}' exists on the broker with other arguments")
+    assert "\n" not in message
+
+    async def declare_async() -> None:
+        async with await aio_pika.connect(rabbit.url) as connection:
+            await queues.declare_async(await connection.channel(), lanes)
+
+    with pytest.raises(queues.TopologyMismatch, match=f"queue '{lane}' exists"):
+        asyncio.run(declare_async())
+
+
+def test_a_full_lane_refuses_more(rabbit: Broker) -> None:  # noqa: F811
+    """With no consumer a strict lane holds `max_waiting` messages; a confirming publisher is
+    refused the next one, and `default`'s queue does not take it either."""
+    lanes = dataclasses.replace(plan(), max_waiting=3)
+    connection = pika.BlockingConnection(rabbit.parameters())
+    channel = connection.channel()
+    channel.confirm_delivery()
+    queues.declare(channel, lanes)
+    with propagation.dye_scope("fund-yield@r1"):
+        for n in range(3):
+            queues.publish(channel, lanes, str(n).encode())
+        with pytest.raises(pika.exceptions.NackError):
+            queues.publish(channel, lanes, b"one too many")
+    connection.close()
+    assert waiting(rabbit, lanes.lane_queue(lanes.lanes[0])) == 3
     assert waiting(rabbit, lanes.queue) == 0
 
 
