@@ -93,6 +93,7 @@ def _topology(lanes: QueueLanes) -> list[Operation]:
         ("exchange", lanes.queue, "headers", headers),
         ("queue", lanes.queue, None, {}),
         ("bind", lanes.queue, default, {}),
+        ("queue", _record_queue(lanes), None, {"x-max-length": 1}),
     ]
     lane_arguments = {
         "x-dead-letter-exchange": default,
@@ -109,6 +110,86 @@ def _topology(lanes: QueueLanes) -> list[Operation]:
     return operations
 
 
+def _record_queue(lanes: QueueLanes) -> str:
+    """Where `declare` keeps the lane bindings it made (one message), so the next plan's
+    declare knows what to unbind: AMQP cannot list bindings. `:` is in no chain's name."""
+    return f"{lanes.queue}:bindings"
+
+
+def _lane_bindings(lanes: QueueLanes) -> list[list[Any]]:
+    """[lane queue, binding arguments] of every binding on the queue's headers exchange."""
+    return [
+        [name, arguments]
+        for what, name, exchange, arguments in _topology(lanes)
+        if what == "bind" and exchange == lanes.queue
+    ]
+
+
+def _left(record: bytes | None, lanes: QueueLanes) -> tuple[list[list[Any]], list[str]]:
+    """The bindings an earlier plan's declare recorded that this plan has not (a chain that
+    left the queue, a dye value that left a chain), and the lane queues no lane has now."""
+    try:
+        recorded = json.loads(record or b"[]")
+        recorded = [[q, a] for q, a in recorded if isinstance(q, str) and isinstance(a, dict)]
+    except (ValueError, TypeError):  # not ours: nothing known to unbind
+        recorded = []
+    current = _lane_bindings(lanes)
+    lane_queues = {lanes.lane_queue(lane) for lane in lanes.lanes}
+    stale = [binding for binding in recorded if binding not in current]
+    retired = sorted({queue for queue, _ in stale} - lane_queues)
+    return stale, retired
+
+
+def _retire(channel: Any, lanes: QueueLanes) -> None:
+    """Unbind what an earlier plan bound and this one has not, and drain the lanes it retired:
+    their waiting messages are published again through the queue's exchange (routed by this
+    plan: to another chain's lane, or `default`), confirmed before they are acked, and the
+    emptied queue is deleted. On its own channel, so a queue deleted by hand (404) does not
+    close the caller's."""
+    import pika.exceptions
+
+    work = channel.connection.channel()
+    work.confirm_delivery()
+    record = _record_queue(lanes)
+    method, _, body = work.basic_get(record)
+    stale, retired = _left(body, lanes)
+    for queue, arguments in stale:
+        try:
+            work.queue_unbind(queue, lanes.queue, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:  # NOT_FOUND: the queue is gone already
+                raise
+            work = channel.connection.channel()
+            work.confirm_delivery()
+            method = None  # the record went back to its queue with the closed channel
+    for queue in retired:
+        try:
+            while (got := work.basic_get(queue))[0] is not None:
+                got_method, properties, message = got
+                dye = receive(lanes, "", properties.headers).dye
+                properties.expiration = None  # its wait is the new lane's
+                with propagation.dye_scope(dye):
+                    publish(work, lanes, message, properties)
+                work.basic_ack(got_method.delivery_tag)
+            work.queue_delete(queue, if_empty=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            work = channel.connection.channel()
+            work.confirm_delivery()
+            method = None
+    work.basic_publish("", record, json.dumps(_lane_bindings(lanes)).encode(), _persistent())
+    if method is not None:
+        work.basic_ack(method.delivery_tag)
+    work.close()
+
+
+def _persistent() -> Any:
+    import pika
+
+    return pika.BasicProperties(delivery_mode=2)
+
+
 def _mismatch(what: str, name: str, reply: str) -> TopologyMismatch:
     return TopologyMismatch(
         f"{what} {name!r} exists on the broker with other arguments ({reply}); drain and "
@@ -118,7 +199,9 @@ def _mismatch(what: str, name: str, reply: str) -> TopologyMismatch:
 
 def declare(channel: Any, lanes: QueueLanes) -> None:
     """Declare the queue's exchanges, default queue and lanes on a pika channel (durable);
-    TopologyMismatch if one exists with other arguments (the channel is closed then)."""
+    TopologyMismatch if one exists with other arguments (the channel is closed then). Then
+    remove what an earlier plan bound and this one has not, and drain retired lanes
+    (`_retire`)."""
     import pika.exceptions
 
     for what, name, other, arguments in _topology(lanes):
@@ -133,6 +216,7 @@ def declare(channel: Any, lanes: QueueLanes) -> None:
             if exc.reply_code != 406:  # PRECONDITION_FAILED
                 raise
             raise _mismatch(what, name, exc.reply_text) from None
+    _retire(channel, lanes)
 
 
 async def declare_async(channel: Any, lanes: QueueLanes) -> None:
@@ -201,9 +285,7 @@ def publish(
     """Publish `body` to the queue's exchange with the dye in its headers (pika); persistent
     unless `properties` say otherwise. Use a confirming channel for no loss across restarts
     (and to hear of a full lane: pika.exceptions.NackError)."""
-    import pika
-
-    properties = properties or pika.BasicProperties(delivery_mode=2)
+    properties = properties or _persistent()
     properties.headers = publish_headers(lanes, properties.headers, dye)
     wait = _wait_ms(lanes, properties.headers)
     if wait is not None:

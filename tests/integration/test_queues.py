@@ -331,6 +331,45 @@ def test_a_lane_made_otherwise_is_a_one_line_error(rabbit: Broker) -> None:  # n
         asyncio.run(declare_async())
 
 
+def test_a_new_plan_unbinds_what_left_and_drains_retired_lanes(rabbit: Broker) -> None:  # noqa: F811
+    """Chain fund-yield leaves the queue and its dye value `fund-yield` moves to chain pricing:
+    the next declare removes the old lane's bindings, publishes what waited in it again by the
+    new plan (to `default`: no chain's dye now) and deletes it; a dye value that leaves a chain
+    is unbound from its lane (its message goes to `default` at once, not after a loose wait)."""
+    before = plan()
+    text = service("ledger", groups=("default", "task", "batch")) + chain(
+        "pricing",
+        "[{service: ledger, group: batch, queue: " + before.queue + "}]",
+        fallback="loose",
+        dye="{values: [pricing, fund-yield]}",
+    )
+    after = queue_plan(apply(RuleSet.empty(), load_text(text, "test.yaml")))[before.queue]
+    publish_all(rabbit, before, [(b"waiting", "fund-yield@r1")])  # no task consumer up
+    batch = Consumer(rabbit, after, "batch")  # declares the new plan
+    online = Consumer(rabbit, after, "default")
+    publish_all(rabbit, after, [(b"moved", "fund-yield")])
+    batch.run_until(lambda: len(batch.handled) >= 1)
+    online.run_until(lambda: len(online.handled) >= 1)
+    for consumer in (batch, online):
+        consumer.run_for(0.3)
+        consumer.close()
+    assert batch.handled == [(b"moved", "fund-yield")]
+    assert online.handled == [(b"waiting", "fund-yield@r1")]
+    connection = pika.BlockingConnection(rabbit.parameters())
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+        connection.channel().queue_declare(before.lane_queue(before.lanes[0]), passive=True)
+    connection.close()
+    # then the value `pricing` leaves chain pricing, whose lane stays: its binding goes
+    later = dataclasses.replace(
+        after, lanes=(dataclasses.replace(after.lanes[0], exact=("fund-yield",)),)
+    )
+    publish_all(rabbit, later, [(b"now-online", "pricing")])
+    online = Consumer(rabbit, later, "default")
+    online.run_until(lambda: len(online.handled) >= 1, timeout=LOOSE_WAIT_MS / 1000 + 10)
+    online.close()
+    assert [(d.dye, d.fell_back) for d in online.deliveries] == [("pricing", False)]
+
+
 def test_a_full_lane_refuses_more(rabbit: Broker) -> None:  # noqa: F811
     """With no consumer a strict lane holds `max_waiting` messages; a confirming publisher is
     refused the next one, and `default`'s queue does not take it either."""
