@@ -184,6 +184,52 @@ def _retire(channel: Any, lanes: QueueLanes) -> None:
     work.close()
 
 
+# What a drained message keeps when aio-pika publishes it again (user_id must be the new
+# publisher's own login, expiration is the new lane's).
+_KEPT = ("content_type", "content_encoding", "correlation_id", "message_id", "reply_to")
+_KEPT += ("type", "app_id", "priority", "timestamp", "delivery_mode")
+
+
+async def _retire_async(channel: Any, lanes: QueueLanes) -> None:
+    """`_retire` on an aio-pika channel (the caller's: aio-pika opens no side channel; with
+    publisher confirms, its default, a drained message is confirmed before it is acked)."""
+    import aio_pika
+    import aiormq.exceptions
+
+    record_queue = await channel.get_queue(_record_queue(lanes), ensure=False)
+    record = await record_queue.get(fail=False)
+    stale, retired = _left(None if record is None else record.body, lanes)
+    for queue, arguments in stale:
+        try:
+            lane = await channel.get_queue(queue, ensure=False)
+            await lane.unbind(lanes.queue, arguments=arguments)
+        except aiormq.exceptions.ChannelNotFoundEntity:  # the queue is gone already
+            await channel.reopen()
+            record = None  # went back to its queue with the closed channel
+    for queue in retired:
+        try:
+            lane = await channel.get_queue(queue, ensure=False)
+            while (message := await lane.get(fail=False)) is not None:
+                dye = receive(lanes, "", message.headers).dye
+                kept = {name: getattr(message, name) for name in _KEPT}
+                with propagation.dye_scope(dye):
+                    await publish_async(
+                        channel, lanes, message.body, headers=message.headers, **kept
+                    )
+                await message.ack()
+            await lane.delete(if_unused=False, if_empty=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            await channel.reopen()
+            record = None
+    bindings = json.dumps(_lane_bindings(lanes)).encode()
+    persistent = aio_pika.DeliveryMode.PERSISTENT
+    await channel.default_exchange.publish(
+        aio_pika.Message(bindings, delivery_mode=persistent), routing_key=_record_queue(lanes)
+    )
+    if record is not None:
+        await record.ack()
+
+
 def _persistent() -> Any:
     import pika
 
@@ -220,7 +266,7 @@ def declare(channel: Any, lanes: QueueLanes) -> None:
 
 
 async def declare_async(channel: Any, lanes: QueueLanes) -> None:
-    """`declare` on an aio-pika channel."""
+    """`declare` on an aio-pika channel, retiring what an earlier plan bound too."""
     import aiormq.exceptions
 
     made: dict[str, Any] = {}
@@ -234,6 +280,7 @@ async def declare_async(channel: Any, lanes: QueueLanes) -> None:
                 await made[name].bind(other, arguments=arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise _mismatch(what, name, str(exc)) from None
+    await _retire_async(channel, lanes)
 
 
 # ---------------------------------------------------------------- publishing

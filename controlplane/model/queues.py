@@ -27,6 +27,9 @@ queue: Q}` of chain `C`):
   (reason `expired`, the lane's queue), which the consumer counts as a fallback. The wait is
   on the message, not the queue, so a chain may change its fallback without redeclaring its
   lane (RabbitMQ refuses to change a queue's arguments); messages already waiting keep theirs;
+* `declare` records the lane bindings it made (in the queue `Q:bindings`: AMQP cannot list
+  bindings) and removes those of chains and dye values that left the plan; a retired lane is
+  drained through `Q` by the new plan and deleted;
 * a lane holds at most `max_waiting` messages (`x-max-length`, `x-overflow: reject-publish`):
   with its group scaled to zero a strict lane does not grow without bound; a publisher with
   confirms is refused (nack) past it.

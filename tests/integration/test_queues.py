@@ -90,12 +90,18 @@ class Consumer:
         self.connection.close()
 
 
-def publish_all(broker: Broker, lanes: QueueLanes, messages: list[tuple[bytes, str | None]]):
+def publish_all(
+    broker: Broker,
+    lanes: QueueLanes,
+    messages: list[tuple[bytes, str | None]],
+    declare: bool = True,
+):
     """Publish each body from a request carrying its dye (None: undyed), confirmed."""
     connection = pika.BlockingConnection(broker.parameters())
     channel = connection.channel()
     channel.confirm_delivery()
-    queues.declare(channel, lanes)
+    if declare:
+        queues.declare(channel, lanes)
     for body, dye in messages:
         with propagation.dye_scope(dye):
             queues.publish(channel, lanes, body)
@@ -331,7 +337,26 @@ def test_a_lane_made_otherwise_is_a_one_line_error(rabbit: Broker) -> None:  # n
         asyncio.run(declare_async())
 
 
-def test_a_new_plan_unbinds_what_left_and_drains_retired_lanes(rabbit: Broker) -> None:  # noqa: F811
+def declare_with(library: str, broker: Broker, lanes: QueueLanes) -> None:
+    """Declare `lanes` with pika or aio-pika, on a connection of its own."""
+    if library == "pika":
+        connection = pika.BlockingConnection(broker.parameters())
+        queues.declare(connection.channel(), lanes)
+        connection.close()
+        return
+
+    async def declare() -> None:
+        async with await aio_pika.connect(broker.url) as connection:
+            await queues.declare_async(await connection.channel(), lanes)
+
+    asyncio.run(declare())
+
+
+@pytest.mark.parametrize("library", ["pika", "aio-pika"])
+def test_a_new_plan_unbinds_what_left_and_drains_retired_lanes(
+    rabbit: Broker,  # noqa: F811
+    library: str,
+) -> None:
     """Chain fund-yield leaves the queue and its dye value `fund-yield` moves to chain pricing:
     the next declare removes the old lane's bindings, publishes what waited in it again by the
     new plan (to `default`: no chain's dye now) and deletes it; a dye value that leaves a chain
@@ -345,9 +370,15 @@ def test_a_new_plan_unbinds_what_left_and_drains_retired_lanes(rabbit: Broker) -
     )
     after = queue_plan(apply(RuleSet.empty(), load_text(text, "test.yaml")))[before.queue]
     publish_all(rabbit, before, [(b"waiting", "fund-yield@r1")])  # no task consumer up
-    batch = Consumer(rabbit, after, "batch")  # declares the new plan
+    declare_with(library, rabbit, after)
+    connection = pika.BlockingConnection(rabbit.parameters())
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+        connection.channel().queue_declare(before.lane_queue(before.lanes[0]), passive=True)
+    connection.close()
+    assert waiting(rabbit, before.queue) == 1  # drained to `default`
+    publish_all(rabbit, after, [(b"moved", "fund-yield")], declare=False)
+    batch = Consumer(rabbit, after, "batch")
     online = Consumer(rabbit, after, "default")
-    publish_all(rabbit, after, [(b"moved", "fund-yield")])
     batch.run_until(lambda: len(batch.handled) >= 1)
     online.run_until(lambda: len(online.handled) >= 1)
     for consumer in (batch, online):
@@ -355,19 +386,30 @@ def test_a_new_plan_unbinds_what_left_and_drains_retired_lanes(rabbit: Broker) -
         consumer.close()
     assert batch.handled == [(b"moved", "fund-yield")]
     assert online.handled == [(b"waiting", "fund-yield@r1")]
-    connection = pika.BlockingConnection(rabbit.parameters())
-    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
-        connection.channel().queue_declare(before.lane_queue(before.lanes[0]), passive=True)
-    connection.close()
     # then the value `pricing` leaves chain pricing, whose lane stays: its binding goes
     later = dataclasses.replace(
         after, lanes=(dataclasses.replace(after.lanes[0], exact=("fund-yield",)),)
     )
-    publish_all(rabbit, later, [(b"now-online", "pricing")])
+    declare_with(library, rabbit, later)
+    publish_all(rabbit, later, [(b"now-online", "pricing")], declare=False)
     online = Consumer(rabbit, later, "default")
     online.run_until(lambda: len(online.handled) >= 1, timeout=LOOSE_WAIT_MS / 1000 + 10)
     online.close()
     assert [(d.dye, d.fell_back) for d in online.deliveries] == [("pricing", False)]
+
+
+@pytest.mark.parametrize("library", ["pika", "aio-pika"])
+def test_a_retired_lane_deleted_by_hand_is_no_error(rabbit: Broker, library: str) -> None:  # noqa: F811
+    before = plan()
+    declare_with(library, rabbit, before)
+    connection = pika.BlockingConnection(rabbit.parameters())
+    connection.channel().queue_delete(before.lane_queue(before.lanes[0]))
+    connection.close()
+    after = dataclasses.replace(before, lanes=before.lanes[1:])  # fund-yield left the queue
+    declare_with(library, rabbit, after)
+    declare_with(library, rabbit, after)  # the record is the new plan's: nothing to retire
+    publish_all(rabbit, after, [(b"pricing", "pricing")], declare=False)
+    assert waiting(rabbit, after.lane_queue(after.lanes[0])) == 1
 
 
 def test_a_full_lane_refuses_more(rabbit: Broker) -> None:  # noqa: F811
