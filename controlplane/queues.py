@@ -168,6 +168,7 @@ def _retire(channel: Any, lanes: QueueLanes) -> None:
                 got_method, properties, message = got
                 dye = receive(lanes, "", properties.headers).dye
                 properties.expiration = None  # its wait is the new lane's
+                properties.user_id = None  # the broker checks it against our own login
                 with propagation.dye_scope(dye):
                     publish(work, lanes, message, properties)
                 work.basic_ack(got_method.delivery_tag)
