@@ -11,6 +11,9 @@ injected pods set ``TASKLANE_SERVICE`` and ``TASKLANE_GROUP``; this module reads
     @lanes.online_only
     def start_order_listener(): ...       # runs in `default`, returns None in a task group
 
+    @lanes.online_only
+    async def consume_orders(): ...       # async too: awaiting it gives None in a task group
+
     if lanes.is_task_group(): ...
 
 An app started outside the mesh (no ``TASKLANE_GROUP``) is in ``default``: it does what it always
@@ -22,6 +25,7 @@ This module imports nothing else of tasklane because it runs inside user apps.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -62,18 +66,34 @@ def is_task_group() -> bool:
 
 
 def online_only(fn: Callable[_P, _R]) -> Callable[_P, _R | None]:
-    """``fn`` that runs only in ``default``; in a task group it is skipped (returns None) and
-    says so once in the log, so a listener or scheduler never starts where tasks run."""
+    """``fn`` that runs only in ``default``; in a task group it is skipped (returns None, or for
+    an async ``fn`` a coroutine giving None, so ``await`` works in both) and says so in the
+    log once per function, so a listener or scheduler never starts where tasks run."""
+    said = False
 
-    @functools.wraps(fn)
-    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R | None:
-        if is_task_group():
+    def skipped() -> bool:
+        nonlocal said
+        if not is_task_group():
+            return False
+        if not said:
+            said = True
             log.info(
                 "%s not started: group %s serves task traffic only",
                 getattr(fn, "__qualname__", fn),
                 current_group(),
             )
-            return None
-        return fn(*args, **kwargs)
+        return True
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def guarded_async(*args: _P.args, **kwargs: _P.kwargs) -> object:
+            return None if skipped() else await fn(*args, **kwargs)
+
+        return guarded_async  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R | None:
+        return None if skipped() else fn(*args, **kwargs)
 
     return guarded

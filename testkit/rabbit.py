@@ -102,10 +102,12 @@ class Broker:
         )
         return done.stdout.strip() or "unknown"
 
-    def stop(self) -> None:
-        """Stop the node's whole process group and its epmd; nothing is left running."""
+    def stop(self, crash: bool = False) -> None:
+        """Stop the node's whole process group and its epmd; nothing is left running. `crash`:
+        SIGKILL at once, as a node that dies (nothing flushed on the way out)."""
         if self.process is not None:
-            for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
+            signals = ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0))
+            for sig, wait in signals[crash:]:
                 try:
                     os.killpg(self.process.pid, sig)
                 except ProcessLookupError:

@@ -1,7 +1,8 @@
 """Queue hops: `GET /api/v1/queues` (the lanes plan apps declare and publish by,
 model/queues.py) and `POST /api/v1/deliveries` (what consumers received, for the accounting;
 `controlplane.queues.DeliveryReporter` posts it). A malformed report is refused whole with a
-one-line 400 and counts nothing.
+one-line 400 and counts nothing; refusals are ApiErrors, mapped by the `json_errors` middleware
+like the rest of the API.
 """
 
 from __future__ import annotations
@@ -12,13 +13,24 @@ from typing import Any
 from aiohttp import web
 
 from controlplane.api.context import ApiContext
-from controlplane.api.http import error_response
+from controlplane.api.http import ApiError
 from controlplane.model.queues import plan_document, queue_plan
 from controlplane.queues import Delivery
 
 MAX_DELIVERIES = 10_000  # per report; the reporter sends every half second
-_TYPES = {"queue": str, "service": str, "group": str, "fell_back": bool, "rejected": bool}
-_OPTIONAL = {"dye": str, "chain": str, "bad_dye": str}
+# A delivery with the longest dye is ~500 bytes of JSON: room for MAX_DELIVERIES of them, where
+# aiohttp's 1 MiB default would refuse a report of ~6,000 (413).
+MAX_REPORT_BODY = MAX_DELIVERIES * 600
+_TYPES = {
+    "queue": str,
+    "service": str,
+    "group": str,
+    "fell_back": bool,
+    "rejected": bool,
+    "failed": bool,
+    "misrouted": bool,
+}
+_OPTIONAL = {"dye": str, "bad_dye": str}
 
 
 def _delivery(item: object, index: int) -> Delivery:
@@ -48,18 +60,18 @@ def routes(context: ApiContext) -> list[web.RouteDef]:
 
     async def deliveries(request: web.Request) -> web.Response:
         try:
-            body: Any = await request.json()
-        except ValueError:
-            return error_response(400, "the body is not JSON")
+            body: Any = await request.clone(client_max_size=MAX_REPORT_BODY).json()
+        except ValueError as exc:  # JSONDecodeError, or a body that is not UTF-8
+            raise ApiError(400, f"request body is not JSON: {exc}") from None
         items = body.get("deliveries") if isinstance(body, dict) else None
         if not isinstance(items, list):
-            return error_response(400, "deliveries: expected a list")
+            raise ApiError(400, "deliveries: expected a list")
         if len(items) > MAX_DELIVERIES:
-            return error_response(400, f"deliveries: at most {MAX_DELIVERIES} per report")
+            raise ApiError(400, f"deliveries: at most {MAX_DELIVERIES} per report")
         try:
             parsed = [_delivery(item, index) for index, item in enumerate(items)]
         except ValueError as error:
-            return error_response(400, str(error))
+            raise ApiError(400, str(error)) from None
         context.deliveries(parsed)
         return web.json_response({"accepted": len(parsed)})
 

@@ -13,14 +13,26 @@ queue: Q}` of chain `C`):
   a headers exchange matches whole values only). `all-with-x` (RabbitMQ 3.10+) because plain
   `all` ignores every `x-` header, which would bind the lane to every message;
 * whatever matches no binding (undyed, or a dye of no chain) goes to `Q`'s *alternate
-  exchange* `Q.default`, a fanout to the default queue `Q`. So undyed messages never reach a
-  lane, and dyed ones never reach the default queue;
+  exchange* `Q.default`, a fanout to the default queue `Q`. So a message published through the
+  helper reaches its chain's lane and nothing else: the helper always recomputes the dye and
+  chain headers. A message published by hand with a dye a chain claims only by prefix and no
+  chain header reaches the default queue (and is counted as a leak there); one with a chain
+  header but not that chain's dye reaches the lane, whose consumer refuses it unhandled;
 * consumers in `default` consume `Q`; consumers in group `G` consume the lanes of the chains
   whose hop on `Q` names `G`;
 * `strict`: a lane queue keeps its messages until its group consumes them (a durable queue);
-  `loose`: a lane queue has a message TTL (`LOOSE_WAIT_MS`) and `Q.default` as its
-  dead-letter exchange, so a message its group did not take in time is served by `default`
-  and carries RabbitMQ's `x-death` header, which the consumer counts as a fallback.
+  `loose`: the publish helper gives a loose chain's messages a per-message TTL
+  (`LOOSE_WAIT_MS`) and every lane has `Q.default` as its dead-letter exchange, so a message its
+  group did not take in time is served by `default` and carries RabbitMQ's `x-death` header
+  (reason `expired`, the lane's queue), which the consumer counts as a fallback. The wait is
+  on the message, not the queue, so a chain may change its fallback without redeclaring its
+  lane (RabbitMQ refuses to change a queue's arguments); messages already waiting keep theirs;
+* `declare` records the lane bindings it made (in the queue `Q:bindings`: AMQP cannot list
+  bindings) and removes those of chains and dye values that left the plan; a retired lane is
+  drained through `Q` by the new plan and deleted;
+* a lane holds at most `max_waiting` messages (`x-max-length`, `x-overflow: reject-publish`):
+  with its group scaled to zero a strict lane does not grow without bound; a publisher with
+  confirms is refused (nack) past it.
 
 Kafka and RocketMQ follow the same plan with their own primitives: a lane is a topic (Kafka)
 or a tag/SQL92 property filter (RocketMQ) chosen from the same headers by the same rules, and
@@ -39,6 +51,7 @@ from controlplane.model.rules import RuleSet, TaskChain
 
 CHAIN_HEADER = "x-tasklane-chain"
 LOOSE_WAIT_MS = 1000  # how long a loose chain's message waits for its group
+MAX_WAITING = 100_000  # messages a lane holds before refusing more
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,7 @@ class QueueLanes:
     queue: str
     service: str
     lanes: tuple[Lane, ...]
+    max_waiting: int = MAX_WAITING  # per lane
 
     @property
     def default_exchange(self) -> str:
@@ -69,20 +83,14 @@ class QueueLanes:
         return f"{self.queue}.{lane.chain}"
 
     def lane_of(self, headers: Mapping[str, object]) -> Lane | None:
-        """The lane a message with these headers belongs to, as the exchange routes it: an
-        exact dye, else the chain name the publisher set; else the lane claiming the dye by
-        prefix (validation keeps chains' dyes disjoint, so at most one does)."""
+        """The lane whose chain claims the message's dye (exact or by prefix; validation keeps
+        chains' dyes disjoint, so at most one does). The exchange routes an exact dye by its
+        value and a prefix-claimed one by the chain header the publish helper sets from this."""
         for lane in self.lanes:
             value = headers.get(lane.header)
-            if isinstance(value, str) and value in lane.exact:
-                return lane
-        named = headers.get(CHAIN_HEADER)
-        found = next((lane for lane in self.lanes if lane.chain == named), None)
-        if found is not None:
-            return found
-        for lane in self.lanes:
-            value = headers.get(lane.header)
-            if isinstance(value, str) and any(value.startswith(p) for p in lane.prefixes):
+            if isinstance(value, str) and (
+                value in lane.exact or any(value.startswith(p) for p in lane.prefixes)
+            ):
                 return lane
         return None
 

@@ -5,7 +5,11 @@ entries, per (queue, chain or "" for online, group that consumed).
 A leak is an undyed message consumed by a task group, or a chain's message consumed outside
 its hop's group without a fallback reason; a loose lane's message that waited out its group and
 was dead-lettered to `default` is a fallback (`no_consumer`). Broken dyes are counted per
-queue, and how many were rejected.
+queue, and how many were rejected; messages whose handler raised are counted as failed.
+
+The keys come from what consumers send, so only what the rules know is kept by name: a queue of
+a queue hop, its consuming service and one of that service's groups. Anything else is counted
+under one `unknown` row, so a buggy or hostile reporter cannot grow memory or metric series.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from prometheus_client.registry import Collector
 
 from controlplane.model.dye import DyeIndex
 from controlplane.model.group import DEFAULT_GROUP
+from controlplane.model.queues import QueueLanes, queue_plan
 from controlplane.model.rules import RuleSet
 from controlplane.queues import Delivery
 from controlplane.telemetry.accounting import Rate
 
+UNKNOWN = "unknown"  # the queue, service and group of a delivery the rules do not know
 NO_CONSUMER = "no_consumer"  # a loose lane's message its group did not take in time
 QueueKey = tuple[str, str, str, str]  # chain ("" online), queue, consuming service, group
 
@@ -37,6 +43,7 @@ class QueueStats:
     fallbacks: int = 0
     bad_dyes: int = 0
     rejected: int = 0
+    failed: int = 0  # the handler raised: dead-lettered
     rate: Rate = field(default_factory=Rate)
     last_at: float = 0.0
 
@@ -48,13 +55,18 @@ class QueueAccounting(Collector):
         self._rules_source, self._clock = rules, clock
         self._rules: RuleSet | None = None
         self._dyes = DyeIndex({})
+        self._plan: dict[str, QueueLanes] = {}
         self.stats: dict[QueueKey, QueueStats] = {}
 
     def ingest(self, deliveries: Iterable[Delivery]) -> None:
         rules, now = self._rules_source(), self._clock()
         if rules is not self._rules:
             self._rules, self._dyes = rules, DyeIndex(rules.chains)
+            self._plan = queue_plan(rules)
         for delivery in deliveries:
+            if not self._known(rules, delivery):
+                self._count(("", UNKNOWN, UNKNOWN, UNKNOWN), delivery, now)
+                continue
             chain = self._dyes.chain_of(delivery.dye, "") if delivery.dye else None
             hop = None
             if chain is not None:
@@ -65,12 +77,7 @@ class QueueAccounting(Collector):
                 delivery.service,
                 delivery.group,
             )
-            stats = self.stats.get(key) or self.stats.setdefault(key, QueueStats())
-            stats.messages += 1
-            stats.bad_dyes += delivery.bad_dye is not None
-            stats.rejected += delivery.rejected
-            stats.rate.add(now)
-            stats.last_at = now
+            stats = self._count(key, delivery, now)
             if delivery.rejected:
                 continue
             if chain is None or hop is None:  # online, or a chain without a hop on this queue
@@ -81,6 +88,24 @@ class QueueAccounting(Collector):
                     stats.fallbacks += 1
                 else:
                     stats.leaks += 1
+
+    def _known(self, rules: RuleSet, delivery: Delivery) -> bool:
+        """Whether the delivery's queue, service and group are the rules' own."""
+        lanes = self._plan.get(delivery.queue)
+        if lanes is None or lanes.service != delivery.service:
+            return False
+        service = rules.services.get(delivery.service)
+        return service is not None and service.group(delivery.group) is not None
+
+    def _count(self, key: QueueKey, delivery: Delivery, now: float) -> QueueStats:
+        stats = self.stats.get(key) or self.stats.setdefault(key, QueueStats())
+        stats.messages += 1
+        stats.bad_dyes += delivery.bad_dye is not None
+        stats.rejected += delivery.rejected
+        stats.failed += delivery.failed
+        stats.rate.add(now)
+        stats.last_at = now
+        return stats
 
     def report(self, now: float) -> list[dict[str, Any]]:
         """The `queues` list of `/api/v1/isolation`."""
@@ -102,6 +127,7 @@ class QueueAccounting(Collector):
                     "fallbacks": {NO_CONSUMER: stats.fallbacks} if stats.fallbacks else {},
                     "bad_dyes": stats.bad_dyes,
                     "rejected": stats.rejected,
+                    "failed": stats.failed,
                     "rate": round(stats.rate.per_second(now), 3),
                     "last_at": stats.last_at,
                 }
@@ -139,6 +165,11 @@ class QueueAccounting(Collector):
                 "Messages whose dye header was malformed or too long (stripped or rejected)",
                 labels=labels,
             ),
+            "failed": CounterMetricFamily(
+                "tasklane_queue_failed",
+                "Messages whose handler raised (dead-lettered, not requeued)",
+                labels=labels,
+            ),
         }
         for (chain, queue, service, group), stats in sorted(self.stats.items()):
             values = [queue, chain, service, group]
@@ -146,4 +177,5 @@ class QueueAccounting(Collector):
             families["leaks"].add_metric(values, stats.leaks)
             families["fallbacks"].add_metric([*values, NO_CONSUMER], stats.fallbacks)
             families["bad_dyes"].add_metric(values, stats.bad_dyes)
+            families["failed"].add_metric(values, stats.failed)
         yield from families.values()

@@ -20,7 +20,7 @@ RULES = (
     + chain("fund-yield", HOP % "task")
     + chain("pricing", HOP % "task", fallback="loose", dye="{values: [pricing]}")
 )
-BASE = {"queue": "ledger-entries", "service": "ledger", "chain": None, "fell_back": False}
+BASE = {"queue": "ledger-entries", "service": "ledger", "fell_back": False}
 
 
 def test_queue_hops_show_leaks_and_fallbacks(etcd_server: EmbeddedEtcd, browser: Any) -> None:

@@ -4,7 +4,9 @@ process too)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -42,6 +44,25 @@ def test_online_only_work_is_skipped_in_a_task_group(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("TASKLANE_GROUP", "default")
     assert listen("orders") == "orders"
     assert started == ["orders"]
+
+
+def test_online_only_guards_async_work_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    @lanes.online_only
+    async def consume(queue: str) -> str:
+        return queue
+
+    monkeypatch.setenv("TASKLANE_GROUP", "task")
+    with caplog.at_level(logging.INFO, logger="controlplane.lanes"):
+        assert asyncio.run(consume("orders")) is None
+        assert asyncio.run(consume("orders")) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "test_online_only_guards_async_work_and_says_so_once.<locals>.consume not started: "
+        "group task serves task traffic only"
+    ]
+    monkeypatch.setenv("TASKLANE_GROUP", "default")
+    assert asyncio.run(consume("orders")) == "orders"
 
 
 @pytest.mark.parametrize(("group", "online"), [("task", False), ("default", True)])
