@@ -167,11 +167,12 @@ _LEAD_PRECISION_S = 0.5
 _MAX_DOUBLINGS = 10
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=2048)
 def _ready_by(measured: tuple[tuple[int, tuple[float, ...]], ...], goal: float) -> float:
     """The x at which all the instances are ready with probability `goal`. Cached: the
-    measurements change only when an instance becomes ready, the policy asks every period."""
-    models = [(_StartModel(values), count) for count, values in measured]
+    measurements change only when an instance becomes ready, the policy asks every period,
+    and hundreds of tasks each have their own hops and counts."""
+    models = [(_start_model(values), count) for count, values in measured]
 
     def chance(x: float) -> float:
         result = 1.0
@@ -191,6 +192,12 @@ def _ready_by(measured: tuple[tuple[int, tuple[float, ...]], ...], goal: float) 
         else:
             low = middle
     return high
+
+
+@lru_cache(maxsize=1024)
+def _start_model(values: tuple[float, ...]) -> _StartModel:
+    """One model per group's measurements, shared by every task with a hop there."""
+    return _StartModel(values)
 
 
 class _StartModel:
@@ -359,13 +366,20 @@ class Policy:
                 options.append((count, text))
             if options:
                 count, text = max(options)
+                # a recommendation no higher than this newer one can never be the window's
+                # highest again: dropped, so the window's front is always its highest
+                while recommendations and (recommendations[-1][1], recommendations[-1][0]) < (
+                    count,
+                    now,
+                ):
+                    recommendations.pop()
                 recommendations.append((now, count, text))
         cutoff = max(now - config.scale_down_window_s, since)
         while recommendations and recommendations[0][0] < cutoff:
             recommendations.popleft()
         if not recommendations:
             return 0, ""
-        at, count, text = max(recommendations, key=lambda item: (item[1], item[0]))
+        at, count, text = recommendations[0]
         if at < now:
             text += f", held for the {config.scale_down_window_s:g}s scale-down window"
         return count, text
