@@ -24,6 +24,7 @@ the history (run durations, start-up times, extra runs) that the measured week s
 
     .venv/bin/python bench/scaler.py [--workload bank|shop|etl|all] [--days 7] [--seed 1]
     .venv/bin/python bench/scaler.py --write    # renew bench/workloads/*.yaml
+    .venv/bin/python bench/scaler.py --scale [--days 30] [--warmup 24]    # issue 15 part 5
 
 Prints the `tasklane simulate` table of every workload, tasklane's targets and whether the
 oracle is a lower bound there (exit 1 when it is not).
@@ -38,7 +39,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -402,10 +403,13 @@ def make_scale(seed: int, tasks: int = 500, groups: int = 200) -> dict[str, Any]
     return assemble(shape, specs, seed, rng)
 
 
-def measure_scale(days: float, seed: int) -> None:
+def measure_scale(days: float, seed: int, warmup_h: float | None = None) -> None:
     """The issue's scale check: a `days` simulation of 500 tasks over 200 groups (tasklane
-    only), and the CPU one live sync period's decision takes at that size."""
+    only), and the CPU one live sync period's decision takes at that size. `warmup_h`
+    replaces the workload's day of warm-up, so a short run can be profiled or timed."""
     workload = parse_workload(render(make_scale(seed)), "<scale>")
+    if warmup_h is not None:
+        workload = replace(workload, warmup_s=warmup_h * 3600)
     rules = workload.rules
     print(f"scale: {len(rules.tasks)} tasks, {len(workload.startup)} groups")
     start = workload.start
@@ -428,7 +432,12 @@ def measure_scale(days: float, seed: int) -> None:
     )
     began = time.perf_counter()
     simulate(workload, days, "tasklane")
-    print(f"simulation of {days:g} days, tasklane only: {time.perf_counter() - began:.1f}s")
+    elapsed = time.perf_counter() - began
+    simulated = days + workload.warmup_s / 86400
+    print(
+        f"simulation of {days:g} days after {workload.warmup_s / 3600:g} h of warm-up, tasklane "
+        f"only: {elapsed:.1f}s ({elapsed / simulated:.0f}s per simulated day)"
+    )
 
 
 @dataclass(frozen=True)
@@ -630,9 +639,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instead: time a --days simulation of 500 tasks over 200 groups and the CPU of "
         "one live sync period at that size",
     )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        metavar="HOURS",
+        help="with --scale: hours of warm-up instead of the workload's 24",
+    )
     args = parser.parse_args(argv)
     if args.scale:
-        measure_scale(args.days, args.seed)
+        measure_scale(args.days, args.seed, args.warmup)
         return 0
     chosen = WORKLOADS if args.workload == "all" else {args.workload: WORKLOADS[args.workload]}
     if args.write:
