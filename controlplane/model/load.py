@@ -165,7 +165,13 @@ def yaml_documents(text: str, filename: str) -> Iterator[tuple[int, object]]:
     if _FAST is not None and not yaml.reader.Reader.NON_PRINTABLE.search(text):
         try:
             documents = list(_read(_FAST(text)))
-        except (yaml.YAMLError, RecursionError, ValueError, LookupError, TypeError, _Unsure):
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            if getattr(error, "problem", None) == _LIBYAML_TOO_DEEP and mark is not None:
+                # The Python parser would recurse into it for ~1 s of CPU to say the same.
+                number = _document_at(text, mark.line, mark.column)
+                raise RuleError(f"{filename}: document {number}: {_TOO_DEEP}") from None
+        except (RecursionError, ValueError, LookupError, TypeError, _Unsure):
             pass
         else:
             yield from documents
@@ -181,7 +187,7 @@ def yaml_documents(text: str, filename: str) -> Iterator[tuple[int, object]]:
     except yaml.YAMLError as error:
         raise _syntax_error(error, text, filename, completed) from None
     except RecursionError:
-        raise RuleError(f"{filename}: document {completed + 1}: YAML nesting is too deep") from None
+        raise RuleError(f"{filename}: document {completed + 1}: {_TOO_DEEP}") from None
 
 
 def _syntax_error(error: yaml.YAMLError, text: str, filename: str, completed: int) -> RuleError:
@@ -292,4 +298,6 @@ class _FastChecks:
 
 
 _MERGE = "tag:yaml.org,2002:merge"
+_TOO_DEEP = "YAML nesting is too deep"
+_LIBYAML_TOO_DEEP = "exceeded maximum nesting depth"  # libyaml's limit: 1,000 levels
 _FAST = type("_FastLoader", (_FastChecks, yaml.CSafeLoader), {}) if yaml.__with_libyaml__ else None
