@@ -460,4 +460,3 @@ def may_serve(chain: TaskChain, hop: Hop, group: str) -> bool:
     """Whether the config itself sends some of the hop's requests to `group`: the share of a
     weight under 100, or a loose chain's fallback, both to `default`."""
     return group == DEFAULT_GROUP and (hop.weight < 100 or chain.fallback == "loose")
-
