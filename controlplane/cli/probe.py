@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 from urllib.parse import quote
 
-import yaml
-
-from controlplane.cli.client import OUTPUTS, api_token, call, output, server_option
+from controlplane.cli.client import OUTPUTS, api_token, call, output, server_option, structured
 from controlplane.cli.views import table
 from controlplane.telemetry.probe import NOT_FOLLOWED
 
@@ -38,12 +35,7 @@ def add_probe(commands: argparse._SubParsersAction, common: argparse.ArgumentPar
 def probe(args: argparse.Namespace) -> int:
     path = f"/api/v1/probe/{quote(args.chain, safe='')}"
     report = call(args.server, "POST", path, {"path": args.path}, api_token(args))
-    if args.output == "json":
-        output(json.dumps(report, indent=2) + "\n")
-    elif args.output == "yaml":
-        output(yaml.safe_dump(report, sort_keys=False))
-    else:
-        output(render(report))
+    output(render(report) if args.output == "table" else structured(report, args.output))
     return 0 if report["ok"] else EXIT_PROBLEM
 
 

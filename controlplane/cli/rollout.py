@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from datetime import UTC, datetime
 from typing import Any
 
-import yaml
-
-from controlplane.cli.client import OUTPUTS, api_token, call, output, server_option
+from controlplane.cli.client import OUTPUTS, api_token, call, output, server_option, structured
 from controlplane.cli.views import table
 
 
@@ -39,12 +36,7 @@ def rollout(args: argparse.Namespace) -> int:
         output(f"rollout{which} {body['outcome']}\n")
         return 0
     body = call(args.server, "GET", "/api/v1/rollout")
-    if args.output == "json":
-        output(json.dumps(body, indent=2) + "\n")
-    elif args.output == "yaml":
-        output(yaml.safe_dump(body, sort_keys=False))
-    else:
-        output(render_status(body))
+    output(render_status(body) if args.output == "table" else structured(body, args.output))
     return 0
 
 

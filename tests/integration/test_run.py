@@ -122,6 +122,7 @@ def test_dyed_requests_stay_in_the_task_groups_at_every_hop(mesh: Mesh) -> None:
             and get(egress, "fund-facade", {})[0] == 200
         ),
         what="both chains answer",
+        timeout=30,  # ten sidecars start at once; in a loaded -n 2 suite 15 s fell short once
     )
     for _ in range(5):
         status, answer = get(egress, "fund-facade", {"x-task-dye": "fund-yield"})
@@ -248,6 +249,7 @@ def test_runs_register_again_with_a_restarted_control_plane(plane: Plane, mesh: 
     wait_until(
         lambda: all(0 != plane.lease_of(key) != leases[key] for key in keys),
         what="every instance under a lease of the new control plane",
+        timeout=30,  # a loaded -n 2 suite once took longer than 15 s
     )
     egress = mesh.chain["nav-pricing", "default"].instance.egress_port
     status, answer = get(egress, "fund-facade", {"x-task-dye": "fund-yield"})
