@@ -134,6 +134,16 @@ def start_in_thread(app: ChainApp) -> tuple[int, Callable[[], None]]:
     return serve_in_thread(app.serve())
 
 
+def serve_until_interrupted(server: ThreadingHTTPServer) -> None:
+    """Serve a bound server in this thread until Ctrl-C (a process of its own)."""
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def serve_in_thread(server: ThreadingHTTPServer) -> tuple[int, Callable[[], None]]:
     """Serve a bound server in a background thread; returns (its port, stop)."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -167,13 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     app = ChainApp(args.service, args.group, args.instance, args.next, parse_egress(args.egress))
     app.start_online_work()
-    server = app.serve(args.port)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(app.serve(args.port))
 
 
 if __name__ == "__main__":

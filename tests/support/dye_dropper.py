@@ -13,7 +13,7 @@ import json
 import os
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from demo.chain_app import REQUEST_ID, parse_egress
+from demo.chain_app import REQUEST_ID, parse_egress, serve_until_interrupted
 
 
 class DropsTheDye(BaseHTTPRequestHandler):
@@ -54,13 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     egress = parse_egress(os.environ.get("TASKLANE_EGRESS"))
     if egress is None:
         parser.error("TASKLANE_EGRESS is not set")
-    server = make_server(args.next, egress, args.port)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(make_server(args.next, egress, args.port))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from demo.chain_app import serve_in_thread
+from demo.chain_app import serve_in_thread, serve_until_interrupted
 
 
 class EchoHandler(BaseHTTPRequestHandler):
@@ -65,13 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    server = make_server(args.name, args.port, args.host)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(make_server(args.name, args.port, args.host))
 
 
 if __name__ == "__main__":
