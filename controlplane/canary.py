@@ -70,14 +70,15 @@ class Cohorts:
         if self.rollout is None:
             return False
         chosen = self._canaries.setdefault(role, set())
+        connected = self.board.role_nodes(role)
         if self._pruned_at.get(role) != self.board.changes:  # canaries that left don't count
-            gone = chosen - set(self.board.role_nodes(role))
+            gone = chosen - connected
             chosen -= gone
             self._nodes -= gone
             self._pruned_at[role] = self.board.changes
         if node in chosen:
             return True
-        if admits(len(chosen), len(self.board.role_nodes(role)), self.rollout.percent):
+        if admits(len(chosen), len(connected), self.rollout.percent):
             chosen.add(node)
             self._nodes.add(node)
             return True

@@ -303,7 +303,8 @@ def publish_headers(
     header they carried (the headers of a message being passed on, say), plus the dye (default:
     the current one) under each lane's dye header, and the chain it names when a lane claims it
     by prefix. So an undyed context never publishes into a lane."""
-    lane_headers = _dye_headers(lanes) | {CHAIN_HEADER}
+    dye_headers = _dye_headers(lanes)
+    lane_headers = dye_headers | {CHAIN_HEADER}
     out = {
         name: value
         for name, value in (headers or {}).items()
@@ -312,7 +313,7 @@ def publish_headers(
     dye = propagation.current_dye() if dye is None else dye
     if dye is None:
         return out
-    for header in _dye_headers(lanes):
+    for header in dye_headers:
         out[header] = dye
     lane = lanes.lane_of(out)
     if lane is not None and dye not in lane.exact:

@@ -33,7 +33,7 @@ def routes(context: ApiContext, keep: int = DEFAULT_HISTORY_LIMIT) -> list[web.R
 
     async def end(request: web.Request, outcome: str) -> web.Response:
         step = promote if outcome == PROMOTED else abort
-        reason = f"{'promoted' if outcome == PROMOTED else 'aborted'} by hand"
+        reason = f"{outcome} by hand"
         rollout = await asyncio.to_thread(step, context.store, reason, who(request), None, keep)
         revision = rollout.revision if rollout is not None else None  # None: unreadable
         body: dict[str, Any] = {"outcome": outcome, "revision": revision}

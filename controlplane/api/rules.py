@@ -45,8 +45,9 @@ from controlplane.model.validate import apply as validate_apply
 from controlplane.model.validate import check_delete
 from controlplane.store import history
 from controlplane.store.etcd import Store
-from controlplane.store.rollout import read_rollout, start_rollout
+from controlplane.store.rollout import start_rollout
 from controlplane.store.rules import (
+    CANDIDATE_KEY,
     DEFAULT_HISTORY_LIMIT,
     ConcurrentChange,
     RolloutRunning,
@@ -226,7 +227,7 @@ def _plan_and_write(
     writer: Writer | None,
     action: str,
 ) -> dict[str, Any]:
-    if writer is not None and read_rollout(store) is not None:
+    if writer is not None and store.mod_revision(CANDIDATE_KEY):
         raise RolloutRunning()  # before validating 10,000 documents for nothing
     current, revision = load_rules(store)
     new, result = plan(current)

@@ -122,15 +122,17 @@ def abort(
 ) -> Rollout | None:
     """Drop the candidate: every sidecar goes back to the current rules. NoRollout when gone.
     A candidate key that holds no rollout is removed too (None), unless `expect` names one."""
+    value, mod_revision = store.get_versioned(CANDIDATE_KEY)
+    if value is None:
+        raise NoRollout()
     try:
-        rollout, mod_revision = _current(store, expect)
-    except NoRollout:
-        raise
+        rollout = decode_rollout(value)
     except StoreError:
-        value, mod_revision = store.get_versioned(CANDIDATE_KEY)
         if expect is not None or not store.txn({}, [CANDIDATE_KEY], {CANDIDATE_KEY: mod_revision}):
             raise
         return None
+    if expect is not None and rollout.generation != expect:
+        raise NoRollout()
     puts = {LAST_KEY: _outcome(rollout, ABORTED, reason, by)}
     deletes = [CANDIDATE_KEY, GENERATIONS + rollout.generation]
     if not store.txn(puts, deletes, {CANDIDATE_KEY: mod_revision}):

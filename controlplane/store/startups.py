@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from controlplane.store.etcd import PREFIX, Store
+from controlplane.store.rules import compact_json
 
 STARTUPS = "startups/"
 KEPT = 100
@@ -25,7 +26,7 @@ def record_startups(store: Store, durations: Mapping[tuple[str, str], Sequence[f
     """Store each group's latest measured start-ups (the last KEPT); StoreError if etcd fails."""
     for (service, group), values in durations.items():
         kept = [round(float(v), 3) for v in list(values)[-KEPT:]]
-        store.put(f"{STARTUPS}{service}/{group}", json.dumps(kept, separators=(",", ":")))
+        store.put(f"{STARTUPS}{service}/{group}", compact_json(kept))
 
 
 def list_startups(store: Store) -> dict[tuple[str, str], list[float]]:

@@ -34,10 +34,10 @@ def tally(into: Tally, judged: Sequence[tuple[RuleSet, DyeIndex]], entry: LogEnt
     into.errors += entry.status >= 500
     if entry.route in OUTSIDE_MESH_ROUTES:
         return
-    verdicts = [_routed(rules, dyes, entry) for rules, dyes in judged]
-    into.rejected += verdicts[0] == "rejected"
-    into.fallbacks += verdicts[0] == "fallback"
-    into.leaks += all(verdict == "leak" for verdict in verdicts)
+    first = _routed(*judged[0], entry)
+    into.rejected += first == "rejected"
+    into.fallbacks += first == "fallback"
+    into.leaks += first == "leak" and all(_routed(*each, entry) == "leak" for each in judged[1:])
 
 
 def _routed(rules: RuleSet, dyes: DyeIndex, entry: LogEntry) -> str:

@@ -28,6 +28,7 @@ from .stream import Push, StreamState, authority_of
 from .types import MESSAGE_CLASS, PUSH_ORDER, SHORT_NAME, VIRTUAL_HOST
 
 log = logging.getLogger(__name__)
+_ALL_TYPES = frozenset(PUSH_ORDER)  # what a stream moved to another view is told changed
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 # A response the client has not taken off the wire after this long is logged: the stream's
@@ -353,7 +354,7 @@ class AdsServer:
                 self.cache.unwatch(stream.view, stream)
                 stream.view = view
                 self.cache.watch(view, stream)
-                stream.snapshot_changed(frozenset(PUSH_ORDER))
+                stream.snapshot_changed(_ALL_TYPES)
 
     async def _serve(self, stream: _Stream, requests: AsyncIterator) -> None:
         self._streams.add(stream)

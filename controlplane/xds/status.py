@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 
 from controlplane.model.group import GroupKey
@@ -100,9 +101,9 @@ class StatusBoard:
             if not nodes:
                 del self._by_role[status.role]
 
-    def role_nodes(self, role: str) -> list[str]:
-        """The node ids connected in `role`."""
-        return list(self._by_role.get(role, ()))
+    def role_nodes(self, role: str) -> AbstractSet[str]:
+        """The node ids connected in `role` (the board's own set: read it, don't keep it)."""
+        return self._by_role.get(role, frozenset())
 
     def get(self, node_id: str) -> NodeStatus | None:
         return self._nodes.get(node_id)
