@@ -3,7 +3,8 @@ decide, make the actuator converge, and record every decision with its reason in
 
 It runs the same `Policy` as the simulator, fed with the groups' requests in flight read from
 their sidecars (`inflight`) and, for services that declare them, the app's saturation gauge
-and its process's CPU and memory against `spec.requests` (`signals`). Actuators are
+and its CPU and memory against its requests (`signals`): read on this host for the
+instances here, and by the actuator for the ones only it can see (Kubernetes pods). Actuators are
 idempotent, so every period the latest desired count of every managed group is re-asserted
 (an instance that crashed is replaced), while only changes are recorded as decisions. A
 run reported started or finished wakes it before the period is over: an extra run no cron
@@ -17,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from controlplane.model.group import GroupKey
@@ -25,7 +27,7 @@ from controlplane.scaler.actuators import Actuator
 from controlplane.scaler.inflight import in_flight
 from controlplane.scaler.policy import Decision, Observation, Policy, PolicyConfig
 from controlplane.scaler.profile import managed_groups
-from controlplane.scaler.signals import ProcessSampler, saturation, usage
+from controlplane.scaler.signals import LocalSignals, Reading, group_means
 from controlplane.store.decisions import record_decisions
 from controlplane.store.etcd import Store
 from controlplane.store.registry import list_instances
@@ -54,7 +56,7 @@ class Scaler:
         self._wake = asyncio.Event()
         self._unwatch: Callable[[], None] | None = None
         self._recorded: dict[GroupKey, list[float]] = {}  # start-ups last stored in etcd
-        self._sampler = ProcessSampler()  # CPU is a rate: the previous tick's sample per pid
+        self._local = LocalSignals()
         self._status: dict[str, Any] = {"actuator": actuator.name, "ticks": 0, "error": None}
 
     def start(self, store: Store) -> None:
@@ -103,18 +105,10 @@ class Scaler:
         instances, _ = list_instances(store)
         managed = set(managed_groups(rules))
         metrics = in_flight(instances, managed)
-        gauges = {
-            name: service.saturation_gauge
-            for name, service in rules.services.items()
-            if service.saturation_gauge is not None
-        }
-        saturated = saturation(instances, managed, gauges) if gauges else {}
-        requests = {
-            name: service.requests
-            for name, service in rules.services.items()
-            if service.requests is not None
-        }
-        used = usage(instances, managed, requests, self._sampler) if requests else {}
+        signals = group_means(
+            self._local.read(instances, managed, rules.services)
+            + self.actuator.readings(managed, rules.services)
+        )
         observed = {
             key: Observation(
                 key[0],
@@ -123,9 +117,7 @@ class Scaler:
                 got.starting,
                 got.parked,
                 metrics.get(key),
-                cpu=used[key][0] if key in used else None,
-                memory=used[key][1] if key in used else None,
-                saturation=saturated.get(key),
+                **asdict(signals.get(key, Reading())),  # cpu, memory, saturation
             )
             for key, got in seen.items()
         }

@@ -1,6 +1,8 @@
-"""Reactive signals of one instance besides in-flight requests: its process's CPU and memory
-(from /proc, for instances the local actuator runs) and the app's own saturation gauge read
-from its Prometheus endpoint (e.g. a thread pool's busy ratio).
+"""Reactive signals of one instance besides in-flight requests: its CPU and memory use and
+the app's own saturation gauge read from its Prometheus endpoint (e.g. a thread pool's busy
+ratio). Two sources read them: `LocalSignals` here, for instances on the control plane's host
+(/proc), and the Kubernetes actuator's `readings()` for its pods (`podsignals`, the Metrics
+API). Both give per-instance `Reading`s; `group_means` alone turns them into a group's.
 
 Each reader answers None when it cannot tell (process gone, endpoint down, no such gauge):
 a signal that is not known must not drive a scale-down.
@@ -11,16 +13,18 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.model.group import GroupKey
 from controlplane.model.instance import Instance
-from controlplane.model.rules import Requests
+from controlplane.model.rules import Service
 
 GAUGE_TIMEOUT_S = 2.0
+GAUGE_READERS = 8  # endpoints read at once
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -43,54 +47,84 @@ def read_gauge(url: str, name: str, timeout: float = GAUGE_TIMEOUT_S) -> float |
     return sum(values) / len(values) if values else None
 
 
-def saturation(
-    instances: Iterable[Instance], groups: set[GroupKey], gauges: Mapping[str, str]
-) -> dict[GroupKey, float]:
-    """Mean of each service's saturation gauge (`gauges`: service -> gauge name, from
-    `spec.saturationGauge`) over the readable instances of each of `groups`: those on this
-    host whose app port is known, as `inflight` reads only local sidecars."""
-    readings: dict[GroupKey, list[float]] = {}
-    for instance in instances:
-        key = (instance.service, instance.group)
-        name = gauges.get(instance.service)
-        if key not in groups or name is None or not instance.app_port:
-            continue
-        if instance.host in ("127.0.0.1", "localhost"):
-            value = read_gauge(f"http://{instance.host}:{instance.app_port}/metrics", name)
+def read_gauges(targets: Sequence[tuple[str, str]]) -> list[float | None]:
+    """read_gauge of each (url, gauge name), a few at a time: endpoints that hang cost a
+    period about GAUGE_TIMEOUT_S, not GAUGE_TIMEOUT_S each."""
+    if len(targets) < 2:
+        return [read_gauge(url, name) for url, name in targets]
+    with ThreadPoolExecutor(min(len(targets), GAUGE_READERS)) as pool:
+        return list(pool.map(lambda target: read_gauge(*target), targets))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One instance's reactive signals besides in-flight requests: CPU and memory use as a
+    share of its request, and the app's saturation gauge; None where not known."""
+
+    cpu: float | None = None
+    memory: float | None = None
+    saturation: float | None = None
+
+
+SIGNALS = tuple(field.name for field in fields(Reading))
+Readings = list[tuple[GroupKey, Reading]]  # one per instance, several per group
+
+
+def group_means(readings: Iterable[tuple[GroupKey, Reading]]) -> dict[GroupKey, Reading]:
+    """Each signal's mean over the instances of a group that know it, None where none does:
+    the one place where the readings of every source (this host, the pods' Metrics API) meet."""
+    known: dict[GroupKey, dict[str, list[float]]] = {}
+    for key, reading in readings:
+        signals = known.setdefault(key, {})
+        for signal in SIGNALS:
+            value = getattr(reading, signal)
             if value is not None:
-                readings.setdefault(key, []).append(value)
-    return {key: sum(values) / len(values) for key, values in readings.items()}
-
-
-def usage(
-    instances: Iterable[Instance],
-    groups: set[GroupKey],
-    requests: Mapping[str, Requests],
-    sampler: ProcessSampler,
-) -> dict[GroupKey, tuple[float, float]]:
-    """Mean (CPU, memory) of each of `groups`' instances on this host as a share of their
-    Service's `spec.requests`, from their app processes (the registered pid). A group
-    appears once one of its instances has been sampled twice (CPU is a rate)."""
-    readings: dict[GroupKey, list[tuple[float, float]]] = {}
-    sampled: set[int] = set()
-    for instance in instances:
-        key = (instance.service, instance.group)
-        request = requests.get(instance.service)
-        if key not in groups or request is None or instance.pid <= 0:
-            continue
-        if instance.host in ("127.0.0.1", "localhost"):
-            sampled.add(instance.pid)
-            cpu, resident = sampler.sample(instance.pid)
-            if cpu is not None and resident is not None:
-                readings.setdefault(key, []).append((cpu / request.cpu, resident / request.memory))
-    sampler.forget_all_but(sampled)
+                signals.setdefault(signal, []).append(value)
     return {
-        key: (
-            sum(cpu for cpu, _ in values) / len(values),
-            sum(memory for _, memory in values) / len(values),
-        )
-        for key, values in readings.items()
+        key: Reading(**{signal: sum(values) / len(values) for signal, values in signals.items()})
+        for key, signals in known.items()
     }
+
+
+class LocalSignals:
+    """The instances on the control plane's host (the local actuator's, or started by hand):
+    CPU and memory of their app process (the registered pid) from /proc, against their
+    Service's `spec.requests`; the saturation gauge (`spec.saturationGauge`) at their app
+    port's /metrics. As `inflight`, it sees only instances registered on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self._sampler = ProcessSampler()  # CPU is a rate: the previous tick's sample per pid
+
+    def read(
+        self, instances: Iterable[Instance], groups: set[GroupKey], services: Mapping[str, Service]
+    ) -> Readings:
+        """A reading per local instance of `groups` whose Service declares a signal; CPU
+        from an instance's second sample on."""
+        local = [
+            (instance, services[instance.service])
+            for instance in instances
+            if (instance.service, instance.group) in groups
+            and instance.host in ("127.0.0.1", "localhost")
+            and instance.service in services
+        ]
+        pids = {i.pid for i, service in local if service.requests is not None and i.pid > 0}
+        usage = {pid: self._sampler.sample(pid) for pid in pids}
+        self._sampler.forget_all_but(set(usage))
+        gauged = [(i, s.saturation_gauge) for i, s in local if s.saturation_gauge and i.app_port]
+        values = read_gauges([(f"http://{i.host}:{i.app_port}/metrics", g) for i, g in gauged])
+        saturation = {i.key: value for (i, _), value in zip(gauged, values, strict=True)}
+        readings: Readings = []
+        for instance, service in local:
+            cpu, resident = usage.get(instance.pid, (None, None))
+            request = service.requests
+            reading = Reading(
+                cpu=None if cpu is None or request is None else cpu / request.cpu,
+                memory=None if resident is None or request is None else resident / request.memory,
+                saturation=saturation.get(instance.key),
+            )
+            if reading != Reading():
+                readings.append(((instance.service, instance.group), reading))
+        return readings
 
 
 @dataclass(frozen=True)

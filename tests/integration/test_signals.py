@@ -17,9 +17,12 @@ import pytest
 
 from controlplane.runtime.ports import free_port
 from controlplane.scaler.actuators import DryRunActuator
+from controlplane.scaler.actuators.kubernetes import KubernetesActuator
 from controlplane.scaler.policy import Observation, Policy, PolicyConfig
+from controlplane.scaler.profile import managed_groups
 from controlplane.scaler.signals import ProcessSampler, read_gauge
 from controlplane.store.decisions import list_decisions
+from tests.support.kubeapi import NAMESPACE, FakeApiServer, pod_object
 from tests.support.plane import Plane
 from tests.support.profiles import at, rules, task
 from tests.support.wait import wait_until
@@ -97,23 +100,11 @@ def test_a_saturated_pool_and_a_busy_process_drive_the_decision(gauge_app) -> No
     ]
 
 
-@pytest.mark.parametrize(
-    ("declared", "signal"),
-    [
-        ("saturationGauge: pool_busy_ratio", "metric: saturation 1.00 > target 0.8"),
-        ("requests: {cpu: 0.5, memory: 1Gi}", "metric: cpu "),
-    ],
-    ids=["saturation", "cpu"],
-)
-def test_the_live_scaler_reads_what_the_service_declares(
-    etcd_server, gauge_app, declared: str, signal: str
-) -> None:
-    """A Service naming `pool_busy_ratio` as its saturation gauge, or declaring its CPU and
-    memory requests: once its registered instance's pool is full (its workers spinning,
-    about one core), the live scaler adds instances and its reason names the signal."""
-    app, port = gauge_app
+def ledger_rules(declared: str) -> str:
+    """ledger-svc's batch group (0-4 instances) in a chain whose task fires this minute and
+    wants 2 of them; `declared` is what the Service says of its signals."""
     now = datetime.now(UTC)
-    rules_yaml = f"""
+    return f"""
 apiVersion: tasklane.io/v1
 kind: Service
 metadata: {{name: ledger-svc}}
@@ -138,6 +129,24 @@ spec:
   expectedDuration: 30m
   replicas: {{ledger-svc: 2}}
 """
+
+
+@pytest.mark.parametrize(
+    ("declared", "signal"),
+    [
+        ("saturationGauge: pool_busy_ratio", "metric: saturation 1.00 > target 0.8"),
+        ("requests: {cpu: 0.5, memory: 1Gi}", "metric: cpu "),
+    ],
+    ids=["saturation", "cpu"],
+)
+def test_the_live_scaler_reads_what_the_service_declares(
+    etcd_server, gauge_app, declared: str, signal: str
+) -> None:
+    """A Service naming `pool_busy_ratio` as its saturation gauge, or declaring its CPU and
+    memory requests: once its registered instance's pool is full (its workers spinning,
+    about one core), the live scaler adds instances and its reason names the signal."""
+    app, port = gauge_app
+    rules_yaml = ledger_rules(declared)
     plane = Plane(
         etcd_server.endpoint,
         actuator=lambda cp: DryRunActuator(),
@@ -166,3 +175,62 @@ spec:
     finally:
         plane.stop()
     assert up[0][0] > 2, up  # e.g. "bound: max 4 (metric: cpu 2.00 > target 0.7)"
+
+
+@pytest.mark.parametrize(
+    ("declared", "signal"),
+    [
+        ("saturationGauge: pool_busy_ratio", "metric: saturation 1.00 > target 0.8"),
+        ("requests: {cpu: 0.5, memory: 1Gi}", "metric: cpu 1.90 > target 0.7"),
+    ],
+    ids=["saturation", "cpu"],
+)
+def test_the_live_scaler_reads_the_pods_on_kubernetes(
+    etcd_server, gauge_app, declared: str, signal: str
+) -> None:
+    """The Kubernetes actuator against an API server answering in the real schemas: the two
+    ready pods of ledger-svc-batch (found by its Deployment's selector) use 0.95 of a core
+    each by the Metrics API, and serve the real gauge app at their pod IP's annotated
+    `prometheus.io/port`. From the PodMetrics, or once the pool is full, the live scaler adds
+    pods and its reason, stored in etcd, names the signal."""
+    _, port = gauge_app
+    labels = {"tasklane.io/service": "ledger-svc", "tasklane.io/group": "batch"}
+    with FakeApiServer() as api:
+        api.deployments["ledger-svc-batch"] = [2, 2, 2]
+        api.selectors["ledger-svc-batch"] = labels
+        api.pods = [
+            pod_object(
+                f"ledger-svc-batch-6b8c-{n}",
+                labels,
+                "127.0.0.1",  # the "pod IP": traffic stays on this host
+                annotations={"prometheus.io/port": str(port)},
+            )
+            for n in (1, 2)
+        ]
+        api.usage = {pod["metadata"]["name"]: {"app": {"cpu": "950m"}} for pod in api.pods}
+        plane = Plane(
+            etcd_server.endpoint,
+            actuator=lambda cp: KubernetesActuator(
+                NAMESPACE, api_client=api.client(), groups=lambda: managed_groups(cp.sync.rules)
+            ),
+            scaler_config=PolicyConfig(sync_period_s=1),
+        )
+        try:
+            assert plane.apply_files({"rules.yaml": ledger_rules(declared)})[0] == 200
+            metrics = f"http://127.0.0.1:{port}/metrics"
+            wait_until(lambda: read_gauge(metrics, "pool_busy_ratio") is not None, 10, "app up")
+            threads = load(port, 8)
+            up = wait_until(
+                lambda: [
+                    (d["replicas"], d["reason"])
+                    for d in list_decisions(plane.store, "ledger-svc", "batch")
+                    if signal in d["reason"]
+                ],
+                10,
+                "up",
+            )
+            for thread in threads:
+                thread.join()
+        finally:
+            plane.stop()
+    assert up[0][0] > 2, up

@@ -6,10 +6,7 @@ receive: method, path, query, content type, auth and body."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from kubernetes import client
@@ -17,146 +14,7 @@ from kubernetes import client
 from controlplane.runtime.ports import free_port
 from controlplane.scaler.actuators import ActuatorError, GroupReplicas
 from controlplane.scaler.actuators.kubernetes import KubernetesActuator
-
-NAMESPACE = "batch"
-TOKEN = "t0ken-for-tests"
-DEPLOYMENTS = "/apis/apps/v1/namespaces/batch/deployments/"
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str  # with the query string
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-
-
-class FakeApiServer:
-    """Deployments by name: [spec.replicas, status.replicas, status.readyReplicas]."""
-
-    def __init__(self) -> None:
-        self.requests: list[Request] = []
-        self.deployments: dict[str, list[int]] = {}
-        self.forbidden: set[str] = set()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                self._serve()
-
-            def do_PATCH(self) -> None:  # noqa: N802
-                self._serve()
-
-            def _serve(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                headers = {name.lower(): value for name, value in self.headers.items()}
-                api.requests.append(Request(self.command, self.path, headers, body))
-                status, answer = api.answer(self.command, self.path.split("?")[0], body)
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: object) -> None:
-                """Quiet: the requests list is the record."""
-
-        return Handler
-
-    def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict]:
-        rest = path.removeprefix(DEPLOYMENTS)
-        name, _, sub = rest.partition("/")
-        if name in self.forbidden:
-            return 403, status_error(
-                403,
-                "Forbidden",
-                f'deployments.apps "{name}" is forbidden: User '
-                '"system:serviceaccount:batch:tasklane" cannot patch resource '
-                '"deployments/scale" in API group "apps" in the namespace "batch"',
-            )
-        if name not in self.deployments:
-            return 404, status_error(404, "NotFound", f'deployments.apps "{name}" not found')
-        counts = self.deployments[name]
-        if method == "PATCH" and sub == "scale":
-            counts[0] = json.loads(body)["spec"]["replicas"]
-            return 200, scale_object(name, *counts[:2])
-        if method == "GET" and sub == "":
-            return 200, deployment_object(name, *counts)
-        return 405, status_error(405, "MethodNotAllowed", "the server does not allow this")
-
-    def __enter__(self) -> FakeApiServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def metadata(name: str) -> dict:
-    return {
-        "name": name,
-        "namespace": NAMESPACE,
-        "uid": "5f0c7e1e-3c55-4d8a-9a52-0d6f3f1b2c11",
-        "resourceVersion": "48213",
-        "creationTimestamp": "2025-03-01T02:00:00Z",
-    }
-
-
-def scale_object(name: str, wanted: int, current: int) -> dict:
-    """An autoscaling/v1 Scale as the API server answers a PATCH of the subresource."""
-    return {
-        "kind": "Scale",
-        "apiVersion": "autoscaling/v1",
-        "metadata": metadata(name),
-        "spec": {"replicas": wanted},
-        "status": {"replicas": current, "selector": f"app={name}"},
-    }
-
-
-def deployment_object(name: str, wanted: int, current: int, ready: int) -> dict:
-    status: dict = {"observedGeneration": 3, "replicas": current, "updatedReplicas": current}
-    if ready:  # the API server leaves zero counts out
-        status |= {"readyReplicas": ready, "availableReplicas": ready}
-    return {
-        "kind": "Deployment",
-        "apiVersion": "apps/v1",
-        "metadata": {**metadata(name), "generation": 3, "labels": {"app": name}},
-        "spec": {
-            "replicas": wanted,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{"name": "app", "image": "registry.local/app:1"}]},
-            },
-        },
-        "status": status,
-    }
-
-
-def status_error(code: int, reason: str, message: str) -> dict:
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
+from tests.support.kubeapi import DEPLOYMENTS, NAMESPACE, TOKEN, FakeApiServer
 
 
 @pytest.fixture
@@ -174,10 +32,7 @@ class Clock:
 
 
 def actuator_for(api: FakeApiServer, **kwargs) -> KubernetesActuator:
-    configuration = client.Configuration(host=api.url)
-    configuration.api_key = {"BearerToken": TOKEN}
-    configuration.api_key_prefix = {"BearerToken": "Bearer"}
-    return KubernetesActuator(NAMESPACE, api_client=client.ApiClient(configuration), **kwargs)
+    return KubernetesActuator(NAMESPACE, api_client=api.client(), **kwargs)
 
 
 def test_scale_patches_the_scale_subresource_with_a_merge_patch(api: FakeApiServer) -> None:

@@ -24,7 +24,9 @@ from typing import Protocol
 
 from controlplane.errors import TasklaneError
 from controlplane.model.group import GroupKey
+from controlplane.model.rules import Service
 from controlplane.scaler.policy import Decision
+from controlplane.scaler.signals import Readings
 
 # The decisions a DryRunActuator keeps, newest last: a week of one decision a minute for a
 # few groups, without growing forever in a long-running control plane.
@@ -68,6 +70,12 @@ class Actuator(Protocol):
         """How many instances each group may keep parked when it goes down, beyond the
         actuator's own keep-alive (the policy's pools for extra runs). Actuators that cannot
         park ignore it."""
+        ...
+
+    def readings(self, groups: set[GroupKey], services: Mapping[str, Service]) -> Readings:
+        """CPU, memory and saturation of the instances of `groups` that only this actuator
+        can read (pods: the Metrics API); [] where the control plane's host reads them
+        itself (signals.LocalSignals: its own processes)."""
         ...
 
     def close(self) -> None:
@@ -115,6 +123,10 @@ class DryRunActuator:
 
     def keep(self, pools: Mapping[GroupKey, int]) -> None:
         """Nothing to park."""
+
+    def readings(self, groups: set[GroupKey], services: Mapping[str, Service]) -> Readings:
+        """Nothing runs."""
+        return []
 
     def close(self) -> None:
         """Nothing was started."""

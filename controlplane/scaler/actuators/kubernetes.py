@@ -11,6 +11,11 @@ depends on the client version, and strategic merge is refused on custom resource
 Start durations: the API has no per-pod "started -> ready" for a Deployment, so they are
 measured here, from the PATCH that raised a group's replicas to the first observe() that sees
 that many ready replicas; their resolution is the caller's observe() period.
+
+Reactive signals (`readings()`): the ready pods of the Deployments observe() last read, found
+by each Deployment's own `spec.selector`, with their PodMetrics from the Metrics API and the
+gauge from each pod's /metrics (`podsignals`). An API that fails there (no metrics-server:
+404; RBAC: 403) leaves those signals unknown, with a warning, and scaling goes on.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from controlplane.model.group import GroupKey
+from controlplane.model.rules import Service
 from controlplane.scaler.actuators import ActuatorError, GroupReplicas, check_replicas
+from controlplane.scaler.podsignals import label_selector, pod_readings, usage_wanted
+from controlplane.scaler.signals import Readings
 
 log = logging.getLogger("tasklane.actuator.kubernetes")
 
@@ -39,6 +47,7 @@ FIELD_MANAGER = "tasklane"  # who set spec.replicas, as the API server records i
 MERGE_PATCH = "application/merge-patch+json"
 API_TIMEOUT = 10.0  # seconds, per request
 DURATIONS_KEPT = 20
+METRICS_API = ("metrics.k8s.io", "v1beta1")  # PodMetrics, served by metrics-server
 
 
 @dataclass(frozen=True)
@@ -69,13 +78,18 @@ class KubernetesActuator:
     ) -> None:
         self.namespace = namespace
         self.name_template = name_template
-        self._apps = client.AppsV1Api(api_client or _default_client())
+        api_client = api_client or _default_client()
+        self._apps = client.AppsV1Api(api_client)
+        self._core = client.CoreV1Api(api_client)
+        self._custom = client.CustomObjectsApi(api_client)
         self._groups = groups
         self._clock = clock
         self._lock = threading.Lock()
         self._requested: dict[GroupKey, int] = {}  # the last replicas patched, per group
         self._pending: dict[GroupKey, _Pending] = {}
         self._durations: dict[GroupKey, deque[float]] = {}
+        self._selectors: dict[GroupKey, str] = {}  # each Deployment's, as observe() last read
+        self._warned: set[str] = set()  # a failing read is logged once, not every period
 
     def deployment(self, service: str, group: str) -> str:
         """The Deployment that holds one group's pods."""
@@ -132,7 +146,51 @@ class KubernetesActuator:
             ready = (deployment.status.ready_replicas if deployment.status else None) or 0
             seen[service, group] = GroupReplicas(ready=ready, starting=max(0, wanted - ready))
             self._note_ready((service, group), ready)
+            selector = label_selector(deployment.spec.selector if deployment.spec else None)
+            with self._lock:
+                if selector is None:
+                    self._selectors.pop((service, group), None)
+                else:
+                    self._selectors[service, group] = selector
         return seen
+
+    def readings(self, groups: set[GroupKey], services: Mapping[str, Service]) -> Readings:
+        """CPU, memory and saturation of the ready pods of `groups` (see the module
+        docstring); a group whose Deployment observe() has not read has none."""
+        with self._lock:
+            selectors = {key: self._selectors[key] for key in groups if key in self._selectors}
+        found = []
+        for key, selector in sorted(selectors.items()):
+            service = services.get(key[0])
+            if service is None:
+                continue
+            try:
+                pods = self._core.list_namespaced_pod(
+                    self.namespace, label_selector=selector, _request_timeout=API_TIMEOUT
+                ).items
+            except _FAILURES as exc:
+                self._warn(_failure(f"list pods {selector!r} in {self.namespace}", exc))
+                continue
+            metrics: dict[str, Any] = {}
+            if usage_wanted(service, pods):
+                try:
+                    metrics = self._custom.list_namespaced_custom_object(
+                        *METRICS_API,
+                        self.namespace,
+                        "pods",
+                        label_selector=selector,
+                        _request_timeout=API_TIMEOUT,
+                    )
+                except _FAILURES as exc:
+                    what = f"read the Metrics API's pods {selector!r} in {self.namespace}"
+                    self._warn(_failure(what, exc))
+            found.append((key, service, pods, metrics))
+        return pod_readings(found)
+
+    def _warn(self, error: ActuatorError) -> None:
+        if str(error) not in self._warned:
+            self._warned.add(str(error))
+            log.warning("%s: those signals are not known", error)
 
     def _note_ready(self, key: GroupKey, ready: int) -> None:
         with self._lock:

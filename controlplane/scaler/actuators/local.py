@@ -41,13 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controlplane.model.group import GroupKey
-from controlplane.model.rules import RuleSet, RunSpec
+from controlplane.model.rules import RuleSet, RunSpec, Service
 from controlplane.runtime.process import dying_with_parent
 from controlplane.scaler.actuators import (
     ActuatorError,
     GroupReplicas,
     check_replicas,
 )
+from controlplane.scaler.signals import Readings
 
 log = logging.getLogger("tasklane.actuator.local")
 
@@ -179,6 +180,10 @@ class LocalActuator:
     def keep(self, pools: Mapping[GroupKey, int]) -> None:
         with self._lock:
             self._pools = dict(pools)
+
+    def readings(self, groups: set[GroupKey], services: Mapping[str, Service]) -> Readings:
+        """Its instances run on this host: signals.LocalSignals reads them."""
+        return []
 
     def start_durations(self) -> dict[GroupKey, list[float]]:
         """Cold starts only (`tasklane run` started -> registered): a resume is far faster

@@ -1,0 +1,166 @@
+"""The reactive signals of pods, from what the Kubernetes API serves about them: the
+Kubernetes actuator lists a group's pods and their PodMetrics and turns them into
+per-instance `signals.Reading`s here, so both sources meet in `signals.group_means`.
+
+- Which pods: those the Deployment's `spec.selector` picks, ready ones only (Running, Ready,
+  not terminating): a starting pod's CPU is its start, not its load.
+- CPU and memory: from the Metrics API (`metrics.k8s.io/v1beta1` PodMetrics: what `kubectl
+  top pod` and the HPA read, served by metrics-server from the kubelets' resource metrics;
+  memory is the working set), summed over the app containers (`spec.containers`: the injected
+  sidecar is an init container, and the local path measures the app process alone too),
+  as a share of the Service's `spec.requests` when it declares them (one meaning on every
+  actuator), else of those containers' summed `resources.requests` (the HPA's utilization),
+  and not known when a container has no request of that resource.
+- The saturation gauge: `http://<pod IP>:<port><path>` from the pod's `prometheus.io/port`
+  and `prometheus.io/path` annotations (the usual scrape convention; path /metrics by
+  default), else its container port named `metrics`. Not the app port: an injected pod's
+  redirect hands that to the sidecar, whose task group refuses undyed requests (403).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from kubernetes.client import V1LabelSelector, V1Pod
+from kubernetes.utils import parse_quantity
+
+from controlplane.model.group import GroupKey
+from controlplane.model.rules import Service
+from controlplane.scaler.signals import Reading, Readings, read_gauges
+
+PROMETHEUS_PORT = "prometheus.io/port"
+PROMETHEUS_PATH = "prometheus.io/path"
+METRICS_PORT = "metrics"  # the container port read when the annotation is absent
+RESOURCES = ("cpu", "memory")
+_OPERATORS = {"In": "in", "NotIn": "notin"}
+
+
+def label_selector(selector: V1LabelSelector | None) -> str | None:
+    """A Deployment's selector as the `labelSelector` query parameter, or None for none."""
+    if selector is None:
+        return None
+    terms = [f"{key}={value}" for key, value in sorted((selector.match_labels or {}).items())]
+    for expression in selector.match_expressions or []:
+        if expression.operator in _OPERATORS:
+            values = ",".join(sorted(expression.values or []))
+            terms.append(f"{expression.key} {_OPERATORS[expression.operator]} ({values})")
+        else:  # Exists, DoesNotExist
+            terms.append(("!" if expression.operator == "DoesNotExist" else "") + expression.key)
+    return ",".join(terms) or None
+
+
+def is_ready(pod: V1Pod) -> bool:
+    """Running, its Ready condition true, and not on its way out."""
+    status = pod.status
+    return (
+        pod.metadata is not None
+        and pod.metadata.deletion_timestamp is None
+        and status is not None
+        and status.phase == "Running"
+        and any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+    )
+
+
+def usage_wanted(service: Service, pods: Iterable[V1Pod]) -> bool:
+    """Whether CPU or memory can be a share of anything: the Service declares requests, or
+    the app containers of a ready pod request some (else the Metrics API is not asked)."""
+    return service.requests is not None or any(
+        container.resources is not None and container.resources.requests
+        for pod in pods
+        if is_ready(pod)
+        for container in pod.spec.containers
+    )
+
+
+def metrics_url(pod: V1Pod) -> str | None:
+    """Where the pod's app serves Prometheus text, or None when the pod does not say."""
+    annotations = pod.metadata.annotations or {}
+    port: Any = annotations.get(PROMETHEUS_PORT)
+    if port is None:
+        port = next(
+            (
+                declared.container_port
+                for container in pod.spec.containers
+                for declared in container.ports or []
+                if declared.name == METRICS_PORT
+            ),
+            None,
+        )
+    ip = pod.status.pod_ip
+    if not ip or port is None or not str(port).isdigit():
+        return None
+    path = annotations.get(PROMETHEUS_PATH) or "/metrics"
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}/{path.lstrip('/')}"
+
+
+def _total(quantities: Iterable[Any]) -> Decimal | None:
+    """The sum of Kubernetes quantities ("250m", "128Mi", "1234567n"); None if one is
+    missing or unreadable."""
+    total = Decimal(0)
+    for quantity in quantities:
+        if quantity is None:
+            return None
+        try:
+            total += parse_quantity(quantity)
+        except ValueError:
+            return None
+    return total
+
+
+def _share(used: Decimal | None, requested: Decimal | None) -> float | None:
+    if used is None or requested is None or requested <= 0:
+        return None
+    return float(used / requested)
+
+
+def pod_reading(
+    pod: V1Pod, usage: Mapping[str, Any] | None, service: Service, saturation: float | None
+) -> Reading:
+    """One ready pod's reading: its app containers' use in `usage` (its PodMetrics item,
+    None when metrics-server has none) against the requests, and the gauge read from it."""
+    containers = pod.spec.containers
+    measured = {c.get("name"): c.get("usage") or {} for c in (usage or {}).get("containers", [])}
+    shares = {}
+    for resource in RESOURCES:
+        used = (
+            _total(measured.get(c.name, {}).get(resource) for c in containers)
+            if usage is not None
+            else None
+        )
+        if service.requests is not None:
+            requested = Decimal(str(getattr(service.requests, resource)))
+        else:
+            requested = _total(
+                ((c.resources and c.resources.requests) or {}).get(resource) for c in containers
+            )
+        shares[resource] = _share(used, requested)
+    return Reading(cpu=shares["cpu"], memory=shares["memory"], saturation=saturation)
+
+
+def pod_readings(
+    groups: Iterable[tuple[GroupKey, Service, list[V1Pod], Mapping[str, Any]]],
+) -> Readings:
+    """A reading per ready pod of each group (its Service, its pods, its PodMetricsList),
+    every pod's gauge read at once; pods that tell nothing are left out."""
+    found = []
+    for key, service, pods, metrics in groups:
+        by_name = {item["metadata"]["name"]: item for item in metrics.get("items") or []}
+        for pod in pods:
+            if is_ready(pod):
+                found.append((key, service, pod, by_name.get(pod.metadata.name)))
+    urls = [metrics_url(pod) if service.saturation_gauge else None for _, service, pod, _ in found]
+    targets = [
+        (url, service.saturation_gauge)
+        for url, (_, service, _, _) in zip(urls, found, strict=True)
+        if url and service.saturation_gauge
+    ]
+    gauges = iter(read_gauges(targets))
+    readings: Readings = []
+    for url, (key, service, pod, usage) in zip(urls, found, strict=True):
+        reading = pod_reading(pod, usage, service, next(gauges) if url else None)
+        if reading != Reading():
+            readings.append((key, reading))
+    return readings
