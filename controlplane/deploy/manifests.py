@@ -8,10 +8,12 @@ What is made, all in one namespace (default tasklane-system) unless said:
   read-only root filesystem; its Service (xDS 18000, HTTP 8080, webhook 9443) and a
   PodDisruptionBudget that keeps all but one replica up through node drains;
 - its ServiceAccount and, in the *workload* namespace only, a Role that allows exactly what
-  the Kubernetes actuator calls: `patch` on `deployments/scale` and `get` on `deployments`
-  (it reads readyReplicas). A Role, not a ClusterRole: the actuator scales Deployments of one
-  namespace (`tasklane up --namespace`), and a ClusterRole would let it scale every
-  Deployment in the cluster. Leader election needs no RBAC: it uses etcd, not Leases;
+  the Kubernetes actuator calls: `patch` on `deployments/scale`, `get` on `deployments` (it
+  reads readyReplicas and the pods' selector), and `list` on `pods` and on the Metrics API's
+  `pods.metrics.k8s.io` (the reactive signals: CPU, memory, the app's gauge). A Role, not a
+  ClusterRole: the actuator scales Deployments of one namespace (`tasklane up --namespace`),
+  and a ClusterRole would let it scale every Deployment in the cluster. Leader election
+  needs no RBAC: it uses etcd, not Leases;
 - Secrets: the TLS directory (`tasklane up --tls-dir`: ca.crt, server.crt/key, client.crt/key;
   never ca.key, which only issuing needs) and the API token, mounted as `<state-dir>/api-token`
   so that every replica accepts the same token; in the workload namespace, the sidecars' TLS
@@ -77,6 +79,9 @@ SCALER_ROLE = f"{NAME}-scaler"
 SCALER_RULES = (
     {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["patch"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
+    # The reactive signals: a group's pods (IPs, requests) and their PodMetrics.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": ["metrics.k8s.io"], "resources": ["pods"], "verbs": ["list"]},
 )
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 

@@ -25,6 +25,7 @@ from controlplane import pki
 from controlplane.cli import build_parser
 from controlplane.cli.inject import sidecar_options
 from controlplane.deploy import manifests as k8s
+from controlplane.model.rules import Group, Requests, Service
 from controlplane.scaler.actuators import kubernetes as actuator_module
 from controlplane.scaler.actuators.kubernetes import KubernetesActuator
 
@@ -33,10 +34,17 @@ EXTERNAL_ETCD = "etcd.example.internal:2379"
 # The oldest Kubernetes the sidecar injector supports (native sidecars), and the newest the
 # installed kubernetes-validate knows.
 VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
-# AppsV1Api method -> the (resource, verb) a cluster authorizes it as.
+# (the actuator's API object, its method[, a custom object's group and plural]) -> the
+# (API group, resource, verb) a cluster authorizes the call as.
 RBAC_OF_CALL = {
-    "patch_namespaced_deployment_scale": ("deployments/scale", "patch"),
-    "read_namespaced_deployment": ("deployments", "get"),
+    ("_apps", "patch_namespaced_deployment_scale"): ("apps", "deployments/scale", "patch"),
+    ("_apps", "read_namespaced_deployment"): ("apps", "deployments", "get"),
+    ("_core", "list_namespaced_pod"): ("", "pods", "list"),
+    ("_custom", "list_namespaced_custom_object", "metrics.k8s.io", "pods"): (
+        "metrics.k8s.io",
+        "pods",
+        "list",
+    ),
 }
 
 
@@ -180,34 +188,51 @@ def test_tls_files_from_another_ca_or_for_other_names_are_refused() -> None:
 
 
 def test_rbac_grants_only_what_the_actuator_calls(bundled: list[dict]) -> None:
-    """Run the actuator against a recording AppsV1Api: the Role must allow exactly the calls it
-    makes, and the module must call nothing else (a static scan catches untested paths)."""
+    """Run the actuator against recording API objects: the Role must allow exactly the calls
+    it makes, and the module must call nothing else (a static scan catches untested paths)."""
     actuator = KubernetesActuator("default", api_client=client.ApiClient())
     apps = mock.create_autospec(client.AppsV1Api, instance=True)
     apps.patch_namespaced_deployment_scale.return_value = SimpleNamespace(
         status=SimpleNamespace(replicas=0)
     )
-    apps.read_namespaced_deployment.return_value = SimpleNamespace(
-        spec=SimpleNamespace(replicas=2), status=SimpleNamespace(ready_replicas=1)
+    apps.read_namespaced_deployment.return_value = client.V1Deployment(
+        spec=client.V1DeploymentSpec(
+            replicas=2,
+            selector=client.V1LabelSelector(match_labels={"app": "nav-pricing-task"}),
+            template=client.V1PodTemplateSpec(),
+        ),
+        status=client.V1DeploymentStatus(ready_replicas=1),
     )
-    actuator._apps = apps
+    core = mock.create_autospec(client.CoreV1Api, instance=True)
+    core.list_namespaced_pod.return_value = client.V1PodList(items=[client.V1Pod()])
+    custom = mock.create_autospec(client.CustomObjectsApi, instance=True)
+    custom.list_namespaced_custom_object.return_value = {"items": []}
+    actuator._apps, actuator._core, actuator._custom = apps, core, custom
     actuator.scale("nav-pricing", "task", 2, "test")
     actuator.observe()
-    called = {call[0] for call in apps.method_calls}
-    scanned = set(re.findall(r"self\._apps\.(\w+)\(", inspect.getsource(actuator_module)))
-    assert called == scanned, "the actuator calls more than this test runs: extend it"
+    groups = (Group("default", 1, 2), Group("task", 0, 2))
+    service = Service("nav-pricing", "http", groups, requests=Requests(0.5, 2**29))
+    actuator.readings({("nav-pricing", "task")}, {"nav-pricing": service})
+    called = {
+        (api, name, args[0], args[3]) if api == "_custom" else (api, name)
+        for api, recorder in (("_apps", apps), ("_core", core), ("_custom", custom))
+        for name, args, _ in recorder.method_calls
+    }
+    source = inspect.getsource(actuator_module)
+    scanned = set(re.findall(r"self\.(_apps|_core|_custom)\.(\w+)\(", source))
+    assert {call[:2] for call in called} == scanned, "the actuator calls more than this runs"
     assert called <= set(RBAC_OF_CALL), f"map {called - set(RBAC_OF_CALL)} to RBAC here"
-    needed = {RBAC_OF_CALL[name] for name in called}
+    needed = {RBAC_OF_CALL[call] for call in called}
 
     role = one(bundled, "Role")
     granted = {
-        (resource, verb)
+        (group, resource, verb)
         for rule in role["rules"]
+        for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
     assert granted == needed
-    assert all(rule["apiGroups"] == ["apps"] for rule in role["rules"])
     assert not any("resourceNames" in rule or "*" in str(rule) for rule in role["rules"])
     assert not of_kind(bundled, "ClusterRole") and not of_kind(bundled, "ClusterRoleBinding")
     binding = one(bundled, "RoleBinding")
