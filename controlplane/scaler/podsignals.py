@@ -147,7 +147,8 @@ def pod_readings(
     every pod's gauge read at once; pods that tell nothing are left out."""
     found = []
     for key, service, pods, metrics in groups:
-        by_name = {item["metadata"]["name"]: item for item in metrics.get("items") or []}
+        items = metrics.get("items") or []
+        by_name = {(item.get("metadata") or {}).get("name"): item for item in items}
         for pod in pods:
             if is_ready(pod):
                 found.append((key, service, pod, by_name.get(pod.metadata.name)))
