@@ -244,13 +244,11 @@ def _get_profile(args: argparse.Namespace) -> int:
     if args.output in ("wide", "name"):
         raise TasklaneError(f"tasklane get profile: -o {args.output} is for rules and instances")
     body = call(args.server, "GET", f"/api/v1/profile/{quote_segment(args.name)}")
-    scaler = call(args.server, "GET", "/api/v1/status").get("scaler")
     if args.output != "table":
-        compact = {**body, "groups": profile_windows(body), "scaler": scaler is not None}
-        compact["start"] = format_time(body["start"])
+        compact = {**body, "groups": profile_windows(body), "start": format_time(body["start"])}
         output(structured(compact, args.output))
         return 0
-    output(render_profile(body, scaler is not None) + "\n")
+    output(render_profile(body) + "\n")
     return 0
 
 
@@ -270,7 +268,7 @@ def profile_windows(body: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def render_profile(body: dict[str, Any], scaler: bool) -> str:
+def render_profile(body: dict[str, Any]) -> str:
     """The profile's windows and the recent decisions as tables, or why there are none."""
     service = body["service"]
     rows = [
@@ -299,7 +297,7 @@ def render_profile(body: dict[str, Any], scaler: bool) -> str:
     lines.append("\nrecent decisions:")
     if decisions:
         lines.append(table(decisions))
-    elif not scaler:
+    elif not body.get("scaler"):  # an older control plane does not say: none assumed
         lines.append(
             "none: this control plane runs no scaler; it runs only when `tasklane up` is "
             "started with --actuator local|kubernetes|dry-run"

@@ -137,6 +137,7 @@ def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
         )
         assert profile.returncode == 0, profile.stderr
         assert "recent decisions:" in profile.stdout and "pre-warm" in profile.stdout
+        assert plane.request("GET", "/api/v1/profile/nav-pricing")[1]["scaler"] is True
     finally:
         plane.stop()
     assert all(gone(pid) for pid in started)
