@@ -178,7 +178,7 @@ class ControlPlane:
             lambda: self.sync.rules,
             self._registered,
             self.status_board,
-            self._scaler_status,
+            self.scaler_status,
             learned=self._learned,
         )
         self._registered_memo: tuple[frozenset[str], dict[GroupKey, int]] | None = None
@@ -302,7 +302,7 @@ class ControlPlane:
             ],
             "sync": self.sync.status(),
             "leadership": self.leadership.to_json(),
-            "scaler": self._scaler_status(),
+            "scaler": self.scaler_status(),
         }
 
     def isolation(self) -> dict[str, Any]:
@@ -432,7 +432,7 @@ class ControlPlane:
             if gone:
                 log.info("%d idle scope entries expired", gone)
 
-    def _scaler_status(self) -> dict | None:
+    def scaler_status(self) -> dict | None:
         return self.scaler.status() if self.scaler is not None else None
 
     async def _start_http(self) -> None:

@@ -53,7 +53,6 @@ class Cohorts:
         self.board = board
         self.rollout: Rollout | None = None
         self._canaries: dict[str, set[str]] = {}  # role -> its connected canaries
-        self._nodes: set[str] = set()  # every role's
         self._pruned_at: dict[str, int] = {}  # role -> board.changes when last pruned
 
     def start(self, rollout: Rollout | None) -> bool:
@@ -61,7 +60,7 @@ class Cohorts:
         same = (rollout and rollout.generation) == (self.rollout and self.rollout.generation)
         if same:
             return False
-        self.rollout, self._canaries, self._nodes, self._pruned_at = rollout, {}, set(), {}
+        self.rollout, self._canaries, self._pruned_at = rollout, {}, {}
         return True
 
     def canary(self, node: str, role: str) -> bool:
@@ -72,24 +71,22 @@ class Cohorts:
         chosen = self._canaries.setdefault(role, set())
         connected = self.board.role_nodes(role)
         if self._pruned_at.get(role) != self.board.changes:  # canaries that left don't count
-            gone = chosen - connected
-            chosen -= gone
-            self._nodes -= gone
+            chosen &= connected
             self._pruned_at[role] = self.board.changes
         if node in chosen:
             return True
         if admits(len(chosen), len(connected), self.rollout.percent):
             chosen.add(node)
-            self._nodes.add(node)
             return True
         return False
 
     def cohort_of(self, node: str) -> str | None:
         """A node's cohort for its access logs (telemetry/canary.py); None for a sidecar not
         connected to this replica, whose cohort only another replica knows."""
-        if node in self._nodes:
-            return CANARY
-        return STABLE if self.board.get(node) is not None else None
+        status = self.board.get(node)
+        if status is None:
+            return None
+        return CANARY if node in self._canaries.get(status.role, ()) else STABLE
 
     def roles(self) -> list[dict[str, Any]]:
         """Per role: its connected sidecars and the canaries among them, for status."""

@@ -86,7 +86,6 @@ class Sync:
         self._rules: RuleSet | None = None
         self._candidate: Candidate | None = None  # a rollout's, built under canary views
         self._canary: tuple[str, Translator] | None = None  # (its generation, its translator)
-        self._canary_problem = ""  # why the last build has no views of the candidate
         self._instances: dict[str, Instance] | None = None
         self._instances_revision = 0
         self._asked = Asked()  # hosts asked for on demand (translate/scope.py)
@@ -249,14 +248,14 @@ class Sync:
         assert rules is not None and instances is not None, "both watches deliver a first read"
         started = time.monotonic()
         try:
-            snapshots = await asyncio.to_thread(
+            snapshots, canary_problem = await asyncio.to_thread(
                 self._build, rules, candidate, endpoints_of(instances.values()), self._scopes()
             )
         except Exception as exc:  # a translator bug must not stop the sync
             log.exception("building the snapshots failed; the published ones stay")
             self._status["error"] = f"build failed: {exc}"
             return
-        refused = self._publish(snapshots, candidate)
+        refused = self._publish(snapshots, candidate, canary_problem)
         self.instance_keys = frozenset(instances)
         self._status.update(
             builds=self._status["builds"] + 1,
@@ -274,14 +273,14 @@ class Sync:
 
     def _build(
         self, rules: RuleSet, candidate: Candidate | None, endpoints: Endpoints, scopes: Scopes
-    ) -> dict[str, Snapshot]:
+    ) -> tuple[dict[str, Snapshot], str]:
         """Every view of the rules, and of a rollout's candidate under canary views (its own
-        translator, so that each keeps what it built before)."""
+        translator, so that each keeps what it built before); and why the candidate has no
+        views ("" when it has them, or there is none)."""
         snapshots = self.translator.build(rules, endpoints, scopes)
-        self._canary_problem = ""
         if candidate is None:
             self._canary = None
-            return snapshots
+            return snapshots, ""
         generation = candidate.rollout.generation
         if self._canary is None or self._canary[0] != generation:
             self._canary = (generation, Translator(self.translator.outbound_policy))
@@ -289,20 +288,21 @@ class Sync:
             canary = self._canary[1].build(candidate.rules, endpoints, scopes)
         except Exception as exc:  # a translator bug on the candidate must not stop the rest
             log.exception("building the rollout's candidate failed")
-            self._canary, self._canary_problem = None, f"its build failed: {exc}"
-            return snapshots
-        return snapshots | {canary_view(key): snapshot for key, snapshot in canary.items()}
+            self._canary = None
+            return snapshots, f"its build failed: {exc}"
+        return snapshots | {canary_view(key): snapshot for key, snapshot in canary.items()}, ""
 
     def _publish(
-        self, snapshots: dict[str, Snapshot], candidate: Candidate | None
+        self, snapshots: dict[str, Snapshot], candidate: Candidate | None, canary_problem: str
     ) -> dict[str, str]:
-        """Set every role's snapshot, forget roles that are gone; {role: why} of refusals."""
+        """Set every role's snapshot, forget roles that are gone; {role: why} of refusals.
+        `canary_problem`: why the build has no views of the candidate."""
         refused: dict[str, str] = {}
         for role, outcome in self.cache.set_snapshots(snapshots).items():
             if isinstance(outcome, InconsistentSnapshot):
                 log.error("snapshot of %s refused, its sidecars keep theirs: %s", role, outcome)
                 refused[role] = str(outcome)
-        problem = self._canary_problem or next(
+        problem = canary_problem or next(
             (f"its view {key} was refused: {why}" for key, why in refused.items()
              if split_canary(key)[1]),
             "",

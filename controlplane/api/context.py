@@ -34,6 +34,11 @@ class ApiContext(Protocol):
         """GET /api/v1/status: what the control plane serves and to whom."""
         ...
 
+    def scaler_status(self) -> dict[str, Any] | None:
+        """The scaler's part of the status (scaler/reconcile.py), None when this control plane
+        runs no scaler."""
+        ...
+
     def isolation(self) -> dict[str, Any]:
         """GET /api/v1/isolation: the isolation accounting (telemetry/accounting.py)."""
         ...

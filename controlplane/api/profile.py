@@ -1,10 +1,10 @@
 """A service's profile over HTTP: desired replicas per task group per minute for the next
 hours, and the scaler's recent decisions with their reasons (`tasklane get profile`, the
-dashboard).
+dashboard); `scaler` says whether this control plane runs one (why there may be none).
 
     GET /api/v1/profile/{service}?minutes=1440  -> 200 {"service", "start", "minutes",
                                                         "groups": {group: [replicas, ...]},
-                                                        "decisions": [...]}
+                                                        "decisions": [...], "scaler": bool}
     GET /api/v1/workload                        -> 200 {"workload": a Workload document
                                                         from the stored history, "notes": [...]}
 """
@@ -41,6 +41,7 @@ def service_profile(context: ApiContext, service: str, minutes: int) -> dict[str
         "minutes": minutes,
         "groups": {group: counts for (name, group), counts in per_group.items() if name == service},
         "decisions": list_decisions(store, service),
+        "scaler": context.scaler_status() is not None,
     }
 
 

@@ -22,6 +22,7 @@ from controlplane.cli.scope import get_scope
 from controlplane.cli.views import _ago, table
 from controlplane.errors import TasklaneError
 from controlplane.model.rules import KIND_ALIASES, KINDS
+from controlplane.model.run import format_time
 from controlplane.model.text import did_you_mean, quote
 
 # kubectl's forms: `wide` adds columns to the table, `name` prints kind/name only.
@@ -243,13 +244,11 @@ def _get_profile(args: argparse.Namespace) -> int:
     if args.output in ("wide", "name"):
         raise TasklaneError(f"tasklane get profile: -o {args.output} is for rules and instances")
     body = call(args.server, "GET", f"/api/v1/profile/{quote_segment(args.name)}")
-    scaler = call(args.server, "GET", "/api/v1/status").get("scaler")
     if args.output != "table":
-        compact = {**body, "groups": profile_windows(body), "scaler": scaler is not None}
-        compact["start"] = _iso(body["start"])
+        compact = {**body, "groups": profile_windows(body), "start": format_time(body["start"])}
         output(structured(compact, args.output))
         return 0
-    output(render_profile(body, scaler is not None) + "\n")
+    output(render_profile(body) + "\n")
     return 0
 
 
@@ -259,8 +258,8 @@ def profile_windows(body: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {
         group: [
             {
-                "from": _iso(body["start"] + first * 60),
-                "until": _iso(body["start"] + (last + 1) * 60),
+                "from": format_time(body["start"] + first * 60),
+                "until": format_time(body["start"] + (last + 1) * 60),
                 "replicas": replicas,
             }
             for first, last, replicas in _spans(counts)
@@ -269,12 +268,12 @@ def profile_windows(body: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def render_profile(body: dict[str, Any], scaler: bool) -> str:
+def render_profile(body: dict[str, Any]) -> str:
     """The profile's windows and the recent decisions as tables, or why there are none."""
     service = body["service"]
     rows = [
-        {"GROUP": group, "FROM": _clock(body["start"] + first * 60),
-         "UNTIL": _clock(body["start"] + (last + 1) * 60), "REPLICAS": str(replicas)}
+        {"GROUP": group, "FROM": format_time(body["start"] + first * 60),
+         "UNTIL": format_time(body["start"] + (last + 1) * 60), "REPLICAS": str(replicas)}
         for group, counts in sorted(body["groups"].items())
         for first, last, replicas in _spans(counts)
     ]  # fmt: skip
@@ -291,14 +290,14 @@ def render_profile(body: dict[str, Any], scaler: bool) -> str:
         groups = ", ".join(sorted(body["groups"]))
         lines.append(f"none: no task fires in the next {hours:g} h that needs {groups}")
     decisions = [
-        {"AT": _clock(d["at"]), "GROUP": d["group"], "REPLICAS": str(d["replicas"]),
+        {"AT": format_time(d["at"]), "GROUP": d["group"], "REPLICAS": str(d["replicas"]),
          "REASON": d["reason"]}
         for d in body["decisions"][-10:]
     ]  # fmt: skip
     lines.append("\nrecent decisions:")
     if decisions:
         lines.append(table(decisions))
-    elif not scaler:
+    elif not body.get("scaler"):  # an older control plane does not say: none assumed
         lines.append(
             "none: this control plane runs no scaler; it runs only when `tasklane up` is "
             "started with --actuator local|kubernetes|dry-run"
@@ -317,11 +316,3 @@ def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
         elif replicas:
             spans.append((minute, minute, replicas))
     return spans
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _clock(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%m-%d %H:%M")

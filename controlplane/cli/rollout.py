@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
 from typing import Any
 
 from controlplane.cli.client import OUTPUTS, api_token, call, output, server_option, structured
 from controlplane.cli.views import table
+from controlplane.model.run import format_time
 
 
 def add_rollout(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def render_status(body: dict[str, Any]) -> str:
     else:
         lines.append(
             f"rollout of revision {current['revision']}: {current['percent']}% of each role's "
-            f"sidecars, started {_when(current['startedAt'])} by {current['who']}, window "
+            f"sidecars, started {format_time(current['startedAt'])} by {current['who']}, window "
             f"{current['window']}, at least {current['minRequests']} canary requests"
         )
         lines.append(f"verdict so far: {current['verdict']['action']}: "
@@ -73,10 +73,6 @@ def render_status(body: dict[str, Any]) -> str:
     if last is not None:
         lines.append(
             f"last rollout: revision {last['rollout']['revision']} {last['outcome']} "
-            f"{_when(last['at'])} by {last['by']}: {last['reason']}"
+            f"{format_time(last['at'])} by {last['by']}: {last['reason']}"
         )
     return "\n".join(lines) + "\n"
-
-
-def _when(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

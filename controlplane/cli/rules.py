@@ -7,7 +7,6 @@ import argparse
 import os
 import sys
 import urllib.parse
-from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from controlplane.model.rollout import (
     parse_window,
 )
 from controlplane.model.rules import RuleSet
+from controlplane.model.run import format_time
 from controlplane.model.text import byte_size
 from controlplane.model.validate import apply as validate_apply
 
@@ -229,7 +229,7 @@ def _history_row(item: dict[str, Any]) -> dict[str, str]:
     shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     return {
         "REVISION": str(item["revision"]),
-        "AT (UTC)": _when(item["at"]),
+        "AT": format_time(item["at"]),
         "WHO": item["who"],
         "ACTION": item["action"],
         "CHANGES": shown,
@@ -240,12 +240,8 @@ def _revision_line(item: dict[str, Any]) -> str:
     counts = ", ".join(f"{len(item[key])} {key}" for key in ("created", "configured", "deleted"))
     return (
         f"# revision {item['revision']}: {item['action']} by {item['who']} "
-        f"at {_when(item['at'])} UTC ({counts})"
+        f"at {format_time(item['at'])} ({counts})"
     )
-
-
-def _when(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def add_rollback(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

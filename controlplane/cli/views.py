@@ -18,6 +18,7 @@ from typing import Any
 from controlplane.cli.client import OUTPUTS, ApiError, call, output, server_option, structured
 from controlplane.errors import TasklaneError
 from controlplane.model.group import GroupKey
+from controlplane.model.run import format_time
 from controlplane.translate.unknown import UNKNOWN_STATUS, missing_rule
 
 # The xDS types of the status table, as /api/v1/status names them, in push order.
@@ -108,7 +109,7 @@ def _status_header(status: dict[str, Any], now: float) -> str:
         build = "none yet"
     else:
         build = (
-            f"{_clock(sync['last_build_at'])} ({_ago(now - sync['last_build_at'])} ago, "
+            f"{format_time(sync['last_build_at'])} ({_ago(now - sync['last_build_at'])} ago, "
             f"{sync['last_build_ms']:g} ms)"
         )
     xds = status["xds"]["address"] + (" (TLS)" if status["xds"].get("tls") else "")
@@ -212,10 +213,6 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _clock(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%S UTC")
-
-
 def _ago(seconds: float) -> str:
     """'42s', '3m05s', '2h07m'."""
     total = max(0, round(seconds))
@@ -303,7 +300,7 @@ def top(args: argparse.Namespace) -> int:
         return render_top(isolation)
 
     def timed_frame() -> str:
-        now = f"{datetime.now(UTC):%H:%M:%S} UTC"
+        now = format_time(datetime.now(UTC).timestamp())
         return f"tasklane top at {now}, every {TOP_INTERVAL:g}s (Ctrl-C to stop)\n\n{frame()}"
 
     if not args.watch:

@@ -56,7 +56,14 @@ from typing import Generic, TypeVar
 from controlplane.model.dye import DyeIndex
 from controlplane.model.group import DEFAULT_GROUP, GroupKey
 from controlplane.model.rules import Hop, RuleSet, TaskChain
-from controlplane.xds.names import BLACK_HOLE_ROUTE, PASSTHROUGH_CLUSTER
+from controlplane.xds.names import (
+    BLACK_HOLE_ROUTE,
+    NO_INSTANCE,
+    PASSTHROUGH_CLUSTER,
+    STRICT_REJECT,
+    UNAVAILABLE,
+    UNHEALTHY,
+)
 
 EGRESS, INBOUND, GATEWAY = "egress", "inbound", "gateway"
 REFUSED_ROUTE = "refused"
@@ -65,10 +72,10 @@ UNKNOWN_SERVICE = "(unknown)"
 UNREACHED = frozenset({"UH", "UF", "UO", "NR", "NC", "URX", "DF"})
 OUTSIDE_MESH_ROUTES = frozenset({PASSTHROUGH_CLUSTER, BLACK_HOLE_ROUTE})
 
-# x-tasklane-fallback values (translate/egress.py): served by `default` instead of the group,
-# and not served at all (a 503 UH on a dyed route).
-FALLEN_BACK = frozenset({"no_instance", "unhealthy"})
-NOT_SERVED = frozenset({"strict_reject", "unavailable"})
+# x-tasklane-fallback values (xds/names.py, set by translate/egress.py): served by `default`
+# instead of the group, and not served at all (a 503 UH on a dyed route).
+FALLEN_BACK = frozenset({NO_INSTANCE, UNHEALTHY})
+NOT_SERVED = frozenset({STRICT_REJECT, UNAVAILABLE})
 
 RATE_WINDOW_S = 10  # per-second rates: the mean over the last complete seconds
 LATENCY_SAMPLES = 512  # p50/p99 of the last this many requests per key

@@ -30,15 +30,15 @@ Every probe request is a real request: the isolation accounting counts it like a
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from controlplane.model.dye import DyeIndex
 from controlplane.model.group import DEFAULT_GROUP
 from controlplane.model.instance import Instance
 from controlplane.model.rules import Hop, RuleSet, TaskChain
-from controlplane.telemetry.accounting import INBOUND, LogEntry, destination, may_serve
+from controlplane.telemetry.accounting import INBOUND, Expiring, LogEntry, destination, may_serve
 
 OK, FALLBACK, WRONG_GROUP, DYE_LOST, NOT_REACHED, UNDYED, NOT_FOLLOWED = (
     "ok",
@@ -51,32 +51,41 @@ OK, FALLBACK, WRONG_GROUP, DYE_LOST, NOT_REACHED, UNDYED, NOT_FOLLOWED = (
 )
 PASSING = frozenset({OK, FALLBACK, NOT_FOLLOWED})
 IN_FLIGHT_MAX = 64  # probes whose entries are kept at once; the oldest is dropped first
+# A probe is in flight for its answer and its logs (api/probe.py: 12 s at most); one never
+# finished (its HTTP request was cancelled under it) is dropped this long after its start.
+IN_FLIGHT_S = 60.0
 PROBE_VALUE = "probe"  # appended to a prefix dye when a chain has no exact value
 
 
 class Probes:
     """The entries of the probes in flight (by request id) and the last report per chain."""
 
-    def __init__(self, cap: int = IN_FLIGHT_MAX) -> None:
-        self.cap = cap
-        self._flying: OrderedDict[str, list[LogEntry]] = OrderedDict()
+    def __init__(
+        self,
+        cap: int = IN_FLIGHT_MAX,
+        ttl: float = IN_FLIGHT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._flying: Expiring[str, list[LogEntry]] = Expiring(ttl, cap)
+        self._clock = clock
         self.last: dict[str, dict[str, Any]] = {}
 
     def start(self, request_id: str) -> None:
         """Keep the entries of `request_id` from now on."""
-        self._flying[request_id] = []
-        while len(self._flying) > self.cap:
-            self._flying.popitem(last=False)
+        now = self._clock()
+        self._flying.put(request_id, [], now)
+        self._flying.expire(now)
 
     def entries(self, request_id: str) -> list[LogEntry]:
-        return list(self._flying.get(request_id, ()))
+        return list(self._flying.get(request_id) or ())
 
     def finish(self, request_id: str, report: dict[str, Any]) -> None:
         """Stop keeping the probe's entries and remember its report as its chain's last."""
-        self._flying.pop(request_id, None)
+        self._flying.pop(request_id)
         self.last[report["chain"]] = report
 
     def ingest(self, entries: Iterable[LogEntry]) -> None:
+        self._flying.expire(self._clock())
         if not self._flying:
             return
         for entry in entries:

@@ -23,11 +23,15 @@ from controlplane.xds.names import (
     ALLOW_ANY,
     BLACK_HOLE_ROUTE,
     FALLBACK_HEADER,
+    NO_INSTANCE,
     OUTBOUND_POLICIES,
     PASSTHROUGH_CLUSTER,
     PASSTHROUGH_HEADER,
     REGISTRY_ONLY,
+    STRICT_REJECT,
     TASKLANE_METADATA,
+    UNAVAILABLE,
+    UNHEALTHY,
     cluster_name,
     loose_cluster_name,
 )
@@ -115,7 +119,7 @@ def _unreached(entry: ChainHop) -> struct_pb2.Struct:
         group = f"{hop.group} ({hop.weight} %) or {DEFAULT_GROUP}"
     elif chain.fallback == "loose" and hop.group != DEFAULT_GROUP:
         group = f"{hop.group}, then {DEFAULT_GROUP}"
-    reason = "strict_reject" if chain.fallback == "strict" else "unavailable"
+    reason = STRICT_REJECT if chain.fallback == "strict" else UNAVAILABLE
     metadata = struct_pb2.Struct()
     metadata.update({"unreached": reason, "hop": hop.service, "group": group})
     return metadata
@@ -147,7 +151,7 @@ def _hop_route(service: Service, entry: ChainHop, empty: frozenset[str]) -> rout
         )
     if loose:  # an app's own header of that name is not the mesh's word
         told.response_headers_to_remove.append(FALLBACK_HEADER)
-        reason = "no_instance" if hop.group in empty else "unhealthy"
+        reason = NO_INSTANCE if hop.group in empty else UNHEALTHY
         told.response_headers_to_add.append(_fallback_header(reason))
     route.route.CopyFrom(_with_retries(action, route_retries(service, hop)))
     return route

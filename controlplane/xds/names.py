@@ -34,6 +34,11 @@ BAGGAGE_FILTER = "tasklane.baggage"
 # its hop's group (a loose fallback to `default`, or no healthy instance at all), and the
 # metadata namespace of the routes and endpoints it is decided from (templates/sidecar.yaml).
 FALLBACK_HEADER = "x-tasklane-fallback"
+# Its values. Served by `default` instead of the hop's group of a loose chain: the group has
+# no registered instance, or none healthy. Not served at all (a 503): a strict chain's group
+# has no healthy instance, or neither has a loose chain's group nor `default`.
+NO_INSTANCE, UNHEALTHY = "no_instance", "unhealthy"
+STRICT_REJECT, UNAVAILABLE = "strict_reject", "unavailable"
 TASKLANE_METADATA = "tasklane"
 LOCAL_RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 # Node metadata of every sidecar (templates/bootstrap.yaml): its role, and optionally the inbound

@@ -231,6 +231,7 @@ def test_status_top_and_profile_print_json_and_yaml(running_up: Up) -> None:
         assert expanded == counts, group
     assert any(shown["groups"].values())  # the good rules' crons fire within 24 h
     assert shown["scaler"] is False and shown["decisions"] == []
+    assert minutes["scaler"] is False  # the API says so itself: the CLI asks nothing else
     as_json = json.loads(ok(tasklane("get", "profile", "account-svc", "-o", "json", up=up)))
     assert as_json["groups"] == shown["groups"]
 

@@ -59,9 +59,21 @@ def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
     etcd_server, tmp_path: Path
 ) -> None:
     # The next fire is 2-3 minutes away; a 4-minute lead (no start measured yet) pre-warms
-    # at once, so the test need not wait for the clock.
+    # at once, so the test need not wait for the clock. The first instance ready measures a
+    # start of seconds, which ends the pre-warm (the fire is minutes away) while the second
+    # may still be starting: only the scale-down window (no down within it after an up)
+    # holds the group until both are up and served. No keep margin, so once the run has
+    # finished, the fire it did not claim (it was reported minutes early) keeps nothing.
     fire = (datetime.now(UTC) + timedelta(minutes=3)).replace(second=0, microsecond=0)
-    config = PolicyConfig(sync_period_s=1, drain_s=1, scale_down_window_s=2, default_lead_s=240)
+    later = fire + timedelta(hours=12)
+    window_s = 30
+    config = PolicyConfig(
+        sync_period_s=1,
+        drain_s=1,
+        scale_down_window_s=window_s,
+        keep_margin_s=0,
+        default_lead_s=240,
+    )
     plane = Plane(
         etcd_server.endpoint,
         actuator=lambda cp: LocalActuator(
@@ -75,6 +87,11 @@ def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
     )
     started: list[int] = []
     try:
+        # The task is first due hours away: the group's first decision is 0, so the pre-warm
+        # is an up, which the window holds (a group's first decision counts as none).
+        code, body = plane.apply_files({"rules.yaml": rules(later)})
+        assert code == 200, body
+        wait_until(lambda: list_decisions(plane.store, "nav-pricing", "task"), 10, "idle")
         code, body = plane.apply_files({"rules.yaml": rules(fire)})
         assert code == 200, body
 
@@ -82,7 +99,9 @@ def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
             _, listed = plane.request("GET", "/api/v1/instances")
             return [i for i in listed["items"] if i["group"] == "task"]
 
-        ready = wait_until(lambda: len(task_instances()) == 2 and task_instances(), 60, "2 up")
+        # Both waits end within the window: two instances up, then served.
+        up_s = window_s - 10
+        ready = wait_until(lambda: len(task_instances()) == 2 and task_instances(), up_s, "2 up")
         started = [i["pid"] for i in ready]
         # Callers route to a new instance once their first health check of it passed.
         served = wait_until(lambda: dyed_request(ready[0]["egress_port"]), 10, "dyed routed")
@@ -96,11 +115,12 @@ def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
         def last() -> dict:
             return list_decisions(plane.store, "nav-pricing", "task")[-1]
 
-        # The group may have gone idle before the run was reported (once a start is measured
-        # the lead is seconds, the fire minutes away) and come back for the run: wait for the
-        # decision that takes it down after the run, not merely for no instance registered.
+        # The group goes down at the end of the scale-down window at the earliest: wait for
+        # the decision that takes it down after the run, not merely for no instance registered.
         wait_until(
-            lambda: last()["replicas"] == 0 and "finished" in last()["reason"], 30, "down after"
+            lambda: last()["replicas"] == 0 and "finished" in last()["reason"],
+            window_s + 10,
+            "down after",
         )
         wait_until(lambda: task_instances() == [], 30, "task group down after the run")
         wait_until(lambda: all(gone(pid) for pid in started), 15, "instances stopped")
@@ -117,6 +137,7 @@ def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
         )
         assert profile.returncode == 0, profile.stderr
         assert "recent decisions:" in profile.stdout and "pre-warm" in profile.stdout
+        assert plane.request("GET", "/api/v1/profile/nav-pricing")[1]["scaler"] is True
     finally:
         plane.stop()
     assert all(gone(pid) for pid in started)

@@ -5,6 +5,7 @@ is made to NACK; `top --watch` until Ctrl-C; a control plane without the endpoin
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def test_sync_states() -> None:
 def test_render_status() -> None:
     assert render_status(STATUS, NOW).splitlines() == [
         "etcd 127.0.0.1:2379 (embedded), xDS 127.0.0.1:18000, leader cp-a (this control plane), "
-        "last build 22:12:38 UTC (42s ago, 1.25 ms)",
+        "last build 2023-11-14T22:12:38Z (42s ago, 1.25 ms)",
         "",
         "NODE                                 SERVICE       GROUP     PROTOCOL   CDS      EDS     "
         "LDS      RDS",
@@ -124,7 +125,7 @@ def test_render_status_without_sidecars_and_with_a_failed_build() -> None:
     }
     assert render_status(status, NOW).splitlines() == [
         "etcd 127.0.0.1:2379 (embedded), xDS 127.0.0.1:18000, leader none, last build "
-        "22:12:38 UTC (42s ago, 1.25 ms)",
+        "2023-11-14T22:12:38Z (42s ago, 1.25 ms)",
         "build failed: boom (sidecars keep the config built before)",
         "",
         "no sidecar is connected",
@@ -405,7 +406,9 @@ def test_top_watch_refreshes_until_ctrl_c(plane: Plane) -> None:
             proc.wait()
     reader.join(5)
     assert "Traceback" not in proc.stderr.read()
-    assert frames[0].rstrip().endswith("UTC, every 2s (Ctrl-C to stop)")
+    assert re.fullmatch(
+        r"tasklane top at [-0-9T:]+Z, every 2s \(Ctrl-C to stop\)", frames[0].rstrip()
+    ), frames[0]
 
 
 class _NoIsolation(BaseHTTPRequestHandler):

@@ -10,7 +10,7 @@ from controlplane.model.load import load_text
 from controlplane.model.rules import RuleSet
 from controlplane.model.validate import apply
 from controlplane.telemetry.accounting import EGRESS, INBOUND, LogEntry
-from controlplane.telemetry.probe import Probes, trace
+from controlplane.telemetry.probe import IN_FLIGHT_S, Probes, trace
 from tests.support.rules import chain, service
 
 ID = "probe-1"
@@ -22,8 +22,10 @@ def rules(fallback: str, hops: str = HOPS) -> RuleSet:
     return apply(RuleSet.empty(), load_text(text, "rules.yaml"))
 
 
-def served(svc: str, group: str, dyed: bool = True, at: float = 0.0) -> LogEntry:
-    return LogEntry(f"{svc}|{group}|1", svc, group, INBOUND, request_id=ID,
+def served(
+    svc: str, group: str, dyed: bool = True, at: float = 0.0, request_id: str = ID
+) -> LogEntry:
+    return LogEntry(f"{svc}|{group}|1", svc, group, INBOUND, request_id=request_id,
                     dye="x" if dyed else "", at=at)  # fmt: skip
 
 
@@ -75,3 +77,19 @@ def test_hops_behind_a_queue_are_not_followed() -> None:
         ("not followed", "behind queue q"),
     ]
     assert (report["ok"], report["problem"]) == (True, None)
+
+
+def test_a_probe_never_finished_is_dropped_after_its_time() -> None:
+    """A probe whose request was cancelled before its finish keeps no entries for good: once
+    it is older than IN_FLIGHT_S its later entries are not kept, while a younger one's are."""
+    now = [0.0]
+    probes = Probes(clock=lambda: now[0])
+    probes.start("lost")
+    now[0] = IN_FLIGHT_S / 2
+    probes.start(ID)
+    probes.ingest([served("a", "task", request_id="lost"), served("a", "task")])
+    assert len(probes.entries("lost")) == len(probes.entries(ID)) == 1
+    now[0] = IN_FLIGHT_S + 1
+    probes.ingest([served("b", "task", request_id="lost"), served("b", "task")])
+    assert probes.entries("lost") == []
+    assert [e.service for e in probes.entries(ID)] == ["a", "b"]
