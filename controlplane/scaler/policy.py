@@ -355,7 +355,7 @@ class Policy:
             decision = Decision(key[0], key[1], replicas, reason, now)
             self._last[key] = decision
             decisions.append(decision)
-        self._schedule(now, rules, due, spans, hold)
+        self._schedule(now, rules, due, spans)
         self._asked = now
         for key in [key for key in self._last if key not in groups] if full else ():
             service = rules.services.get(key[0])
@@ -438,10 +438,11 @@ class Policy:
         start_durations: Mapping[GroupKey, Sequence[float]],
     ) -> dict[GroupKey, Group]:
         """`_due` from `changes`. A measured start changes the leads of the tasks with a hop
-        there. A lead moves the start of a task's spans: those of windows that start later
-        may now start (or come within `hold`) sooner or later, so when the lead changed (by
-        0.5 s steps, mostly not) the task's groups are decided again; spans that started
-        before now did so whatever the lead, and are widened anew when next used."""
+        there, and a lead moves the start of the task's spans. Spans that started before now
+        did so whatever the lead: they are widened anew when next used. Those of windows that
+        start later start sooner or later: their groups are decided now if one of them starts
+        by now either way, else when the first of them starts (`_schedule` says why nothing
+        else they change can change a count)."""
         hops = hop_groups(rules)
         keys = {
             key
@@ -457,10 +458,12 @@ class Policy:
             seen = self._seen.get(name)
             if seen is None or seen.lead is None:
                 continue
-            found = seen.windows
-            later = now >= found.until or any(window.start > now for window in found.windows)
-            if later and self._respan(rules, name, seen, start_durations).lead != seen.lead:
+            if now >= seen.windows.until:  # the windows are due anew: so are their groups
                 touched.add(name)
+            elif any(window.start > now for window in seen.windows.windows):
+                moved = self._respan(rules, name, seen, start_durations)
+                if moved.lead != seen.lead:
+                    keys.update(self._moved(now, seen, moved))
         for name in touched:
             keys.update((service, group) for service, group, _ in hops.get(name, ()))
         queue = self._queue
@@ -469,6 +472,24 @@ class Policy:
             if self._wakes.get(key) == wake:
                 keys.add(key)
         return {key: groups[key] for key in sorted(keys) if key in groups}
+
+    def _moved(self, now: float, seen: _Seen, moved: _Seen) -> set[GroupKey]:
+        """The groups of a task whose lead changed that must be decided now: those where a
+        span of a later window starts by now by one lead and not by the other. The others
+        are woken when the first such span starts, by either lead."""
+        due: set[GroupKey] = set()
+        for key, spans in moved.spans.items():
+            first = math.inf
+            for before, after in zip(seen.spans[key], spans, strict=True):
+                if after.window.start <= now:
+                    continue
+                if (before.start <= now) != (after.start <= now):
+                    due.add(key)
+                first = min((first, *(s.start for s in (before, after) if s.start > now)))
+            if key not in due and first < self._wakes.get(key, math.inf):
+                self._wakes[key] = first
+                heapq.heappush(self._queue, (first, key))
+        return due
 
     def _catch_up(self, key: GroupKey) -> None:
         """Asked every time, a group whose observation did not change would have made the
@@ -553,14 +574,18 @@ class Policy:
         rules: RuleSet,
         due: Mapping[GroupKey, Group],
         spans: Mapping[GroupKey, list[_Span]],
-        hold: float,
     ) -> None:
         """When each group just decided may first decide otherwise with no new input: a span
-        starts or comes within `hold`, ends, or its window ends (a drain begins); an open
-        run's window changes (`TaskWindows.until`); a window enters the reach; the hold after
-        a scale-up ends; the reactive window's highest recommendation expires (unless it is
-        the one made now, which each period would make again). Windows that leave the reach
-        ended a scale-down window ago and change no count."""
+        starts or ends, or its window ends (a drain begins); an open run's window changes
+        (`TaskWindows.until`); a window enters the reach; the hold after a scale-up ends;
+        the reactive window's highest recommendation expires (unless it is the one made now,
+        which each period would make again).
+
+        Nothing else can change a count by itself. Windows that leave the reach ended a
+        scale-down window ago. A span coming within `hold` only raises `soon`, which counts
+        only while the wanted count is below the previous one: then the previous count is
+        kept (now, as `soon` was at least that) or bound by minReplicas, either way the
+        same count; a kept count is let go when a span ends or the hold ends, both woken."""
         window_s = self.config.scale_down_window_s
         tasks_of = group_tasks(rules)
         for key in due:
@@ -571,7 +596,7 @@ class Policy:
             moments.extend(self._seen[name].windows.enters for name in tasks_of.get(key, ()))
             for span in spans[key]:
                 window = span.window
-                moments += (span.start - hold, span.start)
+                moments.append(span.start)
                 if window.open:
                     moments.append(self._seen[window.task].windows.until)
                 else:
