@@ -511,7 +511,8 @@ class Policy:
         start_durations: Mapping[GroupKey, Sequence[float]],
     ) -> dict[GroupKey, list[_Span]]:
         """The windows of each due group widened by their task's chain lead and the drain,
-        in `profile.windows`' order. A task's are reused while `TaskWindows` says they hold."""
+        in `profile.windows`' order. A task's are reused while `TaskWindows` says they hold,
+        but for those that left the reach since."""
         start, end = now - hold - self.config.drain_s, now + horizon
         tasks_of = group_tasks(rules)
         spans: dict[GroupKey, list[_Span]] = {}
@@ -523,7 +524,7 @@ class Policy:
                     seen = self._task(rules, name, runs_of, now, start, end, start_durations)
                 elif seen.lead is not None and seen.lead != self._leads.get(name):
                     seen = self._respan(rules, name, seen, start_durations)
-                found.extend(seen.spans.get(key, ()))
+                found.extend(span for span in seen.spans.get(key, ()) if span.window.end > start)
             found.sort(key=lambda span: (span.window.start, span.window.task))
             spans[key] = found
         return spans

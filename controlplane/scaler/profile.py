@@ -243,9 +243,10 @@ class TaskWindows:
     moves along with now (the policy asks for the same reach around now every period, and
     recomputing 500 tasks' windows each time is what made a 30-day simulation take hours).
 
-    Before `until` the moved range gives the same windows, except that an open run's end
-    keeps reaching `now + OPEN_MARGIN_S` while `grows`. `enters` is when the next fire's
-    window enters the range at its end (`until` is never later)."""
+    Before `until` the moved range gives the same windows but those that left it (ended by
+    its start), except that an open run's end keeps reaching `now + OPEN_MARGIN_S` while
+    `grows`. `enters` is when the next fire's window enters the range at its end (`until`
+    is never later)."""
 
     windows: tuple[Window, ...]
     until: float
@@ -259,7 +260,8 @@ def task_windows(
     """`windows` of one task, in their order before the sort by start."""
     task = rules.tasks[name]
     duration = _expected(task, runs)
-    spans = _task_windows(task, runs, start, end, now, duration)
+    every = _claimed(task, runs, start, end, now, duration)
+    spans = [span for span in every if span[0] < end and span[1] > start]
     found = tuple(
         Window(
             task=name,
@@ -280,13 +282,17 @@ def task_windows(
     following = fire_times(task, end, end + _DAY_S)
     enters = (following[0] if following else end + _DAY_S) - above
     changes = [enters]
-    changes.extend(high + below for _, high, _, _ in spans)  # leaves the range
-    horizon = start - duration - 2 * CLAIM_EARLY_S
+    # A run that finishes before the range's start no longer claims its fire then: another
+    # run that claimed none may claim it instead (its window then starts at the fire).
+    unclaimed = [run.started_at for _, _, fire, run in every if run is not None and fire is None]
+    for _, _, fire, run in every:
+        if fire is None or run is None or run.finished_at is None:
+            continue
+        if any(fire - CLAIM_EARLY_S <= other < fire + duration for other in unclaimed):
+            changes.append(run.finished_at + duration + 2 * CLAIM_EARLY_S + below)
     grows = False
     for run in runs:
         if run.finished_at is not None:
-            if run.finished_at > horizon:  # no longer claims a fire
-                changes.append(run.finished_at + duration + 2 * CLAIM_EARLY_S + below)
             continue
         held = run.started_at + NEVER_FINISHED * duration
         if run.started_at + duration >= now + OPEN_MARGIN_S:
@@ -309,6 +315,19 @@ def _task_windows(
 ) -> list[tuple[float, float, float | None, Run | None]]:
     """(start, end, fire, run) of one task's runs overlapping [start, end); `duration` is
     its `expected_duration`."""
+    spans = _claimed(task, runs, start, end, now, duration)
+    return [span for span in spans if span[0] < end and span[1] > start]
+
+
+def _claimed(
+    task: ScheduledTask,
+    runs: Sequence[Run],
+    start: float,
+    end: float,
+    now: float,
+    duration: float,
+) -> list[tuple[float, float, float | None, Run | None]]:
+    """`_task_windows` before the overlap: also those of the runs that may claim a fire."""
     # a run that finished before this cannot overlap the range nor claim a fire that does
     horizon = start - duration - 2 * CLAIM_EARLY_S
     relevant = sorted(
@@ -339,7 +358,7 @@ def _task_windows(
         for index, fire in enumerate(fires)
         if index not in claimed
     )
-    return [span for span in spans if span[0] < end and span[1] > start]
+    return spans
 
 
 def extra_runs(task: ScheduledTask, runs: Sequence[Run]) -> tuple[Run, ...]:
