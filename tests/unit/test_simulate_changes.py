@@ -42,15 +42,15 @@ def workload(seed: int) -> Workload:
     for index in range(8):
         chain = f"chain-{index % 4}"
         kind = rng.random()
-        if kind < 0.3:
+        zone = rng.choice(ZONES)
+        if kind < 0.3 and index < 7:
             schedule, minutes = f"{rng.randrange(15)}/15 * * * *", rng.uniform(3, 8)
-        elif kind < 0.7:
+        elif kind < 0.7 and index < 7:
             schedule, minutes = f"{rng.randrange(60)} * * * *", rng.uniform(10, 40)
-        else:
-            schedule, minutes = "30 2 * * *", rng.uniform(20, 90)
+        else:  # at least one nightly task, at 02:30 Berlin: none the night DST begins
+            schedule, minutes, zone = "30 2 * * *", rng.uniform(20, 90), "Europe/Berlin"
         replicas = {s: rng.randint(1, 3) for s, group in chains[chain] if group == "task"}
         own = {"extraRunsPerDay": 4} if rng.random() < 0.3 else {}
-        zone = rng.choice(ZONES)
         tasks.append((f"task-{index}", chain, schedule, zone, int(minutes * 60), replicas, own))
     shape = Shape(
         name=f"changes-{seed}",
