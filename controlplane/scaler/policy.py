@@ -37,30 +37,42 @@ first `decide` returns every managed group (the actuators are idempotent), metri
 headroom may go down up to one stabilisation window early, and the first changes may
 include one flap per group. Everything predictive is recomputed from rules, run history
 (etcd) and measured start durations each time.
+
+A caller that knows what changed since its previous call (the simulator, asking ~20,000
+times a simulated day at 500 tasks) passes `Changes`: then each task's windows and lead are
+kept while they hold, and only the groups whose inputs changed or whose count may change
+by time alone are decided again, to the same decisions (tests/unit/test_simulate_changes.py
+replays both ways). A rule whose outcome changes with time alone must add that moment to
+`_schedule`, or the two ways part.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from controlplane.model.group import GroupKey
-from controlplane.model.rules import RuleSet
+from controlplane.model.rules import Group, RuleSet
 from controlplane.model.run import Run
 from controlplane.scaler.profile import (
     NEVER_FINISHED,
+    History,
+    TaskWindows,
     Window,
     extra_runs,
+    group_tasks,
+    hop_groups,
     managed_groups,
-    task_hops,
-    windows,
+    runs_by_task,
+    task_windows,
 )
 
 _EPSILON = 1e-9
@@ -95,6 +107,21 @@ class Decision:
     replicas: int
     reason: str
     at: float
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed since the previous `decide`, from a caller that tracks it (the
+    simulator): anything not named is as it was. Given these, `decide` recomputes only the
+    groups they touch and those whose decision may change with time alone (`_schedule`):
+    asking about all 200 groups of 500 tasks every period and at every run report made a
+    30-day simulation take hours. Without them (the live scaler) everything is recomputed.
+    Either way the caller asks every period: a group's reactive window holds its latest
+    recommendation as of the previous call (`_catch_up`)."""
+
+    tasks: frozenset[str] = frozenset()  # runs reported started or finished
+    observed: frozenset[GroupKey] = frozenset()  # observations changed
+    measured: frozenset[GroupKey] = frozenset()  # measured start-to-ready durations changed
 
 
 @dataclass
@@ -227,6 +254,15 @@ class _Span:
     window: Window
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """One task's windows as last computed, and their spans per group by its lead then."""
+
+    windows: TaskWindows
+    lead: float | None  # None without windows
+    spans: dict[GroupKey, list[_Span]]
+
+
 class Policy:
     """Decides the desired count of every managed group each sync period."""
 
@@ -236,6 +272,22 @@ class Policy:
         self._last: dict[GroupKey, Decision] = {}
         self._raised: dict[GroupKey, float] = {}  # when each group last went up
         self._pools: dict[GroupKey, int] = {}
+        # What `Changes` lets the next decision reuse: the rules and the reach the cached
+        # windows were computed for, each task's windows and lead, each group's longest
+        # measured start, the tasks with a habit of extra runs, when each group may decide
+        # otherwise (a heap with stale entries skipped), when each group was last decided
+        # and when the policy was last asked.
+        self._rules: RuleSet | None = None
+        self._reach = math.nan
+        self._seen: dict[str, _Seen] = {}
+        self._leads: dict[str, float] = {}
+        self._heard: dict[GroupKey, tuple[float | None, ...] | None] = {}  # `_signals`
+        self._longest: dict[GroupKey, float] = {}
+        self._habits: dict[str, tuple[int, float]] = {}
+        self._wakes: dict[GroupKey, float] = {}
+        self._queue: list[tuple[float, GroupKey]] = []
+        self._decided: dict[GroupKey, float] = {}
+        self._asked = -math.inf
 
     @property
     def pools(self) -> dict[GroupKey, int]:
@@ -253,30 +305,32 @@ class Policy:
         self,
         now: float,
         rules: RuleSet,
-        history: Sequence[Run],
+        history: History,
         observations: Mapping[GroupKey, Observation],
         start_durations: Mapping[GroupKey, Sequence[float]],
+        changes: Changes | None = None,
     ) -> list[Decision]:
         """Decisions for the groups whose desired count changed since the previous call
         (every managed group on the first call), ordered by group.
 
         `history`: each task's open runs and recent finished ones (at least its last
-        `profile.HISTORY_RUNS`). `start_durations`: recent measured start-to-ready seconds
-        per group (a few dozen to a hundred each). A group that stopped being managed gets
-        one last decision: its minimum, or 0 when the group is gone.
+        `profile.HISTORY_RUNS`), all in one sequence or per task. `start_durations`: recent
+        measured start-to-ready seconds per group (a few dozen to a hundred each). A group
+        that stopped being managed gets one last decision: its minimum, or 0 when the group
+        is gone. `changes`: see `Changes`; the decisions are the same with or without.
         """
         config = self.config
         groups = managed_groups(rules)
-        self._pools = keep_alive_pools(rules, history, now, config.park_min_extra_per_day)
+        runs_of = runs_by_task(history)
+        full = changes is None or rules is not self._rules
+        known = None if full else changes
+        self._pools = self._keep_alive(rules, runs_of, now, known)
         hold = config.scale_down_window_s + config.sync_period_s + config.keep_margin_s
-        horizon = hold + _lead_bound(start_durations, config)
-        spans = self._spans(
-            rules,
-            windows(rules, history, now - hold - config.drain_s, now + horizon, now),
-            start_durations,
-        )
+        horizon = hold + self._lead_bound(start_durations, known)
+        due = self._due(now, rules, groups, horizon, known, observations, start_durations)
+        spans = self._spans(rules, due, runs_of, now, hold, horizon, start_durations)
         decisions: list[Decision] = []
-        for key, bounds in groups.items():
+        for key, bounds in due.items():
             group_spans = spans.get(key, [])
             predictive, soon, coming = _predictive(group_spans, now, hold)
             ended = max((span.end for span in group_spans if span.end <= now), default=-math.inf)
@@ -308,7 +362,9 @@ class Policy:
             decision = Decision(key[0], key[1], replicas, reason, now)
             self._last[key] = decision
             decisions.append(decision)
-        for key in [key for key in self._last if key not in groups]:
+        self._schedule(now, rules, due, spans)
+        self._asked = now
+        for key in [key for key in self._last if key not in groups] if full else ():
             service = rules.services.get(key[0])
             bounds = service.group(key[1]) if service is not None else None
             replicas = bounds.min_replicas if bounds is not None else 0
@@ -319,27 +375,245 @@ class Policy:
             self._raised.pop(key, None)
         return decisions
 
+    def _keep_alive(
+        self,
+        rules: RuleSet,
+        runs_of: Mapping[str, Sequence[Run]],
+        now: float,
+        changes: Changes | None,
+    ) -> dict[GroupKey, int]:
+        """`keep_alive_pools`, from the extra-run habits of the tasks whose runs changed."""
+        if changes is None:
+            self._habits.clear()
+        for name in runs_of if changes is None else changes.tasks:
+            habit = extra_habit(rules, name, runs_of.get(name, ()))
+            if habit is None:
+                self._habits.pop(name, None)
+            else:
+                self._habits[name] = habit
+        return _pools_of(rules, self._habits, now, self.config.park_min_extra_per_day)
+
+    def _lead_bound(
+        self, start_durations: Mapping[GroupKey, Sequence[float]], changes: Changes | None
+    ) -> float:
+        """`_lead_bound` from each group's longest start, kept for the unchanged groups."""
+        if changes is None:
+            self._longest.clear()
+        for key in start_durations if changes is None else changes.measured:
+            values = start_durations.get(key)
+            if values:
+                self._longest[key] = max(values)
+            else:
+                self._longest.pop(key, None)
+        return _lead_bound(self._longest.values(), self.config)
+
+    def _due(
+        self,
+        now: float,
+        rules: RuleSet,
+        groups: dict[GroupKey, Group],
+        horizon: float,
+        changes: Changes | None,
+        observations: Mapping[GroupKey, Observation],
+        start_durations: Mapping[GroupKey, Sequence[float]],
+    ) -> dict[GroupKey, Group]:
+        """The groups to decide now, by group: every one without `changes` or when the rules
+        or the windows' reach changed (nothing cached is reused then); else those whose
+        tasks' runs or leads changed, whose observation changed in what `_reactive` reads,
+        and those due by time (`_schedule`)."""
+        if changes is None or horizon != self._reach:
+            self._rules, self._reach = rules, horizon
+            self._seen.clear()
+            self._leads.clear()
+            self._wakes.clear()
+            self._queue.clear()
+            due = groups
+        else:
+            due = self._touched(now, rules, groups, changes, observations, start_durations)
+        for key in due:
+            self._catch_up(key)
+            self._heard[key] = _signals(observations.get(key))
+        return due
+
+    def _touched(
+        self,
+        now: float,
+        rules: RuleSet,
+        groups: dict[GroupKey, Group],
+        changes: Changes,
+        observations: Mapping[GroupKey, Observation],
+        start_durations: Mapping[GroupKey, Sequence[float]],
+    ) -> dict[GroupKey, Group]:
+        """`_due` from `changes`. A measured start changes the leads of the tasks with a hop
+        there, and a lead moves the start of the task's spans. Spans that started before now
+        did so whatever the lead: they are widened anew when next used. Those of windows that
+        start later start sooner or later: their groups are decided now if one of them starts
+        by now either way, else when the first of them starts (`_schedule` says why nothing
+        else they change can change a count)."""
+        hops = hop_groups(rules)
+        keys = {
+            key
+            for key in changes.observed
+            if _signals(observations.get(key)) != self._heard.get(key)
+        }
+        touched = set(changes.tasks)
+        for name in touched:
+            self._seen.pop(name, None)
+        leading = {name for key in changes.measured for name in group_tasks(rules).get(key, ())}
+        for name in leading:
+            self._leads.pop(name, None)
+            seen = self._seen.get(name)
+            if seen is None or seen.lead is None:
+                continue
+            if now >= seen.windows.until:  # the windows are due anew: so are their groups
+                touched.add(name)
+            elif any(window.start > now for window in seen.windows.windows):
+                moved = self._respan(rules, name, seen, start_durations)
+                if moved.lead != seen.lead:
+                    keys.update(self._moved(now, seen, moved))
+        for name in touched:
+            keys.update((service, group) for service, group, _ in hops.get(name, ()))
+        queue = self._queue
+        while queue and queue[0][0] <= now:
+            wake, key = heapq.heappop(queue)
+            if self._wakes.get(key) == wake:
+                keys.add(key)
+        return {key: groups[key] for key in sorted(keys) if key in groups}
+
+    def _moved(self, now: float, seen: _Seen, moved: _Seen) -> set[GroupKey]:
+        """The groups of a task whose lead changed that must be decided now: those where a
+        span of a later window starts by now by one lead and not by the other. The others
+        are woken when the first such span starts, by either lead."""
+        due: set[GroupKey] = set()
+        for key, spans in moved.spans.items():
+            first = math.inf
+            for before, after in zip(seen.spans[key], spans, strict=True):
+                if after.window.start <= now:
+                    continue
+                if (before.start <= now) != (after.start <= now):
+                    due.add(key)
+                first = min((first, *(s.start for s in (before, after) if s.start > now)))
+            if key not in due and first < self._wakes.get(key, math.inf):
+                self._wakes[key] = first
+                heapq.heappush(self._queue, (first, key))
+        return due
+
+    def _catch_up(self, key: GroupKey) -> None:
+        """Asked every time, a group whose observation did not change would have made the
+        same recommendation again at each call: its window holds it as of the previous
+        call, which decides when it expires once the observation changes."""
+        recommendations = self._metrics.get(key)
+        if recommendations and recommendations[-1][0] == self._decided.get(key):
+            _, count, text = recommendations.pop()
+            recommendations.append((self._asked, count, text))
+
     def _spans(
         self,
         rules: RuleSet,
-        found: list[Window],
+        due: Mapping[GroupKey, Group],
+        runs_of: Mapping[str, Sequence[Run]],
+        now: float,
+        hold: float,
+        horizon: float,
         start_durations: Mapping[GroupKey, Sequence[float]],
     ) -> dict[GroupKey, list[_Span]]:
-        """Windows widened by their task's chain lead and the drain, per group."""
-        starts_of: dict[str, dict[GroupKey, int]] = {}
-        for window in found:
-            starts_of.setdefault(window.task, {})[(window.service, window.group)] = window.replicas
-        leads = {
-            task: chain_lead(start_durations, starts, self.config)
-            for task, starts in starts_of.items()
-        }
+        """The windows of each due group widened by their task's chain lead and the drain,
+        in `profile.windows`' order. A task's are reused while `TaskWindows` says they hold,
+        but for those that left the reach since."""
+        start, end = now - hold - self.config.drain_s, now + horizon
+        tasks_of = group_tasks(rules)
         spans: dict[GroupKey, list[_Span]] = {}
-        for window in found:
-            span = _Span(
-                window.start - leads[window.task], window.end + self.config.drain_s, window
-            )
-            spans.setdefault((window.service, window.group), []).append(span)
+        for key in due:
+            found: list[_Span] = []
+            for name in tasks_of.get(key, ()):
+                seen = self._seen.get(name)
+                if seen is None or seen.windows.grows or now >= seen.windows.until:
+                    seen = self._task(rules, name, runs_of, now, start, end, start_durations)
+                elif seen.lead is not None and seen.lead != self._leads.get(name):
+                    seen = self._respan(rules, name, seen, start_durations)
+                found.extend(span for span in seen.spans.get(key, ()) if span.window.end > start)
+            found.sort(key=lambda span: (span.window.start, span.window.task))
+            spans[key] = found
         return spans
+
+    def _task(
+        self,
+        rules: RuleSet,
+        name: str,
+        runs_of: Mapping[str, Sequence[Run]],
+        now: float,
+        start: float,
+        end: float,
+        start_durations: Mapping[GroupKey, Sequence[float]],
+    ) -> _Seen:
+        """One task's windows over [start, end) and their spans, computed afresh."""
+        found = task_windows(rules, name, runs_of.get(name, ()), start, end, now)
+        lead = self._lead(rules, name, start_durations) if found.windows else None
+        seen = self._seen[name] = _Seen(found, lead, _spans_of(found, lead, self.config.drain_s))
+        return seen
+
+    def _respan(
+        self,
+        rules: RuleSet,
+        name: str,
+        seen: _Seen,
+        start_durations: Mapping[GroupKey, Sequence[float]],
+    ) -> _Seen:
+        """The task's spans widened by its lead as of now."""
+        lead = self._lead(rules, name, start_durations)
+        spans = _spans_of(seen.windows, lead, self.config.drain_s)
+        seen = self._seen[name] = _Seen(seen.windows, lead, spans)
+        return seen
+
+    def _lead(
+        self, rules: RuleSet, name: str, start_durations: Mapping[GroupKey, Sequence[float]]
+    ) -> float:
+        """The task's `chain_lead`, kept until a start is measured on one of its groups."""
+        lead = self._leads.get(name)
+        if lead is None:
+            hops = hop_groups(rules)[name]
+            starts = {(service, group): count for service, group, count in hops}
+            lead = self._leads[name] = chain_lead(start_durations, starts, self.config)
+        return lead
+
+    def _schedule(
+        self,
+        now: float,
+        rules: RuleSet,
+        due: Mapping[GroupKey, Group],
+        spans: Mapping[GroupKey, list[_Span]],
+    ) -> None:
+        """When each group just decided may first decide otherwise with no new input: a span
+        starts or ends, or its window ends (a drain begins); an open run's window changes
+        (`TaskWindows.until`); a window enters the reach; the hold after a scale-up ends;
+        the reactive window's highest recommendation expires (unless it is the one made now,
+        which each period would make again).
+
+        Nothing else can change a count by itself. Windows that leave the reach ended a
+        scale-down window ago. A span coming within `hold` only raises `soon`, which counts
+        only while the wanted count is below the previous one: then the previous count is
+        kept (now, as `soon` was at least that) or bound by minReplicas, either way the
+        same count; a kept count is let go when a span ends or the hold ends, both woken."""
+        window_s = self.config.scale_down_window_s
+        tasks_of = group_tasks(rules)
+        for key in due:
+            moments = [self._raised.get(key, -math.inf) + window_s]
+            recommendations = self._metrics.get(key)
+            if recommendations and (len(recommendations) > 1 or recommendations[0][0] < now):
+                moments.append(recommendations[0][0] + window_s)
+            moments.extend(self._seen[name].windows.enters for name in tasks_of.get(key, ()))
+            for span in spans[key]:
+                window = span.window
+                moments.append(span.start)
+                if window.open:
+                    moments.append(self._seen[window.task].windows.until)
+                else:
+                    moments += (span.end, window.end)
+            wake = min((moment for moment in moments if moment > now), default=math.inf)
+            self._wakes[key] = wake
+            self._decided[key] = now
+            if wake < math.inf:
+                heapq.heappush(self._queue, (wake, key))
 
     def _reactive(
         self, key: GroupKey, now: float, observation: Observation | None, since: float
@@ -385,38 +659,76 @@ class Policy:
         return count, text
 
 
+def _spans_of(found: TaskWindows, lead: float | None, drain: float) -> dict[GroupKey, list[_Span]]:
+    """A task's windows widened by its chain lead and the drain, per group."""
+    spans: dict[GroupKey, list[_Span]] = {}
+    for window in found.windows:
+        span = _Span(window.start - lead, window.end + drain, window)  # type: ignore[operator]
+        spans.setdefault((window.service, window.group), []).append(span)
+    return spans
+
+
+def _signals(observation: Observation | None) -> tuple[float | None, ...] | None:
+    """What `Policy._reactive` reads of an observation."""
+    if observation is None:
+        return None
+    return (
+        observation.ready,
+        observation.in_flight,
+        observation.cpu,
+        observation.memory,
+        observation.saturation,
+    )
+
+
 MIN_EXTRA_RUNS = 3
 
 
 def keep_alive_pools(
-    rules: RuleSet, history: Sequence[Run], now: float, min_per_day: float
+    rules: RuleSet, history: History, now: float, min_per_day: float
 ) -> dict[GroupKey, int]:
     """Per managed group, the instances to keep parked for extra runs: the most replicas
     one extra run needs there, of the tasks that had at least `min_per_day` extra runs a
     day over their history (at least a day of it) and at least `MIN_EXTRA_RUNS` of them:
     one or two extra runs are no habit, and a task that is run by hand once a month does not keep
     its capacity parked all month. Other groups get 0."""
-    runs_of: dict[str, list[Run]] = {}
-    for run in history:
-        runs_of.setdefault(run.task, []).append(run)
+    habits = {
+        name: habit
+        for name, runs in runs_by_task(history).items()
+        if (habit := extra_habit(rules, name, runs)) is not None
+    }
+    return _pools_of(rules, habits, now, min_per_day)
+
+
+def extra_habit(rules: RuleSet, name: str, runs: Sequence[Run]) -> tuple[int, float] | None:
+    """(extra runs, first start) of a task's runs with at least `MIN_EXTRA_RUNS` extra
+    runs; None for other tasks, which keep nothing parked."""
+    task = rules.tasks.get(name)
+    extra = extra_runs(task, runs) if task is not None else ()
+    if len(extra) < MIN_EXTRA_RUNS:
+        return None
+    return len(extra), min(run.started_at for run in runs)
+
+
+def _pools_of(
+    rules: RuleSet, habits: Mapping[str, tuple[int, float]], now: float, min_per_day: float
+) -> dict[GroupKey, int]:
+    """`keep_alive_pools` from the tasks' `extra_habit`s."""
     pools = dict.fromkeys(managed_groups(rules), 0)
-    for name, runs in runs_of.items():
-        task = rules.tasks.get(name)
-        extra = extra_runs(task, runs) if task is not None else ()
-        if len(extra) < MIN_EXTRA_RUNS:
+    hops = hop_groups(rules)
+    for name, (count, first) in habits.items():
+        days = max(1.0, (now - first) / _DAY_S)
+        if count / days < min_per_day - _EPSILON:
             continue
-        days = max(1.0, (now - min(run.started_at for run in runs)) / _DAY_S)
-        if len(extra) / days < min_per_day - _EPSILON:
-            continue
-        for service, group, replicas in task_hops(rules, task):
+        for service, group, replicas in hops[name]:
             pools[service, group] = max(pools[service, group], replicas)
     return pools
 
 
-def _lead_bound(start_durations: Mapping[GroupKey, Sequence[float]], config: PolicyConfig) -> float:
-    """No chain lead is longer than this, so windows beyond it cannot matter yet."""
-    longest = max((max(values) for values in start_durations.values() if values), default=0.0)
-    return max(config.default_lead_s, longest + config.sync_period_s)
+def _lead_bound(longest: Iterable[float], config: PolicyConfig) -> float:
+    """No chain lead is longer than this, so windows beyond it cannot matter yet. `longest`:
+    each group's longest measured start."""
+    return max(config.default_lead_s, max(longest, default=0.0) + config.sync_period_s)
 
 
 def _predictive(spans: list[_Span], now: float, hold: float) -> tuple[int, int, _Span | None]:

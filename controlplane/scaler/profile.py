@@ -48,6 +48,8 @@ OPEN_MARGIN_S = 60.0  # an open run's window reaches at least this far past `now
 NEVER_FINISHED = 10
 UNLISTED_HOP_REPLICAS = 1  # a task group hop missing from spec.replicas still needs one
 _DAY_S = 86400
+# every run, or each task's runs (kept so by the simulator, which then regroups nothing)
+History = Sequence[Run] | Mapping[str, Sequence[Run]]
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class _Plan:
 
     hops: Mapping[str, tuple[tuple[str, str, int], ...]]
     groups: Mapping[GroupKey, Group]
+    tasks: Mapping[GroupKey, tuple[str, ...]]  # the tasks with a hop on each group, by name
 
 
 _plans: dict[int, tuple[RuleSet, _Plan]] = {}
@@ -150,11 +153,40 @@ def _plan(rules: RuleSet) -> _Plan:
         for task_hops_ in hops.values()
         for service, group, _ in task_hops_
     }
-    plan = _Plan(hops, dict(sorted(groups.items())))
+    tasks: dict[GroupKey, list[str]] = {}
+    for name, task_hops_ in hops.items():
+        for service, group, _ in task_hops_:
+            tasks.setdefault((service, group), []).append(name)
+    plan = _Plan(
+        hops,
+        dict(sorted(groups.items())),
+        {key: tuple(dict.fromkeys(names)) for key, names in tasks.items()},
+    )
     if len(_plans) >= 8:
         _plans.clear()
     _plans[id(rules)] = (rules, plan)
     return plan
+
+
+def group_tasks(rules: RuleSet) -> Mapping[GroupKey, tuple[str, ...]]:
+    """The tasks with a hop on each managed group, by name (shared: do not change it)."""
+    return _plan(rules).tasks
+
+
+def hop_groups(rules: RuleSet) -> Mapping[str, tuple[tuple[str, str, int], ...]]:
+    """`task_hops` of every task, by name (shared: do not change it)."""
+    return _plan(rules).hops
+
+
+def runs_by_task(history: History) -> Mapping[str, Sequence[Run]]:
+    """Each task's runs, in the history's order. A caller that keeps them per task (the
+    simulator) passes them so, and nothing is regrouped."""
+    if isinstance(history, Mapping):
+        return history
+    runs_of: dict[str, list[Run]] = {}
+    for run in history:
+        runs_of.setdefault(run.task, []).append(run)
+    return runs_of
 
 
 def fire_times(task: ScheduledTask, start: float, end: float) -> list[float]:
@@ -186,7 +218,7 @@ def _fires_on_day(schedule: str, timezone: str, day: int) -> tuple[float, ...]:
 
 def windows(
     rules: RuleSet,
-    history: Sequence[Run],
+    history: History,
     start: float,
     end: float,
     now: float | None = None,
@@ -196,39 +228,106 @@ def windows(
     least. `history` must hold each task's open runs and recent finished ones (the last
     `HISTORY_RUNS` at least); older runs change nothing."""
     now = start if now is None else now
-    runs_of: dict[str, list[Run]] = {}
-    for run in history:
-        runs_of.setdefault(run.task, []).append(run)
+    runs_of = runs_by_task(history)
     result: list[Window] = []
     for name, hops in _plan(rules).hops.items():
-        if not hops:
-            continue
-        task = rules.tasks[name]
-        for low, high, fire, run in _task_windows(task, runs_of.get(name, []), start, end, now):
-            result.extend(
-                Window(
-                    task=name,
-                    service=service,
-                    group=group,
-                    replicas=replicas,
-                    start=low,
-                    end=high,
-                    fire=fire,
-                    run=None if run is None else run.id,
-                    open=run is not None and run.open and high > now,
-                    stuck=run is not None and run.open and high <= now,
-                )
-                for service, group, replicas in hops
-            )
+        if hops:
+            result.extend(task_windows(rules, name, runs_of.get(name, ()), start, end, now).windows)
     result.sort(key=lambda w: (w.start, w.task))
     return result
 
 
-def _task_windows(
-    task: ScheduledTask, runs: list[Run], start: float, end: float, now: float
-) -> list[tuple[float, float, float | None, Run | None]]:
-    """(start, end, fire, run) of one task's runs overlapping [start, end)."""
+@dataclass(frozen=True)
+class TaskWindows:
+    """One task's windows over [start, end) at `now`, and how long they hold while the range
+    moves along with now (the policy asks for the same reach around now every period, and
+    recomputing 500 tasks' windows each time is what made a 30-day simulation take hours).
+
+    Before `until` the moved range gives the same windows but those that left it (ended by
+    its start), except that an open run's end keeps reaching `now + OPEN_MARGIN_S` while
+    `grows`. `enters` is when the next fire's window enters the range at its end (`until`
+    is never later)."""
+
+    windows: tuple[Window, ...]
+    until: float
+    enters: float
+    grows: bool
+
+
+def task_windows(
+    rules: RuleSet, name: str, runs: Sequence[Run], start: float, end: float, now: float
+) -> TaskWindows:
+    """`windows` of one task, in their order before the sort by start."""
+    task = rules.tasks[name]
     duration = _expected(task, runs)
+    every = _claimed(task, runs, start, end, now, duration)
+    spans = [span for span in every if span[0] < end and span[1] > start]
+    found = tuple(
+        Window(
+            task=name,
+            service=service,
+            group=group,
+            replicas=replicas,
+            start=low,
+            end=high,
+            fire=fire,
+            run=None if run is None else run.id,
+            open=run is not None and run.open and high > now,
+            stuck=run is not None and run.open and high <= now,
+        )
+        for low, high, fire, run in spans
+        for service, group, replicas in _plan(rules).hops[name]
+    )
+    below, above = now - start, end - now
+    following = fire_times(task, end, end + _DAY_S)
+    enters = (following[0] if following else end + _DAY_S) - above
+    changes = [enters]
+    # A run that finishes before the range's start no longer claims its fire then: another
+    # run that claimed none may claim it instead (its window then starts at the fire).
+    unclaimed = [run.started_at for _, _, fire, run in every if run is not None and fire is None]
+    for _, _, fire, run in every:
+        if fire is None or run is None or run.finished_at is None:
+            continue
+        if any(fire - CLAIM_EARLY_S <= other < fire + duration for other in unclaimed):
+            changes.append(run.finished_at + duration + 2 * CLAIM_EARLY_S + below)
+    grows = False
+    for run in runs:
+        if run.finished_at is not None:
+            continue
+        held = run.started_at + NEVER_FINISHED * duration
+        if run.started_at + duration >= now + OPEN_MARGIN_S:
+            changes.append(run.started_at + duration - OPEN_MARGIN_S)  # starts growing
+        elif now + OPEN_MARGIN_S < held:
+            grows = True
+            changes.append(held - OPEN_MARGIN_S)  # stops growing
+        elif held > now:
+            changes.append(held)  # stuck
+    return TaskWindows(found, min(changes), enters, grows)
+
+
+def _task_windows(
+    task: ScheduledTask,
+    runs: Sequence[Run],
+    start: float,
+    end: float,
+    now: float,
+    duration: float,
+) -> list[tuple[float, float, float | None, Run | None]]:
+    """(start, end, fire, run) of one task's runs overlapping [start, end); `duration` is
+    its `expected_duration`."""
+    spans = _claimed(task, runs, start, end, now, duration)
+    return [span for span in spans if span[0] < end and span[1] > start]
+
+
+def _claimed(
+    task: ScheduledTask,
+    runs: Sequence[Run],
+    start: float,
+    end: float,
+    now: float,
+    duration: float,
+) -> list[tuple[float, float, float | None, Run | None]]:
+    """`_task_windows` before the overlap: also those of the runs that may claim a fire."""
     # a run that finished before this cannot overlap the range nor claim a fire that does
     horizon = start - duration - 2 * CLAIM_EARLY_S
     relevant = sorted(
@@ -259,7 +358,7 @@ def _task_windows(
         for index, fire in enumerate(fires)
         if index not in claimed
     )
-    return [span for span in spans if span[0] < end and span[1] > start]
+    return spans
 
 
 def extra_runs(task: ScheduledTask, runs: Sequence[Run]) -> tuple[Run, ...]:
@@ -274,7 +373,7 @@ def _extra(task: ScheduledTask, runs: tuple[Run, ...]) -> tuple[Run, ...]:
     if not runs:
         return ()
     low, high = runs[0].started_at, runs[-1].started_at + 1
-    spans = _task_windows(task, list(runs), low, high, high)
+    spans = _task_windows(task, runs, low, high, high, _expected(task, runs))
     return tuple(run for _, _, fire, run in spans if fire is None and run is not None)
 
 
