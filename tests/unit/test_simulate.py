@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,28 @@ def test_oracle_is_a_lower_bound_and_tasklane_beats_static_peak(report: Report) 
     assert tasklane.share_without_shortfall > report.result("hpa").share_without_shortfall
     assert report.result("static-peak").scale_events == 0
     assert report.result("static-peak").shortfalls == (0.0,) * len(tasklane.shortfalls)
+
+
+def test_a_policy_below_either_oracle_without_shortfall_is_named(report: Report) -> None:
+    """The flap-free oracle binds only policies that never flap; neither binds a policy that
+    was short, which bought its savings with waiting runs."""
+    assert report.oracle_hours <= report.flap_free_oracle_hours
+    never_short = replace(
+        report.result("tasklane"),
+        shortfalls=(0.0,),
+        extra_shortfalls=(),
+        missing_replica_hours=0.0,
+        flaps=0,
+    )
+    cases = (
+        replace(never_short, policy="steady", replica_hours=105),
+        replace(never_short, policy="flappy", replica_hours=105, flaps=2),
+        replace(never_short, policy="cheap", replica_hours=95, flaps=2),
+        replace(never_short, policy="short", replica_hours=95, shortfalls=(30.0,)),
+    )
+    bounded = replace(report, oracle_hours=100, flap_free_oracle_hours=110, results=cases)
+    assert bounded.below_oracle() == ["steady (flap-free oracle)", "cheap (oracle)"]
+    assert "flap-free oracle 110.0" in bounded.table()
 
 
 def test_tasklane_runs_the_real_policy(monkeypatch: pytest.MonkeyPatch) -> None:
