@@ -41,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -621,6 +622,12 @@ def verdicts(report: Report, policy: str = "tasklane") -> tuple[str, bool]:
         passed = passed and met
         lines.append(
             f"  {target.text:<38}{target.shown.format(value):>10}  {'ok' if met else 'MISS'}"
+        )
+    for group, moment, direction, after, forced in report.result(policy).flapped:
+        lines.append(
+            f"  flap: {group} {'up' if direction > 0 else 'down'} at "
+            f"{datetime.fromtimestamp(moment, UTC):%a %H:%M:%S} UTC, reversed {after:.0f} s "
+            + ("later by an extra run" if forced else "later")
         )
     below = report.below_oracle()
     lines.append(

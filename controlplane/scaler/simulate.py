@@ -113,6 +113,9 @@ class PolicyResult:
     flaps: int
     forced_flaps: int  # of which the reversal was a scale-up for an extra run
     parked_hours: float = 0.0  # the part of replica_hours parked instances cost
+    # per flap: group, when the reversed event was, its direction, seconds to the reversal,
+    # whether the reversal was a scale-up for an extra run
+    flapped: tuple[tuple[str, float, int, float, bool], ...] = ()
 
     @property
     def shortfall_p50(self) -> float:
@@ -388,7 +391,12 @@ def _oracle(workload: Workload, runs: Sequence[SimRun], clock: _Clock, seed: int
         scale_events=sum(len(changes) for changes in events.values()),
         run_groups=sum(len(run.needs) for run in measured),
         flaps=sum(len(_flaps(changes)) for changes in events.values()),
-        forced_flaps=sum(sum(_flaps(changes)) for changes in events.values()),
+        forced_flaps=sum(f[-1] for changes in events.values() for f in _flaps(changes)),
+        flapped=tuple(
+            (f"{key[0]}/{key[1]}", *flap)
+            for key, changes in events.items()
+            for flap in _flaps(changes)
+        ),
     )
 
 
@@ -408,11 +416,12 @@ def _bound_hours(
     return seconds / 3600
 
 
-def _flaps(changes: Sequence[tuple[float, int, bool]]) -> list[bool]:
+def _flaps(changes: Sequence[tuple[float, int, bool]]) -> list[tuple[float, int, float, bool]]:
     """Per scale event that reverses the previous one's direction within FLAP_WINDOW_S:
-    whether it was a scale-up for an extra run, which no schedule announces."""
+    when the previous one was, its direction, the seconds between them, and whether the
+    reversal was a scale-up for an extra run, which no schedule announces."""
     return [
-        forced
+        (t1, d1, t2 - t1, forced)
         for (t1, d1, _), (t2, d2, forced) in itertools.pairwise(changes)
         if d1 != d2 and t2 - t1 < FLAP_WINDOW_S
     ]
@@ -678,7 +687,12 @@ def _replay(
         scale_events=sum(len(group.changes) for group in groups.values()),
         run_groups=sum(len(run.needs) for run in measured),
         flaps=sum(len(_flaps(group.changes)) for group in groups.values()),
-        forced_flaps=sum(sum(_flaps(group.changes)) for group in groups.values()),
+        forced_flaps=sum(f[-1] for group in groups.values() for f in _flaps(group.changes)),
+        flapped=tuple(
+            (f"{key[0]}/{key[1]}", *flap)
+            for key, group in groups.items()
+            for flap in _flaps(group.changes)
+        ),
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bench.scaler import WEEK, make_workload, render
+from bench.scaler import WEEK, make_workload, render, verdicts
 from controlplane.errors import RuleError, TasklaneError
 from controlplane.scaler import policy as policy_module
 from controlplane.scaler.policy import PolicyConfig
@@ -103,6 +103,26 @@ def test_a_policy_below_either_oracle_without_shortfall_is_named(report: Report)
     bounded = replace(report, oracle_hours=100, flap_free_oracle_hours=110, results=cases)
     assert bounded.below_oracle() == ["steady (flap-free oracle)", "cheap (oracle)"]
     assert "flap-free oracle 110.0" in bounded.table()
+
+
+def test_every_flap_is_named_for_the_benchmark_to_print() -> None:
+    """Each policy's flaps, as `bench/scaler.py` prints them: the group, the reversed event
+    and how soon it was reversed, within the flap window. Three-minute runs every ten
+    minutes make the HPA flap (its 300 s window ends just before the next run)."""
+    doc = document()
+    nightly(doc).update(schedule="*/10 * * * *", expectedDuration="5m")
+    doc["spec"]["tasks"]["nightly-fund-yield"]["duration"] = {"median": "3m", "p95": "4m"}
+    report = simulate(parse(doc), days=0.25)
+    hpa = report.result("hpa")
+    assert hpa.flaps > 0
+    for result in report.results:
+        assert len(result.flapped) == result.flaps, result.policy
+        assert sum(flap[-1] for flap in result.flapped) == result.forced_flaps
+    group, moment, direction, after, _ = hpa.flapped[0]
+    assert group in {"fund-facade/task", "account-svc/task"}
+    assert direction in (1, -1) and 0 <= after < 300
+    assert report.result("static-peak").flapped == ()
+    assert f"flap: {group} " in verdicts(report, "hpa")[0]
 
 
 def test_tasklane_runs_the_real_policy(monkeypatch: pytest.MonkeyPatch) -> None:
