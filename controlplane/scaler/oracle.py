@@ -9,16 +9,24 @@ the resume). A parked instance is out of the count, as in the replay.
 
 `level_cost` with `window=0` is the oracle's bound: every choice is free. With the
 simulator's flap window it bounds every schedule that never flaps (a scale event reversed
-within the window), because such a schedule obeys two rules at every level: it cannot go
-below k and back to k or more within the window (so a level comes back from a stop only if
-the gap leaves the window after the start-up, and from a pool only if it leaves the window
-after the resume), and it cannot reach k and leave it within the window (so a level held at
-all is held for the window). The level's cheapest schedule under those two rules is found
-exactly by dynamic programming over which stretches of need share a held block; summing the
-levels drops only the rules between levels (one level down while another goes up within the
-window is a flap too), which can only make the bound lower, never higher than the cheapest
-flap-free schedule. The rules bind only events inside the measured days, as the flap count
-does.
+within the window). A level that the count leaves and regains within the window (or
+reaches and leaves) makes the group flap: between those two moments its count turns from
+going down to going up, so two consecutive scale events reverse within the window. So a
+flap-free schedule obeys two rules at every level: it cannot go below k and back to k or
+more within the window (a level comes back from a stop only if the gap leaves the window
+after the start-up, and from a pool only if it leaves it after the resume; an instance
+started into the pool beforehand is no scale event and costs its start-up), and it cannot
+reach k and leave it within the window (a level held at all is held for the window). A
+dynamic programme over which stretches of need share a held block finds the least cost
+under those rules, charging a block its span or the window, whichever is longer, but not
+where that hold falls: a hold that would crowd the next block is not charged for it, so
+the result can only be lower than the level's cheapest schedule. Summing the levels drops
+one more rule, that they nest (k + 1 or more only while k or more), which can only lower it
+further. Hence no schedule that is never short and never flaps costs less. Two limits: the
+start-ups are the group's seeded draws taken level by level, not those of the instances a
+policy happens to start, so the bound holds for the start-up distribution rather than draw
+by draw (as the oracle's always has); and the rules bind only events inside the measured
+days, as the flap count does.
 """
 
 from __future__ import annotations
