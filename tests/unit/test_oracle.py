@@ -3,6 +3,7 @@ oracle each cost, worked out by hand, and that never flapping never costs less."
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -82,3 +83,47 @@ def test_never_flapping_never_costs_less() -> None:
         flap_free = level_cost(needed, startups, FLAP_FREE)
         kept = needed[-1][1] - needed[0][0] + startups[0]  # one instance, never stopped
         assert plain <= flap_free + 1e-6 <= max(kept, WINDOW) + 2e-6
+
+
+def _enumerated(needed: list[tuple[float, float]], startups: list[float], terms: Terms) -> float:
+    """The same bound by brute force: every way to split the stretches into held blocks
+    and to begin each block (cold, or a resume of a parked or pre-started instance)."""
+    best = float("inf")
+    count = len(needed)
+    for cuts in itertools.product((False, True), repeat=count - 1):
+        firsts = [0, *(i + 1 for i, cut in enumerate(cuts) if cut)]
+        lasts = [*(i - 1 for i in firsts[1:]), count - 1]
+        options = []
+        for first in firsts:
+            low = needed[first][0]
+            ways = [(low - startups[first], 0.0)]  # cold: reached at the start-up
+            if first:
+                gap = low - terms.resume - needed[first - 1][1]
+                if low - startups[first] - needed[first - 1][1] < terms.window:
+                    ways = []
+                if gap >= terms.window:
+                    price = min(terms.parked_cost * gap, startups[first])
+                    ways.append((low - terms.resume, price))
+            options.append(ways)
+        for chosen in itertools.product(*options):
+            total = 0.0
+            for (at, outside), last in zip(chosen, lasts, strict=True):
+                total += outside + max(needed[last][1] - at, terms.window)
+            best = min(best, total)
+    return best
+
+
+def test_the_dynamic_programme_finds_the_cheapest_split() -> None:
+    rng = random.Random(11)
+    for _ in range(300):
+        moment, needed = 0.0, []
+        for _ in range(rng.randint(1, 6)):
+            moment += rng.uniform(1, 700)
+            length = rng.uniform(1, 400)
+            needed.append((moment, moment + length))
+            moment += length
+        startups = [rng.uniform(5, 300) for _ in needed]
+        for window in (0.0, WINDOW):  # measured days around it all: no edge effects
+            terms = Terms(window, RESUME, 0.25, -1e6, 1e6)
+            expected = _enumerated(needed, startups, terms)
+            assert level_cost(needed, startups, terms) == pytest.approx(expected), needed
