@@ -39,11 +39,11 @@ groups serve online traffic and are sized by whoever runs the online service, no
 scaler.
 
 State: only the reactive stabilisation windows, the last decision per group and when each
-group last went up and down. All are lost when another control plane replica becomes
-leader: its first `decide` returns every managed group (the actuators are idempotent),
-metric-driven headroom may go down up to one stabilisation window early, and the first
-changes may include one flap per group. Everything predictive is recomputed from rules,
-run history (etcd) and measured start durations each time.
+group last went up and down. All are lost when another control plane replica becomes leader: its
+first `decide` returns every managed group (the actuators are idempotent), metric-driven
+headroom may go down up to one stabilisation window early, and the first changes may
+include one flap per group. Everything predictive is recomputed from rules, run history
+(etcd) and measured start durations each time.
 """
 
 from __future__ import annotations
@@ -292,16 +292,15 @@ class Policy:
             wanted = max(predictive, reactive)
             previous = self._last.get(key)
             kept = False
-            lowered = self._lowered.get(key, -math.inf)
-            extra = [span for span in group_spans if span.window.fire is None]
             if (
                 previous is not None
                 and wanted > previous.replicas
-                and now - lowered < config.scale_down_window_s
-                and _need(extra, now, lasting=False)
+                and now - self._lowered.get(key, -math.inf) < config.scale_down_window_s
             ):  # up this soon after down would be a flap: only for what a cron announced
-                announced = [span for span in group_spans if span.window.fire is not None]
-                wanted = max(previous.replicas, _need(announced, now, lasting=False))
+                extra = [span for span in group_spans if span.window.fire is None]
+                if _need(extra, now, lasting=False):
+                    announced = [span for span in group_spans if span.window.fire is not None]
+                    wanted = max(previous.replicas, _need(announced, now, lasting=False))
             if previous is not None and wanted < previous.replicas:
                 if now - self._raised.get(key, -math.inf) < config.scale_down_window_s:
                     wanted = previous.replicas  # down this soon after up would be a flap
@@ -325,15 +324,6 @@ class Policy:
                 reason = f"bound: max {bounds.max_replicas} ({reason})"
             elif wanted < bounds.min_replicas:
                 reason = f"bound: min {bounds.min_replicas}"
-            if (
-                previous is not None
-                and replicas > previous.replicas
-                and any(
-                    lowered < span.window.start < lowered + config.scale_down_window_s
-                    for span in extra
-                )
-            ):
-                reason += f" (waited out the {config.scale_down_window_s:g}s after a scale-down)"
             decision = Decision(key[0], key[1], replicas, reason, now)
             self._last[key] = decision
             decisions.append(decision)

@@ -234,8 +234,6 @@ def test_an_extra_run_soon_after_a_down_waits_out_the_window_a_fire_does_not() -
         (FIRE + 1530, 0),
     ]
     assert changes(decisions, FACADE)[-2] == (down + 300, 4)
-    (late,) = [d for d in decisions if d.at == down + 300 and (d.service, d.group) == ACCOUNT]
-    assert late.reason == "run nightly/by-hand open (waited out the 300s after a scale-down)"
 
 
 def test_an_extra_run_waits_although_a_fired_run_of_its_task_ends_meanwhile() -> None:
