@@ -297,10 +297,10 @@ class Policy:
                 and wanted > previous.replicas
                 and now - self._lowered.get(key, -math.inf) < config.scale_down_window_s
             ):  # up this soon after down would be a flap: only for what a cron announced
-                extra = [span for span in group_spans if span.window.fire is None]
-                if _need(extra, now, lasting=False):
-                    announced = [span for span in group_spans if span.window.fire is not None]
-                    wanted = max(previous.replicas, _need(announced, now, lasting=False))
+                announced = [span for span in group_spans if span.window.fire is not None]
+                level = _need(announced, now, lasting=False)
+                if level < predictive:
+                    wanted = max(previous.replicas, level)
             if previous is not None and wanted < previous.replicas:
                 if now - self._raised.get(key, -math.inf) < config.scale_down_window_s:
                     wanted = previous.replicas  # down this soon after up would be a flap

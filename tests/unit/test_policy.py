@@ -236,36 +236,6 @@ def test_an_extra_run_soon_after_a_down_waits_out_the_window_a_fire_does_not() -
     assert changes(decisions, FACADE)[-2] == (down + 300, 4)
 
 
-def test_an_extra_run_waits_although_a_fired_run_of_its_task_ends_meanwhile() -> None:
-    """A quick task's run ends and the group goes down to the nightly run's 3; nightly is
-    then run by hand too, and its traffic asks for 6. When the fired nightly run ends, its
-    drain must not pass for announced need (the same task's extra run is open): the group
-    stays at 3 instead of going up 60 s after the down."""
-    ruleset = rules(
-        task("nightly"),
-        task("quick", "5 2 * * *", chain="debit", replicas=(("account-svc", 2),)),
-    )
-    runs = [
-        (Run("nightly", "n", FIRE, FIRE + 600, "succeeded"), 3),
-        (Run("quick", "q", FIRE + 300, FIRE + 420, "succeeded"), 2),
-        (Run("nightly", "by-hand", FIRE + 560, FIRE + 1500, "succeeded"), 3),
-    ]
-
-    def need(now: float) -> float:
-        return sum(count for run, count in runs if run.started_at <= now < run.finished_at)
-
-    observe = busy(lambda now: 8.0 * need(now) / 3)
-    reported = [run for run, _ in runs]
-    decisions = replay(Policy(), ruleset, FIRE - 300, FIRE + 1800, reported, observe)
-    assert changes(decisions, ACCOUNT) == [
-        (FIRE - 300, 0),
-        (FIRE - 60, 3),
-        (FIRE + 240, 5),
-        (FIRE + 540, 3),  # 300 s after going up
-        (FIRE + 1530, 0),
-    ]
-
-
 def test_no_decrease_within_the_scale_down_window_of_an_increase() -> None:
     run = Run("nightly", "abc", FIRE, FIRE + 60)  # a one-minute run
     decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 900, [run])
