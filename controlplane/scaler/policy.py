@@ -22,9 +22,8 @@ for a run that no cron fire announced (an extra run, started by hand at a moment
 knows): that run waits for the rest of the window. Such runs come at random moments, and on
 a group that goes down several times an hour one lands within the window of a down often
 (40 of 97 extra runs on the shop benchmark's week); serving each at once would be a flap
-every time. Holding a finished run's capacity for the window on groups with such runs
-instead cost 4-6 % more replica-hours and still left 41 of the shop week's 44 flaps (5 of
-the ETL week's 13), since a later down is as exposed as the first (README, the scaler).
+every time, and holding every finished run's capacity for the window costs 4-6 % more
+replica-hours and still leaves most of them (bench/scaler.py, README).
 
 *Reactive* is the Kubernetes HPA rule on each signal known: in-flight requests per ready
 instance, CPU and memory per instance, the app's own saturation gauge: ceil(ready x metric /
