@@ -17,13 +17,7 @@ the next one's pre-warm is due a few minutes later), it is kept instead: a stop 
 restart that close cost more in start-ups and risk than the idle minutes, and would flap.
 For the same reason a group never goes down within the scale-down window after it went up
 (a short run, or one task's pre-warm just before another task's run ends); a lowered
-maxReplicas still applies at once. Nor does it go up within that window after it went down
-for a run that no cron fire announced (an extra run, started by hand at a moment no profile
-knows): that run waits for the rest of the window. Such runs come at random moments, and on
-a group that goes down several times an hour one lands within the window of a down often
-(40 of 97 extra runs on the shop benchmark's week); serving each at once would be a flap
-every time, and holding every finished run's capacity for the window costs 4-6 % more
-replica-hours and still leaves most of them (bench/scaler.py, README).
+maxReplicas still applies at once.
 
 *Reactive* is the Kubernetes HPA rule on each signal known: in-flight requests per ready
 instance, CPU and memory per instance, the app's own saturation gauge: ceil(ready x metric /
@@ -38,7 +32,7 @@ groups serve online traffic and are sized by whoever runs the online service, no
 scaler.
 
 State: only the reactive stabilisation windows, the last decision per group and when each
-group last went up and down. All are lost when another control plane replica becomes leader: its
+group last went up. All are lost when another control plane replica becomes leader: its
 first `decide` returns every managed group (the actuators are idempotent), metric-driven
 headroom may go down up to one stabilisation window early, and the first changes may
 include one flap per group. Everything predictive is recomputed from rules, run history
@@ -241,7 +235,6 @@ class Policy:
         self._metrics: dict[GroupKey, deque[tuple[float, int, str]]] = {}
         self._last: dict[GroupKey, Decision] = {}
         self._raised: dict[GroupKey, float] = {}  # when each group last went up
-        self._lowered: dict[GroupKey, float] = {}  # and down
         self._pools: dict[GroupKey, int] = {}
 
     @property
@@ -291,15 +284,6 @@ class Policy:
             wanted = max(predictive, reactive)
             previous = self._last.get(key)
             kept = False
-            if (
-                previous is not None
-                and wanted > previous.replicas
-                and now - self._lowered.get(key, -math.inf) < config.scale_down_window_s
-            ):  # up this soon after down would be a flap: only for what a cron announced
-                announced = [span for span in group_spans if span.window.fire is not None]
-                level = _need(announced, now, lasting=False)
-                if level < predictive:
-                    wanted = max(previous.replicas, level)
             if previous is not None and wanted < previous.replicas:
                 if now - self._raised.get(key, -math.inf) < config.scale_down_window_s:
                     wanted = previous.replicas  # down this soon after up would be a flap
@@ -310,8 +294,6 @@ class Policy:
                 continue
             if previous is not None and replicas > previous.replicas:
                 self._raised[key] = now
-            elif previous is not None:
-                self._lowered[key] = now
             if kept and coming is not None:
                 reason = f"keep for task {coming.window.task}: due within {hold:g}s"
             elif reactive > predictive:
@@ -335,7 +317,6 @@ class Policy:
             del self._last[key]
             self._metrics.pop(key, None)
             self._raised.pop(key, None)
-            self._lowered.pop(key, None)
         return decisions
 
     def _spans(

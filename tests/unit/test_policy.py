@@ -216,26 +216,6 @@ def test_always_overrunning_runs_reported_by_a_skewed_clock_hold_what_they_need(
     assert policy.pools == {FACADE: 0, ACCOUNT: 0}
 
 
-def test_an_extra_run_soon_after_a_down_waits_out_the_window_a_fire_does_not() -> None:
-    """The group goes down 30 s after the nightly run; a run started by hand 70 s later
-    (no fire claims it) would bring it up again within 300 s, a flap: it waits until 300 s
-    after the down. The fire's own pre-warm and run went up at once."""
-    runs = [
-        Run("nightly", "abc", FIRE, FIRE + 600, "succeeded"),
-        Run("nightly", "by-hand", FIRE + 700, FIRE + 1500, "succeeded"),
-    ]
-    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 2400, runs)
-    down = FIRE + 630
-    assert changes(decisions, ACCOUNT) == [
-        (FIRE - 300, 0),
-        (FIRE - 60, 3),
-        (down, 0),
-        (down + 300, 3),
-        (FIRE + 1530, 0),
-    ]
-    assert changes(decisions, FACADE)[-2] == (down + 300, 4)
-
-
 def test_no_decrease_within_the_scale_down_window_of_an_increase() -> None:
     run = Run("nightly", "abc", FIRE, FIRE + 60)  # a one-minute run
     decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 900, [run])
