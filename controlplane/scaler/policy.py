@@ -17,7 +17,12 @@ the next one's pre-warm is due a few minutes later), it is kept instead: a stop 
 restart that close cost more in start-ups and risk than the idle minutes, and would flap.
 For the same reason a group never goes down within the scale-down window after it went up
 (a short run, or one task's pre-warm just before another task's run ends); a lowered
-maxReplicas still applies at once.
+maxReplicas still applies at once. A run no cron announced (an extra run, started by hand)
+is served at once, even when its group went down less than the window ago, which counts as
+a flap: holding it back until the window is over only moved its cold start or resume later
+(the shop benchmark week's extra runs waited 38 s at p50 instead of 0.1 s, up to 500 s),
+and holding every finished run's capacity for the window cost 4-6 % more replica-hours and
+still left most of them, since they land at random moments (README, the scaler).
 
 *Reactive* is the Kubernetes HPA rule on each signal known: in-flight requests per ready
 instance, CPU and memory per instance, the app's own saturation gauge: ceil(ready x metric /
