@@ -46,6 +46,9 @@ README_COLUMNS = (
     Column("times_oracle", ("x", "oracle"),
            "replica-hours against the oracle, which knows every run in advance",
            lambda rep, r: r.replica_hours / rep.oracle_hours, "{:.2f}"),
+    Column("times_flap_free_oracle", ("x flap-free", "oracle"),
+           "replica-hours against the least that any policy that never flaps can cost",
+           lambda rep, r: r.replica_hours / rep.flap_free_oracle_hours, "{:.2f}"),
     Column("fires_with_no_shortfall", ("fires with", "no shortfall"),
            "share of cron fires whose run started with every hop's replicas ready",
            lambda _, r: 100 * r.share_without_shortfall, "{:.1f} %"),
@@ -99,6 +102,7 @@ def as_json(report: Report) -> str:
         "extra": report.extra,
         "static_peak_hours": report.static_peak_hours,
         "oracle_hours": report.oracle_hours,
+        "flap_free_oracle_hours": report.flap_free_oracle_hours,
         "policies": [
             {"policy": r.policy, **{c.key: c.value(report, r) for c in COLUMNS}}
             for r in report.results

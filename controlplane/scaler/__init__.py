@@ -3,8 +3,9 @@
 `profile` predicts from cron, time zones and run history which group needs how many replicas
 when; `policy` turns that, measured start-up times and metrics into one explained decision
 per group each sync period; `actuators` carry decisions out; `simulate` replays a workload
-(`workload`) under this policy and the usual alternatives on a virtual clock. Everything but
-the actuators is pure: time, rules, history and observations are arguments.
+(`workload`) under this policy and the usual alternatives on a virtual clock, against the
+least any schedule could cost (`oracle`). Everything but the actuators is pure: time,
+rules, history and observations are arguments.
 """
 
 from controlplane.scaler.policy import Decision, Observation, Policy, PolicyConfig

@@ -17,7 +17,12 @@ the next one's pre-warm is due a few minutes later), it is kept instead: a stop 
 restart that close cost more in start-ups and risk than the idle minutes, and would flap.
 For the same reason a group never goes down within the scale-down window after it went up
 (a short run, or one task's pre-warm just before another task's run ends); a lowered
-maxReplicas still applies at once.
+maxReplicas still applies at once. A run no cron announced (an extra run, started by hand)
+is served at once, even when its group went down less than the window ago, which counts as
+a flap: holding it back until the window is over only moved its cold start or resume later
+(the shop benchmark week's extra runs waited 38 s at p50 instead of 0.1 s, up to 500 s),
+and holding every finished run's capacity for the window cost 4-6 % more replica-hours and
+still left most of them, since they land at random moments (README, the scaler).
 
 *Reactive* is the Kubernetes HPA rule on each signal known: in-flight requests per ready
 instance, CPU and memory per instance, the app's own saturation gauge: ceil(ready x metric /
@@ -746,7 +751,8 @@ def _need(spans: list[_Span], moment: float, lasting: bool) -> int:
     """Replicas the spans need at `moment` (open runs never end when `lasting`). Tasks add
     up; within a task, a run's drain is served by the instances of the task's other spans
     (the next run's pre-warm, an overrun), so it adds nothing when one of those is active:
-    the same instances stay, they are not started twice."""
+    the same instances stay, they are not started twice. A drain served so when its run
+    ended stays served when that other span ends (`_served_at_end`)."""
     running: dict[str, int] = {}
     draining: dict[str, int] = {}
     for span in spans:
@@ -754,10 +760,27 @@ def _need(spans: list[_Span], moment: float, lasting: bool) -> int:
         if span.start > moment or not (moment < span.end or (lasting and window.open)):
             continue
         drained = not window.open and window.end <= moment
+        if drained and _served_at_end(spans, span):
+            continue
         into = draining if drained else running
         into[window.task] = into.get(window.task, 0) + window.replicas
     return sum(running.values()) + sum(
         count for task, count in draining.items() if task not in running
+    )
+
+
+def _served_at_end(spans: list[_Span], drained: _Span) -> bool:
+    """Whether another span of the drained run's task was up when the run ended (a run of
+    the task open beside it, e.g. one started by hand, or the next fire's pre-warm): those
+    instances served the drain. Counting it again once that span ended too let the group go
+    down between the two ends and straight back up, a flap."""
+    window = drained.window
+    return any(
+        other is not drained
+        and other.window.task == window.task
+        and other.start <= window.end
+        and (other.window.open or window.end < other.window.end)
+        for other in spans
     )
 
 

@@ -181,6 +181,25 @@ def test_a_runs_drain_does_not_stack_on_the_same_tasks_next_pre_warm() -> None:
     assert max(replicas for _, replicas in changes(decisions, ACCOUNT)) == 3
 
 
+def test_a_drain_served_by_a_run_open_beside_it_does_not_come_back_when_that_run_ends() -> None:
+    """A run started by hand while the nightly run is open: the nightly run finishes first,
+    the extra one 10 s later. The open run's instances serve the first one's drain, as they
+    would the next run's pre-warm; that drain counted again once the second run finished
+    too, and the group went down for those seconds and straight back up (6 -> 3 -> 6)."""
+    runs = [
+        Run("nightly", "fired", FIRE + 3, FIRE + 1200, "succeeded"),
+        Run("nightly", "by-hand", FIRE + 600, FIRE + 1210, "succeeded"),
+    ]
+    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 1800, runs)
+    assert changes(decisions, ACCOUNT) == [
+        (FIRE - 300, 0),
+        (FIRE - 60, 3),
+        (FIRE + 600, 6),
+        (FIRE + 1200, 3),
+        (FIRE + 1245, 0),  # the first tick after the second run's drain (+1240 s)
+    ]
+
+
 def test_runs_never_reported_finished_do_not_pile_up_capacity() -> None:
     """An hourly 5-minute task whose scheduler reports starts but never a finish: each open
     run is held for 10 x its expected duration, then let go with a reason, so six hours of

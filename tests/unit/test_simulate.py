@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from bench.scaler import WEEK, make_workload, render
+from bench.scaler import WEEK, make_workload, render, verdicts
 from controlplane.errors import RuleError, TasklaneError
 from controlplane.scaler import policy as policy_module
 from controlplane.scaler.policy import PolicyConfig
@@ -80,6 +81,48 @@ def test_oracle_is_a_lower_bound_and_tasklane_beats_static_peak(report: Report) 
     assert tasklane.share_without_shortfall > report.result("hpa").share_without_shortfall
     assert report.result("static-peak").scale_events == 0
     assert report.result("static-peak").shortfalls == (0.0,) * len(tasklane.shortfalls)
+
+
+def test_a_policy_below_either_oracle_without_shortfall_is_named(report: Report) -> None:
+    """The flap-free oracle binds only policies that never flap; neither binds a policy that
+    was short, which bought its savings with waiting runs."""
+    assert report.oracle_hours <= report.flap_free_oracle_hours
+    never_short = replace(
+        report.result("tasklane"),
+        shortfalls=(0.0,),
+        extra_shortfalls=(),
+        missing_replica_hours=0.0,
+        flaps=0,
+    )
+    cases = (
+        replace(never_short, policy="steady", replica_hours=105),
+        replace(never_short, policy="flappy", replica_hours=105, flaps=2),
+        replace(never_short, policy="cheap", replica_hours=95, flaps=2),
+        replace(never_short, policy="short", replica_hours=95, shortfalls=(30.0,)),
+    )
+    bounded = replace(report, oracle_hours=100, flap_free_oracle_hours=110, results=cases)
+    assert bounded.below_oracle() == ["steady (flap-free oracle)", "cheap (oracle)"]
+    assert "flap-free oracle 110.0" in bounded.table()
+
+
+def test_every_flap_is_named_for_the_benchmark_to_print() -> None:
+    """Each policy's flaps, as `bench/scaler.py` prints them: the group, the reversed event
+    and how soon it was reversed, within the flap window. Three-minute runs every ten
+    minutes make the HPA flap (its 300 s window ends just before the next run)."""
+    doc = document()
+    nightly(doc).update(schedule="*/10 * * * *", expectedDuration="5m")
+    doc["spec"]["tasks"]["nightly-fund-yield"]["duration"] = {"median": "3m", "p95": "4m"}
+    report = simulate(parse(doc), days=0.25)
+    hpa = report.result("hpa")
+    assert hpa.flaps > 0
+    for result in report.results:
+        assert len(result.flapped) == result.flaps, result.policy
+        assert sum(flap[-1] for flap in result.flapped) == result.forced_flaps
+    group, moment, direction, after, _ = hpa.flapped[0]
+    assert group in {"fund-facade/task", "account-svc/task"}
+    assert direction in (1, -1) and 0 <= after < 300
+    assert report.result("static-peak").flapped == ()
+    assert f"flap: {group} " in verdicts(report, "hpa")[0]
 
 
 def test_tasklane_runs_the_real_policy(monkeypatch: pytest.MonkeyPatch) -> None:

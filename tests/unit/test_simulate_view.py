@@ -48,6 +48,7 @@ def test_json_has_every_figure_of_every_policy(report: Report) -> None:
         assert shown["flaps"] == result.flaps
         assert set(shown) == {"policy", *(column.key for column in COLUMNS)}
     assert body["oracle_hours"] == report.oracle_hours
+    assert body["flap_free_oracle_hours"] == report.flap_free_oracle_hours
 
 
 def test_the_command_prints_json_or_the_tables(tmp_path: Path, report: Report) -> None:
