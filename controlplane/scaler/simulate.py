@@ -112,10 +112,10 @@ class PolicyResult:
     scale_events: int
     run_groups: int  # (run, task group) pairs the scale events are divided by
     flaps: int
-    forced_flaps: int  # of which the reversal was a scale-up for an extra run
+    forced_flaps: int  # of which an extra run started on the group between the two events
     parked_hours: float = 0.0  # the part of replica_hours parked instances cost
     # per flap: group, when the reversed event was, its direction, seconds to the reversal,
-    # whether the reversal was a scale-up for an extra run
+    # whether an extra run started on the group between the two (see `_flaps`)
     flapped: tuple[tuple[str, float, int, float, bool], ...] = ()
 
     @property
@@ -428,7 +428,8 @@ def _bound_hours(
 def _flaps(changes: Sequence[tuple[float, int, bool]]) -> list[tuple[float, int, float, bool]]:
     """Per scale event that reverses the previous one's direction within FLAP_WINDOW_S:
     when the previous one was, its direction, the seconds between them, and whether the
-    reversal was a scale-up for an extra run, which no schedule announces."""
+    reversal was a scale-up after an extra run, which no schedule announces, started on the
+    group between the two (it took the capacity kept for a fire, or needed its own)."""
     return [
         (t1, d1, t2 - t1, forced)
         for (t1, d1, _), (t2, d2, forced) in itertools.pairwise(changes)
@@ -652,7 +653,9 @@ def _replay(
             if count != group.desired:
                 if clock.measured(now):
                     up = count > group.desired
-                    forced = up and now - group.extra_started <= SYNC_PERIOD_S
+                    # a run no cron announced started on the group since its last change
+                    since = group.changes[-1][0] if group.changes else -math.inf
+                    forced = up and group.extra_started >= since
                     group.changes.append((now, 1 if up else -1, forced))
                 group.desired = count
             scale(group, count, pools.get(key, 0), now)
