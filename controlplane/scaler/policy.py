@@ -598,7 +598,11 @@ class Policy:
         scale-down window ago. A span coming within `hold` only raises `soon`, which counts
         only while the wanted count is below the previous one: then the previous count is
         kept (now, as `soon` was at least that) or bound by minReplicas, either way the
-        same count; a kept count is let go when a span ends or the hold ends, both woken."""
+        same count; a kept count is let go when a span ends or the hold ends, both woken.
+
+        The windows change only *after* `enters` and from `until` on, when they are built
+        anew: one of those equal to now (a fire exactly at the reach's open end) wakes the
+        group at the next call."""
         window_s = self.config.scale_down_window_s
         tasks_of = group_tasks(rules)
         for key in due:
@@ -606,15 +610,18 @@ class Policy:
             recommendations = self._metrics.get(key)
             if recommendations and (len(recommendations) > 1 or recommendations[0][0] < now):
                 moments.append(recommendations[0][0] + window_s)
-            moments.extend(self._seen[name].windows.enters for name in tasks_of.get(key, ()))
+            rebuilt = [self._seen[name].windows.enters for name in tasks_of.get(key, ())]
             for span in spans[key]:
                 window = span.window
                 moments.append(span.start)
                 if window.open:
-                    moments.append(self._seen[window.task].windows.until)
+                    rebuilt.append(self._seen[window.task].windows.until)
                 else:
                     moments += (span.end, window.end)
-            wake = min((moment for moment in moments if moment > now), default=math.inf)
+            wake = min(
+                min((moment for moment in moments if moment > now), default=math.inf),
+                min((moment for moment in rebuilt if moment >= now), default=math.inf),
+            )
             self._wakes[key] = wake
             self._decided[key] = now
             if wake < math.inf:
@@ -635,7 +642,7 @@ class Policy:
                 ("saturation", observation.saturation, config.target_saturation, "{:.2f}"),
             )
             for name, usage, target, shown in metrics:
-                if usage is None:
+                if usage is None or not math.isfinite(usage):  # not known: drives nothing
                     continue
                 count = hpa_recommendation(
                     observation.ready, observation.ready, usage, target, config.tolerance
