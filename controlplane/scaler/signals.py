@@ -10,6 +10,7 @@ a signal that is not known must not drive a scale-down.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import urllib.request
@@ -30,7 +31,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def read_gauge(url: str, name: str, timeout: float = GAUGE_TIMEOUT_S) -> float | None:
-    """The mean of the samples of gauge `name` at a Prometheus text endpoint, or None."""
+    """The mean of the samples of gauge `name` at a Prometheus text endpoint, or None.
+    NaN and infinite samples (an idle pool's 0/0 busy ratio) say nothing: left out."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 direct
     try:
         with opener.open(url, timeout=timeout) as response:
@@ -40,7 +42,7 @@ def read_gauge(url: str, name: str, timeout: float = GAUGE_TIMEOUT_S) -> float |
             for family in text_string_to_metric_families(text)
             if family.name == name
             for sample in family.samples
-            if sample.name == name
+            if sample.name == name and math.isfinite(sample.value)
         ]
     except (OSError, ValueError):
         return None

@@ -327,6 +327,23 @@ def test_the_signal_that_drives_the_decision_is_named() -> None:
     assert account == [(6, "metric: saturation 1.60 > target 0.8")]
 
 
+def test_a_signal_that_is_not_a_number_drives_nothing() -> None:
+    """Prometheus text allows NaN and +Inf (an idle pool's 0/0 busy ratio): such a reading
+    is not known, the others still count, and the scaler goes on deciding."""
+    run = Run("nightly", "abc", FIRE, FIRE + 3600)
+
+    def seen(now: float) -> dict[GroupKey, Observation]:
+        return {
+            ACCOUNT: Observation(
+                *ACCOUNT, ready=3, starting=0, cpu=math.inf, memory=1.6, saturation=math.nan
+            )
+        }
+
+    decisions = replay(Policy(), rules(task("nightly")), FIRE + 60, FIRE + 90, [run], seen)
+    account = [(d.replicas, d.reason) for d in decisions if (d.service, d.group) == ACCOUNT]
+    assert account == [(6, "metric: memory 1.60 > target 0.8")]
+
+
 def test_within_tolerance_the_metric_changes_nothing() -> None:
     run = Run("nightly", "abc", FIRE, FIRE + 3600)
     decisions = replay(
