@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 
 from controlplane.cli import build_parser
 from controlplane.cli.completion import commands
-from controlplane.model.instance import Instance
+from controlplane.model.instance import KEEPALIVE_INTERVAL, Instance
 from controlplane.model.rules import KIND_ALIASES
 from controlplane.runtime.envoy import envoy_binary
 from controlplane.runtime.etcd import ETCD_BINARY
@@ -190,14 +191,27 @@ def test_get_name_wide_all_and_instances(running_up: Up) -> None:
         started_at=time.time(),
     )  # fmt: skip
     api(up, "/api/v1/instances", registered.to_json())
-    rows = ok(tasklane("get", "instances", up=up)).splitlines()
-    assert rows[0].split() == ["SERVICE", "GROUP", "INSTANCE", "ADDRESS", "AGE"]
-    assert rows[1].split()[:4] == ["account-svc", "default", registered.id, "127.0.0.1:40001"]
-    assert ok(tasklane("get", "inst", "-o", "name", up=up)) == f"instance/{registered.id}\n"
-    wide = ok(tasklane("get", "instances", "-o", "wide", up=up)).splitlines()
-    assert wide[1].split()[5:] == ["40002", "40004", "40003", "-"]
-    items = json.loads(ok(tasklane("get", "instances", "-o", "json", up=up)))["items"]
-    assert items == [registered.to_json()]
+    # renewed as `tasklane run` does: four CLI starts on a loaded box outlast its 5 s lease
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(KEEPALIVE_INTERVAL):
+            api(up, f"/api/v1/instances/{registered.id}/keepalive", {})
+
+    renewer = threading.Thread(target=renew)
+    renewer.start()
+    try:
+        rows = ok(tasklane("get", "instances", up=up)).splitlines()
+        assert rows[0].split() == ["SERVICE", "GROUP", "INSTANCE", "ADDRESS", "AGE"]
+        assert rows[1].split()[:4] == ["account-svc", "default", registered.id, "127.0.0.1:40001"]
+        assert ok(tasklane("get", "inst", "-o", "name", up=up)) == f"instance/{registered.id}\n"
+        wide = ok(tasklane("get", "instances", "-o", "wide", up=up)).splitlines()
+        assert wide[1].split()[5:] == ["40002", "40004", "40003", "-"]
+        items = json.loads(ok(tasklane("get", "instances", "-o", "json", up=up)))["items"]
+        assert items == [registered.to_json()]
+    finally:
+        done.set()
+        renewer.join(10)
 
     typo = tasklane("get", "taskchian", up=up)
     assert typo.returncode == 2
