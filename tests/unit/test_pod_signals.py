@@ -16,7 +16,7 @@ from kubernetes.client import ApiClient, V1LabelSelector, V1LabelSelectorRequire
 
 from controlplane.model.rules import Group, Requests, Service
 from controlplane.scaler.actuators.kubernetes import KubernetesActuator
-from controlplane.scaler.podsignals import metrics_url, selects, shared_selector
+from controlplane.scaler.podsignals import metrics_url, pods_of, selects, shared_selector
 from controlplane.scaler.policy import Observation, Policy
 from controlplane.scaler.signals import Reading, group_means
 from tests.support.kubeapi import (
@@ -290,6 +290,40 @@ def test_which_pods_a_deployments_selector_picks(
     selector: V1LabelSelector | None, labels: dict[str, str], picked: bool
 ) -> None:
     assert selects(selector, labels) is picked
+
+
+def test_each_groups_pods_out_of_one_list() -> None:
+    """By each selector whole (not only the matchLabels pair the index tried), in the list's
+    order; a selector with expressions alone tries every pod."""
+    client = ApiClient()
+    labels = [
+        {"tasklane.io/service": "a", "tasklane.io/group": "x", "tier": "api"},
+        {"tasklane.io/service": "a", "tasklane.io/group": "y"},
+        {"tasklane.io/service": "b", "tasklane.io/group": "x", "tier": "batch"},
+        {"tasklane.io/service": "a", "tasklane.io/group": "x", "tier": "batch"},
+    ]
+    pods = [
+        client.deserialize(json.dumps(pod_object(f"p-{n}", pod, "10.1.0.1")), "V1Pod", None)
+        for n, pod in enumerate(labels)
+    ]
+    selectors = {
+        ("a", "x"): V1LabelSelector(
+            match_labels={"tasklane.io/service": "a", "tasklane.io/group": "x"}
+        ),
+        ("a", "x-batch"): V1LabelSelector(
+            match_labels={"tasklane.io/service": "a"},
+            match_expressions=[requirement("tier", "In", "batch")],
+        ),
+        ("any", "tiered"): V1LabelSelector(match_expressions=[requirement("tier", "Exists")]),
+        ("c", "x"): V1LabelSelector(match_labels={"tasklane.io/service": "c"}),
+    }
+    found = pods_of(selectors, pods)
+    assert {key: [pod.metadata.name for pod in got] for key, got in found.items()} == {
+        ("a", "x"): ["p-0", "p-3"],
+        ("a", "x-batch"): ["p-3"],
+        ("any", "tiered"): ["p-0", "p-2", "p-3"],
+        ("c", "x"): [],
+    }
 
 
 def test_the_selector_all_groups_share() -> None:

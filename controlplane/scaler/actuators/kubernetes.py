@@ -42,7 +42,7 @@ from kubernetes.client.exceptions import ApiException
 from controlplane.model.group import GroupKey
 from controlplane.model.rules import Service
 from controlplane.scaler.actuators import ActuatorError, GroupReplicas, check_replicas
-from controlplane.scaler.podsignals import pod_readings, selects, shared_selector, usage_wanted
+from controlplane.scaler.podsignals import pod_readings, pods_of, shared_selector, usage_wanted
 from controlplane.scaler.signals import Readings
 
 log = logging.getLogger("tasklane.actuator.kubernetes")
@@ -179,14 +179,8 @@ class KubernetesActuator:
             self._warn("pods", _failure(f"list pods in {self.namespace}", exc))
             return []
         self._recovered("pods")
-        found = [
-            (
-                key,
-                services[key[0]],
-                [pod for pod in pods if selects(selector, pod.metadata.labels)],
-            )
-            for key, selector in sorted(selectors.items())
-        ]
+        picked = pods_of(selectors, pods)
+        found = [(key, services[key[0]], picked[key]) for key in sorted(selectors)]
         metrics: Mapping[str, Any] = {}
         if any(usage_wanted(service, group_pods) for _, service, group_pods in found):
             try:
