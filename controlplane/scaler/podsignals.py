@@ -1,8 +1,9 @@
 """The reactive signals of pods, from what the Kubernetes API serves about them: the
-Kubernetes actuator lists a group's pods and their PodMetrics and turns them into
-per-instance `signals.Reading`s here, so both sources meet in `signals.group_means`.
+Kubernetes actuator lists the pods of all its groups and their PodMetrics at once and turns
+them into per-instance `signals.Reading`s here, so both sources meet in `signals.group_means`.
 
-- Which pods: those the Deployment's `spec.selector` picks, ready ones only (Running, Ready,
+- Which pods: those the Deployment's `spec.selector` picks (matched here, as the API server
+  matches it, on one list that `shared_selector` asks for), ready ones only (Running, Ready,
   not terminating): a starting pod's CPU is its start, not its load.
 - CPU and memory: from the Metrics API (`metrics.k8s.io/v1beta1` PodMetrics: what `kubectl
   top pod` and the HPA read, served by metrics-server from the kubelets' resource metrics;
@@ -19,6 +20,7 @@ per-instance `signals.Reading`s here, so both sources meet in `signals.group_mea
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any
@@ -34,21 +36,93 @@ PROMETHEUS_PORT = "prometheus.io/port"
 PROMETHEUS_PATH = "prometheus.io/path"
 METRICS_PORT = "metrics"  # the container port read when the annotation is absent
 RESOURCES = ("cpu", "memory")
-_OPERATORS = {"In": "in", "NotIn": "notin"}
 
 
-def label_selector(selector: V1LabelSelector | None) -> str | None:
-    """A Deployment's selector as the `labelSelector` query parameter, or None for none."""
+def selects(selector: V1LabelSelector | None, labels: Mapping[str, str] | None) -> bool:
+    """Whether a Deployment's `spec.selector` picks a pod with `labels`, as the API server
+    decides it: matchLabels and matchExpressions ANDed; NotIn and DoesNotExist also pick a
+    pod without the key; an empty selector picks all, a null one none."""
     if selector is None:
-        return None
-    terms = [f"{key}={value}" for key, value in sorted((selector.match_labels or {}).items())]
+        return False
+    labels = labels or {}
+    if any(labels.get(key) != value for key, value in (selector.match_labels or {}).items()):
+        return False
     for expression in selector.match_expressions or []:
-        if expression.operator in _OPERATORS:
-            values = ",".join(sorted(expression.values or []))
-            terms.append(f"{expression.key} {_OPERATORS[expression.operator]} ({values})")
-        else:  # Exists, DoesNotExist
-            terms.append(("!" if expression.operator == "DoesNotExist" else "") + expression.key)
-    return ",".join(terms) or None
+        present = expression.key in labels
+        if expression.operator == "In":
+            chosen = present and labels[expression.key] in (expression.values or [])
+        elif expression.operator == "NotIn":
+            chosen = not present or labels[expression.key] not in (expression.values or [])
+        elif expression.operator == "Exists":
+            chosen = present
+        elif expression.operator == "DoesNotExist":
+            chosen = not present
+        else:  # an operator the API server would have refused: pick nothing rather than all
+            chosen = False
+        if not chosen:
+            return False
+    return True
+
+
+def pods_of(
+    selectors: Mapping[GroupKey, V1LabelSelector], pods: Iterable[V1Pod]
+) -> dict[GroupKey, list[V1Pod]]:
+    """Each group's pods out of one list, by its selector: only the pods carrying the rarest
+    of its matchLabels pairs are tried (an index; 200 groups times thousands of pods is too
+    many `selects` for a tick), every pod when it has none."""
+    pods = list(pods)
+    index: dict[tuple[str, str], list[V1Pod]] = defaultdict(list)
+    for pod in pods:
+        for item in (pod.metadata.labels or {}).items():
+            index[item].append(pod)
+    found = {}
+    for key, selector in selectors.items():
+        pinned = (selector.match_labels or {}).items()
+        tried = min((index.get(item, []) for item in pinned), key=len) if pinned else pods
+        found[key] = [pod for pod in tried if selects(selector, pod.metadata.labels)]
+    return found
+
+
+def _allowed(selector: V1LabelSelector) -> dict[str, frozenset[str] | None]:
+    """The label keys a selector requires, each with the values it allows (None: any)."""
+    allowed: dict[str, frozenset[str] | None] = {
+        key: frozenset([value]) for key, value in (selector.match_labels or {}).items()
+    }
+    for expression in selector.match_expressions or []:
+        if expression.operator == "In":
+            values = frozenset(expression.values or [])
+            known = allowed.get(expression.key)
+            allowed[expression.key] = values if known is None else known & values
+        elif expression.operator == "Exists":
+            allowed.setdefault(expression.key, None)
+    return allowed
+
+
+def shared_selector(selectors: Iterable[V1LabelSelector]) -> str:
+    """What every one of `selectors` requires, as one `labelSelector` query parameter ("":
+    nothing shared, the whole namespace): a key all require, with the union of the values
+    they allow (`key=value`, `key in (a,b)`), or `key` when one allows any value. Each
+    selector picks a subset of what this lists, so one list serves all their groups."""
+    shared: dict[str, frozenset[str] | None] | None = None
+    for selector in selectors:
+        allowed = _allowed(selector)
+        if shared is None:
+            shared = allowed
+            continue
+        shared = {
+            key: None if values is None or allowed[key] is None else values | allowed[key]
+            for key, values in shared.items()
+            if key in allowed
+        }
+    terms = []
+    for key, values in sorted((shared or {}).items()):
+        if not values:  # any value; or none at all, when every selector contradicts itself
+            terms.append(key)
+        elif len(values) == 1:
+            terms.append(f"{key}={next(iter(values))}")
+        else:
+            terms.append(f"{key} in ({','.join(sorted(values))})")
+    return ",".join(terms)
 
 
 def is_ready(pod: V1Pod) -> bool:

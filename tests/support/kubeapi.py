@@ -9,6 +9,7 @@ objects pass kubernetes-validate's strict schemas (tests/unit/test_pod_signals.p
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -119,13 +120,14 @@ class FakeApiServer:
         return 405, status_error(405, "MethodNotAllowed", "the server does not allow this")
 
     def _list(self, path: str, selector: str) -> tuple[int, dict]:
-        """A list by equality-based label selector (`a=b,c=d`), the only kind these tests
-        need; anything else is refused, so a test sees what was asked."""
-        terms = [term.partition("=") for term in selector.split(",") if term]
-        if any(not sep or "!" in key or " " in key for key, sep, _ in terms):
+        """A list by label selector: the terms the actuator sends (`a=b`, `a in (b,c)`, `a`:
+        the key exists), ANDed; anything else is refused, so a test sees what was asked."""
+        terms = re.findall(
+            r"([\w./-]+) in \(([\w.,-]+)\)|([\w./-]+)=([\w.-]+)|([\w./-]+)", selector
+        )
+        if ",".join(_term(term) for term in terms) != selector:
             return 400, status_error(400, "BadRequest", f"unexpected selector {selector!r}")
-        wanted = {key: value for key, _, value in terms}
-        pods = [p for p in self.pods if wanted.items() <= p["metadata"]["labels"].items()]
+        pods = [p for p in self.pods if all(_has(p["metadata"]["labels"], t) for t in terms)]
         if path == PODS:
             return 200, {
                 "kind": "PodList",
@@ -155,6 +157,19 @@ class FakeApiServer:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _term(term: tuple[str, ...]) -> str:
+    """A parsed selector term written back, to check that the parse covered the selector."""
+    key_in, values, key_is, value, key = term
+    return f"{key_in} in ({values})" if key_in else f"{key_is}={value}" if key_is else key
+
+
+def _has(labels: dict[str, str], term: tuple[str, ...]) -> bool:
+    key_in, values, key_is, value, key = term
+    if key_in:
+        return labels.get(key_in) in values.split(",")
+    return labels.get(key_is) == value if key_is else key in labels
 
 
 def metadata(name: str) -> dict:

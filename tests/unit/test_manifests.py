@@ -204,7 +204,8 @@ def test_rbac_grants_only_what_the_actuator_calls(bundled: list[dict]) -> None:
         status=client.V1DeploymentStatus(ready_replicas=1),
     )
     core = mock.create_autospec(client.CoreV1Api, instance=True)
-    core.list_namespaced_pod.return_value = client.V1PodList(items=[client.V1Pod()])
+    pod = client.V1Pod(metadata=client.V1ObjectMeta(labels={"app": "nav-pricing-task"}))
+    core.list_namespaced_pod.return_value = client.V1PodList(items=[pod])
     custom = mock.create_autospec(client.CustomObjectsApi, instance=True)
     custom.list_namespaced_custom_object.return_value = {"items": []}
     actuator._apps, actuator._core, actuator._custom = apps, core, custom

@@ -16,7 +16,7 @@ from kubernetes.client import ApiClient, V1LabelSelector, V1LabelSelectorRequire
 
 from controlplane.model.rules import Group, Requests, Service
 from controlplane.scaler.actuators.kubernetes import KubernetesActuator
-from controlplane.scaler.podsignals import label_selector, metrics_url
+from controlplane.scaler.podsignals import metrics_url, pods_of, selects, shared_selector
 from controlplane.scaler.policy import Observation, Policy
 from controlplane.scaler.signals import Reading, group_means
 from tests.support.kubeapi import (
@@ -150,24 +150,75 @@ def test_the_pods_requests_serve_when_the_service_declares_none(api: FakeApiServ
 def test_no_metrics_server_leaves_cpu_unknown_with_one_warning(
     api: FakeApiServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """One warning for a failing call, whatever the number of groups and periods; after the
+    call answers again, a new failure warns again."""
+    api.deployments["account-svc-default"] = [2, 2, 2]
+    api.selectors["account-svc-default"] = {**LABELS, "tasklane.io/group": "default"}
     api.pods = [pod_object("account-svc-task-7d9f-1", LABELS, "10.1.0.1")]
-    actuator = KubernetesActuator(NAMESPACE, api_client=api.client(), groups=lambda: [ACCOUNT])
+    both = [ACCOUNT, ("account-svc", "default")]
+    actuator = KubernetesActuator(NAMESPACE, api_client=api.client(), groups=lambda: both)
     caplog.set_level(logging.WARNING, "tasklane.actuator.kubernetes")
+    declared = services(Requests(cpu=1.0, memory=GIB))
+    missing = (
+        "cannot read the Metrics API's pods in batch: 404 the server could not find the "
+        "requested resource: those signals are not known"
+    )
     try:
         actuator.observe()
         # No requests anywhere: nothing to share CPU by, the Metrics API is not asked.
-        assert actuator.readings({ACCOUNT}, services()) == []
+        assert actuator.readings(set(both), services()) == []
         assert not [r for r in api.requests if r.path.startswith(POD_METRICS)]
         for _ in range(2):
             assert actuator.observe()[ACCOUNT].ready == 3  # scaling goes on
-            assert actuator.readings({ACCOUNT}, services(Requests(cpu=1.0, memory=GIB))) == []
+            assert actuator.readings(set(both), declared) == []
+        assert [r.getMessage() for r in caplog.records] == [missing]
+        assert len([r for r in api.requests if r.path.startswith(POD_METRICS)]) == 2
+
+        api.usage = {"account-svc-task-7d9f-1": {"app": {"cpu": "500m", "memory": "1Gi"}}}
+        assert actuator.readings(set(both), declared) == [(ACCOUNT, Reading(cpu=0.5, memory=1))]
+        api.usage = None  # metrics-server gone again: worth a new warning
+        for _ in range(2):
+            assert actuator.readings(set(both), declared) == []
     finally:
         actuator.close()
-    assert [r.getMessage() for r in caplog.records] == [
-        f"cannot read the Metrics API's pods {SELECTOR!r} in batch: 404 the server could not "
-        "find the requested resource: those signals are not known"
+    assert [r.getMessage() for r in caplog.records] == [missing, missing]
+
+
+def test_one_list_of_pods_and_of_pod_metrics_for_all_groups(api: FakeApiServer) -> None:
+    """Six groups of three services: two requests per readings(), by what their selectors
+    share, and each group's pods picked here by its own Deployment's selector."""
+    keys = [(f"{name}-svc", group) for name in ("account", "ledger", "fund") for group in "ab"]
+    api.deployments.clear()
+    api.pods, api.usage = [], {}
+    for n, (service, group) in enumerate(keys, start=1):
+        labels = {"tasklane.io/service": service, "tasklane.io/group": group}
+        api.deployments[f"{service}-{group}"] = [1, 1, 1]
+        api.selectors[f"{service}-{group}"] = labels
+        api.pods.append(pod_object(f"{service}-{group}-7d9f-1", labels, f"10.1.0.{n}"))
+        api.usage[f"{service}-{group}-7d9f-1"] = {"app": {"cpu": f"{n}00m", "memory": "1Gi"}}
+    api.pods.append(pod_object("other-7d9f-1", {"app": "other"}, "10.1.0.99"))
+    declared = {
+        service: Service(
+            service, "http", (Group("a", 0, 4), Group("b", 0, 4)), requests=Requests(1.0, GIB)
+        )
+        for service, _ in keys
+    }
+    actuator = KubernetesActuator(NAMESPACE, api_client=api.client(), groups=lambda: keys)
+    try:
+        actuator.observe()
+        api.requests.clear()
+        means = group_means(actuator.readings(set(keys), declared))
+    finally:
+        actuator.close()
+    assert means == {
+        key: Reading(cpu=pytest.approx(n / 10), memory=pytest.approx(1.0))
+        for n, key in enumerate(keys, start=1)
+    }
+    shared = "tasklane.io/group in (a,b),tasklane.io/service in (account-svc,fund-svc,ledger-svc)"
+    assert [(r.method, r.path) for r in api.requests] == [
+        ("GET", f"{PODS}?labelSelector={quote(shared)}"),
+        ("GET", f"{POD_METRICS}?labelSelector={quote(shared)}"),
     ]
-    assert len([r for r in api.requests if r.path.startswith(POD_METRICS)]) == 2
 
 
 def test_no_reading_for_a_group_never_observed_or_a_service_without_a_rule(
@@ -186,20 +237,116 @@ def test_no_reading_for_a_group_never_observed_or_a_service_without_a_rule(
         actuator.close()
 
 
-def test_label_selector_as_the_api_takes_it() -> None:
-    assert label_selector(None) is None
-    selector = V1LabelSelector(
-        match_labels={"tasklane.io/service": "account-svc", "app": "ledger"},
-        match_expressions=[
-            V1LabelSelectorRequirement(key="tier", operator="In", values=["batch", "api"]),
-            V1LabelSelectorRequirement(key="canary", operator="DoesNotExist"),
-            V1LabelSelectorRequirement(key="zone", operator="NotIn", values=["b"]),
-            V1LabelSelectorRequirement(key="team", operator="Exists"),
-        ],
+def requirement(key: str, operator: str, *values: str) -> V1LabelSelectorRequirement:
+    return V1LabelSelectorRequirement(key=key, operator=operator, values=list(values) or None)
+
+
+TIER_IN = requirement("tier", "In", "api", "batch")
+TIER_NOT_IN = requirement("tier", "NotIn", "batch")
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "picked"),
+    [
+        # https://kubernetes.io/docs/concepts/overview/working-with-objects/labels/ and the
+        # LabelSelector reference: matchLabels and matchExpressions are ANDed; an empty
+        # selector matches all objects, a null one none.
+        (V1LabelSelector(match_labels={"app": "a"}), {"app": "a", "x": "y"}, True),
+        (V1LabelSelector(match_labels={"app": "a"}), {"app": "b"}, False),
+        (V1LabelSelector(match_labels={"app": "a"}), {}, False),
+        (V1LabelSelector(match_expressions=[TIER_IN]), {"tier": "batch"}, True),
+        (V1LabelSelector(match_expressions=[TIER_IN]), {"tier": "web"}, False),
+        (V1LabelSelector(match_expressions=[TIER_IN]), {}, False),  # In: the key must exist
+        (V1LabelSelector(match_expressions=[TIER_NOT_IN]), {"tier": "api"}, True),
+        (V1LabelSelector(match_expressions=[TIER_NOT_IN]), {"tier": "batch"}, False),
+        (V1LabelSelector(match_expressions=[TIER_NOT_IN]), {"app": "a"}, True),  # no key: in
+        (
+            V1LabelSelector(match_expressions=[requirement("canary", "Exists")]),
+            {"canary": ""},
+            True,
+        ),
+        (V1LabelSelector(match_expressions=[requirement("canary", "Exists")]), {}, False),
+        (
+            V1LabelSelector(match_expressions=[requirement("canary", "DoesNotExist")]),
+            {"canary": "1"},
+            False,
+        ),
+        (V1LabelSelector(match_expressions=[requirement("canary", "DoesNotExist")]), {}, True),
+        (
+            V1LabelSelector(match_labels={"app": "a"}, match_expressions=[TIER_IN]),
+            {"app": "a", "tier": "web"},
+            False,  # ANDed: matchLabels alone would pick it
+        ),
+        (
+            V1LabelSelector(match_labels={"app": "a"}, match_expressions=[TIER_IN]),
+            {"app": "a", "tier": "api"},
+            True,
+        ),
+        (V1LabelSelector(), {"app": "a"}, True),
+        (None, {"app": "a"}, False),
+    ],
+)
+def test_which_pods_a_deployments_selector_picks(
+    selector: V1LabelSelector | None, labels: dict[str, str], picked: bool
+) -> None:
+    assert selects(selector, labels) is picked
+
+
+def test_each_groups_pods_out_of_one_list() -> None:
+    """By each selector whole (not only the matchLabels pair the index tried), in the list's
+    order; a selector with expressions alone tries every pod."""
+    client = ApiClient()
+    labels = [
+        {"tasklane.io/service": "a", "tasklane.io/group": "x", "tier": "api"},
+        {"tasklane.io/service": "a", "tasklane.io/group": "y"},
+        {"tasklane.io/service": "b", "tasklane.io/group": "x", "tier": "batch"},
+        {"tasklane.io/service": "a", "tasklane.io/group": "x", "tier": "batch"},
+    ]
+    pods = [
+        client.deserialize(json.dumps(pod_object(f"p-{n}", pod, "10.1.0.1")), "V1Pod", None)
+        for n, pod in enumerate(labels)
+    ]
+    selectors = {
+        ("a", "x"): V1LabelSelector(
+            match_labels={"tasklane.io/service": "a", "tasklane.io/group": "x"}
+        ),
+        ("a", "x-batch"): V1LabelSelector(
+            match_labels={"tasklane.io/service": "a"},
+            match_expressions=[requirement("tier", "In", "batch")],
+        ),
+        ("any", "tiered"): V1LabelSelector(match_expressions=[requirement("tier", "Exists")]),
+        ("c", "x"): V1LabelSelector(match_labels={"tasklane.io/service": "c"}),
+    }
+    found = pods_of(selectors, pods)
+    assert {key: [pod.metadata.name for pod in got] for key, got in found.items()} == {
+        ("a", "x"): ["p-0", "p-3"],
+        ("a", "x-batch"): ["p-3"],
+        ("any", "tiered"): ["p-0", "p-2", "p-3"],
+        ("c", "x"): [],
+    }
+
+
+def test_the_selector_all_groups_share() -> None:
+    """Each selector picks a subset of what the shared one lists; nothing shared: all."""
+    account = V1LabelSelector(match_labels={"tasklane.io/service": "account-svc", "app": "x"})
+    assert shared_selector([account]) == "app=x,tasklane.io/service=account-svc"
+    ledger = V1LabelSelector(
+        match_labels={"tasklane.io/service": "ledger-svc"},
+        match_expressions=[TIER_IN, TIER_NOT_IN, requirement("canary", "DoesNotExist")],
     )
-    assert label_selector(selector) == (
-        "app=ledger,tasklane.io/service=account-svc,tier in (api,batch),!canary,zone notin (b),team"
+    assert shared_selector([account, ledger]) == "tasklane.io/service in (account-svc,ledger-svc)"
+    assert shared_selector([ledger]) == (
+        "tasklane.io/service=ledger-svc,tier in (api,batch)"  # NotIn and DoesNotExist: left out
     )
+    anyone = V1LabelSelector(
+        match_expressions=[requirement("tasklane.io/service", "Exists"), TIER_IN]
+    )
+    assert shared_selector([account, anyone]) == "tasklane.io/service"
+    assert shared_selector([account, V1LabelSelector(match_labels={"app": "y"})]) == (
+        "app in (x,y)"
+    )
+    assert shared_selector([account, V1LabelSelector(match_labels={"team": "z"})]) == ""
+    assert shared_selector([]) == ""
 
 
 @pytest.mark.parametrize(

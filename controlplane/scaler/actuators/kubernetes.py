@@ -14,8 +14,12 @@ that many ready replicas; their resolution is the caller's observe() period.
 
 Reactive signals (`readings()`): the ready pods of the Deployments observe() last read, found
 by each Deployment's own `spec.selector`, with their PodMetrics from the Metrics API and the
-gauge from each pod's /metrics (`podsignals`). An API that fails there (no metrics-server:
-404; RBAC: 403) leaves those signals unknown, with a warning, and scaling goes on.
+gauge from each pod's /metrics (`podsignals`). One list of pods and one of PodMetrics per
+call, whatever the number of groups (by what all their selectors share, else the whole
+namespace), each Deployment's selector matched here: a call per group, each with its own
+timeout, would stretch the scaler's tick with the number of groups. An API that fails there
+(no metrics-server: 404; RBAC: 403) leaves those signals unknown, with one warning until it
+answers again, and scaling goes on.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from kubernetes.client.exceptions import ApiException
 from controlplane.model.group import GroupKey
 from controlplane.model.rules import Service
 from controlplane.scaler.actuators import ActuatorError, GroupReplicas, check_replicas
-from controlplane.scaler.podsignals import label_selector, pod_readings, usage_wanted
+from controlplane.scaler.podsignals import pod_readings, pods_of, shared_selector, usage_wanted
 from controlplane.scaler.signals import Readings
 
 log = logging.getLogger("tasklane.actuator.kubernetes")
@@ -88,8 +92,9 @@ class KubernetesActuator:
         self._requested: dict[GroupKey, int] = {}  # the last replicas patched, per group
         self._pending: dict[GroupKey, _Pending] = {}
         self._durations: dict[GroupKey, deque[float]] = {}
-        self._selectors: dict[GroupKey, str] = {}  # each Deployment's, as observe() last read
-        self._warned: set[str] = set()  # a failing read is logged once, not every period
+        # each Deployment's, as observe() last read
+        self._selectors: dict[GroupKey, client.V1LabelSelector] = {}
+        self._failing: dict[str, str] = {}  # a failing read's error by call: logged once
 
     def deployment(self, service: str, group: str) -> str:
         """The Deployment that holds one group's pods."""
@@ -146,7 +151,7 @@ class KubernetesActuator:
             ready = (deployment.status.ready_replicas if deployment.status else None) or 0
             seen[service, group] = GroupReplicas(ready=ready, starting=max(0, wanted - ready))
             self._note_ready((service, group), ready)
-            selector = label_selector(deployment.spec.selector if deployment.spec else None)
+            selector = deployment.spec.selector if deployment.spec else None
             with self._lock:
                 if selector is None:
                     self._selectors.pop((service, group), None)
@@ -158,39 +163,54 @@ class KubernetesActuator:
         """CPU, memory and saturation of the ready pods of `groups` (see the module
         docstring); a group whose Deployment observe() has not read has none."""
         with self._lock:
-            selectors = {key: self._selectors[key] for key in groups if key in self._selectors}
-        found = []
-        for key, selector in sorted(selectors.items()):
-            service = services.get(key[0])
-            if service is None:
-                continue
+            selectors = {
+                key: self._selectors[key]
+                for key in groups
+                if key in self._selectors and key[0] in services
+            }
+        if not selectors:
+            return []
+        shared = shared_selector(selectors.values()) or None
+        try:
+            pods = self._core.list_namespaced_pod(
+                self.namespace, label_selector=shared, _request_timeout=API_TIMEOUT
+            ).items
+        except _FAILURES as exc:
+            self._warn("pods", _failure(f"list pods in {self.namespace}", exc))
+            return []
+        self._recovered("pods")
+        picked = pods_of(selectors, pods)
+        found = [(key, services[key[0]], picked[key]) for key in sorted(selectors)]
+        metrics: Mapping[str, Any] = {}
+        if any(usage_wanted(service, group_pods) for _, service, group_pods in found):
             try:
-                pods = self._core.list_namespaced_pod(
-                    self.namespace, label_selector=selector, _request_timeout=API_TIMEOUT
-                ).items
+                metrics = self._custom.list_namespaced_custom_object(
+                    *METRICS_API,
+                    self.namespace,
+                    "pods",
+                    label_selector=shared,
+                    _request_timeout=API_TIMEOUT,
+                )
             except _FAILURES as exc:
-                self._warn(_failure(f"list pods {selector!r} in {self.namespace}", exc))
-                continue
-            metrics: dict[str, Any] = {}
-            if usage_wanted(service, pods):
-                try:
-                    metrics = self._custom.list_namespaced_custom_object(
-                        *METRICS_API,
-                        self.namespace,
-                        "pods",
-                        label_selector=selector,
-                        _request_timeout=API_TIMEOUT,
-                    )
-                except _FAILURES as exc:
-                    what = f"read the Metrics API's pods {selector!r} in {self.namespace}"
-                    self._warn(_failure(what, exc))
-            found.append((key, service, pods, metrics))
-        return pod_readings(found)
+                what = f"read the Metrics API's pods in {self.namespace}"
+                self._warn("metrics", _failure(what, exc))
+            else:
+                self._recovered("metrics")
+        return pod_readings(
+            (key, service, group_pods, metrics) for key, service, group_pods in found
+        )
 
-    def _warn(self, error: ActuatorError) -> None:
-        if str(error) not in self._warned:
-            self._warned.add(str(error))
-            log.warning("%s: those signals are not known", error)
+    def _warn(self, call: str, error: ActuatorError) -> None:
+        """Once per failure: again only after `call` answered in between, or failed otherwise."""
+        with self._lock:
+            if self._failing.get(call) == str(error):
+                return
+            self._failing[call] = str(error)
+        log.warning("%s: those signals are not known", error)
+
+    def _recovered(self, call: str) -> None:
+        with self._lock:
+            self._failing.pop(call, None)
 
     def _note_ready(self, key: GroupKey, ready: int) -> None:
         with self._lock:
