@@ -56,6 +56,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import operator
 import statistics
 import sys
 from collections import deque
@@ -254,19 +255,20 @@ class _StartModel:
         return min(empirical, fitted)
 
 
-def _stdev(values: Sequence[float]) -> float:
-    """`statistics.stdev` of floats, to the same bit, ~10x faster: it sums exact Fractions,
-    and a simulated day builds ~30,000 start models. Here every value is scaled by one power
-    of two to an exact integer, the sums are exact integers, and the square root of their
-    ratio is correctly rounded as the standard library does (its `_float_sqrt_of_frac`,
+def _stdev(logs: Sequence[float]) -> float:
+    """`statistics.stdev` of the logs of durations, to the same bit, ~10x faster: it sums
+    exact Fractions, and a simulated day builds ~30,000 start models. Here every value is
+    scaled by one power of two to an exact integer (the smallest one's last bit becomes 1;
+    logs are far from overflowing), the sums are exact integers, and the square root of
+    their ratio is correctly rounded as the standard library does (its `_float_sqrt_of_frac`,
     https://bugs.python.org/msg407078: round-to-odd with spare bits, then to float)."""
-    count = len(values)
-    parts = [math.frexp(value) for value in values]
-    low = min((exponent for _, exponent in parts), default=0)
-    scaled = [int(math.ldexp(part, _MANTISSA_BITS)) << exponent - low for part, exponent in parts]
-    shift = _MANTISSA_BITS - low
+    count = len(logs)
+    smallest = min((abs(value) for value in logs if value), default=1.0)
+    shift = _MANTISSA_BITS - math.frexp(smallest)[1]
+    scale = 2.0**shift
+    scaled = [int(value * scale) for value in logs]
     total = sum(scaled)
-    numerator = count * sum(value * value for value in scaled) - total * total
+    numerator = count * sum(map(operator.mul, scaled, scaled)) - total * total
     denominator = count * (count - 1) << 2 * shift
     spare = (numerator.bit_length() - denominator.bit_length() - 2 * _MANTISSA_BITS - 3) // 2
     if spare >= 0:
