@@ -57,7 +57,9 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import operator
 import statistics
+import sys
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -209,8 +211,9 @@ def _ready_by(measured: tuple[tuple[int, tuple[float, ...]], ...], goal: float) 
 
     def chance(x: float) -> float:
         result = 1.0
+        log_x = math.log(x) if x > 0 else 0.0
         for model, count in models:
-            result *= model.cdf(x) ** count
+            result *= model.cdf(x, log_x) ** count
         return result
 
     low, high = 0.0, max(_LEAD_PRECISION_S, *(model.values[-1] for model, _ in models))
@@ -240,15 +243,47 @@ class _StartModel:
         self.values = sorted(values)
         logs = [math.log(max(value, 1e-3)) for value in self.values]
         self.mu = statistics.fmean(logs)
-        spread = statistics.stdev(logs) if len(logs) >= MIN_FIT_SAMPLES else 0.0
+        spread = _stdev(logs) if len(logs) >= MIN_FIT_SAMPLES else 0.0
         self.sigma = spread if spread > 0 else None
+        self.scale = 0.0 if self.sigma is None else self.sigma * math.sqrt(2)
 
-    def cdf(self, x: float) -> float:
+    def cdf(self, x: float, log_x: float) -> float:
+        """At `x`, whose log (`log_x`) the caller takes once for all the chain's groups."""
         empirical = bisect.bisect_right(self.values, x) / len(self.values)
         if self.sigma is None or x <= 0:
             return empirical
-        fitted = 0.5 * math.erfc(-(math.log(x) - self.mu) / (self.sigma * math.sqrt(2)))
+        fitted = 0.5 * math.erfc(-(log_x - self.mu) / self.scale)
         return min(empirical, fitted)
+
+
+def _stdev(logs: Sequence[float]) -> float:
+    """`statistics.stdev` of the logs of durations, to the same bit, ~10x faster: it sums
+    exact Fractions, and a simulated day builds ~30,000 start models. Here every value is
+    scaled by one power of two to an exact integer (the smallest one's last bit becomes 1;
+    logs are far from overflowing), the sums are exact integers, and the square root of
+    their ratio is correctly rounded as the standard library does (its `_float_sqrt_of_frac`,
+    https://bugs.python.org/msg407078: round-to-odd with spare bits, then to float)."""
+    count = len(logs)
+    smallest = min((abs(value) for value in logs if value), default=1.0)
+    shift = _MANTISSA_BITS - math.frexp(smallest)[1]
+    scale = 2.0**shift
+    scaled = [int(value * scale) for value in logs]
+    total = sum(scaled)
+    numerator = count * sum(map(operator.mul, scaled, scaled)) - total * total
+    denominator = count * (count - 1) << 2 * shift
+    spare = (numerator.bit_length() - denominator.bit_length() - 2 * _MANTISSA_BITS - 3) // 2
+    if spare >= 0:
+        return float(_isqrt_odd(numerator, denominator << 2 * spare) << spare)
+    return _isqrt_odd(numerator << -2 * spare, denominator) / (1 << -spare)
+
+
+_MANTISSA_BITS = sys.float_info.mant_dig
+
+
+def _isqrt_odd(numerator: int, denominator: int) -> int:
+    """The square root of numerator/denominator as an integer, rounded to odd."""
+    root = math.isqrt(numerator // denominator)
+    return root | (root * root * denominator != numerator)
 
 
 @dataclass(frozen=True)
