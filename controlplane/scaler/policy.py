@@ -423,7 +423,7 @@ class Policy:
         now: float,
         changes: Changes | None,
     ) -> dict[GroupKey, int]:
-        """`keep_alive_pools`, from the extra-run habits of the tasks whose runs changed."""
+        """`_pools_of`, from the extra-run habits, renewed for the tasks whose runs changed."""
         if changes is None:
             self._habits.clear()
         for name in runs_of if changes is None else changes.tasks:
@@ -732,22 +732,6 @@ def _signals(observation: Observation | None) -> tuple[float | None, ...] | None
 MIN_EXTRA_RUNS = 3
 
 
-def keep_alive_pools(
-    rules: RuleSet, history: History, now: float, min_per_day: float
-) -> dict[GroupKey, int]:
-    """Per managed group, the instances to keep parked for extra runs: the most replicas
-    one extra run needs there, of the tasks that had at least `min_per_day` extra runs a
-    day over their history (at least a day of it) and at least `MIN_EXTRA_RUNS` of them:
-    one or two extra runs are no habit, and a task that is run by hand once a month does not keep
-    its capacity parked all month. Other groups get 0."""
-    habits = {
-        name: habit
-        for name, runs in runs_by_task(history).items()
-        if (habit := extra_habit(rules, name, runs)) is not None
-    }
-    return _pools_of(rules, habits, now, min_per_day)
-
-
 def extra_habit(rules: RuleSet, name: str, runs: Sequence[Run]) -> tuple[int, float] | None:
     """(extra runs, first start) of a task's runs with at least `MIN_EXTRA_RUNS` extra
     runs; None for other tasks, which keep nothing parked."""
@@ -761,7 +745,11 @@ def extra_habit(rules: RuleSet, name: str, runs: Sequence[Run]) -> tuple[int, fl
 def _pools_of(
     rules: RuleSet, habits: Mapping[str, tuple[int, float]], now: float, min_per_day: float
 ) -> dict[GroupKey, int]:
-    """`keep_alive_pools` from the tasks' `extra_habit`s."""
+    """Per managed group, the instances to keep parked for extra runs: the most replicas
+    one extra run needs there, of the tasks (their `extra_habit`s) that had at least
+    `min_per_day` extra runs a day over their history (at least a day of it) and at least
+    `MIN_EXTRA_RUNS` of them: one or two extra runs are no habit, and a task that is run by
+    hand once a month does not keep its capacity parked all month. Other groups get 0."""
     pools = dict.fromkeys(managed_groups(rules), 0)
     hops = hop_groups(rules)
     for name, (count, first) in habits.items():
