@@ -261,7 +261,7 @@ def task_windows(
     task = rules.tasks[name]
     duration = _expected(task, runs)
     every = _claimed(task, runs, start, end, now, duration)
-    spans = [span for span in every if span[0] < end and span[1] > start]
+    spans = _overlapping(every, start, end)
     found = tuple(
         Window(
             task=name,
@@ -315,7 +315,13 @@ def _task_windows(
 ) -> list[tuple[float, float, float | None, Run | None]]:
     """(start, end, fire, run) of one task's runs overlapping [start, end); `duration` is
     its `expected_duration`."""
-    spans = _claimed(task, runs, start, end, now, duration)
+    return _overlapping(_claimed(task, runs, start, end, now, duration), start, end)
+
+
+def _overlapping(
+    spans: list[tuple[float, float, float | None, Run | None]], start: float, end: float
+) -> list[tuple[float, float, float | None, Run | None]]:
+    """The spans that overlap [start, end)."""
     return [span for span in spans if span[0] < end and span[1] > start]
 
 
