@@ -9,21 +9,24 @@ the time by which *every* instance the task starts on *every* hop is ready with 
 `lead_percentile` %, from the measured start-to-ready durations of those groups, plus one
 sync period (a decision is acted on up to one period late). The slowest hop therefore sets
 the lead of the whole chain, and since all hops share the run's window they also go down
-together. A window ends when the run is reported finished, never at a predicted end while
-the run is open (kedacore/keda#6057); a fire with no reported run keeps its capacity for
-the task's expected duration, then goes down (a skipped run costs one expected duration).
-When capacity that goes down would come back within the scale-down window (one run ends,
-the next one's pre-warm is due a few minutes later), it is kept instead: a stop and a
-restart that close cost more in start-ups and risk than the idle minutes, and would flap.
-For the same reason a group never goes down within the scale-down window after it went up
-(a short run, or one task's pre-warm just before another task's run ends); a lowered
-maxReplicas still applies at once. A run no cron announced (an extra run, started by hand)
-is served at once, even when its group went down less than the window ago, which counts as
-a flap: holding it back until the window is over only moved its cold start or resume later
-(the shop benchmark week's extra runs waited 38 s at p50 instead of 0.1 s, up to 500 s),
-and holding every finished run's capacity for the window cost 4-6 % more replica-hours and
-still left 41 of the shop week's 44 (5 of the ETL week's 13), since they land at random
-moments (README, the scaler).
+together. Where the actuator can park (keep-alive), instances started that lead early are
+parked once ready and resumed a sync period before the fire, and a run's instances wait
+parked for the task's next run when that costs less than a cold start (`_spans_of`): they
+hold memory, not CPU, for `parked_cost` a replica-hour. A window ends when the run is
+reported finished, never at a predicted end while the run is open (kedacore/keda#6057); a
+fire with no reported run keeps its capacity for the task's expected duration, then goes
+down (a skipped run costs one expected duration). When capacity that goes down would come
+back within the scale-down window (one run ends, the next one's pre-warm is due a few
+minutes later), it is kept instead: a stop and a restart that close cost more in start-ups
+and risk than the idle minutes, and would flap. For the same reason a group never goes down
+within the scale-down window after it went up (a short run, or one task's pre-warm just
+before another task's run ends); a lowered maxReplicas still applies at once. A run no cron
+announced (an extra run, started by hand) is served at once, even when its group went down
+less than the window ago, which counts as a flap: holding it back until the window is over
+only moved its cold start or resume later (the shop benchmark week's extra runs waited 38 s
+at p50 instead of 0.1 s, up to 500 s), and holding every finished run's capacity for the
+window cost 4-6 % more replica-hours and still left 41 of the shop week's 44 (5 of the ETL
+week's 13), since they land at random moments (README, the scaler).
 
 *Reactive* is the Kubernetes HPA rule on each signal known: in-flight requests per ready
 instance, CPU and memory per instance, the app's own saturation gauge: ceil(ready x metric /
@@ -146,6 +149,11 @@ class PolicyConfig:
     # synthetic week (bench/scaler.py) p95 left 1.9 % of fires short, p99 0.3 % for +1 % of
     # replica-hours, so p99 it is.
     lead_percentile: float = 99
+    # With parking, instances started a chain lead early wait parked (at `parked_cost`) for
+    # the resume, so a longer lead costs little: on the three benchmark weeks p99.9 against
+    # p99 cost 0.3-1 % more replica-hours and took the bank week's fires not short from
+    # 99.4 % to 99.7 %.
+    parked_percentile: float = 99.9
     target_cpu: float = 0.7
     target_memory: float = 0.8
     target_saturation: float = 0.8
@@ -156,6 +164,32 @@ class PolicyConfig:
     # Capacity needed again within the scale-down window plus this is kept: a pre-warm's
     # start moves by tens of seconds as new start-ups are measured (2-5 minute JVM starts).
     keep_margin_s: float = 60
+    # Seconds a parked (keep-alive) instance takes to serve again, with a margin (the local
+    # actuator's resume: p95 96 ms, bench/resume.py); None when the actuator cannot park
+    # (Kubernetes' scale subresource), so that no run waits on a resume that never comes.
+    resume_s: float | None = 1.0
+    # What an hour parked costs against an hour running: memory held, no CPU. A run's
+    # instances are parked until the task's next fire when that costs less than a cold
+    # start's lead (`_resumes`), for at most `park_max_s`.
+    parked_cost: float = 0.25
+    park_max_s: float = 3600
+
+    @property
+    def hold_s(self) -> float:
+        """Capacity needed again within this is kept rather than stopped and restarted."""
+        return self.scale_down_window_s + self.sync_period_s + self.keep_margin_s
+
+    @property
+    def resume_lead_s(self) -> float | None:
+        """A parked instance's lead before a window: a decision is up to a period late."""
+        return None if self.resume_s is None else self.sync_period_s + self.resume_s
+
+    def park_reach(self, lead_bound: float) -> float:
+        """The longest gap `_resumes` may park through, with leads up to `lead_bound`."""
+        if self.resume_s is None:
+            return 0.0
+        costly = lead_bound / self.parked_cost if self.parked_cost > 0 else math.inf
+        return min(max(self.hold_s + lead_bound, costly), self.park_max_s)
 
 
 def hpa_recommendation(
@@ -175,7 +209,8 @@ def chain_lead(
     config: PolicyConfig,
 ) -> float:
     """Seconds before a fire to start `starts[g]` instances on each group g so that all of
-    them are ready in time with probability `lead_percentile` %, plus one sync period.
+    them are ready in time with probability `lead_percentile` % (`parked_percentile` % when
+    they wait parked for the resume), plus one sync period.
 
     A per-instance p95 would be too short: nine instances each ready in time with 95 % are
     all ready with 63 %. So the lead is the x with prod F_g(x)^starts[g] = percentile, where
@@ -193,7 +228,8 @@ def chain_lead(
     unmeasured = any(count > 0 and not start_durations.get(key) for key, count in starts.items())
     lead = 0.0
     if measured:
-        lead = _ready_by(measured, config.lead_percentile / 100) + config.sync_period_s
+        goal = config.lead_percentile if config.resume_s is None else config.parked_percentile
+        lead = _ready_by(measured, goal / 100) + config.sync_period_s
     return max(lead, config.default_lead_s) if unmeasured else lead
 
 
@@ -288,11 +324,14 @@ def _isqrt_odd(numerator: int, denominator: int) -> int:
 
 @dataclass(frozen=True)
 class _Span:
-    """A window shifted by its task's lead and the drain: when the policy wants it up."""
+    """A window shifted by its task's lead and the drain: when the policy wants it up.
+    `parked`: when the task's previous run's instances were parked to serve this window
+    (they resume at `start`, a resume's lead before the window), None for a cold start."""
 
     start: float
     end: float
     window: Window
+    parked: float | None = None
 
 
 @dataclass(frozen=True)
@@ -312,14 +351,15 @@ class Policy:
         self._metrics: dict[GroupKey, deque[tuple[float, int, str]]] = {}
         self._last: dict[GroupKey, Decision] = {}
         self._raised: dict[GroupKey, float] = {}  # when each group last went up
-        self._pools: dict[GroupKey, int] = {}
+        self._pools: dict[GroupKey, int] = {}  # for extra runs
+        self._parking: dict[GroupKey, int] = {}  # for the next run of a task (`_resumes`)
         # What `Changes` lets the next decision reuse: the rules and the reach the cached
         # windows were computed for, each task's windows and lead, each group's longest
         # measured start, the tasks with a habit of extra runs, when each group may decide
         # otherwise (a heap with stale entries skipped), when each group was last decided
         # and when the policy was last asked.
         self._rules: RuleSet | None = None
-        self._reach = math.nan
+        self._reach = (math.nan, math.nan)
         self._seen: dict[str, _Seen] = {}
         self._leads: dict[str, float] = {}
         self._heard: dict[GroupKey, tuple[float | None, ...] | None] = {}  # `_signals`
@@ -333,8 +373,10 @@ class Policy:
     @property
     def pools(self) -> dict[GroupKey, int]:
         """How many instances each managed group should keep parked (keep-alive) rather
-        than stop, as of the latest decision; 0 for most groups."""
-        return dict(self._pools)
+        than stop, as of the latest decision: for extra runs, and for the next runs of tasks
+        whose instances wait parked for them (`_resumes`); 0 for most groups."""
+        parking = self._parking
+        return {key: count + parking.get(key, 0) for key, count in self._pools.items()}
 
     @property
     def desired(self) -> dict[GroupKey, Decision]:
@@ -366,10 +408,10 @@ class Policy:
         full = changes is None or rules is not self._rules
         known = None if full else changes
         self._pools = self._keep_alive(rules, runs_of, now, known)
-        hold = config.scale_down_window_s + config.sync_period_s + config.keep_margin_s
-        horizon = hold + self._lead_bound(start_durations, known)
-        due = self._due(now, rules, groups, horizon, known, observations, start_durations)
-        spans = self._spans(rules, due, runs_of, now, hold, horizon, start_durations)
+        hold = config.hold_s
+        reach = _reach(self._lead_bound(start_durations, known), config)
+        due = self._due(now, rules, groups, reach, known, observations, start_durations)
+        spans = self._spans(rules, due, runs_of, now, reach, start_durations)
         decisions: list[Decision] = []
         for key, bounds in due.items():
             group_spans = spans.get(key, [])
@@ -385,6 +427,8 @@ class Policy:
                 elif min(previous.replicas, soon) > wanted:
                     wanted, kept = min(previous.replicas, soon), True
             replicas = min(max(wanted, bounds.min_replicas), bounds.max_replicas)
+            parked, waiting = _parked(group_spans, now, replicas - max(predictive, reactive))
+            self._parking[key] = parked
             if previous is not None and previous.replicas == replicas:
                 continue
             if previous is not None and replicas > previous.replicas:
@@ -396,6 +440,9 @@ class Policy:
             else:
                 going_down = previous is not None and replicas < previous.replicas
                 reason = _explain(rules, group_spans, now, going_down, config.drain_s)
+                if going_down and waiting is not None:
+                    when = _local(rules, waiting.window.task, waiting.window.start)
+                    reason += f"; {parked} parked for task {waiting.window.task} ({when})"
             if wanted > bounds.max_replicas:
                 reason = f"bound: max {bounds.max_replicas} ({reason})"
             elif wanted < bounds.min_replicas:
@@ -414,6 +461,7 @@ class Policy:
             del self._last[key]
             self._metrics.pop(key, None)
             self._raised.pop(key, None)
+            self._parking.pop(key, None)
         return decisions
 
     def _keep_alive(
@@ -432,7 +480,9 @@ class Policy:
                 self._habits.pop(name, None)
             else:
                 self._habits[name] = habit
-        return _pools_of(rules, self._habits, now, self.config.park_min_extra_per_day)
+        config = self.config
+        least = math.inf if config.resume_s is None else config.park_min_extra_per_day
+        return _pools_of(rules, self._habits, now, least)  # none when nothing can be parked
 
     def _lead_bound(
         self, start_durations: Mapping[GroupKey, Sequence[float]], changes: Changes | None
@@ -453,7 +503,7 @@ class Policy:
         now: float,
         rules: RuleSet,
         groups: dict[GroupKey, Group],
-        horizon: float,
+        reach: tuple[float, float],
         changes: Changes | None,
         observations: Mapping[GroupKey, Observation],
         start_durations: Mapping[GroupKey, Sequence[float]],
@@ -462,8 +512,8 @@ class Policy:
         or the windows' reach changed (nothing cached is reused then); else those whose
         tasks' runs or leads changed, whose observation changed in what `_reactive` reads,
         and those due by time (`_schedule`)."""
-        if changes is None or horizon != self._reach:
-            self._rules, self._reach = rules, horizon
+        if changes is None or reach != self._reach:
+            self._rules, self._reach = rules, reach
             self._seen.clear()
             self._leads.clear()
             self._wakes.clear()
@@ -523,17 +573,19 @@ class Policy:
 
     def _moved(self, now: float, seen: _Seen, moved: _Seen) -> set[GroupKey]:
         """The groups of a task whose lead changed that must be decided now: those where a
-        span of a later window starts by now by one lead and not by the other. The others
-        are woken when the first such span starts, by either lead."""
+        span of a later window starts, or its instances begin to wait parked, by now by one
+        lead and not by the other. The others are woken at the first such moment, by either
+        lead."""
         due: set[GroupKey] = set()
         for key, spans in moved.spans.items():
             first = math.inf
             for before, after in zip(seen.spans[key], spans, strict=True):
                 if after.window.start <= now:
                     continue
-                if (before.start <= now) != (after.start <= now):
-                    due.add(key)
-                first = min((first, *(s.start for s in (before, after) if s.start > now)))
+                for was, moment in zip(_moments(before), _moments(after), strict=True):
+                    if (was <= now) != (moment <= now):
+                        due.add(key)
+                    first = min((first, *(m for m in (was, moment) if m > now)))
             if key not in due and first < self._wakes.get(key, math.inf):
                 self._wakes[key] = first
                 heapq.heappush(self._queue, (first, key))
@@ -554,14 +606,13 @@ class Policy:
         due: Mapping[GroupKey, Group],
         runs_of: Mapping[str, Sequence[Run]],
         now: float,
-        hold: float,
-        horizon: float,
+        reach: tuple[float, float],
         start_durations: Mapping[GroupKey, Sequence[float]],
     ) -> dict[GroupKey, list[_Span]]:
         """The windows of each due group widened by their task's chain lead and the drain,
         in `profile.windows`' order. A task's are reused while `TaskWindows` says they hold,
         but for those that left the reach since."""
-        start, end = now - hold - self.config.drain_s, now + horizon
+        start, end = now - reach[0] - self.config.drain_s, now + reach[1]
         tasks_of = group_tasks(rules)
         spans: dict[GroupKey, list[_Span]] = {}
         for key in due:
@@ -590,7 +641,8 @@ class Policy:
         """One task's windows over [start, end) and their spans, computed afresh."""
         found = task_windows(rules, name, runs_of.get(name, ()), start, end, now)
         lead = self._lead(rules, name, start_durations) if found.windows else None
-        seen = self._seen[name] = _Seen(found, lead, _spans_of(found, lead, self.config.drain_s))
+        spans = _spans_of(found, lead, self.config, self._reach[0])
+        seen = self._seen[name] = _Seen(found, lead, spans)
         return seen
 
     def _respan(
@@ -602,7 +654,7 @@ class Policy:
     ) -> _Seen:
         """The task's spans widened by its lead as of now."""
         lead = self._lead(rules, name, start_durations)
-        spans = _spans_of(seen.windows, lead, self.config.drain_s)
+        spans = _spans_of(seen.windows, lead, self.config, self._reach[0])
         seen = self._seen[name] = _Seen(seen.windows, lead, spans)
         return seen
 
@@ -650,6 +702,8 @@ class Policy:
             for span in spans[key]:
                 window = span.window
                 moments.append(span.start)
+                if span.parked is not None:  # its instances begin to wait parked
+                    moments.append(span.parked)
                 if window.open:
                     rebuilt.append(self._seen[window.task].windows.until)
                 else:
@@ -707,13 +761,75 @@ class Policy:
         return count, text
 
 
-def _spans_of(found: TaskWindows, lead: float | None, drain: float) -> dict[GroupKey, list[_Span]]:
-    """A task's windows widened by its chain lead and the drain, per group."""
-    spans: dict[GroupKey, list[_Span]] = {}
+def _spans_of(
+    found: TaskWindows, lead: float | None, config: PolicyConfig, longest: float
+) -> dict[GroupKey, list[_Span]]:
+    """A task's windows widened by the lead and the drain, per group, in the windows' order.
+
+    Without parking (`resume_s` None) a window's span starts a chain lead before it. With
+    parking it starts a resume's lead before it (`resume_lead_s`), and its instances wait
+    parked until then: started cold a chain lead before it and parked once ready (they cost
+    `parked_cost` while they wait, where running they would cost a whole replica), or, when
+    the task's previous run ends in time, that run's own instances (`_parks_through`), if it
+    ended at most `longest` before they resume: the reach's past, so that it stays among
+    the windows while its instances wait (a chain lead may exceed `_lead_bound`, which
+    knows only the longest start seen, not the fitted tail)."""
+    drain, resume = config.drain_s, config.resume_lead_s
+    if lead is None:  # no windows
+        return {}
+    by_group: dict[GroupKey, list[Window]] = {}
     for window in found.windows:
-        span = _Span(window.start - lead, window.end + drain, window)  # type: ignore[operator]
-        spans.setdefault((window.service, window.group), []).append(span)
+        by_group.setdefault((window.service, window.group), []).append(window)
+    spans: dict[GroupKey, list[_Span]] = {}
+    for key, windows in by_group.items():
+        moments: dict[int, tuple[float, float | None]] = {}
+        last: Window | None = None  # the earlier window that ends last
+        busy = False  # an earlier window is open: its end is not known
+        for index in sorted(range(len(windows)), key=lambda i: windows[i].start):
+            window = windows[index]
+            cold = window.start - lead
+            if resume is None:
+                moments[index] = (cold, None)
+            elif (
+                last is not None
+                and not busy
+                and _parks_through(window, last, lead, config, longest)
+            ):
+                moments[index] = (window.start - resume, last.end + drain)
+            else:
+                moments[index] = (window.start - resume, cold)
+            if last is None or window.end > last.end:
+                last = window
+            busy = busy or window.open
+        spans[key] = [
+            _Span(moments[index][0], window.end + drain, window, moments[index][1])
+            for index, window in enumerate(windows)
+        ]
     return spans
+
+
+def _parks_through(
+    window: Window, previous: Window, lead: float, config: PolicyConfig, longest: float
+) -> bool:
+    """Whether the instances of the task's previous run serve `window` (kept through the gap,
+    or parked for it) instead of new ones started cold a chain lead before it. They must be
+    free by the resume. A gap within the hold is kept anyway; a longer one is parked when
+    that costs less than the lead (`parked_cost` x the gap against a cold start's running
+    time, which the lead bounds); none longer than `longest`. A previous run that has not
+    finished may overrun: it is relied on only if its overrun shows (its window reaching
+    past its expected end) before a cold start would have to begin."""
+    gap = window.start - (config.resume_lead_s or 0.0) - previous.end - config.drain_s
+    if not 0 <= gap <= longest:
+        return False
+    finished = previous.run is not None and not previous.open
+    if not finished and window.start - lead < previous.end:
+        return False
+    return gap <= config.hold_s or config.parked_cost * gap < lead
+
+
+def _moments(span: _Span) -> tuple[float, float]:
+    """When a span's instances begin to wait parked (never: inf) and to serve."""
+    return (math.inf if span.parked is None else span.parked, span.start)
 
 
 def _signals(observation: Observation | None) -> tuple[float | None, ...] | None:
@@ -765,6 +881,27 @@ def _lead_bound(longest: Iterable[float], config: PolicyConfig) -> float:
     """No chain lead is longer than this, so windows beyond it cannot matter yet. `longest`:
     each group's longest measured start."""
     return max(config.default_lead_s, max(longest, default=0.0) + config.sync_period_s)
+
+
+def _reach(lead_bound: float, config: PolicyConfig) -> tuple[float, float]:
+    """Seconds before and after now that the windows are taken from: back to those whose
+    drain ended a hold ago, or whose instances may still wait parked for a later window
+    (`_resumes`), on to the latest a chain lead or a parked gap can reach."""
+    hold, parked = config.hold_s, config.park_reach(lead_bound)
+    return max(hold, parked), max(hold + lead_bound, parked + (config.resume_lead_s or 0.0))
+
+
+def _parked(spans: list[_Span], now: float, idle: int) -> tuple[int, _Span | None]:
+    """(instances the group keeps parked for the tasks' next runs, the first span they wait
+    for): those of the spans whose previous run's instances wait parked now, less the ones
+    `idle` (running, needed by nothing now) that will serve them anyway."""
+    waiting = [
+        span for span in spans if span.parked is not None and span.parked <= now < span.start
+    ]
+    count = sum(span.window.replicas for span in waiting) - max(0, idle)
+    if count <= 0:
+        return 0, None
+    return count, min(waiting, key=lambda span: span.start)
 
 
 def _predictive(spans: list[_Span], now: float, hold: float) -> tuple[int, int, _Span | None]:
@@ -833,7 +970,7 @@ def _explain(
     newest = max(active, key=lambda span: span.start)
     others = len({span.window.task for span in active} - {newest.window.task})
     suffix = f" (+{others} more task{'s' if others > 1 else ''})" if others else ""
-    return _active(rules, newest.window, now) + suffix
+    return _active(rules, newest, now) + suffix
 
 
 def _ended(window: Window, drain: float) -> str:
@@ -849,7 +986,8 @@ def _ended(window: Window, drain: float) -> str:
     return f"run {window.task}/{window.run} finished + drain {drain:g}s"
 
 
-def _active(rules: RuleSet, window: Window, now: float) -> str:
+def _active(rules: RuleSet, span: _Span, now: float) -> str:
+    window = span.window
     if window.open:
         return f"run {window.task}/{window.run} open"
     if window.stuck:
@@ -858,7 +996,8 @@ def _active(rules: RuleSet, window: Window, now: float) -> str:
         return f"run {window.task}/{window.run} finished, draining"
     when = _local(rules, window.task, window.start)
     if window.start > now:
-        return f"pre-warm for task {window.task} (fires {when})"
+        done = "resume parked" if span.parked is not None else "pre-warm"
+        return f"{done} for task {window.task} (fires {when})"
     return f"task {window.task} fired {when}, no run reported yet"
 
 

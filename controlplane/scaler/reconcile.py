@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from controlplane.model.group import GroupKey
@@ -99,7 +99,9 @@ class Scaler:
     def tick(self, store: Store, now: float) -> list[Decision]:
         """One period: decide, record what changed, converge every group. Blocking."""
         if self._policy is None:
-            self._policy = Policy(self.config)
+            # an actuator that cannot park must have every instance started a lead early
+            parks = self.actuator.parks
+            self._policy = Policy(self.config if parks else replace(self.config, resume_s=None))
         seen = self.actuator.observe()
         rules = self._rules()
         instances, _ = list_instances(store)

@@ -48,7 +48,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from controlplane.errors import TasklaneError
@@ -440,7 +440,7 @@ def _flaps(changes: Sequence[tuple[float, int, bool]]) -> list[tuple[float, int,
 # --- the replay -----------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # each instance is itself: two started at once are not one
 class _Instance:
     requested: float  # started, or resumed
     ready: bool = False
@@ -464,7 +464,8 @@ class _Group:
     startup: Callable[[], float]
     instances: list[_Instance] = field(default_factory=list)
     parked: list[_Parked] = field(default_factory=list)  # oldest first
-    filling: int = 0  # instances starting to be parked
+    filling: list[_Instance] = field(default_factory=list)  # starting, to be parked
+    pool: int = 0  # instances to keep parked, as last told
     desired: int = 0
     ready: int = 0
     need: int = 0
@@ -609,11 +610,15 @@ def _replay(
         parked_seconds += clock.overlap(parked.since, now)
 
     def scale(group: _Group, count: int, pool: int, now: float) -> None:
+        group.pool = pool
         while len(group.instances) < count:
             if group.parked:  # resume the most recently parked one: its caches are warmest
                 unpark(group, now, newest=True)
                 instance = _Instance(now, resumed=True)
                 push(now + RESUME_S, _READY, (group, instance))
+            elif group.filling:  # one starting for the pool is needed now: not parked after all
+                instance = group.filling.pop(0)  # the oldest: the nearest to ready
+                instance.to_park = False
             else:
                 instance = _Instance(now)
                 push(now + group.startup(), _READY, (group, instance))
@@ -631,9 +636,12 @@ def _replay(
             view.observe(group.key)
         while len(group.parked) > pool:
             unpark(group, now, newest=False)
-        while len(group.parked) + group.filling < pool:  # the pool is kept full
-            group.filling += 1
-            push(now + group.startup(), _READY, (group, _Instance(now, to_park=True)))
+        while group.filling and len(group.parked) + len(group.filling) > pool:
+            stop(group, group.filling.pop(), now)  # the newest: the furthest from ready
+        while len(group.parked) + len(group.filling) < pool:  # the pool is kept full
+            instance = _Instance(now, to_park=True)
+            group.filling.append(instance)
+            push(now + group.startup(), _READY, (group, instance))
 
     for group in groups.values():
         group.desired = controller.initial(group)
@@ -647,8 +655,11 @@ def _replay(
     shortfalls: dict[SimRun, float] = {}
 
     def control(now: float) -> None:
-        pools = controller.pools()
-        for key, count in controller.tick(now, view).items():
+        desired = controller.tick(now, view)
+        for key, pool in controller.pools().items():
+            if pool != groups[key].pool and key not in desired:
+                scale(groups[key], groups[key].desired, pool, now)
+        for key, count in desired.items():
             group = groups[key]
             if count != group.desired:
                 if clock.measured(now):
@@ -658,7 +669,7 @@ def _replay(
                     forced = up and group.extra_started >= since
                     group.changes.append((now, 1 if up else -1, forced))
                 group.desired = count
-            scale(group, count, pools.get(key, 0), now)
+            scale(group, count, controller.pools().get(key, 0), now)
 
     last = clock.begin
     while queue and queue[0][0] < clock.end:
@@ -671,13 +682,15 @@ def _replay(
             _, kind, _, item = heapq.heappop(queue)
             if kind == _READY:
                 group, instance = item  # type: ignore[misc]
-                if instance.to_park:
-                    group.filling -= 1
+                if instance.stopped:
+                    pass
+                elif instance.to_park:
+                    group.filling.remove(instance)
                     group.parked.append(_Parked(now))
                     seconds += clock.overlap(instance.requested, now)
                     group.starts.append(now - instance.requested)
                     view.measured(group.key)
-                elif not instance.stopped:
+                else:
                     instance.ready = True
                     shift(group, ready=1)
                     if not instance.resumed:
@@ -719,7 +732,7 @@ def _replay(
     missing += clock.overlap(last, clock.end) * short
     shortfalls.update((run, clock.end - run.start) for run in pending)
     for group in groups.values():
-        for instance in group.instances:
+        for instance in (*group.instances, *group.filling):
             stop(group, instance, clock.end)
         while group.parked:
             unpark(group, clock.end, newest=False)
@@ -910,4 +923,5 @@ def _controller(
         return _Hpa()
     if name == "keda-cron":
         return _KedaCron(workload, clock)
-    return _Tasklane(workload, config or PolicyConfig(sync_period_s=SYNC_PERIOD_S), exhaustive)
+    config = config or PolicyConfig(sync_period_s=SYNC_PERIOD_S)
+    return _Tasklane(workload, replace(config, parked_cost=workload.parked_cost), exhaustive)

@@ -31,6 +31,9 @@ ACCOUNT = ("account-svc", "task")
 STARTS: dict[GroupKey, list[float]] = {FACADE: [20.0] * 20, ACCOUNT: [50.0] * 20}
 FIRE = at(2026, 6, 1, 18)  # nightly: 02:00 Asia/Shanghai
 LEAD = 50 + 15
+# An actuator that cannot park (Kubernetes): every instance starts a chain lead before its
+# window. Most tests here are about that; those about parking say so.
+COLD = PolicyConfig(resume_s=None)
 Observe = Callable[[float], Mapping[GroupKey, Observation]]
 
 
@@ -80,10 +83,10 @@ def test_lead_is_measured_start_time_plus_a_sync_period() -> None:
 def test_lead_grows_with_the_instances_that_must_all_be_ready() -> None:
     draws = random.Random(1)
     spread = [draws.lognormvariate(math.log(40), 0.34) for _ in range(200)]  # p95 about 70 s
-    config = PolicyConfig(lead_percentile=95)
+    config = replace(COLD, lead_percentile=95)
     one = chain_lead({ACCOUNT: spread}, {ACCOUNT: 1}, config)
     nine = chain_lead({ACCOUNT: spread}, {ACCOUNT: 9}, config)
-    strict = chain_lead({ACCOUNT: spread}, {ACCOUNT: 1}, PolicyConfig())  # the default: p99
+    strict = chain_lead({ACCOUNT: spread}, {ACCOUNT: 1}, COLD)  # the default: p99
     assert 62 <= one - 15 <= 78
     assert nine - 15 > 85 and strict - 15 > 85
     # a chain waits for its slowest hop, and an unmeasured hop for the default
@@ -114,7 +117,7 @@ def test_the_fitted_spread_is_statistics_stdev_to_the_bit() -> None:
 
 def test_whole_chain_is_prewarmed_by_the_slowest_hops_lead_and_goes_down_together() -> None:
     run = Run("nightly", "abc", FIRE + 3, FIRE + 20 * 60)
-    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 3600, [run])
+    decisions = replay(Policy(COLD), rules(task("nightly")), FIRE - 300, FIRE + 3600, [run])
     up = FIRE - 60  # the first tick at or after FIRE - LEAD
     assert changes(decisions, FACADE) == [(FIRE - 300, 0), (up, 4), (FIRE + 20 * 60 + 30, 0)]
     assert changes(decisions, ACCOUNT) == [(FIRE - 300, 0), (up, 3), (FIRE + 20 * 60 + 30, 0)]
@@ -127,13 +130,13 @@ def test_whole_chain_is_prewarmed_by_the_slowest_hops_lead_and_goes_down_togethe
 
 def test_no_scale_down_while_the_run_is_open_whatever_the_predicted_end() -> None:
     run = Run("nightly", "abc", FIRE + 3, FIRE + 5 * 3600)  # 1 h expected, 5 h real
-    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 6 * 3600, [run])
+    decisions = replay(Policy(COLD), rules(task("nightly")), FIRE - 300, FIRE + 6 * 3600, [run])
     assert changes(decisions, ACCOUNT) == [
         (FIRE - 300, 0),
         (FIRE - 60, 3),
         (FIRE + 5 * 3600 + 30, 0),
     ]
-    fresh = Policy().decide(
+    fresh = Policy(COLD).decide(
         FIRE + 2 * 3600, rules(task("nightly")), known([run], FIRE + 7200), {}, STARTS
     )
     assert {d.reason for d in fresh} == {"run nightly/abc open"}
@@ -141,13 +144,13 @@ def test_no_scale_down_while_the_run_is_open_whatever_the_predicted_end() -> Non
 
 def test_drain_keeps_the_group_for_drain_seconds_after_the_finish() -> None:
     run = Run("nightly", "abc", FIRE + 3, FIRE + 20 * 60 + 5)
-    config = PolicyConfig(drain_s=120)
+    config = replace(COLD, drain_s=120)
     decisions = replay(Policy(config), rules(task("nightly")), FIRE - 300, FIRE + 3600, [run])
     assert changes(decisions, ACCOUNT)[-1] == (FIRE + 22 * 60 + 15, 0)  # first tick >= +125 s
 
 
 def test_a_skipped_run_holds_capacity_for_the_expected_duration_plus_drain() -> None:
-    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 7200)
+    decisions = replay(Policy(COLD), rules(task("nightly")), FIRE - 300, FIRE + 7200)
     assert changes(decisions, ACCOUNT) == [(FIRE - 300, 0), (FIRE - 60, 3), (FIRE + 3630, 0)]
     assert decisions[-1].reason == (
         "task nightly: no run reported by its expected end; down after drain 30s"
@@ -155,7 +158,7 @@ def test_a_skipped_run_holds_capacity_for_the_expected_duration_plus_drain() -> 
 
 
 def test_a_fire_not_yet_reported_is_explained_as_such() -> None:
-    fresh = Policy().decide(FIRE + 60, rules(task("nightly")), [], {}, STARTS)
+    fresh = Policy(COLD).decide(FIRE + 60, rules(task("nightly")), [], {}, STARTS)
     assert {d.reason for d in fresh} == {
         "task nightly fired 02:00 Asia/Shanghai, no run reported yet"
     }
@@ -167,7 +170,7 @@ def test_capacity_needed_again_within_the_window_is_kept_not_restarted() -> None
         task("debit", "10 2 * * *", chain="debit", replicas=(("account-svc", 2),)),
     )
     run = Run("nightly", "abc", FIRE, FIRE + 150)
-    decisions = replay(Policy(), ruleset, FIRE - 300, FIRE + 1200, [run])
+    decisions = replay(Policy(COLD), ruleset, FIRE - 300, FIRE + 1200, [run])
     # nightly ends at +150 s, down at +240 s (a flap guard: 300 s after going up); debit's
     # pre-warm is due at +535 s (within the window and the keep margin, 375 s), so
     # account-svc keeps 2 of its 3 instead of 0, then 2 again
@@ -190,7 +193,7 @@ def test_a_runs_drain_does_not_stack_on_the_same_tasks_next_pre_warm() -> None:
         Run("quarter", f"r{n}", fire + 900 * n + 2, fire + 900 * n + 840, "succeeded")
         for n in range(3)
     ]
-    decisions = replay(Policy(), ruleset, fire - 300, fire + 2700, runs)
+    decisions = replay(Policy(COLD), ruleset, fire - 300, fire + 2700, runs)
     assert max(replicas for _, replicas in changes(decisions, ACCOUNT)) == 3
 
 
@@ -203,7 +206,7 @@ def test_a_drain_served_by_a_run_open_beside_it_does_not_come_back_when_that_run
         Run("nightly", "fired", FIRE + 3, FIRE + 1200, "succeeded"),
         Run("nightly", "by-hand", FIRE + 600, FIRE + 1210, "succeeded"),
     ]
-    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 1800, runs)
+    decisions = replay(Policy(COLD), rules(task("nightly")), FIRE - 300, FIRE + 1800, runs)
     assert changes(decisions, ACCOUNT) == [
         (FIRE - 300, 0),
         (FIRE - 60, 3),
@@ -222,7 +225,7 @@ def test_runs_never_reported_finished_do_not_pile_up_capacity() -> None:
     )
     fire = at(2026, 6, 1, 18)
     runs = [Run("hourly", f"r{n}", fire + 3600 * n + 5) for n in range(6)]
-    decisions = replay(Policy(), ruleset, fire - 300, fire + 6 * 3600, runs)
+    decisions = replay(Policy(COLD), ruleset, fire - 300, fire + 6 * 3600, runs)
     assert max(replicas for _, replicas in changes(decisions, ACCOUNT)) <= 2
     assert (
         "run hourly/r0 still open after 10 x the task's expected duration: no longer held "
@@ -242,7 +245,7 @@ def test_always_overrunning_runs_reported_by_a_skewed_clock_hold_what_they_need(
         Run("quarter", f"r{n}", fire + 900 * n - 30, fire + 900 * n - 30 + 1500, "succeeded")
         for n in range(12)
     ]
-    policy = Policy()
+    policy = Policy(COLD)
     decisions = replay(policy, ruleset, fire - 300, fire + 3 * 3600, runs)
     assert max(replicas for _, replicas in changes(decisions, ACCOUNT)) == 2
     assert policy.pools == {FACADE: 0, ACCOUNT: 0}
@@ -250,7 +253,7 @@ def test_always_overrunning_runs_reported_by_a_skewed_clock_hold_what_they_need(
 
 def test_no_decrease_within_the_scale_down_window_of_an_increase() -> None:
     run = Run("nightly", "abc", FIRE, FIRE + 60)  # a one-minute run
-    decisions = replay(Policy(), rules(task("nightly")), FIRE - 300, FIRE + 900, [run])
+    decisions = replay(Policy(COLD), rules(task("nightly")), FIRE - 300, FIRE + 900, [run])
     assert changes(decisions, ACCOUNT) == [(FIRE - 300, 0), (FIRE - 60, 3), (FIRE + 240, 0)]
 
 
@@ -262,7 +265,7 @@ def test_bounds_clamp_and_say_so() -> None:
         task("nightly", replicas=(("account-svc", 5), ("fund-facade", 1))),
         task("debit", chain="debit", replicas=(("account-svc", 4),)),
     )
-    up = Policy().decide(FIRE + 60, ruleset, [], {}, STARTS)
+    up = Policy(COLD).decide(FIRE + 60, ruleset, [], {}, STARTS)
     account = next(d for d in up if (d.service, d.group) == ACCOUNT)
     assert account.replicas == 6
     assert account.reason.startswith("bound: max 6 (")
@@ -272,13 +275,13 @@ def test_bounds_clamp_and_say_so() -> None:
     services["fund-facade"] = replace(
         facade, groups=(facade.groups[0], replace(facade.groups[1], min_replicas=1))
     )
-    idle = Policy().decide(FIRE - 3600, replace(ruleset, services=services), [], {}, STARTS)
+    idle = Policy(COLD).decide(FIRE - 3600, replace(ruleset, services=services), [], {}, STARTS)
     facade_decision = next(d for d in idle if (d.service, d.group) == FACADE)
     assert (facade_decision.replicas, facade_decision.reason) == (1, "bound: min 1")
 
 
 def test_a_lowered_maximum_applies_at_once() -> None:
-    policy = Policy()
+    policy = Policy(COLD)
     ruleset = rules(task("nightly"))
     policy.decide(FIRE - 300, ruleset, [], {}, STARTS)
     policy.decide(FIRE - 60, ruleset, [], {}, STARTS)
@@ -312,7 +315,7 @@ def busy(in_flight: Callable[[float], float | None], ready: int = 3) -> Observe:
 def test_in_flight_above_target_scales_beyond_the_prediction() -> None:
     run = Run("nightly", "abc", FIRE, FIRE + 3600)
     decisions = replay(
-        Policy(),
+        Policy(COLD),
         rules(task("nightly")),
         FIRE + 60,
         FIRE + 120,
@@ -335,7 +338,7 @@ def test_the_signal_that_drives_the_decision_is_named() -> None:
             )
         }
 
-    decisions = replay(Policy(), rules(task("nightly")), FIRE + 60, FIRE + 90, [run], seen)
+    decisions = replay(Policy(COLD), rules(task("nightly")), FIRE + 60, FIRE + 90, [run], seen)
     account = [(d.replicas, d.reason) for d in decisions if (d.service, d.group) == ACCOUNT]
     assert account == [(6, "metric: saturation 1.60 > target 0.8")]
 
@@ -352,7 +355,7 @@ def test_a_signal_that_is_not_a_number_drives_nothing() -> None:
             )
         }
 
-    decisions = replay(Policy(), rules(task("nightly")), FIRE + 60, FIRE + 90, [run], seen)
+    decisions = replay(Policy(COLD), rules(task("nightly")), FIRE + 60, FIRE + 90, [run], seen)
     account = [(d.replicas, d.reason) for d in decisions if (d.service, d.group) == ACCOUNT]
     assert account == [(6, "metric: memory 1.60 > target 0.8")]
 
@@ -360,7 +363,7 @@ def test_a_signal_that_is_not_a_number_drives_nothing() -> None:
 def test_within_tolerance_the_metric_changes_nothing() -> None:
     run = Run("nightly", "abc", FIRE, FIRE + 3600)
     decisions = replay(
-        Policy(), rules(task("nightly")), FIRE + 60, FIRE + 600, [run], busy(lambda now: 8.7)
+        Policy(COLD), rules(task("nightly")), FIRE + 60, FIRE + 600, [run], busy(lambda now: 8.7)
     )
     assert changes(decisions, ACCOUNT) == [(FIRE + 60, 3)]
 
@@ -368,7 +371,7 @@ def test_within_tolerance_the_metric_changes_nothing() -> None:
 def test_scale_down_is_stabilised_over_the_window() -> None:
     # an idle task group that metrics alone drive: 16 in flight per instance, then nothing
     decisions = replay(
-        Policy(),
+        Policy(COLD),
         rules(task("nightly")),
         FIRE - 7200,
         FIRE - 6000,
@@ -381,7 +384,7 @@ def test_scale_down_is_stabilised_over_the_window() -> None:
 def test_metric_history_of_a_finished_run_does_not_hold_its_capacity() -> None:
     run = Run("nightly", "abc", FIRE, FIRE + 1800)
     decisions = replay(
-        Policy(),
+        Policy(COLD),
         rules(task("nightly")),
         FIRE + 60,
         FIRE + 2400,
@@ -396,7 +399,7 @@ def test_metric_history_of_a_finished_run_does_not_hold_its_capacity() -> None:
 
 
 def test_first_call_decides_every_group_then_only_changes() -> None:
-    policy = Policy()
+    policy = Policy(COLD)
     ruleset = rules(task("nightly"))
     first = policy.decide(FIRE - 3600, ruleset, [], {}, STARTS)
     assert [(d.service, d.group, d.replicas) for d in first] == [
@@ -409,7 +412,7 @@ def test_first_call_decides_every_group_then_only_changes() -> None:
 
 
 def test_a_group_no_task_uses_gets_a_last_decision() -> None:
-    policy = Policy()
+    policy = Policy(COLD)
     policy.decide(FIRE + 60, rules(task("nightly")), [], {}, STARTS)
     last = policy.decide(FIRE + 75, rules(), [], {}, STARTS)
     assert {(d.service, d.replicas, d.reason) for d in last} == {
@@ -417,3 +420,55 @@ def test_a_group_no_task_uses_gets_a_last_decision() -> None:
         ("fund-facade", 0, "no scheduled task uses this group any more"),
     }
     assert policy.desired == {}
+
+
+def parked_replay(
+    ruleset: object, start: float, end: float, runs: Sequence[Run], starts: Mapping
+) -> list[tuple[float, int, int, str]]:
+    """(time, desired, parked pool, reason of a change) of account-svc's task group, for a
+    policy that can park, each 15 s."""
+    policy, seen, now = Policy(), [], start
+    while now < end:
+        made = policy.decide(now, ruleset, known(runs, now), {}, starts)  # type: ignore[arg-type]
+        reason = next((d.reason for d in made if (d.service, d.group) == ACCOUNT), "")
+        seen.append((now, policy.desired[ACCOUNT].replicas, policy.pools[ACCOUNT], reason))
+        now += 15
+    return seen
+
+
+def test_instances_started_a_lead_early_wait_parked_for_the_resume() -> None:
+    """Where the actuator can park, the pre-warm's instances are started the chain lead
+    early into the parked pool (they cost memory, not CPU, while they wait) and resumed a
+    sync period plus `resume_s` before the fire; the lead is the same."""
+    seen = parked_replay(rules(task("nightly")), FIRE - 300, FIRE + 60, [], STARTS)
+    pool_from = min(now for now, _, pool, _ in seen if pool)
+    up = min(now for now, count, _, _ in seen if count)
+    assert FIRE - LEAD <= pool_from < FIRE - LEAD + 15
+    assert FIRE - 16 <= up < FIRE
+    assert all(pool == 3 and count == 0 for now, count, pool, _ in seen if pool_from <= now < up)
+    at_up = next(entry for entry in seen if entry[0] == up)
+    assert at_up[1:3] == (3, 0)  # the three parked ones resumed, none left parked
+    assert at_up[3].startswith("resume parked for task nightly")
+    cold = replay(Policy(COLD), rules(task("nightly")), FIRE - 300, FIRE + 60)
+    assert changes(cold, ACCOUNT)[1] == (FIRE - 60, 3)  # without parking: up a lead early
+
+
+def test_a_runs_instances_wait_parked_for_the_tasks_next_run() -> None:
+    """A 15-minute task of 5-minute runs on 200 s start-ups: its instances are parked from
+    the end of one run's drain to the resume before the next fire (0.25 x 9 minutes cost
+    less than the 215 s lead of a restart), and the next run finds them there."""
+    quarter = task("quarter", schedule="*/15 * * * *", hours=5 / 60)
+    slow = {FACADE: [200.0] * 20, ACCOUNT: [200.0] * 20}
+    run = Run("quarter", "r1", FIRE, FIRE + 300, "succeeded")
+    seen = parked_replay(rules(quarter), FIRE + 60, FIRE + 900, [run], slow)
+    down = next(entry for entry in seen if entry[1] == 0)
+    assert down[0] == FIRE + 330  # the drain's end
+    assert "3 parked for task quarter" in down[3]
+    assert all(pool == 3 for now, _, pool, _ in seen if FIRE + 330 <= now < FIRE + 884)
+    up = next(entry for entry in seen if entry[0] > down[0] and entry[1] == 3)
+    assert FIRE + 884 <= up[0] < FIRE + 900 and up[2] == 0
+    assert up[3].startswith("resume parked for task quarter")
+    # with 20 s starts a restart is cheaper than the parked gap: stopped, then started cold
+    fast = {FACADE: [20.0] * 20, ACCOUNT: [20.0] * 20}
+    seen = parked_replay(rules(quarter), FIRE + 60, FIRE + 900, [run], fast)
+    assert all(pool == 0 for now, _, pool, _ in seen if FIRE + 330 <= now < FIRE + 850)

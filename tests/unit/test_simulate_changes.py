@@ -13,7 +13,7 @@ import pytest
 
 from bench.scaler import Shape, TaskSpec, assemble, render
 from controlplane.model.run import Run
-from controlplane.scaler.policy import Changes, Decision, Policy
+from controlplane.scaler.policy import Changes, Decision, Policy, PolicyConfig
 from controlplane.scaler.simulate import Report, simulate
 from controlplane.scaler.workload import Workload, parse_workload
 from tests.support.profiles import HOUR, at, rules, task
@@ -126,21 +126,25 @@ def test_a_run_never_reported_finished_is_let_go_as_when_deciding_everything() -
 
 
 @pytest.mark.parametrize("start_s", [None, 60.0, 61.3])
+@pytest.mark.parametrize("resume_s", [None, 0.0])
 def test_a_window_entering_the_reach_exactly_at_a_call_is_decided_at_the_next(
-    start_s: float | None,
+    start_s: float | None, resume_s: float | None
 ) -> None:
     """The reach is [start, end): a fire exactly at its end is out of it at that call and in
-    at the next. With no start measured (a 405 s reach) or 60 s starts (450 s), both whole
-    periods, the calls land exactly on that moment: the policy told of no change must still
-    pre-warm for the fire."""
+    at the next. Whole periods put the calls exactly on that moment: without parking, no
+    start measured (a 405 s reach) or 60 s starts (450 s); parking with an instant resume,
+    420 s and 465 s (a parked gap's reach, plus the resume's lead). The policy told of no
+    change must still pre-warm for the fire."""
     ruleset = rules(task("nightly", hours=0.5))
     starts = {} if start_s is None else {FACADE: [start_s] * 20, ACCOUNT: [start_s] * 20}
     made: dict[bool, list[Decision]] = {}
     for told in (False, True):
-        policy, decisions, now = Policy(), [], FIRE - 2 * HOUR
+        policy, decisions = Policy(PolicyConfig(resume_s=resume_s)), []
+        now = FIRE - 2 * HOUR
         while now < FIRE + HOUR:
             decisions += policy.decide(now, ruleset, [], {}, starts, Changes() if told else None)
             now += 15
         made[told] = decisions
-    assert any("pre-warm" in decision.reason for decision in made[False])
+    warm = "pre-warm" if resume_s is None else "resume parked"
+    assert any(decision.reason.startswith(warm) for decision in made[False])
     assert made[True] == made[False]

@@ -51,6 +51,7 @@ class Actuator(Protocol):
     """The contract between the scaler and whatever runs instances."""
 
     name: str
+    parks: bool  # can keep instances parked (keep()); the policy then waits on resumes
 
     def observe(self) -> dict[GroupKey, GroupReplicas]:
         """The groups this actuator manages and their replicas now."""
@@ -95,6 +96,7 @@ class DryRunActuator:
     change took effect at once."""
 
     name = "dry-run"
+    parks = False
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock

@@ -71,6 +71,7 @@ class KubernetesActuator:
     """
 
     name = "kubernetes"
+    parks = False
 
     def __init__(
         self,

@@ -116,6 +116,7 @@ class LocalActuator:
     """
 
     name = "local"
+    parks = True
 
     def __init__(
         self,
