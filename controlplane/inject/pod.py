@@ -8,8 +8,10 @@ starts before the app containers, which the kubelet starts only once its startup
 
 Envoy runs the bootstrap `tasklane run` uses (render_bootstrap, sidecar.yaml) with fixed
 ports, since a pod has its own network namespace, plus pod.yaml: a listener on the pod IP that
-exposes only the admin's /ready, for the probes. The container carries a few arguments, from
-which start.py renders that bootstrap when the pod starts (like Istio's agent), not the
+exposes of the admin only /ready, for the probes, and the one stat of the inbound listener's
+requests in flight (xds/names.ACTIVE_REQUESTS_PATH, matched whole, query included), which the
+scaler reads from outside the pod. The container carries a few arguments, from which
+start.py renders that bootstrap when the pod starts (like Istio's agent), not the
 bootstrap itself. The pod's name and IP come from the downward API: the kubelet expands
 `$(POD_NAME)` and `$(POD_IP)` in the container's args. The node id is
 `<service>|<group>|<pod name>` and the sidecar announces `<pod IP>:15006`, so the control plane
@@ -48,7 +50,12 @@ from controlplane.model.rules import DNS_LABEL, NAME_RULE
 from controlplane.model.text import describe, quote
 from controlplane.pki import TlsFiles
 from controlplane.runtime.envoy import render_bootstrap
-from controlplane.xds.names import HEALTH_PATH, LOCAL_APP_CLUSTER
+from controlplane.xds.names import (
+    ACTIVE_REQUESTS_PATH,
+    HEALTH_PATH,
+    LOCAL_APP_CLUSTER,
+    READY_PORT_NAME,
+)
 
 LABEL_SERVICE = "tasklane.io/service"
 LABEL_GROUP = "tasklane.io/group"
@@ -65,7 +72,8 @@ DEFAULT_XDS_ADDRESS = "tasklane.tasklane-system.svc:18000"
 ADMIN_PORT = 15000  # 127.0.0.1 only
 EGRESS_PORT = 15001  # 127.0.0.1: the app's http_proxy
 INBOUND_PORT = 15006  # 0.0.0.0: other sidecars reach the app here (announced with the pod IP)
-READY_PORT = 15021  # 0.0.0.0: /ready only, for the kubelet's probes
+# 0.0.0.0: /ready for the kubelet's probes, and the requests in flight for the scaler
+READY_PORT = 15021
 RESERVED_PORTS = frozenset({ADMIN_PORT, EGRESS_PORT, INBOUND_PORT, READY_PORT})
 # Envoy's uid in the pod: the redirect lets its connections through, so they reach the app.
 PROXY_UID = 1337
@@ -425,7 +433,7 @@ def _sidecar(
         ],
         "ports": [
             *(inbound if app_port is not None else []),
-            {"name": "tasklane-ready", "containerPort": READY_PORT, "protocol": "TCP"},
+            {"name": READY_PORT_NAME, "containerPort": READY_PORT, "protocol": "TCP"},
         ],
         "restartPolicy": "Always",
         # Up to 10 minutes to get the config from the control plane before a restart.
@@ -484,11 +492,12 @@ def pod_bootstrap(
     more_xds: tuple[tuple[str, int], ...] = (),
 ) -> str:
     """The bootstrap of a sidecar beside its app in one network namespace (a pod; a compose
-    service): the fixed ports above, inbound on every address, /ready for probes, and the
-    instance announced at `host`:`inbound_port`. Without `app_port` (a client-only pod): the
-    egress listener and /ready only, and no announcement (nothing can call it). `app_health`:
-    (path, app path) pairs the ready listener passes on to the app, or answers from its TCP check
-    of the app when the app path is None (_app_probes)."""
+    service): the fixed ports above, inbound on every address, /ready for probes (and the
+    requests in flight for the scaler), and the instance announced at `host`:`inbound_port`.
+    Without `app_port` (a client-only pod): the egress listener and the ready listener only,
+    and no announcement (nothing can call it). `app_health`: (path, app path) pairs the ready
+    listener passes on to the app, or answers from its TCP check of the app when the app path
+    is None (_app_probes)."""
     text = render_bootstrap(
         node_id=node_id,
         service=service,
@@ -506,7 +515,11 @@ def pod_bootstrap(
                 "app_port": 0 if app_port is None else app_port,  # 0: removed below
                 "health_path": HEALTH_PATH,
             },
-            "pod.yaml": {"ready_port": READY_PORT, "admin_port": ADMIN_PORT},
+            "pod.yaml": {
+                "ready_port": READY_PORT,
+                "admin_port": ADMIN_PORT,
+                "active_requests_path": ACTIVE_REQUESTS_PATH,
+            },
         },
         announce=None if app_port is None else f"{host}:{inbound_port}",
         tls=tls,

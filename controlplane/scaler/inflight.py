@@ -1,46 +1,44 @@
 """The reactive half of the policy's input: requests in flight per instance of each group,
-read from the sidecars themselves (their inbound listener's active requests).
+read from the sidecars themselves (their inbound listener's active requests, one stat of
+Envoy's admin: xds/names.ACTIVE_REQUESTS_PATH, as Prometheus text).
 
-Envoy's admin listens on the instance's loopback, so this sees instances on the control
-plane's host (the local actuator's); elsewhere a group simply has no reading and the policy
-runs on the predictive half alone.
+Envoy's admin listens on the instance's loopback, so this reads the instances on the control
+plane's host (the local actuator's) there. An injected pod's sidecar passes that one admin
+URL on at its ready port, on the pod IP (templates/pod.yaml), where the Kubernetes actuator
+reads it (podsignals). Both give per-instance `signals.Reading`s, which `signals.group_means`
+averages per group; an instance whose stat cannot be read is left out, never read as 0.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 from collections.abc import Iterable
 
 from controlplane.model.group import GroupKey
 from controlplane.model.instance import Instance
-from controlplane.runtime.envoy import parse_stats
-
-ACTIVE = "http.inbound.downstream_rq_active"
-
-
-def active_requests(host: str, admin_port: int, timeout: float = 0.5) -> int | None:
-    """In-flight requests on one sidecar's inbound listener, or None if it cannot be read."""
-    conn = http.client.HTTPConnection(host, admin_port, timeout=timeout)
-    try:
-        conn.request("GET", f"/stats?format=json&filter=^{ACTIVE}$")
-        response = conn.getresponse()
-        if response.status != 200:
-            return None
-        return parse_stats(json.loads(response.read())).get(ACTIVE)
-    except (OSError, ValueError):
-        return None
-    finally:
-        conn.close()
+from controlplane.scaler.signals import Reading, Readings, read_gauges
+from controlplane.xds.names import ACTIVE_REQUESTS_METRIC, ACTIVE_REQUESTS_PATH
 
 
-def in_flight(instances: Iterable[Instance], groups: set[GroupKey]) -> dict[GroupKey, float]:
-    """Mean in-flight requests per readable instance of each of `groups`."""
-    readings: dict[GroupKey, list[int]] = {}
-    for instance in instances:
-        key = (instance.service, instance.group)
-        if key in groups and instance.host in ("127.0.0.1", "localhost", "::1"):
-            active = active_requests(instance.host, instance.admin_port)
-            if active is not None:
-                readings.setdefault(key, []).append(active)
-    return {key: sum(values) / len(values) for key, values in readings.items()}
+def active_requests_url(host: str, port: int) -> str:
+    """Where a sidecar shows its requests in flight: its admin port, or a pod's ready port."""
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}{ACTIVE_REQUESTS_PATH}"
+
+
+def in_flight(instances: Iterable[Instance], groups: set[GroupKey]) -> Readings:
+    """The requests in flight of each instance of `groups` on this host whose sidecar
+    answers, read at once (signals.read_gauges)."""
+    local = [
+        instance
+        for instance in instances
+        if (instance.service, instance.group) in groups
+        and instance.host in ("127.0.0.1", "localhost", "::1")
+    ]
+    values = read_gauges(
+        [(active_requests_url(i.host, i.admin_port), ACTIVE_REQUESTS_METRIC) for i in local]
+    )
+    return [
+        ((instance.service, instance.group), Reading(in_flight=value))
+        for instance, value in zip(local, values, strict=True)
+        if value is not None
+    ]

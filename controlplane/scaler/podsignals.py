@@ -16,6 +16,11 @@ them into per-instance `signals.Reading`s here, so both sources meet in `signals
   and `prometheus.io/path` annotations (the usual scrape convention; path /metrics by
   default), else its container port named `metrics`. Not the app port: an injected pod's
   redirect hands that to the sidecar, whose task group refuses undyed requests (403).
+- Requests in flight: from the injected sidecar's ready port (its container port named
+  `tasklane-ready`) on the pod IP, which passes on the one admin URL that shows them
+  (`inflight`); a pod without that port (not injected) has none.
+
+Every pod's gauge and requests in flight are read in one `signals.read_gauges`, at once.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from kubernetes.utils import parse_quantity
 
 from controlplane.model.group import GroupKey
 from controlplane.model.rules import Service
+from controlplane.scaler.inflight import active_requests_url
 from controlplane.scaler.signals import Reading, Readings, read_gauges
+from controlplane.xds.names import ACTIVE_REQUESTS_METRIC, READY_PORT_NAME
 
 PROMETHEUS_PORT = "prometheus.io/port"
 PROMETHEUS_PATH = "prometheus.io/path"
@@ -170,6 +177,22 @@ def metrics_url(pod: V1Pod) -> str | None:
     return f"http://{host}:{port}/{path.lstrip('/')}"
 
 
+def active_requests_at(pod: V1Pod) -> str | None:
+    """Where the pod's sidecar shows its requests in flight, or None when it has no sidecar
+    (no ready port) or no IP yet."""
+    port = next(
+        (
+            declared.container_port
+            for container in [*(pod.spec.init_containers or []), *pod.spec.containers]
+            for declared in container.ports or []
+            if declared.name == READY_PORT_NAME
+        ),
+        None,
+    )
+    ip = pod.status.pod_ip
+    return active_requests_url(ip, port) if ip and port else None
+
+
 def _total(quantities: Iterable[Any]) -> Decimal | None:
     """The sum of Kubernetes quantities ("250m", "128Mi", "1234567n"); None if one is
     missing or unreadable."""
@@ -191,10 +214,15 @@ def _share(used: Decimal | None, requested: Decimal | None) -> float | None:
 
 
 def pod_reading(
-    pod: V1Pod, usage: Mapping[str, Any] | None, service: Service, saturation: float | None
+    pod: V1Pod,
+    usage: Mapping[str, Any] | None,
+    service: Service,
+    saturation: float | None,
+    in_flight: float | None = None,
 ) -> Reading:
     """One ready pod's reading: its app containers' use in `usage` (its PodMetrics item,
-    None when metrics-server has none) against the requests, and the gauge read from it."""
+    None when metrics-server has none) against the requests, and the gauge and requests in
+    flight read from it."""
     containers = pod.spec.containers
     measured = {c.get("name"): c.get("usage") or {} for c in (usage or {}).get("containers", [])}
     shares = {}
@@ -211,14 +239,17 @@ def pod_reading(
                 ((c.resources and c.resources.requests) or {}).get(resource) for c in containers
             )
         shares[resource] = _share(used, requested)
-    return Reading(cpu=shares["cpu"], memory=shares["memory"], saturation=saturation)
+    return Reading(
+        in_flight=in_flight, cpu=shares["cpu"], memory=shares["memory"], saturation=saturation
+    )
 
 
 def pod_readings(
     groups: Iterable[tuple[GroupKey, Service, list[V1Pod], Mapping[str, Any]]],
 ) -> Readings:
     """A reading per ready pod of each group (its Service, its pods, its PodMetricsList),
-    every pod's gauge read at once; pods that tell nothing are left out."""
+    every pod's gauge and requests in flight read at once; pods that tell nothing are left
+    out."""
     found = []
     for key, service, pods, metrics in groups:
         items = metrics.get("items") or []
@@ -226,16 +257,14 @@ def pod_readings(
         for pod in pods:
             if is_ready(pod):
                 found.append((key, service, pod, by_name.get(pod.metadata.name)))
-    urls = [metrics_url(pod) if service.saturation_gauge else None for _, service, pod, _ in found]
-    targets = [
-        (url, service.saturation_gauge)
-        for url, (_, service, _, _) in zip(urls, found, strict=True)
-        if url and service.saturation_gauge
-    ]
-    gauges = iter(read_gauges(targets))
+    # What to read of each pod, (url, metric): the url None where there is nothing to read.
+    gauges = [(metrics_url(pod), service.saturation_gauge) for _, service, pod, _ in found]
+    actives = [(active_requests_at(pod), ACTIVE_REQUESTS_METRIC) for _, _, pod, _ in found]
+    targets = list(dict.fromkeys((url, name) for url, name in gauges + actives if url and name))
+    values = dict(zip(targets, read_gauges(targets), strict=True))
     readings: Readings = []
-    for url, (key, service, pod, usage) in zip(urls, found, strict=True):
-        reading = pod_reading(pod, usage, service, next(gauges) if url else None)
+    for (key, service, pod, usage), gauge, active in zip(found, gauges, actives, strict=True):
+        reading = pod_reading(pod, usage, service, values.get(gauge), values.get(active))
         if reading != Reading():
             readings.append((key, reading))
     return readings

@@ -4,11 +4,12 @@ decide, make the actuator converge, and record every decision with its reason in
 It runs the same `Policy` as the simulator, fed with the groups' requests in flight read from
 their sidecars (`inflight`) and, for services that declare them, the app's saturation gauge
 and its CPU and memory against its requests (`signals`): read on this host for the
-instances here, and by the actuator for the ones only it can see (Kubernetes pods). Actuators are
-idempotent, so every period the latest desired count of every managed group is re-asserted
-(an instance that crashed is replaced), while only changes are recorded as decisions. A
-run reported started or finished wakes it before the period is over: an extra run no cron
-announced is served from the parked pool at once, not up to a period later.
+instances here, and by the actuator for the ones only it can see (Kubernetes pods), and
+averaged per group in one place (`signals.group_means`). Actuators are idempotent, so every
+period the latest desired count of every managed group is re-asserted (an instance that
+crashed is replaced), while only changes are recorded as decisions. A run reported started
+or finished wakes it before the period is over: an extra run no cron announced is served
+from the parked pool at once, not up to a period later.
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ class Scaler:
         rules = self._rules()
         instances, _ = list_instances(store)
         managed = set(managed_groups(rules))
-        metrics = in_flight(instances, managed)
         signals = group_means(
-            self._local.read(instances, managed, rules.services)
+            in_flight(instances, managed)
+            + self._local.read(instances, managed, rules.services)
             + self.actuator.readings(managed, rules.services)
         )
         observed = {
@@ -118,8 +119,7 @@ class Scaler:
                 got.ready,
                 got.starting,
                 got.parked,
-                metrics.get(key),
-                **asdict(signals.get(key, Reading())),  # cpu, memory, saturation
+                **asdict(signals.get(key, Reading())),  # in_flight, cpu, memory, saturation
             )
             for key, got in seen.items()
         }

@@ -1,8 +1,9 @@
-"""Reactive signals of one instance besides in-flight requests: its CPU and memory use and
-the app's own saturation gauge read from its Prometheus endpoint (e.g. a thread pool's busy
-ratio). Two sources read them: `LocalSignals` here, for instances on the control plane's host
-(/proc), and the Kubernetes actuator's `readings()` for its pods (`podsignals`, the Metrics
-API). Both give per-instance `Reading`s; `group_means` alone turns them into a group's.
+"""Reactive signals of one instance: its requests in flight (read by `inflight`), its CPU and
+memory use and the app's own saturation gauge read from its Prometheus endpoint (e.g. a
+thread pool's busy ratio). Two sources read them: `inflight` and `LocalSignals` here, for
+instances on the control plane's host (their sidecar's admin, /proc), and the Kubernetes
+actuator's `readings()` for its pods (`podsignals`: their sidecar's ready port, the Metrics
+API). All give per-instance `Reading`s; `group_means` alone turns them into a group's.
 
 Each reader answers None when it cannot tell (process gone, endpoint down, no such gauge):
 a signal that is not known must not drive a scale-down.
@@ -60,9 +61,11 @@ def read_gauges(targets: Sequence[tuple[str, str]]) -> list[float | None]:
 
 @dataclass(frozen=True)
 class Reading:
-    """One instance's reactive signals besides in-flight requests: CPU and memory use as a
-    share of its request, and the app's saturation gauge; None where not known."""
+    """One instance's reactive signals: requests in flight on its sidecar's inbound
+    listener, CPU and memory use as a share of its request, and the app's saturation gauge;
+    None where not known. The fields are the policy Observation's of the same names."""
 
+    in_flight: float | None = None
     cpu: float | None = None
     memory: float | None = None
     saturation: float | None = None
@@ -74,7 +77,7 @@ Readings = list[tuple[GroupKey, Reading]]  # one per instance, several per group
 
 def group_means(readings: Iterable[tuple[GroupKey, Reading]]) -> dict[GroupKey, Reading]:
     """Each signal's mean over the instances of a group that know it, None where none does:
-    the one place where the readings of every source (this host, the pods' Metrics API) meet."""
+    the one place where the readings of every source (this host, the pods) meet."""
     known: dict[GroupKey, dict[str, list[float]]] = {}
     for key, reading in readings:
         signals = known.setdefault(key, {})

@@ -20,6 +20,17 @@ STATIC_CLUSTERS = frozenset({LOCAL_APP_CLUSTER, PASSTHROUGH_CLUSTER})
 ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"
 OUTBOUND_POLICIES = (ALLOW_ANY, REGISTRY_ONLY)
 HEALTH_PATH = "/.tasklane/health"  # answered by the inbound listener from the app's health
+# The inbound listener's requests in flight (the scaler's reactive signal): the admin path
+# that shows that one stat alone, as Prometheus text (the filter
+# `^http\.inbound\.downstream_rq_active$`, percent-encoded so that no client or proxy on the
+# way rewrites it), and the metric it is there (the listener's stat prefix `inbound` becomes a
+# label). An injected pod's ready listener (templates/pod.yaml) passes on this exact path and
+# query, and nothing else of the admin's /stats.
+ACTIVE_REQUESTS_PATH = "/stats/prometheus?filter=%5Ehttp%5C.inbound%5C.downstream_rq_active%24"
+ACTIVE_REQUESTS_METRIC = "envoy_http_downstream_rq_active"
+# The injected sidecar's container port of that ready listener (inject/pod.py): the kubelet's
+# probes go there, and the scaler reads a pod's requests in flight there.
+READY_PORT_NAME = "tasklane-ready"
 GATEWAY_ROLE = "@gateway|default"  # never a service name: names are DNS labels
 # The gateway's HTTP filter whose config (the dye names to strip) comes over ECDS, and the
 # dynamic metadata namespace in which its trust filter marks a trusted request.

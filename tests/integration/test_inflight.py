@@ -5,42 +5,16 @@ from __future__ import annotations
 
 import http.client
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from controlplane.model.instance import Instance
-from controlplane.scaler.inflight import active_requests, in_flight
+from controlplane.scaler.inflight import active_requests_url, in_flight
+from controlplane.scaler.signals import Reading, read_gauge
+from controlplane.xds.names import ACTIVE_REQUESTS_METRIC
+from tests.support.held_app import held_app
 from tests.support.mesh import Mesh
 from tests.support.rules import service
 from tests.support.wait import wait_until
-
-
-def held_app(release: threading.Event):
-    """A Mesh start_app: answers only once `release` is set."""
-
-    class Hold(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            release.wait(10)
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    def start(name: str, egress: tuple[str, int]):
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Hold)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-
-        def stop() -> None:
-            release.set()
-            server.shutdown()
-            server.server_close()
-
-        return server.server_address[1], stop
-
-    return start
 
 
 def test_requests_in_flight_are_read_from_the_sidecar(tmp_path: Path) -> None:
@@ -52,7 +26,8 @@ def test_requests_in_flight_are_read_from_the_sidecar(tmp_path: Path) -> None:
             "i1", "nav-pricing", "default", "127.0.0.1", held.inbound_port, held.app_port,
             held.envoy.admin_port, held.egress_port, 1, 0.0,
         )  # fmt: skip
-        assert active_requests("127.0.0.1", held.envoy.admin_port) == 0
+        admin = active_requests_url("127.0.0.1", held.envoy.admin_port)
+        assert read_gauge(admin, ACTIVE_REQUESTS_METRIC) == 0
 
         def call() -> None:
             conn = http.client.HTTPConnection("127.0.0.1", held.inbound_port, timeout=15)
@@ -64,14 +39,12 @@ def test_requests_in_flight_are_read_from_the_sidecar(tmp_path: Path) -> None:
         for caller in callers:
             caller.start()
         try:
-            wait_until(
-                lambda: active_requests("127.0.0.1", held.envoy.admin_port) == 3, what="3 held"
-            )
+            wait_until(lambda: read_gauge(admin, ACTIVE_REQUESTS_METRIC) == 3, what="3 held")
             group = ("nav-pricing", "default")
-            assert in_flight([instance], {group}) == {group: 3}
-            assert in_flight([instance], {("nav-pricing", "task")}) == {}
+            assert in_flight([instance], {group}) == [(group, Reading(in_flight=3))]
+            assert in_flight([instance], {("nav-pricing", "task")}) == []
         finally:
             release.set()
             for caller in callers:
                 caller.join(15)
-        wait_until(lambda: active_requests("127.0.0.1", held.envoy.admin_port) == 0, what="0")
+        wait_until(lambda: read_gauge(admin, ACTIVE_REQUESTS_METRIC) == 0, what="0")

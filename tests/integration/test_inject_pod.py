@@ -5,7 +5,8 @@ kubelet's probes fail; then /ready answers 200 on the pod IP, where nothing else
 is reachable, the inbound listener on the pod IP reaches the app, and the control plane (a
 real `tasklane up` in the same namespace) lists the sidecar under the pod's name. With the
 injector's redirect loaded, a direct call to a task-group pod's app port meets the sidecar's
-inbound guard."""
+inbound guard. The ready port also shows the requests in flight on the inbound listener, the
+one stat the scaler reads, and refuses every other admin request."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,10 @@ from controlplane.inject.pod import (
 )
 from controlplane.pki import init_dir
 from controlplane.runtime.process import stop_process
+from controlplane.xds.names import ACTIVE_REQUESTS_PATH
 from tests.support.k8s import mount_tls, sidecar_command
 from tests.support.system import require_command
-from tests.support.up import TASKLANE, launch, wait_ready
+from tests.support.up import TASKLANE, Up, launch, wait_ready
 
 pytestmark = pytest.mark.timeout(180)
 POD_IP = "10.99.0.2"
@@ -50,14 +52,16 @@ metadata: {name: web}
 spec:
   groups: [{name: default}]
 """
-# Runs inside the namespace: one GET, printed as JSON [status, body]; status 0 when the
-# connection fails.
+# Runs inside the namespace: one request (GET, timeout 2 s, unless given), printed as JSON
+# [status, body]; status 0 when the connection fails.
 _GET = """\
 import http.client, json, sys
 host, port, path, hostname = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+method = sys.argv[5] if len(sys.argv) > 5 else "GET"
+timeout = float(sys.argv[6]) if len(sys.argv) > 6 else 2
 try:
-    conn = http.client.HTTPConnection(host, port, timeout=2)
-    conn.request("GET", path, headers={"Host": hostname})
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn.request(method, path, headers={"Host": hostname})
     resp = conn.getresponse()
     print(json.dumps([resp.status, resp.read().decode(errors="replace")]))
 except OSError as exc:
@@ -98,9 +102,11 @@ class Pod:
         self.procs.append(proc)
         return proc
 
-    def get(self, host: str, port: int, path: str, hostname: str = "pod") -> tuple[int, str]:
+    def get(
+        self, host: str, port: int, path: str, hostname: str = "pod", method: str = "GET"
+    ) -> tuple[int, str]:
         done = subprocess.run(
-            [*self.prefix, sys.executable, "-c", _GET, host, str(port), path, hostname],
+            [*self.prefix, sys.executable, "-c", _GET, host, str(port), path, hostname, method],
             capture_output=True,
             text=True,
             timeout=WAIT,
@@ -145,6 +151,24 @@ def wait_for(check: Callable[[], Any], what: str, logs: list[Path]) -> Any:
             tails = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in logs)
             raise AssertionError(f"{what}: not within {WAIT:g}s\n{tails}")
         time.sleep(0.2)
+
+
+def serve(pod: Pod, tmp_path: Path, rules: str, options: Sequence[str] = ()) -> Up:
+    """A real `tasklane up` in the pod's namespace (at 127.0.0.1 there), serving `rules`."""
+    up = launch([*pod.prefix, *TASKLANE], tmp_path, PLANE_PORTS, options=options)
+    pod.procs.append(up.proc)
+    assert wait_ready(up), up.stderr()
+    path = tmp_path / "rules.yaml"
+    path.write_text(rules)
+    applied = subprocess.run(
+        [*pod.prefix, *TASKLANE, "apply", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env={**os.environ, "TASKLANE_SERVER": "http://127.0.0.1:8080", "TASKLANE_TOKEN": up.token},
+    )
+    assert applied.returncode == 0, applied.stderr
+    return up
 
 
 def test_injected_sidecar_in_a_pod_network_namespace(
@@ -196,22 +220,8 @@ def test_injected_sidecar_in_a_pod_network_namespace(
 
     # The control plane comes up (in the same namespace here) and serves the service.
     tls_options = [] if tls is None else ["--tls-dir", str(tls)]
-    up = launch(
-        [*pod.prefix, *TASKLANE], tmp_path, PLANE_PORTS, options=[*tls_options, "--accept-announce"]
-    )
-    pod.procs.append(up.proc)
-    assert wait_ready(up), up.stderr()
+    up = serve(pod, tmp_path, RULES, [*tls_options, "--accept-announce"])
     logs.append(up.err)
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    applied = subprocess.run(
-        [*pod.prefix, *TASKLANE, "apply", "-f", str(rules)],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        env={**os.environ, "TASKLANE_SERVER": "http://127.0.0.1:8080", "TASKLANE_TOKEN": up.token},
-    )
-    assert applied.returncode == 0, applied.stderr
     wait_for(lambda: pod.get(POD_IP, READY_PORT, "/ready") == (200, "LIVE\n"), "ready", logs)
     # The probe listener passes /ready on, and nothing else of the admin.
     assert pod.get(POD_IP, READY_PORT, "/ready?verbose=1") == (200, "LIVE\n")
@@ -303,24 +313,8 @@ def test_a_direct_call_to_the_app_port_meets_the_inbound_guard(tmp_path: Path) -
         )
         assert done.returncode == 0, done.stderr
         pod.start(sidecar, envoy_log)
-        up = launch([*pod.prefix, *TASKLANE], tmp_path, PLANE_PORTS, options=["--accept-announce"])
-        pod.procs.append(up.proc)
-        assert wait_ready(up), up.stderr()
+        up = serve(pod, tmp_path, TASK_RULES, ["--accept-announce"])
         logs = [envoy_log, app_log, up.err]
-        rules = tmp_path / "rules.yaml"
-        rules.write_text(TASK_RULES)
-        applied = subprocess.run(
-            [*pod.prefix, *TASKLANE, "apply", "-f", str(rules)],
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            env={
-                **os.environ,
-                "TASKLANE_SERVER": "http://127.0.0.1:8080",
-                "TASKLANE_TOKEN": up.token,
-            },
-        )
-        assert applied.returncode == 0, applied.stderr
         wait_for(lambda: pod.get(POD_IP, READY_PORT, "/ready")[0] == 200, "ready", logs)
 
         status, body = wait_for(
@@ -331,5 +325,109 @@ def test_a_direct_call_to_the_app_port_meets_the_inbound_guard(tmp_path: Path) -
         assert "tasklane: web group task serves only task traffic" in body
         # The sidecar's own way to the app, loopback, is left alone.
         assert pod.get("127.0.0.1", APP_PORT, "/") == (200, "hello from the app\n")
+    finally:
+        pod.close()
+
+
+# An app that holds every request until the file named by its second argument exists.
+_HELD_APP = """\
+import os, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port, release = int(sys.argv[1]), sys.argv[2]
+class Held(BaseHTTPRequestHandler):
+    def do_GET(self):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("0.0.0.0", port), Held).serve_forever()
+"""
+# What the ready port shows of the inbound listener's requests in flight: Envoy's Prometheus
+# text of that one stat.
+IN_FLIGHT = (
+    "# TYPE envoy_http_downstream_rq_active gauge\n"
+    'envoy_http_downstream_rq_active{{envoy_http_conn_manager_prefix="inbound"}} {}\n'
+)
+# Admin requests that stop Envoy, change it, or show more than that one stat.
+REFUSED = [
+    ("POST", "/quitquitquit"),
+    ("GET", "/quitquitquit"),
+    ("POST", "/logging?level=trace"),
+    ("POST", "/healthcheck/fail"),
+    ("POST", "/drain_listeners"),
+    ("POST", "/runtime_modify?upstream.use_http2=false"),
+    ("POST", "/reset_counters"),
+    ("GET", "/config_dump"),
+    ("GET", "/clusters"),
+    ("GET", "/stats"),
+    ("GET", "/stats?format=json"),
+    ("GET", "/stats/prometheus"),
+    ("GET", "/stats/prometheus?filter=.*"),
+    ("GET", f"{ACTIVE_REQUESTS_PATH}&filter=.*"),
+    ("GET", f"{ACTIVE_REQUESTS_PATH}&format=json"),
+    ("GET", f"/stats?{ACTIVE_REQUESTS_PATH.partition('?')[2]}"),
+    ("POST", ACTIVE_REQUESTS_PATH),
+]
+
+
+def test_the_ready_port_shows_requests_in_flight_and_nothing_else_of_the_admin(
+    tmp_path: Path,
+) -> None:
+    """The scaler reads a pod's requests in flight at its ready port: while three requests to
+    the pod IP's inbound listener are held by the app, that port shows 3 (what the admin on
+    the pod's loopback shows), then 0; every other admin request there is a 404, and Envoy
+    goes on as it was."""
+    pod = Pod(None)
+    try:
+        template = inject_pod(
+            {
+                "metadata": {
+                    "labels": {"tasklane.io/service": "web", "tasklane.io/group": "default"}
+                },
+                "spec": {
+                    "containers": [
+                        {"name": "app", "image": "x", "ports": [{"containerPort": APP_PORT}]}
+                    ]
+                },
+            },
+            InjectOptions(xds_host="127.0.0.1", xds_port=PLANE_PORTS["xds"], tls_secret=None),
+        )
+        release = tmp_path / "release"
+        app_log, envoy_log = tmp_path / "app.log", tmp_path / "envoy.log"
+        pod.start([sys.executable, "-c", _HELD_APP, str(APP_PORT), str(release)], app_log)
+        envoy = pod.start(sidecar_command(template, POD_NAME, POD_IP), envoy_log)
+        up = serve(pod, tmp_path, RULES)
+        logs = [envoy_log, app_log, up.err]
+        wait_for(lambda: pod.get(POD_IP, READY_PORT, "/ready")[0] == 200, "ready", logs)
+        in_flight = (200, IN_FLIGHT.format(0))
+        wait_for(lambda: pod.get(POD_IP, READY_PORT, ACTIVE_REQUESTS_PATH) == in_flight, "0", logs)
+
+        held = [
+            pod.start(
+                [sys.executable, "-c", _GET, POD_IP, str(INBOUND_PORT), "/", "web", "GET", "30"],
+                tmp_path / f"caller-{n}.log",
+            )
+            for n in range(3)
+        ]
+        in_flight = (200, IN_FLIGHT.format(3))
+        wait_for(lambda: pod.get(POD_IP, READY_PORT, ACTIVE_REQUESTS_PATH) == in_flight, "3", logs)
+        assert pod.get("127.0.0.1", ADMIN_PORT, ACTIVE_REQUESTS_PATH) == in_flight
+        for method, path in REFUSED:
+            assert pod.get(POD_IP, READY_PORT, path, method=method) == (404, ""), (method, path)
+        assert envoy.poll() is None
+        assert pod.get(POD_IP, READY_PORT, ACTIVE_REQUESTS_PATH) == in_flight
+        assert pod.get("127.0.0.1", ADMIN_PORT, "/ready") == (200, "LIVE\n")
+        logging = pod.get("127.0.0.1", ADMIN_PORT, "/logging", method="POST")[1]
+        assert "admin: warning" in logging, logging  # the sidecar's --log-level, unchanged
+
+        release.touch()
+        for caller in held:
+            assert caller.wait(WAIT) == 0
+        in_flight = (200, IN_FLIGHT.format(0))
+        wait_for(lambda: pod.get(POD_IP, READY_PORT, ACTIVE_REQUESTS_PATH) == in_flight, "0", logs)
     finally:
         pod.close()

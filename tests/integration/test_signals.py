@@ -1,9 +1,10 @@
 """Reactive signals from a real app under load: its saturation gauge, exported through
-prometheus_client, and its process's CPU and memory from /proc drive the policy, whose
-reason names the signal."""
+prometheus_client, its process's CPU and memory from /proc, and on Kubernetes the requests in
+flight its pods' real Envoy sidecars show, drive the policy, whose reason names the signal."""
 
 from __future__ import annotations
 
+import http.client
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from controlplane.scaler.policy import Observation, Policy, PolicyConfig
 from controlplane.scaler.profile import managed_groups
 from controlplane.scaler.signals import ProcessSampler, read_gauge
 from controlplane.store.decisions import list_decisions
+from tests.support.held_app import held_app
 from tests.support.kubeapi import NAMESPACE, FakeApiServer, pod_object
 from tests.support.plane import Plane
 from tests.support.profiles import at, rules, task
@@ -234,3 +236,71 @@ def test_the_live_scaler_reads_the_pods_on_kubernetes(
         finally:
             plane.stop()
     assert up[0][0] > 2, up
+
+
+def test_the_live_scaler_reads_requests_in_flight_from_the_pods_on_kubernetes(
+    etcd_server, tmp_path: Path
+) -> None:
+    """Three ready pods of ledger-svc-batch (a Service that declares no signal). Two have,
+    at their pod IP (127.0.0.1 here), the ready port of a real Envoy sidecar with the injected
+    pod's ready listener (templates/pod.yaml) in front of an app holding four dyed requests;
+    the third's ready port answers nothing. The live scaler reads 4 in flight per pod it can
+    read (the third is left out, not read as 0: that would be 2.7) and adds pods, and its
+    reason, stored in etcd, names the signal."""
+    release = threading.Event()
+    app_port, stop_app = held_app(release, hold=30)("ledger", ("127.0.0.1", 0))
+    labels = {"tasklane.io/service": "ledger-svc", "tasklane.io/group": "batch"}
+    ready_port, inbound_port = free_port(), free_port()
+    with FakeApiServer() as api:
+        api.deployments["ledger-svc-batch"] = [3, 3, 3]
+        api.selectors["ledger-svc-batch"] = labels
+        api.pods = [
+            pod_object(f"ledger-svc-batch-6b8c-{n}", labels, "127.0.0.1", ready_port=port)
+            for n, port in ((1, ready_port), (2, ready_port), (3, free_port()))
+        ]
+        plane = Plane(
+            etcd_server.endpoint,
+            actuator=lambda cp: KubernetesActuator(
+                NAMESPACE, api_client=api.client(), groups=lambda: managed_groups(cp.sync.rules)
+            ),
+            scaler_config=PolicyConfig(sync_period_s=1, target_in_flight=2),
+        )
+        sidecar = plane.sidecar(
+            tmp_path / "envoy",
+            "ledger-svc|batch",
+            app_port=app_port,
+            inbound_port=inbound_port,
+            ready_port=ready_port,
+        )
+        callers: list[threading.Thread] = []
+        try:
+            assert plane.apply_files({"rules.yaml": ledger_rules("")})[0] == 200
+            sidecar.start()
+            sidecar.wait_ready()
+
+            def call() -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", inbound_port, timeout=40)
+                conn.request("GET", "/", headers={"Host": "ledger-svc", "x-task-dye": "close"})
+                conn.getresponse().read()
+                conn.close()
+
+            callers = [threading.Thread(target=call, daemon=True) for _ in range(4)]
+            for caller in callers:
+                caller.start()
+            up = wait_until(
+                lambda: [
+                    (d["replicas"], d["reason"])
+                    for d in list_decisions(plane.store, "ledger-svc", "batch")
+                    if "metric: in-flight" in d["reason"]
+                ],
+                15,
+                "up",
+            )
+        finally:
+            release.set()
+            for caller in callers:
+                caller.join(10)
+            sidecar.stop()
+            plane.stop()
+            stop_app()
+    assert up[0] == (4, "bound: max 4 (metric: in-flight 4.0 > target 2)"), up

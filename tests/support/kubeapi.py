@@ -228,11 +228,13 @@ def pod_object(
     annotations: dict[str, str] | None = None,
     ports: dict[str, int] | None = None,
     terminating: bool = False,
+    ready_port: int | None = None,
 ) -> dict:
     """A v1 Pod of a Deployment as the API server lists it, injected: its app containers
     (`requests` and `ports` name them: container -> resource -> quantity, port name ->
     number; one `app` container by default) and the Envoy sidecar as a native sidecar (an
-    init container with restartPolicy Always)."""
+    init container with restartPolicy Always), which declares its ready port (where the
+    scaler reads its requests in flight) when `ready_port` is given."""
     names = list(requests or {"app": {}})
     containers = []
     for index, container in enumerate(names):
@@ -265,19 +267,22 @@ def pod_object(
     if terminating:
         meta |= {"deletionTimestamp": "2025-03-01T02:10:00Z", "deletionGracePeriodSeconds": 30}
     condition = "True" if ready else "False"
+    sidecar: dict = {
+        "name": "envoy",
+        "image": "ghcr.io/tasklane/tasklane:0.1.0",
+        "restartPolicy": "Always",
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+    }
+    if ready_port is not None:
+        sidecar["ports"] = [
+            {"name": "tasklane-ready", "containerPort": ready_port, "protocol": "TCP"}
+        ]
     return {
         "kind": "Pod",
         "apiVersion": "v1",
         "metadata": meta,
         "spec": {
-            "initContainers": [
-                {
-                    "name": "envoy",
-                    "image": "ghcr.io/tasklane/tasklane:0.1.0",
-                    "restartPolicy": "Always",
-                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
-                }
-            ],
+            "initContainers": [sidecar],
             "containers": containers,
             "nodeName": "node-1",
             "restartPolicy": "Always",

@@ -20,7 +20,7 @@ from controlplane.app import ControlPlane
 from controlplane.runtime.envoy import EnvoyProcess
 from controlplane.runtime.ports import free_port
 from controlplane.store.etcd import Store
-from controlplane.xds.names import HEALTH_PATH
+from controlplane.xds.names import ACTIVE_REQUESTS_PATH, HEALTH_PATH
 
 START_TIMEOUT = 30.0
 
@@ -122,18 +122,28 @@ class Plane:
         egress_port: int | None = None,
         announce: str | None = None,
         node_id: str = "",
+        ready_port: int | None = None,
     ) -> EnvoyProcess:
         """An Envoy sidecar of `role` fed by this control plane, not started; node id
         `<role>|test` unless given. With no `app_port`, no app is behind it: only its config
-        matters."""
+        matters. With `ready_port`, it has an injected pod's ready listener there
+        (templates/pod.yaml)."""
         service, group = role.split("|")
+        admin_port = free_port()
+        pod = {
+            "pod.yaml": {
+                "ready_port": ready_port,
+                "admin_port": admin_port,
+                "active_requests_path": ACTIVE_REQUESTS_PATH,
+            }
+        }
         return EnvoyProcess(
             node_id=node_id or f"{role}|test",
             service=service,
             group=group,
             xds_host="127.0.0.1",
             xds_port=self.control_plane.xds_port,
-            admin_port=free_port(),
+            admin_port=admin_port,
             delta=delta,
             work_dir=work_dir,
             parts={
@@ -143,7 +153,8 @@ class Plane:
                     "inbound_port": inbound_port or free_port(),
                     "app_port": app_port or free_port(),
                     "health_path": HEALTH_PATH,
-                }
+                },
+                **(pod if ready_port is not None else {}),
             },
             announce=announce,
         )

@@ -236,6 +236,7 @@ def test_http_probes_of_the_app_port_reach_the_app_through_the_ready_port() -> N
             "prefix_rewrite": "/healthz?full=1",
         },
         "/ready": {"cluster": "envoy-admin", "timeout": "1s"},
+        "/stats/prometheus": {"cluster": "envoy-admin", "timeout": "1s"},
     }
     (tcp_check, *_) = ready["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
     assert tcp_check["typed_config"]["headers"] == [

@@ -14,11 +14,19 @@ import kubernetes_validate
 import pytest
 from kubernetes.client import ApiClient, V1LabelSelector, V1LabelSelectorRequirement
 
+from controlplane.inject.pod import READY_PORT, InjectOptions, inject_pod
 from controlplane.model.rules import Group, Requests, Service
 from controlplane.scaler.actuators.kubernetes import KubernetesActuator
-from controlplane.scaler.podsignals import metrics_url, pods_of, selects, shared_selector
+from controlplane.scaler.podsignals import (
+    active_requests_at,
+    metrics_url,
+    pods_of,
+    selects,
+    shared_selector,
+)
 from controlplane.scaler.policy import Observation, Policy
 from controlplane.scaler.signals import Reading, group_means
+from controlplane.xds.names import ACTIVE_REQUESTS_PATH
 from tests.support.kubeapi import (
     DEPLOYMENTS,
     NAMESPACE,
@@ -77,6 +85,7 @@ def test_the_fake_objects_pass_the_kubernetes_schemas() -> None:
             requests={"app": {"cpu": "1"}, "worker": {"memory": "1Gi"}},
             annotations={"prometheus.io/port": "9102"},
             ports={"http": 8080, "metrics": 9100},
+            ready_port=15021,
         ),
         pod_object("account-svc-task-7d9f-b", LABELS, "10.1.0.6", ready=False, terminating=True),
     ]
@@ -371,3 +380,46 @@ def test_where_a_pods_gauge_is_read(
     pod = pod_object("p-1", LABELS, "10.1.0.1", annotations=annotations, ports=ports)
     model = ApiClient().deserialize(json.dumps(pod), "V1Pod", "application/json")  # as listed
     assert metrics_url(model) == url
+
+
+@pytest.mark.parametrize(
+    ("ip", "ready_port", "url"),
+    [
+        (
+            "10.1.0.1",
+            15021,
+            "http://10.1.0.1:15021/stats/prometheus"
+            "?filter=%5Ehttp%5C.inbound%5C.downstream_rq_active%24",
+        ),
+        (
+            "fd00::1",
+            15021,
+            "http://[fd00::1]:15021/stats/prometheus"
+            "?filter=%5Ehttp%5C.inbound%5C.downstream_rq_active%24",
+        ),
+        ("10.1.0.1", None, None),  # no sidecar's ready port: not injected, nothing to read
+    ],
+    ids=["injected", "ipv6", "not-injected"],
+)
+def test_where_a_pods_requests_in_flight_are_read(
+    ip: str, ready_port: int | None, url: str | None
+) -> None:
+    """At the pod IP, the port the injected sidecar declares as `tasklane-ready`, the one
+    admin URL its ready listener passes on."""
+    pod = pod_object("p-1", LABELS, ip, ready_port=ready_port)
+    model = ApiClient().deserialize(json.dumps(pod), "V1Pod", "application/json")  # as listed
+    assert active_requests_at(model) == url
+
+
+def test_an_injected_pods_requests_in_flight_are_read_at_its_sidecars_ready_port() -> None:
+    """The pod the injector makes, as the API server lists it once it has an IP."""
+    template = inject_pod(
+        {
+            "metadata": {"labels": LABELS},
+            "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 8080}]}]},
+        },
+        InjectOptions(),
+    )
+    pod = {"apiVersion": "v1", "kind": "Pod", **template, "status": {"podIP": "10.1.0.1"}}
+    model = ApiClient().deserialize(json.dumps(pod), "V1Pod", "application/json")
+    assert active_requests_at(model) == f"http://10.1.0.1:{READY_PORT}{ACTIVE_REQUESTS_PATH}"

@@ -74,9 +74,10 @@ class Actuator(Protocol):
         ...
 
     def readings(self, groups: set[GroupKey], services: Mapping[str, Service]) -> Readings:
-        """CPU, memory and saturation of the instances of `groups` that only this actuator
-        can read (pods: the Metrics API); [] where the control plane's host reads them
-        itself (signals.LocalSignals: its own processes)."""
+        """Requests in flight, CPU, memory and saturation of the instances of `groups` that
+        only this actuator can read (pods: their sidecars' ready ports, the Metrics API); []
+        where the control plane's host reads them itself (inflight, signals.LocalSignals:
+        its own processes)."""
         ...
 
     def close(self) -> None:

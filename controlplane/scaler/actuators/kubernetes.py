@@ -13,8 +13,9 @@ measured here, from the PATCH that raised a group's replicas to the first observ
 that many ready replicas; their resolution is the caller's observe() period.
 
 Reactive signals (`readings()`): the ready pods of the Deployments observe() last read, found
-by each Deployment's own `spec.selector`, with their PodMetrics from the Metrics API and the
-gauge from each pod's /metrics (`podsignals`). One list of pods and one of PodMetrics per
+by each Deployment's own `spec.selector`, with their PodMetrics from the Metrics API, the
+gauge from each pod's /metrics and the requests in flight from its sidecar's ready port
+(`podsignals`: read from the pod IP, no API call). One list of pods and one of PodMetrics per
 call, whatever the number of groups (by what all their selectors share, else the whole
 namespace), each Deployment's selector matched here: a call per group, each with its own
 timeout, would stretch the scaler's tick with the number of groups. An API that fails there
@@ -161,8 +162,8 @@ class KubernetesActuator:
         return seen
 
     def readings(self, groups: set[GroupKey], services: Mapping[str, Service]) -> Readings:
-        """CPU, memory and saturation of the ready pods of `groups` (see the module
-        docstring); a group whose Deployment observe() has not read has none."""
+        """Requests in flight, CPU, memory and saturation of the ready pods of `groups` (see
+        the module docstring); a group whose Deployment observe() has not read has none."""
         with self._lock:
             selectors = {
                 key: self._selectors[key]
