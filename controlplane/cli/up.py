@@ -80,6 +80,14 @@ def add_up(commands: argparse._SubParsersAction, common: argparse.ArgumentParser
         help="scaler: a group goes down only this long after it went up, s (default: 300)",
     )
     p.add_argument(
+        "--parked-cost",
+        type=float,
+        default=PolicyConfig.parked_cost,
+        help="scaler: a parked instance's hour in running hours, 0-1: it holds memory, not "
+        "CPU; pre-warms and gaps between runs are parked when that costs less than a cold "
+        "start (default: 0.25)",
+    )
+    p.add_argument(
         "--keep-alive",
         type=int,
         default=1,
@@ -170,6 +178,8 @@ def up(args: argparse.Namespace) -> int:
             f"{', '.join(OUTBOUND_POLICIES)}"
         )
     scope_idle = _scope_idle(args.scope_idle)
+    if not 0 <= args.parked_cost <= 1:
+        raise TasklaneError(f"--parked-cost must be from 0 to 1, got {args.parked_cost:g}")
     if args.history_limit < 1:
         raise TasklaneError(f"--history-limit must be at least 1, got {args.history_limit}")
     if args.tls_dir is not None and args.actuator == "local":
@@ -187,7 +197,9 @@ def up(args: argparse.Namespace) -> int:
         etcd_peer_port=args.etcd_peer_port,
         actuator=_actuator(args),
         scaler_config=PolicyConfig(
-            sync_period_s=args.scale_period, scale_down_window_s=args.scale_down_window
+            sync_period_s=args.scale_period,
+            scale_down_window_s=args.scale_down_window,
+            parked_cost=args.parked_cost,
         ),
         accept_announce=args.accept_announce,
         tls_dir=args.tls_dir,

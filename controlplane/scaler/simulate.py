@@ -656,7 +656,8 @@ def _replay(
 
     def control(now: float) -> None:
         desired = controller.tick(now, view)
-        for key, pool in controller.pools().items():
+        pools = controller.pools()
+        for key, pool in pools.items():
             if pool != groups[key].pool and key not in desired:
                 scale(groups[key], groups[key].desired, pool, now)
         for key, count in desired.items():
@@ -669,7 +670,7 @@ def _replay(
                     forced = up and group.extra_started >= since
                     group.changes.append((now, 1 if up else -1, forced))
                 group.desired = count
-            scale(group, count, controller.pools().get(key, 0), now)
+            scale(group, count, pools.get(key, 0), now)
 
     last = clock.begin
     while queue and queue[0][0] < clock.end:

@@ -4,6 +4,7 @@ a signal; it fails fast with one line when its ports or its etcd are not there."
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -119,3 +120,17 @@ def test_unreachable_etcd_fails_with_one_line(tmp_path: Path) -> None:
     assert up.stdout() == ""
     assert not port_in_use(ports["xds"])
     assert not port_in_use(ports["http"])
+
+
+@pytest.mark.parametrize("cost", ["-0.1", "1.5"])
+def test_a_parked_cost_outside_0_to_1_is_refused(tmp_path: Path, cost: str) -> None:
+    """A parked hour cannot cost less than nothing or more than a running one."""
+    result = subprocess.run(
+        [*TASKLANE, "up", "--state-dir", str(tmp_path), "--parked-cost", cost],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, f"--parked-cost must be from 0 to 1, got {cost}")
+    assert not list(tmp_path.iterdir())  # refused before anything started

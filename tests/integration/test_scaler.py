@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.scaler.actuators import DryRunActuator
+from controlplane.scaler.actuators import DryRunActuator, GroupReplicas
 from controlplane.scaler.actuators.local import LocalActuator
 from controlplane.scaler.policy import PolicyConfig
 from controlplane.store.decisions import list_decisions
@@ -142,6 +142,65 @@ def test_task_group_is_prewarmed_before_the_fire_and_goes_down_after_the_run(
     finally:
         plane.stop()
     assert all(gone(pid) for pid in started)
+
+
+def test_a_parked_pre_warm_starts_early_and_resumes_just_before_the_fire(
+    etcd_server, tmp_path: Path
+) -> None:
+    """Where the actuator can park, the pre-warm's instances are started a lead early (240 s,
+    none measured: at once) and parked once registered: deregistered, serving nothing, with
+    the group's desired count still 0. A sync period plus `resume_s` before the fire they
+    are resumed, not started again, and serve the task's dyed requests."""
+    fire = (datetime.now(UTC) + timedelta(seconds=90)).replace(second=0, microsecond=0)
+    config = PolicyConfig(
+        sync_period_s=1, drain_s=1, scale_down_window_s=30, default_lead_s=240, resume_s=1
+    )
+    made: list[LocalActuator] = []
+
+    def actuator(control_plane) -> LocalActuator:
+        made.append(
+            LocalActuator(
+                cp_url(control_plane),
+                lambda: control_plane.sync.rules,
+                tmp_path / "instances",
+                keep_alive=0,
+                api_token=control_plane.api_token.value,
+            )
+        )
+        return made[-1]
+
+    plane = Plane(etcd_server.endpoint, actuator=actuator, scaler_config=config)
+    try:
+        assert plane.apply_files({"rules.yaml": rules(fire)})[0] == 200
+
+        def seen() -> GroupReplicas | None:
+            return made[0].observe().get(("nav-pricing", "task"))
+
+        def decided() -> list[dict]:
+            return list_decisions(plane.store, "nav-pricing", "task")
+
+        wait_until(lambda: seen() == GroupReplicas(ready=0, starting=0, parked=2), 60, "parked")
+
+        def task_instances() -> list[dict]:
+            _, listed = plane.request("GET", "/api/v1/instances")
+            return [item for item in listed["items"] if item["group"] == "task"]
+
+        wait_until(lambda: not task_instances(), 10, "the parked ones deregistered")
+        assert datetime.now(UTC) < fire - timedelta(seconds=5), "parked too late to prove it"
+        assert [d["replicas"] for d in decided()] == [0]
+
+        up = wait_until(
+            lambda: [d for d in decided() if d["replicas"] == 2], 150, "resumed for the fire"
+        )[0]
+        assert up["reason"].startswith("resume parked for task nightly"), up["reason"]
+        assert fire.timestamp() - 4 <= up["at"] < fire.timestamp()
+        wait_until(lambda: seen() == GroupReplicas(ready=2, starting=0, parked=0), 10, "ready")
+        assert len(made[0].start_durations()[("nav-pricing", "task")]) == 2  # no start again
+        [task_instance, *_] = wait_until(task_instances, 10, "registered again")
+        served = wait_until(lambda: dyed_request(task_instance["egress_port"]), 10, "served")
+        assert served == [("nav-pricing", "task")]
+    finally:
+        plane.stop()
 
 
 def cp_url(control_plane) -> str:
